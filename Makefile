@@ -1,0 +1,39 @@
+# Set-up and entry points. Everything runs in .venv, created on first use with the CPU build of
+# torch 2.13.0 pinned (any other torch request would pull a multi-GB CUDA build).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-fast lint bench gpu-check clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_PIN)"
+	$(PY) -m pip install --quiet "$(TORCH_PIN)" -e ".[test,tensorboard]"
+	touch $(STAMP)
+
+## make run: the main job - trainval fit on the embedded digits data (runs/digits/)
+run: $(STAMP)
+	$(VENV)/bin/trainval fit run.overwrite=true
+
+## make test: the whole test suite
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m pip install --quiet ruff
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/trainval lint src examples
+
+bench: $(STAMP)
+	$(PY) -m pip install --quiet "$(TORCH_PIN)" -e ".[bench]"
+	$(PY) benchmarks/compare.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from trainval.cli import main
+
+sys.exit(main())

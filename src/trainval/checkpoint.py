@@ -1,0 +1,190 @@
+"""Checkpoints: what one holds, atomic writes, safe loads, and loading weights with clear errors.
+
+A checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` reads without trainval:
+``"model"`` (the unwrapped model's state_dict) and ``"epoch"`` always; for resume also the optimizer,
+scheduler, grad scaler, RNG states, the trainer's shuffling generator, step, best metric, callback
+state and the history of epoch metrics. Only tensors and plain containers: nothing executes on load.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainval.errors import CheckpointError
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_current_umask()  # what open() would give; mkstemp's own files are 0600
+
+# A test hook: called with the temp path after part of the bytes are written, before the file is
+# complete. Fault-injection tests set it to pause or die right inside a write.
+_write_hook: Callable[[str], None] | None = None
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "DataParallel":
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # not supported on this platform (e.g. Windows)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write: Callable[[Any], None], what: str = "file") -> None:
+    """Write ``path`` whole or not at all: temp file in the same folder, flush, fsync, ``os.replace``.
+
+    ``write`` receives a binary file object. On any failure the temp file is removed, whatever was at
+    ``path`` before is untouched, and a :class:`CheckpointError` names the path and the cause.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        os.fchmod(fd, _FILE_MODE)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(folder)
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        hint = {errno.ENOSPC: " Free some disk space", errno.EACCES: " Check the folder's permissions",
+                errno.EROFS: " The file system is read-only; choose another output folder"}.get(e.errno, "")
+        raise CheckpointError(
+            f"could not write {what} {path}: {reason}.{hint + '.' if hint else ''} "
+            f"The previous {os.path.basename(path)}, if any, is intact."
+        ) from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+class _HookedFile:
+    """File wrapper that calls the test hook once half of the bytes are out (see ``_write_hook``)."""
+
+    def __init__(self, f, hook):
+        self._f, self._hook, self._written = f, hook, 0
+
+    def write(self, b):
+        n = self._f.write(b)
+        self._written += len(b)
+        if self._hook is not None and self._written > 0:
+            hook, self._hook = self._hook, None
+            self._f.flush()
+            hook(self._f.name)
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def save_checkpoint(state: dict, path: str, what: str = "checkpoint") -> None:
+    """Atomically save ``state`` (tensors and plain containers only) to ``path``."""
+
+    def write(f):
+        torch.save(state, _HookedFile(f, _write_hook) if _write_hook else f)
+
+    atomic_write(path, write, what)
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``; every failure is one clear :class:`CheckpointError`."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
+            raise CheckpointError(
+                f"refusing to load {path}: it holds Python objects other than tensors and plain containers, "
+                "which could run code when unpickled. Only load checkpoints you trust, and re-save them as "
+                "plain state_dicts."
+            ) from None
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupt or not a checkpoint ({first}).") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError,
+            AttributeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch checkpoint ({first})."
+        ) from None
+    if isinstance(state, dict) and "model" not in state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        state = {"model": state, "epoch": None}  # a bare state_dict saved by hand
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a trainval checkpoint or state_dict (no 'model' entry).")
+    return state
+
+
+def load_model_weights(model: nn.Module, state_dict: dict, path: str = "checkpoint") -> None:
+    """``load_state_dict(strict=True)``, with one error listing missing/unexpected keys and shape mismatches."""
+    model = unwrap_model(model)
+    state_dict = {_strip_prefixes(k): v for k, v in state_dict.items()}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_short(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {_short(shapes)}")
+        raise CheckpointError(
+            f"{path} does not fit this model (a different architecture?): " + "; ".join(parts) + "."
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _strip_prefixes(key: str) -> str:
+    # Checkpoints written by other tools may carry DDP's or torch.compile's wrapper prefixes.
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key.replace("._orig_mod.", ".")
+
+
+def _short(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")

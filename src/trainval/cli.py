@@ -1,0 +1,149 @@
+"""The ``trainval`` command: parse arguments -> config -> the Python API (no logic of its own).
+
+User mistakes (a bad config key, a missing file, bad data) print one line ``trainval: error: ...``
+and exit non-zero without a traceback: 2 for config and usage errors, 1 for data and checkpoint
+errors, 128 + signal number after SIGINT/SIGTERM. Internal bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from trainval import __version__
+
+FIT_EXAMPLES = """examples:
+  trainval fit                                   # the embedded default: a CNN on scikit-learn's digits
+  trainval fit examples/phoneme_mlp.yaml train.epochs=5 optim.lr=3e-4 run.name=try2
+  trainval fit examples/phoneme_mlp.yaml --resume
+  trainval fit examples/digits.yaml --nproc 2    # 2 processes through torchrun (gloo on CPU)
+"""
+TEST_EXAMPLES = """examples:
+  trainval test examples/digits.yaml
+  trainval test examples/digits.yaml --ckpt last
+"""
+PREDICT_EXAMPLES = """examples:
+  trainval predict examples/phoneme_mlp.yaml
+  trainval predict examples/phoneme_mlp.yaml --out preds.csv --proba
+"""
+
+
+def _split_positionals(items: list[str]) -> tuple[str | None, list[str]]:
+    """``[CONFIG] [key=value ...]``: the one item without '=' is the config file."""
+    config, overrides = None, []
+    for item in items:
+        if "=" in item and not item.endswith((".yaml", ".yml")):
+            overrides.append(item)
+        elif config is None:
+            config = item
+        else:
+            from trainval.errors import ConfigError
+
+            raise ConfigError(f"more than one config file given ({config}, {item}); overrides look like key=value.")
+    return config, overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainval", description="Train, validate, keep the best checkpoint, test and predict.")
+    parser.add_argument("--version", action="version", version=f"trainval {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    raw = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("fit", help="train (default: the embedded digits run)", epilog=FIT_EXAMPLES, formatter_class=raw)
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]", help="a YAML config and/or dotted overrides")
+    p.add_argument("--resume", action="store_true", help="continue from last.pt in the run folder")
+    p.add_argument("--nproc", type=int, default=None, metavar="N", help="start N processes with torchrun on this machine")
+
+    for name, examples, help_ in (("test", TEST_EXAMPLES, "metrics of a checkpoint on the test split"),
+                                  ("predict", PREDICT_EXAMPLES, "write a predictions file for the test split")):
+        p = sub.add_parser(name, help=help_, epilog=examples, formatter_class=raw)
+        p.add_argument("args", nargs="+", metavar="CONFIG [key=value]", help="the run's YAML config and overrides")
+        p.add_argument("--ckpt", default="best", help="best (default), last, or a checkpoint path")
+        if name == "predict":
+            p.add_argument("--out", default=None, help="output CSV (default: <run folder>/predictions.csv)")
+            p.add_argument("--proba", action="store_true", help="add one probability column per class")
+
+    p = sub.add_parser("lint", help="find training-loop mistakes in Python files")
+    from trainval.lint.cli import add_arguments
+
+    add_arguments(p)
+    return parser
+
+
+def _run_torchrun(nproc: int, argv: list[str]) -> int:
+    rest = []
+    skip = False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+        del i
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "trainval", *rest]
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "lint":
+        from trainval.lint.cli import run as run_lint
+
+        return run_lint(args)
+
+    from trainval import distributed
+    from trainval.errors import TrainvalError
+
+    in_torchrun = distributed.launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        if args.command == "fit" and args.nproc is not None:
+            if args.nproc < 1:
+                raise SystemExit(_error(f"--nproc must be at least 1, got {args.nproc}.", 2))
+            if args.nproc > 1 and not in_torchrun:
+                return _run_torchrun(args.nproc, argv)
+        code = _dispatch(args)
+    except TrainvalError as e:
+        code = _error(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        code = _error("interrupted.", 130)
+    if in_torchrun:
+        distributed.teardown()
+        distributed.exit_process(code)  # see exit_process: avoids gloo's abort at interpreter exit
+    return code
+
+
+def _dispatch(args) -> int:
+    from trainval import config, workflow
+
+    cfg_path, overrides = _split_positionals(args.args)
+    cfg = config.load(cfg_path, overrides)
+    if args.command == "fit":
+        workflow.fit(cfg, resume=args.resume)
+    elif args.command == "test":
+        workflow.test(cfg, ckpt=args.ckpt)
+    elif args.command == "predict":
+        workflow.predict(cfg, ckpt=args.ckpt, out=args.out, proba=args.proba)
+    return 0
+
+
+def _error(message: str, code: int) -> int:
+    from trainval import distributed
+
+    if distributed.info().is_main:
+        print(f"trainval: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

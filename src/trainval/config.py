@@ -1,0 +1,260 @@
+"""The typed run config: schema with defaults, validation with clear errors, YAML in/out, overrides.
+
+A config has the sections ``data``, ``model``, ``optim``, ``scheduler``, ``train``, ``run`` and
+``log``. Every key is declared once in :data:`SCHEMA` with its type, default, allowed values and a
+one-line description; the README's reference table is generated from it (and a test keeps the two equal).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from trainval.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key: ``kind`` is int, float, bool, str, list[int], list[str] or dict."""
+
+    kind: str
+    default: Any
+    doc: str
+    choices: tuple | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    nullable: bool = False
+    open_choices: bool = False  # besides ``choices``, a 'module:Name' import string is allowed
+    extra: dict = field(default_factory=dict)
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "data": {
+        "source": Key("str", "digits", "where the data comes from", choices=("digits", "npz", "csv", "factory")),
+        "train": Key("str", None, "training file (npz or csv)", nullable=True),
+        "val": Key("str", None, "validation file; without it, `val_split` of the training file", nullable=True),
+        "test": Key("str", None, "test file (labels optional); without it, `test_split` of the training file", nullable=True),
+        "val_split": Key("float", 0.15, "fraction held out for validation (stratified, seeded)", minimum=0.0, maximum=0.9),
+        "test_split": Key("float", 0.15, "fraction held out for testing when there is no test file", minimum=0.0, maximum=0.9),
+        "label": Key("str", "label", "CSV label column"),
+        "features": Key("list[str]", None, "CSV feature columns (default: all but the label)", nullable=True),
+        "x_key": Key("str", "x", "npz array of features"),
+        "y_key": Key("str", "y", "npz array of labels"),
+        "factory": Key("str", None, "`module:function` returning {'train', 'val', 'test'} data (source: factory)", nullable=True),
+        "split_seed": Key("int", 0, "seed of the stratified splits"),
+        "on_device": Key("bool", None, "keep in-memory data on the GPU (default: when it fits)", nullable=True),
+        "check_inputs": Key("bool", True, "refuse NaN/Inf features before training"),
+        "num_workers": Key("int", 0, "DataLoader workers for Dataset inputs", minimum=0),
+    },
+    "model": {
+        "name": Key("str", "cnn", "built-in `mlp` or `cnn`, or `module:Class`", choices=("mlp", "cnn"), open_choices=True),
+        "hidden": Key("list[int]", [256, 128], "MLP hidden layer sizes"),
+        "channels": Key("list[int]", [32, 64], "CNN channels of its two conv blocks"),
+        "dropout": Key("float", 0.25, "dropout probability", minimum=0.0, maximum=0.95),
+        "batchnorm": Key("bool", True, "MLP: BatchNorm after each hidden layer"),
+        "kwargs": Key("dict", {}, "keyword arguments for a `module:Class` model"),
+    },
+    "optim": {
+        "name": Key("str", "adam", "optimizer", choices=("sgd", "adam", "adamw")),
+        "lr": Key("float", 1e-3, "learning rate", minimum=0.0),
+        "weight_decay": Key("float", 0.0, "weight decay", minimum=0.0),
+        "momentum": Key("float", 0.9, "SGD momentum", minimum=0.0, maximum=1.0),
+        "nesterov": Key("bool", False, "SGD Nesterov momentum"),
+        "betas": Key("list[float]", [0.9, 0.999], "Adam/AdamW betas"),
+    },
+    "scheduler": {
+        "name": Key("str", "none", "learning-rate schedule: per epoch (`step`, `cosine`, `plateau` on the monitored metric) or per batch (`onecycle`)",
+                    choices=("none", "step", "cosine", "onecycle", "plateau")),
+        "step_size": Key("int", 10, "step: epochs between decays", minimum=1),
+        "gamma": Key("float", 0.1, "step: decay factor", minimum=0.0, maximum=1.0),
+        "min_lr": Key("float", 0.0, "cosine: final learning rate; plateau: lower bound", minimum=0.0),
+        "max_lr": Key("float", None, "onecycle: peak learning rate (default 10 x optim.lr)", nullable=True, minimum=0.0),
+        "factor": Key("float", 0.1, "plateau: decay factor", minimum=0.0, maximum=1.0),
+        "patience": Key("int", 5, "plateau: epochs without improvement before decaying", minimum=0),
+    },
+    "train": {
+        "epochs": Key("int", 30, "epochs to train", minimum=1),
+        "batch_size": Key("int", 64, "batch size per process", minimum=1),
+        "eval_batch_size": Key("int", None, "evaluation batch size (default: batch_size)", nullable=True, minimum=1),
+        "seed": Key("int", 0, "seed of Python, NumPy, torch and the shuffling"),
+        "device": Key("str", None, "`cpu`, `cuda`, `cuda:1`... (default: CUDA if available)", nullable=True),
+        "monitor": Key("str", "val_acc", "metric that picks best.pt", choices=("val_acc", "val_loss", "train_acc", "train_loss")),
+        "mode": Key("str", None, "`max` or `min` (default: max for acc, min for loss)", nullable=True, choices=("max", "min")),
+        "patience": Key("int", None, "early stopping: epochs without improvement (default: off)", nullable=True, minimum=1),
+        "grad_clip": Key("float", None, "clip the gradient norm to this value", nullable=True, minimum=0.0),
+        "accumulate_steps": Key("int", 1, "batches per optimizer step (gradient accumulation)", minimum=1),
+        "precision": Key("str", "fp32", "`fp32`, `bf16` (autocast) or `fp16` (autocast + grad scaler, CUDA)", choices=("fp32", "bf16", "fp16")),
+        "compile": Key("bool", False, "run the model through torch.compile"),
+        "checkpoint_every_steps": Key("int", None, "also write last.pt every N optimizer steps", nullable=True, minimum=1),
+        "progress": Key("bool", True, "progress bar (terminal) or bounded-rate progress lines"),
+    },
+    "run": {
+        "name": Key("str", "digits", "run name: the run folder is `<out_dir>/<name>`"),
+        "out_dir": Key("str", "runs", "parent folder of run folders"),
+        "overwrite": Key("bool", False, "allow a new fit into a folder that holds a run"),
+    },
+    "log": {
+        "tensorboard": Key("bool", False, "TensorBoard scalars in `<run folder>/tb` (needs the tensorboard extra)"),
+        "plot": Key("bool", True, "write curves.png"),
+    },
+}
+
+
+def defaults() -> dict:
+    return {s: {k: copy.deepcopy(key.default) for k, key in keys.items()} for s, keys in SCHEMA.items()}
+
+
+def all_paths() -> list[str]:
+    return [f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys]
+
+
+def _unknown(path: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(path, all_paths(), n=1, cutoff=0.5)
+    if not close:
+        leaf = path.rsplit(".", 1)[-1]
+        close = [p for p in all_paths() if p.endswith("." + leaf)][:1]
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (sections: {', '.join(SCHEMA)})"
+    return ConfigError(f"{source}: unknown key '{path}'{hint}.")
+
+
+def _check(path: str, key: Key, value: Any, source: str) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {path} must be {expected}, got {value!r}.")
+
+    if value is None:
+        if key.nullable:
+            return None
+        raise bad(f"a {key.kind} (it cannot be empty)")
+    kind = key.kind
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+    elif kind.startswith("list["):
+        inner = kind[5:-1]
+        ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "str": lambda v: isinstance(v, str)}[inner]
+        if not isinstance(value, list) or not all(ok(v) for v in value):
+            raise bad(f"a list of {inner}s, like [1, 2]" if inner != "str" else "a list of strings")
+        if inner == "float":
+            value = [float(v) for v in value]
+    elif kind == "dict":
+        if not isinstance(value, dict):
+            raise bad("a mapping of names to values")
+    if key.choices is not None and value not in key.choices:
+        if not (key.open_choices and isinstance(value, str) and ":" in value):
+            allowed = ", ".join(map(str, key.choices)) + (", or a 'module:Class' import string" if key.open_choices else "")
+            raise bad(f"one of {allowed}")
+    if key.minimum is not None and isinstance(value, (int, float)) and value < key.minimum:
+        raise bad(f"at least {key.minimum:g}")
+    if key.maximum is not None and isinstance(value, (int, float)) and value > key.maximum:
+        raise bad(f"at most {key.maximum:g}")
+    return value
+
+
+def merge(cfg: dict, update: dict, source: str) -> dict:
+    """``cfg`` updated with ``update`` (a nested mapping), every key and value validated."""
+    if not isinstance(update, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections ({', '.join(SCHEMA)}).")
+    for section, values in update.items():
+        if section in ("versions", "resolved"):  # written into run folders; informational
+            continue
+        if section not in SCHEMA:
+            raise _unknown(str(section), source)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping of keys to values, got {values!r}.")
+        for k, v in values.items():
+            path = f"{section}.{k}"
+            if k not in SCHEMA[section]:
+                raise _unknown(path, source)
+            cfg[section][k] = _check(path, SCHEMA[section][k], v, source)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must have the form section.key=value (e.g. train.epochs=5).")
+    path, _, raw = text.partition("=")
+    path = path.strip()
+    if path.count(".") != 1:
+        raise ConfigError(f"override '{text}': the key must be section.key (e.g. optim.lr=3e-4).")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def load(path: str | None, overrides: list[str] = ()) -> dict:
+    """Defaults, then the YAML file (if any), then ``section.key=value`` overrides; validated."""
+    cfg = defaults()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', e)}).") from None
+        merge(cfg, data or {}, path)
+    for text in overrides:
+        key, value = parse_override(text)
+        section, _, k = key.partition(".")
+        merge(cfg, {section: {k: value}}, f"override {text}")
+    return validate(cfg, path or "default config")
+
+
+def validate(cfg: dict, source: str) -> dict:
+    """Checks that involve several keys."""
+    d = cfg["data"]
+    if d["source"] in ("npz", "csv") and not d["train"]:
+        raise ConfigError(f"{source}: data.source is {d['source']} but data.train (the training file) is not set.")
+    if d["source"] == "factory" and not d["factory"]:
+        raise ConfigError(f"{source}: data.source is factory but data.factory ('module:function') is not set.")
+    if d["val_split"] + d["test_split"] >= 0.95:
+        raise ConfigError(f"{source}: data.val_split + data.test_split must leave data to train on, "
+                          f"got {d['val_split']} + {d['test_split']}.")
+    if cfg["train"]["monitor"].startswith("val_") and not d["val"] and d["val_split"] == 0 and d["source"] != "factory":
+        raise ConfigError(f"{source}: train.monitor is {cfg['train']['monitor']} but there is no validation data "
+                          "(set data.val or data.val_split, or monitor train_acc/train_loss).")
+    return cfg
+
+
+def dump(cfg: dict, extra: dict | None = None) -> str:
+    out = copy.deepcopy(cfg)
+    if extra:
+        out.update(extra)
+    return yaml.safe_dump(out, sort_keys=False)
+
+
+def reference_table() -> str:
+    """The README's config reference, generated from :data:`SCHEMA`."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for section, keys in SCHEMA.items():
+        for k, key in keys.items():
+            default = "—" if key.default is None else yaml.safe_dump(key.default, default_flow_style=True).strip().removesuffix("...").strip()
+            kind = key.kind + (" or null" if key.nullable else "")
+            doc = key.doc
+            if key.choices:
+                doc += " (one of: " + ", ".join(f"`{c}`" for c in key.choices) + ")"
+            lines.append(f"| `{section}.{k}` | {kind} | `{default}` | {doc} |")
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""torch.distributed glue: torchrun detection, process-group set-up/teardown, rank-aware helpers.
+
+Launch with ``torchrun --nproc_per_node=N ...``; torchrun sets ``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``, and :func:`setup` joins the group: NCCL on CUDA,
+gloo on CPU, the device taken from ``LOCAL_RANK``. Collectives time out after
+``TRAINVAL_DIST_TIMEOUT`` seconds (default 300), so that ranks whose peer died exit with an error
+instead of hanging forever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+
+
+def timeout_seconds() -> float:
+    return float(os.environ.get("TRAINVAL_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+
+
+def setup(device: torch.device | None = None) -> DistInfo:
+    """Join the process group if torchrun launched us (idempotent); return rank information."""
+    if dist.is_available() and dist.is_initialized():
+        return info()
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
+        return DistInfo()
+    use_cuda = (device.type == "cuda") if device is not None else torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_seconds()))
+    return info()
+
+
+def info() -> DistInfo:
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", dist.get_rank())), dist.get_world_size())
+    return DistInfo()
+
+
+def default_device(local_rank: int = 0) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest ``value`` over ranks (used to agree on stopping)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_in_order(local: torch.Tensor, n_total: int) -> torch.Tensor | None:
+    """Rank 0 gets the rows of every rank in dataset order; the others get ``None``.
+
+    Rank ``r`` holds rows ``r, r + W, r + 2W, ...`` of the data set (the unpadded evaluation shard),
+    so interleaving the ranks' rows restores the original order, with each sample exactly once.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    world, rank = dist.get_world_size(), dist.get_rank()
+    dev = _collective_device()
+    per_rank = -(-n_total // world)
+    buf = torch.zeros((per_rank, *local.shape[1:]), dtype=local.dtype, device=dev)
+    buf[: len(local)] = local.to(dev)
+    gathered = [torch.empty_like(buf) for _ in range(world)] if rank == 0 else None
+    if dist.get_backend() == "nccl":  # nccl has no gather; all_gather is fine at this size
+        gathered_all = [torch.empty_like(buf) for _ in range(world)]
+        dist.all_gather(gathered_all, buf)
+        gathered = gathered_all if rank == 0 else None
+    else:
+        dist.gather(buf, gathered, dst=0)
+    if rank != 0:
+        return None
+    out = torch.empty((n_total, *local.shape[1:]), dtype=local.dtype)
+    for r, part in enumerate(gathered):
+        count = len(range(r, n_total, world))
+        out[r::world] = part[:count].cpu()
+    return out
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+def exit_process(code: int) -> None:
+    """Flush and leave now, skipping interpreter teardown.
+
+    With torch 2.13 and gloo, a worker sometimes aborts (SIGABRT, "terminate called without an active
+    exception") while the interpreter tears down, after all its work is done. Every output is written
+    and flushed by then, so distributed runs leave through ``os._exit`` with the real exit code.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(code)

@@ -1,0 +1,1 @@
+"""`trainval lint`: static checks for the classic mistakes of hand-written training loops."""

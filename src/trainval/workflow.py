@@ -1,0 +1,355 @@
+"""From a resolved config to the Python API: data splits, model, optimizer, scheduler, Trainer.
+
+The CLI only parses arguments and calls :func:`fit`, :func:`test` or :func:`predict` here; each of
+them is a few calls on :class:`~trainval.trainer.Trainer`, so that the command line and the Python API
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainval import config as config_mod
+from trainval import distributed
+from trainval.callbacks import EarlyStopping, TensorBoardLogger
+from trainval.checkpoint import atomic_write, load_checkpoint
+from trainval.data import Split, import_object, load_csv, load_digits_arrays, load_npz, stratified_split
+from trainval.errors import ConfigError, DataError
+from trainval.models import CNN, MLP
+from trainval.trainer import Trainer, seed_everything
+
+
+@dataclass
+class Splits:
+    train: Any
+    val: Any
+    test: Any  # may be unlabelled (a Split with y None), or None
+
+
+def run_folder(cfg: dict) -> str:
+    return os.path.join(cfg["run"]["out_dir"], cfg["run"]["name"])
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def _load_file(cfg: dict, path: str, require_labels: bool) -> Split:
+    d = cfg["data"]
+    if d["source"] == "npz":
+        return load_npz(path, d["x_key"], d["y_key"], require_labels=require_labels)
+    return load_csv(path, d["label"], d["features"], require_labels=require_labels)
+
+
+def _take(split: Split, idx: np.ndarray) -> Split:
+    return Split(split.X[idx], None if split.y is None else split.y[idx])
+
+
+def load_splits(cfg: dict) -> Splits:
+    """Train/val/test data for a config: separate files, or seeded stratified splits of one."""
+    d = cfg["data"]
+    if d["source"] == "factory":
+        made = import_object(d["factory"], "data.factory")
+        try:
+            out = made() if callable(made) else made
+        except Exception as e:  # noqa: BLE001 - the user's code failed; say so in one line
+            raise ConfigError(f"data.factory '{d['factory']}' raised {type(e).__name__}: {e}") from None
+        if isinstance(out, dict):
+            return Splits(out.get("train"), out.get("val"), out.get("test"))
+        if isinstance(out, (tuple, list)) and len(out) in (2, 3):
+            return Splits(out[0], out[1], out[2] if len(out) == 3 else None)
+        raise ConfigError(f"data.factory '{d['factory']}' must return a dict with 'train', 'val' (and 'test') "
+                          f"or a tuple (train, val[, test]); got {type(out).__name__}.")
+    if d["source"] == "digits":
+        X, y = load_digits_arrays()
+        full = Split(X, y)
+    else:
+        full = _load_file(cfg, d["train"], require_labels=True)
+    val_frac = 0.0 if d["val"] else d["val_split"]
+    test_frac = 0.0 if d["test"] else d["test_split"]
+    train_idx, val_idx, test_idx = stratified_split(full.y, [val_frac, test_frac], d["split_seed"])
+    train = _take(full, train_idx)
+    val = _load_file(cfg, d["val"], True) if d["val"] else (_take(full, val_idx) if len(val_idx) else None)
+    if d["test"]:
+        test = _load_file(cfg, d["test"], require_labels=False)
+    else:
+        test = _take(full, test_idx) if len(test_idx) else None
+    return Splits(train, val, test)
+
+
+def _pair(split: Any) -> Any:
+    """A Split as the (X, y) pair the Trainer takes; other objects (Datasets...) pass through."""
+    if isinstance(split, Split):
+        return (split.X, split.y)
+    return split
+
+
+def _shape_and_classes(splits: Splits) -> tuple[list[int], int]:
+    def arrays(s):
+        if isinstance(s, Split):
+            return s.X, s.y
+        if isinstance(s, (tuple, list)) and len(s) == 2:
+            return np.asarray(s[0]) if not isinstance(s[0], torch.Tensor) else s[0], s[1]
+        return None, None
+
+    X, y = arrays(splits.train)
+    if X is None:
+        raise ConfigError("built-in models need in-memory training data; with a Dataset factory use a "
+                          "'module:Class' model that knows its input size.")
+    if len(X) == 0:
+        raise DataError("the training data is empty (0 samples).")
+    labels = [np.asarray(y)]
+    vX, vy = arrays(splits.val)
+    if vy is not None:
+        labels.append(np.asarray(vy))
+    num_classes = int(max(int(lab.max()) for lab in labels if len(lab))) + 1
+    return list(X.shape[1:]), num_classes
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, optimizer, scheduler
+
+
+def build_model(model_cfg: dict, in_shape: list[int], num_classes: int) -> nn.Module:
+    name = model_cfg["name"]
+    if name == "mlp":
+        return MLP(int(np.prod(in_shape)), num_classes, model_cfg["hidden"], model_cfg["dropout"], model_cfg["batchnorm"])
+    if name == "cnn":
+        if len(in_shape) != 3:
+            raise ConfigError(f"model.name cnn needs image inputs of shape [N, C, H, W]; the data has samples of shape "
+                              f"{in_shape}. Use model.name=mlp for feature vectors.")
+        return CNN(in_shape[0], num_classes, model_cfg["channels"], model_cfg["dropout"])
+    cls = import_object(name, "model.name")
+    kwargs = dict(model_cfg["kwargs"])
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if "num_classes" in params:
+        kwargs.setdefault("num_classes", num_classes)
+    if "in_features" in params:
+        kwargs.setdefault("in_features", int(np.prod(in_shape)))
+    try:
+        model = cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model.name '{name}' could not be built with model.kwargs {kwargs}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.name '{name}' built a {type(model).__name__}, not a torch.nn.Module.")
+    return model
+
+
+def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg["optim"]
+    if o["name"] == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"],
+                               weight_decay=o["weight_decay"], nesterov=o["nesterov"])
+    if len(o["betas"]) != 2:
+        raise ConfigError(f"optim.betas must hold two numbers, got {o['betas']}.")
+    cls = torch.optim.Adam if o["name"] == "adam" else torch.optim.AdamW
+    return cls(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+
+
+def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, n_train: int):
+    s, t = cfg["scheduler"], cfg["train"]
+    sched = torch.optim.lr_scheduler
+    if s["name"] == "none":
+        return None
+    if s["name"] == "step":
+        return sched.StepLR(optimizer, step_size=s["step_size"], gamma=s["gamma"])
+    if s["name"] == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=t["epochs"], eta_min=s["min_lr"])
+    if s["name"] == "plateau":
+        mode = t["mode"] or ("max" if t["monitor"].endswith("acc") else "min")
+        return sched.ReduceLROnPlateau(optimizer, mode=mode, factor=s["factor"], patience=s["patience"],
+                                       min_lr=s["min_lr"])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batches = math.ceil(math.ceil(n_train / world) / t["batch_size"])
+    steps = math.ceil(batches / t["accumulate_steps"]) * t["epochs"]
+    return sched.OneCycleLR(optimizer, max_lr=s["max_lr"] or 10 * cfg["optim"]["lr"], total_steps=steps)
+
+
+def _num_samples(data: Any) -> int:
+    if isinstance(data, Split):
+        return len(data.X)
+    try:
+        return len(data.dataset) if hasattr(data, "dataset") else len(data)
+    except TypeError:
+        return 0
+
+
+def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict) -> Trainer:
+    t = cfg["train"]
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, n_train)
+    folder = run_folder(cfg)
+    callbacks = []
+    if t["patience"]:
+        callbacks.append(EarlyStopping(t["patience"]))
+    if cfg["log"]["tensorboard"]:
+        callbacks.append(TensorBoardLogger(os.path.join(folder, "tb")))
+    saved = dict(cfg)
+    saved["resolved"] = resolved
+    return Trainer(
+        model, optimizer, nn.CrossEntropyLoss(), max_epochs=t["epochs"], out_dir=folder, seed=t["seed"],
+        monitor=t["monitor"], mode=t["mode"], batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"],
+        progress=t["progress"], callbacks=callbacks, device=t["device"], scheduler=scheduler,
+        grad_clip=t["grad_clip"], accumulate_steps=t["accumulate_steps"], precision=t["precision"],
+        compile=t["compile"], checkpoint_every_steps=t["checkpoint_every_steps"],
+        check_inputs=cfg["data"]["check_inputs"], on_device=cfg["data"]["on_device"],
+        num_workers=cfg["data"]["num_workers"], overwrite=cfg["run"]["overwrite"], plot=cfg["log"]["plot"],
+        config=saved,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The three workflows
+
+
+def fit(cfg: dict, resume: bool = False) -> dict:
+    """Train; then, when there is a test split, reload best.pt, test and write predictions.csv."""
+    started = time.perf_counter()
+    seed_everything(cfg["train"]["seed"])  # before the model is built: its initial weights too
+    splits = load_splits(cfg)
+    if splits.train is None:
+        raise ConfigError("there is no training data (data.factory returned no 'train').")
+    in_shape, num_classes = _shape_and_classes(splits)
+    resolved = {"in_shape": in_shape, "num_classes": num_classes}
+    model = build_model(cfg["model"], in_shape, num_classes)
+    trainer = build_trainer(cfg, model, _num_samples(splits.train), resolved)
+    fit_started = time.perf_counter()
+    history = trainer.fit(_pair(splits.train), _pair(splits.val) if splits.val is not None else None, resume=resume)
+    fit_seconds = time.perf_counter() - fit_started
+    folder = run_folder(cfg)
+    summary: dict[str, Any] = {
+        "run_folder": folder, "epochs": len(history), "monitor": trainer.monitor,
+        "best_epoch": trainer.best_epoch, "best_value": trainer.best_value,
+        "train_samples": _num_samples(splits.train),
+    }
+    if splits.test is not None:
+        summary.update(_test_and_predict(trainer, splits.test, folder))
+    epoch_seconds = sum(r.get("seconds", 0.0) for r in history)
+    summary["wall_seconds"] = round(time.perf_counter() - started, 3)
+    summary["fit_seconds"] = round(fit_seconds, 3)
+    summary["train_samples_per_second"] = (
+        round(summary["train_samples"] * len(history) / epoch_seconds, 1) if epoch_seconds > 0 else None
+    )
+    if trainer.dist.is_main:
+        write_json(os.path.join(folder, "summary.json"), summary)
+    return summary
+
+
+def _test_and_predict(trainer: Trainer, test: Any, folder: str) -> dict:
+    out: dict[str, Any] = {}
+    labelled = not (isinstance(test, Split) and test.y is None)
+    if labelled:
+        metrics = trainer.test(_pair(test), ckpt="best")
+        out["test"] = metrics
+        trainer.log(f"Test Acc: {metrics['test_acc']:.6f} Loss: {metrics['test_loss']:.6f} "
+                    f"(best.pt from epoch {trainer.best_epoch})")
+    inputs = test.X if isinstance(test, Split) else test
+    probs = trainer.predict_proba(inputs, ckpt="best")
+    path = os.path.join(folder, "predictions.csv")
+    if trainer.dist.is_main:
+        write_predictions(path, probs, proba=False)
+        trainer.log(f"wrote {len(probs)} predictions -> {path}")
+    out["predictions"] = path
+    return out
+
+
+def _trainer_from_run(cfg: dict, ckpt: str | None) -> tuple[Trainer, str]:
+    folder = run_folder(cfg)
+    path = {"best": os.path.join(folder, "best.pt"), "last": os.path.join(folder, "last.pt")}.get(ckpt or "best", ckpt)
+    state = load_checkpoint(path, map_location="cpu")
+    saved = state.get("config") or {}
+    resolved = saved.get("resolved")
+    if not resolved:
+        raise ConfigError(f"{path} has no model description (it was not written by `trainval fit`); "
+                          "load it with the Python API instead.")
+    model = build_model(saved.get("model", cfg["model"]), resolved["in_shape"], resolved["num_classes"])
+    trainer = build_trainer(cfg, model, 1, resolved)
+    return trainer, path
+
+
+def test(cfg: dict, ckpt: str | None = "best") -> dict:
+    splits = load_splits(cfg)
+    if splits.test is None:
+        raise ConfigError("there is no test data: set data.test or data.test_split.")
+    if isinstance(splits.test, Split) and splits.test.y is None:
+        raise DataError(f"the test data ({cfg['data']['test']}) has no labels, so it cannot be scored; "
+                        "use `trainval predict` to write predictions for it.")
+    trainer, path = _trainer_from_run(cfg, ckpt)
+    metrics = trainer.test(_pair(splits.test), ckpt=path)
+    folder = run_folder(cfg)
+    result = {"checkpoint": path, **metrics}
+    if trainer.dist.is_main:
+        write_json(os.path.join(folder, "test.json"), result)
+        summary_path = os.path.join(folder, "summary.json")
+        if os.path.exists(summary_path):
+            with open(summary_path) as f:
+                summary = json.load(f)
+            summary["test"] = metrics
+            write_json(summary_path, summary)
+    trainer.log(f"Test Acc: {metrics['test_acc']:.6f} Loss: {metrics['test_loss']:.6f} ({path})")
+    return result
+
+
+def predict(cfg: dict, ckpt: str | None = "best", out: str | None = None, proba: bool = False) -> str:
+    folder = run_folder(cfg)
+    out = out or os.path.join(folder, "predictions.csv")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--out {out}: the folder {parent} does not exist; create it first.")
+    splits = load_splits(cfg)
+    if splits.test is None:
+        raise ConfigError("there is no test data to predict: set data.test or data.test_split.")
+    trainer, path = _trainer_from_run(cfg, ckpt)
+    inputs = splits.test.X if isinstance(splits.test, Split) else splits.test
+    probs = trainer.predict_proba(inputs, ckpt=path)
+    if trainer.dist.is_main:
+        write_predictions(out, probs, proba=proba)
+    trainer.log(f"wrote {len(probs)} predictions ({path}) -> {out}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+
+
+def write_predictions(path: str, probs: torch.Tensor, proba: bool) -> None:
+    """``Id,Class`` (plus ``prob_<c>`` columns with ``proba``), written atomically."""
+    classes = probs.argmax(dim=1).tolist()
+    buf = io.StringIO()
+    header = ["Id", "Class"] + ([f"prob_{c}" for c in range(probs.shape[1])] if proba else [])
+    buf.write(",".join(header) + "\n")
+    rows = probs.tolist() if proba else None
+    for i, c in enumerate(classes):
+        line = f"{i},{c}"
+        if rows is not None:
+            line += "," + ",".join(f"{p:.6g}" for p in rows[i])
+        buf.write(line + "\n")
+    data = buf.getvalue().encode()
+    atomic_write(path, lambda f: f.write(data), "predictions file")
+
+
+def write_json(path: str, obj: dict) -> None:
+    data = (json.dumps(obj, indent=2, default=str) + "\n").encode()
+    atomic_write(path, lambda f: f.write(data), "summary")
+
+
+def write_config(path: str, cfg: dict) -> None:
+    data = config_mod.dump(cfg).encode()
+    atomic_write(path, lambda f: f.write(data), "config")
+
+
+__all__ = ["fit", "test", "predict", "load_splits", "build_model", "run_folder", "distributed"]

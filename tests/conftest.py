@@ -1,0 +1,53 @@
+"""Tiny synthetic data and tiny models shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_blobs(n: int = 120, d: int = 6, classes: int = 3, seed: int = 0, spread: float = 0.6):
+    """Gaussian blobs: an easy, learnable classification set as float32 X and int64 y."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(classes, d, generator=g) * 3
+    y = torch.arange(n) % classes
+    X = centers[y] + spread * torch.randn(n, d, generator=g)
+    return X.float(), y.long()
+
+
+def tiny_mlp(d: int = 6, classes: int = 3, hidden: int = 16, dropout: float = 0.0, batchnorm: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Linear(d, hidden)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(hidden))
+    layers.append(nn.ReLU())
+    if dropout:
+        layers.append(nn.Dropout(dropout))
+    layers.append(nn.Linear(hidden, classes))
+    return nn.Sequential(*layers)
+
+
+@pytest.fixture
+def blobs():
+    return make_blobs()
+
+
+def run_cli(*args: str, cwd: str | None = None, env: dict | None = None, timeout: float = 300,
+            check: bool = False) -> subprocess.CompletedProcess:
+    """The real ``trainval`` executable (``python -m trainval``) in a subprocess."""
+    full_env = dict(os.environ)
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    if env:
+        full_env.update(env)
+    proc = subprocess.run([sys.executable, "-m", "trainval", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"trainval {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
