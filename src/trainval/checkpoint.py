@@ -130,14 +130,18 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "Weights only load failed" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
+        text = str(e)
+        detail = next((line.split("error:", 1)[1].strip() for line in text.splitlines() if "WeightsUnpickler error:" in line
+                       and line.split("error:", 1)[1].strip()), "")
+        if "Unsupported global" in text or "GLOBAL" in text or "Unsupported class" in text:
             raise CheckpointError(
                 f"refusing to load {path}: it holds Python objects other than tensors and plain containers, "
                 "which could run code when unpickled. Only load checkpoints you trust, and re-save them as "
                 "plain state_dicts."
             ) from None
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupt or not a checkpoint ({first}).") from None
+        detail = detail or next((ln.strip() for ln in text.splitlines()[1:] if ln.strip() and "Check the" not in ln), "")
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupt or not a PyTorch checkpoint"
+                              f"{f' ({detail})' if detail else ''}.") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError,
             AttributeError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,289 @@
+"""Crash-safe checkpoints, exact resume, graceful stop, disk faults and safe loading."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, make_blobs, tiny_mlp
+from torch import nn
+
+from trainval import Trainer
+from trainval import checkpoint as ckpt_mod
+from trainval.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from trainval.errors import CheckpointError
+
+CHILD = os.path.join(REPO, "tests", "helpers", "train_child.py")
+
+
+def child(out_dir, timeout=120, **opts) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, CHILD, str(out_dir), json.dumps(opts)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_bits(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def metric_rows(folder):
+    import csv
+
+    with open(os.path.join(folder, "metrics.csv")) as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact resume after SIGKILL
+
+
+@pytest.mark.slow
+def test_resume_after_kill_is_bit_identical(tmp_path):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert child(ref, epochs=4).returncode == 0
+    killed = child(cut, epochs=4, kill_epoch_end=3)
+    assert killed.returncode == -signal.SIGKILL
+    assert torch.load(cut / "last.pt", weights_only=True)["epoch"] == 2
+    resumed = child(cut, epochs=4, resume=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_same_bits(weights(ref / "last.pt"), weights(cut / "last.pt"))
+    assert_same_bits(weights(ref / "best.pt"), weights(cut / "best.pt"))
+    assert metric_rows(ref) == metric_rows(cut) and len(metric_rows(ref)) == 4
+
+
+@pytest.mark.slow
+def test_mid_epoch_resume_is_bit_identical(tmp_path):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert child(ref, epochs=3, every=5).returncode == 0
+    killed = child(cut, epochs=3, every=5, kill_batch=23)  # epoch 2 (13 batches per epoch), after step 20's save
+    assert killed.returncode == -signal.SIGKILL
+    state = torch.load(cut / "last.pt", weights_only=True)
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 7)
+    resumed = child(cut, epochs=3, every=5, resume=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_same_bits(weights(ref / "last.pt"), weights(cut / "last.pt"))
+    assert metric_rows(ref) == metric_rows(cut)
+    ref_state, cut_state = (torch.load(p / "last.pt", weights_only=True) for p in (ref, cut))
+    for group_ref, group_cut in zip(ref_state["optimizer"]["state"].values(), cut_state["optimizer"]["state"].values()):
+        assert torch.equal(group_ref["exp_avg"], group_cut["exp_avg"])
+
+
+@pytest.mark.slow
+def test_sigkill_at_many_moments_never_leaves_an_unreadable_checkpoint(tmp_path):
+    """36 kills: 18 right inside a checkpoint write (the N-th write), 18 at other moments of training."""
+    folder = tmp_path / "run"
+    kills, loads = 0, 0
+    started = time.perf_counter()
+
+    def load_all():
+        n = 0
+        for name in ("last.pt", "best.pt"):
+            if (folder / name).exists():
+                load_checkpoint(str(folder / name))  # raises if unreadable
+                n += 1
+        return n
+
+    for n in range(1, 19):
+        proc = child(folder, epochs=3, every=1, kill_in_write=n)  # mid-epoch and epoch-end writes
+        assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+        kills += 1
+        loads += load_all()
+    for i in range(18):
+        opts = {"epochs": 50, "every": 2, "resume": (folder / "last.pt").exists() and i % 2 == 0, "ready_after": 1}
+        p = subprocess.Popen([sys.executable, CHILD, str(folder), json.dumps(opts)], stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        for line in p.stdout:
+            if line.strip() == "READY":
+                break
+        time.sleep(0.05 * i)  # 0 to 0.85 s into training: batches, evaluations and writes
+        p.kill()
+        p.wait()
+        p.stdout.close()
+        kills += 1
+        loads += load_all()
+    assert kills >= 30 and loads >= 40
+    print(f"{kills} kills, {loads} checkpoint loads, {time.perf_counter() - started:.1f} s")
+
+
+# ------------------------------------------------------------------------------------------------
+# Graceful stop
+
+
+def _signal_after_ready(folder, sig, second=None, **opts):
+    p = subprocess.Popen([sys.executable, CHILD, str(folder), json.dumps({"epochs": 100, "sleep": 0.01, "ready_after": 30, **opts})],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:
+        if line.strip() == "READY":
+            break
+    p.send_signal(sig)
+    if second is not None:
+        p.send_signal(second)
+    out, err = p.communicate(timeout=60)
+    return p.returncode, out, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_last_and_exits_with_its_code(tmp_path, sig, code):
+    rc, out, err = _signal_after_ready(tmp_path, sig)
+    assert rc == code, out + err
+    assert "last.pt is saved. Resume with" in out
+    state = load_checkpoint(str(tmp_path / "last.pt"))
+    assert state["epoch"] * 13 + state["batch_in_epoch"] >= 30  # it saved the step it had reached
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_bit_identical(tmp_path):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert child(ref, epochs=4).returncode == 0
+    rc, out, _ = _signal_after_ready(cut, signal.SIGINT, epochs=4)
+    assert rc == 130, out
+    resumed = child(cut, epochs=4, resume=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_same_bits(weights(ref / "last.pt"), weights(cut / "last.pt"))
+    assert metric_rows(ref) == metric_rows(cut)
+
+
+@pytest.mark.slow
+def test_second_sigint_exits_at_once(tmp_path):
+    rc, out, err = _signal_after_ready(tmp_path, signal.SIGINT, second=signal.SIGINT)
+    assert rc == 130
+    for name in ("last.pt", "best.pt"):
+        if (tmp_path / name).exists():
+            load_checkpoint(str(tmp_path / name))
+
+
+# ------------------------------------------------------------------------------------------------
+# Disk faults
+
+
+@pytest.mark.parametrize("err, words", [(errno.ENOSPC, "No space left on device"), (errno.EACCES, "Permission denied"),
+                                        (errno.EROFS, "Read-only file system")])
+def test_write_failure_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys, err, words):
+    X, y = make_blobs(n=64)
+    model = tiny_mlp()
+    calls = {"n": 0}
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # epoch 2's first write (best.pt or last.pt): after epoch 1 wrote both
+            raise OSError(err, os.strerror(err))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    tr = Trainer(model, max_epochs=3, out_dir=str(tmp_path), batch_size=16, progress=False, plot=False, monitor="train_loss")
+    with pytest.raises(CheckpointError) as info:
+        tr.fit((X, y))
+    message = str(info.value)
+    assert str(tmp_path) in message and words in message and "intact" in message
+    monkeypatch.setattr(torch, "save", real_save)
+    for name in ("last.pt", "best.pt"):
+        assert load_checkpoint(str(tmp_path / name))["epoch"] == 1
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # no temp file left behind
+    out = capsys.readouterr().out
+    assert "[002/003]" in out and "[003/003]" not in out  # training stopped at the failed write
+
+
+def test_unwritable_folder_named_in_error(tmp_path, monkeypatch):
+    import tempfile
+
+    def no_access(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_access)
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*x\.pt: Permission denied"):
+        save_checkpoint({"model": {}, "epoch": 0}, str(tmp_path / "x.pt"))
+
+
+def test_write_fault_in_the_middle_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 1}, str(path))
+
+    def boom(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "_write_hook", boom)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "epoch": 2}, str(path))
+    assert load_checkpoint(str(path))["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Safe loading
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_checkpoint_is_refused_and_its_code_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.ones(1)}, "epoch": 1, "payload": Evil(str(marker))}, path)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match=r"refusing to load .*evil\.pt.*could run code"):
+        load_checkpoint(str(path))
+    assert not marker.exists()
+    # and through the Trainer too
+    tr = Trainer(tiny_mlp(), out_dir=str(tmp_path), progress=False)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        tr.predict(torch.zeros(2, 6), ckpt=str(path))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_checkpoint_one_clear_error(tmp_path, damage):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": tiny_mlp().state_dict(), "epoch": 3}, str(path))
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "garbage": os.urandom(5000), "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match=r"cannot read checkpoint .*last\.pt"):
+        load_checkpoint(str(path))
+
+
+def test_other_architecture_lists_missing_unexpected_and_shapes(tmp_path):
+    path = tmp_path / "m.pt"
+    save_checkpoint({"model": tiny_mlp(hidden=16).state_dict(), "epoch": 1}, str(path))
+    other = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3), nn.Linear(3, 3))
+    with pytest.raises(CheckpointError) as info:
+        load_model_weights(other, load_checkpoint(str(path))["model"], str(path))
+    msg = str(info.value)
+    assert "missing keys: 3.weight, 3.bias" in msg
+    assert "shape mismatches: 0.weight: checkpoint [16, 6] vs model [8, 6]" in msg
+    assert "m.pt does not fit this model" in msg
+    with pytest.raises(CheckpointError, match="unexpected keys: 2.weight, 2.bias, 3.weight"):
+        load_model_weights(nn.Sequential(nn.Linear(6, 16), nn.ReLU()), {**tiny_mlp().state_dict(), "3.weight": torch.ones(1)}, "x")
+
+
+def test_resume_without_last_pt_is_a_clear_error(tmp_path):
+    X, y = make_blobs(n=20)
+    with pytest.raises(CheckpointError, match="no last.pt"):
+        Trainer(tiny_mlp(), out_dir=str(tmp_path), progress=False).fit((X, y), (X, y), resume=True)
+
+
+def test_checkpoint_reloads_without_trainval_and_strips_wrappers(tmp_path):
+    X, y = make_blobs(n=40)
+    model = tiny_mlp()
+    Trainer(model, max_epochs=1, out_dir=str(tmp_path), progress=False, plot=False).fit((X, y), (X, y))
+    state = torch.load(tmp_path / "best.pt", weights_only=True, map_location="cpu")
+    plain = tiny_mlp(seed=5)
+    plain.load_state_dict(state["model"])  # no "module." or "_orig_mod." prefixes
+    assert state["epoch"] == 1
