@@ -1,15 +1,48 @@
-"""trainval: the canonical PyTorch train / validate / best-checkpoint / test / predict loop."""
+"""trainval: the canonical PyTorch train / validate / best-checkpoint / test / predict loop.
+
+The public names are imported on first use, so that ``trainval --help`` and config errors answer
+without waiting for torch to import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-from trainval.callbacks import Callback, EarlyStopping, ProgressBar, TensorBoardLogger  # noqa: E402
-from trainval.checkpoint import load_checkpoint, load_model_weights, save_checkpoint  # noqa: E402
-from trainval.data import TensorLoader  # noqa: E402
-from trainval.errors import TrainvalError  # noqa: E402
-from trainval.trainer import Trainer, seed_everything  # noqa: E402
+_PUBLIC = {
+    "Trainer": "trainval.trainer",
+    "seed_everything": "trainval.trainer",
+    "Callback": "trainval.callbacks",
+    "EarlyStopping": "trainval.callbacks",
+    "ProgressBar": "trainval.callbacks",
+    "TensorBoardLogger": "trainval.callbacks",
+    "TensorLoader": "trainval.data",
+    "TrainvalError": "trainval.errors",
+    "load_checkpoint": "trainval.checkpoint",
+    "load_model_weights": "trainval.checkpoint",
+    "save_checkpoint": "trainval.checkpoint",
+}
 
 __all__ = [
-    "Trainer", "Callback", "EarlyStopping", "ProgressBar", "TensorBoardLogger", "TensorLoader",
-    "TrainvalError", "load_checkpoint", "load_model_weights", "save_checkpoint", "seed_everything",
+    "Trainer", "seed_everything", "Callback", "EarlyStopping", "ProgressBar", "TensorBoardLogger",
+    "TensorLoader", "TrainvalError", "load_checkpoint", "load_model_weights", "save_checkpoint",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'trainval' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from trainval.callbacks import Callback, EarlyStopping, ProgressBar, TensorBoardLogger
+    from trainval.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+    from trainval.data import TensorLoader
+    from trainval.errors import TrainvalError
+    from trainval.trainer import Trainer, seed_everything

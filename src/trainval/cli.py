@@ -102,14 +102,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_lint(args)
 
-    from trainval import distributed
     from trainval.errors import TrainvalError
 
-    in_torchrun = distributed.launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    in_torchrun = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         if args.command == "fit" and args.nproc is not None:
             if args.nproc < 1:
-                raise SystemExit(_error(f"--nproc must be at least 1, got {args.nproc}.", 2))
+                return _error(f"--nproc must be at least 1, got {args.nproc}.", 2)
             if args.nproc > 1 and not in_torchrun:
                 return _run_torchrun(args.nproc, argv)
         code = _dispatch(args)
@@ -118,16 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = _error("interrupted.", 130)
     if in_torchrun:
+        from trainval import distributed
+
         distributed.teardown()
         distributed.exit_process(code)  # see exit_process: avoids gloo's abort at interpreter exit
     return code
 
 
 def _dispatch(args) -> int:
-    from trainval import config, workflow
+    from trainval import config
 
     cfg_path, overrides = _split_positionals(args.args)
-    cfg = config.load(cfg_path, overrides)
+    cfg = config.load(cfg_path, overrides)  # config errors come before torch is imported
+    from trainval import workflow
+
     if args.command == "fit":
         workflow.fit(cfg, resume=args.resume)
     elif args.command == "test":
@@ -138,9 +141,7 @@ def _dispatch(args) -> int:
 
 
 def _error(message: str, code: int) -> int:
-    from trainval import distributed
-
-    if distributed.info().is_main:
+    if os.environ.get("RANK", "0") == "0":
         print(f"trainval: error: {message}", file=sys.stderr, flush=True)
     return code
 

@@ -175,7 +175,8 @@ def merge(cfg: dict, update: dict, source: str) -> dict:
         if section in ("versions", "resolved"):  # written into run folders; informational
             continue
         if section not in SCHEMA:
-            raise _unknown(str(section), source)
+            first = next(iter(values), None) if isinstance(values, dict) else None
+            raise _unknown(f"{section}.{first}" if first is not None else str(section), source)
         if values is None:
             continue
         if not isinstance(values, dict):

@@ -1,0 +1,35 @@
+"""A user's own data factory and model class, imported by `module:name` strings in CLI tests."""
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+
+def blobs():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 5, generator=g) * 3
+    def split(n):
+        y = torch.arange(n) % 3
+        return TensorDataset(centers[y] + 0.5 * torch.randn(n, 5, generator=g), y)
+    return {"train": split(90), "val": split(30), "test": split(30)}
+
+
+def arrays():
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(3, 5, generator=g) * 3
+    y = torch.arange(120) % 3
+    X = centers[y] + 0.5 * torch.randn(120, 5, generator=g)
+    return {"train": (X[:80], y[:80]), "val": (X[80:100], y[80:100]), "test": (X[100:], y[100:])}
+
+
+def broken():
+    raise RuntimeError("the database is down")
+
+
+class TinyNet(nn.Module):
+    def __init__(self, in_features, num_classes, width=8):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_features, width), nn.ReLU(), nn.Linear(width, num_classes))
+
+    def forward(self, x):
+        return self.net(x)

@@ -1,0 +1,225 @@
+"""The command line, run as a real subprocess: fit -> test -> predict, resume, and bad configs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, run_cli
+
+from trainval import config
+
+HELPERS = os.path.join(REPO, "tests", "helpers")
+
+
+def gen(script, *args):
+    subprocess.run([sys.executable, os.path.join(REPO, "examples", script), *args], check=True, capture_output=True)
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_version_and_help():
+    from trainval import __version__
+
+    v = run_cli("--version", check=True)
+    assert v.stdout.strip() == f"trainval {__version__}"
+    h = run_cli("fit", "--help", check=True)
+    assert "examples:" in h.stdout and "--resume" in h.stdout and "--nproc" in h.stdout
+    for cmd in ("test", "predict"):
+        assert "examples:" in run_cli(cmd, "--help", check=True).stdout
+
+
+def test_console_script_is_installed():
+    exe = shutil.which("trainval", path=os.path.dirname(sys.executable))
+    assert exe, "the trainval console script is not installed beside this Python"
+    proc = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("trainval ")
+
+
+@pytest.mark.slow
+def test_npz_fit_predict_and_unlabelled_test(tmp_path):
+    data = tmp_path / "data"
+    gen("make_phoneme_data.py", "--out", str(data), "--train", "1500", "--test", "200")
+    common = [os.path.join(REPO, "examples", "phoneme_mlp.yaml"), f"data.train={data}/phoneme_train.npz",
+              f"data.test={data}/phoneme_test.npz", f"run.out_dir={tmp_path}/runs", "train.epochs=2",
+              "model.hidden=[64]", "train.batch_size=128"]
+    fit = run_cli("fit", *common, cwd=str(tmp_path), check=True)
+    assert "[002/002]" in fit.stdout and "wrote 200 predictions" in fit.stdout
+    run = tmp_path / "runs" / "phoneme_mlp"
+    for name in ("config.yaml", "best.pt", "last.pt", "metrics.csv", "curves.png", "summary.json", "predictions.csv"):
+        assert (run / name).exists(), name
+    rows = read_csv(run / "metrics.csv")
+    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+    resolved = config.load(str(run / "config.yaml"))
+    assert resolved["model"]["hidden"] == [64]
+    assert "versions:" in (run / "config.yaml").read_text() and "torch:" in (run / "config.yaml").read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best_epoch"] in (1, 2) and summary["train_samples_per_second"] > 0 and "test" not in summary
+
+    refused = run_cli("test", *common, cwd=str(tmp_path))
+    assert refused.returncode == 1 and "has no labels" in refused.stderr and "trainval predict" in refused.stderr
+
+    out = tmp_path / "preds.csv"
+    pred = run_cli("predict", *common, "--proba", "--out", str(out), cwd=str(tmp_path), check=True)
+    assert "wrote 200 predictions" in pred.stdout
+    rows = read_csv(out)
+    assert list(rows[0])[:2] == ["Id", "Class"] and len(rows[0]) == 2 + 39 and len(rows) == 200
+    assert abs(sum(float(rows[0][f"prob_{c}"]) for c in range(39)) - 1) < 1e-3
+    assert all(int(r["Class"]) == max(range(39), key=lambda c: float(r[f"prob_{c}"])) for r in rows[:20])
+
+    missing = run_cli("predict", *common, "--out", str(tmp_path / "nope" / "p.csv"), cwd=str(tmp_path))
+    assert missing.returncode == 2 and "nope" in missing.stderr and "does not exist" in missing.stderr
+
+
+@pytest.mark.slow
+def test_csv_fit_test_predict_and_resume(tmp_path):
+    csv_path = tmp_path / "tab.csv"
+    gen("make_tabular_csv.py", "--out", str(csv_path), "--rows", "400")
+    common = [os.path.join(REPO, "examples", "tabular.csv.yaml"), f"data.train={csv_path}", f"run.out_dir={tmp_path}/runs"]
+    fit = run_cli("fit", *common, "train.epochs=2", "scheduler.name=step", cwd=str(tmp_path), check=True)
+    assert "Test Acc: " in fit.stdout
+    run = tmp_path / "runs" / "tabular"
+    assert len(read_csv(run / "metrics.csv")) == 2
+
+    resumed = run_cli("fit", *common, "train.epochs=4", "scheduler.name=step", "--resume", cwd=str(tmp_path), check=True)
+    assert "resuming from" in resumed.stdout and "[003/004]" in resumed.stdout and "[001/004]" not in resumed.stdout
+    rows = read_csv(run / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+
+    test = run_cli("test", *common, "--ckpt", "last", cwd=str(tmp_path), check=True)
+    assert "Test Acc: " in test.stdout and "last.pt" in test.stdout
+    saved = json.loads((run / "test.json").read_text())
+    assert 0 <= saved["test_acc"] <= 1 and saved["checkpoint"].endswith("last.pt")
+    assert json.loads((run / "summary.json").read_text())["test"]["test_acc"] == saved["test_acc"]
+
+    pred = run_cli("predict", *common, cwd=str(tmp_path), check=True)
+    rows = read_csv(run / "predictions.csv")
+    assert list(rows[0]) == ["Id", "Class"] and len(rows) == 61 and "wrote 61 predictions" in pred.stdout  # 15% of 400
+
+
+def test_factory_data_and_user_model(tmp_path):
+    env = {"PYTHONPATH": HELPERS + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    common = ["data.source=factory", "data.factory=user_factory:arrays", "model.name=user_factory:TinyNet",
+              "model.kwargs={width: 12}", f"run.out_dir={tmp_path}", "run.name=f", "train.epochs=2"]
+    proc = run_cli("fit", *common, cwd=str(tmp_path), env=env, check=True)
+    assert "Test Acc:" in proc.stdout
+    ds = run_cli("fit", *common[:1], "data.factory=user_factory:blobs", *common[2:], "run.name=g",
+                 cwd=str(tmp_path), env=env)
+    assert ds.returncode == 2 and "'module:Class' model" in ds.stderr  # Datasets need a self-sizing model
+    broken = run_cli("fit", "data.source=factory", "data.factory=user_factory:broken", cwd=str(tmp_path), env=env)
+    assert broken.returncode == 2 and "the database is down" in broken.stderr
+
+
+BAD_CONFIGS = [
+    (["train.epoch=5"], "unknown key 'train.epoch' (did you mean 'train.epochs'?)"),
+    (["optimizer.lr=0.1"], "unknown key 'optimizer.lr' (did you mean 'optim.lr'?)"),
+    (["train.epochs=abc"], "train.epochs must be an integer, got 'abc'"),
+    (["train.epochs=0"], "train.epochs must be at least 1, got 0"),
+    (["optim.lr=-1"], "optim.lr must be at least 0, got -1"),
+    (["optim.name=rmsprop"], "optim.name must be one of sgd, adam, adamw, got 'rmsprop'"),
+    (["train.precision=fp8"], "train.precision must be one of fp32, bf16, fp16"),
+    (["data.val_split=2"], "data.val_split must be at most 0.9, got 2"),
+    (["model.hidden=[a, b]"], "model.hidden must be a list of ints"),
+    (["nokey"], "config file not found: nokey"),
+    (["missing.yaml"], "config file not found: missing.yaml"),
+    (["data.source=npz", "data.train=nope.npz"], "data file not found: nope.npz"),
+    (["data.source=npz"], "data.train (the training file) is not set"),
+    (["model.name=nosuchmodule_xyz:Net"], "model.name 'nosuchmodule_xyz:Net': cannot import module 'nosuchmodule_xyz' (ModuleNotFoundError"),
+    (["model.name=json:Nope"], "model.name 'json:Nope': module 'json' has no attribute 'Nope'"),
+    (["model.name=mlpp"], "model.name must be one of mlp, cnn, or a 'module:Class' import string, got 'mlpp'"),
+    (["train.monitor=val_acc", "data.val_split=0"], "no validation data"),
+    (["train.device=cuda:0"] if not __import__("torch").cuda.is_available() else ["train.device=tpu"], "device"),
+]
+
+
+@pytest.mark.parametrize("args, words", BAD_CONFIGS, ids=[" ".join(a) for a, _ in BAD_CONFIGS])
+def test_bad_config_is_one_clear_line_with_exit_2(tmp_path, args, words):
+    proc = run_cli("fit", *args, "train.epochs=1", cwd=str(tmp_path))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("trainval: error: "), err
+    assert words in err, err
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_yaml_files(tmp_path):
+    cases = {
+        "syntax.yaml": ("train:\n  epochs: [1, 2\n", "not valid YAML at line"),
+        "unknown.yaml": ("train:\n  epochz: 3\n", "unknown.yaml: unknown key 'train.epochz' (did you mean 'train.epochs'?)"),
+        "section.yaml": ("trian:\n  epochs: 3\n", "unknown key 'trian.epochs' (did you mean 'train.epochs'?)"),
+        "notmap.yaml": ("train: 5\n", "section 'train' must be a mapping"),
+        "toplist.yaml": ("- 1\n- 2\n", "the top level must be a mapping"),
+    }
+    for name, (text, words) in cases.items():
+        (tmp_path / name).write_text(text)
+        proc = run_cli("fit", name, cwd=str(tmp_path))
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, (name, proc.stderr)
+
+
+def test_bad_data_files_exit_1_naming_row_and_column(tmp_path):
+    (tmp_path / "bad.csv").write_text("a,b,label\n1,2,0\n3,oops,1\n" + "1,1,0\n" * 20)
+    proc = run_cli("fit", "data.source=csv", "data.train=bad.csv", "model.name=mlp", cwd=str(tmp_path))
+    assert proc.returncode == 1 and "bad.csv: row 3, column 'b': 'oops' is not a number" in proc.stderr
+    (tmp_path / "nolabel.csv").write_text("a,b\n1,2\n")
+    proc = run_cli("fit", "data.source=csv", "data.train=nolabel.csv", "model.name=mlp", cwd=str(tmp_path))
+    assert proc.returncode == 1 and "no label column 'label'" in proc.stderr
+    import numpy as np
+
+    X = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    X[3, 1] = np.inf
+    np.savez(tmp_path / "inf.npz", x=X, y=np.arange(60) % 2)
+    proc = run_cli("fit", "data.source=npz", "data.train=inf.npz", "model.name=mlp", "data.test_split=0", cwd=str(tmp_path))
+    assert proc.returncode == 1 and "NaN or Inf (first at row" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cnn_on_feature_vectors_is_a_config_error(tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "d.npz", x=np.zeros((30, 4), np.float32), y=np.arange(30) % 2)
+    proc = run_cli("fit", "data.source=npz", "data.train=d.npz", "model.name=cnn", cwd=str(tmp_path))
+    assert proc.returncode == 2 and "Use model.name=mlp" in proc.stderr
+
+
+def test_tensorboard_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    run_cli("fit", "train.epochs=1", "log.tensorboard=true", "log.plot=false", f"run.out_dir={tmp_path}", check=True)
+    tb = tmp_path / "digits" / "tb"
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tb))
+
+
+def test_progress_is_plain_lines_when_not_a_terminal():
+    from conftest import make_blobs, tiny_mlp
+
+    from trainval.callbacks import ProgressBar
+
+    X, y = make_blobs(n=64)
+    stream = io.StringIO()
+    bar = ProgressBar(line_s=0.0, stream=stream)
+    import tempfile
+
+    from trainval import Trainer
+
+    with tempfile.TemporaryDirectory() as d:
+        tr = Trainer(tiny_mlp(), max_epochs=1, out_dir=d, batch_size=16, progress=False, plot=False, callbacks=[bar])
+        tr.fit((X, y), (X, y))
+    text = stream.getvalue()
+    assert "\r" not in text and "epoch 1/1 batch 4/4 loss" in text
+
+
+def test_readme_config_reference_matches_schema():
+    readme = open(os.path.join(REPO, "README.md")).read()
+    assert config.reference_table() in readme, "regenerate the README table: python -c 'from trainval import config; print(config.reference_table())'"
+
+
+def test_examples_are_valid_configs():
+    for name in ("digits.yaml", "phoneme_mlp.yaml", "tabular.csv.yaml"):
+        config.load(os.path.join(REPO, "examples", name))
