@@ -75,22 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_torchrun(nproc: int, argv: list[str]) -> int:
-    rest = []
-    skip = False
-    for i, a in enumerate(argv):
+    rest, skip = [], False
+    for a in argv:  # the same arguments, less --nproc
         if skip:
             skip = False
-            continue
-        if a == "--nproc":
+        elif a == "--nproc":
             skip = True
-            continue
-        if a.startswith("--nproc="):
-            continue
-        rest.append(a)
-        del i
+        elif not a.startswith("--nproc="):
+            rest.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "trainval", *rest]
-    return subprocess.call(cmd)
+    # A restarted worker group (--max-restarts) must not read its peers' addresses of the failed
+    # attempt from torchrun's shared store (pytorch#135712).
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    return subprocess.call(cmd, env=env)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,11 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
+def elastic_restart_count() -> int:
+    """How often torchrun has restarted this worker group (``--max-restarts``); 0 on the first run."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 def timeout_seconds() -> float:
     return float(os.environ.get("TRAINVAL_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
 
@@ -134,6 +139,27 @@ def teardown() -> None:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - best effort at exit
             pass
+
+
+def run_and_exit(main, *args, **kwargs) -> None:
+    """Run ``main(*args, **kwargs)`` in a torchrun worker, then leave with its exit code.
+
+    For your own scripts launched with torchrun: ``distributed.run_and_exit(main)`` at the bottom
+    returns exit code 0 after a successful run, 1 (with the traceback printed) after an exception,
+    and the code of a ``SystemExit``, without the interpreter-teardown abort described below.
+    """
+    import traceback
+
+    try:
+        result = main(*args, **kwargs)
+        code = result if isinstance(result, int) else 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # noqa: BLE001 - reported, then turned into the exit code
+        traceback.print_exc()
+        code = 1
+    teardown()
+    exit_process(code)
 
 
 def exit_process(code: int) -> None:

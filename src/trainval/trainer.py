@@ -261,6 +261,8 @@ class Trainer:
         self.train_metrics = RunningMetrics(self.device, len(self.train_loader))
         self._val_metrics = RunningMetrics(self.device, len(self.val_loader) if self.val_loader else 1)
 
+        if not resume and distributed.elastic_restart_count() > 0 and os.path.exists(self.last_path):
+            resume = True  # torchrun restarted the workers after a failure: continue from last.pt
         self._prepare_run_folder(resume)
         if resume:
             self._restore(load_checkpoint(self.last_path, map_location=self.device))

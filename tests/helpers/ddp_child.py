@@ -1,0 +1,62 @@
+"""A training script for the distributed tests; run directly (1 process) or under torchrun.
+
+Usage: [torchrun --nproc_per_node=N] ddp_child.py OUT_DIR JSON_OPTIONS
+Options: batch (per process), epochs, kill_rank + kill_step (SIGKILL that rank at that optimizer step
+on the first attempt only), every (checkpoint_every_steps).
+Rank 0 writes OUT_DIR/predictions.pt; every rank writes OUT_DIR/done.<rank> when its work is done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import torch
+from torch import nn
+
+from trainval import Callback, Trainer, distributed, seed_everything
+
+
+def data(n, seed):
+    centers = torch.randn(5, 12, generator=torch.Generator().manual_seed(0)) * 1.5
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 5
+    return centers[y] + torch.randn(n, 12, generator=g), y
+
+
+class KillOnce(Callback):
+    def __init__(self, rank, step):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_end(self, trainer, batch_index):
+        if (trainer.dist.rank == self.rank and trainer.global_step == self.step
+                and distributed.elastic_restart_count() == 0):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main():
+    out_dir, opts = sys.argv[1], json.loads(sys.argv[2])
+    seed_everything(0)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 5))
+    callbacks = [KillOnce(opts["kill_rank"], opts["kill_step"])] if "kill_rank" in opts else []
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), max_epochs=opts.get("epochs", 3),
+                      out_dir=out_dir, seed=1, batch_size=opts["batch"], eval_batch_size=opts.get("eval_batch", 8),
+                      progress=False, plot=False, callbacks=callbacks, checkpoint_every_steps=opts.get("every"),
+                      overwrite=distributed.elastic_restart_count() == 0)
+    Xv, yv = data(45, 2)  # 45: divisible neither by 2 nor by the batch sizes
+    trainer.fit(data(96, 1), (Xv, yv))
+    metrics = trainer.test((Xv, yv))
+    preds = trainer.predict(Xv)
+    probs = trainer.predict_proba(Xv)
+    rank = trainer.dist.rank
+    if rank == 0:
+        torch.save({"preds": preds, "probs": probs, "test": metrics, "history": trainer.history},
+                   os.path.join(out_dir, "predictions.pt"))
+    with open(os.path.join(out_dir, f"done.{rank}"), "w") as f:
+        f.write(json.dumps({"world": trainer.dist.world_size, "n_preds": len(preds)}))
+
+
+if __name__ == "__main__":
+    distributed.run_and_exit(main)
