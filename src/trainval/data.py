@@ -122,8 +122,8 @@ class TensorLoader:
             len(self.X), shuffle=self.shuffle, generator=self.generator,
             rank=self.rank, world_size=self.world_size, pad=self.pad,
         )
-        if order is not None and order.device != self.X.device:
-            order = order.to(self.X.device)
+        if order is not None and order.device != self.X.device:  # data resident on the GPU
+            order = order.pin_memory().to(self.X.device, non_blocking=True)
         return self._batches(order, start_batch * self.batch_size)
 
     def _batches(self, order: torch.Tensor | None, start: int) -> Iterator[Batch]:
@@ -269,12 +269,19 @@ def as_tensors(data: Any, *, labelled: bool = True, what: str = "data") -> tuple
 
 def check_finite(X: torch.Tensor, what: str = "data") -> None:
     """Refuse NaN/Inf features, naming the first bad row and column."""
-    if not X.is_floating_point():
+    if not X.is_floating_point() or X.numel() == 0:
         return
-    finite = torch.isfinite(X)
-    if bool(finite.all()):
+    low, high = torch.aminmax(X)  # NaN and +-Inf show in the extremes: no X-sized temporary
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
         return
-    pos = (~finite).reshape(len(X), -1).nonzero()[0].tolist()
+    flat = X.reshape(len(X), -1)
+    rows = max(1, (1 << 20) // max(1, flat.shape[1]))
+    for start in range(0, len(flat), rows):  # find the first bad cell a chunk at a time
+        bad = ~torch.isfinite(flat[start : start + rows])
+        if bool(bad.any()):
+            pos = bad.nonzero()[0].tolist()
+            pos[0] += start
+            break
     raise DataError(
         f"{what} features contain NaN or Inf (first at row {pos[0]}, column {pos[1]}); clean the data, "
         "or pass check_inputs=False to train anyway."

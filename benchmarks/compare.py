@@ -1,0 +1,389 @@
+"""Side-by-side epoch times: hand-optimised loop, the notes' loop, trainval, Lightning, Accelerate.
+
+    .venv/bin/python benchmarks/compare.py [--workloads tiny,mlp] [--repeats 5] [--contenders ...]
+
+Each measurement is one fresh worker process (so peak RSS is its own) that builds the same seeded
+data and model, warms up, then runs E epochs of train + full validation + a metrics line + best/last
+checkpoints; its wall time / E is one sample. Contenders alternate within each repeat (the order
+rotates), and the table reports medians, ratios to the hand-optimised loop, samples/s and peak RSS.
+Writes benchmarks/results/compare.json and compare.png. Lightning and Accelerate run when installed
+(`pip install -e '.[bench]'`).
+
+Workloads (2 CPU cores here):
+  tiny  MLP 32 -> 64 -> 10, 100k train / 20k val, batch 64, 3 epochs per sample (per-step overhead)
+  mlp   MLP 429 -> 1024 -> 512 -> 128 -> 39 with BatchNorm + Dropout, 200k train / 40k val,
+        batch 512, 1 epoch per sample (compute-bound)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKLOADS = {
+    "tiny": dict(d=32, hidden=[64], classes=10, n_train=100_000, n_val=20_000, batch=64, epochs=3, bn=False),
+    "mlp": dict(d=429, hidden=[1024, 512, 128], classes=39, n_train=200_000, n_val=40_000, batch=512, epochs=1, bn=True),
+}
+CONTENDERS = ["hand", "notes", "trainval", "trainval_bar", "lightning_off", "lightning", "accelerate"]
+LABELS = {
+    "hand": "hand-optimised loop", "notes": "notes' loop (DataLoader + .item())", "trainval": "trainval fit",
+    "trainval_bar": "trainval fit + progress bar", "lightning_off": "Lightning (bar/ckpt/logger off)",
+    "lightning": "Lightning defaults", "accelerate": "Accelerate",
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker side: one contender, one workload, in this process
+
+
+def _setup(w):
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(w["classes"], w["d"], generator=g)
+    def make(n):
+        y = torch.randint(0, w["classes"], (n,), generator=g)
+        return centers[y] + torch.randn(n, w["d"], generator=g) * 2, y
+    train, val = make(w["n_train"]), make(w["n_val"])
+    torch.manual_seed(0)
+    layers, width = [], w["d"]
+    for h in w["hidden"]:
+        layers += [nn.Linear(width, h)] + ([nn.BatchNorm1d(h)] if w["bn"] else []) + [nn.ReLU()]
+        layers += [nn.Dropout(0.25)] if w["bn"] else []
+        width = h
+    layers.append(nn.Linear(width, w["classes"]))
+    model = nn.Sequential(*layers)
+    return train, val, model
+
+
+def _warm_up(model, train, batch):
+    import torch
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    for i in range(20):
+        x, y = train[0][i * batch : (i + 1) * batch], train[1][i * batch : (i + 1) * batch]
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def run_hand(w, train, val, model, out):
+    """Tensor slicing, metrics on the device, one sync per epoch, best/last state_dicts."""
+    import torch
+    from torch import nn
+
+    X, y = train
+    Xv, yv = val
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+    g = torch.Generator().manual_seed(0)
+    best, B = -1.0, w["batch"]
+    for epoch in range(w["epochs"]):
+        model.train()
+        loss_sum, correct = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
+        perm = torch.randperm(len(X), generator=g)
+        for i in range(0, len(X), B):
+            idx = perm[i : i + B]
+            xb, yb = X[idx], y[idx]
+            logits = model(xb)
+            loss = loss_fn(logits, yb)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss_sum += loss.detach() * len(yb)
+            correct += (logits.argmax(1) == yb).sum()
+        model.eval()
+        vloss, vcorrect = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
+        with torch.no_grad():
+            for i in range(0, len(Xv), B):
+                logits = model(Xv[i : i + B])
+                vloss += loss_fn(logits, yv[i : i + B]) * len(logits)
+                vcorrect += (logits.argmax(1) == yv[i : i + B]).sum()
+        tl, ta, vl, va = (loss_sum / len(X)).item(), correct.item() / len(X), (vloss / len(Xv)).item(), vcorrect.item() / len(Xv)
+        print(f"[{epoch + 1:03d}/{w['epochs']:03d}] Train Acc: {ta:3.6f} Loss: {tl:3.6f} | Val Acc: {va:3.6f} loss: {vl:3.6f}")
+        if va > best:
+            best = va
+            torch.save(model.state_dict(), os.path.join(out, "best.pt"))
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1}, os.path.join(out, "last.pt"))
+
+
+def run_notes(w, train, val, model, out):
+    """The notes' loop: DataLoader over a TensorDataset, per-batch .item(), mean of batch means."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    train_loader = DataLoader(TensorDataset(*train), batch_size=w["batch"], shuffle=True)
+    val_loader = DataLoader(TensorDataset(*val), batch_size=w["batch"])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss = nn.CrossEntropyLoss()
+    best_acc = 0.0
+    for epoch in range(w["epochs"]):
+        train_acc = train_loss = val_acc = val_loss = 0.0
+        model.train()
+        for x, y in train_loader:
+            outputs = model(x)
+            batch_loss = loss(outputs, y)
+            _, train_pred = torch.max(outputs, 1)
+            train_acc += (train_pred.cpu() == y.cpu()).sum().item()
+            train_loss += batch_loss.item()
+            batch_loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.eval()
+        with torch.no_grad():
+            for x, y in val_loader:
+                outputs = model(x)
+                batch_loss = loss(outputs, y)
+                _, val_pred = torch.max(outputs, 1)
+                val_acc += (val_pred.cpu() == y.cpu()).sum().item()
+                val_loss += batch_loss.item()
+        print(f"[{epoch + 1:03d}/{w['epochs']:03d}] Train Acc: {train_acc / len(train[0]):3.6f} Loss: {train_loss / len(train_loader):3.6f} "
+              f"| Val Acc: {val_acc / len(val[0]):3.6f} loss: {val_loss / len(val_loader):3.6f}")
+        if val_acc > best_acc:
+            best_acc = val_acc
+            torch.save(model.state_dict(), os.path.join(out, "best.pt"))
+        torch.save(model.state_dict(), os.path.join(out, "last.pt"))
+
+
+class _FakeTerminal:
+    """A terminal for tqdm that writes nowhere: measures the bar's own cost, not the console's."""
+
+    def __init__(self):
+        self._f = open(os.devnull, "w")
+
+    def isatty(self):
+        return True
+
+    def write(self, s):
+        return self._f.write(s)
+
+    def flush(self):
+        self._f.flush()
+
+
+def run_trainval(w, train, val, model, out, bar=False):
+    import torch
+
+    from trainval import Trainer
+    from trainval.callbacks import ProgressBar
+
+    callbacks = [ProgressBar(stream=_FakeTerminal())] if bar else []
+    Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-3), max_epochs=w["epochs"], out_dir=out,
+            batch_size=w["batch"], progress=False, plot=False, callbacks=callbacks, overwrite=True).fit(train, val)
+
+
+def run_lightning(w, train, val, model, out, defaults=False):
+    import pytorch_lightning as pl
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            self.loss = nn.CrossEntropyLoss()
+
+        def training_step(self, batch, i):
+            x, y = batch
+            logits = self.model(x)
+            loss = self.loss(logits, y)
+            self.log("train_loss", loss, on_epoch=True, on_step=False)
+            self.log("train_acc", (logits.argmax(1) == y).float().mean(), on_epoch=True, on_step=False)
+            return loss
+
+        def validation_step(self, batch, i):
+            x, y = batch
+            logits = self.model(x)
+            self.log("val_loss", self.loss(logits, y), on_epoch=True)
+            self.log("val_acc", (logits.argmax(1) == y).float().mean(), on_epoch=True)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    kwargs = dict(max_epochs=w["epochs"], accelerator="cpu", devices=1, default_root_dir=out,
+                  num_sanity_val_steps=0, enable_model_summary=False)
+    if not defaults:
+        kwargs.update(enable_progress_bar=False, enable_checkpointing=False, logger=False)
+    trainer = pl.Trainer(**kwargs)
+    trainer.fit(Module(), DataLoader(TensorDataset(*train), batch_size=w["batch"], shuffle=True),
+                DataLoader(TensorDataset(*val), batch_size=w["batch"]))
+
+
+def run_accelerate(w, train, val, model, out):
+    import torch
+    from accelerate import Accelerator
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    acc = Accelerator(cpu=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    tl, vl = DataLoader(TensorDataset(*train), batch_size=w["batch"], shuffle=True), DataLoader(TensorDataset(*val), batch_size=w["batch"])
+    model, opt, tl, vl = acc.prepare(model, opt, tl, vl)
+    loss_fn, best = nn.CrossEntropyLoss(), -1.0
+    for epoch in range(w["epochs"]):
+        model.train()
+        loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.int64)
+        for x, y in tl:
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+        model.eval()
+        vcorrect = torch.zeros((), dtype=torch.int64)
+        with torch.no_grad():
+            for x, y in vl:
+                vcorrect += (model(x).argmax(1) == y).sum()
+        va = vcorrect.item() / len(val[0])
+        acc.print(f"[{epoch + 1:03d}] Train Acc: {correct.item() / len(train[0]):.6f} Loss: {loss_sum.item() / len(train[0]):.6f} | Val Acc: {va:.6f}")
+        if va > best:
+            best = va
+            acc.save(acc.unwrap_model(model).state_dict(), os.path.join(out, "best.pt"))
+        acc.save(acc.unwrap_model(model).state_dict(), os.path.join(out, "last.pt"))
+
+
+def worker(name: str, workload: str) -> dict:
+    import resource
+
+    w = WORKLOADS[workload]
+    train, val, model = _setup(w)
+    _warm_up(model, train, w["batch"])
+    runner = {
+        "hand": run_hand, "notes": run_notes, "trainval": run_trainval,
+        "trainval_bar": lambda *a: run_trainval(*a, bar=True),
+        "lightning_off": run_lightning, "lightning": lambda *a: run_lightning(*a, defaults=True),
+        "accelerate": run_accelerate,
+    }[name]
+    import importlib
+
+    library = {"trainval": "trainval.trainer", "trainval_bar": "trainval.trainer", "lightning_off": "pytorch_lightning",
+               "lightning": "pytorch_lightning", "accelerate": "accelerate"}.get(name)
+    if library:  # importing is start-up, for every contender: not part of the timed epochs
+        importlib.import_module(library)
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        runner(w, train, val, model, out)
+        seconds = (time.perf_counter() - start) / w["epochs"]
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": seconds, "rss_mb": rss_mb}
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver side
+
+
+def available(name: str) -> bool:
+    module = {"lightning_off": "pytorch_lightning", "lightning": "pytorch_lightning", "accelerate": "accelerate"}.get(name)
+    if module is None:
+        return True
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def measure(name: str, workload: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", name, "--workload", workload], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} on {workload} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workloads", default="tiny,mlp")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--contenders", default=",".join(CONTENDERS))
+    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--workload", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        result = worker(args.worker, args.workload)
+        print(json.dumps(result))
+        return
+
+    import platform
+
+    import torch
+
+    contenders = [c for c in args.contenders.split(",") if c]
+    skipped = [c for c in contenders if not available(c)]
+    contenders = [c for c in contenders if c not in skipped]
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    results: dict = {"machine": machine, "repeats": args.repeats, "workloads": {}}
+    for workload in args.workloads.split(","):
+        samples: dict[str, list[dict]] = {c: [] for c in contenders}
+        for rep in range(args.repeats):
+            order = contenders[rep % len(contenders):] + contenders[: rep % len(contenders)]
+            for name in order:
+                samples[name].append(measure(name, workload))
+                print(f"  {workload} rep {rep + 1}/{args.repeats} {name}: {samples[name][-1]['seconds']:.3f} s", file=sys.stderr)
+        w = WORKLOADS[workload]
+        hand = statistics.median(s["seconds"] for s in samples["hand"])
+        hand_rss = statistics.median(s["rss_mb"] for s in samples["hand"])
+        rows = {}
+        for name in contenders:
+            sec = statistics.median(s["seconds"] for s in samples[name])
+            rss = statistics.median(s["rss_mb"] for s in samples[name])
+            rows[name] = {"median_epoch_s": sec, "ratio": sec / hand, "samples_per_s": (w["n_train"] + w["n_val"]) / sec,
+                          "peak_rss_mb": rss, "rss_ratio": rss / hand_rss, "runs_s": [s["seconds"] for s in samples[name]]}
+        results["workloads"][workload] = rows
+    if skipped:
+        results["skipped"] = skipped
+    print(format_table(results))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "compare.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    plot(results, os.path.join(args.out, "compare.png"))
+    print(f"\nwrote {os.path.join(args.out, 'compare.json')} and compare.png")
+
+
+def format_table(results: dict) -> str:
+    lines = [f"machine: {results['machine']}; medians of {results['repeats']} alternating runs"]
+    for workload, rows in results["workloads"].items():
+        lines.append(f"\n{workload}: {WORKLOADS[workload]}")
+        lines.append(f"| {'contender':34s} | epoch s | vs hand | samples/s | peak RSS MB (vs hand) |")
+        lines.append(f"| {'-' * 34} | ------- | ------- | --------- | --------------------- |")
+        for name, r in rows.items():
+            lines.append(f"| {LABELS[name]:34s} | {r['median_epoch_s']:7.3f} | {r['ratio']:6.2f}x | {r['samples_per_s']:9.0f} | "
+                         f"{r['peak_rss_mb']:8.0f} ({r['rss_ratio']:.3f}x)     |")
+    if results.get("skipped"):
+        lines.append(f"\nnot installed, skipped: {', '.join(results['skipped'])}")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(results["workloads"])
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4), squeeze=False)
+    for ax, workload in zip(axes[0], workloads):
+        rows = results["workloads"][workload]
+        names = list(rows)
+        ax.barh([LABELS[n] for n in names], [rows[n]["ratio"] for n in names], color="tab:blue")
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set_title(f"{workload}: epoch time / hand-optimised loop")
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

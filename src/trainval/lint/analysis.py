@@ -1,0 +1,268 @@
+"""What the rules need to know about one file: names, events in source order, local helpers.
+
+The checker never runs the user's code. It reads the AST and works with *receivers*: the source
+text of the object a method is called on (``opt``, ``self.optimizer``, ``optimizers[i]``), so that
+aliases are told apart by what they are called on, not by a fixed name.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+MODEL_WORD = re.compile(r"^(model|net|network|classifier|encoder|decoder|backbone|generator|discriminator|"
+                        r"net_?[gd]|critic|student|teacher)(_?[a-z0-9]*)?$", re.I)
+EVAL_FUNC = re.compile(r"^(eval|evaluate|evaluation|validate|validation|val|valid|test|testing|predict|prediction|"
+                       r"inference|infer)(_.*)?$|_(eval|evaluate|evaluation|validate|validation|val|valid|test|predict|"
+                       r"inference|infer)$", re.I)
+NO_GRAD = {"torch.no_grad", "no_grad", "torch.inference_mode", "inference_mode", "torch.set_grad_enabled",
+           "set_grad_enabled", "torch.autograd.no_grad", "torch.autograd.grad_mode.no_grad"}
+LOOPS = (ast.For, ast.While, ast.AsyncFor)
+SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+
+
+@dataclass
+class Event:
+    kind: str            # backward | step | zero | eval | train | call | model_call | load_state
+    receiver: str        # source text of the receiver ("" when none)
+    node: ast.AST
+    order: tuple[int, int]
+    in_if: bool = False  # inside an if/else (conditional) relative to the walked block
+    has_args: bool = False
+
+
+def text(node: ast.AST) -> str:
+    try:
+        return ast.unparse(node)
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def call_name(call: ast.Call) -> str:
+    return text(call.func)
+
+
+def method(call: ast.Call) -> tuple[str, str] | None:
+    """``(receiver, method)`` of ``recv.method(...)``."""
+    if isinstance(call.func, ast.Attribute):
+        return text(call.func.value), call.func.attr
+    return None
+
+
+def is_no_grad_ctx(expr: ast.AST) -> bool:
+    target = expr.func if isinstance(expr, ast.Call) else expr
+    name = text(target)
+    if name in NO_GRAD:
+        if name.endswith("set_grad_enabled") and isinstance(expr, ast.Call):
+            return bool(expr.args) and isinstance(expr.args[0], ast.Constant) and expr.args[0].value is False
+        return True
+    return False
+
+
+def _ordered_calls(node: ast.AST) -> list[ast.Call]:
+    calls = [n for n in ast.walk(node) if isinstance(n, ast.Call)]
+    # inner calls (receivers, arguments) run before the call that contains them
+    return sorted(calls, key=lambda c: (c.end_lineno or c.lineno, c.end_col_offset or c.col_offset))
+
+
+class FileInfo:
+    """Facts about one module: optimizers, schedulers, models, local functions, parents."""
+
+    def __init__(self, tree: ast.Module, source: str):
+        self.tree, self.source = tree, source
+        self.parents: dict[ast.AST, ast.AST] = {}
+        for parent in ast.walk(tree):
+            for child in ast.iter_child_nodes(parent):
+                self.parents[child] = parent
+        self.functions: dict[str, list[ast.FunctionDef]] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                self.functions.setdefault(node.name, []).append(node)
+        self.optimizers: set[str] = set()
+        self.schedulers: set[str] = set()
+        self.models: set[str] = set()
+        self.zeroed: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+                made = call_name(node.value)
+                for target in node.targets:
+                    name = text(target)
+                    if "lr_scheduler" in made or made.endswith(("LR", "Scheduler", "LROnPlateau")):
+                        self.schedulers.add(name)
+                    elif re.search(r"(^|\.)optim\.|Optimizer$|^(SGD|Adam|AdamW|RMSprop|Adagrad|LBFGS)$", made):
+                        self.optimizers.add(name)
+            if isinstance(node, ast.Call) and (m := method(node)):
+                recv, name = m
+                if name == "zero_grad":
+                    self.zeroed.add(recv)
+                if name in ("train", "eval", "parameters", "named_parameters", "load_state_dict", "state_dict"):
+                    if name != "train" or not node.args or isinstance(node.args[0], ast.Constant):
+                        self.models.add(recv)
+        self.optimizers |= {r for r in self.zeroed if self._looks_like_optimizer(r)}
+        self.models -= self.optimizers | self.schedulers
+        self.models = {m for m in self.models if not re.search(r"optim|sched|scaler|loader|dataset", m, re.I)}
+
+    @staticmethod
+    def _looks_like_optimizer(recv: str) -> bool:
+        return bool(re.search(r"opt", recv, re.I))
+
+    def is_optimizer(self, recv: str) -> bool:
+        if recv in self.schedulers or re.search(r"sched|scaler|lr_", recv, re.I):
+            return False
+        return recv in self.optimizers or recv in self.zeroed or self._looks_like_optimizer(recv)
+
+    def is_model(self, name: str) -> bool:
+        """A model: something the file calls .train()/.eval()/.parameters() on, or named like one."""
+        base = name.split("(")[0]
+        if base in self.models:
+            return True
+        last = base.split(".")[-1]
+        last = last.split("[")[0]
+        return bool(MODEL_WORD.match(last)) and not re.search(r"optim|sched|loss|scaler", base, re.I)
+
+    def enclosing(self, node: ast.AST, kinds) -> ast.AST | None:
+        node = self.parents.get(node)
+        while node is not None and not isinstance(node, kinds):
+            node = self.parents.get(node)
+        return node
+
+    def scope_of(self, node: ast.AST) -> ast.AST:
+        return self.enclosing(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or self.tree
+
+    def local_functions(self, call: ast.Call) -> list[ast.FunctionDef]:
+        """Functions of this file a call may reach: ``f(...)`` or ``self.f(...)``."""
+        func = call.func
+        if isinstance(func, ast.Name):
+            return self.functions.get(func.id, [])
+        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in ("self", "cls"):
+            return self.functions.get(func.attr, [])
+        return []
+
+    def events(self, body: list[ast.stmt] | ast.AST, in_if: bool = False) -> Iterator[Event]:
+        """Calls of interest in source (execution) order; nested functions and classes are skipped."""
+        stmts = body if isinstance(body, list) else [body]
+        for stmt in stmts:
+            yield from self._stmt_events(stmt, in_if)
+
+    def _stmt_events(self, stmt: ast.AST, in_if: bool) -> Iterator[Event]:
+        if isinstance(stmt, SCOPES):
+            return
+        if isinstance(stmt, ast.If):
+            yield from self._expr_events(stmt.test, in_if)
+            yield from self.events(stmt.body, True)
+            yield from self.events(stmt.orelse, True)
+            return
+        if isinstance(stmt, (ast.For, ast.AsyncFor)):
+            yield from self._expr_events(stmt.iter, in_if)
+            yield from self.events(stmt.body, in_if)
+            yield from self.events(stmt.orelse, in_if)
+            return
+        if isinstance(stmt, ast.While):
+            yield from self._expr_events(stmt.test, in_if)
+            yield from self.events(stmt.body, in_if)
+            return
+        if isinstance(stmt, (ast.With, ast.AsyncWith)):
+            for item in stmt.items:
+                yield from self._expr_events(item.context_expr, in_if)
+            yield from self.events(stmt.body, in_if)
+            return
+        if isinstance(stmt, ast.Try):
+            yield from self.events(stmt.body, in_if)
+            for h in stmt.handlers:
+                yield from self.events(h.body, True)
+            yield from self.events(stmt.orelse, in_if)
+            yield from self.events(stmt.finalbody, in_if)
+            return
+        yield from self._expr_events(stmt, in_if)
+        if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr == "grad" for t in stmt.targets) \
+                and isinstance(stmt.value, ast.Constant) and stmt.value.value is None:
+            yield Event("zero", "", stmt, (stmt.lineno, stmt.col_offset), in_if)
+
+    def _expr_events(self, node: ast.AST, in_if: bool) -> Iterator[Event]:
+        for call in _ordered_calls(node):
+            if any(isinstance(p, SCOPES) for p in self._parents_until(call, node)):
+                continue
+            order = (call.lineno, call.col_offset)
+            m = method(call)
+            if m:
+                recv, name = m
+                if name == "backward":
+                    yield Event("backward", recv, call, order, in_if)
+                    continue
+                if name == "step":
+                    if self.is_optimizer(recv) and "scaler" not in recv.lower():
+                        yield Event("step", recv, call, order, in_if, has_args=bool(call.args or call.keywords))
+                    elif "scaler" in recv.lower() and call.args:  # GradScaler.step(optimizer)
+                        yield Event("step", text(call.args[0]), call, order, in_if)
+                    continue
+                if name == "zero_grad":
+                    yield Event("zero", recv, call, order, in_if)
+                    continue
+                if name in ("eval", "train") and not call.keywords:
+                    if name == "train" and call.args and not (isinstance(call.args[0], ast.Constant)):
+                        continue
+                    mode = "eval" if name == "eval" or (call.args and call.args[0].value is False) else "train"
+                    yield Event(mode, recv, call, order, in_if)
+                    continue
+                if name == "load_state_dict":
+                    yield Event("load_state", recv, call, order, in_if)
+                    continue
+            fname = call_name(call)
+            if self.is_model(fname) and not m:
+                yield Event("model_call", fname, call, order, in_if)
+            elif isinstance(call.func, ast.Attribute) and call.func.attr == "forward" and self.is_model(text(call.func.value)):
+                yield Event("model_call", text(call.func.value), call, order, in_if)
+            elif m and self.is_model(fname):  # self.model(x)
+                yield Event("model_call", fname, call, order, in_if)
+            if self.local_functions(call):
+                yield Event("call", fname, call, order, in_if)
+
+    def _parents_until(self, node: ast.AST, top: ast.AST) -> Iterator[ast.AST]:
+        p = self.parents.get(node)
+        while p is not None and p is not top:
+            yield p
+            p = self.parents.get(p)
+
+    # -- summaries of local helper functions (followed a few calls deep)
+
+    def reaches(self, call: ast.Call, kind: str, receiver: str | None = None, depth: int = 3, seen=None) -> bool:
+        seen = seen if seen is not None else set()
+        for fn in self.local_functions(call):
+            if fn in seen:
+                continue
+            seen.add(fn)
+            for ev in self.events(fn.body):
+                if ev.kind == kind and (receiver is None or ev.receiver == receiver or not ev.receiver):
+                    return True
+                if ev.kind == "call" and depth > 0 and self.reaches(ev.node, kind, receiver, depth - 1, seen):
+                    return True
+        return False
+
+    def last_mode_in(self, call: ast.Call) -> str | None:
+        """``"eval"``/``"train"``: the mode a local helper leaves its model in, or None if it sets none."""
+        for fn in self.local_functions(call):
+            last = None
+            for ev in self.events(fn.body):
+                if ev.kind in ("eval", "train"):
+                    last = ev.kind
+                elif ev.kind == "call":
+                    last = self.last_mode_in(ev.node) or last
+            if last:
+                return last
+        return None
+
+    def under_no_grad(self, node: ast.AST) -> bool:
+        p = self.parents.get(node)
+        while p is not None:
+            if isinstance(p, (ast.With, ast.AsyncWith)) and any(is_no_grad_ctx(i.context_expr) for i in p.items):
+                return True
+            if isinstance(p, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                return any(is_no_grad_ctx(d) for d in p.decorator_list)
+            p = self.parents.get(p)
+        return False
+
+    def in_lightning_module(self, fn: ast.AST) -> bool:
+        cls = self.enclosing(fn, ast.ClassDef)
+        return cls is not None and any("Lightning" in text(b) for b in cls.bases)
