@@ -27,6 +27,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DEVICE = os.environ.get("TRAINVAL_BENCH_DEVICE", "cpu")  # "cuda": data and model resident on the GPU
 WORKLOADS = {
     "tiny": dict(d=32, hidden=[64], classes=10, n_train=100_000, n_val=20_000, batch=64, epochs=3, bn=False),
     "mlp": dict(d=429, hidden=[1024, 512, 128], classes=39, n_train=200_000, n_val=40_000, batch=512, epochs=1, bn=True),
@@ -53,6 +54,7 @@ def _setup(w):
         y = torch.randint(0, w["classes"], (n,), generator=g)
         return centers[y] + torch.randn(n, w["d"], generator=g) * 2, y
     train, val = make(w["n_train"]), make(w["n_val"])
+    train, val = tuple(t.to(DEVICE) for t in train), tuple(t.to(DEVICE) for t in val)
     torch.manual_seed(0)
     layers, width = [], w["d"]
     for h in w["hidden"]:
@@ -60,7 +62,7 @@ def _setup(w):
         layers += [nn.Dropout(0.25)] if w["bn"] else []
         width = h
     layers.append(nn.Linear(width, w["classes"]))
-    model = nn.Sequential(*layers)
+    model = nn.Sequential(*layers).to(DEVICE)
     return train, val, model
 
 
@@ -88,8 +90,9 @@ def run_hand(w, train, val, model, out):
     best, B = -1.0, w["batch"]
     for epoch in range(w["epochs"]):
         model.train()
-        loss_sum, correct = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
-        perm = torch.randperm(len(X), generator=g)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=DEVICE)
+        correct = torch.zeros((), dtype=torch.int64, device=DEVICE)
+        perm = torch.randperm(len(X), generator=g).to(DEVICE)
         for i in range(0, len(X), B):
             idx = perm[i : i + B]
             xb, yb = X[idx], y[idx]
@@ -101,7 +104,8 @@ def run_hand(w, train, val, model, out):
             loss_sum += loss.detach() * len(yb)
             correct += (logits.argmax(1) == yb).sum()
         model.eval()
-        vloss, vcorrect = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.int64)
+        vloss = torch.zeros((), dtype=torch.float64, device=DEVICE)
+        vcorrect = torch.zeros((), dtype=torch.int64, device=DEVICE)
         with torch.no_grad():
             for i in range(0, len(Xv), B):
                 logits = model(Xv[i : i + B])
@@ -178,7 +182,8 @@ def run_trainval(w, train, val, model, out, bar=False):
 
     callbacks = [ProgressBar(stream=_FakeTerminal())] if bar else []
     Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-3), max_epochs=w["epochs"], out_dir=out,
-            batch_size=w["batch"], progress=False, plot=False, callbacks=callbacks, overwrite=True).fit(train, val)
+            batch_size=w["batch"], progress=False, plot=False, callbacks=callbacks, overwrite=True,
+            device=DEVICE).fit(train, val)
 
 
 def run_lightning(w, train, val, model, out, defaults=False):
@@ -210,7 +215,7 @@ def run_lightning(w, train, val, model, out, defaults=False):
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-3)
 
-    kwargs = dict(max_epochs=w["epochs"], accelerator="cpu", devices=1, default_root_dir=out,
+    kwargs = dict(max_epochs=w["epochs"], accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1, default_root_dir=out,
                   num_sanity_val_steps=0, enable_model_summary=False)
     if not defaults:
         kwargs.update(enable_progress_bar=False, enable_checkpointing=False, logger=False)
@@ -225,14 +230,15 @@ def run_accelerate(w, train, val, model, out):
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    acc = Accelerator(cpu=True)
+    acc = Accelerator(cpu=DEVICE == "cpu")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     tl, vl = DataLoader(TensorDataset(*train), batch_size=w["batch"], shuffle=True), DataLoader(TensorDataset(*val), batch_size=w["batch"])
     model, opt, tl, vl = acc.prepare(model, opt, tl, vl)
     loss_fn, best = nn.CrossEntropyLoss(), -1.0
     for epoch in range(w["epochs"]):
         model.train()
-        loss_sum, correct = torch.zeros(()), torch.zeros((), dtype=torch.int64)
+        loss_sum = torch.zeros((), device=acc.device)
+        correct = torch.zeros((), dtype=torch.int64, device=acc.device)
         for x, y in tl:
             logits = model(x)
             loss = loss_fn(logits, y)
@@ -242,7 +248,7 @@ def run_accelerate(w, train, val, model, out):
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
         model.eval()
-        vcorrect = torch.zeros((), dtype=torch.int64)
+        vcorrect = torch.zeros((), dtype=torch.int64, device=acc.device)
         with torch.no_grad():
             for x, y in vl:
                 vcorrect += (model(x).argmax(1) == y).sum()
@@ -275,6 +281,10 @@ def worker(name: str, workload: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         runner(w, train, val, model, out)
+        if DEVICE == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / w["epochs"]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"seconds": seconds, "rss_mb": rss_mb}
@@ -323,6 +333,8 @@ def main() -> None:
     skipped = [c for c in contenders if not available(c)]
     contenders = [c for c in contenders if c not in skipped]
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    if DEVICE == "cuda":
+        machine += f", GPU {torch.cuda.get_device_name(0)}"
     results: dict = {"machine": machine, "repeats": args.repeats, "workloads": {}}
     for workload in args.workloads.split(","):
         samples: dict[str, list[dict]] = {c: [] for c in contenders}
