@@ -5,7 +5,8 @@
 Each measurement is one fresh worker process (so peak RSS is its own) that builds the same seeded
 data and model, warms up, then runs E epochs of train + full validation + a metrics line + best/last
 checkpoints; its wall time / E is one sample. Contenders alternate within each repeat (the order
-rotates), and the table reports medians, ratios to the hand-optimised loop, samples/s and peak RSS.
+rotates), and the table reports medians of wall time and of process CPU time (less sensitive to a
+noisy host), ratios to the hand-optimised loop, samples/s and peak RSS.
 Writes benchmarks/results/compare.json and compare.png. Lightning and Accelerate run when installed
 (`pip install -e '.[bench]'`).
 
@@ -260,8 +261,13 @@ def run_accelerate(w, train, val, model, out):
         acc.save(acc.unwrap_model(model).state_dict(), os.path.join(out, "last.pt"))
 
 
-def worker(name: str, workload: str) -> dict:
+def worker(name: str, workload: str, threads: int) -> dict:
     import resource
+
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
 
     w = WORKLOADS[workload]
     train, val, model = _setup(w)
@@ -279,6 +285,7 @@ def worker(name: str, workload: str) -> dict:
     if library:  # importing is start-up, for every contender: not part of the timed epochs
         importlib.import_module(library)
     with tempfile.TemporaryDirectory() as out:
+        cpu_start = time.process_time()  # user + sys of all threads: less sensitive to a noisy host
         start = time.perf_counter()
         runner(w, train, val, model, out)
         if DEVICE == "cuda":
@@ -286,8 +293,9 @@ def worker(name: str, workload: str) -> dict:
 
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / w["epochs"]
+        cpu_seconds = (time.process_time() - cpu_start) / w["epochs"]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": seconds, "rss_mb": rss_mb}
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "rss_mb": rss_mb}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -303,8 +311,9 @@ def available(name: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def measure(name: str, workload: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", name, "--workload", workload], capture_output=True,
+def measure(name: str, workload: str, threads: int) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", name, "--workload", workload, "--threads", str(threads)],
+                          capture_output=True,
                           text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode != 0:
         raise RuntimeError(f"{name} on {workload} failed:\n{proc.stderr[-3000:]}")
@@ -317,11 +326,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--contenders", default=",".join(CONTENDERS))
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads per worker (default 0: torch's default; 1 takes OpenMP spinning out of the picture "
+                         "on a small shared host)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        result = worker(args.worker, args.workload)
+        result = worker(args.worker, args.workload, args.threads)
         print(json.dumps(result))
         return
 
@@ -335,22 +347,26 @@ def main() -> None:
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
     if DEVICE == "cuda":
         machine += f", GPU {torch.cuda.get_device_name(0)}"
+    machine += f", {args.threads or torch.get_num_threads()} torch thread(s) per worker"
     results: dict = {"machine": machine, "repeats": args.repeats, "workloads": {}}
     for workload in args.workloads.split(","):
         samples: dict[str, list[dict]] = {c: [] for c in contenders}
         for rep in range(args.repeats):
             order = contenders[rep % len(contenders):] + contenders[: rep % len(contenders)]
             for name in order:
-                samples[name].append(measure(name, workload))
+                samples[name].append(measure(name, workload, args.threads))
                 print(f"  {workload} rep {rep + 1}/{args.repeats} {name}: {samples[name][-1]['seconds']:.3f} s", file=sys.stderr)
         w = WORKLOADS[workload]
         hand = statistics.median(s["seconds"] for s in samples["hand"])
         hand_rss = statistics.median(s["rss_mb"] for s in samples["hand"])
+        hand_cpu = statistics.median(s["cpu_seconds"] for s in samples["hand"])
         rows = {}
         for name in contenders:
             sec = statistics.median(s["seconds"] for s in samples[name])
             rss = statistics.median(s["rss_mb"] for s in samples[name])
+            cpu = statistics.median(s["cpu_seconds"] for s in samples[name])
             rows[name] = {"median_epoch_s": sec, "ratio": sec / hand, "samples_per_s": (w["n_train"] + w["n_val"]) / sec,
+                          "median_cpu_s": cpu, "cpu_ratio": cpu / hand_cpu,
                           "peak_rss_mb": rss, "rss_ratio": rss / hand_rss, "runs_s": [s["seconds"] for s in samples[name]]}
         results["workloads"][workload] = rows
     if skipped:
@@ -367,11 +383,11 @@ def format_table(results: dict) -> str:
     lines = [f"machine: {results['machine']}; medians of {results['repeats']} alternating runs"]
     for workload, rows in results["workloads"].items():
         lines.append(f"\n{workload}: {WORKLOADS[workload]}")
-        lines.append(f"| {'contender':34s} | epoch s | vs hand | samples/s | peak RSS MB (vs hand) |")
-        lines.append(f"| {'-' * 34} | ------- | ------- | --------- | --------------------- |")
+        lines.append(f"| {'contender':34s} | epoch s | vs hand | CPU s (vs hand)  | samples/s | peak RSS MB (vs hand) |")
+        lines.append(f"| {'-' * 34} | ------- | ------- | ---------------- | --------- | --------------------- |")
         for name, r in rows.items():
-            lines.append(f"| {LABELS[name]:34s} | {r['median_epoch_s']:7.3f} | {r['ratio']:6.2f}x | {r['samples_per_s']:9.0f} | "
-                         f"{r['peak_rss_mb']:8.0f} ({r['rss_ratio']:.3f}x)     |")
+            lines.append(f"| {LABELS[name]:34s} | {r['median_epoch_s']:7.3f} | {r['ratio']:6.2f}x | {r['median_cpu_s']:6.3f} ({r['cpu_ratio']:.2f}x) "
+                         f"| {r['samples_per_s']:9.0f} | {r['peak_rss_mb']:8.0f} ({r['rss_ratio']:.3f}x)     |")
     if results.get("skipped"):
         lines.append(f"\nnot installed, skipped: {', '.join(results['skipped'])}")
     return "\n".join(lines)
