@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from trainval.errors import ConfigError, DataError
 
@@ -439,5 +439,5 @@ def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[n
 __all__ = [
     "TensorLoader", "ShardSampler", "DataLoaderAdapter", "epoch_indices", "as_tensors", "check_finite",
     "check_labels", "Split", "load_digits_arrays", "load_npz", "load_csv", "import_object",
-    "stratified_split", "Dataset", "DataLoader",
+    "stratified_split",
 ]

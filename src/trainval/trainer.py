@@ -350,7 +350,9 @@ class Trainer:
 
     def _run_epoch(self, callbacks: list[Callback]) -> None:
         epoch = self.epoch + 1
-        started = time.perf_counter() - (self._epoch_start or {}).get("seconds", 0.0) * (self.batch_in_epoch > 0)
+        # a resumed epoch counts the seconds it had run before the interruption
+        done_before = self._epoch_start.get("seconds", 0.0) if (self.batch_in_epoch and self._epoch_start) else 0.0
+        started = time.perf_counter() - done_before
         lr = self.optimizer.param_groups[0]["lr"]
         for cb in callbacks:
             cb.on_epoch_start(self, epoch)

@@ -20,8 +20,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainval import config as config_mod
-from trainval import distributed
 from trainval.callbacks import EarlyStopping, TensorBoardLogger
 from trainval.checkpoint import atomic_write, load_checkpoint
 from trainval.data import Split, import_object, load_csv, load_digits_arrays, load_npz, stratified_split
@@ -347,9 +345,4 @@ def write_json(path: str, obj: dict) -> None:
     atomic_write(path, lambda f: f.write(data), "summary")
 
 
-def write_config(path: str, cfg: dict) -> None:
-    data = config_mod.dump(cfg).encode()
-    atomic_write(path, lambda f: f.write(data), "config")
-
-
-__all__ = ["fit", "test", "predict", "load_splits", "build_model", "run_folder", "distributed"]
+__all__ = ["fit", "test", "predict", "load_splits", "build_model", "build_trainer", "run_folder"]
