@@ -298,6 +298,45 @@ def worker(name: str, workload: str, threads: int) -> dict:
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "rss_mb": rss_mb}
 
 
+def paired_worker(names: list[str], workload: str, repeats: int, threads: int) -> dict:
+    """All contenders in one process, alternating, each on a fresh copy of the same initial model.
+
+    Host noise that drifts over seconds hits neighbouring runs alike, so the per-repeat ratio of each
+    contender to the hand loop is far steadier than ratios between separate processes.
+    """
+    import copy
+    import importlib
+
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    w = WORKLOADS[workload]
+    train, val, model = _setup(w)
+    _warm_up(model, train, w["batch"])
+    for name in names:
+        library = {"trainval": "trainval.trainer", "trainval_bar": "trainval.trainer",
+                   "lightning_off": "pytorch_lightning", "lightning": "pytorch_lightning", "accelerate": "accelerate"}.get(name)
+        if library:
+            importlib.import_module(library)
+    runners = {"hand": run_hand, "notes": run_notes, "trainval": run_trainval,
+               "trainval_bar": lambda *a: run_trainval(*a, bar=True), "accelerate": run_accelerate,
+               "lightning_off": run_lightning, "lightning": lambda *a: run_lightning(*a, defaults=True)}
+    times: dict[str, list[float]] = {n: [] for n in names}
+    import contextlib
+    import io
+
+    for rep in range(repeats):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for name in order:
+            fresh = copy.deepcopy(model)
+            with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
+                start = time.perf_counter()
+                runners[name](w, train, val, fresh, out)
+                times[name].append((time.perf_counter() - start) / w["epochs"])
+    return times
+
+
 # ------------------------------------------------------------------------------------------------
 # Driver side
 
@@ -329,13 +368,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per worker (default 0: torch's default; 1 takes OpenMP spinning out of the picture "
                          "on a small shared host)")
+    ap.add_argument("--paired", action="store_true",
+                    help="run all contenders alternately inside one process and report the median of per-repeat "
+                         "ratios to the hand loop (steadier on a noisy host; no per-contender RSS)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker == "paired":
+        print(json.dumps(paired_worker(args.contenders.split(","), args.workload, args.repeats, args.threads)))
+        return
     if args.worker:
         result = worker(args.worker, args.workload, args.threads)
         print(json.dumps(result))
         return
+    if args.paired:
+        return paired_main(args)
 
     import platform
 
@@ -377,6 +424,42 @@ def main() -> None:
         json.dump(results, f, indent=2)
     plot(results, os.path.join(args.out, "compare.png"))
     print(f"\nwrote {os.path.join(args.out, 'compare.json')} and compare.png")
+
+
+def paired_main(args) -> None:
+    import platform
+
+    import torch
+
+    names = [c for c in args.contenders.split(",") if c and available(c)]
+    if "hand" not in names:
+        names.insert(0, "hand")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    results = {"machine": machine, "repeats": args.repeats, "mode": "paired (one process)", "workloads": {}}
+    lines = [f"machine: {machine}; paired mode: {args.repeats} alternating repeats inside one process per workload"]
+    for workload in args.workloads.split(","):
+        proc = subprocess.run([sys.executable, __file__, "--worker", "paired", "--workload", workload, "--contenders",
+                               ",".join(names), "--repeats", str(args.repeats), "--threads", str(args.threads)],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"paired run on {workload} failed:\n{proc.stderr[-3000:]}")
+        times = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows = {}
+        lines.append(f"\n{workload}: {WORKLOADS[workload]}")
+        lines.append(f"| {'contender':34s} | median epoch s | median of per-repeat ratios to hand (min-max) |")
+        lines.append(f"| {'-' * 34} | -------------- | ---------------------------------------------- |")
+        for name in names:
+            ratios = [t / h for t, h in zip(times[name], times["hand"])]
+            rows[name] = {"median_epoch_s": statistics.median(times[name]), "ratio": statistics.median(ratios),
+                          "ratios": ratios, "runs_s": times[name]}
+            lines.append(f"| {LABELS[name]:34s} | {rows[name]['median_epoch_s']:14.3f} | {rows[name]['ratio']:.3f}x "
+                         f"({min(ratios):.2f}-{max(ratios):.2f}){' ' * 30}|")
+        results["workloads"][workload] = rows
+    print("\n".join(lines))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "compare_paired.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {os.path.join(args.out, 'compare_paired.json')}")
 
 
 def format_table(results: dict) -> str:
