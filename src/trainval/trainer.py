@@ -438,18 +438,22 @@ class Trainer:
             # (where all ranks must take the same decision at the same step).
             if self.dist.enabled:
                 if self.global_step % 32 == 0:
-                    self._poll_distributed(epoch)
+                    self._poll_distributed(epoch, started)
             elif time.monotonic() >= next_poll:
                 self._raise_if_nonfinite(epoch)  # a sync point, rate-limited by time
                 next_poll = time.monotonic() + self.poll_interval_s
             if self._stop_signal is not None and not self.dist.enabled:
                 self._interrupt(epoch, mid_epoch=i + 1 < steps, started=started)
             if every and self.global_step % every == 0 and i + 1 < steps:
-                self._raise_if_nonfinite(epoch)
-                if self.dist.is_main:
-                    self._epoch_start["seconds"] = time.perf_counter() - started
-                    save_checkpoint(self._state(), self.last_path, "last checkpoint")
+                self._save_mid_epoch(epoch, started)
         self._raise_if_nonfinite(epoch)
+
+    def _save_mid_epoch(self, epoch: int, started: float) -> None:
+        """last.pt inside an epoch: never from non-finite weights; with the seconds run so far."""
+        self._raise_if_nonfinite(epoch)
+        if self.dist.is_main:
+            self._epoch_start["seconds"] = time.perf_counter() - started
+            save_checkpoint(self._state(), self.last_path, "last checkpoint")
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
@@ -730,7 +734,7 @@ class Trainer:
                 f"{self.last_path}). Lower the learning rate, clip gradients or check the data."
             )
 
-    def _poll_distributed(self, epoch: int) -> None:
+    def _poll_distributed(self, epoch: int, started: float) -> None:
         k = len(self.train_metrics.sizes)
         flags = torch.stack([
             (~torch.isfinite(self.train_metrics.losses[:k])).any().to(torch.int64),
@@ -745,15 +749,11 @@ class Trainer:
             raise NonFiniteLossError(f"training loss became non-finite on another rank at epoch {epoch}.")
         if signum:
             self._stop_signal = int(signum)
-            self._interrupt(epoch, mid_epoch=self.batch_in_epoch < len(self.train_loader))
+            self._interrupt(epoch, mid_epoch=self.batch_in_epoch < len(self.train_loader), started=started)
 
-    def _interrupt(self, epoch: int, mid_epoch: bool, started: float | None = None) -> None:
+    def _interrupt(self, epoch: int, mid_epoch: bool, started: float = 0.0) -> None:
         if mid_epoch:
-            self._raise_if_nonfinite(epoch)
-            if self.dist.is_main:
-                if started is not None:
-                    self._epoch_start["seconds"] = time.perf_counter() - started
-                save_checkpoint(self._state(), self.last_path, "last checkpoint")
+            self._save_mid_epoch(epoch, started)
         distributed.barrier()
         name = signal.Signals(self._stop_signal).name
         where = f"epoch {epoch}, batch {self.batch_in_epoch}" if mid_epoch else f"the end of epoch {epoch}"

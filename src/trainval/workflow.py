@@ -108,7 +108,7 @@ def _shape_and_classes(splits: Splits) -> tuple[list[int], int]:
     if len(X) == 0:
         raise DataError("the training data is empty (0 samples).")
     labels = [np.asarray(y)]
-    vX, vy = arrays(splits.val)
+    _, vy = arrays(splits.val)
     if vy is not None:
         labels.append(np.asarray(vy))
     num_classes = int(max(int(lab.max()) for lab in labels if len(lab))) + 1
