@@ -188,6 +188,8 @@ def run_trainval(w, train, val, model, out, bar=False):
 
 
 def run_lightning(w, train, val, model, out, defaults=False):
+    import logging
+
     import pytorch_lightning as pl
     import torch
     from torch import nn
@@ -216,6 +218,8 @@ def run_lightning(w, train, val, model, out, defaults=False):
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1e-3)
 
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):  # no "GPU available" banners
+        logging.getLogger(name).setLevel(logging.WARNING)
     kwargs = dict(max_epochs=w["epochs"], accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1, default_root_dir=out,
                   num_sanity_val_steps=0, enable_model_summary=False)
     if not defaults:
@@ -333,7 +337,10 @@ def paired_worker(names: list[str], workload: str, repeats: int, threads: int) -
             with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
                 start = time.perf_counter()
                 runners[name](w, train, val, fresh, out)
+                if DEVICE == "cuda":
+                    torch.cuda.synchronize()
                 times[name].append((time.perf_counter() - start) / w["epochs"])
+            print(f"  {workload} rep {rep + 1}/{repeats} {name}: {times[name][-1]:.3f} s", file=sys.stderr, flush=True)
     return times
 
 
@@ -435,14 +442,16 @@ def paired_main(args) -> None:
     if "hand" not in names:
         names.insert(0, "hand")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}"
+    if DEVICE == "cuda":
+        machine += f", GPU {torch.cuda.get_device_name(0)}"
     results = {"machine": machine, "repeats": args.repeats, "mode": "paired (one process)", "workloads": {}}
     lines = [f"machine: {machine}; paired mode: {args.repeats} alternating repeats inside one process per workload"]
     for workload in args.workloads.split(","):
         proc = subprocess.run([sys.executable, __file__, "--worker", "paired", "--workload", workload, "--contenders",
                                ",".join(names), "--repeats", str(args.repeats), "--threads", str(args.threads)],
-                              capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if proc.returncode != 0:
-            raise RuntimeError(f"paired run on {workload} failed:\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"paired run on {workload} failed (its output is above)")
         times = json.loads(proc.stdout.strip().splitlines()[-1])
         rows = {}
         lines.append(f"\n{workload}: {WORKLOADS[workload]}")
@@ -459,7 +468,8 @@ def paired_main(args) -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "compare_paired.json"), "w") as f:
         json.dump(results, f, indent=2)
-    print(f"\nwrote {os.path.join(args.out, 'compare_paired.json')}")
+    plot(results, os.path.join(args.out, "compare_paired.png"))
+    print(f"\nwrote {os.path.join(args.out, 'compare_paired.json')} and compare_paired.png")
 
 
 def format_table(results: dict) -> str:

@@ -1,43 +1,74 @@
 #!/usr/bin/env bash
-# GPU check (under 5 minutes on one GPU): the CUDA-only tests, a 1-GPU fit of the examples, a short
-# 2-process NCCL equivalence run when 2+ GPUs exist, and the benchmark on the GPU.
-# Run from the repository root on a machine with CUDA:  bash scripts/gpu_check.sh
+# GPU check, about 5 minutes on one GPU, most telling first: the CUDA-only tests, the benchmark on the
+# GPU (paired mode, one folder per workload), 1-GPU fits of the examples (fp32 with data on the GPU,
+# bf16 from pinned memory, torch.compile, predict), a 2-process NCCL run when 2+ GPUs exist, and the
+# loop-semantics tests with CUDA as the default device. Each step has a time limit; a failed step is
+# named at the end and the script goes on to the next.
+#
+#     bash scripts/gpu_check.sh                    # from the repository root, on a machine with CUDA
+#     GPU_CHECK_DEVICE=cpu bash scripts/gpu_check.sh   # dry run of the script itself, without a GPU
+#
+# Logs, the benchmark's JSON and PNG go to $OUT (default gpu_check_out); runs to a temporary folder.
+# Uses the installed trainval, or this checkout's src/ when trainval is not installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+DEV=${GPU_CHECK_DEVICE:-cuda}
 OUT=${OUT:-gpu_check_out}
+REPEATS=${GPU_CHECK_REPEATS:-5}
+WORK=$(mktemp -d)
 mkdir -p "$OUT"
+$PY -c 'import trainval' 2>/dev/null || export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
 status=0
-step() { echo; echo "=== $*"; }
+failed=()
+step() { echo; echo "=== $* ($(date +%T))"; }
+check() {  # check NAME SECONDS COMMAND...: run with a time limit, remember a failure, go on
+  local name=$1 limit=$2; shift 2
+  timeout "$limit" "$@"
+  local rc=$?
+  if [ $rc -ne 0 ]; then status=1; failed+=("$name (exit $rc)"); echo "--- $name FAILED (exit $rc)"; fi
+}
 
 step "environment"
 $PY - <<'PY'
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available())
 for i in range(torch.cuda.device_count()):
     print(i, torch.cuda.get_device_name(i))
 PY
+nvidia-smi -L 2>/dev/null || true
 
-step "CUDA-only tests (sync-debug, pinned/on-device data, precision)"
-$PY -m pytest -q tests/test_performance_paths.py tests/test_loop_semantics.py -x || status=1
+step "CUDA-only tests: zero syncs per step (and its control), pinned/on-device data, bf16, compile"
+check cuda-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_performance_paths.py
 
-step "1-GPU fit of the examples"
-$PY examples/make_phoneme_data.py --out "$OUT/data" --train 20000 --test 4000 >/dev/null
-$PY -m trainval fit examples/digits.yaml "run.out_dir=$OUT/runs" run.overwrite=true train.device=cuda train.progress=false || status=1
-$PY -m trainval fit examples/phoneme_mlp.yaml "data.train=$OUT/data/phoneme_train.npz" "data.test=$OUT/data/phoneme_test.npz" \
-    "run.out_dir=$OUT/runs" run.overwrite=true train.device=cuda train.precision=bf16 train.progress=false || status=1
-$PY -m trainval fit examples/phoneme_mlp.yaml "data.train=$OUT/data/phoneme_train.npz" "data.test=$OUT/data/phoneme_test.npz" \
-    "run.out_dir=$OUT/runs" run.name=compiled run.overwrite=true train.device=cuda train.compile=true train.epochs=2 \
-    train.progress=false || status=1
+for workload in tiny mlp; do  # one process per workload: a slow one cannot take the other's table with it
+  step "benchmark on the GPU: $workload, paired mode ($REPEATS repeats)"
+  check "bench-$workload" 200 env TRAINVAL_BENCH_DEVICE=$DEV $PY benchmarks/compare.py --paired --repeats "$REPEATS" \
+      --workloads $workload --contenders hand,trainval,trainval_bar,notes,lightning_off,accelerate --out "$OUT/bench_$workload"
+done
 
-if [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+step "1-GPU fits of the examples"
+T="train.device=$DEV train.progress=false run.out_dir=$WORK/runs run.overwrite=true"
+$PY examples/make_phoneme_data.py --out "$WORK/data" --train 20000 --test 4000 >/dev/null
+P="data.train=$WORK/data/phoneme_train.npz data.test=$WORK/data/phoneme_test.npz"
+check fit-digits 60 $PY -m trainval fit examples/digits.yaml $T data.on_device=true
+check fit-phoneme-bf16-pinned 60 $PY -m trainval fit examples/phoneme_mlp.yaml $P $T run.name=bf16 \
+    train.precision=bf16 data.on_device=false
+check fit-phoneme-compile 150 $PY -m trainval fit examples/phoneme_mlp.yaml $P $T run.name=compiled \
+    train.compile=true train.epochs=2
+check predict-compiled 60 $PY -m trainval predict "$WORK/runs/compiled/config.yaml" --out "$WORK/pred.csv"
+head -3 "$WORK/pred.csv" 2>/dev/null
+
+if [ "$DEV" = cuda ] && [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   step "2-GPU NCCL run"
-  $PY -m trainval fit examples/digits.yaml --nproc 2 "run.out_dir=$OUT/runs" run.name=ddp run.overwrite=true train.progress=false || status=1
+  check ddp-nccl 180 $PY -m trainval fit examples/digits.yaml --nproc 2 $T run.name=ddp
 fi
 
-step "benchmark on the GPU (tiny and mlp workloads, 3 alternating runs)"
-TRAINVAL_BENCH_DEVICE=cuda $PY benchmarks/compare.py --repeats 3 --contenders hand,notes,trainval,trainval_bar \
-    --out "$OUT/bench" || status=1
+step "loop-semantics tests with the default device (CUDA when available)"
+check loop-semantics 120 $PY -m pytest -q -p no:cacheprovider tests/test_loop_semantics.py
 
-echo; echo "gpu_check: $([ $status -eq 0 ] && echo PASSED || echo FAILED)"
+rm -rf "$WORK"
+echo; echo "gpu_check: $([ $status -eq 0 ] && echo PASSED || echo "FAILED: ${failed[*]}")"
 exit $status

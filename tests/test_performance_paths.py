@@ -76,17 +76,19 @@ class SyncDebug(Callback):
 
 
 @cuda
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_zero_host_device_syncs_per_training_step(tmp_path, monkeypatch, precision):
+@pytest.mark.parametrize("precision, data", [("fp32", "on_device"), ("bf16", "on_device"), ("fp16", "on_device"),
+                                             ("fp32", "pinned"), ("fp32", "dataset")])
+def test_zero_host_device_syncs_per_training_step(tmp_path, monkeypatch, precision, data):
     monkeypatch.setattr(Trainer, "poll_interval_s", 1e9)
     X, y = make_blobs(n=512, d=32, classes=10)
+    train = torch.utils.data.TensorDataset(X, y) if data == "dataset" else (X, y)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     probe = SyncDebug()
     tr = Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), max_epochs=2, out_dir=str(tmp_path),
                  batch_size=64, progress=False, plot=False, device="cuda", precision=precision, grad_clip=1.0,
-                 callbacks=[probe], on_device=True)
+                 callbacks=[probe], on_device=data == "on_device")
     try:
-        tr.fit((X, y), (X, y))
+        tr.fit(train, (X, y))
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert probe.steps == 8
@@ -94,13 +96,49 @@ def test_zero_host_device_syncs_per_training_step(tmp_path, monkeypatch, precisi
 
 @cuda
 def test_pinned_non_blocking_path(tmp_path):
+    from trainval.data import epoch_indices
+
     X, y = make_blobs(n=256)
     tr = Trainer(tiny_mlp(), max_epochs=1, out_dir=str(tmp_path), batch_size=32, progress=False, plot=False,
                  device="cuda", on_device=False)
     tr.fit((X, y), (X, y))
-    assert tr.train_loader.X.is_pinned() and tr.train_loader.X.device.type == "cpu"
-    assert tr.train_loader._non_blocking
+    loader = tr.train_loader
+    assert loader.X.is_pinned() and loader.X.device.type == "cpu" and loader._non_blocking
+    # every shuffled batch is gathered into pinned memory, so its copy to the GPU is asynchronous
+    sources, move = [], loader._move
+    loader._move = lambda t: (sources.append(t.is_pinned()), move(t))[1]
+    state = loader.generator.get_state()
+    batches = [(xb.cpu(), yb.cpu()) for xb, yb in loader]
+    assert len(sources) == 2 * len(batches) and all(sources)
+    loader.generator.set_state(state)
+    order = epoch_indices(len(X), shuffle=True, generator=loader.generator)
+    assert torch.equal(torch.cat([b[0] for b in batches]), X[order])
+    assert torch.equal(torch.cat([b[1] for b in batches]), y[order])
     tr2 = Trainer(tiny_mlp(), max_epochs=1, out_dir=str(tmp_path / "b"), batch_size=32, progress=False, plot=False,
                   device="cuda", on_device=True)
     tr2.fit((X, y), (X, y))
     assert tr2.train_loader.X.device.type == "cuda"
+
+
+@cuda
+def test_sync_probe_catches_one_item_per_step(tmp_path, monkeypatch):
+    """The control for the test above: a train_step that reads its loss (``.item()``) is caught."""
+    monkeypatch.setattr(Trainer, "poll_interval_s", 1e9)
+
+    class Chatty(Trainer):
+        def train_step(self, x, y):
+            loss, logits = super().train_step(x, y)
+            self.last_loss = loss.item()  # the host waits for the GPU here, on every step
+            return loss, logits
+
+    X, y = make_blobs(n=256, d=32, classes=10)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 10))
+    probe = SyncDebug()
+    tr = Chatty(model, max_epochs=2, out_dir=str(tmp_path), batch_size=64, progress=False, plot=False,
+                device="cuda", callbacks=[probe], on_device=True)
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            tr.fit((X, y), (X, y))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert probe.steps == 0  # it failed on the first step of the checked epoch

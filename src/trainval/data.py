@@ -136,9 +136,21 @@ class TensorLoader:
                 yb = None if y is None else y[i : i + B]
             else:
                 idx = order[i : i + B]
-                xb = X.index_select(0, idx)
-                yb = None if y is None else y.index_select(0, idx)
+                xb = self._gather(X, idx)
+                yb = None if y is None else self._gather(y, idx)
             yield self._move(xb), (None if yb is None else self._move(yb))
+
+    def _gather(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``t[idx]``; from pinned memory into a pinned batch, so that its copy to the GPU is asynchronous.
+
+        (A plain ``index_select`` of a pinned tensor returns pageable memory, whose ``non_blocking`` copy
+        the host waits for.) The pinned batch comes from torch's caching host allocator, which does not
+        hand the block out again until the copy that reads it has finished.
+        """
+        if not self._non_blocking:
+            return t.index_select(0, idx)
+        out = torch.empty((len(idx), *t.shape[1:]), dtype=t.dtype, pin_memory=True)
+        return torch.index_select(t, 0, idx, out=out)
 
 
 class ShardSampler(Sampler[int]):
