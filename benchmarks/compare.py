@@ -1,6 +1,6 @@
 """Side-by-side epoch times: hand-optimised loop, the notes' loop, trainval, Lightning, Accelerate.
 
-    .venv/bin/python benchmarks/compare.py [--workloads tiny,mlp] [--repeats 5] [--contenders ...]
+    .venv/bin/python benchmarks/compare.py [--workloads tiny,mlp] [--repeats 5] [--contenders ...] [--epochs E]
 
 Each measurement is one fresh worker process (so peak RSS is its own) that builds the same seeded
 data and model, warms up, then runs E epochs of train + full validation + a metrics line + best/last
@@ -33,6 +33,9 @@ WORKLOADS = {
     "tiny": dict(d=32, hidden=[64], classes=10, n_train=100_000, n_val=20_000, batch=64, epochs=3, bn=False),
     "mlp": dict(d=429, hidden=[1024, 512, 128], classes=39, n_train=200_000, n_val=40_000, batch=512, epochs=1, bn=True),
 }
+if os.environ.get("TRAINVAL_BENCH_EPOCHS"):  # --epochs, handed to the worker processes
+    for _w in WORKLOADS.values():
+        _w["epochs"] = int(os.environ["TRAINVAL_BENCH_EPOCHS"])
 CONTENDERS = ["hand", "notes", "trainval", "trainval_bar", "lightning_off", "lightning", "accelerate"]
 LABELS = {
     "hand": "hand-optimised loop", "notes": "notes' loop (DataLoader + .item())", "trainval": "trainval fit",
@@ -378,9 +381,15 @@ def main() -> None:
     ap.add_argument("--paired", action="store_true",
                     help="run all contenders alternately inside one process and report the median of per-repeat "
                          "ratios to the hand loop (steadier on a noisy host; no per-contender RSS)")
+    ap.add_argument("--epochs", type=int, default=0,
+                    help="epochs per sample for every workload (default 0: the workload's own, above)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.epochs > 0 and not args.worker:
+        os.environ["TRAINVAL_BENCH_EPOCHS"] = str(args.epochs)
+        for w in WORKLOADS.values():
+            w["epochs"] = args.epochs
     if args.worker == "paired":
         print(json.dumps(paired_worker(args.contenders.split(","), args.workload, args.repeats, args.threads)))
         return

@@ -11,6 +11,9 @@ import torch
 from torch import nn
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The device the loop-semantics tests train on and compute their references on: CUDA where there is
+# one, like the Trainer's own default (scripts/gpu_check.sh runs them there); TRAINVAL_TEST_DEVICE forces one.
+DEVICE = os.environ.get("TRAINVAL_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def make_blobs(n: int = 120, d: int = 6, classes: int = 3, seed: int = 0, spread: float = 0.6):

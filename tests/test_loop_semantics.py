@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import make_blobs, tiny_mlp
+from conftest import DEVICE, make_blobs, tiny_mlp
 from torch import nn
 
 from trainval import Callback, Trainer
@@ -105,7 +105,7 @@ def _plain_loop(model, X, y, placement, epochs, batch_size, seed, lr):
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
-        perm = torch.randperm(len(X), generator=g)
+        perm = torch.randperm(len(X), generator=g).to(X.device)
         for i in range(0, len(X), batch_size):
             idx = perm[i : i + batch_size]
             xb, yb = X.index_select(0, idx), y.index_select(0, idx)
@@ -126,10 +126,11 @@ def test_zero_grad_placements_and_trainval_give_identical_weights(tmp_path):
     init = tiny_mlp(dropout=0.2)
     results = {}
     for placement in ("start", "before_backward", "after_step"):
-        results[placement] = _plain_loop(copy.deepcopy(init), X, y, placement, epochs=3, batch_size=16, seed=7, lr=0.05)
+        results[placement] = _plain_loop(copy.deepcopy(init).to(DEVICE), X.to(DEVICE), y.to(DEVICE), placement,
+                                         epochs=3, batch_size=16, seed=7, lr=0.05)
     model = copy.deepcopy(init)
     tr = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), max_epochs=3, seed=7,
-                 out_dir=str(tmp_path), batch_size=16, progress=False, plot=False, monitor="train_loss")
+                 out_dir=str(tmp_path), batch_size=16, progress=False, plot=False, monitor="train_loss", device=DEVICE)
     tr.fit((X, y))
     results["trainval"] = model
     reference = results["start"].state_dict()
@@ -137,7 +138,7 @@ def test_zero_grad_placements_and_trainval_give_identical_weights(tmp_path):
         for k, v in m.state_dict().items():
             assert torch.equal(v, reference[k]), f"{name}: {k} differs"
     # and training really changed the weights
-    assert not torch.equal(init.state_dict()["0.weight"], reference["0.weight"])
+    assert not torch.equal(init.state_dict()["0.weight"], reference["0.weight"].cpu())
 
 
 def test_zero_grad_between_backward_and_step_would_be_caught():
@@ -157,8 +158,9 @@ def test_epoch_metrics_are_exact_means_over_samples(tmp_path):
     X, y = make_blobs(n=10)
     model = tiny_mlp()
     tr = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.0), max_epochs=1, out_dir=str(tmp_path),
-                 batch_size=4, progress=False, plot=False)  # batches of 4, 4, 2; lr 0 keeps the weights
+                 batch_size=4, progress=False, plot=False, device=DEVICE)  # batches of 4, 4, 2; lr 0 keeps the weights
     history = tr.fit((X, y), (X, y))
+    X, y = X.to(DEVICE), y.to(DEVICE)
     with torch.no_grad():
         logits = model(X)
         exact_loss = nn.CrossEntropyLoss()(logits, y).item()
@@ -236,18 +238,18 @@ def test_test_and_predict_use_best_not_last(tmp_path):
     Xv, yv = make_blobs(n=60, seed=0)
     model = tiny_mlp()
     tr = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.2), max_epochs=4, out_dir=str(tmp_path),
-                 batch_size=16, progress=False, plot=False, callbacks=[Wreck(4)])
+                 batch_size=16, progress=False, plot=False, callbacks=[Wreck(4)], device=DEVICE)
     history = tr.fit((X, y), (Xv, yv))
     assert history[-1]["val_acc"] < tr.best_value  # the run ends worse than its best
-    last_preds = model(Xv).argmax(1)
+    last_preds = model(Xv.to(DEVICE)).argmax(1).cpu()
     metrics = tr.test((Xv, yv))
     assert metrics["test_acc"] == pytest.approx(tr.best_value, abs=1e-12)
     preds = tr.predict(Xv)
     best = tiny_mlp()
     best.load_state_dict(torch.load(tmp_path / "best.pt", weights_only=True, map_location="cpu")["model"])
-    best.eval()
+    best.to(DEVICE).eval()
     with torch.no_grad():
-        assert torch.equal(preds, best(Xv).argmax(1))
+        assert torch.equal(preds, best(Xv.to(DEVICE)).argmax(1).cpu())
     assert preds.dtype == torch.int64 and not torch.equal(preds, last_preds)
 
 
@@ -329,10 +331,10 @@ def test_bad_inputs_fail_before_the_first_step(tmp_path, case, match):
         y[2] = 0.5
     before = copy.deepcopy(model.state_dict())
     tr = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5), max_epochs=1, out_dir=str(tmp_path),
-                 batch_size=8, progress=False, plot=False, monitor="train_acc")
+                 batch_size=8, progress=False, plot=False, monitor="train_acc", device=DEVICE)
     with pytest.raises(DataError, match=match):
         tr.fit((X, y))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(before[k], v.cpu()) for k, v in model.state_dict().items())
     assert not (tmp_path / "last.pt").exists()
 
 
