@@ -1,6 +1,6 @@
 """Side-by-side epoch times: hand-optimised loop, the notes' loop, trainval, Lightning, Accelerate.
 
-    .venv/bin/python benchmarks/compare.py [--workloads tiny,mlp] [--repeats 5] [--contenders ...] [--epochs E]
+    .venv/bin/python benchmarks/compare.py [--workloads tiny,mlp] [--repeats 5] [--contenders ...] [--epochs E] [--scale F]
 
 Each measurement is one fresh worker process (so peak RSS is its own) that builds the same seeded
 data and model, warms up, then runs E epochs of train + full validation + a metrics line + best/last
@@ -33,12 +33,21 @@ WORKLOADS = {
     "tiny": dict(d=32, hidden=[64], classes=10, n_train=100_000, n_val=20_000, batch=64, epochs=3, bn=False),
     "mlp": dict(d=429, hidden=[1024, 512, 128], classes=39, n_train=200_000, n_val=40_000, batch=512, epochs=1, bn=True),
 }
-if os.environ.get("TRAINVAL_BENCH_EPOCHS"):  # --epochs, handed to the worker processes
-    for _w in WORKLOADS.values():
-        _w["epochs"] = int(os.environ["TRAINVAL_BENCH_EPOCHS"])
+
+def _resize(epochs: int = 0, scale: float = 0.0) -> None:
+    """--epochs and --scale (the fraction of the samples), also handed to worker processes by env."""
+    for w in WORKLOADS.values():
+        if epochs > 0:
+            w["epochs"] = epochs
+        if scale > 0:
+            w["n_train"], w["n_val"] = max(1, round(w["n_train"] * scale)), max(1, round(w["n_val"] * scale))
+
+
+_resize(int(os.environ.get("TRAINVAL_BENCH_EPOCHS") or 0), float(os.environ.get("TRAINVAL_BENCH_SCALE") or 0))
+# hand_again: the hand loop under another name, an A/A control: its ratio's spread is the run's resolution
 CONTENDERS = ["hand", "notes", "trainval", "trainval_bar", "lightning_off", "lightning", "accelerate"]
 LABELS = {
-    "hand": "hand-optimised loop", "notes": "notes' loop (DataLoader + .item())", "trainval": "trainval fit",
+    "hand": "hand-optimised loop", "hand_again": "hand loop again (A/A control)", "notes": "notes' loop (DataLoader + .item())", "trainval": "trainval fit",
     "trainval_bar": "trainval fit + progress bar", "lightning_off": "Lightning (bar/ckpt/logger off)",
     "lightning": "Lightning defaults", "accelerate": "Accelerate",
 }
@@ -280,7 +289,7 @@ def worker(name: str, workload: str, threads: int) -> dict:
     train, val, model = _setup(w)
     _warm_up(model, train, w["batch"])
     runner = {
-        "hand": run_hand, "notes": run_notes, "trainval": run_trainval,
+        "hand": run_hand, "hand_again": run_hand, "notes": run_notes, "trainval": run_trainval,
         "trainval_bar": lambda *a: run_trainval(*a, bar=True),
         "lightning_off": run_lightning, "lightning": lambda *a: run_lightning(*a, defaults=True),
         "accelerate": run_accelerate,
@@ -326,10 +335,11 @@ def paired_worker(names: list[str], workload: str, repeats: int, threads: int) -
                    "lightning_off": "pytorch_lightning", "lightning": "pytorch_lightning", "accelerate": "accelerate"}.get(name)
         if library:
             importlib.import_module(library)
-    runners = {"hand": run_hand, "notes": run_notes, "trainval": run_trainval,
+    runners = {"hand": run_hand, "hand_again": run_hand, "notes": run_notes, "trainval": run_trainval,
                "trainval_bar": lambda *a: run_trainval(*a, bar=True), "accelerate": run_accelerate,
                "lightning_off": run_lightning, "lightning": lambda *a: run_lightning(*a, defaults=True)}
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}  # process CPU time: what steal by other tenants leaves out
     import contextlib
     import io
 
@@ -338,13 +348,15 @@ def paired_worker(names: list[str], workload: str, repeats: int, threads: int) -
         for name in order:
             fresh = copy.deepcopy(model)
             with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
-                start = time.perf_counter()
+                cpu_start, start = time.process_time(), time.perf_counter()
                 runners[name](w, train, val, fresh, out)
                 if DEVICE == "cuda":
                     torch.cuda.synchronize()
                 times[name].append((time.perf_counter() - start) / w["epochs"])
-            print(f"  {workload} rep {rep + 1}/{repeats} {name}: {times[name][-1]:.3f} s", file=sys.stderr, flush=True)
-    return times
+                cpu[name].append((time.process_time() - cpu_start) / w["epochs"])
+            print(f"  {workload} rep {rep + 1}/{repeats} {name}: {times[name][-1]:.3f} s (CPU {cpu[name][-1]:.3f} s)",
+                  file=sys.stderr, flush=True)
+    return {"wall": times, "cpu": cpu}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,13 +395,18 @@ def main() -> None:
                          "ratios to the hand loop (steadier on a noisy host; no per-contender RSS)")
     ap.add_argument("--epochs", type=int, default=0,
                     help="epochs per sample for every workload (default 0: the workload's own, above)")
+    ap.add_argument("--scale", type=float, default=0.0,
+                    help="use this fraction of each workload's samples (shorter runs, more repeats; the fixed "
+                         "per-run costs then weigh more)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--workload", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.epochs > 0 and not args.worker:
-        os.environ["TRAINVAL_BENCH_EPOCHS"] = str(args.epochs)
-        for w in WORKLOADS.values():
-            w["epochs"] = args.epochs
+    if not args.worker:
+        if args.epochs > 0:
+            os.environ["TRAINVAL_BENCH_EPOCHS"] = str(args.epochs)
+        if args.scale > 0:
+            os.environ["TRAINVAL_BENCH_SCALE"] = str(args.scale)
+        _resize(args.epochs, args.scale)
     if args.worker == "paired":
         print(json.dumps(paired_worker(args.contenders.split(","), args.workload, args.repeats, args.threads)))
         return
@@ -461,17 +478,23 @@ def paired_main(args) -> None:
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if proc.returncode != 0:
             raise RuntimeError(f"paired run on {workload} failed (its output is above)")
-        times = json.loads(proc.stdout.strip().splitlines()[-1])
+        measured = json.loads(proc.stdout.strip().splitlines()[-1])
+        times, cpu = measured["wall"], measured["cpu"]
         rows = {}
         lines.append(f"\n{workload}: {WORKLOADS[workload]}")
-        lines.append(f"| {'contender':34s} | median epoch s | median of per-repeat ratios to hand (min-max) |")
-        lines.append(f"| {'-' * 34} | -------------- | ---------------------------------------------- |")
+        lines.append(f"| {'contender':34s} | median epoch s | wall time vs hand: median ratio (min-max) "
+                     "| CPU time vs hand: median ratio (min-max) |")
+        lines.append(f"| {'-' * 34} | -------------- | ----------------------------------------- "
+                     "| ---------------------------------------- |")
         for name in names:
             ratios = [t / h for t, h in zip(times[name], times["hand"])]
+            cpu_ratios = [t / h for t, h in zip(cpu[name], cpu["hand"])]
             rows[name] = {"median_epoch_s": statistics.median(times[name]), "ratio": statistics.median(ratios),
-                          "ratios": ratios, "runs_s": times[name]}
+                          "ratios": ratios, "runs_s": times[name], "cpu_ratio": statistics.median(cpu_ratios),
+                          "cpu_ratios": cpu_ratios, "cpu_s": cpu[name]}
             lines.append(f"| {LABELS[name]:34s} | {rows[name]['median_epoch_s']:14.3f} | {rows[name]['ratio']:.3f}x "
-                         f"({min(ratios):.2f}-{max(ratios):.2f}){' ' * 30}|")
+                         f"({min(ratios):.2f}-{max(ratios):.2f}){' ' * 24}| {rows[name]['cpu_ratio']:.3f}x "
+                         f"({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}){' ' * 23}|")
         results["workloads"][workload] = rows
     print("\n".join(lines))
     os.makedirs(args.out, exist_ok=True)

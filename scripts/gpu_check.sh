@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check, about 5 minutes on one GPU, most telling first: the CUDA-only tests, the benchmark on the
+# GPU check, about 6 minutes on one H200, most telling first: the CUDA-only tests, the benchmark on the
 # GPU (paired mode, one folder per workload), 1-GPU fits of the examples (fp32 with data on the GPU,
 # bf16 from pinned memory, torch.compile, predict), a 2-process NCCL run when 2+ GPUs exist, and the
 # loop-semantics tests with CUDA as the default device. Each step has a time limit; a failed step is
