@@ -277,37 +277,49 @@ def run_accelerate(w, train, val, model, out):
         acc.save(acc.unwrap_model(model).state_dict(), os.path.join(out, "last.pt"))
 
 
-def worker(name: str, workload: str, threads: int) -> dict:
-    import resource
+RUNNERS = {
+    "hand": run_hand, "hand_again": run_hand, "notes": run_notes, "trainval": run_trainval,
+    "trainval_bar": lambda *a: run_trainval(*a, bar=True), "accelerate": run_accelerate,
+    "lightning_off": run_lightning, "lightning": lambda *a: run_lightning(*a, defaults=True),
+}
+# what each contender imports: importing is start-up, for every contender, not part of the timed epochs
+LIBRARY = {"trainval": "trainval.trainer", "trainval_bar": "trainval.trainer", "lightning_off": "pytorch_lightning",
+           "lightning": "pytorch_lightning", "accelerate": "accelerate"}
+
+
+def _prepare(names: list[str], workload: str, threads: int):
+    """Threads, the seeded data and model (warmed up), and the contenders' libraries imported."""
+    import importlib
 
     import torch
 
     if threads > 0:
         torch.set_num_threads(threads)
-
     w = WORKLOADS[workload]
     train, val, model = _setup(w)
     _warm_up(model, train, w["batch"])
-    runner = {
-        "hand": run_hand, "hand_again": run_hand, "notes": run_notes, "trainval": run_trainval,
-        "trainval_bar": lambda *a: run_trainval(*a, bar=True),
-        "lightning_off": run_lightning, "lightning": lambda *a: run_lightning(*a, defaults=True),
-        "accelerate": run_accelerate,
-    }[name]
-    import importlib
+    for name in names:
+        if name in LIBRARY:
+            importlib.import_module(LIBRARY[name])
+    return w, train, val, model
 
-    library = {"trainval": "trainval.trainer", "trainval_bar": "trainval.trainer", "lightning_off": "pytorch_lightning",
-               "lightning": "pytorch_lightning", "accelerate": "accelerate"}.get(name)
-    if library:  # importing is start-up, for every contender: not part of the timed epochs
-        importlib.import_module(library)
+
+def _synchronize() -> None:
+    if DEVICE == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def worker(name: str, workload: str, threads: int) -> dict:
+    import resource
+
+    w, train, val, model = _prepare([name], workload, threads)
     with tempfile.TemporaryDirectory() as out:
-        cpu_start = time.process_time()  # user + sys of all threads: less sensitive to a noisy host
+        cpu_start = time.process_time()  # user + sys of all threads
         start = time.perf_counter()
-        runner(w, train, val, model, out)
-        if DEVICE == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
+        RUNNERS[name](w, train, val, model, out)
+        _synchronize()
         seconds = (time.perf_counter() - start) / w["epochs"]
         cpu_seconds = (time.process_time() - cpu_start) / w["epochs"]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -320,38 +332,21 @@ def paired_worker(names: list[str], workload: str, repeats: int, threads: int) -
     Host noise that drifts over seconds hits neighbouring runs alike, so the per-repeat ratio of each
     contender to the hand loop is far steadier than ratios between separate processes.
     """
-    import copy
-    import importlib
-
-    import torch
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-    w = WORKLOADS[workload]
-    train, val, model = _setup(w)
-    _warm_up(model, train, w["batch"])
-    for name in names:
-        library = {"trainval": "trainval.trainer", "trainval_bar": "trainval.trainer",
-                   "lightning_off": "pytorch_lightning", "lightning": "pytorch_lightning", "accelerate": "accelerate"}.get(name)
-        if library:
-            importlib.import_module(library)
-    runners = {"hand": run_hand, "hand_again": run_hand, "notes": run_notes, "trainval": run_trainval,
-               "trainval_bar": lambda *a: run_trainval(*a, bar=True), "accelerate": run_accelerate,
-               "lightning_off": run_lightning, "lightning": lambda *a: run_lightning(*a, defaults=True)}
-    times: dict[str, list[float]] = {n: [] for n in names}
-    cpu: dict[str, list[float]] = {n: [] for n in names}  # process CPU time: what steal by other tenants leaves out
     import contextlib
+    import copy
     import io
 
+    w, train, val, model = _prepare(names, workload, threads)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}  # process CPU time (what other tenants' turns leave out)
     for rep in range(repeats):
         order = names[rep % len(names):] + names[: rep % len(names)]
         for name in order:
             fresh = copy.deepcopy(model)
             with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
                 cpu_start, start = time.process_time(), time.perf_counter()
-                runners[name](w, train, val, fresh, out)
-                if DEVICE == "cuda":
-                    torch.cuda.synchronize()
+                RUNNERS[name](w, train, val, fresh, out)
+                _synchronize()
                 times[name].append((time.perf_counter() - start) / w["epochs"])
                 cpu[name].append((time.process_time() - cpu_start) / w["epochs"])
             print(f"  {workload} rep {rep + 1}/{repeats} {name}: {times[name][-1]:.3f} s (CPU {cpu[name][-1]:.3f} s)",
@@ -364,12 +359,11 @@ def paired_worker(names: list[str], workload: str, repeats: int, threads: int) -
 
 
 def available(name: str) -> bool:
-    module = {"lightning_off": "pytorch_lightning", "lightning": "pytorch_lightning", "accelerate": "accelerate"}.get(name)
-    if module is None:
+    if name not in LIBRARY or name.startswith("trainval"):
         return True
     import importlib.util
 
-    return importlib.util.find_spec(module) is not None
+    return importlib.util.find_spec(LIBRARY[name]) is not None
 
 
 def measure(name: str, workload: str, threads: int) -> dict:
