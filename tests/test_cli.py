@@ -38,11 +38,19 @@ def test_version_and_help():
         assert "examples:" in run_cli(cmd, "--help", check=True).stdout
 
 
-def test_console_script_is_installed():
+def test_console_script_is_installed(tmp_path):
     exe = shutil.which("trainval", path=os.path.dirname(sys.executable))
     assert exe, "the trainval console script is not installed beside this Python"
     proc = subprocess.run([exe, "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("trainval ")
+    # like `python -m trainval`, the console script imports factories and models from the current folder
+    shutil.copy(os.path.join(HELPERS, "user_factory.py"), tmp_path / "my_factory.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    fit = subprocess.run([exe, "fit", "data.source=factory", "data.factory=my_factory:arrays", "model.name=mlp",
+                          "train.epochs=1", f"run.out_dir={tmp_path}/runs", "train.progress=false"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert fit.returncode == 0, fit.stderr
+    assert "Test Acc:" in fit.stdout
 
 
 @pytest.mark.slow
@@ -112,9 +120,16 @@ def test_factory_data_and_user_model(tmp_path):
               "model.kwargs={width: 12}", f"run.out_dir={tmp_path}", "run.name=f", "train.epochs=2"]
     proc = run_cli("fit", *common, cwd=str(tmp_path), env=env, check=True)
     assert "Test Acc:" in proc.stdout
-    ds = run_cli("fit", *common[:1], "data.factory=user_factory:blobs", *common[2:], "run.name=g",
-                 cwd=str(tmp_path), env=env)
-    assert ds.returncode == 2 and "'module:Class' model" in ds.stderr  # Datasets need a self-sizing model
+    # Datasets cannot size a built-in model; a module:Class model that knows its sizes trains on them
+    ds = run_cli("fit", *common[:1], "data.factory=user_factory:blobs", "model.name=mlp", "run.name=g",
+                 f"run.out_dir={tmp_path}", cwd=str(tmp_path), env=env)
+    assert ds.returncode == 2 and "'module:Class' model" in ds.stderr
+    ok = run_cli("fit", *common[:1], "data.factory=user_factory:blobs", common[2],
+                 "model.kwargs={width: 12, in_features: 5, num_classes: 3}", "scheduler.name=onecycle",
+                 f"run.out_dir={tmp_path}", "run.name=h", "train.epochs=2", cwd=str(tmp_path), env=env, check=True)
+    assert "Test Acc:" in ok.stdout and "wrote 30 predictions" in ok.stdout
+    with open(tmp_path / "h" / "summary.json") as f:
+        assert json.load(f)["train_samples"] == 90  # the Dataset's samples, not len((train, val))
     broken = run_cli("fit", "data.source=factory", "data.factory=user_factory:broken", cwd=str(tmp_path), env=env)
     assert broken.returncode == 2 and "the database is down" in broken.stderr
 

@@ -271,7 +271,7 @@ class NanLossAt:
 
 def test_nonfinite_loss_stops_with_epoch_and_step(tmp_path):
     X, y = make_blobs(n=64)  # 4 batches of 16 per epoch
-    tr = Trainer(tiny_mlp(), loss_fn=NanLossAt(6), max_epochs=3, out_dir=str(tmp_path), batch_size=16,
+    tr = Trainer(tiny_mlp(), loss_fn=NanLossAt(6), task="multiclass", max_epochs=3, out_dir=str(tmp_path), batch_size=16,
                  progress=False, plot=False)
     with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 3 of 4"):
         tr.fit((X, y), (X, y))
@@ -306,7 +306,7 @@ def test_nonfinite_weights_never_saved_as_best(tmp_path):
         ("empty", r"train data is empty"),
         ("labels_out_of_range", r"train labels must lie in \[0, 3\).*sample 5 has label 3"),
         ("negative_label", r"sample 0 has label -1"),
-        ("bad_output_shape", r"needs logits of shape \[B, C\]"),
+        ("bad_output_shape", r"must output logits \[B, C, \*\]"),
         ("length_mismatch", r"20 rows of X but 19 labels"),
         ("float_labels", r"must be integer class ids; sample 2 has label 0.5"),
     ],

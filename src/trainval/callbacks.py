@@ -96,14 +96,17 @@ class ProgressBar(Callback):
         now = time.monotonic()
         if now < self._next:
             return
-        loss, acc, _ = trainer.train_metrics.compute(all_reduce=False)  # a sync point, rate-limited
+        values, _ = trainer.train_metrics.compute(all_reduce=False)  # a sync point, rate-limited
+        shown = {"loss": values["loss"], **{k: v for k, v in values.items() if k != "loss"}}
+        text = {k: f"{v:.4f}" for k, v in list(shown.items())[:4]}
         if self.bar is not None:
             self.bar.n = batch_index + 1
-            self.bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.4f}", refresh=True)
+            self.bar.set_postfix(text, refresh=True)
             self._next = now + self.refresh_s
         else:
+            metrics = " ".join(f"{k} {v}" for k, v in text.items())
             self.stream.write(f"  epoch {self._epoch}/{trainer.max_epochs} batch {batch_index + 1}/{self._total} "
-                              f"loss {loss:.4f} acc {acc:.4f}\n")
+                              f"{metrics}\n")
             self.stream.flush()
             self._next = now + self.line_s
 
@@ -119,38 +122,57 @@ class ProgressBar(Callback):
             self.bar = None
 
 
-METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+def metric_columns(history: list[dict]) -> list[str]:
+    """Every key of every row, in first-seen order, with ``lr`` and ``seconds`` last."""
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    tail = [c for c in ("lr", "seconds") if c in columns]
+    return [c for c in columns if c not in tail] + tail
 
 
 def write_metrics_csv(path: str, history: list[dict]) -> None:
-    """All epochs so far, rewritten atomically: a crash never leaves a half-written file."""
+    """All epochs so far, every column (a callback's own included), rewritten atomically."""
+    columns = metric_columns(history)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     for row in history:
-        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_COLUMNS})
+        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
     data = buf.getvalue().encode()
     atomic_write(path, lambda f: f.write(data), "metrics file")
 
 
-def plot_curves(path: str, history: list[dict]) -> None:
-    """Loss and accuracy per epoch, train vs val, as one PNG (written atomically)."""
+def plot_curves(path: str, history: list[dict], monitor: str | None = None, best_epoch: int | None = None) -> None:
+    """One panel per metric (loss first), train vs val per epoch, the best epoch marked; one PNG, atomic."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    names: list[str] = []
+    for column in metric_columns(history):
+        split, _, name = column.partition("_")
+        if split in ("train", "val") and name and name not in names:
+            names.append(name)
+    names.sort(key=lambda n: n != "loss")
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in ((ax_loss, "loss", "Loss"), (ax_acc, "acc", "Accuracy")):
-        ax.plot(epochs, [r[f"train_{key}"] for r in history], marker="o", ms=3, label="train")
-        val = [r.get(f"val_{key}") for r in history]
-        if any(v is not None and not math.isnan(v) for v in val):
-            ax.plot(epochs, [math.nan if v is None else v for v in val], marker="o", ms=3, label="val")
-        ax.set_title(title)
+    cols = min(3, len(names)) or 1
+    rows = math.ceil(len(names) / cols) or 1
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for split in ("train", "val"):
+            values = [r.get(f"{split}_{name}") for r in history]
+            if any(isinstance(v, (int, float)) and not math.isnan(v) for v in values):
+                ax.plot(epochs, [math.nan if v is None else v for v in values], marker="o", ms=3, label=split)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"best ({monitor})" if monitor else "best")
+        ax.set_title("Loss" if name == "loss" else ("Accuracy" if name == "acc" else name))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args) -> int:
     from trainval import config
 
+    # `python -m trainval` puts the current folder on sys.path; the console script must import the
+    # config's `module:function` factories and `module:Class` models from there too.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     cfg_path, overrides = _split_positionals(args.args)
     cfg = config.load(cfg_path, overrides)  # config errors come before torch is imported
     from trainval import workflow

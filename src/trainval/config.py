@@ -1,7 +1,7 @@
 """The typed run config: schema with defaults, validation with clear errors, YAML in/out, overrides.
 
-A config has the sections ``data``, ``model``, ``optim``, ``scheduler``, ``train``, ``run`` and
-``log``. Every key is declared once in :data:`SCHEMA` with its type, default, allowed values and a
+A config has the sections ``data``, ``model``, ``task``, ``optim``, ``scheduler``, ``train``, ``run``
+and ``log``. Every key is declared once in :data:`SCHEMA` with its type, default, allowed values and a
 one-line description; the README's reference table is generated from it (and a test keeps the two equal).
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,7 +42,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "test": Key("str", None, "test file (labels optional); without it, `test_split` of the training file", nullable=True),
         "val_split": Key("float", 0.15, "fraction held out for validation (stratified, seeded)", minimum=0.0, maximum=0.9),
         "test_split": Key("float", 0.15, "fraction held out for testing when there is no test file", minimum=0.0, maximum=0.9),
-        "label": Key("str", "label", "CSV label column"),
+        "label": Key("str|list[str]", "label", "CSV target column, or a list of them (multilabel, multi-output regression)"),
         "features": Key("list[str]", None, "CSV feature columns (default: all but the label)", nullable=True),
         "x_key": Key("str", "x", "npz array of features"),
         "y_key": Key("str", "y", "npz array of labels"),
@@ -58,6 +59,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "dropout": Key("float", 0.25, "dropout probability", minimum=0.0, maximum=0.95),
         "batchnorm": Key("bool", True, "MLP: BatchNorm after each hidden layer"),
         "kwargs": Key("dict", {}, "keyword arguments for a `module:Class` model"),
+    },
+    "task": {
+        "name": Key("str", None, "what the model predicts (default: multiclass)", nullable=True,
+                    choices=("multiclass", "binary", "multilabel", "regression")),
+        "metrics": Key("list[str]", None, "metrics per split (default per task: acc; f1_micro for multilabel; mse, mae for regression)", nullable=True),
+        "loss": Key("str", None, "loss (default per task: cross_entropy; bce_with_logits for binary/multilabel; mse)", nullable=True,
+                    choices=("cross_entropy", "bce_with_logits", "mse", "l1", "smooth_l1", "huber")),
+        "class_weights": Key("list[float]|balanced", None, "multiclass: a weight per class, or `balanced` (n / (C * count))", nullable=True),
+        "ignore_index": Key("int", None, "multiclass: targets with this value count in no loss and no metric (default -100)", nullable=True),
+        "threshold": Key("float", 0.5, "binary/multilabel: probability above which a prediction is 1", minimum=0.0, maximum=1.0),
     },
     "optim": {
         "name": Key("str", "adam", "optimizer", choices=("sgd", "adam", "adamw")),
@@ -83,8 +94,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "eval_batch_size": Key("int", None, "evaluation batch size (default: batch_size)", nullable=True, minimum=1),
         "seed": Key("int", 0, "seed of Python, NumPy, torch and the shuffling"),
         "device": Key("str", None, "`cpu`, `cuda`, `cuda:1`... (default: CUDA if available)", nullable=True),
-        "monitor": Key("str", "val_acc", "metric that picks best.pt", choices=("val_acc", "val_loss", "train_acc", "train_loss")),
-        "mode": Key("str", None, "`max` or `min` (default: max for acc, min for loss)", nullable=True, choices=("max", "min")),
+        "monitor": Key("str", None, "metric that picks best.pt: `val_<metric>`, `train_<metric>` or `*_loss` (default: val_ + the first metric)", nullable=True),
+        "mode": Key("str", None, "`max` or `min` (default: the metric's direction; min for losses)", nullable=True, choices=("max", "min")),
         "patience": Key("int", None, "early stopping: epochs without improvement (default: off)", nullable=True, minimum=1),
         "grad_clip": Key("float", None, "clip the gradient norm to this value", nullable=True, minimum=0.0),
         "accumulate_steps": Key("int", 1, "batches per optimizer step (gradient accumulation)", minimum=1),
@@ -144,6 +155,16 @@ def _check(path: str, key: Key, value: Any, source: str) -> Any:
     elif kind == "str":
         if not isinstance(value, str):
             raise bad("a string")
+    elif kind == "str|list[str]":
+        if not (isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))):
+            raise bad("a column name or a non-empty list of column names")
+    elif kind == "list[float]|balanced":
+        if value == "balanced":
+            return value
+        if not (isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                          and v >= 0 for v in value)):
+            raise bad("a list of non-negative numbers (one per class) or 'balanced'")
+        value = [float(v) for v in value]
     elif kind.startswith("list["):
         inner = kind[5:-1]
         ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -234,9 +255,13 @@ def validate(cfg: dict, source: str) -> dict:
     if d["val_split"] + d["test_split"] >= 0.95:
         raise ConfigError(f"{source}: data.val_split + data.test_split must leave data to train on, "
                           f"got {d['val_split']} + {d['test_split']}.")
-    if cfg["train"]["monitor"].startswith("val_") and not d["val"] and d["val_split"] == 0 and d["source"] != "factory":
-        raise ConfigError(f"{source}: train.monitor is {cfg['train']['monitor']} but there is no validation data "
-                          "(set data.val or data.val_split, or monitor train_acc/train_loss).")
+    monitor = cfg["train"]["monitor"]
+    if monitor is not None and not re.fullmatch(r"(train|val)_[A-Za-z0-9_]+", monitor):
+        raise ConfigError(f"{source}: train.monitor must be val_<metric>, train_<metric>, val_loss or train_loss, "
+                          f"got {monitor!r}.")
+    if (monitor or "val_").startswith("val_") and not d["val"] and d["val_split"] == 0 and d["source"] != "factory":
+        raise ConfigError(f"{source}: train.monitor is {monitor or 'a val_ metric (the default)'} but there is no "
+                          "validation data (set data.val or data.val_split, or monitor a train_ metric such as train_loss).")
     return cfg
 
 

@@ -3,8 +3,12 @@
 The common case of a supervised loop is features already in memory. For it, :class:`TensorLoader`
 takes each batch by slicing a permuted index of the whole tensors: no per-sample ``__getitem__`` and
 no collate, which is several times faster than ``DataLoader(TensorDataset(X, y))`` on small models.
-Every loader here yields ``(x, y)`` pairs on the target device (``y`` is ``None`` for unlabelled data)
-and shards an epoch across processes the same way, so that ranks see disjoint parts of one permutation.
+
+Every loader here (see :class:`Loader`) yields ``(inputs, target)`` pairs on the target device:
+``inputs`` is a tensor, a tuple of tensors (the model is called ``model(*inputs)``) or a dict of tensors
+(``model(**inputs)``); ``target`` is ``None`` for unlabelled data. A dict batch holds its target under
+``target_key`` (default ``"labels"``, Hugging Face style). Loaders shard an epoch across processes the
+same way, so that ranks see disjoint parts of one permutation.
 """
 
 from __future__ import annotations
@@ -13,17 +17,98 @@ import csv
 import importlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
+from torch.utils.data.dataloader import default_collate
 
 from trainval.errors import ConfigError, DataError
 
-Batch = tuple[torch.Tensor, "torch.Tensor | None"]
+Inputs = Any  # a tensor, a tuple/list of tensors, or a dict of tensors
+Batch = tuple[Inputs, "torch.Tensor | None"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Nested inputs: a tensor, a tuple/list or a dict of them
+
+
+def tree_map(fn: Callable[[torch.Tensor], torch.Tensor], x: Inputs) -> Inputs:
+    """``fn`` applied to every tensor of a tensor / tuple / list / dict (other leaves pass through)."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, Mapping):
+        return {k: tree_map(fn, v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(tree_map(fn, v) for v in x) if type(x) in (tuple, list) else [tree_map(fn, v) for v in x]
+    return x
+
+
+def tree_tensors(x: Inputs) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, Mapping):
+        return [t for v in x.values() for t in tree_tensors(v)]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in tree_tensors(v)]
+    return []
+
+
+def describe(x: Inputs) -> str:
+    """Shapes of nested inputs, for error messages: ``{'input_ids': [2, 16], ...}``."""
+    if isinstance(x, torch.Tensor):
+        return str(list(x.shape))
+    if isinstance(x, Mapping):
+        return "{" + ", ".join(f"{k!r}: {describe(v)}" for k, v in x.items()) + "}"
+    if isinstance(x, (tuple, list)):
+        return "(" + ", ".join(describe(v) for v in x) + ")"
+    return type(x).__name__
+
+
+def tree_len(x: Inputs, what: str) -> int:
+    """The common first dimension of every tensor in ``x`` (the number of samples)."""
+    tensors = tree_tensors(x)
+    if not tensors:
+        raise DataError(f"{what} holds no tensors ({describe(x)}).")
+    lengths = {len(t) if t.dim() else 0 for t in tensors}
+    if len(lengths) != 1:
+        raise DataError(f"{what}: its tensors differ in length ({describe(x)}); every input needs one row per sample.")
+    return lengths.pop()
+
+
+def split_batch(batch: Any, target_key: str, labelled: bool) -> Batch:
+    """``(x, y)`` / ``x`` / ``{..., target_key: y}`` -> ``(inputs, target)``."""
+    if isinstance(batch, Mapping):
+        inputs = {k: v for k, v in batch.items() if k != target_key}
+        return inputs, (batch.get(target_key) if labelled else None)
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 2:
+            return batch[0], (batch[1] if labelled else None)
+        if len(batch) == 1:
+            return batch[0], None
+        raise DataError(f"a batch must be (inputs, target), inputs alone, or a dict with the target under "
+                        f"'{target_key}'; got a sequence of {len(batch)} items ({describe(batch)}). "
+                        "Several input tensors go in a tuple: ((x1, x2), y).")
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    raise DataError(f"a batch must be (inputs, target), a tensor, or a dict; got {type(batch).__name__}.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loaders
+
+
+class Loader(Protocol):
+    """What the loop needs of a loader; :class:`TensorLoader` and :class:`DataLoaderAdapter` are the two."""
+
+    dataset_size: int | None  # samples in the whole data set (every rank together), if known
+
+    def __len__(self) -> int: ...  # batches per epoch on this rank
+    def iter_from(self, start_batch: int) -> Iterator[Batch]: ...  # an epoch's batches from start_batch on
+    def sample_batch(self) -> Batch: ...  # one or two samples, read without touching any RNG
 
 
 def epoch_indices(
@@ -60,8 +145,8 @@ class TensorLoader:
     """Batches of in-memory tensors, taken by slicing a permuted index.
 
     Args:
-        X: features, any shape ``[N, ...]``.
-        y: integer labels ``[N]``, or ``None`` for unlabelled data.
+        X: inputs with one row per sample: a tensor ``[N, ...]``, a tuple of them, or a dict of them.
+        y: targets ``[N, ...]`` (class ids, 0/1, multi-hot rows or values), or ``None`` for unlabelled data.
         batch_size: samples per batch (per process).
         shuffle: draw a new permutation from ``generator`` at every ``iter()``.
         drop_last: drop a last batch smaller than ``batch_size``.
@@ -72,7 +157,7 @@ class TensorLoader:
 
     def __init__(
         self,
-        X: torch.Tensor,
+        X: Inputs,
         y: torch.Tensor | None = None,
         batch_size: int = 64,
         shuffle: bool = False,
@@ -84,22 +169,29 @@ class TensorLoader:
         pad: bool = False,
         device: torch.device | str | None = None,
     ):
-        if y is not None and len(X) != len(y):
-            raise DataError(f"features and labels differ in length: {len(X)} rows of X but {len(y)} labels.")
+        n = tree_len(X, "the inputs")
+        if y is not None and n != len(y):
+            raise DataError(f"features and labels differ in length: {n} rows of X but {len(y)} labels.")
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}.")
-        self.X, self.y = X, y
+        self.X, self.y, self.n = X, y, n
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.generator = generator
         self.rank, self.world_size, self.pad = rank, world_size, pad
-        self.device = torch.device(device) if device is not None else X.device
-        self._copy = self.device != X.device
-        self._non_blocking = self._copy and self.device.type == "cuda" and X.is_pinned()
+        first = tree_tensors(X)[0]
+        self.device = torch.device(device) if device is not None else first.device
+        self._copy = self.device != first.device
+        self._non_blocking = self._copy and self.device.type == "cuda" and first.is_pinned()
+        self._single = isinstance(X, torch.Tensor)  # the common case: no tree walk per batch
+
+    @property
+    def dataset_size(self) -> int:
+        return self.n
 
     @property
     def num_samples(self) -> int:
         """Samples this rank visits in one epoch."""
-        n = len(self.X)
+        n = self.n
         if self.world_size == 1:
             return n
         if self.pad:
@@ -116,29 +208,38 @@ class TensorLoader:
     def __iter__(self) -> Iterator[Batch]:
         return self.iter_from(0)
 
+    def sample_batch(self) -> Batch:
+        k = min(2, self.n)
+        xb = self.X[:k] if self._single else tree_map(lambda t: t[:k], self.X)
+        return xb, (None if self.y is None else self.y[:k])
+
     def iter_from(self, start_batch: int) -> Iterator[Batch]:
         """The epoch's batches from ``start_batch`` on; the permutation is drawn now, not lazily."""
         order = epoch_indices(
-            len(self.X), shuffle=self.shuffle, generator=self.generator,
+            self.n, shuffle=self.shuffle, generator=self.generator,
             rank=self.rank, world_size=self.world_size, pad=self.pad,
         )
-        if order is not None and order.device != self.X.device:  # data resident on the GPU
-            order = order.pin_memory().to(self.X.device, non_blocking=True)
+        first = tree_tensors(self.X)[0]
+        if order is not None and order.device != first.device:  # data resident on the GPU
+            order = order.pin_memory().to(first.device, non_blocking=True)
         return self._batches(order, start_batch * self.batch_size)
 
     def _batches(self, order: torch.Tensor | None, start: int) -> Iterator[Batch]:
         n = self.num_samples
         stop = (n // self.batch_size) * self.batch_size if self.drop_last else n
-        X, y, B = self.X, self.y, self.batch_size
+        X, y, B, single = self.X, self.y, self.batch_size, self._single
         for i in range(start, stop, B):
             if order is None:  # contiguous views, no copy
-                xb = X[i : i + B]
+                xb = X[i : i + B] if single else tree_map(lambda t, i=i: t[i : i + B], X)
                 yb = None if y is None else y[i : i + B]
             else:
                 idx = order[i : i + B]
-                xb = self._gather(X, idx)
+                xb = self._gather(X, idx) if single else tree_map(lambda t, idx=idx: self._gather(t, idx), X)
                 yb = None if y is None else self._gather(y, idx)
-            yield self._move(xb), (None if yb is None else self._move(yb))
+            if self._copy:
+                xb = self._move(xb) if single else tree_map(self._move, xb)
+                yb = None if yb is None else self._move(yb)
+            yield xb, yb
 
     def _gather(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``t[idx]``; from pinned memory into a pinned batch, so that its copy to the GPU is asynchronous.
@@ -175,11 +276,19 @@ class ShardSampler(Sampler[int]):
 
 
 class DataLoaderAdapter:
-    """Wraps a ``DataLoader``: unpacks ``(x, y)`` or ``x`` batches and moves them to the device."""
+    """Wraps a ``DataLoader``: splits each batch into ``(inputs, target)`` and moves it to the device.
 
-    def __init__(self, loader: DataLoader, device: torch.device, labelled: bool = True):
-        self.loader, self.device, self.labelled = loader, device, labelled
+    ``target_transform`` (set by the trainer) casts each batch's target to what the task's loss wants.
+    """
+
+    def __init__(self, loader: DataLoader, device: torch.device, labelled: bool = True, target_key: str = "labels"):
+        self.loader, self.device, self.labelled, self.target_key = loader, device, labelled, target_key
         self._non_blocking = device.type == "cuda"
+        self.target_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def dataset_size(self) -> int | None:
+        return len(self.loader.dataset) if isinstance(self.loader.sampler, ShardSampler) else None
 
     @property
     def num_samples(self) -> int:
@@ -195,6 +304,13 @@ class DataLoaderAdapter:
     def __iter__(self) -> Iterator[Batch]:
         return self.iter_from(0)
 
+    def sample_batch(self) -> Batch:
+        dataset = self.loader.dataset
+        collate = self.loader.collate_fn or default_collate
+        batch = collate([dataset[i] for i in range(min(2, len(dataset)))])
+        x, y = split_batch(batch, self.target_key, self.labelled)
+        return x, (None if y is None else torch.as_tensor(y))
+
     def iter_from(self, start_batch: int) -> Iterator[Batch]:
         """The epoch's batches from ``start_batch`` on; the skipped ones are fetched now and dropped."""
         it = iter(self.loader)
@@ -202,80 +318,166 @@ class DataLoaderAdapter:
             next(it, None)
         return self._batches(it)
 
+    def _move(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.device, non_blocking=self._non_blocking)
+
     def _batches(self, it) -> Iterator[Batch]:
+        transform = self.target_transform
         for batch in it:
-            if isinstance(batch, (tuple, list)):
-                if len(batch) < 1 or len(batch) > 2:
-                    raise DataError(f"a batch must be (x, y) or x, got a sequence of {len(batch)} items.")
-                x = batch[0]
-                y = batch[1] if len(batch) == 2 and self.labelled else None
-            elif isinstance(batch, torch.Tensor):
-                x, y = batch, None
-            else:
-                raise DataError(f"a batch must be (x, y) or a tensor x, got {type(batch).__name__}.")
-            x = x.to(self.device, non_blocking=self._non_blocking)
+            x, y = split_batch(batch, self.target_key, self.labelled)
+            x = tree_map(self._move, x)
             if y is not None:
-                y = y.to(self.device, non_blocking=self._non_blocking)
+                y = self._move(y)
+                if transform is not None:
+                    y = transform(y)
             yield x, y
 
 
+def make_loader(
+    data: Any,
+    *,
+    train: bool,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    labelled: bool = True,
+    target_key: str = "labels",
+    num_workers: int = 0,
+    check_inputs: bool = True,
+    place: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    name: str = "data",
+) -> TensorLoader | DataLoaderAdapter:
+    """The loader for what the user passed: in-memory data -> :class:`TensorLoader`; a ``Dataset`` or a
+    ``DataLoader`` -> a ``DataLoader`` drawing from our sharded, seeded order (:class:`ShardSampler`).
+
+    Training shuffles from ``generator`` (the trainer's, for exact resume) and pads shards to equal
+    length; evaluation and prediction visit each sample once, in dataset order.
+    """
+    tensors = as_tensors(data, labelled=labelled, what=name, target_key=target_key)
+    if tensors is not None:
+        X, y = tensors
+        if tree_len(X, f"{name} inputs") == 0:
+            raise DataError(f"{name} data is empty (0 samples).")
+        if check_inputs:
+            for t in tree_tensors(X):
+                check_finite(t, name)
+        if place is not None:
+            X, y = tree_map(place, X), (None if y is None else place(y))
+        return TensorLoader(X, y, batch_size, shuffle=train, generator=generator if train else None,
+                            rank=rank, world_size=world_size, pad=train, device=device)
+    if isinstance(data, DataLoader):
+        _check_map_style(data.dataset, name)
+        # Re-sample through our sharded order: seeded (and resumable) shuffling for training; in
+        # dataset order, each sample once, for evaluation and prediction.
+        if train or world_size > 1 or not isinstance(data.sampler, torch.utils.data.SequentialSampler):
+            if data.batch_size is None:
+                raise DataError(f"{name}: a DataLoader with a custom batch_sampler cannot be sharded; "
+                                "give a Dataset or a DataLoader with batch_size.")
+            shuffle = train and isinstance(data.sampler, torch.utils.data.RandomSampler)
+            sampler = ShardSampler(len(data.dataset), shuffle=shuffle, generator=generator if train else None,
+                                   rank=rank, world_size=world_size, pad=train)
+            data = rebuild_loader(data, sampler, drop_last=data.drop_last and train)
+        return DataLoaderAdapter(data, device, labelled, target_key)
+    if isinstance(data, Dataset):
+        _check_map_style(data, name)
+        sampler = ShardSampler(len(data), shuffle=train, generator=generator if train else None,
+                               rank=rank, world_size=world_size, pad=train)
+        loader = DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                            pin_memory=device.type == "cuda")
+        return DataLoaderAdapter(loader, device, labelled, target_key)
+    raise DataError(f"{name} data must be a DataLoader, a Dataset, or in-memory (X, y) with X a tensor/array, a "
+                    f"tuple or a dict of them; got {type(data).__name__}.")
+
+
+def _check_map_style(dataset: Any, name: str) -> None:
+    if isinstance(dataset, IterableDataset):
+        raise DataError(f"{name}: {type(dataset).__name__} is an IterableDataset; trainval needs a map-style "
+                        "Dataset (with __len__ and __getitem__) to shard, shuffle and resume exactly.")
+    try:
+        n = len(dataset)
+    except TypeError:
+        raise DataError(f"{name}: the dataset has no len(); give a map-style Dataset.") from None
+    if n == 0:
+        raise DataError(f"{name} data is empty (0 samples).")
+
+
+def rebuild_loader(loader: DataLoader, sampler: Sampler, drop_last: bool) -> DataLoader:
+    """The same DataLoader, drawing indices from ``sampler`` (our sharded, seeded order)."""
+    kwargs = dict(batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+                  collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=drop_last,
+                  timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
+                  persistent_workers=loader.persistent_workers)
+    if loader.num_workers > 0:
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+    return DataLoader(loader.dataset, **kwargs)
+
+
 # --------------------------------------------------------------------------------------------------
-# Turning what the user passes into tensors or loaders
+# Turning what the user passes into tensors
 
 
 def _as_tensor(a: Any, what: str) -> torch.Tensor:
     if isinstance(a, torch.Tensor):
-        return a
-    if isinstance(a, np.ndarray):
-        if a.dtype == object:
-            raise DataError(f"{what} is a NumPy array of Python objects; give numbers (float or int).")
-        return torch.from_numpy(np.ascontiguousarray(a))
-    raise DataError(f"{what} must be a tensor or NumPy array, got {type(a).__name__}.")
+        t = a
+    elif isinstance(a, np.ndarray):
+        if a.dtype == object or a.dtype.kind in "USV":
+            raise DataError(f"{what} is a NumPy array of {a.dtype} (strings or Python objects); give numbers.")
+        t = torch.from_numpy(np.ascontiguousarray(a))
+    else:
+        raise DataError(f"{what} must be a tensor or NumPy array, got {type(a).__name__}.")
+    if t.is_complex():
+        raise DataError(f"{what} are complex numbers ({t.dtype}); give real numbers.")
+    return t
 
 
 def prepare_features(X: torch.Tensor) -> torch.Tensor:
-    """Features as a floating tensor (float64 and integers become float32)."""
-    if X.dtype == torch.bool or not X.is_floating_point():
-        return X.float()
-    if X.dtype == torch.float64:
+    """Features as float32 when they are bool, float64 or half precision; integer inputs (token ids) stay."""
+    if X.dtype in (torch.bool, torch.float64, torch.float16, torch.bfloat16):
         return X.float()
     return X
 
 
-def prepare_labels(y: torch.Tensor, what: str = "labels") -> torch.Tensor:
-    """Labels as int64 class ids; integral floats are accepted, anything else is refused."""
-    if y.dim() != 1:
-        if y.dim() == 2 and y.shape[1] == 1:
-            y = y[:, 0]
-        else:
-            raise DataError(f"{what} must be one class id per sample (shape [N]), got shape {list(y.shape)}.")
-    if y.is_floating_point():
-        bad = ~torch.isfinite(y) | (y != torch.round(y))
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise DataError(f"{what} must be integer class ids; sample {i} has label {y[i].item()!r}.")
-    elif y.dtype == torch.bool or y.is_complex():
-        raise DataError(f"{what} must be integer class ids, got dtype {y.dtype}.")
-    return y.long()
+def _inputs(x: Any, what: str) -> Inputs:
+    if isinstance(x, Mapping):
+        return {k: prepare_features(_as_tensor(v, f"{what} '{k}'")) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return tuple(prepare_features(_as_tensor(v, f"{what} {i}")) for i, v in enumerate(x))
+    return prepare_features(_as_tensor(x, what))
 
 
-def as_tensors(data: Any, *, labelled: bool = True, what: str = "data") -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """``(X, y)`` for in-memory data (a pair of tensors/arrays, a tensor, a ``TensorDataset``), else None."""
+def as_tensors(data: Any, *, labelled: bool = True, what: str = "data",
+               target_key: str = "labels") -> tuple[Inputs, torch.Tensor | None] | None:
+    """``(inputs, y)`` for in-memory data, else ``None`` (Datasets and DataLoaders).
+
+    In-memory data is ``(X, y)`` with ``X`` a tensor/array, a tuple of them or a dict of them; ``X``
+    alone (unlabelled); a ``TensorDataset``; or a dict of tensors with the target under ``target_key``.
+    """
     if isinstance(data, TensorDataset):
         tensors = data.tensors
         if len(tensors) not in (1, 2):
             raise DataError(f"{what}: a TensorDataset must hold (X,) or (X, y), it holds {len(tensors)} tensors.")
         X, y = tensors[0], (tensors[1] if len(tensors) == 2 else None)
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], (tuple, list)):
-        X, y = _as_tensor(data[0], f"{what} features"), _as_tensor(data[1], f"{what} labels")
+    elif isinstance(data, Mapping):
+        if not data or not all(isinstance(v, (torch.Tensor, np.ndarray)) for v in data.values()):
+            return None
+        X = {k: v for k, v in data.items() if k != target_key}
+        y = data.get(target_key)
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], (torch.Tensor, np.ndarray)) \
+            and isinstance(data[0], (torch.Tensor, np.ndarray, tuple, list, Mapping)):
+        X, y = data
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and data[1] is None:
+        X, y = data[0], None
     elif isinstance(data, (torch.Tensor, np.ndarray)):
-        X, y = _as_tensor(data, f"{what} features"), None
+        X, y = data, None
     else:
         return None
-    if y is not None and len(X) != len(y):
-        raise DataError(f"{what}: features and labels differ in length: {len(X)} rows of X but {len(y)} labels.")
-    X = prepare_features(X)
-    y = prepare_labels(y, f"{what} labels") if (y is not None and labelled) else None
+    X = _inputs(X, f"{what} features")
+    y = _as_tensor(y, f"{what} labels") if (y is not None and labelled) else None
+    n = tree_len(X, f"{what} features")
+    if y is not None and n != len(y):
+        raise DataError(f"{what}: features and labels differ in length: {n} rows of X but {len(y)} labels.")
     return X, y
 
 
@@ -298,19 +500,6 @@ def check_finite(X: torch.Tensor, what: str = "data") -> None:
         f"{what} features contain NaN or Inf (first at row {pos[0]}, column {pos[1]}); clean the data, "
         "or pass check_inputs=False to train anyway."
     )
-
-
-def check_labels(y: torch.Tensor, num_classes: int, what: str = "data") -> None:
-    """Refuse labels outside ``[0, num_classes)``, naming the first bad sample."""
-    if len(y) == 0:
-        return
-    bad = (y < 0) | (y >= num_classes)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise DataError(
-            f"{what} labels must lie in [0, {num_classes}) for a model with {num_classes} outputs; "
-            f"sample {i} has label {int(y[i])}."
-        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,7 +638,7 @@ def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[n
 
 
 __all__ = [
-    "TensorLoader", "ShardSampler", "DataLoaderAdapter", "epoch_indices", "as_tensors", "check_finite",
-    "check_labels", "Split", "load_digits_arrays", "load_npz", "load_csv", "import_object",
+    "Loader", "TensorLoader", "ShardSampler", "DataLoaderAdapter", "make_loader", "epoch_indices", "as_tensors",
+    "check_finite", "split_batch", "tree_map", "Split", "load_digits_arrays", "load_npz", "load_csv", "import_object",
     "stratified_split",
 ]

@@ -133,6 +133,25 @@ def gather_in_order(local: torch.Tensor, n_total: int) -> torch.Tensor | None:
     return out
 
 
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows, concatenated (rank order), on every rank's CPU; ranks may hold different counts.
+
+    Used once per epoch by metrics that need every sample's score (exact AUROC): two collectives.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return local.cpu()
+    world, dev = dist.get_world_size(), _collective_device()
+    count = torch.tensor([len(local)], dtype=torch.int64, device=dev)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    buf = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=dev)
+    buf[: len(local)] = local.to(dev)
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(parts, buf)
+    return torch.cat([p[:n].cpu() for p, n in zip(parts, sizes)])
+
+
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         try:

@@ -1,32 +1,468 @@
-"""Running metrics kept on the device and read once per epoch.
+"""Metrics kept on the device, exact, reduced once per epoch.
 
-Per batch the loop only writes two device scalars into preallocated buffers (the batch's mean loss
-and its number of correct argmax predictions): no ``.item()``, no host sync. The buffers are reduced
-at the end of the epoch, after one all-reduce across ranks when several processes train. Means are
-exact means over samples: each batch's loss is weighted by its size, so an uneven last batch counts
-for what it holds. Keeping one loss per step also names the first step whose loss was not finite.
+Per step the loop writes the batch's mean loss and its weight into preallocated buffers and adds the
+batch to each metric's *state*: a small float64 tensor of sums (correct counts, a confusion matrix,
+per-label true/false positives, sums of squared errors...). Device operations only: no ``.item()``, no
+host sync. At the end of the epoch every state sits in one flat buffer, so one all-reduce (when several
+processes train) and one device-to-host copy give every metric exactly, whatever the batch size and the
+number of processes. Metrics that need every score (AUROC) keep their rows and gather them once per epoch.
+
+Writing your own sync-free metric (the protocol the built-ins follow)::
+
+    class MeanAbsLogit:
+        name = "mean_abs_logit"            # columns train_mean_abs_logit, val_mean_abs_logit, ...
+        higher_is_better = False           # the direction when it is the monitored metric
+        def state_shape(self, num_outputs):
+            return (2,)                    # float64 zeros at the start of each epoch
+        def update(self, state, out):      # out: trainval.tasks.BatchOutputs; device ops only
+            state[0] += out.output.abs().sum()
+            state[1] += out.output.numel()
+        def compute(self, state):          # a CPU tensor, summed over batches and processes
+            return float(state[0] / state[1])
+
+    Trainer(..., metrics=["acc", MeanAbsLogit()])
+
+Metrics with the same ``state_key`` share one state (the built-in F1/precision/recall/balanced accuracy/
+mIoU share one confusion matrix). A ``torchmetrics.Metric`` object is accepted too; it keeps its own state
+and synchronises where torchmetrics does.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainval.errors import ConfigError
+from trainval.tasks import BatchOutputs, Task
 
-class RunningMetrics:
-    """Per-batch mean loss and correct count (on the device), batch sizes (on the host)."""
 
-    def __init__(self, device: torch.device, capacity: int = 64):
-        self.device = device
-        # float64 keeps sums exact enough over millions of samples; MPS has no float64.
-        self.dtype = torch.float32 if device.type == "mps" else torch.float64
+@runtime_checkable
+class Metric(Protocol):
+    """A metric as a sum over samples: a state of float64 sums, updated per batch on the device."""
+
+    name: str
+    higher_is_better: bool
+
+    def state_shape(self, num_outputs: int) -> tuple[int, ...]: ...
+    def update(self, state: torch.Tensor, out: BatchOutputs) -> None: ...
+    def compute(self, state: torch.Tensor) -> float: ...
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics: the shared states behind the built-in metrics
+
+
+class _Stat:
+    key = ""
+
+    def shape(self, num_outputs: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def update(self, state: torch.Tensor, out: BatchOutputs) -> None:
+        raise NotImplementedError
+
+
+class _Correct(_Stat):
+    """``[correct, count]`` of exact predictions (class ids, or 0/1)."""
+
+    key = "correct"
+
+    def shape(self, num_outputs):
+        return (2,)
+
+    def update(self, state, out):
+        hit = out.pred == out.target
+        if out.mask is None:
+            state[0] += hit.sum()
+            state[1] += out.target.shape[0]
+        else:
+            state[0] += (hit & out.mask).sum()
+            state[1] += out.mask.sum()
+
+
+class _TopK(_Stat):
+    def __init__(self, k: int):
+        self.k, self.key = k, f"top{k}"
+
+    def shape(self, num_outputs):
+        if self.k > num_outputs:
+            raise ConfigError(f"metric top{self.k}_acc needs at least {self.k} classes; the model has {num_outputs}.")
+        return (2,)
+
+    def update(self, state, out):
+        top = out.scores.topk(self.k, dim=1).indices
+        hit = (top == out.target.unsqueeze(1)).any(dim=1)
+        if out.mask is None:
+            state[0] += hit.sum()
+            state[1] += out.target.shape[0]
+        else:
+            state[0] += (hit & out.mask).sum()
+            state[1] += out.mask.sum()
+
+
+class _Confusion(_Stat):
+    """``C x C`` counts, rows = true class, columns = predicted class."""
+
+    key = "confusion"
+
+    def shape(self, num_outputs):
+        return (num_outputs, num_outputs)
+
+    def update(self, state, out):
+        C = state.shape[0]
+        idx = out.target * C + out.pred
+        if out.mask is None:
+            weights = torch.ones_like(idx, dtype=state.dtype)
+        else:
+            idx = idx * out.mask  # ignored targets add 0 at cell 0
+            weights = out.mask.to(state.dtype)
+        state.view(-1).index_add_(0, idx, weights)  # no sync (bincount would read the max on the host)
+
+
+class _BinaryCounts(_Stat):
+    """``[tp, fp, fn, tn]``."""
+
+    key = "binary_counts"
+
+    def shape(self, num_outputs):
+        return (4,)
+
+    def update(self, state, out):
+        p, t = out.pred.bool(), out.target.bool()
+        state[0] += (p & t).sum()
+        state[1] += (p & ~t).sum()
+        state[2] += (~p & t).sum()
+        state[3] += (~p & ~t).sum()
+
+
+class _LabelCounts(_Stat):
+    """Per label ``[tp, fp, fn]`` (``[3, K]``) and exact-match ``[matches, count]`` in a last column pair."""
+
+    key = "label_counts"
+
+    def shape(self, num_outputs):
+        return (3, num_outputs + 2)
+
+    def update(self, state, out):
+        p, t = out.pred.bool(), out.target.bool()
+        K = p.shape[1]
+        state[0, :K] += (p & t).sum(dim=0)
+        state[1, :K] += (p & ~t).sum(dim=0)
+        state[2, :K] += (~p & t).sum(dim=0)
+        state[0, K] += (p == t).all(dim=1).sum()
+        state[0, K + 1] += p.shape[0]
+
+
+class _RegressionSums(_Stat):
+    """Per output ``[sum sq. error, sum abs. error, sum y, sum y^2, count]`` (``[5, D]``)."""
+
+    key = "regression_sums"
+
+    def shape(self, num_outputs):
+        return (5, num_outputs)
+
+    def update(self, state, out):
+        y, err = out.target.to(state.dtype), out.pred.to(state.dtype) - out.target.to(state.dtype)
+        state[0] += err.square().sum(dim=0)
+        state[1] += err.abs().sum(dim=0)
+        state[2] += y.sum(dim=0)
+        state[3] += y.square().sum(dim=0)
+        state[4] += y.shape[0]
+
+
+class BuiltinMetric:
+    """A named function of one shared statistic."""
+
+    def __init__(self, name: str, higher_is_better: bool, stat: _Stat, fn: Callable[[np.ndarray], float]):
+        self.name, self.higher_is_better, self._stat, self._fn = name, higher_is_better, stat, fn
+        self.state_key = stat.key
+
+    def state_shape(self, num_outputs: int) -> tuple[int, ...]:
+        return self._stat.shape(num_outputs)
+
+    def update(self, state: torch.Tensor, out: BatchOutputs) -> None:
+        self._stat.update(state, out)
+
+    def compute(self, state: torch.Tensor) -> float:
+        return float(self._fn(state.numpy()))
+
+    def __repr__(self) -> str:
+        return f"<metric {self.name}>"
+
+
+def _div(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return np.divide(a, b, out=np.zeros_like(a), where=b != 0)  # 0 where undefined, as scikit-learn's zero_division
+
+
+def _mean(values) -> float:
+    values = np.asarray(values)
+    return float(values.mean()) if values.size else float("nan")
+
+
+def _confusion_parts(cm):
+    tp = np.diag(cm)
+    return tp, cm.sum(axis=0) - tp, cm.sum(axis=1) - tp, cm.sum(axis=1)
+
+
+def _f1(tp, fp, fn):
+    return _div(2 * tp, 2 * tp + fp + fn)
+
+
+def _present(cm):
+    # scikit-learn averages over the labels that occur in the targets or the predictions
+    return (cm.sum(axis=0) + cm.sum(axis=1)) > 0
+
+
+def _cm_f1_macro(cm):
+    tp, fp, fn, _ = _confusion_parts(cm)
+    return _mean(_f1(tp, fp, fn)[_present(cm)])
+
+
+def _cm_f1_weighted(cm):
+    tp, fp, fn, support = _confusion_parts(cm)
+    return float(_div((_f1(tp, fp, fn) * support).sum(), support.sum()))
+
+
+def _cm_precision_macro(cm):
+    tp, fp, _, _ = _confusion_parts(cm)
+    return _mean(_div(tp, tp + fp)[_present(cm)])
+
+
+def _cm_recall_macro(cm):
+    tp, _, fn, _ = _confusion_parts(cm)
+    return _mean(_div(tp, tp + fn)[_present(cm)])
+
+
+def _cm_balanced_acc(cm):
+    tp, _, _, support = _confusion_parts(cm)
+    return _mean(_div(tp, support)[support > 0])
+
+
+def _cm_miou(cm):
+    tp, fp, fn, _ = _confusion_parts(cm)
+    union = tp + fp + fn
+    return _mean(_div(tp, union)[union > 0])
+
+
+def _cm_acc(cm):
+    return float(_div(np.trace(cm), cm.sum()))
+
+
+def _r2(s):
+    sse, _, sy, sy2, n = s
+    sst = sy2 - sy * sy / np.maximum(n, 1)
+    r2 = np.where(sst > 0, 1 - _div(sse, sst), np.where(sse == 0, 1.0, 0.0))  # scikit-learn's force_finite
+    return float(r2.mean())
+
+
+def _auroc(rows: np.ndarray) -> float:
+    """Exact ROC AUC (Mann-Whitney U with average ranks for ties); NaN when one class is missing."""
+    scores, target = rows[:, 0], rows[:, 1] > 0.5
+    pos, neg = int(target.sum()), int((~target).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores), dtype=np.float64)
+    # average rank of each run of equal scores
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], len(scores)]
+    avg = (starts + ends + 1) / 2.0
+    ranks[order] = np.repeat(avg, ends - starts)
+    return float((ranks[target].sum() - pos * (pos + 1) / 2.0) / (pos * neg))
+
+
+class AUROC:
+    """Exact binary ROC AUC. It keeps every sample's score (8 bytes x 2 per sample, on the device) and
+    gathers them once per epoch."""
+
+    name, higher_is_better, reduction = "auroc", True, "cat"
+
+    def rows(self, out: BatchOutputs) -> torch.Tensor:
+        return torch.stack([out.scores.to(torch.float64), out.target.to(torch.float64)], dim=1)
+
+    def compute(self, rows: torch.Tensor) -> float:
+        return _auroc(rows.numpy())
+
+
+def _builtin(task: str, name: str) -> Any:
+    correct, confusion = _Correct(), _Confusion()
+    cm_metrics = {
+        "f1_macro": _cm_f1_macro, "f1_micro": _cm_acc, "f1_weighted": _cm_f1_weighted,
+        "precision_macro": _cm_precision_macro, "recall_macro": _cm_recall_macro,
+        "balanced_acc": _cm_balanced_acc, "miou": _cm_miou,
+    }
+    if task == "multiclass":
+        if name == "acc":
+            return BuiltinMetric("acc", True, correct, lambda s: _div(s[0], s[1]))
+        m = re.fullmatch(r"top(\d+)_acc", name)
+        if m and int(m.group(1)) >= 1:
+            return BuiltinMetric(name, True, _TopK(int(m.group(1))), lambda s: _div(s[0], s[1]))
+        if name in cm_metrics:
+            return BuiltinMetric(name, True, confusion, cm_metrics[name])
+    elif task == "binary":
+        counts = _BinaryCounts()
+        fns = {
+            "acc": lambda s: _div(s[0] + s[3], s.sum()),
+            "f1": lambda s: _f1(s[0], s[1], s[2]),
+            "precision": lambda s: _div(s[0], s[0] + s[1]),
+            "recall": lambda s: _div(s[0], s[0] + s[2]),
+        }
+        if name in fns:
+            return BuiltinMetric(name, True, counts, fns[name])
+        if name == "auroc":
+            return AUROC()
+    elif task == "multilabel":
+        labels = _LabelCounts()
+        fns = {
+            "f1_micro": lambda s: _f1(s[0, :-2].sum(), s[1, :-2].sum(), s[2, :-2].sum()),
+            "f1_macro": lambda s: _mean(_f1(s[0, :-2], s[1, :-2], s[2, :-2])),
+            "exact_match": lambda s: _div(s[0, -2], s[0, -1]),
+        }
+        if name in fns:
+            return BuiltinMetric(name, True, labels, fns[name])
+    elif task == "regression":
+        sums = _RegressionSums()
+        fns = {
+            "mse": lambda s: _mean(_div(s[0], s[4])),
+            "rmse": lambda s: _mean(np.sqrt(_div(s[0], s[4]))),
+            "mae": lambda s: _mean(_div(s[1], s[4])),
+            "r2": _r2,
+        }
+        if name in fns:
+            return BuiltinMetric(name, name == "r2", sums, fns[name])
+    return None
+
+
+BUILTIN_METRICS = {
+    "multiclass": ("acc", "top{k}_acc", "f1_macro", "f1_micro", "f1_weighted", "precision_macro", "recall_macro",
+                   "balanced_acc", "miou"),
+    "binary": ("acc", "f1", "precision", "recall", "auroc"),
+    "multilabel": ("f1_micro", "f1_macro", "exact_match"),
+    "regression": ("mse", "rmse", "mae", "r2"),
+}
+
+
+def confusion_metric() -> BuiltinMetric:
+    """The multiclass confusion matrix as a metric state (what ``test()`` writes to the run folder)."""
+    return BuiltinMetric("confusion", True, _Confusion(), lambda s: float("nan"))
+
+
+class TorchmetricsMetric:
+    """A ``torchmetrics.Metric``, fed the task's scores and targets; its state and sync are its own."""
+
+    reduction = "own"
+
+    def __init__(self, name: str, metric: Any):
+        self.name, self.metric = name, metric
+        self.higher_is_better = bool(getattr(metric, "higher_is_better", True))
+
+    def reset(self) -> None:
+        self.metric.reset()
+
+    def update(self, out: BatchOutputs) -> None:
+        scores, target = out.scores, out.target
+        if out.mask is not None:  # boolean indexing: a sync, as torchmetrics' own ignore_index handling
+            scores, target = scores[out.mask], target[out.mask]
+        self.metric.to(scores.device)
+        self.metric.update(scores, target)
+
+    def compute(self) -> float:
+        return float(self.metric.compute())
+
+
+def _is_torchmetrics(obj: Any) -> bool:
+    return any(c.__module__.startswith("torchmetrics") for c in type(obj).__mro__)
+
+
+def resolve_metrics(spec: Iterable | dict | None, task: Task) -> dict[str, Any]:
+    """``metrics=`` (names, metric objects, or ``{name: metric}``) -> ``{name: metric}`` for ``task``."""
+    if spec is None:
+        spec = task.default_metrics
+    items: list[tuple[str | None, Any]]
+    if isinstance(spec, dict):
+        items = list(spec.items())
+    elif isinstance(spec, (str, bytes)):
+        raise ConfigError(f"metrics must be a list of names or a dict, got the string {spec!r} (write [{spec!r}]).")
+    else:
+        items = [(None, m) for m in spec]
+    out: dict[str, Any] = {}
+    for name, m in items:
+        if isinstance(m, str):
+            metric = _builtin(task.name, m)
+            if metric is None:
+                raise ConfigError(f"unknown metric {m!r} for task {task.name}; built-in metrics: "
+                                  f"{', '.join(BUILTIN_METRICS[task.name])}, or pass a metric object.")
+            name = name or m
+        elif _is_torchmetrics(m):
+            name = name or type(m).__name__.lower()
+            metric = TorchmetricsMetric(name, m)
+        elif isinstance(m, Metric) or (hasattr(m, "rows") and getattr(m, "reduction", "") == "cat"):
+            metric, name = m, name or m.name
+        else:
+            raise ConfigError(f"metric {m!r} is neither a built-in name nor an object with name, higher_is_better, "
+                              "state_shape, update and compute (see trainval.metrics).")
+        if not re.fullmatch(r"[A-Za-z0-9_]+", str(name)) or name == "loss":
+            raise ConfigError(f"metric name {name!r} must be letters, digits and _ (and not 'loss').")
+        if name in out:
+            raise ConfigError(f"metric {name!r} is given twice.")
+        out[name] = metric
+    return out
+
+
+def _float_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+class MetricSet:
+    """The running loss and every metric of one split, for one epoch.
+
+    Args:
+        metrics: ``{name: metric}`` from :func:`resolve_metrics`.
+        num_outputs: classes / labels / outputs (sizes the states).
+        device: where the states live.
+        capacity: expected steps in the epoch (buffers grow if needed).
+    """
+
+    def __init__(self, metrics: dict[str, Any], num_outputs: int, device: torch.device, capacity: int = 64):
+        self.metrics, self.device, self.num_outputs = metrics, device, num_outputs
+        self.dtype = _float_dtype(device)
+        # one flat buffer for every summed state: one all-reduce and one host read per epoch
+        self._layout: list[tuple[str, Any, int, tuple[int, ...]]] = []  # (key, metric, offset, shape)
+        self._readers: dict[str, tuple[Any, str]] = {}  # name -> (metric, state key)
+        offset = 0
+        for name, m in metrics.items():
+            kind = getattr(m, "reduction", "sum")
+            if kind != "sum":
+                continue
+            key = getattr(m, "state_key", None) or f"metric:{name}"
+            if not any(k == key for k, *_ in self._layout):
+                shape = tuple(m.state_shape(num_outputs))
+                self._layout.append((key, m, offset, shape))
+                offset += int(np.prod(shape)) if shape else 1
+            self._readers[name] = (m, key)
+        self._size = offset
+        self._gathered = {name: m for name, m in metrics.items() if getattr(m, "reduction", "sum") == "cat"}
+        self._own = {name: m for name, m in metrics.items() if getattr(m, "reduction", "sum") == "own"}
         self.reset(capacity)
 
     def reset(self, capacity: int | None = None) -> None:
         capacity = max(1, capacity or 64)
         self.losses = torch.zeros(capacity, dtype=torch.float32, device=self.device)
-        self.correct = torch.zeros(capacity, dtype=torch.int64, device=self.device)
+        self.weights = torch.zeros(capacity, dtype=self.dtype, device=self.device)
         self.sizes: list[int] = []
+        self.flat = torch.zeros(self._size, dtype=self.dtype, device=self.device)
+        self._states = [(m, self.flat[off: off + (int(np.prod(shape)) if shape else 1)].view(shape))
+                        for _, m, off, shape in self._layout]
+        self._rows: dict[str, list[torch.Tensor]] = {name: [] for name in self._gathered}
+        for m in self._own.values():
+            m.reset()
 
     @property
     def count(self) -> int:
@@ -34,61 +470,108 @@ class RunningMetrics:
 
     def _grow(self) -> None:
         self.losses = torch.cat([self.losses, torch.zeros_like(self.losses)])
-        self.correct = torch.cat([self.correct, torch.zeros_like(self.correct)])
+        self.weights = torch.cat([self.weights, torch.zeros_like(self.weights)])
 
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        """Add one batch; ``loss`` is the batch mean (the usual ``reduction='mean'``).
+    def update(self, loss: torch.Tensor, weight: torch.Tensor | int, out: BatchOutputs, size: int) -> None:
+        """Add one batch: its mean ``loss``, the ``weight`` that mean was divided by, its metrics.
 
-        No autograd is involved (a detached copy and an integer count), so no ``no_grad`` is needed
-        here: entering it on every step would cost more than the two writes themselves.
+        No autograd is involved (detached values and counts), so no ``no_grad`` is entered here:
+        entering it on every step would cost more than the writes themselves.
         """
         k = len(self.sizes)
         if k == len(self.losses):
             self._grow()
         self.losses[k] = loss.detach()
-        self.correct[k] = (logits.argmax(dim=1) == y).sum()
-        self.sizes.append(y.shape[0])
+        self.weights[k] = weight
+        self.sizes.append(size)
+        for metric, state in self._states:
+            metric.update(state, out)
+        for name, metric in self._gathered.items():
+            self._rows[name].append(metric.rows(out).detach())
+        for metric in self._own.values():
+            metric.update(out)
 
-    def totals(self) -> torch.Tensor:
-        """``[loss_sum, correct, count]`` as one device tensor (no sync)."""
+    def state_tensor(self, all_reduce: bool) -> torch.Tensor:
         k = len(self.sizes)
-        sizes = torch.tensor(self.sizes, dtype=self.dtype).to(self.device, non_blocking=True)
-        return torch.stack([
-            (self.losses[:k].to(self.dtype) * sizes).sum(),
-            self.correct[:k].sum().to(self.dtype),
-            sizes.sum(),
-        ])
-
-    def compute(self, all_reduce: bool = True) -> tuple[float, float, int]:
-        """``(mean_loss, accuracy, count)`` over this rank, or over all ranks with ``all_reduce``.
-
-        Note: a CPU-GPU sync point (one per call, once per epoch).
-        """
-        totals = self.totals()
-        if all_reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        head = torch.stack([(self.losses[:k].to(self.dtype) * self.weights[:k]).sum(), self.weights[:k].sum(),
+                            torch.tensor(float(self.count), dtype=self.dtype, device=self.device)])
+        totals = torch.cat([head, self.flat])
+        if all_reduce and _distributed():
             if dist.get_backend() != "nccl":
                 totals = totals.cpu()
             dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-        loss_sum, correct, count = totals.tolist()
-        if count == 0:
-            return float("nan"), float("nan"), 0
-        return loss_sum / count, correct / count, int(count)
+        return totals
+
+    def compute(self, all_reduce: bool = True) -> tuple[dict[str, float], int]:
+        """``({"loss": ..., name: value, ...}, count)`` over this rank, or all ranks with ``all_reduce``.
+
+        Note: a CPU-GPU sync point (one device-to-host copy per call, once per epoch).
+        """
+        totals = self.state_tensor(all_reduce).cpu()
+        loss_sum, loss_weight, count = totals[:3].tolist()
+        flat = totals[3:]
+        states = {key: flat[off: off + (int(np.prod(shape)) if shape else 1)].view(shape)
+                  for key, _, off, shape in self._layout}
+        values: dict[str, float] = {"loss": loss_sum / loss_weight if loss_weight else float("nan")}
+        for name, metric in self.metrics.items():
+            kind = getattr(metric, "reduction", "sum")
+            if kind == "sum":
+                values[name] = metric.compute(states[self._readers[name][1]]) if count else float("nan")
+            elif kind == "cat":
+                rows = self._gather_rows(name, all_reduce)
+                values[name] = metric.compute(rows) if len(rows) else float("nan")
+            else:
+                values[name] = metric.compute() if count else float("nan")
+        return values, int(count)
+
+    def state_of(self, key: str) -> torch.Tensor | None:
+        """A shared state by key (e.g. ``"confusion"``), summed over ranks (a collective when distributed)."""
+        for k, _, off, shape in self._layout:
+            if k == key:
+                totals = self.state_tensor(True).cpu()[3:]
+                return totals[off: off + int(np.prod(shape))].view(shape)
+        return None
+
+    def _gather_rows(self, name: str, all_reduce: bool) -> torch.Tensor:
+        rows = self._rows[name]
+        local = torch.cat(rows) if rows else torch.zeros((0, 2), dtype=torch.float64, device=self.device)
+        if all_reduce and _distributed():
+            from trainval import distributed
+
+            return distributed.gather_rows(local)
+        return local.cpu()
 
     def first_nonfinite(self) -> int | None:
         """Index of the first batch whose loss was NaN/Inf, or None. Note: a sync point."""
         k = len(self.sizes)
-        bad = ~torch.isfinite(self.losses[:k])
-        idx = bad.nonzero()
+        idx = (~torch.isfinite(self.losses[:k])).nonzero()
         return int(idx[0, 0]) if len(idx) else None
 
     def state_dict(self) -> dict:
         k = len(self.sizes)
-        return {"losses": self.losses[:k].cpu().clone(), "correct": self.correct[:k].cpu().clone(),
-                "sizes": list(self.sizes)}
+        return {"losses": self.losses[:k].cpu().clone(), "weights": self.weights[:k].cpu().clone(),
+                "sizes": list(self.sizes), "flat": self.flat.cpu().clone(),
+                "rows": {name: (torch.cat(r).cpu() if r else None) for name, r in self._rows.items()}}
 
     def load_state_dict(self, state: dict, capacity: int | None = None) -> None:
         k = len(state["sizes"])
         self.reset(max(capacity or 0, k + 1))
         self.losses[:k] = state["losses"].to(self.device)
-        self.correct[:k] = state["correct"].to(self.device)
+        self.weights[:k] = state["weights"].to(self.device)
         self.sizes = list(state["sizes"])
+        self.flat.copy_(state["flat"].to(self.device))
+        for name, rows in state.get("rows", {}).items():
+            if name in self._rows and rows is not None:
+                self._rows[name] = [rows.to(self.device)]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def metric_direction(name: str, metrics: dict[str, Any]) -> str:
+    """``"max"`` or ``"min"`` for a monitored ``<split>_<name>``."""
+    short = name.split("_", 1)[1]
+    if short == "loss":
+        return "min"
+    return "max" if metrics[short].higher_is_better else "min"

@@ -1,21 +1,23 @@
 """The loop: fit / validate / test / predict, and the per-batch ``*_step`` methods, top to bottom.
 
-``Trainer.fit`` is the canonical supervised loop of the notes, done correctly::
+``Trainer.fit`` is the canonical supervised loop of the notes, done correctly, for any task::
 
     for epoch in range(start, max_epochs):
-        model.train()
-        for x, y in train_loader:                      # in-memory slicing or a DataLoader
-            loss, logits = train_step(x, y)            # forward + loss (autocast when asked)
+        model.train(); callbacks.on_epoch_start()      # a callback may freeze modules here
+        for inputs, target in train_loader:            # in-memory slicing or a DataLoader
+            loss, output = train_step(inputs, target)  # model(x) / model(*x) / model(**x), then the loss
             loss.backward()                            # no_sync() on non-final accumulation steps
             optimizer.step(); optimizer.zero_grad(set_to_none=True)
-            metrics.update(loss, logits, y)            # device tensors only: no host sync
+            metrics.update(loss, output, target)       # device tensors only: no host sync
         val = evaluate(val_loader)                     # eval mode + no_grad, modes restored after
-        print("[003/020] Train Acc ... | Val Acc ...") # one host read per epoch
+        print("[003/020] Train Acc ... | Val Acc ...") # one all-reduce and one host read per epoch
         if val improved and weights are finite: save best.pt
         save last.pt                                   # both atomic; last.pt resumes exactly
 
-``test`` and ``predict`` reload ``best.pt`` first. Everything a subclass may want to change per batch
-is in ``train_step``, ``eval_step`` and ``predict_step``.
+``test`` and ``predict`` reload ``best.pt`` first. What a model's output and a target mean (class ids,
+0/1, multi-hot rows, values) is the :mod:`~trainval.tasks` object's business; what is measured is the
+:mod:`~trainval.metrics` set's; where batches come from is the :mod:`~trainval.data` loader's. Everything
+a subclass may want to change per batch is in ``train_step``, ``eval_step`` and ``predict_step``.
 """
 
 from __future__ import annotations
@@ -23,20 +25,17 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
+import re
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.dataloader import default_collate
 
 from trainval import distributed
 from trainval.callbacks import Callback, ProgressBar, plot_curves, write_metrics_csv
@@ -47,14 +46,7 @@ from trainval.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
-from trainval.data import (
-    DataLoaderAdapter,
-    ShardSampler,
-    TensorLoader,
-    as_tensors,
-    check_finite,
-    check_labels,
-)
+from trainval.data import Loader, TensorLoader, describe, make_loader, tree_map
 from trainval.errors import (
     CheckpointError,
     ConfigError,
@@ -62,61 +54,50 @@ from trainval.errors import (
     Interrupted,
     NonFiniteLossError,
     RunFolderError,
+    TrainvalError,
 )
-from trainval.metrics import RunningMetrics
+from trainval.metrics import MetricSet, confusion_metric, metric_direction, resolve_metrics
+from trainval.state import LoopState, rng_state, seed_everything, set_rng_state
+from trainval.tasks import Task, check_loss, loss_weight, make_task, task_for_output
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+_BATCHNORM = nn.modules.batchnorm._BatchNorm
 
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (CPU and CUDA) global generators."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    """Global RNG states as tensors and plain containers (``weights_only``-loadable)."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+__all__ = ["Trainer", "seed_everything"]
 
 
 class Trainer:
     """Train, validate, keep the best checkpoint, reload it, test and predict.
 
     Args:
-        model: a module mapping a batch ``x`` to logits of shape ``[B, C]``.
+        model: a module; called ``model(x)``, ``model(*x)`` for a tuple ``x`` or ``model(**x)`` for a dict.
         optimizer: an optimizer over ``model``'s parameters (default: AdamW, lr 1e-3).
-        loss_fn: a loss with mean reduction (default: ``nn.CrossEntropyLoss()``).
+        loss_fn: a loss with mean reduction (default: the task's: cross-entropy, BCE-with-logits or MSE).
+        task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"`` (see :mod:`trainval.tasks`);
+            default: inferred from the loss (cross-entropy/NLL -> multiclass, BCE -> binary or multilabel by
+            the output's width, MSE/L1/SmoothL1/Huber -> regression).
+        metrics: metric names (see :mod:`trainval.metrics`), metric objects, or ``{name: metric}``; default
+            per task: ``acc`` (multiclass, binary), ``f1_micro`` (multilabel), ``mse`` and ``mae`` (regression).
         max_epochs: epochs to train (a resumed run continues up to this number).
         out_dir: run folder for ``best.pt``, ``last.pt``, ``metrics.csv`` and ``curves.png``.
         seed: seeds Python/NumPy/torch at the start of ``fit`` and the trainer's shuffling generator.
-        monitor: ``val_acc`` (max), ``val_loss`` (min), ``train_acc`` or ``train_loss``; ``mode``
-            (``"max"``/``"min"``) overrides the direction.
+        monitor: the metric that picks ``best.pt``: ``val_<metric>``, ``train_<metric>`` or ``*_loss``
+            (default: ``val_`` + the first metric, ``train_`` without validation data); ``mode``
+            (``"max"``/``"min"``) overrides the direction the metric implies.
         batch_size: samples per batch, per process; ``eval_batch_size`` for evaluation (default: same).
+        ignore_index: targets with this value are left out of the loss's mean and every metric
+            (multiclass; default: the loss's own ``ignore_index``, -100 for cross-entropy).
+        threshold: probability above which binary/multilabel predictions are 1 (default 0.5).
+        target_key: the target's key in dict batches (default ``"labels"``); ``output_key``: the prediction's
+            key in dict model outputs (default ``"logits"``). A tuple output's first element is the prediction.
+        eval_frozen_batchnorm: run BatchNorm layers whose parameters are all frozen in eval mode while
+            training, so their running statistics stay as loaded (Keras' rule; default True).
         progress: show a progress bar (a terminal) or bounded-rate progress lines (otherwise), rank 0.
         callbacks: :class:`~trainval.callbacks.Callback` objects.
         device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA if available (``LOCAL_RANK`` under torchrun).
         scheduler: a learning-rate scheduler; ``scheduler_interval`` ``"step"`` or ``"epoch"`` (default:
             per step for OneCycleLR/CyclicLR, per epoch otherwise; ReduceLROnPlateau gets the monitored value).
-        grad_clip: clip the global gradient norm to this value.
+        grad_clip: clip the global gradient norm to this value (> 0).
         accumulate_steps: micro-batches per optimizer step (gradient accumulation).
         precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast + grad scaler, CUDA).
         compile: run the model through ``torch.compile`` (checkpoints stay loadable into a plain model).
@@ -138,13 +119,20 @@ class Trainer:
         optimizer: torch.optim.Optimizer | None = None,
         loss_fn: nn.Module | None = None,
         *,
+        task: str | Task | None = None,
+        metrics: Iterable | dict | None = None,
         max_epochs: int = 20,
         out_dir: str = "runs/exp",
         seed: int = 0,
-        monitor: str = "val_acc",
+        monitor: str | None = None,
         mode: str | None = None,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
+        ignore_index: int | None = None,
+        threshold: float = 0.5,
+        target_key: str = "labels",
+        output_key: str = "logits",
+        eval_frozen_batchnorm: bool = True,
         progress: bool = True,
         callbacks: Iterable[Callback] = (),
         device: str | torch.device | None = None,
@@ -164,25 +152,44 @@ class Trainer:
     ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        if monitor not in ("val_acc", "val_loss", "train_acc", "train_loss"):
-            raise ConfigError(f"monitor must be val_acc, val_loss, train_acc or train_loss, got {monitor!r}.")
-        mode = mode or ("max" if monitor.endswith("acc") else "min")
-        if mode not in ("max", "min"):
+        if monitor is not None and not re.fullmatch(r"(train|val)_\w+", str(monitor)):
+            raise ConfigError(f"monitor must be 'val_<metric>', 'train_<metric>', 'val_loss' or 'train_loss', "
+                              f"got {monitor!r}.")
+        if mode not in (None, "max", "min"):
             raise ConfigError(f"mode must be 'max' or 'min', got {mode!r}.")
         if precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
         for name, value in (("max_epochs", max_epochs), ("batch_size", batch_size), ("accumulate_steps", accumulate_steps)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1):
+            raise ConfigError(f"eval_batch_size must be a positive integer, got {eval_batch_size!r}.")
         if scheduler_interval not in (None, "step", "epoch"):
             raise ConfigError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}.")
+        if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and math.isfinite(grad_clip) and grad_clip > 0):
+            raise ConfigError(f"grad_clip must be a positive number (the largest gradient norm allowed), got {grad_clip!r}.")
+        try:
+            self.device: torch.device = torch.device(device) if device is not None else distributed.default_device()
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"device {device!r} is not a device torch knows; use 'cpu', 'cuda' or 'cuda:N'.") from None
 
         self.model = model
         self.optimizer = optimizer if optimizer is not None else torch.optim.AdamW(model.parameters(), lr=1e-3)
-        self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+        if loss_fn is not None:
+            check_loss(loss_fn)
+        self._check_optimizer(loss_fn)
+        # The task may wait for the model's output width (a BCE loss: binary or multilabel), and the
+        # default loss for the task: both are settled in the first pre-flight check.
+        self.task: Task | None = make_task(task, loss_fn, ignore_index=ignore_index, threshold=threshold)
+        self.loss_fn = loss_fn if loss_fn is not None else (self.task.default_loss() if self.task else None)
+        self._task_args = (ignore_index, threshold)
+        self._metrics_spec = metrics
+        self.metrics: dict[str, Any] = {}
         self.max_epochs, self.out_dir, self.seed = max_epochs, str(out_dir), seed
-        self.monitor, self.mode = monitor, mode
+        self._monitor_arg, self._mode_arg = monitor, mode
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.target_key, self.output_key = target_key, output_key
+        self.eval_frozen_batchnorm = eval_frozen_batchnorm
         self.progress = progress
         self.callbacks = list(callbacks)
         self.scheduler = scheduler
@@ -194,29 +201,63 @@ class Trainer:
 
         self.dist = distributed.DistInfo()
         self._requested_device = device
-        self.device: torch.device = torch.device(device) if device is not None else distributed.default_device()
         self.generator = torch.Generator().manual_seed(seed)
         self.scaler = None
         self._train_model: nn.Module = model
         self._eval_model: nn.Module = model
         self._set_up = False
 
-        # Loop state: everything below is saved in last.pt.
-        self.epoch = 0                 # completed epochs
-        self.batch_in_epoch = 0        # batches done in the epoch in progress
-        self.global_step = 0           # optimizer steps
-        self.history: list[dict] = []
-        self.best_value: float | None = None
-        self.best_epoch: int | None = None
-        self.should_stop = False
-        self.num_classes: int | None = None
-        self.train_loader = None
-        self.val_loader = None
-        self.train_metrics: RunningMetrics | None = None
-        self._epoch_start: dict | None = None
+        self.state = LoopState(monitor=monitor or "", mode=mode or "max")  # saved in last.pt
+        self.train_loader: Loader | None = None
+        self.val_loader: Loader | None = None
+        self.train_metrics: MetricSet | None = None
+        self._val_metrics: MetricSet | None = None
         self._pending_rng: dict | None = None
         self._stop_signal: int | None = None
         self._bar: ProgressBar | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # The loop state, as attributes (callbacks read these, and may set should_stop)
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    @property
+    def batch_in_epoch(self) -> int:
+        return self.state.batch_in_epoch
+
+    @property
+    def global_step(self) -> int:
+        return self.state.global_step
+
+    @property
+    def history(self) -> list[dict]:
+        return self.state.history
+
+    @property
+    def best_value(self) -> float | None:
+        return self.state.best_value
+
+    @property
+    def best_epoch(self) -> int | None:
+        return self.state.best_epoch
+
+    @property
+    def monitor(self) -> str:
+        return self.state.monitor
+
+    @property
+    def mode(self) -> str:
+        return self.state.mode
+
+    @property
+    def should_stop(self) -> bool:
+        return self.state.should_stop
+
+    @should_stop.setter
+    def should_stop(self, value: bool) -> None:
+        self.state.should_stop = bool(value)
 
     # ------------------------------------------------------------------------------------------
     # Paths and reporting
@@ -245,21 +286,23 @@ class Trainer:
         """Train for ``max_epochs``, validating after each epoch; return the per-epoch history.
 
         Args:
-            train_data: a ``DataLoader``, a map-style ``Dataset`` of ``(x, y)``, or ``(X, y)`` tensors/arrays.
+            train_data: a ``DataLoader``, a map-style ``Dataset``, or in-memory ``(X, y)`` (``X`` a tensor/array,
+                a tuple or a dict of them).
             val_data: the same kinds, or ``None`` (then ``monitor`` must be a train metric).
             resume: continue from ``out_dir/last.pt`` exactly where it stopped (mid-epoch too).
         """
         self._setup()
-        if val_data is None and self.monitor.startswith("val_"):
-            raise ConfigError(f"monitor={self.monitor!r} needs validation data: pass val_data, "
-                              "or monitor='train_acc'/'train_loss'.")
+        if val_data is None and (self._monitor_arg or "").startswith("val_"):
+            raise ConfigError(f"monitor={self._monitor_arg!r} needs validation data: pass val_data, "
+                              "or monitor a train metric (e.g. 'train_loss').")
         self.train_loader = self._make_loader(train_data, train=True, name="train")
         self.val_loader = self._make_loader(val_data, train=False, name="val") if val_data is not None else None
         self._preflight(self.train_loader, "train", labelled=True)
         if self.val_loader is not None:
             self._preflight(self.val_loader, "val", labelled=True)
-        self.train_metrics = RunningMetrics(self.device, len(self.train_loader))
-        self._val_metrics = RunningMetrics(self.device, len(self.val_loader) if self.val_loader else 1)
+        self._choose_monitor(has_val=self.val_loader is not None)
+        self.train_metrics = self._metric_set(len(self.train_loader))
+        self._val_metrics = self._metric_set(len(self.val_loader) if self.val_loader else 1)
 
         if not resume and distributed.elastic_restart_count() > 0 and os.path.exists(self.last_path):
             resume = True  # torchrun restarted the workers after a failure: continue from last.pt
@@ -283,7 +326,7 @@ class Trainer:
                 for cb in callbacks:
                     cb.on_fit_end(self)
                 if self.plot and self.dist.is_main and self.history:
-                    plot_curves(os.path.join(self.out_dir, "curves.png"), self.history)
+                    plot_curves(os.path.join(self.out_dir, "curves.png"), self.history, self.monitor, self.best_epoch)
         finally:
             if self._bar is not None:
                 self._bar.close()
@@ -293,57 +336,75 @@ class Trainer:
         return self.history
 
     def validate(self, val_data: Any, ckpt: str | None = None) -> dict:
-        """Loss and accuracy on ``val_data`` with the current weights (or ``ckpt``: best/last/path)."""
-        return self._evaluate_public(val_data, ckpt, "val")
+        """``{"val_loss", "val_<metric>", ...}`` on ``val_data`` with the current weights (or ``ckpt``)."""
+        return self._score(val_data, ckpt, "val")
 
     def test(self, test_data: Any, ckpt: str | None = "best") -> dict:
-        """Reload ``best.pt`` (or ``ckpt``), then ``{"test_loss", "test_acc"}`` on ``test_data``."""
-        return self._evaluate_public(test_data, ckpt, "test")
+        """Reload ``best.pt`` (or ``ckpt``), then ``{"test_loss", "test_<metric>", ...}`` on ``test_data``.
+
+        For a multiclass task the confusion matrix (rows: true class, columns: predicted) is also
+        written to ``out_dir/confusion_matrix.csv`` when the run folder exists.
+        """
+        return self._score(test_data, ckpt, "test")
 
     def predict(self, inputs: Any, ckpt: str | None = "best") -> torch.Tensor:
-        """Class ids (LongTensor, input order) from ``best.pt`` (or ``ckpt``); labels are ignored."""
-        return self.predict_proba(inputs, ckpt).argmax(dim=1)
+        """Predictions from ``best.pt`` (or ``ckpt``), input order, on the CPU; targets are ignored.
+
+        Class ids (multiclass: one per sample, or per position for dense outputs), 0/1 (binary),
+        multi-hot rows (multilabel, ``threshold``), or the outputs (regression).
+        """
+        raw = self._predict_outputs(inputs, ckpt)
+        return self.task.predict(raw)
 
     def predict_proba(self, inputs: Any, ckpt: str | None = "best") -> torch.Tensor:
-        """Class probabilities ``[N, C]`` (softmax of the logits), input order, on the CPU."""
-        self._setup()
-        loader = self._make_loader(inputs, train=False, name="predict", labelled=False)
-        self._preflight(loader, "predict", labelled=False)
-        self._load_weights(ckpt)
-        outputs = []
-        with self._evaluating():
-            for x, _ in loader:
-                outputs.append(self.predict_step(x).float())
-        if outputs:
-            local = torch.cat(outputs).softmax(dim=1).cpu()  # one device-to-host copy
-        else:
-            local = torch.empty((0, self.num_classes or 0))
-        result = distributed.gather_in_order(local, _num_samples(loader))
-        if self.dist.enabled:
-            result = distributed.broadcast_object(result)
-        return result
+        """Class probabilities: ``[N, C, *]`` (multiclass, softmax), ``[N]`` (binary, the positive class),
+        ``[N, K]`` (multilabel, sigmoid); input order, on the CPU."""
+        raw = self._predict_outputs(inputs, ckpt)
+        return self.task.proba(raw)  # the regression task refuses, in one clear sentence
 
     # ------------------------------------------------------------------------------------------
     # Per-batch steps: override these in a subclass to change what one batch does
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and loss for one training batch (training mode, autograd on): ``(loss, logits)``."""
-        with self._autocast():
-            logits = self._train_model(x)
-            loss = self.loss_fn(logits, y)
-        return loss, logits
+    def forward(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        """``model(x)``, ``model(*x)`` or ``model(**x)``; the prediction out of a tuple or dict output."""
+        if isinstance(inputs, torch.Tensor):
+            out = model(inputs)
+        elif isinstance(inputs, Mapping):
+            out = model(**inputs)
+        elif isinstance(inputs, (tuple, list)):
+            out = model(*inputs)
+        else:
+            out = model(inputs)
+        if isinstance(out, torch.Tensor):
+            return out
+        if isinstance(out, Mapping):
+            if self.output_key in out:
+                return out[self.output_key]
+            raise DataError(f"the model returned a dict with keys {list(out)}; trainval takes the prediction from "
+                            f"'{self.output_key}' (set output_key= to one of them).")
+        if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            return out[0]
+        raise DataError(f"the model returned {describe(out)}; trainval needs a tensor, a tuple whose first "
+                        f"element is the prediction, or a dict with it under '{self.output_key}'.")
 
-    def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and loss for one evaluation batch (eval mode, no autograd): ``(loss, logits)``."""
+    def train_step(self, x: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and loss for one training batch (training mode, autograd on): ``(loss, output)``."""
         with self._autocast():
-            logits = self._eval_model(x)
-            loss = self.loss_fn(logits, y)
-        return loss, logits
+            output = self.forward(self._train_model, x)
+            loss = self.loss_fn(*self.task.loss_inputs(output, y))
+        return loss, output
 
-    def predict_step(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits for one batch of inputs (eval mode, no autograd)."""
+    def eval_step(self, x: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and loss for one evaluation batch (eval mode, no autograd): ``(loss, output)``."""
         with self._autocast():
-            return self._eval_model(x)
+            output = self.forward(self._eval_model, x)
+            loss = self.loss_fn(*self.task.loss_inputs(output, y))
+        return loss, output
+
+    def predict_step(self, x: Any) -> torch.Tensor:
+        """The model's output for one batch of inputs (eval mode, no autograd)."""
+        with self._autocast():
+            return self.forward(self._eval_model, x)
 
     # ------------------------------------------------------------------------------------------
     # One epoch
@@ -351,36 +412,37 @@ class Trainer:
     def _run_epoch(self, callbacks: list[Callback]) -> None:
         epoch = self.epoch + 1
         # a resumed epoch counts the seconds it had run before the interruption
-        done_before = self._epoch_start.get("seconds", 0.0) if (self.batch_in_epoch and self._epoch_start) else 0.0
+        start = self.state.epoch_start
+        done_before = start.get("seconds", 0.0) if (self.batch_in_epoch and start) else 0.0
         started = time.perf_counter() - done_before
         lr = self.optimizer.param_groups[0]["lr"]
-        for cb in callbacks:
+        self._train_model.train()
+        for cb in callbacks:  # after train(): a callback may freeze modules or put some in eval mode
             cb.on_epoch_start(self, epoch)
+        if self.eval_frozen_batchnorm:
+            _eval_frozen_batchnorm(self.model)
         self._train_epoch(epoch, callbacks, started)
-        train_loss, train_acc, _ = self.train_metrics.compute()  # a sync point: once per epoch
-        val_loss = val_acc = None
+        train, _ = self.train_metrics.compute()  # a sync point: once per epoch
+        row: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}}
         if self.val_loader is not None:
-            val_loss, val_acc, count = self._evaluate(self.val_loader, self._val_metrics)
+            val, count = self._evaluate(self.val_loader, self._val_metrics)
             self._check_count(count, self.val_loader, "validation")
-        row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-               "val_acc": val_acc, "lr": lr}
+            row.update({f"val_{k}": v for k, v in val.items()})
+        row["lr"] = lr
         self._step_scheduler_per_epoch(row)
-        self.epoch, self.batch_in_epoch, self._epoch_start = epoch, 0, None
-        line = f"[{epoch:03d}/{self.max_epochs:03d}] Train Acc: {train_acc:3.6f} Loss: {train_loss:3.6f}"
-        if val_loss is not None:
-            line += f" | Val Acc: {val_acc:3.6f} loss: {val_loss:3.6f}"
-        self.log(line)
+        self.state.epoch, self.state.batch_in_epoch, self.state.epoch_start = epoch, 0, None
+        self.log(self._epoch_line(epoch, row))
 
         value = row[self.monitor]
-        if self._improved(value) and self._weights_finite():
-            self.best_value, self.best_epoch = value, epoch
+        if self.state.improved(value) and self._weights_finite():
+            self.state.best_value, self.state.best_epoch = value, epoch
             if self.dist.is_main:
                 save_checkpoint(self._best_state(), self.best_path, "best checkpoint")
             self.log(f"saving best model ({self.monitor} {value:.4f}) -> {self.best_path}")
         row["seconds"] = round(time.perf_counter() - started, 4)
         self.history.append(row)
         for cb in callbacks:
-            cb.on_epoch_end(self, row)
+            cb.on_epoch_end(self, row)  # may add columns to the row: metrics.csv and the plot show them
         if self.dist.enabled:  # every rank must agree, or the next collective hangs
             self.should_stop = bool(distributed.all_reduce_max(int(self.should_stop)))
         if self.dist.is_main:
@@ -389,20 +451,30 @@ class Trainer:
         if self._stop_signal is not None:
             self._interrupt(epoch, mid_epoch=False)
 
+    def _epoch_line(self, epoch: int, row: dict) -> str:
+        """``[003/020] Train Acc: ... Loss: ... | Val Acc: ... loss: ...`` (the notes' line, every metric)."""
+        def part(split: str, loss_label: str) -> str:
+            names = [n for n in self.metrics if isinstance(row.get(f"{split}_{n}"), float)]
+            shown = " ".join(f"{'Acc' if n == 'acc' else n}: {row[f'{split}_{n}']:3.6f}" for n in names)
+            return f"{shown} {loss_label}: {row[f'{split}_loss']:3.6f}".strip()
+
+        line = f"[{epoch:03d}/{self.max_epochs:03d}] Train {part('train', 'Loss')}"
+        if self.val_loader is not None:
+            line += f" | Val {part('val', 'loss')}"
+        return line
+
     def _train_epoch(self, epoch: int, callbacks: list[Callback], started: float) -> None:
-        loader, opt, metrics = self.train_loader, self.optimizer, self.train_metrics
-        model = self._train_model
-        model.train()
+        loader, opt, metrics, task = self.train_loader, self.optimizer, self.train_metrics, self.task
         if self.batch_in_epoch > 0:
             # Mid-epoch resume: redraw this epoch's order from its start state, skip what was done,
             # then continue with the RNG state saved at the interruption.
-            start = self._epoch_start
+            start = self.state.epoch_start
             set_rng_state(start["rng"])
             self.generator.set_state(start["generator"])
             batches = loader.iter_from(self.batch_in_epoch)
             set_rng_state(self._pending_rng)
         else:
-            self._epoch_start = {"rng": rng_state(), "generator": self.generator.get_state()}
+            self.state.epoch_start = {"rng": rng_state(), "generator": self.generator.get_state()}
             batches = loader.iter_from(0)
             metrics.reset(len(loader))
         self._pending_rng = None
@@ -410,14 +482,14 @@ class Trainer:
         steps, acc = len(loader), self.accumulate_steps
         per_step_scheduler = self.scheduler if self.scheduler_interval == "step" else None
         batch_callbacks = [cb for cb in callbacks if type(cb).on_train_batch_end is not Callback.on_train_batch_end]
-        no_sync = getattr(model, "no_sync", None) if self.dist.enabled else None
+        no_sync = getattr(self._train_model, "no_sync", None) if self.dist.enabled else None
         every = self.checkpoint_every_steps
         next_poll = time.monotonic() + self.poll_interval_s
         for x, y in batches:
             i = self.batch_in_epoch
             boundary = acc == 1 or (i + 1) % acc == 0 or i + 1 == steps
             with no_sync() if (no_sync is not None and not boundary) else contextlib.nullcontext():
-                loss, logits = self.train_step(x, y)
+                loss, output = self.train_step(x, y)
                 if acc > 1:  # mean over the accumulation group, whose last one may be short
                     group = min(acc, steps - (i // acc) * acc)
                     self._backward(loss / group)
@@ -427,9 +499,9 @@ class Trainer:
                 self._optimizer_step(opt)
                 if per_step_scheduler is not None:
                     per_step_scheduler.step()
-                self.global_step += 1
-            metrics.update(loss, logits, y)
-            self.batch_in_epoch = i + 1
+                self.state.global_step += 1
+            metrics.update(loss, loss_weight(self.loss_fn, y, task), task.outputs(output.detach(), y), y.shape[0])
+            self.state.batch_in_epoch = i + 1
             for cb in batch_callbacks:
                 cb.on_train_batch_end(self, i)
             if not boundary:
@@ -452,7 +524,7 @@ class Trainer:
         """last.pt inside an epoch: never from non-finite weights; with the seconds run so far."""
         self._raise_if_nonfinite(epoch)
         if self.dist.is_main:
-            self._epoch_start["seconds"] = time.perf_counter() - started
+            self.state.epoch_start["seconds"] = time.perf_counter() - started
             save_checkpoint(self._state(), self.last_path, "last checkpoint")
 
     def _backward(self, loss: torch.Tensor) -> None:
@@ -490,7 +562,7 @@ class Trainer:
         return "step" if isinstance(scheduler, per_step) else "epoch"
 
     # ------------------------------------------------------------------------------------------
-    # Evaluation
+    # Evaluation and prediction
 
     @contextlib.contextmanager
     def _evaluating(self) -> Iterator[None]:
@@ -503,30 +575,56 @@ class Trainer:
         finally:
             _restore_module_modes(self.model, modes)
 
-    def _evaluate(self, loader, metrics: RunningMetrics) -> tuple[float, float, int]:
+    def _evaluate(self, loader: Loader, metrics: MetricSet) -> tuple[dict[str, float], int]:
         metrics.reset(len(loader))
+        task = self.task
         with self._evaluating():
             for x, y in loader:
-                loss, logits = self.eval_step(x, y)
-                metrics.update(loss, logits, y)
+                loss, output = self.eval_step(x, y)
+                metrics.update(loss, loss_weight(self.loss_fn, y, task), task.outputs(output, y), y.shape[0])
         return metrics.compute()  # all-reduced over ranks: each sample counted once
 
-    def _evaluate_public(self, data: Any, ckpt: str | None, prefix: str) -> dict:
+    def _score(self, data: Any, ckpt: str | None, prefix: str) -> dict:
+        """validate/test: reload ``ckpt``, then the loss and every metric on ``data``."""
         self._setup()
         loader = self._make_loader(data, train=False, name=prefix)
         self._preflight(loader, prefix, labelled=True)
         self._load_weights(ckpt)
-        loss, acc, count = self._evaluate(loader, RunningMetrics(self.device, len(loader)))
+        self._resolve_metrics()
+        confusion = prefix == "test" and self.task.name == "multiclass"
+        extra = {"__confusion": confusion_metric()} if confusion else {}
+        metric_set = MetricSet({**self.metrics, **extra}, self.task.num_outputs, self.device, len(loader))
+        values, count = self._evaluate(loader, metric_set)
         self._check_count(count, loader, prefix)
-        return {f"{prefix}_loss": loss, f"{prefix}_acc": acc}
+        if confusion:
+            cm = metric_set.state_of("confusion")  # summed over ranks: every rank takes part
+            if self.dist.is_main and os.path.isdir(self.out_dir):
+                _write_confusion(os.path.join(self.out_dir, "confusion_matrix.csv"), cm)
+        return {f"{prefix}_{k}": v for k, v in values.items() if not k.startswith("__")}
 
-    def _check_count(self, count: int, loader, what: str) -> None:
-        expected = _num_samples(loader)
+    def _predict_outputs(self, inputs: Any, ckpt: str | None) -> torch.Tensor:
+        """The model's outputs for every input, in input order, gathered on the CPU of every rank."""
+        self._setup()
+        loader = self._make_loader(inputs, train=False, name="predict", labelled=False)
+        self._preflight(loader, "predict", labelled=False)
+        self._load_weights(ckpt)
+        outputs = []
+        with self._evaluating():
+            for x, _ in loader:
+                outputs.append(self.predict_step(x).float())
+        local = torch.cat(outputs).cpu() if outputs else torch.empty(0)  # one device-to-host copy
+        result = distributed.gather_in_order(local, loader.dataset_size)
+        if self.dist.enabled:
+            result = distributed.broadcast_object(result)
+        return result
+
+    def _check_count(self, count: int, loader: Loader, what: str) -> None:
+        expected = loader.dataset_size
         if expected is not None and count != expected:
             raise RuntimeError(f"{what} counted {count} samples but the data set holds {expected}")
 
     # ------------------------------------------------------------------------------------------
-    # Set-up: device, processes, data
+    # Set-up: device, processes, data, task, metrics
 
     def _setup(self) -> None:
         if self._set_up:
@@ -542,6 +640,8 @@ class Trainer:
                 raise ConfigError("precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on the CPU.")
             self.scaler = torch.amp.GradScaler("cuda")
         self.model.to(self.device)
+        if isinstance(self.loss_fn, nn.Module):
+            self.loss_fn.to(self.device)  # class weights, pos_weight
         net = torch.compile(self.model) if self.compile else self.model
         self._eval_model = net
         if self.dist.enabled:
@@ -551,44 +651,31 @@ class Trainer:
             self._train_model = net
         self._set_up = True
 
+    def _check_optimizer(self, loss_fn: nn.Module | None) -> None:
+        """An optimizer over another model's parameters would "train" without changing this model."""
+        own = {id(p) for p in self.model.parameters()}
+        if isinstance(loss_fn, nn.Module):
+            own |= {id(p) for p in loss_fn.parameters()}
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        foreign = [p for p in params if id(p) not in own]
+        if foreign:
+            raise ConfigError(f"the optimizer holds {len(foreign)} of {len(params)} parameter tensors that are not the "
+                              "model's (or the loss's): build it from this model, e.g. "
+                              "torch.optim.AdamW(model.parameters()).")
+
     def _autocast(self):
         if self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def _make_loader(self, data: Any, *, train: bool, name: str, labelled: bool = True):
-        batch_size = self.batch_size if train else self.eval_batch_size
-        rank, world = self.dist.rank, self.dist.world_size
-        tensors = as_tensors(data, labelled=labelled, what=name)
-        if tensors is not None:
-            X, y = tensors
-            if len(X) == 0:
-                raise DataError(f"{name} data is empty (0 samples).")
-            if self.check_inputs:
-                check_finite(X, name)
-            X, y = self._place(X), (None if y is None else self._place(y))
-            return TensorLoader(X, y, batch_size, shuffle=train, generator=self.generator if train else None,
-                                rank=rank, world_size=world, pad=train, device=self.device)
-        if isinstance(data, DataLoader):
-            # Re-sample through our sharded order: seeded (and resumable) shuffling for training; in
-            # dataset order, each sample once, for evaluation and prediction.
-            if train or world > 1 or not isinstance(data.sampler, torch.utils.data.SequentialSampler):
-                if data.batch_size is None:
-                    raise DataError(f"{name}: a DataLoader with a custom batch_sampler cannot be sharded; "
-                                    "give a Dataset or a DataLoader with batch_size.")
-                data = _rebuild_loader(data, ShardSampler(len(data.dataset), shuffle=train and _shuffles(data),
-                                       generator=self.generator if train else None, rank=rank,
-                                       world_size=world, pad=train), drop_last=data.drop_last and train)
-            return DataLoaderAdapter(data, self.device, labelled)
-        if isinstance(data, Dataset):
-            sampler = ShardSampler(len(data), shuffle=train, generator=self.generator if train else None,
-                                   rank=rank, world_size=world, pad=train)
-            loader = DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
-                                pin_memory=self.device.type == "cuda")
-            return DataLoaderAdapter(loader, self.device, labelled)
-        raise DataError(f"{name} data must be a DataLoader, a Dataset of (x, y), or a pair (X, y) of tensors or "
-                        f"NumPy arrays; got {type(data).__name__}.")
+    def _make_loader(self, data: Any, *, train: bool, name: str, labelled: bool = True) -> Loader:
+        return make_loader(
+            data, train=train, batch_size=self.batch_size if train else self.eval_batch_size,
+            generator=self.generator, device=self.device, rank=self.dist.rank, world_size=self.dist.world_size,
+            labelled=labelled, target_key=self.target_key, num_workers=self.num_workers,
+            check_inputs=self.check_inputs, place=self._place, name=name,
+        )
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:
         """In-memory data on the GPU when it fits (or in pinned memory for non_blocking copies)."""
@@ -600,22 +687,73 @@ class Trainer:
             keep = t.numel() * t.element_size() < free / 4
         return t.to(self.device) if keep else t.pin_memory()
 
-    def _preflight(self, loader, name: str, labelled: bool) -> None:
-        """Clear errors before the first step: empty data, wrong output shape, labels out of range."""
-        x, y = _sample_batch(loader, name)
+    def _preflight(self, loader: Loader, name: str, labelled: bool) -> None:
+        """Clear errors before the first step: the model's output and the targets, checked by the task.
+
+        Settles the task (and the default loss) when they wait for the output's width; casts in-memory
+        targets once (Dataset batches are cast per batch).
+        """
+        x, y = loader.sample_batch()
+        x = tree_map(lambda t: t.to(self.device), x)
         with self._evaluating():
-            out = self.model(x[:2].to(self.device))
-        if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != min(2, len(x)):
-            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise DataError(f"the model's output for a {name} batch of {min(2, len(x))} inputs of shape "
-                            f"{list(x.shape[1:])} is {shape}; trainval needs logits of shape [B, C] (one score per class).")
-        self.num_classes = out.shape[1]
-        if labelled:
-            labels = loader.y if isinstance(loader, TensorLoader) else y
-            if labels is None:
-                raise DataError(f"{name} data has no labels; labels are needed to train, validate or test "
-                                "(use predict for unlabelled inputs).")
-            check_labels(labels, self.num_classes, name)
+            try:
+                out = self.forward(self.model, x)
+            except TrainvalError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the user's model or data; say which, in one line
+                raise DataError(f"the model failed on a {name} batch of inputs {describe(x)}: "
+                                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+        if not isinstance(out, torch.Tensor):
+            raise DataError(f"the model's output for a {name} batch is {describe(out)}; trainval needs a tensor.")
+        if self.task is None:  # a BCE loss: one logit per sample is binary, several are multilabel
+            self.task = task_for_output(self.loss_fn, out, *self._task_args)
+        if self.loss_fn is None:
+            self.loss_fn = self.task.default_loss().to(self.device)
+        if labelled and y is None:
+            raise DataError(f"{name} data has no targets; targets are needed to train, validate or test "
+                            f"(use predict for unlabelled inputs; dict batches hold them under '{self.target_key}').")
+        self.task.check_output(out, y, name)
+        if not labelled:
+            return
+        if isinstance(loader, TensorLoader):
+            loader.y = self.task.prepare_targets(loader.y, name)
+            if name == "train":
+                self._check_training_data(loader)
+        else:
+            self.task.prepare_targets(torch.as_tensor(y), name)
+            loader.target_transform = self.task.cast_target
+
+    def _check_training_data(self, loader: TensorLoader) -> None:
+        y = loader.y
+        if self.task.name == "multiclass" and y.dim() == 1 and len(y) > 1 and bool((y == y[0]).all()):
+            raise DataError(f"the training targets hold a single class ({int(y[0])}) in {len(y)} samples: there is "
+                            "nothing to tell apart. Check the labels (or the split).")
+        has_batchnorm = any(isinstance(m, _BATCHNORM) and m.training for m in self.model.modules())
+        if has_batchnorm and loader.num_samples % self.batch_size == 1:
+            raise DataError(f"the last training batch would hold 1 sample ({loader.num_samples} samples per process, "
+                            f"batch_size {self.batch_size}), and BatchNorm cannot train on one sample; choose a "
+                            f"batch_size that leaves more over (e.g. {self.batch_size + 1}).")
+
+    def _resolve_metrics(self) -> None:
+        if not self.metrics:
+            self.metrics = resolve_metrics(self._metrics_spec, self.task)
+
+    def _metric_set(self, capacity: int) -> MetricSet:
+        self._resolve_metrics()
+        return MetricSet(self.metrics, self.task.num_outputs, self.device, capacity)
+
+    def _choose_monitor(self, has_val: bool) -> None:
+        """The monitored column, checked against the metrics; its direction from the metric."""
+        self._resolve_metrics()
+        split = "val" if has_val else "train"
+        monitor = self._monitor_arg or f"{split}_{next(iter(self.metrics), 'loss')}"
+        names = ["loss", *self.metrics]
+        short = monitor.split("_", 1)[1]
+        if short not in names:
+            raise ConfigError(f"monitor {monitor!r} is not a column of this run; choose one of "
+                              f"{', '.join(f'{s}_{n}' for s in (('val', 'train') if has_val else ('train',)) for n in names)}.")
+        self.state.monitor = monitor
+        self.state.mode = self._mode_arg or metric_direction(monitor, self.metrics)
 
     # ------------------------------------------------------------------------------------------
     # Checkpoints
@@ -642,9 +780,8 @@ class Trainer:
             atomic_write(os.path.join(self.out_dir, "config.yaml"), lambda f: f.write(text), "config")
 
     def _best_state(self) -> dict:
-        return {"model": unwrap_model(self.model).state_dict(), "epoch": self.epoch,
-                "monitor": self.monitor, "value": self.best_value, "config": self.config,
-                "versions": _versions()}
+        return {"model": unwrap_model(self.model).state_dict(), "epoch": self.epoch, "task": self.task.name,
+                "monitor": self.monitor, "value": self.best_value, "config": self.config, "versions": _versions()}
 
     def _state(self) -> dict:
         """Everything a resumed run needs to continue bit for bit."""
@@ -652,48 +789,44 @@ class Trainer:
         return {
             "model": unwrap_model(self.model).state_dict(),
             "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "global_step": self.global_step,
+            "task": self.task.name,
+            "loop": self.state.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng_state(),
             "generator": self.generator.get_state(),
-            "epoch_start": self._epoch_start if mid else None,
             "train_metrics": self.train_metrics.state_dict() if mid else None,
-            "best": {"value": self.best_value, "epoch": self.best_epoch},
-            "monitor": self.monitor,
-            "mode": self.mode,
-            "should_stop": self.should_stop,
-            "history": self.history,
             "callbacks": [cb.state_dict() for cb in self.callbacks],
             "config": self.config,
             "versions": _versions(),
         }
 
     def _restore(self, state: dict) -> None:
-        needed = ("optimizer", "rng", "generator", "history", "global_step")
+        needed = ("optimizer", "rng", "generator", "loop")
         missing = [k for k in needed if k not in state]
         if missing:
             raise CheckpointError(f"{self.last_path} cannot be resumed from: it lacks {', '.join(missing)} "
-                                  "(a weights-only checkpoint?).")
+                                  "(a weights-only checkpoint, or one written by an older trainval).")
+        saved = state["loop"]
+        if (saved["monitor"], saved["mode"]) != (self.monitor, self.mode):
+            raise ConfigError(f"{self.last_path} was monitoring {saved['monitor']} ({saved['mode']}); this run monitors "
+                              f"{self.monitor} ({self.mode}). Its best value cannot be compared: resume with the same "
+                              "monitor, or start a new run.")
+        if state.get("task", self.task.name) != self.task.name:
+            raise ConfigError(f"{self.last_path} was a {state['task']} run; this one is {self.task.name}.")
         load_model_weights(self.model, state["model"], self.last_path)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state.get("batch_in_epoch", 0))
-        self.global_step = int(state["global_step"])
-        self.history = list(state["history"])
-        self.best_value, self.best_epoch = state["best"]["value"], state["best"]["epoch"]
-        self.should_stop = bool(state.get("should_stop", False))
+        self.state.load_state_dict(saved)
         for cb, cb_state in zip(self.callbacks, state.get("callbacks", [])):
             cb.load_state_dict(cb_state)
         self.generator.set_state(state["generator"])
         set_rng_state(state["rng"])
         if self.batch_in_epoch > 0:
-            self._epoch_start = state["epoch_start"]
             self._pending_rng = state["rng"]
             self.train_metrics.load_state_dict(state["train_metrics"], len(self.train_loader))
 
@@ -707,13 +840,6 @@ class Trainer:
                                   "current weights.")
         state = load_checkpoint(path, map_location=self.device)
         load_model_weights(self.model, state["model"], path)
-
-    def _improved(self, value: float | None) -> bool:
-        if value is None or not math.isfinite(value):
-            return False
-        if self.best_value is None:
-            return True
-        return value > self.best_value if self.mode == "max" else value < self.best_value
 
     def _weights_finite(self) -> bool:
         params = [p.detach() for p in self.model.parameters()]
@@ -794,60 +920,24 @@ def _restore_module_modes(model: nn.Module, modes: list[tuple[nn.Module, bool]])
         m.training = training
 
 
+def _eval_frozen_batchnorm(model: nn.Module) -> None:
+    """BatchNorm layers whose parameters are all frozen keep their running statistics (eval mode)."""
+    for m in model.modules():
+        params = list(m.parameters(recurse=False))
+        if isinstance(m, _BATCHNORM) and params and not any(p.requires_grad for p in params):
+            m.eval()
+
+
+def _write_confusion(path: str, cm: torch.Tensor) -> None:
+    """``confusion_matrix.csv``: one row per true class, one column per predicted class (counts)."""
+    counts = cm.round().long().tolist()
+    lines = ["true\\pred," + ",".join(str(c) for c in range(len(counts)))]
+    lines += [f"{r}," + ",".join(str(v) for v in row) for r, row in enumerate(counts)]
+    data = ("\n".join(lines) + "\n").encode()
+    atomic_write(path, lambda f: f.write(data), "confusion matrix")
+
+
 def _versions() -> dict:
     from trainval import __version__
 
     return {"trainval": __version__, "torch": str(torch.__version__)}
-
-
-def _num_samples(loader) -> int | None:
-    if isinstance(loader, TensorLoader):
-        return len(loader.X)
-    if isinstance(loader, DataLoaderAdapter):
-        inner = loader.loader
-        if isinstance(inner.sampler, ShardSampler):
-            return len(inner.dataset)
-    return None
-
-
-def _shuffles(loader: DataLoader) -> bool:
-    return isinstance(loader.sampler, torch.utils.data.RandomSampler)
-
-
-def _rebuild_loader(loader: DataLoader, sampler, drop_last: bool) -> DataLoader:
-    """The same DataLoader, drawing indices from ``sampler`` (our sharded, seeded order)."""
-    kwargs = dict(batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
-                  collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=drop_last,
-                  timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-                  persistent_workers=loader.persistent_workers)
-    if loader.num_workers > 0:
-        kwargs["prefetch_factor"] = loader.prefetch_factor
-    return DataLoader(loader.dataset, **kwargs)
-
-
-def _sample_batch(loader, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A couple of samples for the pre-flight checks, read without touching any RNG."""
-    if isinstance(loader, TensorLoader):
-        if len(loader.X) == 0:
-            raise DataError(f"{name} data is empty (0 samples).")
-        return loader.X[:2], (None if loader.y is None else loader.y[:2])
-    inner = loader.loader
-    dataset = inner.dataset
-    try:
-        n = len(dataset)
-    except TypeError:
-        raise DataError(f"{name}: iterable-style datasets are not supported; give a map-style Dataset.") from None
-    if n == 0:
-        raise DataError(f"{name} data is empty (0 samples).")
-    collate = inner.collate_fn or default_collate
-    batch = collate([dataset[i] for i in range(min(2, n))])
-    if isinstance(batch, (tuple, list)):
-        x = batch[0]
-        y = batch[1] if len(batch) > 1 and loader.labelled else None
-    else:
-        x, y = batch, None
-    if y is not None:
-        from trainval.data import prepare_labels
-
-        y = prepare_labels(torch.as_tensor(y), f"{name} labels")
-    return x, y

@@ -93,34 +93,55 @@ def _pair(split: Any) -> Any:
     return split
 
 
-def _shape_and_classes(splits: Splits) -> tuple[list[int], int]:
-    def arrays(s):
-        if isinstance(s, Split):
-            return s.X, s.y
-        if isinstance(s, (tuple, list)) and len(s) == 2:
-            return np.asarray(s[0]) if not isinstance(s[0], torch.Tensor) else s[0], s[1]
-        return None, None
+def _arrays(s: Any) -> tuple[Any, Any]:
+    """``(X, y)`` of in-memory data (a Split or a pair), else ``(None, None)`` (Datasets...)."""
+    if isinstance(s, Split):
+        return s.X, s.y
+    if isinstance(s, (tuple, list)) and len(s) == 2:
+        return s[0], s[1]
+    return None, None
 
-    X, y = arrays(splits.train)
-    if X is None:
-        raise ConfigError("built-in models need in-memory training data; with a Dataset factory use a "
-                          "'module:Class' model that knows its input size.")
+
+def _shape_and_outputs(splits: Splits, task: str, model_name: str) -> tuple[list[int] | None, int | None]:
+    """The input shape and the number of outputs a built-in model needs, from the task and the targets.
+
+    multiclass: the largest class id + 1 (train and val); binary: 1; multilabel: the targets' width;
+    regression: the number of values per target. ``(None, None)`` when the data is not in memory (a
+    ``module:Class`` model then knows its own sizes).
+    """
+    X, y = _arrays(splits.train)
+    if X is None or y is None:
+        if model_name in ("mlp", "cnn"):
+            raise ConfigError(f"model.name {model_name} needs in-memory training data (X, y) to size itself; with a "
+                              "Dataset factory use a 'module:Class' model that knows its input and output sizes.")
+        return None, None
+    X, y = np.asarray(X) if not isinstance(X, torch.Tensor) else X, np.asarray(y)
     if len(X) == 0:
         raise DataError("the training data is empty (0 samples).")
-    labels = [np.asarray(y)]
-    _, vy = arrays(splits.val)
+    in_shape = list(X.shape[1:])
+    if task == "binary":
+        return in_shape, 1
+    if task in ("multilabel", "regression"):
+        return in_shape, int(np.prod(y.shape[1:])) if y.ndim > 1 else 1
+    labels = [y]
+    _, vy = _arrays(splits.val)
     if vy is not None:
         labels.append(np.asarray(vy))
-    num_classes = int(max(int(lab.max()) for lab in labels if len(lab))) + 1
-    return list(X.shape[1:]), num_classes
+    try:
+        top = max(int(np.max(lab)) for lab in labels if len(lab))
+    except (TypeError, ValueError):
+        raise DataError("multiclass targets must be integer class ids (set task.name for other targets).") from None
+    return in_shape, top + 1
 
 
 # --------------------------------------------------------------------------------------------------
 # Model, optimizer, scheduler
 
 
-def build_model(model_cfg: dict, in_shape: list[int], num_classes: int) -> nn.Module:
+def build_model(model_cfg: dict, in_shape: list[int] | None, num_outputs: int | None) -> nn.Module:
+    """A built-in model sized for the data (``num_outputs``: classes, labels or values), or ``module:Class``."""
     name = model_cfg["name"]
+    num_classes = num_outputs
     if name == "mlp":
         return MLP(int(np.prod(in_shape)), num_classes, model_cfg["hidden"], model_cfg["dropout"], model_cfg["batchnorm"])
     if name == "cnn":
@@ -134,9 +155,9 @@ def build_model(model_cfg: dict, in_shape: list[int], num_classes: int) -> nn.Mo
         params = inspect.signature(cls).parameters
     except (TypeError, ValueError):
         params = {}
-    if "num_classes" in params:
+    if "num_classes" in params and num_classes is not None:
         kwargs.setdefault("num_classes", num_classes)
-    if "in_features" in params:
+    if "in_features" in params and in_shape is not None:
         kwargs.setdefault("in_features", int(np.prod(in_shape)))
     try:
         model = cls(**kwargs)
@@ -168,9 +189,14 @@ def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, n_train: int):
     if s["name"] == "cosine":
         return sched.CosineAnnealingLR(optimizer, T_max=t["epochs"], eta_min=s["min_lr"])
     if s["name"] == "plateau":
-        mode = t["mode"] or ("max" if t["monitor"].endswith("acc") else "min")
+        monitor = t["monitor"] or "val_loss"
+        mode = t["mode"] or ("min" if monitor.endswith("_loss") or monitor.split("_", 1)[1] in
+                             ("mse", "rmse", "mae") else "max")
         return sched.ReduceLROnPlateau(optimizer, mode=mode, factor=s["factor"], patience=s["patience"],
                                        min_lr=s["min_lr"])
+    if n_train < 1:
+        raise ConfigError("scheduler.name onecycle needs to know the number of training samples; the training data "
+                          "has no len() (give a map-style Dataset).")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     batches = math.ceil(math.ceil(n_train / world) / t["batch_size"])
     steps = math.ceil(batches / t["accumulate_steps"]) * t["epochs"]
@@ -178,15 +204,52 @@ def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, n_train: int):
 
 
 def _num_samples(data: Any) -> int:
-    if isinstance(data, Split):
-        return len(data.X)
+    """Samples in a split: a Split, an (X, y) pair, a Dataset or a DataLoader (0 when unknown)."""
+    X, _ = _arrays(data)
     try:
+        if X is not None:
+            return len(next(iter(X.values()))) if isinstance(X, dict) else len(X)
         return len(data.dataset) if hasattr(data, "dataset") else len(data)
-    except TypeError:
+    except (TypeError, StopIteration):
         return 0
 
 
-def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict) -> Trainer:
+LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "bce_with_logits": nn.BCEWithLogitsLoss, "mse": nn.MSELoss,
+          "l1": nn.L1Loss, "smooth_l1": nn.SmoothL1Loss, "huber": nn.HuberLoss}
+DEFAULT_LOSS = {"multiclass": "cross_entropy", "binary": "bce_with_logits", "multilabel": "bce_with_logits",
+                "regression": "mse"}
+
+
+def task_name(cfg: dict) -> str:
+    return cfg["task"]["name"] or "multiclass"
+
+
+def build_loss(cfg: dict, splits: Splits | None, num_outputs: int | None) -> nn.Module:
+    """The loss named by ``task.loss`` (default per task), with ``task.class_weights``/``ignore_index``."""
+    tk, task = cfg["task"], task_name(cfg)
+    name = tk["loss"] or DEFAULT_LOSS[task]
+    kwargs: dict[str, Any] = {}
+    if tk["class_weights"] is not None:
+        if name != "cross_entropy":
+            raise ConfigError(f"task.class_weights weighs the classes of a cross_entropy loss; task.loss is {name}.")
+        weights = tk["class_weights"]
+        if weights == "balanced":
+            _, y = _arrays(splits.train) if splits is not None else (None, None)
+            if y is None or num_outputs is None:
+                raise ConfigError("task.class_weights: balanced needs in-memory training targets; give a list of weights.")
+            counts = np.bincount(np.asarray(y).reshape(-1).astype(np.int64).clip(min=0), minlength=num_outputs)
+            weights = (counts.sum() / (num_outputs * np.maximum(counts, 1))).tolist()
+        elif num_outputs is not None and len(weights) != num_outputs:
+            raise ConfigError(f"task.class_weights has {len(weights)} weights but the model has {num_outputs} classes.")
+        kwargs["weight"] = torch.tensor(weights, dtype=torch.float32)
+    if tk["ignore_index"] is not None:
+        if name != "cross_entropy":
+            raise ConfigError(f"task.ignore_index applies to a cross_entropy loss; task.loss is {name}.")
+        kwargs["ignore_index"] = tk["ignore_index"]
+    return LOSSES[name](**kwargs)
+
+
+def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, loss: nn.Module | None = None) -> Trainer:
     t = cfg["train"]
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, n_train)
@@ -199,7 +262,9 @@ def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict) -> 
     saved = dict(cfg)
     saved["resolved"] = resolved
     return Trainer(
-        model, optimizer, nn.CrossEntropyLoss(), max_epochs=t["epochs"], out_dir=folder, seed=t["seed"],
+        model, optimizer, loss if loss is not None else build_loss(cfg, None, resolved.get("num_outputs")),
+        task=task_name(cfg), metrics=cfg["task"]["metrics"], threshold=cfg["task"]["threshold"],
+        ignore_index=cfg["task"]["ignore_index"], max_epochs=t["epochs"], out_dir=folder, seed=t["seed"],
         monitor=t["monitor"], mode=t["mode"], batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"],
         progress=t["progress"], callbacks=callbacks, device=t["device"], scheduler=scheduler,
         grad_clip=t["grad_clip"], accumulate_steps=t["accumulate_steps"], precision=t["precision"],
@@ -221,10 +286,11 @@ def fit(cfg: dict, resume: bool = False) -> dict:
     splits = load_splits(cfg)
     if splits.train is None:
         raise ConfigError("there is no training data (data.factory returned no 'train').")
-    in_shape, num_classes = _shape_and_classes(splits)
-    resolved = {"in_shape": in_shape, "num_classes": num_classes}
-    model = build_model(cfg["model"], in_shape, num_classes)
-    trainer = build_trainer(cfg, model, _num_samples(splits.train), resolved)
+    in_shape, num_outputs = _shape_and_outputs(splits, task_name(cfg), cfg["model"]["name"])
+    resolved = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
+    model = build_model(cfg["model"], in_shape, num_outputs)
+    loss = build_loss(cfg, splits, num_outputs)
+    trainer = build_trainer(cfg, model, _num_samples(splits.train), resolved, loss)
     fit_started = time.perf_counter()
     history = trainer.fit(_pair(splits.train), _pair(splits.val) if splits.val is not None else None, resume=resume)
     fit_seconds = time.perf_counter() - fit_started
@@ -232,7 +298,7 @@ def fit(cfg: dict, resume: bool = False) -> dict:
     summary: dict[str, Any] = {
         "run_folder": folder, "epochs": len(history), "monitor": trainer.monitor,
         "best_epoch": trainer.best_epoch, "best_value": trainer.best_value,
-        "train_samples": _num_samples(splits.train),
+        "train_samples": trainer.train_loader.dataset_size or _num_samples(splits.train),
     }
     if splits.test is not None:
         summary.update(_test_and_predict(trainer, splits.test, folder))
@@ -253,16 +319,41 @@ def _test_and_predict(trainer: Trainer, test: Any, folder: str) -> dict:
     if labelled:
         metrics = trainer.test(_pair(test), ckpt="best")
         out["test"] = metrics
-        trainer.log(f"Test Acc: {metrics['test_acc']:.6f} Loss: {metrics['test_loss']:.6f} "
-                    f"(best.pt from epoch {trainer.best_epoch})")
+        trainer.log(f"{test_line(metrics)} (best.pt from epoch {trainer.best_epoch})")
     inputs = test.X if isinstance(test, Split) else test
-    probs = trainer.predict_proba(inputs, ckpt="best")
     path = os.path.join(folder, "predictions.csv")
-    if trainer.dist.is_main:
-        write_predictions(path, probs, proba=False)
-        trainer.log(f"wrote {len(probs)} predictions -> {path}")
+    written = _write_predictions_for(trainer, inputs, "best", path, proba=False, cfg=trainer.config)
+    trainer.log(f"wrote {written} predictions -> {path}")
     out["predictions"] = path
     return out
+
+
+def test_line(metrics: dict) -> str:
+    """``Test Acc: 0.98 f1_macro: 0.97 Loss: 0.05`` from ``{"test_loss", "test_<metric>"...}``."""
+    shown = [f"{'Acc' if k == 'test_acc' else k[5:]}: {v:.6f}" for k, v in metrics.items() if k != "test_loss"]
+    return " ".join(["Test", *shown, f"Loss: {metrics['test_loss']:.6f}"])
+
+
+def _target_names(cfg: dict | None, width: int) -> list[str]:
+    label = (cfg or {}).get("data", {}).get("label")
+    if isinstance(label, list) and len(label) == width:
+        return list(label)
+    if isinstance(label, str) and width == 1 and (cfg or {}).get("data", {}).get("source") == "csv":
+        return [label]
+    return ["Target"] if width == 1 else [f"target_{k}" for k in range(width)]
+
+
+def _write_predictions_for(trainer: Trainer, inputs: Any, ckpt: str, path: str, proba: bool, cfg: dict | None) -> int:
+    """Predict ``inputs`` and write the task's predictions file (rank 0); returns the number of rows."""
+    predictions = trainer.predict(inputs, ckpt=ckpt)
+    probs = trainer.predict_proba(inputs, ckpt=None) if (proba and trainer.task.is_classification) else None
+    if trainer.dist.is_main:
+        write_predictions(path, trainer.task.name, predictions, probs, _target_names(cfg, _width(predictions)))
+    return len(predictions)
+
+
+def _width(t: torch.Tensor) -> int:
+    return int(np.prod(t.shape[1:])) if t.dim() > 1 else 1
 
 
 def _trainer_from_run(cfg: dict, ckpt: str | None) -> tuple[Trainer, str]:
@@ -274,7 +365,8 @@ def _trainer_from_run(cfg: dict, ckpt: str | None) -> tuple[Trainer, str]:
     if not resolved:
         raise ConfigError(f"{path} has no model description (it was not written by `trainval fit`); "
                           "load it with the Python API instead.")
-    model = build_model(saved.get("model", cfg["model"]), resolved["in_shape"], resolved["num_classes"])
+    model = build_model(saved.get("model", cfg["model"]), resolved["in_shape"],
+                        resolved.get("num_outputs", resolved.get("num_classes")))
     trainer = build_trainer(cfg, model, 1, resolved)
     return trainer, path
 
@@ -298,7 +390,7 @@ def test(cfg: dict, ckpt: str | None = "best") -> dict:
                 summary = json.load(f)
             summary["test"] = metrics
             write_json(summary_path, summary)
-    trainer.log(f"Test Acc: {metrics['test_acc']:.6f} Loss: {metrics['test_loss']:.6f} ({path})")
+    trainer.log(f"{test_line(metrics)} ({path})")
     return result
 
 
@@ -313,10 +405,8 @@ def predict(cfg: dict, ckpt: str | None = "best", out: str | None = None, proba:
         raise ConfigError("there is no test data to predict: set data.test or data.test_split.")
     trainer, path = _trainer_from_run(cfg, ckpt)
     inputs = splits.test.X if isinstance(splits.test, Split) else splits.test
-    probs = trainer.predict_proba(inputs, ckpt=path)
-    if trainer.dist.is_main:
-        write_predictions(out, probs, proba=proba)
-    trainer.log(f"wrote {len(probs)} predictions ({path}) -> {out}")
+    written = _write_predictions_for(trainer, inputs, path, out, proba=proba, cfg=cfg)
+    trainer.log(f"wrote {written} predictions ({path}) -> {out}")
     return out
 
 
@@ -324,20 +414,42 @@ def predict(cfg: dict, ckpt: str | None = "best", out: str | None = None, proba:
 # Files
 
 
-def write_predictions(path: str, probs: torch.Tensor, proba: bool) -> None:
-    """``Id,Class`` (plus ``prob_<c>`` columns with ``proba``), written atomically."""
-    classes = probs.argmax(dim=1).tolist()
-    buf = io.StringIO()
-    header = ["Id", "Class"] + ([f"prob_{c}" for c in range(probs.shape[1])] if proba else [])
-    buf.write(",".join(header) + "\n")
-    rows = probs.tolist() if proba else None
-    for i, c in enumerate(classes):
-        line = f"{i},{c}"
-        if rows is not None:
-            line += "," + ",".join(f"{p:.6g}" for p in rows[i])
-        buf.write(line + "\n")
-    data = buf.getvalue().encode()
-    atomic_write(path, lambda f: f.write(data), "predictions file")
+def write_predictions(path: str, task: str, predictions: torch.Tensor, probs: torch.Tensor | None = None,
+                      target_names: list[str] | None = None) -> None:
+    """The predictions file, written atomically. Columns per task:
+
+    multiclass/binary ``Id,Class`` (+ ``prob_<c>`` with probabilities; binary: ``prob_1``); multilabel
+    ``Id,label_<k>...`` (+ ``prob_<k>``); regression ``Id,<target names>``. Dense outputs (a class per
+    position, or multi-dimensional values) go to a ``.npy`` file beside the CSV, whose rows then say
+    where each sample's array is.
+    """
+    n = len(predictions)
+    if predictions.dim() > 2 or (task == "multiclass" and predictions.dim() > 1):
+        npy = os.path.splitext(path)[0] + ".npy"
+        buf = io.BytesIO()
+        np.save(buf, predictions.numpy())
+        data = buf.getvalue()
+        atomic_write(npy, lambda f: f.write(data), "predictions array")
+        columns, rows = ["Array"], [[f"{os.path.basename(npy)}[{i}]"] for i in range(n)]
+    elif task == "multilabel":
+        columns = [f"label_{k}" for k in range(predictions.shape[1])]
+        rows = predictions.tolist()
+    elif task == "regression":
+        values = predictions.reshape(n, -1)
+        columns = target_names or [f"target_{k}" for k in range(values.shape[1])]
+        rows = [[f"{v:.8g}" for v in row] for row in values.tolist()]
+    else:
+        columns, rows = ["Class"], [[c] for c in predictions.tolist()]
+    if probs is not None and probs.dim() <= 2 and not (task == "multiclass" and predictions.dim() > 1):
+        p = probs.reshape(n, -1)
+        columns = columns + ([f"prob_{k}" for k in range(p.shape[1])] if task != "binary" else ["prob_1"])
+        rows = [r + [f"{v:.6g}" for v in pr] for r, pr in zip(rows, p.tolist())]
+    buf_text = io.StringIO()
+    buf_text.write(",".join(["Id", *columns]) + "\n")
+    for i, row in enumerate(rows):
+        buf_text.write(",".join([str(i), *map(str, row)]) + "\n")
+    text = buf_text.getvalue().encode()
+    atomic_write(path, lambda f: f.write(text), "predictions file")
 
 
 def write_json(path: str, obj: dict) -> None:
