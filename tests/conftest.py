@@ -54,3 +54,34 @@ def run_cli(*args: str, cwd: str | None = None, env: dict | None = None, timeout
     if check and proc.returncode != 0:
         raise AssertionError(f"trainval {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+# One small learnable problem per task, with the metrics to check (several per task) -----------------
+
+TASK_METRICS = {
+    "multiclass": ["acc", "f1_macro", "top5_acc"],
+    "binary": ["acc", "f1", "auroc"],
+    "multilabel": ["f1_micro", "f1_macro", "exact_match"],
+    "regression": ["mse", "mae", "r2"],
+}
+
+
+def task_problem(task: str, n: int = 120, d: int = 8, seed: int = 0):
+    """``(model, loss_fn, X, y)`` for ``task``: blobs for classification, a linear map for regression."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g)
+    torch.manual_seed(seed)
+    if task == "multiclass":
+        y = (X[:, :3].sum(1) * 2).long().clamp(-3, 2) + 3  # 6 classes
+        return nn.Sequential(nn.Linear(d, 16), nn.ReLU(), nn.Linear(16, 6)), nn.CrossEntropyLoss(), X, y
+    if task == "binary":
+        y = (X[:, 0] + 0.5 * torch.randn(n, generator=g) > 0).long()
+        return nn.Sequential(nn.Linear(d, 16), nn.ReLU(), nn.Linear(16, 1)), nn.BCEWithLogitsLoss(), X, y
+    if task == "multilabel":
+        y = (X[:, :4] + 0.3 * torch.randn(n, 4, generator=g) > 0).long()
+        return nn.Sequential(nn.Linear(d, 16), nn.ReLU(), nn.Linear(16, 4)), nn.BCEWithLogitsLoss(), X, y
+    if task == "regression":
+        W = torch.randn(d, 2, generator=g)
+        y = X @ W + 0.1 * torch.randn(n, 2, generator=g)
+        return nn.Sequential(nn.Linear(d, 16), nn.ReLU(), nn.Linear(16, 2)), nn.MSELoss(), X, y
+    raise ValueError(task)

@@ -70,7 +70,7 @@ def test_mid_epoch_resume_is_bit_identical(tmp_path):
     killed = child(cut, epochs=3, every=5, kill_batch=23)  # epoch 2 (13 batches per epoch), after step 20's save
     assert killed.returncode == -signal.SIGKILL
     state = torch.load(cut / "last.pt", weights_only=True)
-    assert (state["epoch"], state["batch_in_epoch"]) == (1, 7)
+    assert (state["epoch"], state["loop"]["batch_in_epoch"]) == (1, 7)
     resumed = child(cut, epochs=3, every=5, resume=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert_same_bits(weights(ref / "last.pt"), weights(cut / "last.pt"))
@@ -141,7 +141,7 @@ def test_signal_saves_last_and_exits_with_its_code(tmp_path, sig, code):
     assert rc == code, out + err
     assert "last.pt is saved. Resume with" in out
     state = load_checkpoint(str(tmp_path / "last.pt"))
-    assert state["epoch"] * 13 + state["batch_in_epoch"] >= 30  # it saved the step it had reached
+    assert state["epoch"] * 13 + state["loop"]["batch_in_epoch"] >= 30  # it saved the step it had reached
 
 
 @pytest.mark.slow

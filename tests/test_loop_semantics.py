@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import DEVICE, make_blobs, tiny_mlp
+from conftest import DEVICE, TASK_METRICS, make_blobs, task_problem, tiny_mlp
 from torch import nn
 
 from trainval import Callback, Trainer
@@ -175,8 +175,10 @@ def test_epoch_metrics_are_exact_means_over_samples(tmp_path):
     assert abs(sum(batch_means) / 3 - exact_loss) > 1e-4
 
 
-def test_no_host_sync_per_batch(tmp_path, monkeypatch):
-    """item/cpu/tolist/bool/numpy calls during fit do not grow with the number of batches."""
+@pytest.mark.parametrize("task", [None, "multiclass", "binary", "multilabel", "regression"])
+def test_no_host_sync_per_batch(tmp_path, monkeypatch, task):
+    """item/cpu/tolist/bool/numpy calls during fit do not grow with the number of batches (every task,
+    several metrics each: acc, f1_macro, top5_acc; f1, auroc; f1_micro, exact_match; mse, mae, r2)."""
     counts = {"n": 0}
     for name in ("item", "cpu", "tolist", "__bool__", "numpy", "__float__", "__int__"):
         original = getattr(torch.Tensor, name)
@@ -189,17 +191,22 @@ def test_no_host_sync_per_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "poll_interval_s", 1e9)  # the time-based NaN poll is tested elsewhere
 
     def syncs(n, batch_size):
-        X, y = make_blobs(n=n)
-        model = tiny_mlp()
-        tr = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), max_epochs=2, out_dir=str(tmp_path / f"r{n}_{batch_size}"),
-                     batch_size=batch_size, progress=False, plot=False)
+        if task is None:  # the default: multiclass accuracy
+            (X, y), model, loss_fn, metrics = make_blobs(n=n), tiny_mlp(), None, None
+        else:
+            model, loss_fn, X, y = task_problem(task, n=n)
+            metrics = TASK_METRICS[task]
+        tr = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, metrics=metrics, max_epochs=2,
+                     out_dir=str(tmp_path / f"r{n}_{batch_size}"), batch_size=batch_size, progress=False, plot=False)
         counts["n"] = 0
         tr.fit((X, y), (X, y))
         return counts["n"]
 
     few = syncs(64, 32)      # 2 batches per epoch
     many = syncs(640, 8)     # 80 batches per epoch
-    assert few == many, (few, many)
+    # 2 vs 80 batches per epoch: one sync per batch would add 156. The counts may differ by the one
+    # weights-finite check of an epoch whose metric improved (up to 2 epochs), which depends on the data.
+    assert abs(few - many) <= 2, (few, many)
     assert few < 100
 
 

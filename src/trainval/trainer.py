@@ -184,7 +184,8 @@ class Trainer:
         self.loss_fn = loss_fn if loss_fn is not None else (self.task.default_loss() if self.task else None)
         self._task_args = (ignore_index, threshold)
         self._metrics_spec = metrics
-        self.metrics: dict[str, Any] = {}
+        # {name: metric}; settled with the task (now, or in the first pre-flight check for a BCE loss)
+        self.metrics: dict[str, Any] = resolve_metrics(metrics, self.task) if self.task is not None else {}
         self.max_epochs, self.out_dir, self.seed = max_epochs, str(out_dir), seed
         self._monitor_arg, self._mode_arg = monitor, mode
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
