@@ -49,11 +49,18 @@ def run_child(out_dir, nproc, **opts):
 
 def test_two_processes_equal_one_process_with_double_batch(tmp_path):
     started = time.perf_counter()
-    _, one = run_child(tmp_path / "one", 1, batch=16)
-    proc, two = run_child(tmp_path / "two", 2, batch=8)
+    metrics = ["acc", "f1_macro", "top2_acc"]
+    _, one = run_child(tmp_path / "one", 1, batch=16, metrics=metrics)
+    proc, two = run_child(tmp_path / "two", 2, batch=8, metrics=metrics)
     for a, b in zip(one["history"], two["history"]):
-        for key in ("train_loss", "val_loss", "val_acc"):
+        for key in ("train_loss", "val_loss", "val_acc", "val_f1_macro", "val_top2_acc", "train_f1_macro"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["epoch"], key)
+    from sklearn.metrics import f1_score
+
+    # the confusion matrices were all-reduced: the odd-sized (45) validation set's F1 is scikit-learn's
+    expected = f1_score(two["y"].numpy(), two["preds"].numpy(), average="macro")
+    assert two["test"]["test_f1_macro"] == pytest.approx(expected, abs=1e-12)
+    assert one["test"]["test_f1_macro"] == two["test"]["test_f1_macro"]
     assert torch.equal(one["preds"], two["preds"])  # identical predictions, in dataset order
     assert torch.allclose(one["probs"], two["probs"], atol=1e-5)
     assert one["test"]["test_acc"] == two["test"]["test_acc"]
@@ -72,6 +79,16 @@ def test_eval_counts_each_sample_once_with_uneven_shards(tmp_path):
     assert len(two["preds"]) == 45 and two["probs"].shape == (45, 5)
     assert two["history"][0]["val_acc"] * 45 == pytest.approx(round(two["history"][0]["val_acc"] * 45))
     assert F.softmax(torch.log(two["probs"]), dim=1).sum(1).allclose(torch.ones(45))
+
+
+def test_binary_auroc_gathers_every_rank_once(tmp_path):
+    """Exact AUROC needs every score: gathered once per epoch from both ranks' uneven shards (23 + 22)."""
+    from sklearn.metrics import roc_auc_score
+
+    _, two = run_child(tmp_path / "b", 2, batch=8, eval_batch=4, epochs=2, binary=True, metrics=["acc", "auroc"])
+    assert two["probs"].shape == (45,)
+    assert two["test"]["test_auroc"] == pytest.approx(roc_auc_score(two["y"].numpy(), two["probs"].numpy()), abs=1e-12)
+    assert two["test"]["test_acc"] == pytest.approx(((two["probs"] > 0.5).long() == two["y"]).float().mean().item())
 
 
 def test_cli_nproc_and_resume(tmp_path):

@@ -2,7 +2,8 @@
 
 Usage: [torchrun --nproc_per_node=N] ddp_child.py OUT_DIR JSON_OPTIONS
 Options: batch (per process), epochs, kill_rank + kill_step (SIGKILL that rank at that optimizer step
-on the first attempt only), every (checkpoint_every_steps).
+on the first attempt only), every (checkpoint_every_steps), metrics (names), binary (a one-logit BCE model
+on "is the class id even").
 Rank 0 writes OUT_DIR/predictions.pt; every rank writes OUT_DIR/done.<rank> when its work is done.
 """
 
@@ -39,20 +40,26 @@ class KillOnce(Callback):
 def main():
     out_dir, opts = sys.argv[1], json.loads(sys.argv[2])
     seed_everything(0)
-    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 5))
+    binary = opts.get("binary", False)
+    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 1 if binary else 5))
+    loss_fn = nn.BCEWithLogitsLoss() if binary else None
     callbacks = [KillOnce(opts["kill_rank"], opts["kill_step"])] if "kill_rank" in opts else []
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), max_epochs=opts.get("epochs", 3),
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), loss_fn,
+                      metrics=opts.get("metrics"), max_epochs=opts.get("epochs", 3),
                       out_dir=out_dir, seed=1, batch_size=opts["batch"], eval_batch_size=opts.get("eval_batch", 8),
                       progress=False, plot=False, callbacks=callbacks, checkpoint_every_steps=opts.get("every"),
                       overwrite=distributed.elastic_restart_count() == 0)
     Xv, yv = data(45, 2)  # 45: divisible neither by 2 nor by the batch sizes
-    trainer.fit(data(96, 1), (Xv, yv))
+    Xt, yt = data(96, 1)
+    if binary:
+        yt, yv = yt % 2, yv % 2
+    trainer.fit((Xt, yt), (Xv, yv))
     metrics = trainer.test((Xv, yv))
     preds = trainer.predict(Xv)
     probs = trainer.predict_proba(Xv)
     rank = trainer.dist.rank
     if rank == 0:
-        torch.save({"preds": preds, "probs": probs, "test": metrics, "history": trainer.history},
+        torch.save({"preds": preds, "probs": probs, "test": metrics, "history": trainer.history, "y": yv},
                    os.path.join(out_dir, "predictions.pt"))
     with open(os.path.join(out_dir, f"done.{rank}"), "w") as f:
         f.write(json.dumps({"world": trainer.dist.world_size, "n_preds": len(preds)}))
