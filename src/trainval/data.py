@@ -545,9 +545,13 @@ def load_npz(path: str, x_key: str = "x", y_key: str = "y", require_labels: bool
     return Split(X, y)
 
 
-def load_csv(path: str, label: str | None = "label", features: list[str] | None = None,
-             require_labels: bool = True) -> Split:
-    """A CSV with a header row: the label column by name, features all other columns (or a list)."""
+def load_csv(path: str, label: str | list[str] | None = "label", features: list[str] | None = None,
+             require_labels: bool = True, integer_labels: bool = True) -> Split:
+    """A CSV with a header row: the target column(s) by name, features all other columns (or a list).
+
+    ``label`` may be a list of columns (multilabel, multi-output regression): ``y`` is then ``[N, K]``.
+    ``integer_labels`` (classification) refuses targets that are not integers, naming the file row.
+    """
     if not os.path.isfile(path):
         raise ConfigError(f"data file not found: {path}")
     with open(path, newline="") as f:
@@ -557,11 +561,14 @@ def load_csv(path: str, label: str | None = "label", features: list[str] | None 
         except StopIteration:
             raise DataError(f"{path}: the file is empty (a header row is needed).") from None
         rows = list(reader)
-    has_label = label is not None and label in header
-    if label is not None and not has_label and require_labels:
-        raise DataError(f"{path}: no label column '{label}' (columns: {', '.join(header)}); set data.label.")
+    labels = [] if label is None else ([label] if isinstance(label, str) else list(label))
+    absent = [c for c in labels if c not in header]
+    has_label = bool(labels) and not absent
+    if labels and absent and require_labels:
+        raise DataError(f"{path}: no target column {', '.join(repr(c) for c in absent)} (columns: {', '.join(header)}); "
+                        "set data.label.")
     if features is None:
-        feat_cols = [h for h in header if h != label]
+        feat_cols = [h for h in header if h not in labels]
     else:
         missing = [c for c in features if c not in header]
         if missing:
@@ -569,7 +576,7 @@ def load_csv(path: str, label: str | None = "label", features: list[str] | None 
         feat_cols = list(features)
     col = {h: i for i, h in enumerate(header)}
     X = np.empty((len(rows), len(feat_cols)), dtype=np.float32)
-    y = np.empty(len(rows), dtype=np.float64) if has_label else None
+    y = np.empty((len(rows), len(labels)), dtype=np.float64) if has_label else None
     for r, row in enumerate(rows):
         if len(row) != len(header):
             raise DataError(f"{path}: row {r + 2} has {len(row)} cells, the header has {len(header)}.")
@@ -579,18 +586,21 @@ def load_csv(path: str, label: str | None = "label", features: list[str] | None 
             except ValueError:
                 raise DataError(f"{path}: row {r + 2}, column '{c}': {row[col[c]]!r} is not a number.") from None
         if y is not None:
-            try:
-                y[r] = float(row[col[label]])
-            except ValueError:
-                raise DataError(
-                    f"{path}: row {r + 2}, label column '{label}': {row[col[label]]!r} is not a class id."
-                ) from None
+            for k, c in enumerate(labels):
+                try:
+                    y[r, k] = float(row[col[c]])
+                except ValueError:
+                    raise DataError(f"{path}: row {r + 2}, target column '{c}': {row[col[c]]!r} is not a number.") from None
     if y is not None:
-        bad = y != np.round(y)
-        if bad.any():
-            r = int(np.argmax(bad))
-            raise DataError(f"{path}: row {r + 2}, label column '{label}': {y[r]!r} is not an integer class id.")
-        y = y.astype(np.int64)
+        if integer_labels:
+            bad = (y != np.round(y)).any(axis=1)
+            if bad.any():
+                r = int(np.argmax(bad))
+                raise DataError(f"{path}: row {r + 2}, target column(s) {', '.join(labels)}: {y[r].tolist()} is not an "
+                                "integer class id (for real-valued targets set task.name: regression).")
+            y = y.astype(np.int64)
+        if isinstance(label, str):
+            y = y[:, 0]
     return Split(X, y)
 
 

@@ -388,11 +388,25 @@ def make_task(task: str | Task | None, loss_fn: nn.Module | None, *, ignore_inde
             return None
     if task not in _CLASSES:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}.")
+    _check_loss_fits(task, loss_fn)
     if ignore_index is None and isinstance(loss_fn, _CLASS_LOSSES):
         ignore_index = loss_fn.ignore_index
     if ignore_index is None and task == "multiclass":
         ignore_index = -100  # CrossEntropyLoss's default
     return _CLASSES[task](ignore_index=ignore_index if task == "multiclass" else None, threshold=threshold)
+
+
+_FITS = {"multiclass": _CLASS_LOSSES, "binary": _CLASS_LOSSES + _BCE_LOSSES, "multilabel": _BCE_LOSSES,
+         "regression": _REGRESSION_LOSSES}
+
+
+def _check_loss_fits(task: str, loss_fn: nn.Module | None) -> None:
+    """A built-in loss made for another task (MSE on class ids...) is refused before it broadcasts wrongly."""
+    known = _CLASS_LOSSES + _BCE_LOSSES + _REGRESSION_LOSSES
+    if isinstance(loss_fn, known) and not isinstance(loss_fn, _FITS[task]):
+        fitting = ", ".join(c.__name__ for c in _FITS[task])
+        raise ConfigError(f"loss {type(loss_fn).__name__} does not fit task {task!r}; use {fitting} "
+                          f"(or the task the loss is made for).")
 
 
 def infer_task(loss_fn: nn.Module | None) -> str | None:
