@@ -95,6 +95,26 @@ def test_zero_host_device_syncs_per_training_step(tmp_path, monkeypatch, precisi
 
 
 @cuda
+@pytest.mark.parametrize("task", ["multiclass", "binary", "multilabel", "regression"])
+def test_zero_host_device_syncs_per_step_for_every_task(tmp_path, monkeypatch, task):
+    """Several metrics per task (acc, f1_macro, top5_acc; acc, f1, auroc; f1_micro, f1_macro, exact_match;
+    mse, mae, r2): their per-step updates are device work only."""
+    from conftest import TASK_METRICS, task_problem
+
+    monkeypatch.setattr(Trainer, "poll_interval_s", 1e9)
+    model, loss_fn, X, y = task_problem(task, n=512)
+    probe = SyncDebug()
+    tr = Trainer(model, torch.optim.AdamW(model.parameters(), lr=1e-3), loss_fn, metrics=TASK_METRICS[task],
+                 max_epochs=2, out_dir=str(tmp_path), batch_size=64, progress=False, plot=False, device="cuda",
+                 callbacks=[probe], on_device=True)
+    try:
+        tr.fit((X, y), (X, y))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert probe.steps == 8
+
+
+@cuda
 def test_pinned_non_blocking_path(tmp_path):
     from trainval.data import epoch_indices
 

@@ -428,3 +428,48 @@ def test_grad_clip_validated_and_bad_monitor_name():
         Trainer(tiny_mlp(), grad_clip=math.nan)
     with pytest.raises(ConfigError, match="monitor must be"):
         Trainer(tiny_mlp(), monitor="acc")
+
+
+# --------------------------------------------------------------------------------------------------
+# Users' own metrics: the documented protocol, and torchmetrics objects
+
+
+class MeanAbsLogit:
+    """The example of trainval.metrics' docstring."""
+
+    name = "mean_abs_logit"
+    higher_is_better = False
+
+    def state_shape(self, num_outputs):
+        return (2,)
+
+    def update(self, state, out):
+        state[0] += out.output.abs().sum()
+        state[1] += out.output.numel()
+
+    def compute(self, state):
+        return float(state[0] / state[1])
+
+
+def test_custom_metric_protocol(tmp_path):
+    X, y = make_blobs(n=70)
+    tr = fit(tiny_mlp(), None, (X, y), (X, y), tmp_path, metrics=["acc", MeanAbsLogit()], batch_size=16,
+             monitor="val_mean_abs_logit")
+    assert tr.mode == "min"  # the metric's direction
+    res = tr.test((X, y))
+    with torch.no_grad():
+        expected = tr.model.eval()(X).abs().mean().item()
+    assert res["test_mean_abs_logit"] == pytest.approx(expected, rel=1e-6)
+    with open(tmp_path / "metrics.csv") as f:
+        assert "val_mean_abs_logit" in next(csv.reader(f))
+
+
+def test_torchmetrics_objects_are_accepted(tmp_path):
+    torchmetrics = pytest.importorskip("torchmetrics")
+    X, y = make_blobs(n=70, spread=2.0)
+    tm = torchmetrics.classification.MulticlassF1Score(num_classes=3, average="macro")
+    tr = fit(tiny_mlp(), None, (X, y), (X, y), tmp_path, metrics={"acc": "acc", "tm_f1": tm}, batch_size=16)
+    res = tr.test((X, y))
+    yp = tr.predict(X).numpy()
+    assert res["test_tm_f1"] == pytest.approx(skm.f1_score(y.numpy(), yp, average="macro"), abs=1e-6)
+    # (a torchmetrics object not reset between epochs and splits would have mixed every epoch into this value)

@@ -29,6 +29,7 @@ and synchronises where torchmetrics does.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
@@ -431,6 +432,8 @@ class MetricSet:
     """
 
     def __init__(self, metrics: dict[str, Any], num_outputs: int, device: torch.device, capacity: int = 64):
+        # a metric that keeps its own state (torchmetrics) gets one copy per split
+        metrics = {name: copy.deepcopy(m) if getattr(m, "reduction", "sum") == "own" else m for name, m in metrics.items()}
         self.metrics, self.device, self.num_outputs = metrics, device, num_outputs
         self.dtype = _float_dtype(device)
         # one flat buffer for every summed state: one all-reduce and one host read per epoch

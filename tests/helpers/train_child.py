@@ -63,7 +63,9 @@ def main():
     model = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 4))
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    trainer = Trainer(model, opt, max_epochs=opts.get("epochs", 4), out_dir=out_dir, seed=3, batch_size=16,
+    # several metrics, so that the exact-resume tests cover their mid-epoch state (a confusion matrix...)
+    trainer = Trainer(model, opt, metrics=["acc", "f1_macro", "top2_acc"], max_epochs=opts.get("epochs", 4),
+                      out_dir=out_dir, seed=3, batch_size=16,
                       progress=False, plot=False, scheduler=sched, checkpoint_every_steps=opts.get("every"),
                       callbacks=[Faults(opts)], overwrite=True)
     try:
