@@ -278,7 +278,7 @@ def reference_table() -> str:
     for section, keys in SCHEMA.items():
         for k, key in keys.items():
             default = "—" if key.default is None else yaml.safe_dump(key.default, default_flow_style=True).strip().removesuffix("...").strip()
-            kind = key.kind + (" or null" if key.nullable else "")
+            kind = key.kind.replace("|", " or ") + (" or null" if key.nullable else "")
             doc = key.doc
             if key.choices:
                 doc += " (one of: " + ", ".join(f"`{c}`" for c in key.choices) + ")"
