@@ -158,11 +158,32 @@ def test_interrupted_run_resumes_bit_identical(tmp_path):
 
 @pytest.mark.slow
 def test_second_sigint_exits_at_once(tmp_path):
-    rc, out, err = _signal_after_ready(tmp_path, signal.SIGINT, second=signal.SIGINT)
-    assert rc == 130
-    for name in ("last.pt", "best.pt"):
-        if (tmp_path / name).exists():
-            load_checkpoint(str(tmp_path / name))
+    # READY comes after batch 30 (epoch 3; last.pt was written at the end of epoch 2); the child then stays
+    # 30 s inside that batch's callback. The first SIGINT only asks the loop to stop after this step,
+    # which the graceful path would do after the 30 s, saving last.pt mid-epoch and saying so. The
+    # second SIGINT must end the process at once, with 130, without reaching that save.
+    p = subprocess.Popen([sys.executable, CHILD, str(tmp_path), json.dumps({"epochs": 100, "ready_after": 30, "hold": 30})],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:
+        if line.strip() == "READY":
+            break
+    before = (tmp_path / "last.pt").read_bytes()
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # the first one is handled by now (two pending SIGINTs would merge into one)
+    assert p.poll() is None, "the first SIGINT alone must not end the step"
+    sent = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    elapsed = time.monotonic() - sent
+    assert p.returncode == 130, out + err
+    assert elapsed < 5, f"{elapsed:.1f} s from the second SIGINT to the exit: it finished the step"
+    assert "last.pt is saved" not in out and "DONE" not in out, out
+    assert (tmp_path / "last.pt").read_bytes() == before  # no save after the signals
+    state = load_checkpoint(str(tmp_path / "last.pt"))
+    assert (state["epoch"], state["batch_in_epoch"]) == (2, 0)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # it was not cut inside a write
+    load_checkpoint(str(tmp_path / "best.pt"))
 
 
 # ------------------------------------------------------------------------------------------------
