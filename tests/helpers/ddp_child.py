@@ -26,6 +26,10 @@ def data(n, seed):
     return centers[y] + torch.randn(n, 12, generator=g), y
 
 
+def make_model():
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 5))
+
+
 class KillOnce(Callback):
     def __init__(self, rank, step):
         self.rank, self.step = rank, step
@@ -39,7 +43,7 @@ class KillOnce(Callback):
 def main():
     out_dir, opts = sys.argv[1], json.loads(sys.argv[2])
     seed_everything(0)
-    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 5))
+    model = make_model()
     callbacks = [KillOnce(opts["kill_rank"], opts["kill_step"])] if "kill_rank" in opts else []
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), max_epochs=opts.get("epochs", 3),
                       out_dir=out_dir, seed=1, batch_size=opts["batch"], eval_batch_size=opts.get("eval_batch", 8),
