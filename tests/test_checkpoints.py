@@ -143,7 +143,7 @@ def test_sigkill_at_many_moments_then_resume_ends_where_an_unbroken_run_does(tmp
     for i in range(18):
         found = _load_all(folder) if folder.exists() else {}
         resume = "last.pt" in found and i % 2 == 0
-        p = subprocess.Popen([sys.executable, CHILD, str(folder), json.dumps({**opts, "resume": resume, "ready_after": 1})],
+        p = subprocess.Popen([sys.executable, CHILD, str(folder), json.dumps({**opts, "resume": resume, "ready_after": 3})],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
         before_ready = []
@@ -151,7 +151,9 @@ def test_sigkill_at_many_moments_then_resume_ends_where_an_unbroken_run_does(tmp
             if line.strip() == "READY":
                 break
             before_ready.append(line)
-        time.sleep(0.05 * i)  # 0 to 0.85 s into training: batches, evaluations and writes
+        # READY after 3 batches: this process has written last.pt once (every=2), so each later run
+        # finds one; then 0 to 0.85 s more of training: batches, evaluations and writes
+        time.sleep(0.05 * i)
         p.kill()
         p.wait()
         p.stdout.close()
@@ -164,7 +166,7 @@ def test_sigkill_at_many_moments_then_resume_ends_where_an_unbroken_run_does(tmp
             assert not resumed_line
         cut_writes += len(_partial_writes(folder))
         _load_all(folder)  # raises if the kill left an unreadable checkpoint
-    assert resumes >= 8
+    assert resumes == 8  # runs 2, 4, ..., 16
     finished = child(folder, resume=True, timeout=300, **opts)
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert child(ref, timeout=300, **opts).returncode == 0
