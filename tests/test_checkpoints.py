@@ -80,41 +80,100 @@ def test_mid_epoch_resume_is_bit_identical(tmp_path):
         assert torch.equal(group_ref["exp_avg"], group_cut["exp_avg"])
 
 
+def _load_all(folder) -> dict:
+    """Every complete checkpoint in ``folder``, loaded (raises if one is unreadable)."""
+    return {name: load_checkpoint(str(folder / name)) for name in ("last.pt", "best.pt") if (folder / name).exists()}
+
+
+def _partial_writes(folder) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.endswith(".tmp"))
+
+
 @pytest.mark.slow
-def test_sigkill_at_many_moments_never_leaves_an_unreadable_checkpoint(tmp_path):
-    """36 kills: 18 right inside a checkpoint write (the N-th write), 18 at other moments of training."""
-    folder = tmp_path / "run"
-    kills, loads = 0, 0
+def test_sigkill_inside_each_write_keeps_the_previous_checkpoint_and_resumes_exactly(tmp_path):
+    """18 kills, each right inside the N-th checkpoint write of a fresh run (mid-epoch and epoch-end writes).
+
+    Each must leave exactly one partial temp file beside an intact last.pt from the write before it,
+    and resuming from that last.pt must end bit-identical to a run that was never killed.
+    """
+    ref = tmp_path / "ref"
+    assert child(ref, epochs=2, every=1).returncode == 0
     started = time.perf_counter()
-
-    def load_all():
-        n = 0
-        for name in ("last.pt", "best.pt"):
-            if (folder / name).exists():
-                load_checkpoint(str(folder / name))  # raises if unreadable
-                n += 1
-        return n
-
     for n in range(1, 19):
-        proc = child(folder, epochs=3, every=1, kill_in_write=n)  # mid-epoch and epoch-end writes
+        folder = tmp_path / f"kill{n}"
+        proc = child(folder, epochs=2, every=1, kill_in_write=n)
         assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
-        kills += 1
-        loads += load_all()
+        # the kill came inside a write: its temp file is there, half-written and unreadable
+        partial = _partial_writes(folder)
+        assert len(partial) == 1 and partial[0].startswith((".last.pt.", ".best.pt.")), partial
+        with pytest.raises(CheckpointError):
+            load_checkpoint(str(folder / partial[0]))
+        saved = _load_all(folder)
+        if n == 1:
+            assert saved == {}  # killed inside the very first write: nothing to resume from
+            continue
+        # every=1 writes last.pt after each of the 12 first steps (13 batches per epoch): the write
+        # before the N-th is step N-1's, and every complete write holds a state the run really reached
+        state = saved["last.pt"]
+        if n <= 13:
+            assert (state["epoch"], state["loop"]["batch_in_epoch"], state["loop"]["global_step"]) == (0, n - 1, n - 1)
+        else:
+            assert n - 3 <= state["loop"]["global_step"] <= n - 2
+        resumed = child(folder, epochs=2, every=1, resume=True)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert f"(epoch {state['epoch']}, batch {state['loop']['batch_in_epoch']})" in resumed.stdout
+        assert not _partial_writes(folder)  # the resumed run removed the leftover
+        assert_same_bits(weights(ref / "last.pt"), weights(folder / "last.pt"))
+        assert_same_bits(weights(ref / "best.pt"), weights(folder / "best.pt"))
+        assert metric_rows(ref) == metric_rows(folder)
+    print(f"18 kills inside writes, 17 exact resumes: {time.perf_counter() - started:.1f} s")
+
+
+@pytest.mark.slow
+def test_sigkill_at_many_moments_then_resume_ends_where_an_unbroken_run_does(tmp_path):
+    """18 kills at other moments of training (batches, evaluations, writes), every other run resuming.
+
+    Whatever a kill leaves must load; a resumed run must start from the last.pt it found; and the run,
+    finished after the last kill, must end bit-identical to one that was never killed.
+    """
+    folder, ref = tmp_path / "run", tmp_path / "ref"
+    opts = {"epochs": 20, "every": 2}
+    started = time.perf_counter()
+    resumes = cut_writes = 0
     for i in range(18):
-        opts = {"epochs": 50, "every": 2, "resume": (folder / "last.pt").exists() and i % 2 == 0, "ready_after": 1}
-        p = subprocess.Popen([sys.executable, CHILD, str(folder), json.dumps(opts)], stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        found = _load_all(folder) if folder.exists() else {}
+        resume = "last.pt" in found and i % 2 == 0
+        p = subprocess.Popen([sys.executable, CHILD, str(folder), json.dumps({**opts, "resume": resume, "ready_after": 3})],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        before_ready = []
         for line in p.stdout:
             if line.strip() == "READY":
                 break
-        time.sleep(0.05 * i)  # 0 to 0.85 s into training: batches, evaluations and writes
+            before_ready.append(line)
+        # READY after 3 batches: this process has written last.pt once (every=2), so each later run
+        # finds one; then 0 to 0.85 s more of training: batches, evaluations and writes
+        time.sleep(0.05 * i)
         p.kill()
         p.wait()
         p.stdout.close()
-        kills += 1
-        loads += load_all()
-    assert kills >= 30 and loads >= 40
-    print(f"{kills} kills, {loads} checkpoint loads, {time.perf_counter() - started:.1f} s")
+        resumed_line = [ln for ln in before_ready if ln.startswith("resuming from")]
+        if resume:
+            last = found["last.pt"]
+            assert resumed_line and f"(epoch {last['epoch']}, batch {last['loop']['batch_in_epoch']})" in resumed_line[0]
+            resumes += 1
+        else:
+            assert not resumed_line
+        cut_writes += len(_partial_writes(folder))
+        _load_all(folder)  # raises if the kill left an unreadable checkpoint
+    assert resumes == 8  # runs 2, 4, ..., 16
+    finished = child(folder, resume=True, timeout=300, **opts)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert child(ref, timeout=300, **opts).returncode == 0
+    assert_same_bits(weights(ref / "last.pt"), weights(folder / "last.pt"))
+    assert_same_bits(weights(ref / "best.pt"), weights(folder / "best.pt"))
+    assert metric_rows(ref) == metric_rows(folder) and len(metric_rows(ref)) == 20
+    print(f"18 kills ({cut_writes} inside a write), {resumes} resumes, {time.perf_counter() - started:.1f} s")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,11 +217,32 @@ def test_interrupted_run_resumes_bit_identical(tmp_path):
 
 @pytest.mark.slow
 def test_second_sigint_exits_at_once(tmp_path):
-    rc, out, err = _signal_after_ready(tmp_path, signal.SIGINT, second=signal.SIGINT)
-    assert rc == 130
-    for name in ("last.pt", "best.pt"):
-        if (tmp_path / name).exists():
-            load_checkpoint(str(tmp_path / name))
+    # READY comes after batch 30 (epoch 3; last.pt was written at the end of epoch 2); the child then stays
+    # 30 s inside that batch's callback. The first SIGINT only asks the loop to stop after this step,
+    # which the graceful path would do after the 30 s, saving last.pt mid-epoch and saying so. The
+    # second SIGINT must end the process at once, with 130, without reaching that save.
+    p = subprocess.Popen([sys.executable, CHILD, str(tmp_path), json.dumps({"epochs": 100, "ready_after": 30, "hold": 30})],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:
+        if line.strip() == "READY":
+            break
+    before = (tmp_path / "last.pt").read_bytes()
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # the first one is handled by now (two pending SIGINTs would merge into one)
+    assert p.poll() is None, "the first SIGINT alone must not end the step"
+    sent = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    elapsed = time.monotonic() - sent
+    assert p.returncode == 130, out + err
+    assert elapsed < 5, f"{elapsed:.1f} s from the second SIGINT to the exit: it finished the step"
+    assert "last.pt is saved" not in out and "DONE" not in out, out
+    assert (tmp_path / "last.pt").read_bytes() == before  # no save after the signals
+    state = load_checkpoint(str(tmp_path / "last.pt"))
+    assert (state["epoch"], state["loop"]["batch_in_epoch"]) == (2, 0)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # it was not cut inside a write
+    load_checkpoint(str(tmp_path / "best.pt"))
 
 
 # ------------------------------------------------------------------------------------------------

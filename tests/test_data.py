@@ -31,7 +31,13 @@ def test_shards_are_disjoint_and_cover_the_epoch(n, batch, world, shuffle, pad, 
         loader = TensorLoader(X, y, batch, shuffle=shuffle, drop_last=drop_last, generator=g, rank=rank,
                               world_size=world, pad=pad)
         got = _seen(loader)
-        assert len(loader) == len(list(iter(loader))) or shuffle  # len matches the number of batches
+        # len() is the number of batches an iteration yields, shuffled or not: full batches, then one
+        # short batch unless drop_last drops it
+        per_rank = -(-n // world) if pad else len(range(rank, n, world))
+        sizes = [len(xb) for xb, _ in loader]
+        expected = [batch] * (per_rank // batch) + ([per_rank % batch] if per_rank % batch and not drop_last else [])
+        assert len(loader) == len(sizes) and sizes == expected
+        assert len(got) == sum(expected)
         for xb, yb in loader:
             assert torch.equal(xb[:, 0].long(), yb)  # features and labels stay paired
         seen.append(got)

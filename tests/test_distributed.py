@@ -8,6 +8,7 @@ every rank wrote its done-marker, so real failures are never hidden.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -47,6 +48,13 @@ def run_child(out_dir, nproc, **opts):
     return proc, torch.load(os.path.join(out_dir, "predictions.pt"), weights_only=True)
 
 
+def _ddp_child_module():
+    spec = importlib.util.spec_from_file_location("ddp_child", CHILD)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_two_processes_equal_one_process_with_double_batch(tmp_path):
     started = time.perf_counter()
     metrics = ["acc", "f1_macro", "top2_acc"]
@@ -74,11 +82,22 @@ def test_two_processes_equal_one_process_with_double_batch(tmp_path):
 def test_eval_counts_each_sample_once_with_uneven_shards(tmp_path):
     # 45 validation samples over 2 ranks with eval batch 4: shards of 23 and 22, no padding duplicates
     _, two = run_child(tmp_path / "r", 2, batch=8, eval_batch=4, epochs=1)
-    import torch.nn.functional as F
-
     assert len(two["preds"]) == 45 and two["probs"].shape == (45, 5)
+    # The reference, computed here in one process: best.pt's model on the 45 samples in dataset order.
+    # The gathered probabilities must be its softmax row for row (a shard out of place, a padded
+    # duplicate or a missing softmax would show), and val_acc must count each sample once.
+    helper = _ddp_child_module()
+    Xv, yv = helper.data(45, 2)
+    model = helper.make_model()
+    model.load_state_dict(torch.load(tmp_path / "r" / "best.pt", weights_only=True)["model"])
+    with torch.no_grad():
+        expected = model(Xv).softmax(dim=1)
+    assert torch.allclose(two["probs"], expected, rtol=0, atol=1e-6)
+    assert torch.equal(two["preds"], expected.argmax(dim=1))
+    assert round(two["history"][0]["val_acc"] * 45) == int((expected.argmax(dim=1) == yv).sum())
     assert two["history"][0]["val_acc"] * 45 == pytest.approx(round(two["history"][0]["val_acc"] * 45))
-    assert F.softmax(torch.log(two["probs"]), dim=1).sum(1).allclose(torch.ones(45))
+    # the control: rows differ enough that any reordering of them would fail the comparison above
+    assert (expected[1:] - expected[:-1]).abs().amax(dim=1).min() > 1e-3
 
 
 def test_binary_auroc_gathers_every_rank_once(tmp_path):

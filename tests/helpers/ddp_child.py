@@ -27,6 +27,10 @@ def data(n, seed):
     return centers[y] + torch.randn(n, 12, generator=g), y
 
 
+def make_model(binary=False):
+    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 1 if binary else 5))
+
+
 class KillOnce(Callback):
     def __init__(self, rank, step):
         self.rank, self.step = rank, step
@@ -41,7 +45,7 @@ def main():
     out_dir, opts = sys.argv[1], json.loads(sys.argv[2])
     seed_everything(0)
     binary = opts.get("binary", False)
-    model = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 1 if binary else 5))
+    model = make_model(binary)
     loss_fn = nn.BCEWithLogitsLoss() if binary else None
     callbacks = [KillOnce(opts["kill_rank"], opts["kill_step"])] if "kill_rank" in opts else []
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), loss_fn,

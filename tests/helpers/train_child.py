@@ -4,7 +4,8 @@ Usage: python train_child.py OUT_DIR JSON_OPTIONS
 Options: epochs, resume, every (checkpoint_every_steps), kill_epoch_end (SIGKILL itself at the end of
 that epoch, before last.pt is written), kill_batch (SIGKILL itself after that global batch count),
 kill_in_write (SIGKILL itself inside the N-th checkpoint write, 1-based), sleep (seconds per batch),
-ready_after (print READY after that many batches, for signal tests).
+ready_after (print READY after that many batches, for signal tests), hold (then stay that many seconds
+inside that batch's callback, where a signal finds the loop between two steps).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class Faults(Callback):
             time.sleep(self.opts["sleep"])
         if self.opts.get("ready_after") == self.batches:
             print("READY", flush=True)
+            if self.opts.get("hold"):
+                time.sleep(self.opts["hold"])  # signal handlers run during the sleep, which then goes on
         if self.opts.get("kill_batch") == trainer.global_step:
             os.kill(os.getpid(), signal.SIGKILL)
 
