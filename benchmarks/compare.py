@@ -47,7 +47,8 @@ _resize(int(os.environ.get("TRAINVAL_BENCH_EPOCHS") or 0), float(os.environ.get(
 # hand_again: the hand loop under another name, an A/A control: its ratio's spread is the run's resolution
 CONTENDERS = ["hand", "notes", "trainval", "trainval_bar", "lightning_off", "lightning", "accelerate"]
 LABELS = {
-    "hand": "hand-optimised loop", "hand_again": "hand loop again (A/A control)", "notes": "notes' loop (DataLoader + .item())", "trainval": "trainval fit",
+    "hand": "hand-optimised loop", "hand_again": "hand loop again (A/A control)",
+    "hand_f1": "hand loop + macro F1 on the device", "trainval_f1": "trainval fit, metrics acc + f1_macro", "notes": "notes' loop (DataLoader + .item())", "trainval": "trainval fit",
     "trainval_bar": "trainval fit + progress bar", "lightning_off": "Lightning (bar/ckpt/logger off)",
     "lightning": "Lightning defaults", "accelerate": "Accelerate",
 }
@@ -90,13 +91,29 @@ def _warm_up(model, train, batch):
         opt.zero_grad(set_to_none=True)
 
 
-def run_hand(w, train, val, model, out):
-    """Tensor slicing, metrics on the device, one sync per epoch, best/last state_dicts."""
+def _macro_f1(cm):
+    """Macro F1 from a confusion matrix (rows: true class), over the classes that occur."""
+    import torch
+
+    tp = cm.diag()
+    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+    present = (cm.sum(0) + cm.sum(1)) > 0
+    f1 = torch.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn).clamp(min=1), torch.zeros_like(tp))
+    return f1[present].mean().item()
+
+
+def run_hand(w, train, val, model, out, f1=False):
+    """Tensor slicing, metrics on the device, one sync per epoch, best/last state_dicts.
+
+    With ``f1``: also a confusion matrix per split, updated on the device every step (index_add_),
+    and macro F1 from it once per epoch -- the reference for trainval with metrics=["acc", "f1_macro"].
+    """
     import torch
     from torch import nn
 
     X, y = train
     Xv, yv = val
+    C = w["classes"]
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
     g = torch.Generator().manual_seed(0)
@@ -105,6 +122,7 @@ def run_hand(w, train, val, model, out):
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=DEVICE)
         correct = torch.zeros((), dtype=torch.int64, device=DEVICE)
+        cm = torch.zeros(C * C, dtype=torch.float64, device=DEVICE) if f1 else None
         perm = torch.randperm(len(X), generator=g).to(DEVICE)
         for i in range(0, len(X), B):
             idx = perm[i : i + B]
@@ -115,17 +133,27 @@ def run_hand(w, train, val, model, out):
             opt.step()
             opt.zero_grad(set_to_none=True)
             loss_sum += loss.detach() * len(yb)
-            correct += (logits.argmax(1) == yb).sum()
+            pred = logits.argmax(1)
+            correct += (pred == yb).sum()
+            if f1:
+                cm.index_add_(0, yb * C + pred, torch.ones(len(yb), dtype=torch.float64, device=DEVICE))
         model.eval()
         vloss = torch.zeros((), dtype=torch.float64, device=DEVICE)
         vcorrect = torch.zeros((), dtype=torch.int64, device=DEVICE)
+        vcm = torch.zeros(C * C, dtype=torch.float64, device=DEVICE) if f1 else None
         with torch.no_grad():
             for i in range(0, len(Xv), B):
-                logits = model(Xv[i : i + B])
-                vloss += loss_fn(logits, yv[i : i + B]) * len(logits)
-                vcorrect += (logits.argmax(1) == yv[i : i + B]).sum()
+                logits, yb = model(Xv[i : i + B]), yv[i : i + B]
+                vloss += loss_fn(logits, yb) * len(logits)
+                pred = logits.argmax(1)
+                vcorrect += (pred == yb).sum()
+                if f1:
+                    vcm.index_add_(0, yb * C + pred, torch.ones(len(yb), dtype=torch.float64, device=DEVICE))
         tl, ta, vl, va = (loss_sum / len(X)).item(), correct.item() / len(X), (vloss / len(Xv)).item(), vcorrect.item() / len(Xv)
-        print(f"[{epoch + 1:03d}/{w['epochs']:03d}] Train Acc: {ta:3.6f} Loss: {tl:3.6f} | Val Acc: {va:3.6f} loss: {vl:3.6f}")
+        line = f"[{epoch + 1:03d}/{w['epochs']:03d}] Train Acc: {ta:3.6f} Loss: {tl:3.6f} | Val Acc: {va:3.6f} loss: {vl:3.6f}"
+        if f1:
+            line += f" | F1 {_macro_f1(cm.view(C, C)):.6f} / {_macro_f1(vcm.view(C, C)):.6f}"
+        print(line)
         if va > best:
             best = va
             torch.save(model.state_dict(), os.path.join(out, "best.pt"))
@@ -187,7 +215,7 @@ class _FakeTerminal:
         self._f.flush()
 
 
-def run_trainval(w, train, val, model, out, bar=False):
+def run_trainval(w, train, val, model, out, bar=False, metrics=None):
     import torch
 
     from trainval import Trainer
@@ -196,7 +224,7 @@ def run_trainval(w, train, val, model, out, bar=False):
     callbacks = [ProgressBar(stream=_FakeTerminal())] if bar else []
     Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-3), max_epochs=w["epochs"], out_dir=out,
             batch_size=w["batch"], progress=False, plot=False, callbacks=callbacks, overwrite=True,
-            device=DEVICE).fit(train, val)
+            device=DEVICE, metrics=metrics, monitor="val_acc").fit(train, val)
 
 
 def run_lightning(w, train, val, model, out, defaults=False):
@@ -280,10 +308,12 @@ def run_accelerate(w, train, val, model, out):
 RUNNERS = {
     "hand": run_hand, "hand_again": run_hand, "notes": run_notes, "trainval": run_trainval,
     "trainval_bar": lambda *a: run_trainval(*a, bar=True), "accelerate": run_accelerate,
+    "hand_f1": lambda *a: run_hand(*a, f1=True), "trainval_f1": lambda *a: run_trainval(*a, metrics=["acc", "f1_macro"]),
     "lightning_off": run_lightning, "lightning": lambda *a: run_lightning(*a, defaults=True),
 }
 # what each contender imports: importing is start-up, for every contender, not part of the timed epochs
-LIBRARY = {"trainval": "trainval.trainer", "trainval_bar": "trainval.trainer", "lightning_off": "pytorch_lightning",
+LIBRARY = {"trainval": "trainval.trainer", "trainval_bar": "trainval.trainer", "trainval_f1": "trainval.trainer",
+           "lightning_off": "pytorch_lightning",
            "lightning": "pytorch_lightning", "accelerate": "accelerate"}
 
 
@@ -489,6 +519,11 @@ def paired_main(args) -> None:
             lines.append(f"| {LABELS[name]:34s} | {rows[name]['median_epoch_s']:14.3f} | {rows[name]['ratio']:.3f}x "
                          f"({min(ratios):.2f}-{max(ratios):.2f}){' ' * 24}| {rows[name]['cpu_ratio']:.3f}x "
                          f"({min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}){' ' * 23}|")
+        if "trainval_f1" in names and "hand_f1" in names:  # the reference for trainval with F1 is the F1 hand loop
+            ratios = [t / h for t, h in zip(times["trainval_f1"], times["hand_f1"])]
+            rows["trainval_f1"]["ratio_vs_hand_f1"] = statistics.median(ratios)
+            lines.append(f"trainval fit (acc + f1_macro) vs the hand loop with the same F1 on the device: "
+                         f"{statistics.median(ratios):.3f}x ({min(ratios):.2f}-{max(ratios):.2f})")
         results["workloads"][workload] = rows
     print("\n".join(lines))
     os.makedirs(args.out, exist_ok=True)
