@@ -192,3 +192,29 @@ def _strip_prefixes(key: str) -> str:
 def _short(items: list[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
+# Model keys that change no parameter name or shape (dropout only acts in training).
+_NOT_ARCHITECTURE = frozenset({"dropout"})
+
+
+def check_recorded_model(state: dict, model_cfg: dict, resolved: dict, path: str) -> None:
+    """Refuse a checkpoint whose recorded model differs from the one the user's config builds.
+
+    The recorded config is only compared, never used: a checkpoint is data and cannot choose what
+    gets built or imported. A checkpoint without a recorded config (a bare state_dict) is checked by
+    its keys and shapes alone when the weights are loaded.
+    """
+    recorded = state.get("config") if isinstance(state.get("config"), dict) else {}
+    differences = []
+    saved_model = recorded.get("model") if isinstance(recorded.get("model"), dict) else {}
+    for key, value in model_cfg.items():
+        if key in saved_model and key not in _NOT_ARCHITECTURE and saved_model[key] != value:
+            differences.append(f"model.{key}: checkpoint {saved_model[key]!r}, config {value!r}")
+    saved_resolved = recorded.get("resolved") if isinstance(recorded.get("resolved"), dict) else {}
+    for key, value in resolved.items():
+        if key in saved_resolved and saved_resolved[key] != value:
+            differences.append(f"{key}: checkpoint {saved_resolved[key]!r}, this config's data {value!r}")
+    if differences:
+        raise CheckpointError(f"{path} was trained with another model than this config builds ("
+                              + "; ".join(differences) + "); use the config the run was trained with.")

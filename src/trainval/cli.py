@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, epilog=examples, formatter_class=raw)
         p.add_argument("args", nargs="+", metavar="CONFIG [key=value]", help="the run's YAML config and overrides")
         p.add_argument("--ckpt", default="best", help="best (default), last, or a checkpoint path")
+        p.add_argument("--trust-code", action="store_true",
+                       help="allow importing the 'module:name' model or data factory that the config names")
         if name == "predict":
             p.add_argument("--out", default=None, help="output CSV (default: <run folder>/predictions.csv)")
             p.add_argument("--proba", action="store_true", help="add one probability column per class")
@@ -132,9 +134,9 @@ def _dispatch(args) -> int:
     if args.command == "fit":
         workflow.fit(cfg, resume=args.resume)
     elif args.command == "test":
-        workflow.test(cfg, ckpt=args.ckpt)
+        workflow.test(cfg, ckpt=args.ckpt, trust_code=args.trust_code)
     elif args.command == "predict":
-        workflow.predict(cfg, ckpt=args.ckpt, out=args.out, proba=args.proba)
+        workflow.predict(cfg, ckpt=args.ckpt, out=args.out, proba=args.proba, trust_code=args.trust_code)
     return 0
 
 

@@ -240,6 +240,29 @@ def validate(cfg: dict, source: str) -> dict:
     return cfg
 
 
+def code_imports(cfg: dict) -> list[str]:
+    """The 'module:name' strings of a config: each one imports (runs) Python code when used."""
+    found = []
+    if ":" in cfg["model"]["name"]:
+        found.append(f"model.name={cfg['model']['name']}")
+    if cfg["data"]["source"] == "factory" and cfg["data"]["factory"]:
+        found.append(f"data.factory={cfg['data']['factory']}")
+    return found
+
+
+def require_trusted_code(cfg: dict, trust_code: bool, command: str) -> None:
+    """``test``/``predict`` import code named by a config only with an explicit opt-in.
+
+    A run folder's config.yaml (downloaded, shared) is a file like any other: pointing ``test`` or
+    ``predict`` at it must not import a module it names unless the user says they trust it. The
+    opt-in is a command-line flag, never a config key, so that a config cannot grant it to itself.
+    """
+    imports = code_imports(cfg)
+    if imports and not trust_code:
+        raise ConfigError(f"{' and '.join(imports)} would import Python code; `trainval {command}` imports code "
+                          "only with --trust-code (Python API: trust_code=True). Add it if you trust that code.")
+
+
 def dump(cfg: dict, extra: dict | None = None) -> str:
     out = copy.deepcopy(cfg)
     if extra:

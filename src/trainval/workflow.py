@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from trainval.callbacks import EarlyStopping, TensorBoardLogger
-from trainval.checkpoint import atomic_write, load_checkpoint
+from trainval.checkpoint import atomic_write, check_recorded_model, load_checkpoint
+from trainval.config import require_trusted_code
 from trainval.data import Split, import_object, load_csv, load_digits_arrays, load_npz, stratified_split
 from trainval.errors import ConfigError, DataError
 from trainval.models import CNN, MLP
@@ -265,28 +266,32 @@ def _test_and_predict(trainer: Trainer, test: Any, folder: str) -> dict:
     return out
 
 
-def _trainer_from_run(cfg: dict, ckpt: str | None) -> tuple[Trainer, str]:
+def _trainer_from_run(cfg: dict, ckpt: str | None, splits: Splits) -> tuple[Trainer, str]:
+    """The model built from the user's own config and data, then checked against the checkpoint.
+
+    The checkpoint is data only: the config recorded in it is compared, never used to build anything.
+    """
     folder = run_folder(cfg)
     path = {"best": os.path.join(folder, "best.pt"), "last": os.path.join(folder, "last.pt")}.get(ckpt or "best", ckpt)
     state = load_checkpoint(path, map_location="cpu")
-    saved = state.get("config") or {}
-    resolved = saved.get("resolved")
-    if not resolved:
-        raise ConfigError(f"{path} has no model description (it was not written by `trainval fit`); "
-                          "load it with the Python API instead.")
-    model = build_model(saved.get("model", cfg["model"]), resolved["in_shape"], resolved["num_classes"])
+    in_shape, num_classes = _shape_and_classes(splits)
+    resolved = {"in_shape": in_shape, "num_classes": num_classes}
+    check_recorded_model(state, cfg["model"], resolved, path)  # before anything is built
+    model = build_model(cfg["model"], in_shape, num_classes)
     trainer = build_trainer(cfg, model, 1, resolved)
     return trainer, path
 
 
-def test(cfg: dict, ckpt: str | None = "best") -> dict:
+def test(cfg: dict, ckpt: str | None = "best", trust_code: bool = False) -> dict:
+    """Metrics of a checkpoint on the test split; ``trust_code`` allows importing 'module:name' strings."""
+    require_trusted_code(cfg, trust_code, "test")
     splits = load_splits(cfg)
     if splits.test is None:
         raise ConfigError("there is no test data: set data.test or data.test_split.")
     if isinstance(splits.test, Split) and splits.test.y is None:
         raise DataError(f"the test data ({cfg['data']['test']}) has no labels, so it cannot be scored; "
                         "use `trainval predict` to write predictions for it.")
-    trainer, path = _trainer_from_run(cfg, ckpt)
+    trainer, path = _trainer_from_run(cfg, ckpt, splits)
     metrics = trainer.test(_pair(splits.test), ckpt=path)
     folder = run_folder(cfg)
     result = {"checkpoint": path, **metrics}
@@ -302,7 +307,10 @@ def test(cfg: dict, ckpt: str | None = "best") -> dict:
     return result
 
 
-def predict(cfg: dict, ckpt: str | None = "best", out: str | None = None, proba: bool = False) -> str:
+def predict(cfg: dict, ckpt: str | None = "best", out: str | None = None, proba: bool = False,
+            trust_code: bool = False) -> str:
+    """Write predictions for the test split; ``trust_code`` allows importing 'module:name' strings."""
+    require_trusted_code(cfg, trust_code, "predict")
     folder = run_folder(cfg)
     out = out or os.path.join(folder, "predictions.csv")
     parent = os.path.dirname(os.path.abspath(out))
@@ -311,7 +319,7 @@ def predict(cfg: dict, ckpt: str | None = "best", out: str | None = None, proba:
     splits = load_splits(cfg)
     if splits.test is None:
         raise ConfigError("there is no test data to predict: set data.test or data.test_split.")
-    trainer, path = _trainer_from_run(cfg, ckpt)
+    trainer, path = _trainer_from_run(cfg, ckpt, splits)
     inputs = splits.test.X if isinstance(splits.test, Split) else splits.test
     probs = trainer.predict_proba(inputs, ckpt=path)
     if trainer.dist.is_main:

@@ -1,0 +1,91 @@
+"""Issue 12: nothing from a file runs code, nothing trainval does not own is touched, one writer per
+run folder. CLI cases run the real ``trainval`` in a subprocess."""
+
+from __future__ import annotations
+
+import torch
+from conftest import run_cli
+
+from trainval.models import MLP
+
+
+def write_csv(path, rows: int = 60, features: int = 4, classes: int = 2, seed: int = 0) -> str:
+    """A tiny learnable CSV: f1..fN and a label column."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(rows) % classes
+    X = y[:, None].float() * 2 + 0.3 * torch.randn(rows, features, generator=g)
+    lines = [",".join([f"f{i + 1}" for i in range(features)] + ["label"])]
+    lines += [",".join([f"{v:.4f}" for v in X[r].tolist()] + [str(int(y[r]))]) for r in range(rows)]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return str(path)
+
+
+def csv_args(tmp_path, name: str = "r") -> list[str]:
+    data = tmp_path / "data.csv"
+    if not data.exists():
+        write_csv(data)
+    return ["data.source=csv", f"data.train={data}", "model.name=mlp", "model.hidden=[8]", "train.epochs=1",
+            "train.batch_size=16", "train.progress=false", "log.plot=false", f"run.out_dir={tmp_path / 'runs'}",
+            f"run.name={name}"]
+
+
+def one_error_line(proc, code: int) -> str:
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("trainval: error: "), err
+    return err
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. A checkpoint never runs code
+
+
+def test_crafted_checkpoint_naming_os_system_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "downloaded.pt"
+    torch.save({"model": {}, "epoch": 1,
+                "config": {"model": {"name": "os:system", "kwargs": {"command": f"touch {marker}"}},
+                           "resolved": {"in_shape": [4], "num_classes": 2}}}, crafted)
+    proc = run_cli("predict", *csv_args(tmp_path), "--ckpt", str(crafted), "--out", str(tmp_path / "p.csv"),
+                   cwd=str(tmp_path))
+    err = one_error_line(proc, 1)
+    assert "model.name: checkpoint 'os:system', config 'mlp'" in err, err
+    assert not marker.exists()
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_run_folders_module_model_is_imported_only_with_trust_code(tmp_path):
+    marker = tmp_path / "imported"
+    (tmp_path / "evilmod.py").write_text(f"open({str(marker)!r}, 'w').close()\nNet = None\n")
+    env = {"PYTHONPATH": str(tmp_path)}
+    # A downloaded run folder whose config.yaml names the module, and a checkpoint naming it too.
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("model:\n  name: evilmod:Net\n")
+    torch.save({"model": {}, "epoch": 1, "config": {"model": {"name": "evilmod:Net"}}}, tmp_path / "best.pt")
+    for command in ("test", "predict"):
+        proc = run_cli(command, str(cfg), *csv_args(tmp_path)[:2], "model.name=evilmod:Net",
+                       "--ckpt", str(tmp_path / "best.pt"), cwd=str(tmp_path), env=env)
+        err = one_error_line(proc, 2)
+        assert "--trust-code" in err and "model.name=evilmod:Net" in err, err
+        assert not marker.exists()
+    # A checkpoint naming the module while the user's config builds an MLP: compared, not imported.
+    proc = run_cli("predict", *csv_args(tmp_path), "--ckpt", str(tmp_path / "best.pt"), "--out", str(tmp_path / "p.csv"),
+                   cwd=str(tmp_path), env=env)
+    assert "model.name: checkpoint 'evilmod:Net', config 'mlp'" in one_error_line(proc, 1)
+    assert not marker.exists()
+    # The control: with the opt-in, the import does happen.
+    run_cli("predict", str(cfg), *csv_args(tmp_path)[:2], "--trust-code", "--ckpt", str(tmp_path / "best.pt"),
+            "--out", str(tmp_path / "p.csv"), cwd=str(tmp_path), env=env)
+    assert marker.exists()
+
+
+def test_predict_with_a_bare_state_dict_checks_keys_and_shapes(tmp_path):
+    args = csv_args(tmp_path)
+    built = MLP(4, 2, [8], 0.25, True)
+    torch.save(built.state_dict(), tmp_path / "sd.pt")
+    ok = run_cli("predict", *args, "--ckpt", str(tmp_path / "sd.pt"), "--out", str(tmp_path / "p.csv"), cwd=str(tmp_path))
+    assert ok.returncode == 0, ok.stderr
+    torch.save(MLP(4, 2, [16], 0.25, True).state_dict(), tmp_path / "wide.pt")
+    bad = run_cli("predict", *args, "--ckpt", str(tmp_path / "wide.pt"), "--out", str(tmp_path / "q.csv"), cwd=str(tmp_path))
+    assert "shape mismatches" in one_error_line(bad, 1)
