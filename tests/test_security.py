@@ -3,6 +3,7 @@ run folder. CLI cases run the real ``trainval`` in a subprocess."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import run_cli
 
@@ -89,3 +90,44 @@ def test_predict_with_a_bare_state_dict_checks_keys_and_shapes(tmp_path):
     torch.save(MLP(4, 2, [16], 0.25, True).state_dict(), tmp_path / "wide.pt")
     bad = run_cli("predict", *args, "--ckpt", str(tmp_path / "wide.pt"), "--out", str(tmp_path / "q.csv"), cwd=str(tmp_path))
     assert "shape mismatches" in one_error_line(bad, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# 9. A zip bomb is refused before anything is inflated
+
+
+def test_zip_bomb_checkpoint_is_refused_before_unpickling(tmp_path, monkeypatch):
+    import zipfile
+
+    from trainval.checkpoint import load_checkpoint
+    from trainval.errors import CheckpointError
+
+    plain = tmp_path / "plain.pt"
+    torch.save({"model": {"w": torch.zeros(4_000_000)}, "epoch": 1}, plain)  # 16 MB of zeros
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    assert bomb.stat().st_size < plain.stat().st_size // 50
+    assert torch.load(bomb, weights_only=True)["model"]["w"].numel() == 4_000_000  # torch itself inflates it
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was reached")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(CheckpointError, match=r"refusing to load .*bomb\.pt: it holds compressed entries"):
+        load_checkpoint(str(bomb))
+    # Sizes that claim more than the file holds: patch one stored entry's declared size.
+    liar = tmp_path / "liar.pt"
+    data = bytearray(plain.read_bytes())
+    with zipfile.ZipFile(plain) as src:
+        info = max(src.infolist(), key=lambda i: i.file_size)
+    at = 0
+    while True:  # its central-directory record: signature, ..., uncompressed size at offset 24, name at 46
+        at = data.index(b"PK\x01\x02", at + 1)
+        if data[at + 46:at + 46 + len(info.filename)] == info.filename.encode():
+            break
+    data[at + 24:at + 28] = (2**31).to_bytes(4, "little")
+    liar.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"refusing to load .*liar\.pt: its entries claim"):
+        load_checkpoint(str(liar))

@@ -127,6 +127,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
+    check_archive(path)  # before torch.load inflates or allocates anything
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -153,6 +154,31 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a trainval checkpoint or state_dict (no 'model' entry).")
     return state
+
+
+def check_archive(path: str) -> None:
+    """Refuse a file that no ``torch.save`` wrote, reading only the zip's central directory.
+
+    ``torch.save`` writes a zip archive of *stored* (uncompressed) entries, so the entries' sizes add
+    up to at most the file's size. A compressed entry, or sizes that claim more bytes than the file
+    holds, is what a zip bomb looks like: refused before anything is inflated or allocated.
+    """
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch "
+                              f"checkpoint (not a zip archive as torch.save writes: {e or type(e).__name__}).") from None
+    compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise CheckpointError(f"refusing to load {path}: it holds compressed entries ({_short(compressed, 3)}), which "
+                              "torch.save never writes (a zip bomb?). Re-save it with torch.save.")
+    declared = sum(e.file_size for e in entries)
+    lying = [e.filename for e in entries if e.file_size != e.compress_size]
+    if lying or declared > size:
+        raise CheckpointError(f"refusing to load {path}: its entries claim {declared} bytes but the file holds "
+                              f"{size} (a zip bomb or a damaged file).")
 
 
 def load_model_weights(model: nn.Module, state_dict: dict, path: str = "checkpoint") -> None:
