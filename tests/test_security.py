@@ -3,6 +3,8 @@ run folder. CLI cases run the real ``trainval`` in a subprocess."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import run_cli
@@ -131,3 +133,120 @@ def test_zip_bomb_checkpoint_is_refused_before_unpickling(tmp_path, monkeypatch)
     liar.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"refusing to load .*liar\.pt: its entries claim"):
         load_checkpoint(str(liar))
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. predict --out never replaces a checkpoint, an input, or a file trainval did not write
+
+
+def test_predict_out_refuses_checkpoints_inputs_and_foreign_files(tmp_path):
+    args = csv_args(tmp_path)
+    run_cli("fit", *args, cwd=str(tmp_path), check=True)
+    run = tmp_path / "runs" / "r"
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text("train:\n  epochs: 1\n")
+    elsewhere = tmp_path / "other.pt"
+    elsewhere.write_bytes((run / "last.pt").read_bytes())
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    guarded = {run / "best.pt": "best.pt", run / "last.pt": "last.pt", tmp_path / "data.csv": "data.train",
+               cfg: "the config file", elsewhere: "PyTorch checkpoint", run / "summary.json": "summary.json"}
+    for path, words in guarded.items():
+        before = path.read_bytes()
+        proc = run_cli("predict", str(cfg), *args, "--out", str(path), "--force", cwd=str(tmp_path))
+        assert words in one_error_line(proc, 2)
+        assert path.read_bytes() == before
+    proc = run_cli("predict", str(cfg), *args, "--out", str(notes), cwd=str(tmp_path))
+    assert "--force" in one_error_line(proc, 2) and notes.read_text() == "mine\n"
+    # The controls: trainval's own predictions file is replaced; --force replaces the user's file.
+    run_cli("predict", *args, cwd=str(tmp_path), check=True)
+    run_cli("predict", *args, "--out", str(notes), "--force", cwd=str(tmp_path), check=True)
+    assert notes.read_text().startswith("Id,Class\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. fit never overwrites files it did not write
+
+
+def test_fit_into_a_users_folder_replaces_nothing(tmp_path):
+    user = tmp_path / "mine"
+    user.mkdir()
+    files = {"config.yaml": "my config\n", "predictions.csv": "a,b\n", "summary.json": "{}\n"}
+    for name, text in files.items():
+        (user / name).write_text(text)
+    args = csv_args(tmp_path)[:-2] + [f"run.out_dir={tmp_path}", "run.name=mine"]
+    proc = run_cli("fit", *args, "run.overwrite=true", cwd=str(tmp_path))
+    err = one_error_line(proc, 2)
+    assert "not made by trainval" in err and "config.yaml, summary.json, predictions.csv" in err, err
+    assert sorted(os.listdir(user)) == sorted(files)
+    assert all((user / name).read_text() == text for name, text in files.items())
+    # An empty folder the user made becomes a run folder: the control.
+    (tmp_path / "empty").mkdir()
+    run_cli("fit", *args[:-1], "run.name=empty", cwd=str(tmp_path), check=True)
+    assert (tmp_path / "empty" / "best.pt").exists() and (tmp_path / "empty" / ".trainval-run").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. run.name stays inside out_dir; only trainval's own temp files are deleted
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", "/tmp/abs-run", ".", ".."])
+def test_run_name_is_confined_to_out_dir(tmp_path, name):
+    (tmp_path / "runs").mkdir()
+    args = csv_args(tmp_path)[:-1] + [f"run.name={name}"]
+    proc = run_cli("fit", *args, cwd=str(tmp_path / "runs"))
+    assert "run.name must be a plain folder name" in one_error_line(proc, 2)
+    assert sorted(os.listdir(tmp_path)) == ["data.csv", "runs"] and os.listdir(tmp_path / "runs") == []
+
+
+def test_fit_deletes_only_its_own_temp_files(tmp_path):
+    args = csv_args(tmp_path)
+    run_cli("fit", *args, cwd=str(tmp_path), check=True)
+    run = tmp_path / "runs" / "r"
+    own = run / ".trainval-last.pt.ab12cd_9.tmp"  # what a killed atomic write leaves
+    users = [run / ".notes.tmp", run / ".last.pt.abcdefgh.tmp", run / ".trainval-notes.tmp"]
+    for path in [own, *users]:
+        path.write_text("x")
+    run_cli("fit", *args, "run.overwrite=true", cwd=str(tmp_path), check=True)
+    assert not own.exists()
+    assert all(path.read_text() == "x" for path in users)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. One writer per run folder: a real second process is refused, naming the holder's pid
+
+
+def test_one_writer_per_run_folder(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = csv_args(tmp_path)
+    run = tmp_path / "runs" / "r"
+    long_fit = [*args[:-6], "train.epochs=100000", *args[-5:]]
+    holder = subprocess.Popen([sys.executable, "-m", "trainval", "fit", *long_fit], cwd=str(tmp_path),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "last.pt").exists():
+            assert holder.poll() is None, holder.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        busy = f"in use by another trainval process (pid {holder.pid})"
+        second = run_cli("fit", *args, "run.overwrite=true", cwd=str(tmp_path))
+        assert busy in one_error_line(second, 2)
+        resume = run_cli("fit", *long_fit, "--resume", cwd=str(tmp_path))
+        assert busy in one_error_line(resume, 2)
+        into = run_cli("predict", *args, cwd=str(tmp_path))
+        assert busy in one_error_line(into, 2)
+        assert not (run / "predictions.csv").exists()
+        # Reading the folder is not writing to it: predictions elsewhere go ahead meanwhile.
+        run_cli("predict", *args, "--out", str(tmp_path / "p.csv"), cwd=str(tmp_path), check=True)
+        assert holder.poll() is None
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # A SIGKILLed holder blocks nobody: the kernel released its lock.
+    again = run_cli("fit", *args, "run.overwrite=true", cwd=str(tmp_path))
+    assert again.returncode == 0, again.stderr

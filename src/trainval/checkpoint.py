@@ -68,7 +68,8 @@ def atomic_write(path: str, write: Callable[[Any], None], what: str = "file") ->
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".trainval-{os.path.basename(path)}.",
+                                    suffix=".tmp")  # runfolder.remove_own_temp_files deletes only these
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "predict":
             p.add_argument("--out", default=None, help="output CSV (default: <run folder>/predictions.csv)")
             p.add_argument("--proba", action="store_true", help="add one probability column per class")
+            p.add_argument("--force", action="store_true",
+                           help="replace an existing --out file that is not a predictions file trainval wrote")
 
     p = sub.add_parser("lint", help="find training-loop mistakes in Python files")
     from trainval.lint.cli import add_arguments
@@ -136,7 +138,8 @@ def _dispatch(args) -> int:
     elif args.command == "test":
         workflow.test(cfg, ckpt=args.ckpt, trust_code=args.trust_code)
     elif args.command == "predict":
-        workflow.predict(cfg, ckpt=args.ckpt, out=args.out, proba=args.proba, trust_code=args.trust_code)
+        workflow.predict(cfg, ckpt=args.ckpt, out=args.out, proba=args.proba, trust_code=args.trust_code,
+                         force=args.force, config_path=cfg_path)
     return 0
 
 

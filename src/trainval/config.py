@@ -226,6 +226,9 @@ def load(path: str | None, overrides: list[str] = ()) -> dict:
 
 def validate(cfg: dict, source: str) -> dict:
     """Checks that involve several keys."""
+    from trainval.runfolder import check_run_name
+
+    check_run_name(cfg["run"]["name"], source)
     d = cfg["data"]
     if d["source"] in ("npz", "csv") and not d["train"]:
         raise ConfigError(f"{source}: data.source is {d['source']} but data.train (the training file) is not set.")

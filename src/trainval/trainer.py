@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.dataloader import default_collate
 
-from trainval import distributed
+from trainval import distributed, runfolder
 from trainval.callbacks import Callback, ProgressBar, plot_curves, write_metrics_csv
 from trainval.checkpoint import (
     atomic_write,
@@ -241,6 +241,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # Public entry points
 
+    @runfolder.holds_run_folder  # one writer per run folder, released on any exit
     def fit(self, train_data: Any, val_data: Any = None, *, resume: bool = False) -> list[dict]:
         """Train for ``max_epochs``, validating after each epoch; return the per-epoch history.
 
@@ -621,12 +622,9 @@ class Trainer:
     # Checkpoints
 
     def _prepare_run_folder(self, resume: bool) -> None:
-        if self.dist.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
-            for entry in os.listdir(self.out_dir):  # temp files of writes cut short by a kill
-                if entry.startswith(".") and entry.endswith(".tmp"):
-                    with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(self.out_dir, entry))
+        if self.dist.is_main:  # under the run folder's lock (see fit)
+            runfolder.claim(self.out_dir, resume)
+            runfolder.remove_own_temp_files(self.out_dir)  # temp files of writes cut short by a kill
         distributed.barrier()
         if resume:
             if not os.path.exists(self.last_path):

@@ -7,6 +7,7 @@ cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import json
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainval import runfolder
 from trainval.callbacks import EarlyStopping, TensorBoardLogger
 from trainval.checkpoint import atomic_write, check_recorded_model, load_checkpoint
 from trainval.config import require_trusted_code
@@ -217,6 +219,13 @@ def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict) -> 
 
 def fit(cfg: dict, resume: bool = False) -> dict:
     """Train; then, when there is a test split, reload best.pt, test and write predictions.csv."""
+    if not runfolder.is_main_process():
+        return _fit(cfg, resume)
+    with runfolder.locked(run_folder(cfg), "fit"):  # one writer per run folder, released on any exit
+        return _fit(cfg, resume)
+
+
+def _fit(cfg: dict, resume: bool) -> dict:
     started = time.perf_counter()
     seed_everything(cfg["train"]["seed"])  # before the model is built: its initial weights too
     splits = load_splits(cfg)
@@ -285,6 +294,11 @@ def _trainer_from_run(cfg: dict, ckpt: str | None, splits: Splits) -> tuple[Trai
 def test(cfg: dict, ckpt: str | None = "best", trust_code: bool = False) -> dict:
     """Metrics of a checkpoint on the test split; ``trust_code`` allows importing 'module:name' strings."""
     require_trusted_code(cfg, trust_code, "test")
+    with runfolder.locked(run_folder(cfg), "test", create=False):  # it writes test.json there
+        return _test(cfg, ckpt)
+
+
+def _test(cfg: dict, ckpt: str | None) -> dict:
     splits = load_splits(cfg)
     if splits.test is None:
         raise ConfigError("there is no test data: set data.test or data.test_split.")
@@ -295,7 +309,9 @@ def test(cfg: dict, ckpt: str | None = "best", trust_code: bool = False) -> dict
     metrics = trainer.test(_pair(splits.test), ckpt=path)
     folder = run_folder(cfg)
     result = {"checkpoint": path, **metrics}
-    if trainer.dist.is_main:
+    if not runfolder.is_run_folder(folder):
+        trainer.log(f"(test.json not written: {folder} is not a run folder that trainval made)")
+    elif trainer.dist.is_main:
         write_json(os.path.join(folder, "test.json"), result)
         summary_path = os.path.join(folder, "summary.json")
         if os.path.exists(summary_path):
@@ -308,14 +324,42 @@ def test(cfg: dict, ckpt: str | None = "best", trust_code: bool = False) -> dict
 
 
 def predict(cfg: dict, ckpt: str | None = "best", out: str | None = None, proba: bool = False,
-            trust_code: bool = False) -> str:
-    """Write predictions for the test split; ``trust_code`` allows importing 'module:name' strings."""
+            trust_code: bool = False, force: bool = False, config_path: str | None = None) -> str:
+    """Write predictions for the test split.
+
+    Args:
+        trust_code: allow importing the 'module:name' model or data factory the config names.
+        force: replace an existing ``out`` that is not a predictions file trainval wrote.
+        config_path: the config file, so that ``out`` can never replace it.
+    """
     require_trusted_code(cfg, trust_code, "predict")
     folder = run_folder(cfg)
     out = out or os.path.join(folder, "predictions.csv")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise ConfigError(f"--out {out}: the folder {parent} does not exist; create it first.")
+    into_folder = os.path.realpath(parent) == os.path.realpath(folder)
+    with runfolder.locked(folder, "predict", create=False) if into_folder else contextlib.nullcontext():
+        runfolder.check_output(out, _protected_paths(cfg, ckpt, config_path), force)
+        return _predict(cfg, ckpt, out, proba)
+
+
+def _protected_paths(cfg: dict, ckpt: str | None, config_path: str | None) -> dict[str, str]:
+    """The files of a run that ``predict --out`` must never replace, and what each one is."""
+    folder, d = run_folder(cfg), cfg["data"]
+    protected = {os.path.join(folder, name): f"a file of the run folder ({name})" for name in runfolder.RUN_FILES
+                 if name != "predictions.csv"}
+    protected[os.path.join(folder, runfolder.MARKER)] = "the run folder's marker"
+    if ckpt not in (None, "best", "last"):
+        protected[ckpt] = "the checkpoint it reads (--ckpt)"
+    if d["source"] in ("csv", "npz"):
+        for key in ("train", "val", "test"):
+            protected[d[key]] = f"an input of the run (data.{key})"
+    protected[config_path] = "the config file"
+    return protected
+
+
+def _predict(cfg: dict, ckpt: str | None, out: str, proba: bool) -> str:
     splits = load_splits(cfg)
     if splits.test is None:
         raise ConfigError("there is no test data to predict: set data.test or data.test_split.")
