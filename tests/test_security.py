@@ -250,3 +250,80 @@ def test_one_writer_per_run_folder(tmp_path):
     # A SIGKILLed holder blocks nobody: the kernel released its lock.
     again = run_cli("fit", *args, "run.overwrite=true", cwd=str(tmp_path))
     assert again.returncode == 0, again.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# 11. Config files and run-folder paths: one clear line each, no traceback
+
+
+CONFIG_FILES = {
+    "duplicate": (b"optim:\n  lr: 0.1\n  name: sgd\n  lr: 0.2\n", "duplicate key 'lr', first given at line 2"),
+    "utf16": ("train:\n  epochs: 1\n".encode("utf-16"), "not a UTF-8 text file"),
+    "binary": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not a UTF-8 text file"),
+    "latin1": ("run:\n  name: caf\xe9\n".encode("latin-1"), "not UTF-8 text (an invalid byte at line 2)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(CONFIG_FILES))
+def test_bad_config_files(tmp_path, kind):
+    data, words = CONFIG_FILES[kind]
+    (tmp_path / "c.yaml").write_bytes(data)
+    proc = run_cli("fit", "c.yaml", cwd=str(tmp_path))
+    assert words in one_error_line(proc, 2)
+    assert os.listdir(tmp_path) == ["c.yaml"]
+
+
+BAD_VALUES = [
+    (["optim.lr=.nan"], "optim.lr must be a finite number, got nan"),
+    (["optim.lr=.inf"], "optim.lr must be a finite number, got inf"),
+    (["optim.betas=[0.9]"], "optim.betas must be two numbers in [0, 1)"),
+    (["optim.betas=[1.5, 0.9]"], "optim.betas must be two numbers in [0, 1)"),
+    (["optim.betas=[.nan, 0.9]"], "optim.betas must be a list of finite numbers"),
+]
+
+
+@pytest.mark.parametrize("args, words", BAD_VALUES, ids=[a[0] for a, _ in BAD_VALUES])
+def test_bad_values(tmp_path, args, words):
+    proc = run_cli("fit", *args, cwd=str(tmp_path))
+    assert words in one_error_line(proc, 2)
+    assert os.listdir(tmp_path) == []
+
+
+def test_unusable_run_folder_paths(tmp_path):
+    args = csv_args(tmp_path)[:-2]
+    (tmp_path / "afile").write_text("x")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    cases = {f"run.out_dir={tmp_path}": ("run.name=afile", "is a file, not a folder"),
+             f"run.out_dir={tmp_path}/afile": ("run.name=r", "a part of that path is a file"),
+             f"run.out_dir={tmp_path}/": ("run.name=dangling", "is a symbolic link to"),
+             "run.out_dir=/proc/no-such-place": ("run.name=r", "cannot create the run folder")}
+    for out_dir, (name, words) in cases.items():
+        proc = run_cli("fit", *args, out_dir, name, cwd=str(tmp_path))
+        assert words in one_error_line(proc, 2), out_dir
+    assert (tmp_path / "afile").read_text() == "x" and not os.path.exists(tmp_path / "nowhere")
+
+
+def test_read_only_file_system_is_one_clear_error(tmp_path, monkeypatch):
+    import errno
+
+    from trainval import runfolder
+    from trainval.errors import ConfigError
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(os, "makedirs", read_only)
+    with pytest.raises(ConfigError, match=r"cannot create the run folder .*: Read-only file system"):
+        runfolder.make_folder(str(tmp_path / "r"))
+
+
+def test_tilde_out_dir_is_the_home_folder(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    args = csv_args(tmp_path)[:-2] + ["run.out_dir=~/runs", "run.name=r"]
+    run_cli("fit", *args, cwd=str(work), env={"HOME": str(home)}, check=True)
+    assert (home / "runs" / "r" / "best.pt").exists()
+    assert os.listdir(work) == []  # no literal './~'
+    assert f"out_dir: {home}/runs" in (home / "runs" / "r" / "config.yaml").read_text()  # the value used

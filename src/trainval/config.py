@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,39 @@ from typing import Any
 import yaml
 
 from trainval.errors import ConfigError
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:
+                continue  # an unhashable key: PyYAML's own error names it
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key '{key}', first given at line {first}", problem_mark=key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _read_text(path: str) -> str:
+    """The config file as text: UTF-8 (a BOM is fine); binary and UTF-16 files get one clear error."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}.") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
+        raise ConfigError(f"{path} is not a UTF-8 text file (binary or UTF-16); save it as UTF-8 YAML.")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path} is not UTF-8 text (an invalid byte at line {line}); save it as UTF-8 YAML.") from None
 
 
 @dataclass(frozen=True)
@@ -138,8 +172,8 @@ def _check(path: str, key: Key, value: Any, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
     elif kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad("a finite number")
         value = float(value)
     elif kind == "str":
         if not isinstance(value, str):
@@ -151,6 +185,8 @@ def _check(path: str, key: Key, value: Any, source: str) -> Any:
               "str": lambda v: isinstance(v, str)}[inner]
         if not isinstance(value, list) or not all(ok(v) for v in value):
             raise bad(f"a list of {inner}s, like [1, 2]" if inner != "str" else "a list of strings")
+        if inner == "float" and not all(math.isfinite(v) for v in value):
+            raise bad("a list of finite numbers")
         if inner == "float":
             value = [float(v) for v in value]
     elif kind == "dict":
@@ -197,7 +233,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if path.count(".") != 1:
         raise ConfigError(f"override '{text}': the key must be section.key (e.g. optim.lr=3e-4).")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return path, value
@@ -209,9 +245,9 @@ def load(path: str | None, overrides: list[str] = ()) -> dict:
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
+        text = _read_text(path)
         try:
-            with open(path) as f:
-                data = yaml.safe_load(f)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -230,6 +266,12 @@ def validate(cfg: dict, source: str) -> dict:
 
     check_run_name(cfg["run"]["name"], source)
     d = cfg["data"]
+    for section, key in (("run", "out_dir"), ("data", "train"), ("data", "val"), ("data", "test")):
+        if cfg[section][key]:  # '~/runs' means the home folder, never a folder named '~'
+            cfg[section][key] = os.path.expanduser(cfg[section][key])
+    betas = cfg["optim"]["betas"]
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"{source}: optim.betas must be two numbers in [0, 1), like [0.9, 0.999], got {betas}.")
     if d["source"] in ("npz", "csv") and not d["train"]:
         raise ConfigError(f"{source}: data.source is {d['source']} but data.train (the training file) is not set.")
     if d["source"] == "factory" and not d["factory"]:
