@@ -327,3 +327,62 @@ def test_tilde_out_dir_is_the_home_folder(tmp_path):
     assert (home / "runs" / "r" / "best.pt").exists()
     assert os.listdir(work) == []  # no literal './~'
     assert f"out_dir: {home}/runs" in (home / "runs" / "r" / "config.yaml").read_text()  # the value used
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. CSV files: positions are the file's rows, columns are named, odd-but-valid files load
+
+
+def _csv_lines(rows: int = 40) -> list[str]:
+    return ["f1,f2,label"] + [f"{r * 0.1:.1f},{(r % 7) * 0.5:.1f},{r % 2}" for r in range(rows)]
+
+
+def test_csv_bom_blank_lines_and_quoted_cells_load(tmp_path):
+    from trainval.data import load_csv
+
+    lines = _csv_lines()
+    lines[0] = "\ufeff" + lines[0]
+    lines.insert(3, "")  # a blank line: file row 4
+    lines[5] = '"0.3","1.5",1'  # quoted cells
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    split = load_csv(str(tmp_path / "d.csv"))
+    assert split.X.shape == (40, 2) and split.y.tolist() == [r % 2 for r in range(40)]
+    assert split.X[3].tolist() == [0.30000001192092896, 1.5]  # the quoted row (file row 6)
+    # A quoted cell spanning two lines in a column that is not used; rows after it keep their numbers.
+    lines = ["f1,note,f2,label"] + [f"{r},x,{r},{r % 2}" for r in range(12)]
+    lines[3] = '2,"two\nlines",2,0'
+    lines[10] = "9,x,nan,1"  # file row 11 (row 4 spans two lines)
+    (tmp_path / "q.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    from trainval.errors import DataError
+
+    with pytest.raises(DataError, match=r"q\.csv: row 12, column 'f2': 'nan' is not a finite number"):
+        load_csv(str(tmp_path / "q.csv"), features=["f1", "f2"])
+    assert load_csv(str(tmp_path / "q.csv"), features=["f1", "f2"], allow_nonfinite=True).X.shape == (12, 2)
+
+
+def _nan_at_row_11():
+    lines = _csv_lines()
+    lines.insert(3, "")
+    lines[10] = "0.9,nan,1"  # file row 11 (row 4 is blank)
+    return "\n".join(lines) + "\n"
+
+
+CSV_CASES = {
+    "nan-row-11": (_nan_at_row_11(), [], 1, "data.csv: row 11, column 'f2': 'nan' is not a finite number"),
+    "duplicate-columns": ("f1,f1,label\n" + "1,2,0\n3,4,1\n" * 20, [], 1,
+                          "the header names column(s) 'f1' more than once"),
+    "features-include-label": ("\n".join(_csv_lines()) + "\n", ["data.features=[f1, label]"], 2,
+                               "data.features includes the label column 'label'"),
+    "features-empty": ("\n".join(_csv_lines()) + "\n", ["data.features=[]"], 2, "data.features is empty"),
+    "latin-1": ("f1,f2,label\n" + "1,2,0\n3,4,1\n" * 5 + "1,2,caf\xe9\n", [], 1,
+                "data.csv: row 12 is not UTF-8 text (byte 0xe9)"),
+}
+
+
+@pytest.mark.parametrize("case", list(CSV_CASES))
+def test_bad_csv_files_are_one_line_naming_row_and_column(tmp_path, case):
+    text, extra, code, words = CSV_CASES[case]
+    (tmp_path / "data.csv").write_bytes(text.encode("latin-1" if case == "latin-1" else "utf-8"))
+    proc = run_cli("fit", *csv_args(tmp_path), *extra, cwd=str(tmp_path))
+    assert words in one_error_line(proc, code)
+    assert not (tmp_path / "runs").exists() or os.listdir(tmp_path / "runs") == []

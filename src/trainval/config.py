@@ -269,6 +269,13 @@ def validate(cfg: dict, source: str) -> dict:
     for section, key in (("run", "out_dir"), ("data", "train"), ("data", "val"), ("data", "test")):
         if cfg[section][key]:  # '~/runs' means the home folder, never a folder named '~'
             cfg[section][key] = os.path.expanduser(cfg[section][key])
+    if d["features"] is not None and not d["features"]:
+        raise ConfigError(f"{source}: data.features is empty; list the feature columns, or leave it unset "
+                          "for all columns but the label.")
+    if d["features"] is not None and d["label"] in d["features"]:
+        raise ConfigError(f"{source}: data.features includes the label column '{d['label']}'; remove it.")
+    if d["features"] is not None and len(set(d["features"])) != len(d["features"]):
+        raise ConfigError(f"{source}: data.features names a column more than once: {d['features']}.")
     betas = cfg["optim"]["betas"]
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"{source}: optim.betas must be two numbers in [0, 1), like [0.9, 0.999], got {betas}.")

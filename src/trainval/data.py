@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import io
 import math
 import os
 from collections.abc import Iterator
@@ -357,22 +358,56 @@ def load_npz(path: str, x_key: str = "x", y_key: str = "y", require_labels: bool
 
 
 def load_csv(path: str, label: str | None = "label", features: list[str] | None = None,
-             require_labels: bool = True) -> Split:
-    """A CSV with a header row: the label column by name, features all other columns (or a list)."""
+             require_labels: bool = True, allow_nonfinite: bool = False) -> Split:
+    """A CSV with a header row: the label column by name, features all other columns (or a list).
+
+    UTF-8 (with or without a BOM), quoted cells and blank lines are fine. Every error names the file,
+    the row as the file numbers it (the header is row 1) and the column by name. NaN/Inf features are
+    refused here, where their row is known, unless ``allow_nonfinite``.
+    """
     if not os.path.isfile(path):
         raise ConfigError(f"data file not found: {path}")
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise DataError(f"{path}: the file is empty (a header row is needed).") from None
-        rows = list(reader)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        row = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: row {row} is not UTF-8 text (byte {raw[e.start]:#x}); save the file as UTF-8 "
+                        "(for example from a spreadsheet: CSV UTF-8).") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    rows, data_rows = [], []  # the cells of each data row, and the file row where it starts
+    previous_end = 0
+    try:
+        for row in reader:
+            start, previous_end = previous_end + 1, reader.line_num  # a quoted cell may span rows
+            if not any(cell.strip() for cell in row):
+                continue  # a blank line
+            if header is None:
+                header = [h.strip() for h in row]
+            else:
+                rows.append(row)
+                data_rows.append(start)
+    except csv.Error as e:
+        raise DataError(f"{path}: row {reader.line_num}: {e}.") from None
+    if header is None:
+        raise DataError(f"{path}: the file is empty (a header row is needed).")
+    duplicates = sorted({h for h in header if header.count(h) > 1})
+    if duplicates:
+        raise DataError(f"{path}: the header names column(s) {', '.join(map(repr, duplicates))} more than once; "
+                        "give every column its own name.")
+    if features is not None and not features:
+        raise ConfigError("data.features is empty: list the feature columns, or leave it unset for all but the label.")
+    if features is not None and label is not None and label in features:
+        raise ConfigError(f"data.features includes the label column '{label}'; remove it from data.features.")
     has_label = label is not None and label in header
     if label is not None and not has_label and require_labels:
         raise DataError(f"{path}: no label column '{label}' (columns: {', '.join(header)}); set data.label.")
     if features is None:
         feat_cols = [h for h in header if h != label]
+        if not feat_cols:
+            raise DataError(f"{path}: there are no feature columns besides the label '{label}'.")
     else:
         missing = [c for c in features if c not in header]
         if missing:
@@ -382,25 +417,29 @@ def load_csv(path: str, label: str | None = "label", features: list[str] | None 
     X = np.empty((len(rows), len(feat_cols)), dtype=np.float32)
     y = np.empty(len(rows), dtype=np.float64) if has_label else None
     for r, row in enumerate(rows):
+        at = data_rows[r]
         if len(row) != len(header):
-            raise DataError(f"{path}: row {r + 2} has {len(row)} cells, the header has {len(header)}.")
+            raise DataError(f"{path}: row {at} has {len(row)} cells, the header has {len(header)}.")
         for j, c in enumerate(feat_cols):
             try:
                 X[r, j] = float(row[col[c]])
             except ValueError:
-                raise DataError(f"{path}: row {r + 2}, column '{c}': {row[col[c]]!r} is not a number.") from None
+                raise DataError(f"{path}: row {at}, column '{c}': {row[col[c]]!r} is not a number.") from None
+            if not allow_nonfinite and not np.isfinite(X[r, j]):
+                raise DataError(f"{path}: row {at}, column '{c}': {row[col[c]].strip()!r} is not a finite number; "
+                                "clean the data (or set data.check_inputs=false to train on it anyway).")
         if y is not None:
             try:
                 y[r] = float(row[col[label]])
             except ValueError:
                 raise DataError(
-                    f"{path}: row {r + 2}, label column '{label}': {row[col[label]]!r} is not a class id."
+                    f"{path}: row {at}, label column '{label}': {row[col[label]]!r} is not a class id."
                 ) from None
     if y is not None:
-        bad = y != np.round(y)
+        bad = ~np.isfinite(y) | (y != np.round(y))
         if bad.any():
             r = int(np.argmax(bad))
-            raise DataError(f"{path}: row {r + 2}, label column '{label}': {y[r]!r} is not an integer class id.")
+            raise DataError(f"{path}: row {data_rows[r]}, label column '{label}': {y[r]!r} is not an integer class id.")
         y = y.astype(np.int64)
     return Split(X, y)
 

@@ -50,7 +50,8 @@ def _load_file(cfg: dict, path: str, require_labels: bool) -> Split:
     d = cfg["data"]
     if d["source"] == "npz":
         return load_npz(path, d["x_key"], d["y_key"], require_labels=require_labels)
-    return load_csv(path, d["label"], d["features"], require_labels=require_labels)
+    return load_csv(path, d["label"], d["features"], require_labels=require_labels,
+                    allow_nonfinite=not d["check_inputs"])
 
 
 def _take(split: Split, idx: np.ndarray) -> Split:
