@@ -77,6 +77,7 @@ def locked(folder: str, command: str, create: bool = True) -> Iterator[None]:
 
     ``create``: make the folder if missing (fit); otherwise a missing folder is simply not locked.
     """
+    made = create and not os.path.lexists(folder)
     if create:
         make_folder(folder)
     elif not os.path.isdir(folder):
@@ -108,6 +109,13 @@ def locked(folder: str, command: str, create: bool = True) -> Iterator[None]:
         if is_run_folder(folder) or not os.listdir(folder):
             _write_marker(folder)  # records the holder's pid; marks a folder this process made
         yield
+    except BaseException:
+        if made:  # a run that failed before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                if os.listdir(folder) == [MARKER]:
+                    os.unlink(os.path.join(folder, MARKER))
+                    os.rmdir(folder)
+        raise
     finally:
         del _held[key]
         os.close(fd)  # releases the lock
