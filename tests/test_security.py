@@ -386,3 +386,57 @@ def test_bad_csv_files_are_one_line_naming_row_and_column(tmp_path, case):
     proc = run_cli("fit", *csv_args(tmp_path), *extra, cwd=str(tmp_path))
     assert words in one_error_line(proc, code)
     assert not (tmp_path / "runs").exists() or os.listdir(tmp_path / "runs") == []
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Resume with a changed config: refused when it cannot be honoured exactly, noted when it can
+
+RESUME_REFUSED = [
+    (["optim.lr=0.01"], "optim.lr 0.001 -> 0.01"),
+    (["train.monitor=val_loss"], "train.monitor 'val_acc' -> 'val_loss'"),
+    (["train.batch_size=8"], "train.batch_size 16 -> 8"),
+    (["data.split_seed=3"], "data.split_seed 0 -> 3"),
+    (["optim.name=sgd", "optim.lr=0.1"], "optim.name 'adam' -> 'sgd'; optim.lr 0.001 -> 0.1"),
+    (["train.epochs=1"], "train.epochs 2 -> 1 (2 epochs are already done)"),
+]
+
+
+@pytest.mark.slow
+def test_resume_with_a_changed_config(tmp_path):
+    args = csv_args(tmp_path)[:4] + csv_args(tmp_path)[5:]  # without train.epochs
+    run = tmp_path / "runs" / "r"
+    run_cli("fit", *args, "train.epochs=2", cwd=str(tmp_path), check=True)
+    kept = {name: (run / name).read_bytes() for name in ("last.pt", "config.yaml", "metrics.csv")}
+    for extra, words in RESUME_REFUSED:
+        proc = run_cli("fit", *args, "train.epochs=2", *extra, "--resume", cwd=str(tmp_path))
+        err = one_error_line(proc, 2)
+        assert "cannot resume" in err and words in err, err
+        assert {name: (run / name).read_bytes() for name in kept} == kept
+    ok = run_cli("fit", *args, "train.epochs=3", "--resume", cwd=str(tmp_path), check=True)
+    assert "resuming with train.epochs 2 -> 3" in ok.stdout and "[003/003]" in ok.stdout
+    assert "epochs: 3" in (run / "config.yaml").read_text()
+    # Schedules laid out for a number of epochs: more epochs would jump (cosine) or crash (onecycle).
+    for schedule in ("cosine", "onecycle"):
+        run_cli("fit", *args[:-1], f"run.name={schedule}", "train.epochs=1", f"scheduler.name={schedule}",
+                cwd=str(tmp_path), check=True)
+        proc = run_cli("fit", *args[:-1], f"run.name={schedule}", "train.epochs=2", f"scheduler.name={schedule}",
+                       "--resume", cwd=str(tmp_path))
+        assert f"train.epochs 1 -> 2 (the {schedule} schedule was laid out for 1 epochs)" in one_error_line(proc, 2)
+
+
+def test_api_resume_with_another_optimizer_is_one_clear_error(tmp_path):
+    from conftest import make_blobs, tiny_mlp
+
+    from trainval import Trainer
+    from trainval.errors import CheckpointError
+
+    X, y = make_blobs(n=30)
+    model = tiny_mlp()
+    Trainer(model, torch.optim.Adam(model.parameters()), max_epochs=1, out_dir=str(tmp_path), progress=False,
+            plot=False, device="cpu").fit((X, y), (X, y))
+    model = tiny_mlp()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(sgd, 1)
+    with pytest.raises(CheckpointError, match="cannot be resumed with this optimizer/scheduler"):
+        Trainer(model, sgd, max_epochs=2, out_dir=str(tmp_path), progress=False, plot=False, device="cpu",
+                scheduler=scheduler).fit((X, y), (X, y), resume=True)

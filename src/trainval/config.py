@@ -315,6 +315,59 @@ def require_trusted_code(cfg: dict, trust_code: bool, command: str) -> None:
                           "only with --trust-code (Python API: trust_code=True). Add it if you trust that code.")
 
 
+# What ``fit --resume`` may change relative to the config last.pt was trained with. A key not named
+# here must not change (so every new key is safe until someone decides otherwise): a resumed run
+# must continue exactly as the recorded config says, and config.yaml must never claim a value that
+# was not used.
+RESUME_MAY_CHANGE = {
+    "train.epochs": "train for more (or as many) epochs; refused with a cosine or onecycle schedule, "
+                    "whose shape depends on the number of epochs",
+    "train.progress": "display only",
+    "train.checkpoint_every_steps": "how often last.pt is written",
+    "data.num_workers": "loading only",
+    "data.on_device": "placement only",
+    "run.out_dir": "the run folder's location",
+    "run.name": "the run folder's location",
+    "run.overwrite": "not used by resume",
+    "log.tensorboard": "logging only",
+    "log.plot": "logging only",
+}
+
+
+def resume_changes(saved: dict, cfg: dict, resolved: dict, epochs_done: int, where: str) -> list[str]:
+    """Notes on the allowed differences between ``cfg`` and the config ``saved`` in last.pt.
+
+    Raises a :class:`ConfigError` naming every key that changed and cannot be honoured exactly.
+    A key missing from ``saved`` (written by an older trainval) counts as its default.
+    """
+    refused, notes = [], []
+    for section, keys in SCHEMA.items():
+        old_section = saved.get(section) if isinstance(saved.get(section), dict) else {}
+        for k, key in keys.items():
+            path = f"{section}.{k}"
+            old, new = old_section.get(k, key.default), cfg[section][k]
+            if old == new:
+                continue
+            change = f"{path} {old!r} -> {new!r}"
+            if path not in RESUME_MAY_CHANGE:
+                refused.append(change)
+            elif path == "train.epochs" and cfg["scheduler"]["name"] in ("cosine", "onecycle"):
+                refused.append(change + f" (the {cfg['scheduler']['name']} schedule was laid out for {old} epochs)")
+            elif path == "train.epochs" and new < epochs_done:
+                refused.append(change + f" ({epochs_done} epochs are already done)")
+            else:
+                notes.append(change)
+    old_resolved = saved.get("resolved") if isinstance(saved.get("resolved"), dict) else {}
+    for k, new in resolved.items():
+        if k in old_resolved and old_resolved[k] != new:
+            refused.append(f"the data's {k} {old_resolved[k]!r} -> {new!r}")
+    if refused:
+        raise ConfigError(f"cannot resume {where} with this config; it differs from the one the run was trained "
+                          f"with in: {'; '.join(refused)}. Resume with the recorded values (config.yaml in the "
+                          "run folder), or start a new run (another run.name).")
+    return [f"resuming with {', '.join(notes)}"] if notes else []
+
+
 def dump(cfg: dict, extra: dict | None = None) -> str:
     out = copy.deepcopy(cfg)
     if extra:

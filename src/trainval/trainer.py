@@ -676,9 +676,18 @@ class Trainer:
             raise CheckpointError(f"{self.last_path} cannot be resumed from: it lacks {', '.join(missing)} "
                                   "(a weights-only checkpoint?).")
         load_model_weights(self.model, state["model"], self.last_path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        saved_keys = {k for g in state["optimizer"].get("param_groups", []) for k in g}
+        foreign = sorted(saved_keys - {k for g in self.optimizer.param_groups for k in g})
+        try:
+            if foreign:  # loading would succeed, then the first step fail (e.g. Adam's state into SGD)
+                raise ValueError(f"it has settings this optimizer lacks: {', '.join(foreign)}")
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state.get("scheduler") is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, TypeError) as e:  # another optimizer or scheduler than last.pt's
+            raise CheckpointError(f"{self.last_path} cannot be resumed with this optimizer/scheduler: its saved "
+                                  f"state does not fit ({type(e).__name__}: {e}). Resume with the ones it was "
+                                  "trained with.") from None
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state.get("batch_in_epoch", 0))

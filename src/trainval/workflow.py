@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainval import runfolder
+from trainval import config, runfolder
 from trainval.callbacks import EarlyStopping, TensorBoardLogger
 from trainval.checkpoint import atomic_write, check_recorded_model, load_checkpoint
 from trainval.config import require_trusted_code
@@ -236,6 +236,9 @@ def _fit(cfg: dict, resume: bool) -> dict:
     resolved = {"in_shape": in_shape, "num_classes": num_classes}
     model = build_model(cfg["model"], in_shape, num_classes)
     trainer = build_trainer(cfg, model, _num_samples(splits.train), resolved)
+    if resume:
+        for note in _resume_changes(cfg, resolved):
+            trainer.log(note)
     fit_started = time.perf_counter()
     history = trainer.fit(_pair(splits.train), _pair(splits.val) if splits.val is not None else None, resume=resume)
     fit_seconds = time.perf_counter() - fit_started
@@ -256,6 +259,18 @@ def _fit(cfg: dict, resume: bool) -> dict:
     if trainer.dist.is_main:
         write_json(os.path.join(folder, "summary.json"), summary)
     return summary
+
+
+def _resume_changes(cfg: dict, resolved: dict) -> list[str]:
+    """Refuse resuming with a config that last.pt's run could not honour; notes on what may change."""
+    path = os.path.join(run_folder(cfg), "last.pt")
+    if not os.path.exists(path):
+        return []  # Trainer.fit says there is nothing to resume
+    state = load_checkpoint(path, map_location="cpu")
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        return []  # written by the Python API: there is no config to compare with
+    return config.resume_changes(saved, cfg, resolved, int(state.get("epoch") or 0), path)
 
 
 def _test_and_predict(trainer: Trainer, test: Any, folder: str) -> dict:
