@@ -440,3 +440,50 @@ def test_api_resume_with_another_optimizer_is_one_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="cannot be resumed with this optimizer/scheduler"):
         Trainer(model, sgd, max_epochs=2, out_dir=str(tmp_path), progress=False, plot=False, device="cpu",
                 scheduler=scheduler).fit((X, y), (X, y), resume=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# 10. A closed stdout does not kill a fit; a kill between best.pt and the first last.pt is recoverable
+
+
+def test_fit_piped_into_head_keeps_training_and_saves(tmp_path):
+    import shlex
+    import subprocess
+    import sys
+
+    args = csv_args(tmp_path)[:4] + ["train.epochs=3"] + csv_args(tmp_path)[5:]
+    command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "trainval", "fit", *args])
+    proc = subprocess.run(["bash", "-c", f"{command} | head -1; exit ${{PIPESTATUS[0]}}"], cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith("[001/003]") and len(proc.stdout.splitlines()) == 1
+    run = tmp_path / "runs" / "r"
+    assert (run / "last.pt").exists() and (run / "summary.json").exists()
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 3
+
+
+def test_kill_between_best_and_first_last_checkpoint_is_recoverable(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    # The real kill: SIGKILL inside the second checkpoint write of a fit (last.pt, just after best.pt).
+    child = os.path.join(REPO, "tests", "helpers", "train_child.py")
+    killed = subprocess.run([sys.executable, child, str(tmp_path / "api"), json.dumps({"kill_in_write": 2})],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9
+    assert (tmp_path / "api" / "best.pt").exists() and not (tmp_path / "api" / "last.pt").exists()
+    # The same state through the CLI: both paths say the same thing, and starting over works.
+    args = csv_args(tmp_path)
+    run = tmp_path / "runs" / "r"
+    run_cli("fit", *args, cwd=str(tmp_path), check=True)
+    for name in ("last.pt", "metrics.csv", "summary.json", "predictions.csv"):
+        (run / name).unlink()
+    resume = run_cli("fit", *args, "--resume", cwd=str(tmp_path))
+    assert "no epoch was saved there); start without resume to train from the beginning" in one_error_line(resume, 1)
+    again = run_cli("fit", *args, cwd=str(tmp_path))
+    assert again.returncode == 0, again.stderr
+    assert "has no last.pt beside it (a fit stopped before its first epoch was saved): starting over" in again.stdout
+    assert (run / "last.pt").exists()

@@ -95,8 +95,39 @@ def _run_torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd, env=env)
 
 
+class _QuietWhenClosed:
+    """stdout that, once its reader is gone (``trainval fit ... | head -1``), sends the rest to
+    /dev/null: training goes on and saves its checkpoints instead of dying of BrokenPipeError."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._silence()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._silence()
+
+    def _silence(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not isinstance(sys.stdout, _QuietWhenClosed) and hasattr(sys.stdout, "fileno"):
+        sys.stdout = _QuietWhenClosed(sys.stdout)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "lint":

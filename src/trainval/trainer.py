@@ -626,13 +626,20 @@ class Trainer:
             runfolder.claim(self.out_dir, resume)
             runfolder.remove_own_temp_files(self.out_dir)  # temp files of writes cut short by a kill
         distributed.barrier()
+        # A run exists once its first last.pt does. best.pt is written just before last.pt, so a
+        # best.pt alone is a fit stopped inside its first epoch's saves: nothing to resume, and
+        # starting over loses nothing.
         if resume:
             if not os.path.exists(self.last_path):
-                raise CheckpointError(f"cannot resume: no last.pt in {self.out_dir}; start without resume.")
-        elif not self.overwrite and (os.path.exists(self.last_path) or os.path.exists(self.best_path)):
+                raise CheckpointError(f"cannot resume: no last.pt in {self.out_dir} (no epoch was saved there); "
+                                      "start without resume to train from the beginning.")
+        elif not self.overwrite and os.path.exists(self.last_path):
             raise RunFolderError(f"{self.out_dir} already holds a run (last.pt/best.pt); resume it, "
                                  "choose another folder, or allow overwriting it (run.overwrite=true, "
                                  "Trainer(overwrite=True)).")
+        elif os.path.exists(self.best_path) and not os.path.exists(self.last_path):
+            self.log(f"{self.best_path} has no last.pt beside it (a fit stopped before its first epoch was "
+                     "saved): starting over.")
         if self.config is not None and self.dist.is_main:
             import yaml
 
