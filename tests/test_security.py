@@ -487,3 +487,36 @@ def test_kill_between_best_and_first_last_checkpoint_is_recoverable(tmp_path):
     assert again.returncode == 0, again.stderr
     assert "has no last.pt beside it (a fit stopped before its first epoch was saved): starting over" in again.stdout
     assert (run / "last.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# 13. --nproc: a config error before torchrun starts; a failing rank's own error, prefixed by its rank
+
+
+def test_nproc_config_typo_is_one_line_before_torchrun(tmp_path):
+    import time
+
+    started = time.monotonic()
+    proc = run_cli("fit", "--nproc", "2", "train.epoch=5", cwd=str(tmp_path))
+    assert "unknown key 'train.epoch' (did you mean 'train.epochs'?)" in one_error_line(proc, 2)
+    assert "torch.distributed" not in proc.stdout + proc.stderr and time.monotonic() - started < 30
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_nproc_prints_a_failing_ranks_own_error(tmp_path):
+    (tmp_path / "rankfail.py").write_text(
+        "import os\nimport numpy as np\n\n\ndef data():\n"
+        "    if os.environ.get('RANK') == '1':\n        raise RuntimeError('rank one broke')\n"
+        "    X = np.random.default_rng(0).normal(size=(40, 4)).astype('float32')\n"
+        "    return {'train': (X, np.arange(40) % 2), 'val': (X, np.arange(40) % 2)}\n")
+    env = {"PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = run_cli("fit", "--nproc", "2", "data.source=factory", "data.factory=rankfail:data", "model.name=mlp",
+                   "train.epochs=1", f"run.out_dir={tmp_path}", "run.name=r", "log.plot=false", cwd=str(tmp_path),
+                   env=env)
+    err = one_error_line(proc, 2)
+    assert err == "trainval: error: [rank 1] data.factory 'rankfail:data' raised RuntimeError: rank one broke", err
+    # The same error on every rank is printed once, unprefixed (rank 0's).
+    proc = run_cli("fit", "--nproc", "2", "data.source=csv", "data.train=nope.csv", "model.name=mlp",
+                   f"run.out_dir={tmp_path}", "run.name=s", cwd=str(tmp_path), env=env)
+    assert one_error_line(proc, 2) == "trainval: error: data file not found: nope.csv"

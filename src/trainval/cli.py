@@ -89,10 +89,42 @@ def _run_torchrun(nproc: int, argv: list[str]) -> int:
             rest.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "trainval", *rest]
-    # A restarted worker group (--max-restarts) must not read its peers' addresses of the failed
-    # attempt from torchrun's shared store (pytorch#135712).
-    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    return subprocess.call(cmd, env=env)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="trainval-ranks-") as errors:
+        # A restarted worker group (--max-restarts) must not read its peers' addresses of the failed
+        # attempt from torchrun's shared store (pytorch#135712).
+        env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", _RANK_ERRORS: errors}
+        with tempfile.TemporaryFile("w+") as launcher_log:
+            code = subprocess.call(cmd, env=env, stderr=launcher_log)
+            failures = _rank_errors(errors)
+            if code == 0 or not failures:  # success, or a crash without a user error: show everything
+                launcher_log.seek(0)
+                sys.stderr.write(launcher_log.read())
+                return code
+    # The workers' own errors, once each, instead of torchrun's report of a failed child.
+    shown: set[str] = set()
+    for rank, (_, message) in failures:
+        if message not in shown:
+            shown.add(message)
+            print(f"trainval: error: {'' if rank == 0 else f'[rank {rank}] '}{message}", file=sys.stderr, flush=True)
+    return failures[0][1][0]
+
+
+_RANK_ERRORS = "TRAINVAL_RANK_ERRORS"  # the folder where workers started by --nproc leave their errors
+
+
+def _rank_errors(folder: str) -> list[tuple[int, tuple[int, str]]]:
+    """(rank, (exit code, message)) of each worker that failed, lowest rank first; a rank stopped by a
+    signal (torchrun stopping the others after one failed) only when no rank has an error of its own."""
+    found = []
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name)) as f:
+            code, _, message = f.read().partition("\n")
+        found.append((int(name), (int(code), message.strip())))
+    found.sort()
+    own = [f for f in found if f[1][0] < 128]
+    return own or found
 
 
 class _QuietWhenClosed:
@@ -143,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.nproc < 1:
                 return _error(f"--nproc must be at least 1, got {args.nproc}.", 2)
             if args.nproc > 1 and not in_torchrun:
+                from trainval import config
+
+                config.load(*_split_positionals(args.args))  # a config error: one line, before torchrun
                 return _run_torchrun(args.nproc, argv)
         code = _dispatch(args)
     except TrainvalError as e:
@@ -175,8 +210,13 @@ def _dispatch(args) -> int:
 
 
 def _error(message: str, code: int) -> int:
-    if os.environ.get("RANK", "0") == "0":
-        print(f"trainval: error: {message}", file=sys.stderr, flush=True)
+    rank = os.environ.get("RANK", "0")
+    folder = os.environ.get(_RANK_ERRORS)
+    if folder and os.path.isdir(folder) and rank.isdigit():  # a worker of --nproc: the launcher prints it
+        with open(os.path.join(folder, rank), "w") as f:
+            f.write(f"{code}\n{message}\n")
+    else:  # every failing rank says so, the others prefixed with their rank
+        print(f"trainval: error: {'' if rank == '0' else f'[rank {rank}] '}{message}", file=sys.stderr, flush=True)
     return code
 
 
