@@ -68,7 +68,8 @@ def atomic_write(path: str, write: Callable[[Any], None], what: str = "file") ->
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".trainval-{os.path.basename(path)}.",
+                                    suffix=".tmp")  # runfolder.remove_own_temp_files deletes only these
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -127,6 +128,7 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     if os.path.isdir(path):
         raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
+    check_archive(path)  # before torch.load inflates or allocates anything
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -153,6 +155,31 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is not a trainval checkpoint or state_dict (no 'model' entry).")
     return state
+
+
+def check_archive(path: str) -> None:
+    """Refuse a file that no ``torch.save`` wrote, reading only the zip's central directory.
+
+    ``torch.save`` writes a zip archive of *stored* (uncompressed) entries, so the entries' sizes add
+    up to at most the file's size. A compressed entry, or sizes that claim more bytes than the file
+    holds, is what a zip bomb looks like: refused before anything is inflated or allocated.
+    """
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch "
+                              f"checkpoint (not a zip archive as torch.save writes: {e or type(e).__name__}).") from None
+    compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise CheckpointError(f"refusing to load {path}: it holds compressed entries ({_short(compressed, 3)}), which "
+                              "torch.save never writes (a zip bomb?). Re-save it with torch.save.")
+    declared = sum(e.file_size for e in entries)
+    lying = [e.filename for e in entries if e.file_size != e.compress_size]
+    if lying or declared > size:
+        raise CheckpointError(f"refusing to load {path}: its entries claim {declared} bytes but the file holds "
+                              f"{size} (a zip bomb or a damaged file).")
 
 
 def load_model_weights(model: nn.Module, state_dict: dict, path: str = "checkpoint") -> None:
@@ -192,3 +219,29 @@ def _strip_prefixes(key: str) -> str:
 def _short(items: list[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
+# Model keys that change no parameter name or shape (dropout only acts in training).
+_NOT_ARCHITECTURE = frozenset({"dropout"})
+
+
+def check_recorded_model(state: dict, model_cfg: dict, resolved: dict, path: str) -> None:
+    """Refuse a checkpoint whose recorded model differs from the one the user's config builds.
+
+    The recorded config is only compared, never used: a checkpoint is data and cannot choose what
+    gets built or imported. A checkpoint without a recorded config (a bare state_dict) is checked by
+    its keys and shapes alone when the weights are loaded.
+    """
+    recorded = state.get("config") if isinstance(state.get("config"), dict) else {}
+    differences = []
+    saved_model = recorded.get("model") if isinstance(recorded.get("model"), dict) else {}
+    for key, value in model_cfg.items():
+        if key in saved_model and key not in _NOT_ARCHITECTURE and saved_model[key] != value:
+            differences.append(f"model.{key}: checkpoint {saved_model[key]!r}, config {value!r}")
+    saved_resolved = recorded.get("resolved") if isinstance(recorded.get("resolved"), dict) else {}
+    for key, value in resolved.items():
+        if key in saved_resolved and saved_resolved[key] != value:
+            differences.append(f"{key}: checkpoint {saved_resolved[key]!r}, this config's data {value!r}")
+    if differences:
+        raise CheckpointError(f"{path} was trained with another model than this config builds ("
+                              + "; ".join(differences) + "); use the config the run was trained with.")

@@ -63,9 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, epilog=examples, formatter_class=raw)
         p.add_argument("args", nargs="+", metavar="CONFIG [key=value]", help="the run's YAML config and overrides")
         p.add_argument("--ckpt", default="best", help="best (default), last, or a checkpoint path")
+        p.add_argument("--trust-code", action="store_true",
+                       help="allow importing the 'module:name' model or data factory that the config names")
         if name == "predict":
             p.add_argument("--out", default=None, help="output CSV (default: <run folder>/predictions.csv)")
             p.add_argument("--proba", action="store_true", help="add one probability column per class")
+            p.add_argument("--force", action="store_true",
+                           help="replace an existing --out file that is not a predictions file trainval wrote")
 
     p = sub.add_parser("lint", help="find training-loop mistakes in Python files")
     from trainval.lint.cli import add_arguments
@@ -85,14 +89,77 @@ def _run_torchrun(nproc: int, argv: list[str]) -> int:
             rest.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "trainval", *rest]
-    # A restarted worker group (--max-restarts) must not read its peers' addresses of the failed
-    # attempt from torchrun's shared store (pytorch#135712).
-    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    return subprocess.call(cmd, env=env)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="trainval-ranks-") as errors:
+        # A restarted worker group (--max-restarts) must not read its peers' addresses of the failed
+        # attempt from torchrun's shared store (pytorch#135712).
+        env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", _RANK_ERRORS: errors}
+        with tempfile.TemporaryFile("w+") as launcher_log:
+            code = subprocess.call(cmd, env=env, stderr=launcher_log)
+            failures = _rank_errors(errors)
+            if code == 0 or not failures:  # success, or a crash without a user error: show everything
+                launcher_log.seek(0)
+                sys.stderr.write(launcher_log.read())
+                return code
+    # The workers' own errors, once each, instead of torchrun's report of a failed child.
+    shown: set[str] = set()
+    for rank, (_, message) in failures:
+        if message not in shown:
+            shown.add(message)
+            print(f"trainval: error: {'' if rank == 0 else f'[rank {rank}] '}{message}", file=sys.stderr, flush=True)
+    return failures[0][1][0]
+
+
+_RANK_ERRORS = "TRAINVAL_RANK_ERRORS"  # the folder where workers started by --nproc leave their errors
+
+
+def _rank_errors(folder: str) -> list[tuple[int, tuple[int, str]]]:
+    """(rank, (exit code, message)) of each worker that failed, lowest rank first; a rank stopped by a
+    signal (torchrun stopping the others after one failed) only when no rank has an error of its own."""
+    found = []
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name)) as f:
+            code, _, message = f.read().partition("\n")
+        found.append((int(name), (int(code), message.strip())))
+    found.sort()
+    own = [f for f in found if f[1][0] < 128]
+    return own or found
+
+
+class _QuietWhenClosed:
+    """stdout that, once its reader is gone (``trainval fit ... | head -1``), sends the rest to
+    /dev/null: training goes on and saves its checkpoints instead of dying of BrokenPipeError."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._silence()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._silence()
+
+    def _silence(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if not isinstance(sys.stdout, _QuietWhenClosed) and hasattr(sys.stdout, "fileno"):
+        sys.stdout = _QuietWhenClosed(sys.stdout)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "lint":
@@ -108,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.nproc < 1:
                 return _error(f"--nproc must be at least 1, got {args.nproc}.", 2)
             if args.nproc > 1 and not in_torchrun:
+                from trainval import config
+
+                config.load(*_split_positionals(args.args))  # a config error: one line, before torchrun
                 return _run_torchrun(args.nproc, argv)
         code = _dispatch(args)
     except TrainvalError as e:
@@ -136,15 +206,21 @@ def _dispatch(args) -> int:
     if args.command == "fit":
         workflow.fit(cfg, resume=args.resume)
     elif args.command == "test":
-        workflow.test(cfg, ckpt=args.ckpt)
+        workflow.test(cfg, ckpt=args.ckpt, trust_code=args.trust_code)
     elif args.command == "predict":
-        workflow.predict(cfg, ckpt=args.ckpt, out=args.out, proba=args.proba)
+        workflow.predict(cfg, ckpt=args.ckpt, out=args.out, proba=args.proba, trust_code=args.trust_code,
+                         force=args.force, config_path=cfg_path)
     return 0
 
 
 def _error(message: str, code: int) -> int:
-    if os.environ.get("RANK", "0") == "0":
-        print(f"trainval: error: {message}", file=sys.stderr, flush=True)
+    rank = os.environ.get("RANK", "0")
+    folder = os.environ.get(_RANK_ERRORS)
+    if folder and os.path.isdir(folder) and rank.isdigit():  # a worker of --nproc: the launcher prints it
+        with open(os.path.join(folder, rank), "w") as f:
+            f.write(f"{code}\n{message}\n")
+    else:  # every failing rank says so, the others prefixed with their rank
+        print(f"trainval: error: {'' if rank == '0' else f'[rank {rank}] '}{message}", file=sys.stderr, flush=True)
     return code
 
 

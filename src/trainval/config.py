@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,6 +18,39 @@ from typing import Any
 import yaml
 
 from trainval.errors import ConfigError
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:
+                continue  # an unhashable key: PyYAML's own error names it
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"duplicate key '{key}', first given at line {first}", problem_mark=key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _read_text(path: str) -> str:
+    """The config file as text: UTF-8 (a BOM is fine); binary and UTF-16 files get one clear error."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}.") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
+        raise ConfigError(f"{path} is not a UTF-8 text file (binary or UTF-16); save it as UTF-8 YAML.")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path} is not UTF-8 text (an invalid byte at line {line}); save it as UTF-8 YAML.") from None
 
 
 @dataclass(frozen=True)
@@ -149,8 +183,8 @@ def _check(path: str, key: Key, value: Any, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
     elif kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad("a finite number")
         value = float(value)
     elif kind == "str":
         if not isinstance(value, str):
@@ -172,6 +206,8 @@ def _check(path: str, key: Key, value: Any, source: str) -> Any:
               "str": lambda v: isinstance(v, str)}[inner]
         if not isinstance(value, list) or not all(ok(v) for v in value):
             raise bad(f"a list of {inner}s, like [1, 2]" if inner != "str" else "a list of strings")
+        if inner == "float" and not all(math.isfinite(v) for v in value):
+            raise bad("a list of finite numbers")
         if inner == "float":
             value = [float(v) for v in value]
     elif kind == "dict":
@@ -218,7 +254,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if path.count(".") != 1:
         raise ConfigError(f"override '{text}': the key must be section.key (e.g. optim.lr=3e-4).")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return path, value
@@ -230,9 +266,9 @@ def load(path: str | None, overrides: list[str] = ()) -> dict:
     if path is not None:
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
+        text = _read_text(path)
         try:
-            with open(path) as f:
-                data = yaml.safe_load(f)
+            data = yaml.load(text, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -247,7 +283,23 @@ def load(path: str | None, overrides: list[str] = ()) -> dict:
 
 def validate(cfg: dict, source: str) -> dict:
     """Checks that involve several keys."""
+    from trainval.runfolder import check_run_name
+
+    check_run_name(cfg["run"]["name"], source)
     d = cfg["data"]
+    for section, key in (("run", "out_dir"), ("data", "train"), ("data", "val"), ("data", "test")):
+        if cfg[section][key]:  # '~/runs' means the home folder, never a folder named '~'
+            cfg[section][key] = os.path.expanduser(cfg[section][key])
+    if d["features"] is not None and not d["features"]:
+        raise ConfigError(f"{source}: data.features is empty; list the feature columns, or leave it unset "
+                          "for all columns but the label.")
+    if d["features"] is not None and d["label"] in d["features"]:
+        raise ConfigError(f"{source}: data.features includes the label column '{d['label']}'; remove it.")
+    if d["features"] is not None and len(set(d["features"])) != len(d["features"]):
+        raise ConfigError(f"{source}: data.features names a column more than once: {d['features']}.")
+    betas = cfg["optim"]["betas"]
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"{source}: optim.betas must be two numbers in [0, 1), like [0.9, 0.999], got {betas}.")
     if d["source"] in ("npz", "csv") and not d["train"]:
         raise ConfigError(f"{source}: data.source is {d['source']} but data.train (the training file) is not set.")
     if d["source"] == "factory" and not d["factory"]:
@@ -263,6 +315,82 @@ def validate(cfg: dict, source: str) -> dict:
         raise ConfigError(f"{source}: train.monitor is {monitor or 'a val_ metric (the default)'} but there is no "
                           "validation data (set data.val or data.val_split, or monitor a train_ metric such as train_loss).")
     return cfg
+
+
+def code_imports(cfg: dict) -> list[str]:
+    """The 'module:name' strings of a config: each one imports (runs) Python code when used."""
+    found = []
+    if ":" in cfg["model"]["name"]:
+        found.append(f"model.name={cfg['model']['name']}")
+    if cfg["data"]["source"] == "factory" and cfg["data"]["factory"]:
+        found.append(f"data.factory={cfg['data']['factory']}")
+    return found
+
+
+def require_trusted_code(cfg: dict, trust_code: bool, command: str) -> None:
+    """``test``/``predict`` import code named by a config only with an explicit opt-in.
+
+    A run folder's config.yaml (downloaded, shared) is a file like any other: pointing ``test`` or
+    ``predict`` at it must not import a module it names unless the user says they trust it. The
+    opt-in is a command-line flag, never a config key, so that a config cannot grant it to itself.
+    """
+    imports = code_imports(cfg)
+    if imports and not trust_code:
+        raise ConfigError(f"{' and '.join(imports)} would import Python code; `trainval {command}` imports code "
+                          "only with --trust-code (Python API: trust_code=True). Add it if you trust that code.")
+
+
+# What ``fit --resume`` may change relative to the config last.pt was trained with. A key not named
+# here must not change (so every new key is safe until someone decides otherwise): a resumed run
+# must continue exactly as the recorded config says, and config.yaml must never claim a value that
+# was not used.
+RESUME_MAY_CHANGE = {
+    "train.epochs": "train for more (or as many) epochs; refused with a cosine or onecycle schedule, "
+                    "whose shape depends on the number of epochs",
+    "train.progress": "display only",
+    "train.checkpoint_every_steps": "how often last.pt is written",
+    "data.num_workers": "loading only",
+    "data.on_device": "placement only",
+    "run.out_dir": "the run folder's location",
+    "run.name": "the run folder's location",
+    "run.overwrite": "not used by resume",
+    "log.tensorboard": "logging only",
+    "log.plot": "logging only",
+}
+
+
+def resume_changes(saved: dict, cfg: dict, resolved: dict, epochs_done: int, where: str) -> list[str]:
+    """Notes on the allowed differences between ``cfg`` and the config ``saved`` in last.pt.
+
+    Raises a :class:`ConfigError` naming every key that changed and cannot be honoured exactly.
+    A key missing from ``saved`` (written by an older trainval) counts as its default.
+    """
+    refused, notes = [], []
+    for section, keys in SCHEMA.items():
+        old_section = saved.get(section) if isinstance(saved.get(section), dict) else {}
+        for k, key in keys.items():
+            path = f"{section}.{k}"
+            old, new = old_section.get(k, key.default), cfg[section][k]
+            if old == new:
+                continue
+            change = f"{path} {old!r} -> {new!r}"
+            if path not in RESUME_MAY_CHANGE:
+                refused.append(change)
+            elif path == "train.epochs" and cfg["scheduler"]["name"] in ("cosine", "onecycle"):
+                refused.append(change + f" (the {cfg['scheduler']['name']} schedule was laid out for {old} epochs)")
+            elif path == "train.epochs" and new < epochs_done:
+                refused.append(change + f" ({epochs_done} epochs are already done)")
+            else:
+                notes.append(change)
+    old_resolved = saved.get("resolved") if isinstance(saved.get("resolved"), dict) else {}
+    for k, new in resolved.items():
+        if k in old_resolved and old_resolved[k] != new:
+            refused.append(f"the data's {k} {old_resolved[k]!r} -> {new!r}")
+    if refused:
+        raise ConfigError(f"cannot resume {where} with this config; it differs from the one the run was trained "
+                          f"with in: {'; '.join(refused)}. Resume with the recorded values (config.yaml in the "
+                          "run folder), or start a new run (another run.name).")
+    return [f"resuming with {', '.join(notes)}"] if notes else []
 
 
 def dump(cfg: dict, extra: dict | None = None) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import importlib
+import io
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -546,29 +547,63 @@ def load_npz(path: str, x_key: str = "x", y_key: str = "y", require_labels: bool
 
 
 def load_csv(path: str, label: str | list[str] | None = "label", features: list[str] | None = None,
-             require_labels: bool = True, integer_labels: bool = True) -> Split:
+             require_labels: bool = True, allow_nonfinite: bool = False, integer_labels: bool = True) -> Split:
     """A CSV with a header row: the target column(s) by name, features all other columns (or a list).
 
     ``label`` may be a list of columns (multilabel, multi-output regression): ``y`` is then ``[N, K]``.
     ``integer_labels`` (classification) refuses targets that are not integers, naming the file row.
+
+    UTF-8 (with or without a BOM), quoted cells and blank lines are fine. Every error names the file,
+    the row as the file numbers it (the header is row 1) and the column by name. NaN/Inf features are
+    refused here, where their row is known, unless ``allow_nonfinite``.
     """
     if not os.path.isfile(path):
         raise ConfigError(f"data file not found: {path}")
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise DataError(f"{path}: the file is empty (a header row is needed).") from None
-        rows = list(reader)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        row = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: row {row} is not UTF-8 text (byte {raw[e.start]:#x}); save the file as UTF-8 "
+                        "(for example from a spreadsheet: CSV UTF-8).") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    rows, data_rows = [], []  # the cells of each data row, and the file row where it starts
+    previous_end = 0
+    try:
+        for row in reader:
+            start, previous_end = previous_end + 1, reader.line_num  # a quoted cell may span rows
+            if not any(cell.strip() for cell in row):
+                continue  # a blank line
+            if header is None:
+                header = [h.strip() for h in row]
+            else:
+                rows.append(row)
+                data_rows.append(start)
+    except csv.Error as e:
+        raise DataError(f"{path}: row {reader.line_num}: {e}.") from None
+    if header is None:
+        raise DataError(f"{path}: the file is empty (a header row is needed).")
+    duplicates = sorted({h for h in header if header.count(h) > 1})
+    if duplicates:
+        raise DataError(f"{path}: the header names column(s) {', '.join(map(repr, duplicates))} more than once; "
+                        "give every column its own name.")
+    if features is not None and not features:
+        raise ConfigError("data.features is empty: list the feature columns, or leave it unset for all but the label.")
     labels = [] if label is None else ([label] if isinstance(label, str) else list(label))
+    if features is not None and set(labels) & set(features):
+        both = ", ".join(repr(c) for c in labels if c in features)
+        raise ConfigError(f"data.features includes the label column {both}; remove it from data.features.")
     absent = [c for c in labels if c not in header]
     has_label = bool(labels) and not absent
     if labels and absent and require_labels:
-        raise DataError(f"{path}: no target column {', '.join(repr(c) for c in absent)} (columns: {', '.join(header)}); "
+        raise DataError(f"{path}: no label column {', '.join(repr(c) for c in absent)} (columns: {', '.join(header)}); "
                         "set data.label.")
     if features is None:
         feat_cols = [h for h in header if h not in labels]
+        if not feat_cols:
+            raise DataError(f"{path}: there are no feature columns besides the label {', '.join(map(repr, labels))}.")
     else:
         missing = [c for c in features if c not in header]
         if missing:
@@ -578,26 +613,32 @@ def load_csv(path: str, label: str | list[str] | None = "label", features: list[
     X = np.empty((len(rows), len(feat_cols)), dtype=np.float32)
     y = np.empty((len(rows), len(labels)), dtype=np.float64) if has_label else None
     for r, row in enumerate(rows):
+        at = data_rows[r]
         if len(row) != len(header):
-            raise DataError(f"{path}: row {r + 2} has {len(row)} cells, the header has {len(header)}.")
+            raise DataError(f"{path}: row {at} has {len(row)} cells, the header has {len(header)}.")
         for j, c in enumerate(feat_cols):
             try:
                 X[r, j] = float(row[col[c]])
             except ValueError:
-                raise DataError(f"{path}: row {r + 2}, column '{c}': {row[col[c]]!r} is not a number.") from None
+                raise DataError(f"{path}: row {at}, column '{c}': {row[col[c]]!r} is not a number.") from None
+            if not allow_nonfinite and not np.isfinite(X[r, j]):
+                raise DataError(f"{path}: row {at}, column '{c}': {row[col[c]].strip()!r} is not a finite number; "
+                                "clean the data (or set data.check_inputs=false to train on it anyway).")
         if y is not None:
             for k, c in enumerate(labels):
                 try:
                     y[r, k] = float(row[col[c]])
                 except ValueError:
-                    raise DataError(f"{path}: row {r + 2}, target column '{c}': {row[col[c]]!r} is not a number.") from None
+                    what = "a class id" if integer_labels else "a number"
+                    raise DataError(f"{path}: row {at}, label column '{c}': {row[col[c]]!r} is not {what}.") from None
     if y is not None:
+        bad = ~np.isfinite(y) | ((y != np.round(y)) if integer_labels else False)
+        if bad.any():
+            r, k = (int(i) for i in np.argwhere(bad)[0])
+            what = ("an integer class id (for real-valued targets set task.name: regression)" if integer_labels
+                    else "a finite number")
+            raise DataError(f"{path}: row {data_rows[r]}, label column '{labels[k]}': {y[r, k]!r} is not {what}.")
         if integer_labels:
-            bad = (y != np.round(y)).any(axis=1)
-            if bad.any():
-                r = int(np.argmax(bad))
-                raise DataError(f"{path}: row {r + 2}, target column(s) {', '.join(labels)}: {y[r].tolist()} is not an "
-                                "integer class id (for real-valued targets set task.name: regression).")
             y = y.astype(np.int64)
         if isinstance(label, str):
             y = y[:, 0]

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainval import distributed
+from trainval import distributed, runfolder
 from trainval.callbacks import Callback, ProgressBar, plot_curves, write_metrics_csv
 from trainval.checkpoint import (
     atomic_write,
@@ -283,6 +283,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # Public entry points
 
+    @runfolder.holds_run_folder  # one writer per run folder, released on any exit
     def fit(self, train_data: Any, val_data: Any = None, *, resume: bool = False) -> list[dict]:
         """Train for ``max_epochs``, validating after each epoch; return the per-epoch history.
 
@@ -760,20 +761,24 @@ class Trainer:
     # Checkpoints
 
     def _prepare_run_folder(self, resume: bool) -> None:
-        if self.dist.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
-            for entry in os.listdir(self.out_dir):  # temp files of writes cut short by a kill
-                if entry.startswith(".") and entry.endswith(".tmp"):
-                    with contextlib.suppress(OSError):
-                        os.unlink(os.path.join(self.out_dir, entry))
+        if self.dist.is_main:  # under the run folder's lock (see fit)
+            runfolder.claim(self.out_dir, resume)
+            runfolder.remove_own_temp_files(self.out_dir)  # temp files of writes cut short by a kill
         distributed.barrier()
+        # A run exists once its first last.pt does. best.pt is written just before last.pt, so a
+        # best.pt alone is a fit stopped inside its first epoch's saves: nothing to resume, and
+        # starting over loses nothing.
         if resume:
             if not os.path.exists(self.last_path):
-                raise CheckpointError(f"cannot resume: no last.pt in {self.out_dir}; start without resume.")
-        elif not self.overwrite and (os.path.exists(self.last_path) or os.path.exists(self.best_path)):
+                raise CheckpointError(f"cannot resume: no last.pt in {self.out_dir} (no epoch was saved there); "
+                                      "start without resume to train from the beginning.")
+        elif not self.overwrite and os.path.exists(self.last_path):
             raise RunFolderError(f"{self.out_dir} already holds a run (last.pt/best.pt); resume it, "
                                  "choose another folder, or allow overwriting it (run.overwrite=true, "
                                  "Trainer(overwrite=True)).")
+        elif os.path.exists(self.best_path) and not os.path.exists(self.last_path):
+            self.log(f"{self.best_path} has no last.pt beside it (a fit stopped before its first epoch was "
+                     "saved): starting over.")
         if self.config is not None and self.dist.is_main:
             import yaml
 
@@ -817,9 +822,18 @@ class Trainer:
         if state.get("task", self.task.name) != self.task.name:
             raise ConfigError(f"{self.last_path} was a {state['task']} run; this one is {self.task.name}.")
         load_model_weights(self.model, state["model"], self.last_path)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        saved_keys = {k for g in state["optimizer"].get("param_groups", []) for k in g}
+        foreign = sorted(saved_keys - {k for g in self.optimizer.param_groups for k in g})
+        try:
+            if foreign:  # loading would succeed, then the first step fail (e.g. Adam's state into SGD)
+                raise ValueError(f"it has settings this optimizer lacks: {', '.join(foreign)}")
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None and state.get("scheduler") is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, TypeError) as e:  # another optimizer or scheduler than last.pt's
+            raise CheckpointError(f"{self.last_path} cannot be resumed with this optimizer/scheduler: its saved "
+                                  f"state does not fit ({type(e).__name__}: {e}). Resume with the ones it was "
+                                  "trained with.") from None
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.state.load_state_dict(saved)

@@ -7,6 +7,7 @@ cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import io
 import json
@@ -20,8 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainval import config, runfolder
 from trainval.callbacks import EarlyStopping, TensorBoardLogger
-from trainval.checkpoint import atomic_write, load_checkpoint
+from trainval.checkpoint import atomic_write, check_recorded_model, load_checkpoint
+from trainval.config import require_trusted_code
 from trainval.data import Split, import_object, load_csv, load_digits_arrays, load_npz, stratified_split
 from trainval.errors import ConfigError, DataError
 from trainval.models import CNN, MLP
@@ -48,7 +51,7 @@ def _load_file(cfg: dict, path: str, require_labels: bool) -> Split:
     if d["source"] == "npz":
         return load_npz(path, d["x_key"], d["y_key"], require_labels=require_labels)
     return load_csv(path, d["label"], d["features"], require_labels=require_labels,
-                    integer_labels=task_name(cfg) != "regression")
+                    allow_nonfinite=not d["check_inputs"], integer_labels=task_name(cfg) != "regression")
 
 
 def _take(split: Split, idx: np.ndarray) -> Split:
@@ -282,6 +285,13 @@ def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, los
 
 def fit(cfg: dict, resume: bool = False) -> dict:
     """Train; then, when there is a test split, reload best.pt, test and write predictions.csv."""
+    if not runfolder.is_main_process():
+        return _fit(cfg, resume)
+    with runfolder.locked(run_folder(cfg), "fit"):  # one writer per run folder, released on any exit
+        return _fit(cfg, resume)
+
+
+def _fit(cfg: dict, resume: bool) -> dict:
     started = time.perf_counter()
     seed_everything(cfg["train"]["seed"])  # before the model is built: its initial weights too
     splits = load_splits(cfg)
@@ -292,6 +302,9 @@ def fit(cfg: dict, resume: bool = False) -> dict:
     model = build_model(cfg["model"], in_shape, num_outputs)
     loss = build_loss(cfg, splits, num_outputs)
     trainer = build_trainer(cfg, model, _num_samples(splits.train), resolved, loss)
+    if resume:
+        for note in _resume_changes(cfg, resolved):
+            trainer.log(note)
     fit_started = time.perf_counter()
     history = trainer.fit(_pair(splits.train), _pair(splits.val) if splits.val is not None else None, resume=resume)
     fit_seconds = time.perf_counter() - fit_started
@@ -312,6 +325,18 @@ def fit(cfg: dict, resume: bool = False) -> dict:
     if trainer.dist.is_main:
         write_json(os.path.join(folder, "summary.json"), summary)
     return summary
+
+
+def _resume_changes(cfg: dict, resolved: dict) -> list[str]:
+    """Refuse resuming with a config that last.pt's run could not honour; notes on what may change."""
+    path = os.path.join(run_folder(cfg), "last.pt")
+    if not os.path.exists(path):
+        return []  # Trainer.fit says there is nothing to resume
+    state = load_checkpoint(path, map_location="cpu")
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        return []  # written by the Python API: there is no config to compare with
+    return config.resume_changes(saved, cfg, resolved, int(state.get("epoch") or 0), path)
 
 
 def _test_and_predict(trainer: Trainer, test: Any, folder: str) -> dict:
@@ -357,33 +382,43 @@ def _width(t: torch.Tensor) -> int:
     return int(np.prod(t.shape[1:])) if t.dim() > 1 else 1
 
 
-def _trainer_from_run(cfg: dict, ckpt: str | None) -> tuple[Trainer, str]:
+def _trainer_from_run(cfg: dict, ckpt: str | None, splits: Splits) -> tuple[Trainer, str]:
+    """The model built from the user's own config and data, then checked against the checkpoint.
+
+    The checkpoint is data only: the config recorded in it is compared, never used to build anything.
+    """
     folder = run_folder(cfg)
     path = {"best": os.path.join(folder, "best.pt"), "last": os.path.join(folder, "last.pt")}.get(ckpt or "best", ckpt)
     state = load_checkpoint(path, map_location="cpu")
-    saved = state.get("config") or {}
-    resolved = saved.get("resolved")
-    if not resolved:
-        raise ConfigError(f"{path} has no model description (it was not written by `trainval fit`); "
-                          "load it with the Python API instead.")
-    model = build_model(saved.get("model", cfg["model"]), resolved["in_shape"],
-                        resolved.get("num_outputs", resolved.get("num_classes")))
-    trainer = build_trainer(cfg, model, 1, resolved)
+    in_shape, num_outputs = _shape_and_outputs(splits, task_name(cfg), cfg["model"]["name"])
+    resolved = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
+    check_recorded_model(state, cfg["model"], resolved, path)  # before anything is built
+    model = build_model(cfg["model"], in_shape, num_outputs)
+    trainer = build_trainer(cfg, model, 1, resolved, build_loss(cfg, splits, num_outputs))
     return trainer, path
 
 
-def test(cfg: dict, ckpt: str | None = "best") -> dict:
+def test(cfg: dict, ckpt: str | None = "best", trust_code: bool = False) -> dict:
+    """Metrics of a checkpoint on the test split; ``trust_code`` allows importing 'module:name' strings."""
+    require_trusted_code(cfg, trust_code, "test")
+    with runfolder.locked(run_folder(cfg), "test", create=False):  # it writes test.json there
+        return _test(cfg, ckpt)
+
+
+def _test(cfg: dict, ckpt: str | None) -> dict:
     splits = load_splits(cfg)
     if splits.test is None:
         raise ConfigError("there is no test data: set data.test or data.test_split.")
     if isinstance(splits.test, Split) and splits.test.y is None:
         raise DataError(f"the test data ({cfg['data']['test']}) has no labels, so it cannot be scored; "
                         "use `trainval predict` to write predictions for it.")
-    trainer, path = _trainer_from_run(cfg, ckpt)
+    trainer, path = _trainer_from_run(cfg, ckpt, splits)
     metrics = trainer.test(_pair(splits.test), ckpt=path)
     folder = run_folder(cfg)
     result = {"checkpoint": path, **metrics}
-    if trainer.dist.is_main:
+    if not runfolder.is_run_folder(folder):
+        trainer.log(f"(test.json not written: {folder} is not a run folder that trainval made)")
+    elif trainer.dist.is_main:
         write_json(os.path.join(folder, "test.json"), result)
         summary_path = os.path.join(folder, "summary.json")
         if os.path.exists(summary_path):
@@ -395,16 +430,47 @@ def test(cfg: dict, ckpt: str | None = "best") -> dict:
     return result
 
 
-def predict(cfg: dict, ckpt: str | None = "best", out: str | None = None, proba: bool = False) -> str:
+def predict(cfg: dict, ckpt: str | None = "best", out: str | None = None, proba: bool = False,
+            trust_code: bool = False, force: bool = False, config_path: str | None = None) -> str:
+    """Write predictions for the test split.
+
+    Args:
+        trust_code: allow importing the 'module:name' model or data factory the config names.
+        force: replace an existing ``out`` that is not a predictions file trainval wrote.
+        config_path: the config file, so that ``out`` can never replace it.
+    """
+    require_trusted_code(cfg, trust_code, "predict")
     folder = run_folder(cfg)
     out = out or os.path.join(folder, "predictions.csv")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise ConfigError(f"--out {out}: the folder {parent} does not exist; create it first.")
+    into_folder = os.path.realpath(parent) == os.path.realpath(folder)
+    with runfolder.locked(folder, "predict", create=False) if into_folder else contextlib.nullcontext():
+        runfolder.check_output(out, _protected_paths(cfg, ckpt, config_path), force)
+        return _predict(cfg, ckpt, out, proba)
+
+
+def _protected_paths(cfg: dict, ckpt: str | None, config_path: str | None) -> dict[str, str]:
+    """The files of a run that ``predict --out`` must never replace, and what each one is."""
+    folder, d = run_folder(cfg), cfg["data"]
+    protected = {os.path.join(folder, name): f"a file of the run folder ({name})" for name in runfolder.RUN_FILES
+                 if name != "predictions.csv"}
+    protected[os.path.join(folder, runfolder.MARKER)] = "the run folder's marker"
+    if ckpt not in (None, "best", "last"):
+        protected[ckpt] = "the checkpoint it reads (--ckpt)"
+    if d["source"] in ("csv", "npz"):
+        for key in ("train", "val", "test"):
+            protected[d[key]] = f"an input of the run (data.{key})"
+    protected[config_path] = "the config file"
+    return protected
+
+
+def _predict(cfg: dict, ckpt: str | None, out: str, proba: bool) -> str:
     splits = load_splits(cfg)
     if splits.test is None:
         raise ConfigError("there is no test data to predict: set data.test or data.test_split.")
-    trainer, path = _trainer_from_run(cfg, ckpt)
+    trainer, path = _trainer_from_run(cfg, ckpt, splits)
     inputs = splits.test.X if isinstance(splits.test, Split) else splits.test
     written = _write_predictions_for(trainer, inputs, path, out, proba=proba, cfg=cfg)
     trainer.log(f"wrote {written} predictions ({path}) -> {out}")

@@ -1,0 +1,208 @@
+"""What trainval owns on disk: run folders it made, files it wrote, its temp files, and one writer.
+
+- A folder is a run folder only if trainval made it: it holds the marker file ``.trainval-run``.
+  ``fit`` writes into a folder without the marker only when the folder holds none of the names a
+  run writes (so a user's ``config.yaml`` or ``summary.json`` is never replaced), and then marks it.
+- One writer per run folder: an exclusive ``flock`` on the folder itself, held by ``fit`` (rank 0
+  under torchrun), ``test`` and ``predict`` into the folder. The kernel releases it when the holder
+  exits in any way, SIGKILL included, so a dead holder never blocks the next run. The holder's pid is
+  recorded in the marker so that a refused writer can name it.
+- Temp files: :func:`~trainval.checkpoint.atomic_write` names its temp files ``.trainval-*.tmp``;
+  a fit deletes only those (after taking the lock, so never a live writer's), never a user's ``.*.tmp``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import json
+import os
+import re
+import zipfile
+from collections.abc import Callable, Iterator
+
+from trainval.errors import ConfigError, RunFolderError
+
+MARKER = ".trainval-run"
+TEMP_PREFIX = ".trainval-"
+# mkstemp's names: prefix + 8 characters from [a-z0-9_] + suffix.
+_OWN_TEMP = re.compile(r"^\.trainval-.+\.[a-z0-9_]{8}\.tmp$")
+# Every name a fit may write into its run folder (the Trainer's and the CLI workflow's).
+RUN_FILES = ("best.pt", "last.pt", "config.yaml", "metrics.csv", "curves.png", "summary.json",
+             "predictions.csv", "test.json", "tb")
+
+_held: dict[str, list] = {}  # realpath -> [fd, depth]: the lock is re-entrant within one process
+
+
+def is_run_folder(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, MARKER))
+
+
+def _holder_pid(folder: str) -> int | None:
+    try:
+        with open(os.path.join(folder, MARKER)) as f:
+            return int(json.load(f)["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_marker(folder: str) -> None:
+    from trainval.checkpoint import atomic_write
+
+    data = (json.dumps({"made_by": "trainval", "pid": os.getpid()}) + "\n").encode()
+    atomic_write(os.path.join(folder, MARKER), lambda f: f.write(data), "run-folder marker")
+
+
+def make_folder(folder: str) -> None:
+    """``os.makedirs`` with one clear error for a path that is a file, read-only, or a dangling link."""
+    if os.path.islink(folder) and not os.path.exists(folder):
+        raise ConfigError(f"the run folder {folder} is a symbolic link to {os.readlink(folder)}, which does not "
+                          "exist; remove the link or choose another run.out_dir/run.name.")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise ConfigError(f"the run folder {folder} is a file, not a folder; choose another run.out_dir/run.name.")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        if e.errno in (errno.ENOTDIR, errno.EEXIST):
+            reason = "a part of that path is a file"
+        raise ConfigError(f"cannot create the run folder {folder}: {reason}; choose another "
+                          "run.out_dir/run.name.") from None
+
+
+@contextlib.contextmanager
+def locked(folder: str, command: str, create: bool = True) -> Iterator[None]:
+    """Hold the run folder's writer lock for the block (re-entrant within this process).
+
+    ``create``: make the folder if missing (fit); otherwise a missing folder is simply not locked.
+    """
+    made = create and not os.path.lexists(folder)
+    if create:
+        make_folder(folder)
+    elif not os.path.isdir(folder):
+        yield
+        return
+    key = os.path.realpath(folder)
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        pid = _holder_pid(folder)
+        raise RunFolderError(f"{folder} is in use by another trainval process"
+                             f"{f' (pid {pid})' if pid else ''}; wait for it to finish, or use another "
+                             f"run folder for this {command}.") from None
+    _held[key] = [fd, 1]
+    try:
+        if is_run_folder(folder) or not os.listdir(folder):
+            _write_marker(folder)  # records the holder's pid; marks a folder this process made
+        yield
+    except BaseException:
+        if made:  # a run that failed before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                if os.listdir(folder) == [MARKER]:
+                    os.unlink(os.path.join(folder, MARKER))
+                    os.rmdir(folder)
+        raise
+    finally:
+        del _held[key]
+        os.close(fd)  # releases the lock
+
+
+def is_main_process() -> bool:
+    """Rank 0, or no torchrun: the process that holds run-folder locks (before any process group exists)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def holds_run_folder(method: Callable) -> Callable:
+    """Decorates ``Trainer.fit``: rank 0 holds ``self.out_dir``'s writer lock for the whole call."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if not is_main_process():
+            return method(self, *args, **kwargs)
+        with locked(self.out_dir, "fit"):
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def claim(folder: str, resume: bool) -> None:
+    """Refuse to fit into a folder trainval did not make when that would replace the user's files."""
+    if is_run_folder(folder):
+        return
+    present = [name for name in RUN_FILES if os.path.lexists(os.path.join(folder, name))]
+    if present:
+        raise RunFolderError(
+            f"{folder} was not made by trainval (it has no {MARKER} marker) and holds {', '.join(present)}, "
+            f"which {'resuming' if resume else 'fit'} would overwrite; choose another run folder "
+            f"(run.out_dir/run.name). A run folder of an older trainval can be adopted with "
+            f"`touch {os.path.join(folder, MARKER)}`."
+        )
+    _write_marker(folder)
+
+
+def remove_own_temp_files(folder: str) -> None:
+    """Delete temp files that trainval's own atomic writes left behind when killed (no others)."""
+    for entry in os.listdir(folder):
+        if _OWN_TEMP.match(entry):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, entry))
+
+
+def check_run_name(name: str, source: str = "run.name") -> None:
+    """``run.name`` is one folder name inside ``run.out_dir``: no separators, no '..', not absolute."""
+    seps = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
+    if not name or name in (".", "..") or any(s in name for s in seps) or os.path.isabs(name) or "\0" in name:
+        raise ConfigError(f"{source}: run.name must be a plain folder name inside run.out_dir (no '/', no '..', "
+                          f"not absolute), got {name!r}; put the parent folders in run.out_dir.")
+
+
+def _is_checkpoint(path: str) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("/data.pkl") or n == "data.pkl" for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
+def _is_predictions_file(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            header = f.readline(4096).rstrip("\r\n").split(",")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return header[:2] == ["Id", "Class"] and all(h.startswith("prob_") for h in header[2:])
+
+
+def check_output(out: str, protected: dict[str, str], force: bool) -> None:
+    """Refuse a ``predict --out`` that is a checkpoint or an input of the run, or (without ``force``)
+    an existing file that is not a predictions file trainval wrote.
+
+    ``protected`` maps paths (checkpoints, data files, the config) to what they are.
+    """
+    real = os.path.realpath(out)
+    for path, what in protected.items():
+        if path and os.path.realpath(path) == real:
+            raise ConfigError(f"--out {out} is {what}; predictions must go to another file.")
+    if os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a folder; give a file name such as {os.path.join(out, 'predictions.csv')}.")
+    if not os.path.lexists(out):
+        return
+    if _is_checkpoint(out):
+        raise ConfigError(f"--out {out} is a PyTorch checkpoint; predictions must go to another file.")
+    if not force and not _is_predictions_file(out):
+        raise ConfigError(f"--out {out} exists and is not a predictions file trainval wrote; choose another file, "
+                          "or pass --force to replace it.")
