@@ -44,6 +44,14 @@ def call_name(call: ast.Call) -> str:
     return text(call.func)
 
 
+def model_key(receiver: str) -> str:
+    """The name a model's mode is kept under: ``self.model.encoder`` -> ``model``, ``nets[i]`` -> ``nets``."""
+    parts = receiver.split(".")
+    if len(parts) > 1 and parts[0] in ("self", "cls"):
+        parts = parts[1:]
+    return parts[0].split("[")[0].split("(")[0]
+
+
 def method(call: ast.Call) -> tuple[str, str] | None:
     """``(receiver, method)`` of ``recv.method(...)``."""
     if isinstance(call.func, ast.Attribute):
@@ -80,6 +88,14 @@ class FileInfo:
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 self.functions.setdefault(node.name, []).append(node)
+        self.plain_callables: set[str] = set(self.functions)  # names bound to a def or a lambda
+        self.imported: set[str] = set()  # modules and names brought in by imports (torch, F, model_zoo)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
+                self.plain_callables |= {text(t) for t in node.targets}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                self.imported |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        self._mode_effects: dict[ast.AST, dict[str, str]] = {}
         self.optimizers: set[str] = set()
         self.schedulers: set[str] = set()
         self.models: set[str] = set()
@@ -121,6 +137,13 @@ class FileInfo:
         last = base.split(".")[-1]
         last = last.split("[")[0]
         return bool(MODEL_WORD.match(last)) and not re.search(r"optim|sched|loss|scaler", base, re.I)
+
+    def is_module(self, name: str) -> bool:
+        """A model that is an ``nn.Module``: named or used like one, and not a plain function of this file."""
+        base = name.split("(")[0]
+        if not self.is_model(base) or base in self.plain_callables or base.split(".")[0] in self.imported:
+            return False
+        return not base.split(".")[-1][:1].isupper()  # Generator(...) builds one; it does not run one
 
     def enclosing(self, node: ast.AST, kinds) -> ast.AST | None:
         node = self.parents.get(node)
@@ -240,18 +263,43 @@ class FileInfo:
                     return True
         return False
 
-    def last_mode_in(self, call: ast.Call) -> str | None:
-        """``"eval"``/``"train"``: the mode a local helper leaves its model in, or None if it sets none."""
+    def mode_effects(self, fn: ast.AST) -> dict[str, str]:
+        """The mode a local function leaves each model in (by model key), following its helpers.
+
+        Memoised, and guarded against recursion in the analysed code (a helper that calls itself).
+        """
+        if fn in self._mode_effects:
+            return self._mode_effects[fn]
+        self._mode_effects[fn] = {}  # in progress: a recursive call sees no effect
+        effects: dict[str, str] = {}
+        for ev in self.events(fn.body):
+            if ev.kind in ("eval", "train") and ev.receiver:
+                effects[model_key(ev.receiver)] = ev.kind
+            elif ev.kind == "call":
+                effects.update(self.call_effects(ev.node))
+        self._mode_effects[fn] = effects
+        return effects
+
+    def call_effects(self, call: ast.Call) -> dict[str, str]:
+        """:meth:`mode_effects` of the functions a call reaches, with parameters renamed to the arguments."""
+        out: dict[str, str] = {}
         for fn in self.local_functions(call):
-            last = None
-            for ev in self.events(fn.body):
-                if ev.kind in ("eval", "train"):
-                    last = ev.kind
-                elif ev.kind == "call":
-                    last = self.last_mode_in(ev.node) or last
-            if last:
-                return last
-        return None
+            params = [a.arg for a in fn.args.posonlyargs + fn.args.args]
+            if params and params[0] in ("self", "cls") and isinstance(call.func, ast.Attribute):
+                params = params[1:]
+            rename = {p: model_key(text(a)) for p, a in zip(params, call.args)
+                      if isinstance(a, (ast.Name, ast.Attribute))}
+            rename.update({k.arg: model_key(text(k.value)) for k in call.keywords
+                           if k.arg and isinstance(k.value, (ast.Name, ast.Attribute))})
+            for key, mode in self.mode_effects(fn).items():
+                out[rename.get(key, key)] = mode
+        return out
+
+    def last_mode_in(self, call: ast.Call) -> str | None:
+        """``"eval"``/``"train"``: the mode a local helper leaves its models in, or None if it sets none
+        (``"eval"`` if it leaves any model in eval mode)."""
+        modes = set(self.call_effects(call).values())
+        return "eval" if "eval" in modes else ("train" if modes else None)
 
     def under_no_grad(self, node: ast.AST) -> bool:
         p = self.parents.get(node)
