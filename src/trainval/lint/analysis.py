@@ -138,6 +138,23 @@ class FileInfo:
         last = last.split("[")[0]
         return bool(MODEL_WORD.match(last)) and not re.search(r"optim|sched|loss|scaler", base, re.I)
 
+    def locals_of(self, fn: ast.AST) -> set[str]:
+        """Parameters and names a function binds (not its nested functions'), memoised."""
+        cache = self.__dict__.setdefault("_locals", {})
+        if fn not in cache:
+            names = {a.arg for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs}
+            names |= {a.arg for a in (fn.args.vararg, fn.args.kwarg) if a is not None}
+            todo = list(fn.body)
+            while todo:
+                n = todo.pop()
+                if isinstance(n, SCOPES):
+                    continue
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+                    names.add(n.id)
+                todo.extend(ast.iter_child_nodes(n))
+            cache[fn] = names
+        return cache[fn]
+
     def is_module(self, name: str) -> bool:
         """A model that is an ``nn.Module``: named or used like one, and not a plain function of this file."""
         base = name.split("(")[0]

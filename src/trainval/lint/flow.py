@@ -64,6 +64,7 @@ class Forward:
     loaded: int | None
     grad: bool | None
     frame: Frame
+    pos: int = 0        # where in the frame's seq the forward ran
 
 
 @dataclass
@@ -76,11 +77,16 @@ class Frame:
     assigns: list[tuple[set[str], ast.AST]] = field(default_factory=list)
     sinks: list[ast.AST] = field(default_factory=list)
     escapes: list[ast.AST] = field(default_factory=list)
+    opaque: list[ast.AST] = field(default_factory=list)  # values stored on objects or in globals
+    seq: list[tuple] = field(default_factory=list)        # assignments and sinks in the order walked
+    call_pos: int = 0                                     # where in the caller's seq the call happened
+    branching: int = 0      # > 0 inside a branch that may not run: rebinding a name there does not kill it
     forwards: list[Forward] = field(default_factory=list)
     has_step: bool = False
     yielded: State | None = None   # a context manager's state at its ``yield``
     _reach: set[str] | None = None
     _escape: set[str] | None = None
+    _opaque: set[str] | None = None
 
     def root_key(self, key: str) -> str:
         frame, k = self, key
@@ -89,10 +95,47 @@ class Frame:
             frame = frame.caller
         return k
 
-    def reach(self) -> set[str]:
+    def assign(self, targets: set[str], value: ast.AST, stmt: ast.AST, kills: bool) -> None:
+        kills = kills and not self.branching
+        self.assigns.append((targets, value))
+        self.seq.append(("assign", targets, value, stmt, kills))
+
+    def sink(self, exprs: list[ast.AST]) -> None:
+        self.sinks += exprs
+        self.seq += [("sink", e) for e in exprs]
+
+    def reaching(self) -> list[bool]:
+        """For each entry of ``seq``: does the value assigned there reach backward()?
+
+        One backward liveness pass over the walked order: a value reaches when a later sink reads it, or a
+        later assignment that reaches reads it, before a plain ``name = ...`` rebinds the name. So the
+        ``outputs`` of an evaluation loop do not inherit the ``outputs.loss`` of the training loop above.
+        """
         if self._reach is None:
-            self._reach = _closure(self.sinks, self.assigns)
+            live: dict[str, bool] = {}
+            out = [False] * len(self.seq)
+            for i in range(len(self.seq) - 1, -1, -1):
+                entry = self.seq[i]
+                if entry[0] == "sink":
+                    for name in _names(entry[1]):
+                        live[name] = True
+                    continue
+                _, targets, value, _, kills = entry
+                reached = any(live.get(t, False) for t in targets)
+                out[i] = reached
+                if kills:
+                    for t in targets:
+                        live[t] = False
+                if reached:
+                    for name in _names(value):
+                        live[name] = True
+            self._reach = out
         return self._reach
+
+    def stored(self) -> set[str]:
+        if self._opaque is None:
+            self._opaque = _closure(self.opaque, self.assigns)
+        return self._opaque
 
     def escape(self) -> set[str]:
         if self._escape is None:
@@ -101,15 +144,30 @@ class Frame:
 
 
 def _names(node: ast.AST) -> set[str]:
-    """Names and dotted attribute chains an expression reads (every prefix of ``a.b.c``)."""
+    """Names and dotted attribute chains whose values an expression reads (every prefix of ``a.b.c``).
+
+    A called function's own name is not a value read (``model(x)`` reads ``x`` and the model's weights,
+    not the variable ``model``; following it would tie everything that configures the model to the loss);
+    a method's receiver is (``loss.mean()`` reads ``loss``).
+    """
     out = set()
-    for n in ast.walk(node):
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, ast.Call):
+            todo += n.args + [k.value for k in n.keywords]
+            if isinstance(n.func, ast.Attribute):
+                todo.append(n.func.value)
+            elif not isinstance(n.func, ast.Name):
+                todo.append(n.func)
+            continue
         if isinstance(n, ast.Name):
             out.add(n.id)
         elif isinstance(n, ast.Attribute):
             chain = text(n)
             if chain and "(" not in chain and "[" not in chain:
                 out.add(chain)
+        todo.extend(ast.iter_child_nodes(n))
     return out
 
 
@@ -127,6 +185,13 @@ def _closure(seeds: list[ast.AST], assigns: list[tuple[set[str], ast.AST]]) -> s
                     reach |= new
                     changed = True
     return reach
+
+
+def _plain(target: ast.AST) -> bool:
+    """``x = ...`` or ``a, b = ...``: the names are rebound (an item or attribute store is not)."""
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return all(_plain(t) for t in target.elts)
+    return isinstance(target, (ast.Name, ast.Starred))
 
 
 def _target_names(target: ast.AST) -> set[str]:
@@ -212,7 +277,7 @@ class Walker:
         return self.walk_frame(scope, env, state, caller, call, aliases)[0]
 
     def walk_frame(self, scope, env, state, caller, call, aliases) -> tuple[State, Frame]:
-        frame = Frame(scope, env, caller, call, aliases)
+        frame = Frame(scope, env, caller, call, aliases, call_pos=len(caller.seq) if caller else 0)
         self.frames.append(frame)
         self.stack.append(scope)
         try:
@@ -239,14 +304,18 @@ class Walker:
             value = _static(stmt.test, env)
             if isinstance(stmt, ast.If):
                 if value is UNKNOWN:
-                    return join(self.block(stmt.body, state.copy(), frame), self.block(stmt.orelse, state.copy(), frame))
+                    frame.branching += 1
+                    try:
+                        return join(self.block(stmt.body, state.copy(), frame), self.block(stmt.orelse, state.copy(), frame))
+                    finally:
+                        frame.branching -= 1
                 return self.block(stmt.body if value else stmt.orelse, state, frame)
             if value is not UNKNOWN and not value:
                 return self.block(stmt.orelse, state, frame)
             return join(state, self.block(stmt.body, state.copy(), frame))
         if isinstance(stmt, (ast.For, ast.AsyncFor)):
             state = self.expr(stmt.iter, state, frame)
-            frame.assigns.append((_target_names(stmt.target), stmt.iter))
+            frame.assign(_target_names(stmt.target), stmt.iter, stmt, _plain(stmt.target))
             values = None
             if isinstance(stmt.iter, (ast.List, ast.Tuple)) and isinstance(stmt.target, ast.Name) and \
                     all(isinstance(e, ast.Constant) for e in stmt.iter.elts) and 0 < len(stmt.iter.elts) <= 4:
@@ -274,7 +343,7 @@ class Walker:
                     continue
                 inner = self.expr(cm, inner, frame)
                 if item.optional_vars is not None:
-                    frame.assigns.append((_target_names(item.optional_vars), item.context_expr))
+                    frame.assign(_target_names(item.optional_vars), item.context_expr, stmt, _plain(item.optional_vars))
                 g = grad_context(item.context_expr, env)
                 if g is not NOT_GRAD:
                     inner = inner.copy()
@@ -305,9 +374,9 @@ class Walker:
             names = set().union(*(_target_names(t) for t in targets))
             if isinstance(stmt, ast.AugAssign):
                 names |= _target_names(stmt.target)
-            frame.assigns.append((names, stmt.value))
-            if any(n.startswith(("self.", "cls.")) for n in names):
-                frame.escapes.append(stmt.value)
+            frame.assign(names, stmt.value, stmt, isinstance(stmt, ast.Assign) and all(_plain(t) for t in targets))
+            if any("." in n for n in names) or not _all_local(frame, names, self.info):
+                frame.opaque.append(stmt.value)
             for t in targets:
                 if isinstance(t, (ast.Name, ast.Attribute)) and self.info.is_model(text(t)):
                     state = self._assign_model(text(t), stmt.value, state)
@@ -321,9 +390,13 @@ class Walker:
                 frame.yielded = state.copy() if frame.yielded is None else join(frame.yielded, state)
                 if v.value is not None:
                     frame.escapes.append(v.value)
-            elif isinstance(v, ast.Call) and (m := method(v)) and m[1] in COLLECTORS and (v.args or v.keywords):
-                frame.assigns.append((_target_names(v.func.value), v))
-            return self.expr(v, state, frame)
+            state = self.expr(v, state, frame)
+            if isinstance(v, ast.Call) and (m := method(v)) and m[1] in COLLECTORS and (v.args or v.keywords):
+                names = _target_names(v.func.value)  # outputs.append(model(x)): outputs now holds it
+                frame.assign(names, v, stmt, False)
+                if any("." in n for n in names) or not _all_local(frame, names, self.info):
+                    frame.opaque.append(v)
+            return state
         for child in ast.iter_child_nodes(stmt):
             if isinstance(child, ast.expr):
                 state = self.expr(child, state, frame)
@@ -387,29 +460,31 @@ class Walker:
                 state = state.copy()
                 state.loaded[model_key(m[0])] = call.lineno
                 continue
+            args = list(call.args) + [k.value for k in call.keywords]
             if m and m[1] in ("backward", "manual_backward"):
-                frame.sinks.append(call)
+                # loss.backward(): the receiver; accelerator.backward(loss), self.manual_backward(loss): the argument
+                frame.sink(list(call.args) if call.args else [call.func.value])
                 continue
             if name.endswith(("autograd.grad", "autograd.backward")) or name in ("grad", "backward"):
-                frame.sinks.append(call)
+                frame.sink(args)
                 continue
             if m and m[1] == "step" and (info.is_optimizer(m[0]) or "scaler" in m[0].lower()):
                 frame.has_step = True
                 continue
-            if any(isinstance(a, (ast.Name, ast.Attribute)) and info.is_optimizer(text(a)) and text(a) in info.optimizers
-                   for a in list(call.args) + [k.value for k in call.keywords]):
-                frame.sinks.append(call)  # loss_scaler(loss, optimizer), amp.scale_loss(loss, optimizer)
+            optimizers = [a for a in args if isinstance(a, (ast.Name, ast.Attribute)) and text(a) in info.optimizers]
+            if optimizers:  # loss_scaler(loss, optimizer), amp.scale_loss(loss, optimizer): the other arguments
+                frame.sink([a for a in args if a not in optimizers])
             local = info.local_functions(call)
             if local:
                 if info.reaches(call, "backward"):
-                    frame.sinks.append(call)
+                    frame.sink(args)
                 state = self._enter(call, local, state, frame)
                 continue
             if self._is_forward(call, name, m):
                 recv = name if not (m and m[1] == "forward") else m[0]
                 key = model_key(recv)
                 frame.forwards.append(Forward(call, recv, key, state.modes.get(key), state.loaded.get(key),
-                                              state.grad, frame))
+                                              state.grad, frame, len(frame.seq)))
         return state
 
     def _is_forward(self, call: ast.Call, name: str, m) -> bool:
@@ -539,7 +614,7 @@ def _bind(fn: ast.AST, call: ast.Call, caller_env: dict) -> tuple[dict, dict]:
 # judging forwards
 
 
-def status(frame: Frame, node: ast.AST, info: FileInfo, depth: int = 0) -> str:
+def status(frame: Frame, node: ast.AST, info: FileInfo, pos: int = 0, depth: int = 0) -> str:
     """``train`` | ``eval`` | ``escape`` (returned where nothing resolves it) | ``unused`` | ``unknown``."""
     if depth > MAX_DEPTH:
         return "unknown"
@@ -580,17 +655,31 @@ def status(frame: Frame, node: ast.AST, info: FileInfo, depth: int = 0) -> str:
             return "eval"  # print(model(x)), plot(...): an output
     else:
         return "eval"
-    reach = frame.reach()
-    if targets & reach:
-        return "train"
+    if any("." in t for t in targets) or not _all_local(frame, targets, info):
+        return "unknown"  # kept on an object or in a global: used elsewhere (rewards, a later loss...)
+    reaching = frame.reaching()
+    entry = next((i for i in range(pos, len(frame.seq)) if frame.seq[i][0] == "assign" and frame.seq[i][3] is stmt), None)
+    if entry is None or reaching[entry]:
+        return "train" if entry is not None else "unknown"
+    if targets & frame.stored():
+        return "unknown"
     if targets & frame.escape():
         return _escaped(frame, info, depth)
     return "eval"
 
 
+def _all_local(frame: Frame, targets: set[str], info: FileInfo) -> bool:
+    """Every target is a local of the frame's function (always true at module level)."""
+    fn = frame.scope
+    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        return True
+    local = info.locals_of(fn)
+    return all(t in local for t in targets)
+
+
 def _escaped(frame: Frame, info: FileInfo, depth: int) -> str:
     if frame.caller is not None and frame.call is not None:
-        s = status(frame.caller, frame.call, info, depth + 1)
+        s = status(frame.caller, frame.call, info, frame.call_pos, depth + 1)
         return "escape" if s == "unused" else s
     return "escape"
 
@@ -613,7 +702,7 @@ def evaluation_forwards(info: FileInfo) -> Iterator[Forward]:
                 info.in_lightning_module(fn) or fn.name in ("forward", "__call__", "training_step")):
             continue
         for fw in frame.forwards:
-            s = status(frame, fw.node, info)
+            s = status(frame, fw.node, info, fw.pos)
             if s == "eval":
                 yield fw
             elif s == "escape" and (fw.grad is False or fw.mode == "eval" or fw.loaded):
@@ -625,6 +714,6 @@ def training_keys(info: FileInfo) -> set[str]:
     keys = set()
     for frame in frames(info):
         for fw in frame.forwards:
-            if fw.grad is not False and status(frame, fw.node, info) == "train":
+            if fw.grad is not False and status(frame, fw.node, info, fw.pos) == "train":
                 keys |= {fw.key, frame.root_key(fw.key)}
     return keys

@@ -244,12 +244,13 @@ def _epoch_modes(info: FileInfo, loop: ast.AST) -> Iterator:
 def _evaluation_passes(info: FileInfo) -> Iterator:
     """One finding per forward and rule, whatever number of paths reach it."""
     seen = set()
+    trained = training_keys(info)  # a model loaded to resume training is not "loaded for inference"
     for fw in evaluation_forwards(info):
         model = fw.model.split("(")[0]
         owner = model.rsplit(".", 1)[0] if "." in model and not model.startswith("self.") else model
         if fw.mode in (None, "train") and ("mode", fw.node) not in seen:
             seen.add(("mode", fw.node))
-            if fw.loaded:
+            if fw.loaded and fw.key not in trained:
                 yield _at(fw.node, "TVL009", f"{model}(...) after {owner}.load_state_dict() (line {fw.loaded}) "
                                               f"without {owner}.eval()")
             else:
