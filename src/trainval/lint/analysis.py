@@ -90,11 +90,15 @@ class FileInfo:
                 self.functions.setdefault(node.name, []).append(node)
         self.plain_callables: set[str] = set(self.functions)  # names bound to a def or a lambda
         self.imported: set[str] = set()  # modules and names brought in by imports (torch, F, model_zoo)
+        self.import_source: dict[str, str] = {}  # name -> the module it comes from
         for node in ast.walk(tree):
             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
                 self.plain_callables |= {text(t) for t in node.targets}
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 self.imported |= {(a.asname or a.name).split(".")[0] for a in node.names}
+                for a in node.names:
+                    self.import_source[(a.asname or a.name).split(".")[0]] = \
+                        (node.module or "") if isinstance(node, ast.ImportFrom) else a.name
         self._mode_effects: dict[ast.AST, dict[str, str]] = {}
         self.optimizers: set[str] = set()
         self.schedulers: set[str] = set()
@@ -154,6 +158,62 @@ class FileInfo:
                 todo.extend(ast.iter_child_nodes(n))
             cache[fn] = names
         return cache[fn]
+
+    MODE_FREE_LAYERS = re.compile(
+        r"^(torch\.)?(nn\.)?(Linear|Bilinear|Conv[123]d|ConvTranspose[123]d|ReLU|LeakyReLU|PReLU|GELU|SiLU|ELU|Tanh|"
+        r"Sigmoid|Softmax|LogSoftmax|Identity|Flatten|Unflatten|Embedding|EmbeddingBag|LayerNorm|GroupNorm|RMSNorm|"
+        r"LSTM|GRU|RNN|LSTMCell|GRUCell|RNNCell|Sequential|ModuleList|ModuleDict|ParameterList|Parameter|"
+        r"MaxPool[123]d|AvgPool[123]d|AdaptiveAvgPool[123]d|AdaptiveMaxPool[123]d|Upsample|PixelShuffle|"
+        r"ZeroPad2d|ReflectionPad2d|ReplicationPad2d|ConstantPad[123]d|Hardtanh|Softplus|MultiheadAttention)$")
+    MODE_DEPENDENT = re.compile(r"BatchNorm|InstanceNorm|Dropout|dropout|drop_path|DropPath|\.training|RReLU")
+
+    def from_hugging_face(self, call: ast.AST) -> bool:
+        """``AutoModel.from_pretrained(...)`` and friends from transformers/diffusers/peft/timm (eval mode)."""
+        base = text(call).split(".")[0].split("(")[0]
+        source = self.import_source.get(base, "")
+        return source.split(".")[0] in ("transformers", "diffusers", "peft", "sentence_transformers") or \
+            base.startswith("Auto")
+
+    def mode_free(self, receiver: str) -> bool:
+        """The model is built in this file from classes of this file that hold no layer whose behaviour
+        depends on train/eval mode (no BatchNorm, Dropout, ``self.training``...): eval() changes nothing.
+
+        False whenever anything is unknown (a class from elsewhere, a layer not known to be mode-free).
+        """
+        classes = {n.name: n for n in ast.walk(self.tree) if isinstance(n, ast.ClassDef)}
+        name = receiver.split("(")[0]
+        made = [n.value for n in ast.walk(self.tree) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
+                and any(text(t) == name for t in n.targets)]
+        if not made:
+            return False
+        todo, seen = [], set()
+        for call in made:
+            inner = call
+            while isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute) and inner.func.attr in ("to", "cuda"):
+                inner = inner.func.value
+            if not (isinstance(inner, ast.Call) and isinstance(inner.func, ast.Name) and inner.func.id in classes):
+                return False
+            todo.append(inner.func.id)
+        while todo:
+            cls_name = todo.pop()
+            if cls_name in seen:
+                continue
+            seen.add(cls_name)
+            cls = classes[cls_name]
+            if self.MODE_DEPENDENT.search(ast.get_source_segment(self.source, cls) or "dropout"):
+                return False
+            if any(text(b) not in ("nn.Module", "torch.nn.Module", "Module") and text(b) not in classes for b in cls.bases):
+                return False
+            for call in (n for n in ast.walk(cls) if isinstance(n, ast.Call)):
+                callee = text(call.func)
+                last = callee.split(".")[-1]
+                if not last[:1].isupper():
+                    continue  # functions and methods: F.relu, torch.cat, self.proj(...)
+                if callee in classes:
+                    todo.append(callee)
+                elif not self.MODE_FREE_LAYERS.match(callee):
+                    return False
+        return True
 
     def is_module(self, name: str) -> bool:
         """A model that is an ``nn.Module``: named or used like one, and not a plain function of this file."""

@@ -50,7 +50,12 @@ def join(a: State, b: State) -> State:
     modes = {}
     for k in a.modes.keys() | b.modes.keys():
         ma, mb = a.modes.get(k), b.modes.get(k)
-        modes[k] = ma if ma == mb else "mixed"
+        if ma == mb:
+            modes[k] = ma
+        elif {ma, mb} <= {None, "train"}:
+            continue  # not in eval mode on either path: unknown (reported like never set)
+        else:
+            modes[k] = "mixed"
     grad = a.grad if a.grad == b.grad else None
     return State(modes, {**a.loaded, **b.loaded}, grad)
 
@@ -77,7 +82,7 @@ class Frame:
     assigns: list[tuple[set[str], ast.AST]] = field(default_factory=list)
     sinks: list[ast.AST] = field(default_factory=list)
     escapes: list[ast.AST] = field(default_factory=list)
-    opaque: list[ast.AST] = field(default_factory=list)  # values stored on objects or in globals
+    opaque: list[tuple[set[str], ast.AST]] = field(default_factory=list)  # stored on objects or in globals
     seq: list[tuple] = field(default_factory=list)        # assignments and sinks in the order walked
     call_pos: int = 0                                     # where in the caller's seq the call happened
     branching: int = 0      # > 0 inside a branch that may not run: rebinding a name there does not kill it
@@ -132,9 +137,11 @@ class Frame:
             self._reach = out
         return self._reach
 
-    def stored(self) -> set[str]:
+    def stored(self, used_for_training: set[str]) -> set[str]:
+        """Names whose values are kept on an object or in a global that some backward() of the file reads
+        (``policy.saved_log_probs`` summed into a later loss); a metric logger's attributes are not."""
         if self._opaque is None:
-            self._opaque = _closure(self.opaque, self.assigns)
+            self._opaque = _closure([v for targets, v in self.opaque if targets & used_for_training], self.assigns)
         return self._opaque
 
     def escape(self) -> set[str]:
@@ -376,7 +383,7 @@ class Walker:
                 names |= _target_names(stmt.target)
             frame.assign(names, stmt.value, stmt, isinstance(stmt, ast.Assign) and all(_plain(t) for t in targets))
             if any("." in n for n in names) or not _all_local(frame, names, self.info):
-                frame.opaque.append(stmt.value)
+                frame.opaque.append((names, stmt.value))
             for t in targets:
                 if isinstance(t, (ast.Name, ast.Attribute)) and self.info.is_model(text(t)):
                     state = self._assign_model(text(t), stmt.value, state)
@@ -395,7 +402,7 @@ class Walker:
                 names = _target_names(v.func.value)  # outputs.append(model(x)): outputs now holds it
                 frame.assign(names, v, stmt, False)
                 if any("." in n for n in names) or not _all_local(frame, names, self.info):
-                    frame.opaque.append(v)
+                    frame.opaque.append((names, v))
             return state
         for child in ast.iter_child_nodes(stmt):
             if isinstance(child, ast.expr):
@@ -429,8 +436,8 @@ class Walker:
         if isinstance(inner, ast.Call) and (m := method(inner)) and m[1] in ("eval", "train"):
             off = m[1] == "eval" or (inner.args and _static(inner.args[0], {}) is False)
             state.modes[key] = "eval" if off else "train"
-        elif "from_pretrained" in text(value):
-            state.modes[key] = "eval"  # Hugging Face returns models in eval mode
+        elif "from_pretrained" in text(value) and self.info.from_hugging_face(value):
+            state.modes[key] = "eval"  # Hugging Face's from_pretrained returns models in eval mode
         else:
             state.modes.pop(key, None)
         return state
@@ -631,8 +638,6 @@ def status(frame: Frame, node: ast.AST, info: FileInfo, pos: int = 0, depth: int
     if isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
         for t in (stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]):
             targets |= _target_names(t)
-        if any(t.startswith(("self.", "cls.")) for t in targets):
-            return "unknown"  # kept on the object: used elsewhere
     elif isinstance(stmt, (ast.For, ast.AsyncFor)):
         targets = _target_names(stmt.target)
     elif isinstance(stmt, (ast.With, ast.AsyncWith)):
@@ -649,23 +654,33 @@ def status(frame: Frame, node: ast.AST, info: FileInfo, pos: int = 0, depth: int
             return _escaped(frame, info, depth)
         if isinstance(v, ast.Call) and (m := method(v)) and m[1] in COLLECTORS:
             targets = _target_names(v.func.value)
-            if any(t.startswith(("self.", "cls.")) for t in targets):
-                return "unknown"
         else:
             return "eval"  # print(model(x)), plot(...): an output
     else:
         return "eval"
-    if any("." in t for t in targets) or not _all_local(frame, targets, info):
-        return "unknown"  # kept on an object or in a global: used elsewhere (rewards, a later loss...)
+    used = used_for_training(info)
+    if (any("." in t for t in targets) or not _all_local(frame, targets, info)) and targets & used:
+        return "unknown"  # kept on an object or in a global that a backward() elsewhere reads
     reaching = frame.reaching()
     entry = next((i for i in range(pos, len(frame.seq)) if frame.seq[i][0] == "assign" and frame.seq[i][3] is stmt), None)
     if entry is None or reaching[entry]:
         return "train" if entry is not None else "unknown"
-    if targets & frame.stored():
+    if targets & frame.stored(used):
         return "unknown"
     if targets & frame.escape():
         return _escaped(frame, info, depth)
     return "eval"
+
+
+def used_for_training(info: FileInfo) -> set[str]:
+    """Every name any backward() of the file reads, through assignments (flow-insensitive), memoised."""
+    cached = getattr(info, "_used_for_training", None)
+    if cached is None:
+        cached = set()
+        for frame in frames(info):
+            cached |= _closure(frame.sinks, frame.assigns)
+        info._used_for_training = cached
+    return cached
 
 
 def _all_local(frame: Frame, targets: set[str], info: FileInfo) -> bool:

@@ -248,7 +248,7 @@ def _evaluation_passes(info: FileInfo) -> Iterator:
     for fw in evaluation_forwards(info):
         model = fw.model.split("(")[0]
         owner = model.rsplit(".", 1)[0] if "." in model and not model.startswith("self.") else model
-        if fw.mode in (None, "train") and ("mode", fw.node) not in seen:
+        if fw.mode in (None, "train") and ("mode", fw.node) not in seen and not info.mode_free(model):
             seen.add(("mode", fw.node))
             if fw.loaded and fw.key not in trained:
                 yield _at(fw.node, "TVL009", f"{model}(...) after {owner}.load_state_dict() (line {fw.loaded}) "
