@@ -333,3 +333,87 @@ def test_module_forward_methods_are_not_evaluation_passes():
         return model(x)
     """
     assert found(src) == set()
+
+
+def test_tvl007_loss_computed_under_no_grad_has_no_graph():
+    src = """
+    import torch
+    for step in range(steps):
+        loss = crit(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 100 == 0:
+            val_loss = 0.0
+            for _ in range(val_steps):
+                {open_line}
+                    _, loss = model(x_val, y_val)
+                    val_loss += loss
+    """
+    assert found(src.format(open_line="with torch.no_grad():"), {"TVL007"}) == set()
+    control = src.format(open_line="if True:")
+    assert found(control, {"TVL007"}) == {(line_of(control, "val_loss += loss"), "TVL007")}
+
+
+def test_submodule_forward_inside_a_module_method_is_the_callers_business():
+    src = """
+    import torch
+    class Diffusion(torch.nn.Module):
+        @torch.inference_mode()
+        def sample(self, x):
+            return self.denoise(x)
+
+        def denoise(self, x):
+            pred = self.model(x)
+            return x - pred
+
+    class Runner:
+        @torch.inference_mode()
+        def sample(self, x):
+            out = self.model(x)
+            return out.clamp(0, 1)
+    """
+    # control: the same forward in a plain class (not an nn.Module) is an evaluation pass without eval()
+    assert found(src) == {(line_of(src, "out = self.model(x)"), "TVL004")}
+
+
+MODE_FREE = """
+import torch
+import torch.nn as nn
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(784, 100)
+        self.act = nn.ReLU()
+        {extra}
+        self.fc2 = nn.Linear(100, 10)
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+model = Net()
+with torch.no_grad():
+    acc = (model(x).argmax(1) == y).float().mean()
+print(acc)
+"""
+
+
+def test_tvl004_skips_models_without_mode_dependent_layers():
+    assert found(MODE_FREE.format(extra="")) == set()
+    assert found("import torch\nmodel = torch.nn.Linear(4, 2)\nwith torch.no_grad():\n    print(model(x))\n") == set()
+    for layer in ("self.drop = nn.Dropout(0.5)", "self.bn = nn.BatchNorm1d(100)", "self.extra = timm.create_model('x')"):
+        src = MODE_FREE.format(extra=layer)  # control: a mode-dependent (or unknown) layer makes eval() matter
+        assert found(src) == {(line_of(src, "acc = "), "TVL004")}, layer
+
+
+def test_from_pretrained_is_eval_only_for_hugging_face():
+    hf = """
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained("bert-base-uncased")
+    with torch.no_grad():
+        print(model(**batch).logits.argmax(-1))
+    """
+    assert found(hf) == set()
+    own = hf.replace("from transformers import AutoModelForSequenceClassification", "from model import GPT") \
+        .replace("AutoModelForSequenceClassification.from_pretrained", "GPT.from_pretrained")
+    assert found(own) == {(line_of(own, "print(model("), "TVL004")}

@@ -20,6 +20,8 @@ EVAL_FUNC = re.compile(r"^(eval|evaluate|evaluation|validate|validation|val|vali
 NO_GRAD = {"torch.no_grad", "no_grad", "torch.inference_mode", "inference_mode", "torch.set_grad_enabled",
            "set_grad_enabled", "torch.autograd.no_grad", "torch.autograd.grad_mode.no_grad"}
 LOOPS = (ast.For, ast.While, ast.AsyncFor)
+PLAIN_HELPERS = {"range", "len", "int", "float", "list", "tuple", "zip", "enumerate", "min", "max", "sum", "dict",
+                 "super", "getattr", "math.sqrt", "np.sqrt"}
 SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 
 
@@ -69,6 +71,16 @@ def is_no_grad_ctx(expr: ast.AST) -> bool:
     return False
 
 
+def _walk_outside_lambdas(node: ast.AST) -> Iterator[ast.AST]:
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, ast.Lambda):
+            continue
+        yield n
+        todo.extend(ast.iter_child_nodes(n))
+
+
 def _ordered_calls(node: ast.AST) -> list[ast.Call]:
     calls = [n for n in ast.walk(node) if isinstance(n, ast.Call)]
     # inner calls (receivers, arguments) run before the call that contains them
@@ -80,18 +92,19 @@ class FileInfo:
 
     def __init__(self, tree: ast.Module, source: str):
         self.tree, self.source = tree, source
+        self.nodes: list[ast.AST] = list(ast.walk(tree))  # every node once; the rules scan this list
         self.parents: dict[ast.AST, ast.AST] = {}
-        for parent in ast.walk(tree):
+        for parent in self.nodes:
             for child in ast.iter_child_nodes(parent):
                 self.parents[child] = parent
         self.functions: dict[str, list[ast.FunctionDef]] = {}
-        for node in ast.walk(tree):
+        for node in self.nodes:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 self.functions.setdefault(node.name, []).append(node)
         self.plain_callables: set[str] = set(self.functions)  # names bound to a def or a lambda
         self.imported: set[str] = set()  # modules and names brought in by imports (torch, F, model_zoo)
         self.import_source: dict[str, str] = {}  # name -> the module it comes from
-        for node in ast.walk(tree):
+        for node in self.nodes:
             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
                 self.plain_callables |= {text(t) for t in node.targets}
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -104,7 +117,7 @@ class FileInfo:
         self.schedulers: set[str] = set()
         self.models: set[str] = set()
         self.zeroed: set[str] = set()
-        for node in ast.walk(tree):
+        for node in self.nodes:
             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
                 made = call_name(node.value)
                 for target in node.targets:
@@ -167,6 +180,17 @@ class FileInfo:
         r"ZeroPad2d|ReflectionPad2d|ReplicationPad2d|ConstantPad[123]d|Hardtanh|Softplus|MultiheadAttention)$")
     MODE_DEPENDENT = re.compile(r"BatchNorm|InstanceNorm|Dropout|dropout|drop_path|DropPath|\.training|RReLU")
 
+    def evaluates_in_init(self, call: ast.Call) -> bool:
+        """``Cls(...)`` where ``Cls`` is a class of this file whose ``__init__`` calls ``.eval()``."""
+        name = text(call.func)
+        for cls in (n for n in self.nodes if isinstance(n, ast.ClassDef) and n.name == name):
+            for fn in cls.body:
+                if isinstance(fn, ast.FunctionDef) and fn.name == "__init__" and any(
+                        isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute) and c.func.attr == "eval"
+                        for c in ast.walk(fn)):
+                    return True
+        return False
+
     def from_hugging_face(self, call: ast.AST) -> bool:
         """``AutoModel.from_pretrained(...)`` and friends from transformers/diffusers/peft/timm (eval mode)."""
         base = text(call).split(".")[0].split("(")[0]
@@ -180,9 +204,9 @@ class FileInfo:
 
         False whenever anything is unknown (a class from elsewhere, a layer not known to be mode-free).
         """
-        classes = {n.name: n for n in ast.walk(self.tree) if isinstance(n, ast.ClassDef)}
+        classes = {n.name: n for n in self.nodes if isinstance(n, ast.ClassDef)}
         name = receiver.split("(")[0]
-        made = [n.value for n in ast.walk(self.tree) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
+        made = [n.value for n in self.nodes if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
                 and any(text(t) == name for t in n.targets)]
         if not made:
             return False
@@ -191,6 +215,8 @@ class FileInfo:
             inner = call
             while isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute) and inner.func.attr in ("to", "cuda"):
                 inner = inner.func.value
+            if isinstance(inner, ast.Call) and self.MODE_FREE_LAYERS.match(text(inner.func)):
+                continue  # model = nn.Linear(784, 10)
             if not (isinstance(inner, ast.Call) and isinstance(inner.func, ast.Name) and inner.func.id in classes):
                 return False
             todo.append(inner.func.id)
@@ -204,14 +230,16 @@ class FileInfo:
                 return False
             if any(text(b) not in ("nn.Module", "torch.nn.Module", "Module") and text(b) not in classes for b in cls.bases):
                 return False
-            for call in (n for n in ast.walk(cls) if isinstance(n, ast.Call)):
+            # what the module is built from: every call in a `self.x = ...` value must be a known
+            # mode-free layer, a class of this file (checked in turn), or a plain helper (range, torch.zeros)
+            built = [n.value for n in ast.walk(cls) if isinstance(n, (ast.Assign, ast.AnnAssign)) and n.value is not None
+                     and any(text(t).startswith("self.") for t in (n.targets if isinstance(n, ast.Assign) else [n.target]))]
+            for call in (c for v in built for c in _walk_outside_lambdas(v) if isinstance(c, ast.Call)):
                 callee = text(call.func)
-                last = callee.split(".")[-1]
-                if not last[:1].isupper():
-                    continue  # functions and methods: F.relu, torch.cat, self.proj(...)
                 if callee in classes:
                     todo.append(callee)
-                elif not self.MODE_FREE_LAYERS.match(callee):
+                elif not (self.MODE_FREE_LAYERS.match(callee) or callee in PLAIN_HELPERS
+                          or re.match(r"^torch\.(zeros|ones|randn|rand|empty|tensor|arange|full|eye)$", callee)):
                     return False
         return True
 

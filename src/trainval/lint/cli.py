@@ -17,6 +17,7 @@ import re
 import stat
 import sys
 import tokenize
+import warnings
 
 DEFAULT_EXCLUDES = [".venv", "venv", ".env", "env", "build", "dist", ".git", "__pycache__", ".tox", ".nox",
                     ".mypy_cache", ".ruff_cache", ".pytest_cache", "node_modules", "site-packages", "*.egg-info"]
@@ -137,7 +138,9 @@ def lint_source(source: str, path: str = "<string>", enabled: set[str] | None = 
 
     enabled = enabled if enabled is not None else {c for c, r in RULES.items() if r.default}
     try:
-        tree = ast.parse(source, filename=path)
+        with warnings.catch_warnings():  # the user's invalid escape sequences are not ours to report
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source, filename=path)
     except ValueError as e:  # null bytes (Python 3.11)
         raise SyntaxError(str(e)) from None
     info = FileInfo(tree, source)

@@ -268,7 +268,7 @@ class Walker:
     def run(self) -> list[Frame]:
         info = self.info
         called = set()
-        for node in ast.walk(info.tree):
+        for node in info.nodes:
             if isinstance(node, ast.Call):
                 for fn in info.local_functions(node):
                     if info.enclosing(node, (ast.FunctionDef, ast.AsyncFunctionDef)) is not fn:
@@ -421,7 +421,7 @@ class Walker:
         if isinstance(inner, (ast.Name, ast.Attribute)):
             source = model_key(text(inner))  # model = model.to(device)
         elif isinstance(inner, ast.Call) and inner.args and isinstance(inner.args[0], (ast.Name, ast.Attribute)) \
-                and self.info.is_model(text(inner.args[0])):
+                and self.info.is_model(text(inner.args[0])) and not self.info.evaluates_in_init(inner):
             source = model_key(text(inner.args[0]))  # DDP(model), torch.compile(model): the same module's mode
         if source is not None and source != key:
             for table in (state.modes, state.loaded):
@@ -436,6 +436,8 @@ class Walker:
         if isinstance(inner, ast.Call) and (m := method(inner)) and m[1] in ("eval", "train"):
             off = m[1] == "eval" or (inner.args and _static(inner.args[0], {}) is False)
             state.modes[key] = "eval" if off else "train"
+        elif isinstance(inner, ast.Call) and self.info.evaluates_in_init(inner):
+            state.modes[key] = "eval"  # NetworkEMA(net): a wrapper whose __init__ puts what it wraps in eval mode
         elif "from_pretrained" in text(value) and self.info.from_hugging_face(value):
             state.modes[key] = "eval"  # Hugging Face's from_pretrained returns models in eval mode
         else:
@@ -726,7 +728,11 @@ def evaluation_forwards(info: FileInfo) -> Iterator[Forward]:
 
 def training_keys(info: FileInfo) -> set[str]:
     """Models some forward of which reaches backward() with autograd on (local and caller names)."""
+    cached = getattr(info, "_training_keys", None)
+    if cached is not None:
+        return cached
     keys = set()
+    info._training_keys = keys
     for frame in frames(info):
         for fw in frame.forwards:
             if fw.grad is not False and status(frame, fw.node, info, fw.pos) == "train":

@@ -141,7 +141,7 @@ def _at(node: ast.AST, code: str, message: str | None = None) -> tuple[int, int,
 
 
 def check(info: FileInfo) -> Iterator[tuple[int, int, str, str]]:
-    loops = [n for n in ast.walk(info.tree) if isinstance(n, LOOPS)]
+    loops = [n for n in info.nodes if isinstance(n, LOOPS)]
     for loop in loops:
         yield from _optimizer_order(info, loop)
         yield from _epoch_modes(info, loop)
@@ -247,6 +247,8 @@ def _evaluation_passes(info: FileInfo) -> Iterator:
     trained = training_keys(info)  # a model loaded to resume training is not "loaded for inference"
     for fw in evaluation_forwards(info):
         model = fw.model.split("(")[0]
+        if model.startswith("self.") and _inside_module_class(info, fw.node):
+            continue  # a submodule inside a module's own method: its mode and grad are the caller's to set
         owner = model.rsplit(".", 1)[0] if "." in model and not model.startswith("self.") else model
         if fw.mode in (None, "train") and ("mode", fw.node) not in seen and not info.mode_free(model):
             seen.add(("mode", fw.node))
@@ -299,7 +301,10 @@ def _loss_accumulation(info: FileInfo, loop: ast.AST) -> Iterator:
     losses = _loss_names(info, loop)
     if not losses:
         return
-    backwarded = {m[0] for n in ast.walk(info.tree) if isinstance(n, ast.Call) and (m := method(n)) and m[1] == "backward"}
+    backwarded = info.__dict__.get("_backwarded")
+    if backwarded is None:
+        backwarded = info._backwarded = {m[0] for n in info.nodes
+                                         if isinstance(n, ast.Call) and (m := method(n)) and m[1] == "backward"}
     for node in ast.walk(loop):
         target = value = None
         if isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Add):
@@ -312,9 +317,24 @@ def _loss_accumulation(info: FileInfo, loop: ast.AST) -> Iterator:
         if _assigned_before_in_body(info, loop, target, node):
             continue  # reset every iteration: a per-iteration sum, not an accumulation
         used = {text(n) for n in ast.walk(value) if isinstance(n, (ast.Name, ast.Attribute))}
+        if info.under_no_grad(node) or _computed_without_grad(info, loop, used & losses):
+            continue  # a validation loss computed under no_grad has no graph to keep alive
         if used & losses and not _detached(value):
             yield _at(node, "TVL007", f"'{target}' accumulates the loss tensor across iterations; every batch's "
                                       "autograd graph stays alive")
+
+
+def _computed_without_grad(info: FileInfo, loop: ast.AST, names: set[str]) -> bool:
+    """Every assignment of these names inside the loop happens under no_grad/inference_mode."""
+    sites = [n for n in ast.walk(loop) if isinstance(n, ast.Assign)
+             and names & {t for target in n.targets for t in _flat_targets(target)}]
+    return bool(sites) and all(info.under_no_grad(n) for n in sites)
+
+
+def _flat_targets(target: ast.AST) -> set[str]:
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return set().union(*(_flat_targets(t) for t in target.elts)) if target.elts else set()
+    return {text(target)}
 
 
 def _assigned_before_in_body(info: FileInfo, loop: ast.AST, name: str, node: ast.AST) -> bool:
@@ -329,10 +349,15 @@ def _assigned_before_in_body(info: FileInfo, loop: ast.AST, name: str, node: ast
 # TVL008 / TVL009: loading
 
 
+def _inside_module_class(info: FileInfo, node: ast.AST) -> bool:
+    cls = info.enclosing(node, ast.ClassDef)
+    return cls is not None and any("Module" in text(b) for b in cls.bases)
+
+
 def _torch_load(info: FileInfo) -> Iterator:
     imported_load = any(isinstance(n, ast.ImportFrom) and n.module == "torch" and any(a.name == "load" for a in n.names)
-                        for n in ast.walk(info.tree))
-    for node in ast.walk(info.tree):
+                        for n in info.nodes)
+    for node in info.nodes:
         if isinstance(node, ast.Call) and (call_name(node) == "torch.load" or (imported_load and call_name(node) == "load")):
             kw = {k.arg: k.value for k in node.keywords}
             value = kw.get("weights_only")
@@ -373,7 +398,7 @@ def _every_n_steps(info: FileInfo, node: ast.AST, loop: ast.AST) -> bool:
 
 
 def _mean_of_batch_means(info: FileInfo) -> Iterator:
-    for node in ast.walk(info.tree):
+    for node in info.nodes:
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Call) \
                 and call_name(node.right) == "len" and node.right.args:
             loader = text(node.right.args[0])

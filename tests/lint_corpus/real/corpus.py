@@ -86,6 +86,8 @@ def materialise(mirrors: str = DEFAULT_MIRRORS) -> list[str]:
                 if _digest(f.read()) == e.sha256:
                     continue
         git_dir = os.path.join(mirrors, e.repository.replace("/", "+"), "repo")
+        if os.path.isdir(os.path.join(git_dir, ".git")):  # a mirror with a work tree
+            git_dir = os.path.join(git_dir, ".git")
         try:
             data = subprocess.run(["git", "--git-dir", git_dir, "show", f"{e.commit}:{e.path}"], capture_output=True,
                                   check=True, timeout=60).stdout
