@@ -417,3 +417,32 @@ def test_from_pretrained_is_eval_only_for_hugging_face():
     own = hf.replace("from transformers import AutoModelForSequenceClassification", "from model import GPT") \
         .replace("AutoModelForSequenceClassification.from_pretrained", "GPT.from_pretrained")
     assert found(own) == {(line_of(own, "print(model("), "TVL004")}
+
+
+def test_tvl007_token_counts_are_not_losses():
+    src = """
+    for batch in loader:
+        current_num_tokens = (batch["labels"] != self._loss_fn.ignore_index).sum()
+        num_tokens += current_num_tokens
+        current_loss = self._loss_step(batch) * current_num_tokens
+        running_loss += {acc}
+        current_loss.backward()
+        opt.step()
+        opt.zero_grad()
+    """
+    assert found(src.format(acc="current_loss.detach()"), {"TVL007"}) == set()
+    control = src.format(acc="current_loss")  # the same loop keeping each batch's history
+    assert found(control, {"TVL007"}) == {(line_of(control, "running_loss +="), "TVL007")}
+
+
+def test_module_used_as_a_transform_inside_a_dataset_is_not_evaluation():
+    src = """
+    import torch
+    class {base}:
+        def __init__(self, rows):
+            self.encoder = CharByteEncoder()
+            self.samples = [self.encoder(r) for r in rows]
+    """
+    assert found(src.format(base="Names(torch.utils.data.Dataset)")) == set()
+    control = src.format(base="Runner")
+    assert found(control) == {(line_of(control, "self.samples ="), "TVL004"), (line_of(control, "self.samples ="), "TVL006")}

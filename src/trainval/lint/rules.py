@@ -249,6 +249,8 @@ def _evaluation_passes(info: FileInfo) -> Iterator:
         model = fw.model.split("(")[0]
         if model.startswith("self.") and _inside_module_class(info, fw.node):
             continue  # a submodule inside a module's own method: its mode and grad are the caller's to set
+        if _inside_class(info, fw.node, "Dataset"):
+            continue  # a module used as a transform while building samples is data preparation
         owner = model.rsplit(".", 1)[0] if "." in model and not model.startswith("self.") else model
         if fw.mode in (None, "train") and ("mode", fw.node) not in seen and not info.mode_free(model):
             seen.add(("mode", fw.node))
@@ -273,9 +275,12 @@ def _loss_names(info: FileInfo, loop: ast.AST) -> set[str]:
         if isinstance(node, ast.Call) and (m := method(node)) and m[1] == "backward":
             names.add(m[0])
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
-            made = call_name(node.value).lower()
+            # the function that makes the value: criterion(...), self._loss_step(...); not the receiver of a
+            # method (`(labels != loss_fn.ignore_index).sum()` counts tokens, it is not a loss)
+            func = node.value.func
+            made = (func.attr if isinstance(func, ast.Attribute) else text(func)).lower()
             if "loss" in made or "criterion" in made:
-                names |= {text(t) for t in node.targets}
+                names |= {n for t in node.targets for n in _flat_targets(t)}
     return names
 
 
@@ -350,8 +355,12 @@ def _assigned_before_in_body(info: FileInfo, loop: ast.AST, name: str, node: ast
 
 
 def _inside_module_class(info: FileInfo, node: ast.AST) -> bool:
+    return _inside_class(info, node, "Module")
+
+
+def _inside_class(info: FileInfo, node: ast.AST, base_word: str) -> bool:
     cls = info.enclosing(node, ast.ClassDef)
-    return cls is not None and any("Module" in text(b) for b in cls.bases)
+    return cls is not None and any(base_word in text(b) for b in cls.bases)
 
 
 def _torch_load(info: FileInfo) -> Iterator:
