@@ -35,11 +35,19 @@ class Event:
     has_args: bool = False
 
 
+_TEXT: dict[int, tuple[ast.AST, str]] = {}  # per file (cleared by FileInfo): unparsing is the hot spot
+
+
 def text(node: ast.AST) -> str:
+    hit = _TEXT.get(id(node))
+    if hit is not None and hit[0] is node:
+        return hit[1]
     try:
-        return ast.unparse(node)
-    except Exception:  # noqa: BLE001
-        return ""
+        out = ast.unparse(node)
+    except Exception:  # noqa: BLE001 - RecursionError on huge expressions, odd nodes: no text
+        out = ""
+    _TEXT[id(node)] = (node, out)
+    return out
 
 
 def call_name(call: ast.Call) -> str:
@@ -91,7 +99,10 @@ class FileInfo:
     """Facts about one module: optimizers, schedulers, models, local functions, parents."""
 
     def __init__(self, tree: ast.Module, source: str):
+        _TEXT.clear()
         self.tree, self.source = tree, source
+        self._fn_events: dict[ast.AST, list[Event]] = {}
+        self._reaches: dict[tuple[ast.AST, str], bool] = {}
         self.nodes: list[ast.AST] = list(ast.walk(tree))  # every node once; the rules scan this list
         self.parents: dict[ast.AST, ast.AST] = {}
         for parent in self.nodes:
@@ -355,13 +366,24 @@ class FileInfo:
 
     # -- summaries of local helper functions (followed a few calls deep)
 
+    def fn_events(self, fn: ast.AST) -> list[Event]:
+        """:meth:`events` of a function's body, computed once."""
+        if fn not in self._fn_events:
+            self._fn_events[fn] = list(self.events(fn.body))
+        return self._fn_events[fn]
+
     def reaches(self, call: ast.Call, kind: str, receiver: str | None = None, depth: int = 3, seen=None) -> bool:
+        if receiver is None and seen is None:  # the common question, memoised
+            key = (call, kind)
+            if key not in self._reaches:
+                self._reaches[key] = self.reaches(call, kind, None, depth, set())
+            return self._reaches[key]
         seen = seen if seen is not None else set()
         for fn in self.local_functions(call):
             if fn in seen:
                 continue
             seen.add(fn)
-            for ev in self.events(fn.body):
+            for ev in self.fn_events(fn):
                 if ev.kind == kind and (receiver is None or ev.receiver == receiver or not ev.receiver):
                     return True
                 if ev.kind == "call" and depth > 0 and self.reaches(ev.node, kind, receiver, depth - 1, seen):
@@ -377,7 +399,7 @@ class FileInfo:
             return self._mode_effects[fn]
         self._mode_effects[fn] = {}  # in progress: a recursive call sees no effect
         effects: dict[str, str] = {}
-        for ev in self.events(fn.body):
+        for ev in self.fn_events(fn):
             if ev.kind in ("eval", "train") and ev.receiver:
                 effects[model_key(ev.receiver)] = ev.kind
             elif ev.kind == "call":

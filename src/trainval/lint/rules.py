@@ -157,7 +157,10 @@ def check(info: FileInfo) -> Iterator[tuple[int, int, str, str]]:
 
 
 def _own_events(info: FileInfo, loop: ast.AST) -> list[Event]:
-    return list(info.events(loop.body))
+    cache = info.__dict__.setdefault("_loop_events", {})
+    if loop not in cache:
+        cache[loop] = list(info.events(loop.body))
+    return cache[loop]
 
 
 def _innermost_loop(info: FileInfo, node: ast.AST) -> ast.AST | None:
