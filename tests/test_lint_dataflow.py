@@ -446,3 +446,63 @@ def test_module_used_as_a_transform_inside_a_dataset_is_not_evaluation():
     assert found(src.format(base="Names(torch.utils.data.Dataset)")) == set()
     control = src.format(base="Runner")
     assert found(control) == {(line_of(control, "self.samples ="), "TVL004"), (line_of(control, "self.samples ="), "TVL006")}
+
+
+def test_self_call_inside_a_module_method_is_the_callers_business():
+    src = """
+    import torch
+    class GPT(torch.nn.Module):
+        @torch.no_grad()
+        def generate(self, idx):
+            logits, _ = self(idx)
+            return logits.argmax(-1)
+
+        def parameters_count(self):
+            return sum(p.numel() for p in self.parameters())
+
+    class Sampler:
+        @torch.no_grad()
+        def generate(self, idx):
+            logits, _ = self.model(idx)
+            return logits.argmax(-1)
+    """
+    # control: the same code in a class that is not a module reports its forward
+    assert found(src) == {(line_of(src, "logits, _ = self.model(idx)"), "TVL004")}
+
+
+def test_single_letter_modules_are_modules_when_used_as_such():
+    src = """
+    import torch
+    class Solver:
+        def test(self, loader):
+            self.G.load_state_dict(torch.load(path, weights_only=True))
+            {eval_line}
+            with torch.no_grad():
+                for x, c in loader:
+                    save(self.G(x, c))
+    """
+    assert found(src.format(eval_line="self.G.eval()")) == set()
+    control = src.format(eval_line="pass")
+    assert found(control) == {(line_of(control, "save(self.G(x, c))"), "TVL009")}
+    # a capitalised call that nothing treats as a module builds one: Generator(...) is not a forward
+    assert found("import torch\nwith torch.no_grad():\n    g = Generator(64)\nprint(g)\n") == set()
+
+
+def test_rebinding_under_the_main_guard_still_kills():
+    src = """
+    if __name__ == "__main__":
+        for step in range(steps):
+            if step % 100 == 0:
+                {eval_line}
+                with torch.no_grad():
+                    _, loss = model(x_val, y_val)
+                    val_loss = loss.item()
+            model.train()
+            _, loss = model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    """
+    assert found(src.format(eval_line="model.eval()")) == set()
+    control = src.format(eval_line="pass")
+    assert found(control) == {(line_of(control, "_, loss = model(x_val, y_val)"), "TVL004")}

@@ -259,7 +259,8 @@ class FileInfo:
         base = name.split("(")[0]
         if not self.is_model(base) or base in self.plain_callables or base.split(".")[0] in self.imported:
             return False
-        return not base.split(".")[-1][:1].isupper()  # Generator(...) builds one; it does not run one
+        # Generator(...) builds a module, it does not run one; self.G(x) runs the G it calls .eval() on
+        return base in self.models or not base.split(".")[-1][:1].isupper()
 
     def enclosing(self, node: ast.AST, kinds) -> ast.AST | None:
         node = self.parents.get(node)

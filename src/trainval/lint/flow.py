@@ -85,7 +85,7 @@ class Frame:
     opaque: list[tuple[set[str], ast.AST]] = field(default_factory=list)  # stored on objects or in globals
     seq: list[tuple] = field(default_factory=list)        # assignments and sinks in the order walked
     call_pos: int = 0                                     # where in the caller's seq the call happened
-    branching: int = 0      # > 0 inside a branch that may not run: rebinding a name there does not kill it
+    path: list = field(default_factory=list)  # the if-arms being walked: (id(if), arm) from the outside in
     forwards: list[Forward] = field(default_factory=list)
     has_step: bool = False
     yielded: State | None = None   # a context manager's state at its ``yield``
@@ -101,13 +101,12 @@ class Frame:
         return k
 
     def assign(self, targets: set[str], value: ast.AST, stmt: ast.AST, kills: bool) -> None:
-        kills = kills and not self.branching
         self.assigns.append((targets, value))
-        self.seq.append(("assign", targets, value, stmt, kills))
+        self.seq.append(("assign", targets, value, stmt, kills, tuple(self.path)))
 
     def sink(self, exprs: list[ast.AST]) -> None:
         self.sinks += exprs
-        self.seq += [("sink", e) for e in exprs]
+        self.seq += [("sink", e, tuple(self.path)) for e in exprs]
 
     def reaching(self) -> list[bool]:
         """For each entry of ``seq``: does the value assigned there reach backward()?
@@ -117,23 +116,26 @@ class Frame:
         ``outputs`` of an evaluation loop do not inherit the ``outputs.loss`` of the training loop above.
         """
         if self._reach is None:
-            live: dict[str, bool] = {}
+            # name -> the if-arm paths of the later reads that reach backward(); a rebinding kills the reads
+            # it always precedes (those inside its own arm), not those on a path that may skip it
+            live: dict[str, set[tuple]] = {}
             out = [False] * len(self.seq)
             for i in range(len(self.seq) - 1, -1, -1):
                 entry = self.seq[i]
                 if entry[0] == "sink":
                     for name in _names(entry[1]):
-                        live[name] = True
+                        live.setdefault(name, set()).add(entry[2])
                     continue
-                _, targets, value, _, kills = entry
-                reached = any(live.get(t, False) for t in targets)
+                _, targets, value, _, kills, path = entry
+                reached = any(live.get(t) for t in targets)
                 out[i] = reached
                 if kills:
                     for t in targets:
-                        live[t] = False
+                        if t in live:
+                            live[t] = {p for p in live[t] if p[:len(path)] != path}
                 if reached:
                     for name in _names(value):
-                        live[name] = True
+                        live.setdefault(name, set()).add(path)
             self._reach = out
         return self._reach
 
@@ -311,11 +313,14 @@ class Walker:
             value = _static(stmt.test, env)
             if isinstance(stmt, ast.If):
                 if value is UNKNOWN:
-                    frame.branching += 1
-                    try:
-                        return join(self.block(stmt.body, state.copy(), frame), self.block(stmt.orelse, state.copy(), frame))
-                    finally:
-                        frame.branching -= 1
+                    arms = []
+                    for arm, body in ((0, stmt.body), (1, stmt.orelse)):
+                        frame.path.append((id(stmt), arm))
+                        try:
+                            arms.append(self.block(body, state.copy(), frame))
+                        finally:
+                            frame.path.pop()
+                    return join(*arms)
                 return self.block(stmt.body if value else stmt.orelse, state, frame)
             if value is not UNKNOWN and not value:
                 return self.block(stmt.orelse, state, frame)

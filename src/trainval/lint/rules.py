@@ -250,7 +250,7 @@ def _evaluation_passes(info: FileInfo) -> Iterator:
     trained = training_keys(info)  # a model loaded to resume training is not "loaded for inference"
     for fw in evaluation_forwards(info):
         model = fw.model.split("(")[0]
-        if model.startswith("self.") and _inside_module_class(info, fw.node):
+        if (model == "self" or model.startswith("self.")) and _inside_module_class(info, fw.node):
             continue  # a submodule inside a module's own method: its mode and grad are the caller's to set
         if _inside_class(info, fw.node, "Dataset"):
             continue  # a module used as a transform while building samples is data preparation
