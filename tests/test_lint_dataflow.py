@@ -32,10 +32,18 @@ TRAIN_LOOP = """
 """
 
 
-@pytest.mark.parametrize("acc, reported", [
-    ("loss.data[0]", False), ("loss.data", False), ("loss.item()", False), ("float(loss)", False),
-    ("loss.detach().cpu()", False), ("loss", True), ("loss.cpu()", True),
-])
+@pytest.mark.parametrize(
+    "acc, reported",
+    [
+        ("loss.data[0]", False),
+        ("loss.data", False),
+        ("loss.item()", False),
+        ("float(loss)", False),
+        ("loss.detach().cpu()", False),
+        ("loss", True),
+        ("loss.cpu()", True),
+    ],
+)
 def test_tvl007_detached_reads(acc, reported):
     src = TRAIN_LOOP.format(acc=acc)
     assert ((line_of(src, "total +="), "TVL007") in found(src)) is reported
@@ -183,13 +191,16 @@ for epoch in range(10):
 """
 
 
-@pytest.mark.parametrize("mode, grad_open, expected", [
-    ("model.train(train)", "with torch.set_grad_enabled(train):", set()),
-    ("model.train() if train else model.eval()", "with torch.set_grad_enabled(train):", set()),
-    ("pass", "with torch.set_grad_enabled(train):", {"TVL004"}),
-    ("model.train(train)", "if True:", {"TVL006"}),
-    ("pass", "if True:", {"TVL004", "TVL006"}),
-])
+@pytest.mark.parametrize(
+    "mode, grad_open, expected",
+    [
+        ("model.train(train)", "with torch.set_grad_enabled(train):", set()),
+        ("model.train() if train else model.eval()", "with torch.set_grad_enabled(train):", set()),
+        ("pass", "with torch.set_grad_enabled(train):", {"TVL004"}),
+        ("model.train(train)", "if True:", {"TVL006"}),
+        ("pass", "if True:", {"TVL004", "TVL006"}),
+    ],
+)
 def test_run_epoch_with_train_false_is_an_evaluation_pass(mode, grad_open, expected):
     src = RUN_EPOCH.format(mode=mode, grad_open=grad_open)
     forward = line_of(src, "out = model(x)")
@@ -399,9 +410,18 @@ print(acc)
 
 def test_tvl004_skips_models_without_mode_dependent_layers():
     assert found(MODE_FREE.format(extra="")) == set()
-    assert found("import torch\nmodel = torch.nn.Linear(4, 2)\nwith torch.no_grad():\n    print(model(x))\n") == set()
-    for layer in ("self.drop = nn.Dropout(0.5)", "self.bn = nn.BatchNorm1d(100)", "self.extra = timm.create_model('x')"):
-        src = MODE_FREE.format(extra=layer)  # control: a mode-dependent (or unknown) layer makes eval() matter
+    assert (
+        found("import torch\nmodel = torch.nn.Linear(4, 2)\nwith torch.no_grad():\n    print(model(x))\n")
+        == set()
+    )
+    for layer in (
+        "self.drop = nn.Dropout(0.5)",
+        "self.bn = nn.BatchNorm1d(100)",
+        "self.extra = timm.create_model('x')",
+    ):
+        src = MODE_FREE.format(
+            extra=layer
+        )  # control: a mode-dependent (or unknown) layer makes eval() matter
         assert found(src) == {(line_of(src, "acc = "), "TVL004")}, layer
 
 
@@ -414,8 +434,9 @@ def test_from_pretrained_is_eval_only_for_hugging_face():
         print(model(**batch).logits.argmax(-1))
     """
     assert found(hf) == set()
-    own = hf.replace("from transformers import AutoModelForSequenceClassification", "from model import GPT") \
-        .replace("AutoModelForSequenceClassification.from_pretrained", "GPT.from_pretrained")
+    own = hf.replace(
+        "from transformers import AutoModelForSequenceClassification", "from model import GPT"
+    ).replace("AutoModelForSequenceClassification.from_pretrained", "GPT.from_pretrained")
     assert found(own) == {(line_of(own, "print(model("), "TVL004")}
 
 
@@ -445,7 +466,10 @@ def test_module_used_as_a_transform_inside_a_dataset_is_not_evaluation():
     """
     assert found(src.format(base="Names(torch.utils.data.Dataset)")) == set()
     control = src.format(base="Runner")
-    assert found(control) == {(line_of(control, "self.samples ="), "TVL004"), (line_of(control, "self.samples ="), "TVL006")}
+    assert found(control) == {
+        (line_of(control, "self.samples ="), "TVL004"),
+        (line_of(control, "self.samples ="), "TVL006"),
+    }
 
 
 def test_self_call_inside_a_module_method_is_the_callers_business():

@@ -30,8 +30,10 @@ PERMISSIVE = {"MIT", "BSD-2-Clause", "BSD-3-Clause", "Apache-2.0"}
 def files() -> dict[str, str]:
     missing = corpus.materialise()
     if missing:
-        pytest.skip(f"{len(missing)} corpus files cannot be materialised from {corpus.DEFAULT_MIRRORS} "
-                    f"(set TRAINVAL_LINT_CORPUS_MIRRORS; see tests/lint_corpus/real/corpus.py)")
+        pytest.skip(
+            f"{len(missing)} corpus files cannot be materialised from {corpus.DEFAULT_MIRRORS} "
+            f"(set TRAINVAL_LINT_CORPUS_MIRRORS; see tests/lint_corpus/real/corpus.py)"
+        )
     out = {}
     for e in corpus.manifest():
         with open(corpus.path_of(e.name), encoding="utf-8") as f:
@@ -69,11 +71,13 @@ def test_precision_on_labelled_findings(files, capsys):
     non_load = collections.Counter(lb.verdict for lb in labels.values() if lb.code != "TVL008")
     with capsys.disabled():
         lines = sum(s.count("\n") for s in files.values())
-        print(f"\n[lint real corpus] {len(files)} files, {lines} lines, "
-              f"{len({e.repository for e in corpus.manifest()})} projects; default rules: {sum(verdicts.values())} "
-              f"findings, {verdicts['right']} right, {verdicts['wrong']} wrong, {verdicts['debatable']} debatable: "
-              f"precision {precision:.3f} (without TVL008: {non_load['right']} right, {non_load['wrong']} wrong, "
-              f"{non_load['debatable']} debatable)")
+        print(
+            f"\n[lint real corpus] {len(files)} files, {lines} lines, "
+            f"{len({e.repository for e in corpus.manifest()})} projects; default rules: {sum(verdicts.values())} "
+            f"findings, {verdicts['right']} right, {verdicts['wrong']} wrong, {verdicts['debatable']} debatable: "
+            f"precision {precision:.3f} (without TVL008: {non_load['right']} right, {non_load['wrong']} wrong, "
+            f"{non_load['debatable']} debatable)"
+        )
     assert precision >= 0.97
 
 
@@ -93,12 +97,16 @@ def test_every_mutant_is_caught_at_the_right_line(files, capsys):
         assert (m.expect_line, m.code) not in original, f"{m.name}: already reported before the mutation"
         mutated = {(f.line, f.code) for f in lint_source(_mutate(files[m.name], m), m.name, DEFAULT)}
         if (m.expect_line, m.code) not in mutated:
-            missed.append(f"{m.name}:{m.expect_line} {m.code} ({m.mistake}); got {sorted(mutated - original)}")
+            missed.append(
+                f"{m.name}:{m.expect_line} {m.code} ({m.mistake}); got {sorted(mutated - original)}"
+            )
     recall = (len(mutants) - len(missed)) / len(mutants)
     with capsys.disabled():
         by_code = collections.Counter(m.code for m in mutants)
-        print(f"\n[lint real corpus] mutants: {len(mutants) - len(missed)}/{len(mutants)} caught at the right line "
-              f"(recall {recall:.3f}); by rule: {dict(sorted(by_code.items()))}")
+        print(
+            f"\n[lint real corpus] mutants: {len(mutants) - len(missed)}/{len(mutants)} caught at the right line "
+            f"(recall {recall:.3f}); by rule: {dict(sorted(by_code.items()))}"
+        )
     assert missed == []
 
 
@@ -117,5 +125,7 @@ def test_cli_over_the_whole_corpus_never_crashes(files, capsys):
     assert proc.returncode in (0, 1), proc.stderr
     assert len(proc.stdout.strip().splitlines()) == len(corpus.labels())
     with capsys.disabled():
-        print(f"\n[lint real corpus] `trainval lint` over {len(files)} files: {elapsed:.2f} s wall "
-              "(one process, including interpreter start-up)")
+        print(
+            f"\n[lint real corpus] `trainval lint` over {len(files)} files: {elapsed:.2f} s wall "
+            "(one process, including interpreter start-up)"
+        )

@@ -33,14 +33,25 @@ from trainval.lint.analysis import SCOPES, FileInfo, call_name, method, model_ke
 MAX_DEPTH = 8
 MAX_STATEMENTS = 60_000
 UNKNOWN = object()
-COLLECTORS = {"append", "extend", "add", "insert", "update", "put", "write", "add_scalar", "add_scalars", "log"}
+COLLECTORS = {
+    "append",
+    "extend",
+    "add",
+    "insert",
+    "update",
+    "put",
+    "write",
+    "add_scalar",
+    "add_scalars",
+    "log",
+}
 
 
 @dataclass
 class State:
-    modes: dict[str, str] = field(default_factory=dict)    # model key -> eval | train | mixed
-    loaded: dict[str, int] = field(default_factory=dict)   # model key -> line of load_state_dict
-    grad: bool | None = True                                # False: autograd off; None: unknown
+    modes: dict[str, str] = field(default_factory=dict)  # model key -> eval | train | mixed
+    loaded: dict[str, int] = field(default_factory=dict)  # model key -> line of load_state_dict
+    grad: bool | None = True  # False: autograd off; None: unknown
 
     def copy(self) -> State:
         return State(dict(self.modes), dict(self.loaded), self.grad)
@@ -63,13 +74,13 @@ def join(a: State, b: State) -> State:
 @dataclass
 class Forward:
     node: ast.Call
-    model: str          # source text of the callee (``model``, ``self.net``)
-    key: str            # model key for modes
+    model: str  # source text of the callee (``model``, ``self.net``)
+    key: str  # model key for modes
     mode: str | None
     loaded: int | None
     grad: bool | None
     frame: Frame
-    pos: int = 0        # where in the frame's seq the forward ran
+    pos: int = 0  # where in the frame's seq the forward ran
 
 
 @dataclass
@@ -83,12 +94,12 @@ class Frame:
     sinks: list[ast.AST] = field(default_factory=list)
     escapes: list[ast.AST] = field(default_factory=list)
     opaque: list[tuple[set[str], ast.AST]] = field(default_factory=list)  # stored on objects or in globals
-    seq: list[tuple] = field(default_factory=list)        # assignments and sinks in the order walked
-    call_pos: int = 0                                     # where in the caller's seq the call happened
+    seq: list[tuple] = field(default_factory=list)  # assignments and sinks in the order walked
+    call_pos: int = 0  # where in the caller's seq the call happened
     path: list = field(default_factory=list)  # the if-arms being walked: (id(if), arm) from the outside in
     forwards: list[Forward] = field(default_factory=list)
     has_step: bool = False
-    yielded: State | None = None   # a context manager's state at its ``yield``
+    yielded: State | None = None  # a context manager's state at its ``yield``
     _reach: set[str] | None = None
     _escape: set[str] | None = None
     _opaque: set[str] | None = None
@@ -132,7 +143,7 @@ class Frame:
                 if kills:
                     for t in targets:
                         if t in live:
-                            live[t] = {p for p in live[t] if p[:len(path)] != path}
+                            live[t] = {p for p in live[t] if p[: len(path)] != path}
                 if reached:
                     for name in _names(value):
                         live.setdefault(name, set()).add(path)
@@ -143,7 +154,9 @@ class Frame:
         """Names whose values are kept on an object or in a global that some backward() of the file reads
         (``policy.saved_log_probs`` summed into a later loss); a metric logger's attributes are not."""
         if self._opaque is None:
-            self._opaque = _closure([v for targets, v in self.opaque if targets & used_for_training], self.assigns)
+            self._opaque = _closure(
+                [v for targets, v in self.opaque if targets & used_for_training], self.assigns
+            )
         return self._opaque
 
     def escape(self) -> set[str]:
@@ -279,7 +292,9 @@ class Walker:
         for fns in info.functions.values():
             for fn in fns:
                 if fn not in called:
-                    self.walk_scope(fn, _defaults(fn, {}), State(grad=_decorated_grad(fn, True)), None, None, {})
+                    self.walk_scope(
+                        fn, _defaults(fn, {}), State(grad=_decorated_grad(fn, True)), None, None, {}
+                    )
         return self.frames
 
     def walk_scope(self, scope, env, state, caller, call, aliases) -> State:
@@ -329,8 +344,12 @@ class Walker:
             state = self.expr(stmt.iter, state, frame)
             frame.assign(_target_names(stmt.target), stmt.iter, stmt, _plain(stmt.target))
             values = None
-            if isinstance(stmt.iter, (ast.List, ast.Tuple)) and isinstance(stmt.target, ast.Name) and \
-                    all(isinstance(e, ast.Constant) for e in stmt.iter.elts) and 0 < len(stmt.iter.elts) <= 4:
+            if (
+                isinstance(stmt.iter, (ast.List, ast.Tuple))
+                and isinstance(stmt.target, ast.Name)
+                and all(isinstance(e, ast.Constant) for e in stmt.iter.elts)
+                and 0 < len(stmt.iter.elts) <= 4
+            ):
                 values = [e.value for e in stmt.iter.elts]
             if values is not None:  # for phase in ["train", "val"]: walk the body once per phase
                 saved = env.get(stmt.target.id, UNKNOWN)
@@ -355,14 +374,19 @@ class Walker:
                     continue
                 inner = self.expr(cm, inner, frame)
                 if item.optional_vars is not None:
-                    frame.assign(_target_names(item.optional_vars), item.context_expr, stmt, _plain(item.optional_vars))
+                    frame.assign(
+                        _target_names(item.optional_vars), item.context_expr, stmt, _plain(item.optional_vars)
+                    )
                 g = grad_context(item.context_expr, env)
                 if g is not NOT_GRAD:
                     inner = inner.copy()
                     inner.grad = g
             after = self.block(stmt.body, inner.copy() if inner is state else inner, frame)
-            if inner is not state and any(self.info.local_functions(i.context_expr) for i in stmt.items
-                                          if isinstance(i.context_expr, ast.Call)):
+            if inner is not state and any(
+                self.info.local_functions(i.context_expr)
+                for i in stmt.items
+                if isinstance(i.context_expr, ast.Call)
+            ):
                 after = after.copy()
                 after.modes = dict(state.modes)  # the context manager restores the modes it changed
             after.grad = state.grad
@@ -386,7 +410,9 @@ class Walker:
             names = set().union(*(_target_names(t) for t in targets))
             if isinstance(stmt, ast.AugAssign):
                 names |= _target_names(stmt.target)
-            frame.assign(names, stmt.value, stmt, isinstance(stmt, ast.Assign) and all(_plain(t) for t in targets))
+            frame.assign(
+                names, stmt.value, stmt, isinstance(stmt, ast.Assign) and all(_plain(t) for t in targets)
+            )
             if any("." in n for n in names) or not _all_local(frame, names, self.info):
                 frame.opaque.append((names, stmt.value))
             for t in targets:
@@ -419,15 +445,25 @@ class Walker:
         key = model_key(target)
         state = state.copy()
         inner = value
-        while isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute) and \
-                inner.func.attr in ("to", "cuda", "cpu", "half", "float", "bfloat16", "requires_grad_"):
+        while (
+            isinstance(inner, ast.Call)
+            and isinstance(inner.func, ast.Attribute)
+            and inner.func.attr in ("to", "cuda", "cpu", "half", "float", "bfloat16", "requires_grad_")
+        ):
             inner = inner.func.value
         source = None
         if isinstance(inner, (ast.Name, ast.Attribute)):
             source = model_key(text(inner))  # model = model.to(device)
-        elif isinstance(inner, ast.Call) and inner.args and isinstance(inner.args[0], (ast.Name, ast.Attribute)) \
-                and self.info.is_model(text(inner.args[0])) and not self.info.evaluates_in_init(inner):
-            source = model_key(text(inner.args[0]))  # DDP(model), torch.compile(model): the same module's mode
+        elif (
+            isinstance(inner, ast.Call)
+            and inner.args
+            and isinstance(inner.args[0], (ast.Name, ast.Attribute))
+            and self.info.is_model(text(inner.args[0]))
+            and not self.info.evaluates_in_init(inner)
+        ):
+            source = model_key(
+                text(inner.args[0])
+            )  # DDP(model), torch.compile(model): the same module's mode
         if source is not None and source != key:
             for table in (state.modes, state.loaded):
                 if source in table:
@@ -442,7 +478,9 @@ class Walker:
             off = m[1] == "eval" or (inner.args and _static(inner.args[0], {}) is False)
             state.modes[key] = "eval" if off else "train"
         elif isinstance(inner, ast.Call) and self.info.evaluates_in_init(inner):
-            state.modes[key] = "eval"  # NetworkEMA(net): a wrapper whose __init__ puts what it wraps in eval mode
+            state.modes[key] = (
+                "eval"  # NetworkEMA(net): a wrapper whose __init__ puts what it wraps in eval mode
+            )
         elif "from_pretrained" in text(value) and self.info.from_hugging_face(value):
             state.modes[key] = "eval"  # Hugging Face's from_pretrained returns models in eval mode
         else:
@@ -456,7 +494,14 @@ class Walker:
         for call in _calls_in_order(node):
             m = method(call)
             name = call_name(call)
-            if m and m[1] in ("eval", "train") and not call.keywords or m and m[1] == "train" and call.keywords:
+            if (
+                m
+                and m[1] in ("eval", "train")
+                and not call.keywords
+                or m
+                and m[1] == "train"
+                and call.keywords
+            ):
                 recv = m[0]
                 if not recv or not (info.is_model(recv) or recv in info.models):
                     continue
@@ -485,8 +530,12 @@ class Walker:
             if m and m[1] == "step" and (info.is_optimizer(m[0]) or "scaler" in m[0].lower()):
                 frame.has_step = True
                 continue
-            optimizers = [a for a in args if isinstance(a, (ast.Name, ast.Attribute)) and text(a) in info.optimizers]
-            if optimizers:  # loss_scaler(loss, optimizer), amp.scale_loss(loss, optimizer): the other arguments
+            optimizers = [
+                a for a in args if isinstance(a, (ast.Name, ast.Attribute)) and text(a) in info.optimizers
+            ]
+            if (
+                optimizers
+            ):  # loss_scaler(loss, optimizer), amp.scale_loss(loss, optimizer): the other arguments
                 frame.sink([a for a in args if a not in optimizers])
             local = info.local_functions(call)
             if local:
@@ -497,8 +546,18 @@ class Walker:
             if self._is_forward(call, name, m):
                 recv = name if not (m and m[1] == "forward") else m[0]
                 key = model_key(recv)
-                frame.forwards.append(Forward(call, recv, key, state.modes.get(key), state.loaded.get(key),
-                                              state.grad, frame, len(frame.seq)))
+                frame.forwards.append(
+                    Forward(
+                        call,
+                        recv,
+                        key,
+                        state.modes.get(key),
+                        state.loaded.get(key),
+                        state.grad,
+                        frame,
+                        len(frame.seq),
+                    )
+                )
         return state
 
     def _is_forward(self, call: ast.Call, name: str, m) -> bool:
@@ -542,8 +601,14 @@ class Walker:
 
 
 NOT_GRAD = object()
-GRAD_OFF = {"torch.no_grad", "no_grad", "torch.inference_mode", "inference_mode", "torch.autograd.no_grad",
-            "torch.autograd.grad_mode.no_grad"}
+GRAD_OFF = {
+    "torch.no_grad",
+    "no_grad",
+    "torch.inference_mode",
+    "inference_mode",
+    "torch.autograd.no_grad",
+    "torch.autograd.grad_mode.no_grad",
+}
 GRAD_SET = {"torch.set_grad_enabled", "set_grad_enabled", "torch.autograd.set_grad_enabled"}
 GRAD_ON = {"torch.enable_grad", "enable_grad"}
 
@@ -595,7 +660,7 @@ def _defaults(fn: ast.AST, env: dict) -> dict:
     env = dict(env)
     args = fn.args
     positional = args.posonlyargs + args.args
-    for a, d in zip(positional[len(positional) - len(args.defaults):], args.defaults):
+    for a, d in zip(positional[len(positional) - len(args.defaults) :], args.defaults):
         if isinstance(d, ast.Constant):
             env[a.arg] = d.value
     for a, d in zip(args.kwonlyargs, args.kw_defaults):
@@ -643,7 +708,7 @@ def status(frame: Frame, node: ast.AST, info: FileInfo, pos: int = 0, depth: int
         return "unknown"
     targets: set[str] = set()
     if isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
-        for t in (stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]):
+        for t in stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]:
             targets |= _target_names(t)
     elif isinstance(stmt, (ast.For, ast.AsyncFor)):
         targets = _target_names(stmt.target)
@@ -669,7 +734,10 @@ def status(frame: Frame, node: ast.AST, info: FileInfo, pos: int = 0, depth: int
     if (any("." in t for t in targets) or not _all_local(frame, targets, info)) and targets & used:
         return "unknown"  # kept on an object or in a global that a backward() elsewhere reads
     reaching = frame.reaching()
-    entry = next((i for i in range(pos, len(frame.seq)) if frame.seq[i][0] == "assign" and frame.seq[i][3] is stmt), None)
+    entry = next(
+        (i for i in range(pos, len(frame.seq)) if frame.seq[i][0] == "assign" and frame.seq[i][3] is stmt),
+        None,
+    )
     if entry is None or reaching[entry]:
         return "train" if entry is not None else "unknown"
     if targets & frame.stored(used):
@@ -721,7 +789,8 @@ def evaluation_forwards(info: FileInfo) -> Iterator[Forward]:
             continue  # a training scope whose backward we cannot see: stay quiet
         fn = frame.scope
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
-                info.in_lightning_module(fn) or fn.name in ("forward", "__call__", "training_step")):
+            info.in_lightning_module(fn) or fn.name in ("forward", "__call__", "training_step")
+        ):
             continue
         for fw in frame.forwards:
             s = status(frame, fw.node, info, fw.pos)

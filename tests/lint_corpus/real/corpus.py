@@ -38,15 +38,15 @@ class Label:
     name: str
     line: int
     code: str
-    verdict: str   # right | wrong | debatable
+    verdict: str  # right | wrong | debatable
     reason: str
 
 
 @dataclass(frozen=True)
 class Mutant:
     name: str
-    line: int      # the line changed
-    old: str       # text replaced on that line (first occurrence)
+    line: int  # the line changed
+    old: str  # text replaced on that line (first occurrence)
     new: str
     expect_line: int
     code: str
@@ -63,12 +63,17 @@ def manifest() -> list[Entry]:
 
 
 def labels() -> list[Label]:
-    return [Label(name, int(line), code, verdict, reason) for name, line, code, verdict, reason in _rows("LABELS.tsv")]
+    return [
+        Label(name, int(line), code, verdict, reason)
+        for name, line, code, verdict, reason in _rows("LABELS.tsv")
+    ]
 
 
 def mutants() -> list[Mutant]:
-    return [Mutant(name, int(line), old, new, int(expect), code, mistake)
-            for name, line, old, new, expect, code, mistake in _rows("MUTANTS.tsv")]
+    return [
+        Mutant(name, int(line), old, new, int(expect), code, mistake)
+        for name, line, old, new, expect, code, mistake in _rows("MUTANTS.tsv")
+    ]
 
 
 def _digest(data: bytes) -> str:
@@ -89,8 +94,12 @@ def materialise(mirrors: str = DEFAULT_MIRRORS) -> list[str]:
         if os.path.isdir(os.path.join(git_dir, ".git")):  # a mirror with a work tree
             git_dir = os.path.join(git_dir, ".git")
         try:
-            data = subprocess.run(["git", "--git-dir", git_dir, "show", f"{e.commit}:{e.path}"], capture_output=True,
-                                  check=True, timeout=60).stdout
+            data = subprocess.run(
+                ["git", "--git-dir", git_dir, "show", f"{e.commit}:{e.path}"],
+                capture_output=True,
+                check=True,
+                timeout=60,
+            ).stdout
         except (OSError, subprocess.SubprocessError):
             missing.append(e.name)
             continue
