@@ -202,3 +202,22 @@ def test_explain_prints_rationale_examples_and_fix():
     )
     none = run_cli("lint", timeout=60)
     assert none.returncode == 2 and "give at least one PATH" in none.stderr
+
+
+def test_call_fan_out_and_long_helper_chains_stay_bounded(tmp_path):
+    # 10 calls per helper, 12 helpers deep: 10**11 paths if every call were followed without a budget
+    fan = ["import torch"]
+    for i in range(11):
+        fan.append(f"def f{i}(model, x):\n" + "\n".join(f"    f{i + 1}(model, x)" for _ in range(10)))
+    fan.append("def f11(model, x):\n    with torch.no_grad():\n        print(model(x))")
+    fan.append("f0(model, x)")
+    (tmp_path / "fan.py").write_text("\n".join(fan) + "\n")
+    chain = ["import torch"] + [
+        f"def g{i}(model, x):\n    loss = model(x).sum()\n    loss.backward()\n    return g{i + 1}(model, x)"
+        for i in range(3000)
+    ]
+    (tmp_path / "chain.py").write_text("\n".join(chain + ["g0(model, x)"]) + "\n")
+    proc = run_cli("lint", str(tmp_path), timeout=60)  # a hang would fail here
+    assert "Traceback" not in proc.stderr and proc.returncode == 1, proc.stderr
+    # the fan-out's evaluation is still found (no model.eval() on any path), once
+    assert proc.stdout.count("TVL004") == 1 and f"{tmp_path / 'fan.py'}:" in proc.stdout

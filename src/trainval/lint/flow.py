@@ -100,6 +100,7 @@ class Frame:
     forwards: list[Forward] = field(default_factory=list)
     has_step: bool = False
     yielded: State | None = None  # a context manager's state at its ``yield``
+    truncated: bool = False  # the statement budget ran out inside this walk: its forwards are not judged
     _reach: set[str] | None = None
     _escape: set[str] | None = None
     _opaque: set[str] | None = None
@@ -289,12 +290,17 @@ class Walker:
                     if info.enclosing(node, (ast.FunctionDef, ast.AsyncFunctionDef)) is not fn:
                         called.add(fn)
         self.walk_scope(info.tree, {}, State(), None, None, {})
-        for fns in info.functions.values():
-            for fn in fns:
-                if fn not in called:
-                    self.walk_scope(
-                        fn, _defaults(fn, {}), State(grad=_decorated_grad(fn, True)), None, None, {}
-                    )
+        everything = [fn for fns in info.functions.values() for fn in fns]
+        for fn in everything:
+            if fn not in called:
+                self.walk_scope(fn, _defaults(fn, {}), State(grad=_decorated_grad(fn, True)), None, None, {})
+        # functions the walks never reached (beyond the depth limit or the budget, or called only from
+        # themselves): walked once on their own, with nothing known about their callers
+        walked = {frame.scope for frame in self.frames}
+        self.budget = max(self.budget, MAX_STATEMENTS // 3)
+        for fn in everything:
+            if fn not in walked:
+                self.walk_scope(fn, _defaults(fn, {}), State(grad=_decorated_grad(fn, True)), None, None, {})
         return self.frames
 
     def walk_scope(self, scope, env, state, caller, call, aliases) -> State:
@@ -314,6 +320,7 @@ class Walker:
     def block(self, body: list[ast.stmt], state: State, frame: Frame) -> State:
         for stmt in body:
             if self.budget <= 0:
+                frame.truncated = True  # judged on a part of its code: its forwards are not judged
                 return state
             self.budget -= 1
             state = self.stmt(stmt, state, frame)
@@ -563,8 +570,9 @@ class Walker:
     def _is_forward(self, call: ast.Call, name: str, m) -> bool:
         info = self.info
         if m and m[1] == "forward":
-            return info.is_module(m[0])
-        return bool(name) and info.is_module(name)
+            return "(" not in m[0] and info.is_module(m[0])
+        # model(x), self.model(x), model.encoder(x); not model(x).sum(), which is a tensor method
+        return bool(name) and "(" not in name and info.is_module(name)
 
     def _enter(self, call: ast.Call, fns: list, state: State, frame: Frame, at_yield: bool = False) -> State:
         if len(self.stack) > MAX_DEPTH or self.budget <= 0:
@@ -785,8 +793,8 @@ def frames(info: FileInfo) -> list[Frame]:
 def evaluation_forwards(info: FileInfo) -> Iterator[Forward]:
     """Forwards that are evaluation passes, each with the state the walk found at it."""
     for frame in frames(info):
-        if frame.has_step and not frame.sinks:
-            continue  # a training scope whose backward we cannot see: stay quiet
+        if frame.truncated or (frame.has_step and not frame.sinks):
+            continue  # only part of it was walked, or a training scope whose backward we cannot see
         fn = frame.scope
         if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
             info.in_lightning_module(fn) or fn.name in ("forward", "__call__", "training_step")
