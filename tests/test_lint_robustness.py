@@ -21,7 +21,7 @@ MISTAKE = (
     "    opt.step()\n"
 )
 
-# the two shapes that crashed the whole run with a RecursionError in FileInfo.last_mode_in (issue 13)
+# the two shapes that crashed the whole run with a RecursionError in FileInfo.last_mode_in, now mode_effects (issue 13)
 RECURSIVE = """
 import torch
 

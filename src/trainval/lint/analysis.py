@@ -14,9 +14,6 @@ from dataclasses import dataclass
 
 MODEL_WORD = re.compile(r"^(model|net|network|classifier|encoder|decoder|backbone|generator|discriminator|"
                         r"net_?[gd]|critic|student|teacher)(_?[a-z0-9]*)?$", re.I)
-EVAL_FUNC = re.compile(r"^(eval|evaluate|evaluation|validate|validation|val|valid|test|testing|predict|prediction|"
-                       r"inference|infer)(_.*)?$|_(eval|evaluate|evaluation|validate|validation|val|valid|test|predict|"
-                       r"inference|infer)$", re.I)
 NO_GRAD = {"torch.no_grad", "no_grad", "torch.inference_mode", "inference_mode", "torch.set_grad_enabled",
            "set_grad_enabled", "torch.autograd.no_grad", "torch.autograd.grad_mode.no_grad"}
 LOOPS = (ast.For, ast.While, ast.AsyncFor)
@@ -268,9 +265,6 @@ class FileInfo:
             node = self.parents.get(node)
         return node
 
-    def scope_of(self, node: ast.AST) -> ast.AST:
-        return self.enclosing(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or self.tree
-
     def local_functions(self, call: ast.Call) -> list[ast.FunctionDef]:
         """Functions of this file a call may reach: ``f(...)`` or ``self.f(...)``."""
         func = call.func
@@ -422,12 +416,6 @@ class FileInfo:
             for key, mode in self.mode_effects(fn).items():
                 out[rename.get(key, key)] = mode
         return out
-
-    def last_mode_in(self, call: ast.Call) -> str | None:
-        """``"eval"``/``"train"``: the mode a local helper leaves its models in, or None if it sets none
-        (``"eval"`` if it leaves any model in eval mode)."""
-        modes = set(self.call_effects(call).values())
-        return "eval" if "eval" in modes else ("train" if modes else None)
 
     def under_no_grad(self, node: ast.AST) -> bool:
         p = self.parents.get(node)
