@@ -14,12 +14,11 @@ from dataclasses import dataclass
 
 MODEL_WORD = re.compile(r"^(model|net|network|classifier|encoder|decoder|backbone|generator|discriminator|"
                         r"net_?[gd]|critic|student|teacher)(_?[a-z0-9]*)?$", re.I)
-EVAL_FUNC = re.compile(r"^(eval|evaluate|evaluation|validate|validation|val|valid|test|testing|predict|prediction|"
-                       r"inference|infer)(_.*)?$|_(eval|evaluate|evaluation|validate|validation|val|valid|test|predict|"
-                       r"inference|infer)$", re.I)
 NO_GRAD = {"torch.no_grad", "no_grad", "torch.inference_mode", "inference_mode", "torch.set_grad_enabled",
            "set_grad_enabled", "torch.autograd.no_grad", "torch.autograd.grad_mode.no_grad"}
 LOOPS = (ast.For, ast.While, ast.AsyncFor)
+PLAIN_HELPERS = {"range", "len", "int", "float", "list", "tuple", "zip", "enumerate", "min", "max", "sum", "dict",
+                 "super", "getattr", "math.sqrt", "np.sqrt"}
 SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 
 
@@ -33,15 +32,31 @@ class Event:
     has_args: bool = False
 
 
+_TEXT: dict[int, tuple[ast.AST, str]] = {}  # per file (cleared by FileInfo): unparsing is the hot spot
+
+
 def text(node: ast.AST) -> str:
+    hit = _TEXT.get(id(node))
+    if hit is not None and hit[0] is node:
+        return hit[1]
     try:
-        return ast.unparse(node)
-    except Exception:  # noqa: BLE001
-        return ""
+        out = ast.unparse(node)
+    except Exception:  # noqa: BLE001 - RecursionError on huge expressions, odd nodes: no text
+        out = ""
+    _TEXT[id(node)] = (node, out)
+    return out
 
 
 def call_name(call: ast.Call) -> str:
     return text(call.func)
+
+
+def model_key(receiver: str) -> str:
+    """The name a model's mode is kept under: ``self.model.encoder`` -> ``model``, ``nets[i]`` -> ``nets``."""
+    parts = receiver.split(".")
+    if len(parts) > 1 and parts[0] in ("self", "cls"):
+        parts = parts[1:]
+    return parts[0].split("[")[0].split("(")[0]
 
 
 def method(call: ast.Call) -> tuple[str, str] | None:
@@ -61,6 +76,16 @@ def is_no_grad_ctx(expr: ast.AST) -> bool:
     return False
 
 
+def _walk_outside_lambdas(node: ast.AST) -> Iterator[ast.AST]:
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, ast.Lambda):
+            continue
+        yield n
+        todo.extend(ast.iter_child_nodes(n))
+
+
 def _ordered_calls(node: ast.AST) -> list[ast.Call]:
     calls = [n for n in ast.walk(node) if isinstance(n, ast.Call)]
     # inner calls (receivers, arguments) run before the call that contains them
@@ -71,20 +96,36 @@ class FileInfo:
     """Facts about one module: optimizers, schedulers, models, local functions, parents."""
 
     def __init__(self, tree: ast.Module, source: str):
+        _TEXT.clear()
         self.tree, self.source = tree, source
+        self._fn_events: dict[ast.AST, list[Event]] = {}
+        self._reaches: dict[tuple[ast.AST, str], bool] = {}
+        self.nodes: list[ast.AST] = list(ast.walk(tree))  # every node once; the rules scan this list
         self.parents: dict[ast.AST, ast.AST] = {}
-        for parent in ast.walk(tree):
+        for parent in self.nodes:
             for child in ast.iter_child_nodes(parent):
                 self.parents[child] = parent
         self.functions: dict[str, list[ast.FunctionDef]] = {}
-        for node in ast.walk(tree):
+        for node in self.nodes:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 self.functions.setdefault(node.name, []).append(node)
+        self.plain_callables: set[str] = set(self.functions)  # names bound to a def or a lambda
+        self.imported: set[str] = set()  # modules and names brought in by imports (torch, F, model_zoo)
+        self.import_source: dict[str, str] = {}  # name -> the module it comes from
+        for node in self.nodes:
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Lambda):
+                self.plain_callables |= {text(t) for t in node.targets}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                self.imported |= {(a.asname or a.name).split(".")[0] for a in node.names}
+                for a in node.names:
+                    self.import_source[(a.asname or a.name).split(".")[0]] = \
+                        (node.module or "") if isinstance(node, ast.ImportFrom) else a.name
+        self._mode_effects: dict[ast.AST, dict[str, str]] = {}
         self.optimizers: set[str] = set()
         self.schedulers: set[str] = set()
         self.models: set[str] = set()
         self.zeroed: set[str] = set()
-        for node in ast.walk(tree):
+        for node in self.nodes:
             if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
                 made = call_name(node.value)
                 for target in node.targets:
@@ -122,14 +163,107 @@ class FileInfo:
         last = last.split("[")[0]
         return bool(MODEL_WORD.match(last)) and not re.search(r"optim|sched|loss|scaler", base, re.I)
 
+    def locals_of(self, fn: ast.AST) -> set[str]:
+        """Parameters and names a function binds (not its nested functions'), memoised."""
+        cache = self.__dict__.setdefault("_locals", {})
+        if fn not in cache:
+            names = {a.arg for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs}
+            names |= {a.arg for a in (fn.args.vararg, fn.args.kwarg) if a is not None}
+            todo = list(fn.body)
+            while todo:
+                n = todo.pop()
+                if isinstance(n, SCOPES):
+                    continue
+                if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
+                    names.add(n.id)
+                todo.extend(ast.iter_child_nodes(n))
+            cache[fn] = names
+        return cache[fn]
+
+    MODE_FREE_LAYERS = re.compile(
+        r"^(torch\.)?(nn\.)?(Linear|Bilinear|Conv[123]d|ConvTranspose[123]d|ReLU|LeakyReLU|PReLU|GELU|SiLU|ELU|Tanh|"
+        r"Sigmoid|Softmax|LogSoftmax|Identity|Flatten|Unflatten|Embedding|EmbeddingBag|LayerNorm|GroupNorm|RMSNorm|"
+        r"LSTM|GRU|RNN|LSTMCell|GRUCell|RNNCell|Sequential|ModuleList|ModuleDict|ParameterList|Parameter|"
+        r"MaxPool[123]d|AvgPool[123]d|AdaptiveAvgPool[123]d|AdaptiveMaxPool[123]d|Upsample|PixelShuffle|"
+        r"ZeroPad2d|ReflectionPad2d|ReplicationPad2d|ConstantPad[123]d|Hardtanh|Softplus|MultiheadAttention)$")
+    MODE_DEPENDENT = re.compile(r"BatchNorm|InstanceNorm|Dropout|dropout|drop_path|DropPath|\.training|RReLU")
+
+    def evaluates_in_init(self, call: ast.Call) -> bool:
+        """``Cls(...)`` where ``Cls`` is a class of this file whose ``__init__`` calls ``.eval()``."""
+        name = text(call.func)
+        for cls in (n for n in self.nodes if isinstance(n, ast.ClassDef) and n.name == name):
+            for fn in cls.body:
+                if isinstance(fn, ast.FunctionDef) and fn.name == "__init__" and any(
+                        isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute) and c.func.attr == "eval"
+                        for c in ast.walk(fn)):
+                    return True
+        return False
+
+    def from_hugging_face(self, call: ast.AST) -> bool:
+        """``AutoModel.from_pretrained(...)`` and friends from transformers/diffusers/peft/timm (eval mode)."""
+        base = text(call).split(".")[0].split("(")[0]
+        source = self.import_source.get(base, "")
+        return source.split(".")[0] in ("transformers", "diffusers", "peft", "sentence_transformers") or \
+            base.startswith("Auto")
+
+    def mode_free(self, receiver: str) -> bool:
+        """The model is built in this file from classes of this file that hold no layer whose behaviour
+        depends on train/eval mode (no BatchNorm, Dropout, ``self.training``...): eval() changes nothing.
+
+        False whenever anything is unknown (a class from elsewhere, a layer not known to be mode-free).
+        """
+        classes = {n.name: n for n in self.nodes if isinstance(n, ast.ClassDef)}
+        name = receiver.split("(")[0]
+        made = [n.value for n in self.nodes if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
+                and any(text(t) == name for t in n.targets)]
+        if not made:
+            return False
+        todo, seen = [], set()
+        for call in made:
+            inner = call
+            while isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute) and inner.func.attr in ("to", "cuda"):
+                inner = inner.func.value
+            if isinstance(inner, ast.Call) and self.MODE_FREE_LAYERS.match(text(inner.func)):
+                continue  # model = nn.Linear(784, 10)
+            if not (isinstance(inner, ast.Call) and isinstance(inner.func, ast.Name) and inner.func.id in classes):
+                return False
+            todo.append(inner.func.id)
+        while todo:
+            cls_name = todo.pop()
+            if cls_name in seen:
+                continue
+            seen.add(cls_name)
+            cls = classes[cls_name]
+            if self.MODE_DEPENDENT.search(ast.get_source_segment(self.source, cls) or "dropout"):
+                return False
+            if any(text(b) not in ("nn.Module", "torch.nn.Module", "Module") and text(b) not in classes for b in cls.bases):
+                return False
+            # what the module is built from: every call in a `self.x = ...` value must be a known
+            # mode-free layer, a class of this file (checked in turn), or a plain helper (range, torch.zeros)
+            built = [n.value for n in ast.walk(cls) if isinstance(n, (ast.Assign, ast.AnnAssign)) and n.value is not None
+                     and any(text(t).startswith("self.") for t in (n.targets if isinstance(n, ast.Assign) else [n.target]))]
+            for call in (c for v in built for c in _walk_outside_lambdas(v) if isinstance(c, ast.Call)):
+                callee = text(call.func)
+                if callee in classes:
+                    todo.append(callee)
+                elif not (self.MODE_FREE_LAYERS.match(callee) or callee in PLAIN_HELPERS
+                          or re.match(r"^torch\.(zeros|ones|randn|rand|empty|tensor|arange|full|eye)$", callee)):
+                    return False
+        return True
+
+    def is_module(self, name: str) -> bool:
+        """A model that is an ``nn.Module``: named or used like one, and not a plain function of this file."""
+        base = name.split("(")[0]
+        if not self.is_model(base) or base in self.plain_callables or base.split(".")[0] in self.imported:
+            return False
+        # Generator(...) builds a module, it does not run one; self.G(x) runs the G it calls .eval() on
+        return base in self.models or not base.split(".")[-1][:1].isupper()
+
     def enclosing(self, node: ast.AST, kinds) -> ast.AST | None:
         node = self.parents.get(node)
         while node is not None and not isinstance(node, kinds):
             node = self.parents.get(node)
         return node
-
-    def scope_of(self, node: ast.AST) -> ast.AST:
-        return self.enclosing(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or self.tree
 
     def local_functions(self, call: ast.Call) -> list[ast.FunctionDef]:
         """Functions of this file a call may reach: ``f(...)`` or ``self.f(...)``."""
@@ -227,31 +361,61 @@ class FileInfo:
 
     # -- summaries of local helper functions (followed a few calls deep)
 
+    def fn_events(self, fn: ast.AST) -> list[Event]:
+        """:meth:`events` of a function's body, computed once."""
+        if fn not in self._fn_events:
+            self._fn_events[fn] = list(self.events(fn.body))
+        return self._fn_events[fn]
+
     def reaches(self, call: ast.Call, kind: str, receiver: str | None = None, depth: int = 3, seen=None) -> bool:
+        if receiver is None and seen is None:  # the common question, memoised
+            key = (call, kind)
+            if key not in self._reaches:
+                self._reaches[key] = self.reaches(call, kind, None, depth, set())
+            return self._reaches[key]
         seen = seen if seen is not None else set()
         for fn in self.local_functions(call):
             if fn in seen:
                 continue
             seen.add(fn)
-            for ev in self.events(fn.body):
+            for ev in self.fn_events(fn):
                 if ev.kind == kind and (receiver is None or ev.receiver == receiver or not ev.receiver):
                     return True
                 if ev.kind == "call" and depth > 0 and self.reaches(ev.node, kind, receiver, depth - 1, seen):
                     return True
         return False
 
-    def last_mode_in(self, call: ast.Call) -> str | None:
-        """``"eval"``/``"train"``: the mode a local helper leaves its model in, or None if it sets none."""
+    def mode_effects(self, fn: ast.AST) -> dict[str, str]:
+        """The mode a local function leaves each model in (by model key), following its helpers.
+
+        Memoised, and guarded against recursion in the analysed code (a helper that calls itself).
+        """
+        if fn in self._mode_effects:
+            return self._mode_effects[fn]
+        self._mode_effects[fn] = {}  # in progress: a recursive call sees no effect
+        effects: dict[str, str] = {}
+        for ev in self.fn_events(fn):
+            if ev.kind in ("eval", "train") and ev.receiver:
+                effects[model_key(ev.receiver)] = ev.kind
+            elif ev.kind == "call":
+                effects.update(self.call_effects(ev.node))
+        self._mode_effects[fn] = effects
+        return effects
+
+    def call_effects(self, call: ast.Call) -> dict[str, str]:
+        """:meth:`mode_effects` of the functions a call reaches, with parameters renamed to the arguments."""
+        out: dict[str, str] = {}
         for fn in self.local_functions(call):
-            last = None
-            for ev in self.events(fn.body):
-                if ev.kind in ("eval", "train"):
-                    last = ev.kind
-                elif ev.kind == "call":
-                    last = self.last_mode_in(ev.node) or last
-            if last:
-                return last
-        return None
+            params = [a.arg for a in fn.args.posonlyargs + fn.args.args]
+            if params and params[0] in ("self", "cls") and isinstance(call.func, ast.Attribute):
+                params = params[1:]
+            rename = {p: model_key(text(a)) for p, a in zip(params, call.args)
+                      if isinstance(a, (ast.Name, ast.Attribute))}
+            rename.update({k.arg: model_key(text(k.value)) for k in call.keywords
+                           if k.arg and isinstance(k.value, (ast.Name, ast.Attribute))})
+            for key, mode in self.mode_effects(fn).items():
+                out[rename.get(key, key)] = mode
+        return out
 
     def under_no_grad(self, node: ast.AST) -> bool:
         p = self.parents.get(node)

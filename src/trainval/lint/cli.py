@@ -1,7 +1,8 @@
 """``trainval lint PATH...``: arguments, file walking, configuration, output and exit codes.
 
-Exit codes: 1 when findings at error level exist, 2 on usage errors or files that cannot be parsed
-(named, with the position of the syntax error; the other files are still checked), 0 otherwise.
+Exit codes: 1 when findings at error level exist; 2 on usage or configuration errors, and for files
+that cannot be read, parsed or analysed (each named on one line; the other files are still checked);
+0 otherwise.
 """
 
 from __future__ import annotations
@@ -9,10 +10,14 @@ from __future__ import annotations
 import argparse
 import ast
 import fnmatch
+import io
 import json
 import os
 import re
+import stat
 import sys
+import tokenize
+import warnings
 
 DEFAULT_EXCLUDES = [".venv", "venv", ".env", "env", "build", "dist", ".git", "__pycache__", ".tox", ".nox",
                     ".mypy_cache", ".ruff_cache", ".pytest_cache", "node_modules", "site-packages", "*.egg-info"]
@@ -20,7 +25,8 @@ NOQA = re.compile(r"#\s*noqa(?::\s*(?P<codes>[A-Z]+[0-9]+(?:\s*,\s*[A-Z]+[0-9]+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("paths", nargs="+", metavar="PATH", help="Python files or folders (folders are walked)")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="Python files or folders (folders are walked)")
+    p.add_argument("--explain", metavar="CODE", default=None, help="print a rule's rationale, examples and fix")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--select", default=None, help="comma-separated codes to check (default: all enabled rules)")
     p.add_argument("--ignore", default=None, help="comma-separated codes to skip")
@@ -34,13 +40,24 @@ def _rule_codes() -> list[str]:
     return list(RULES)
 
 
+CONFIG_KEYS = ("select", "ignore", "exclude")
+
+
+def _strings(value, source: str) -> list[str]:
+    """A list of strings, or one comma-separated string: anything else is a configuration error."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [v.strip() for v in value if v.strip()]
+    raise ValueError(f"{source} must be a list of strings or one comma-separated string, not {value!r}")
+
+
 def _codes(value, source: str) -> set[str]:
     from trainval.lint.rules import RULES
 
-    if value is None:
-        return set()
-    items = value if isinstance(value, list) else str(value).split(",")
-    codes = {c.strip().upper() for c in items if c.strip()}
+    codes = {c.upper() for c in _strings(value, source)}
     unknown = sorted(c for c in codes if c not in RULES)
     if unknown:
         raise ValueError(f"{source}: unknown rule code(s) {', '.join(unknown)} (rules: {', '.join(RULES)})")
@@ -61,7 +78,14 @@ def load_pyproject(start: str) -> tuple[dict, str | None]:
                     data = tomllib.load(f)
                 except tomllib.TOMLDecodeError as e:
                     raise ValueError(f"{path}: not valid TOML ({e})") from None
-            return data.get("tool", {}).get("trainval", {}).get("lint", {}), path
+            config = data.get("tool", {}).get("trainval", {}).get("lint", {})
+            if not isinstance(config, dict):
+                raise ValueError(f"{path}: [tool.trainval.lint] must be a table, not {config!r}")
+            unknown = sorted(set(config) - set(CONFIG_KEYS))
+            if unknown:
+                raise ValueError(f"{path}: [tool.trainval.lint] has unknown key(s) {', '.join(unknown)} "
+                                 f"(keys: {', '.join(CONFIG_KEYS)})")
+            return config, path
         parent = os.path.dirname(folder)
         if parent == folder:
             return {}, None
@@ -77,15 +101,34 @@ def iter_files(paths: list[str], excludes: list[str]) -> tuple[list[str], list[s
             any(fnmatch.fnmatch(path, pat) for pat in excludes)
 
     for p in paths:
-        if os.path.isfile(p):
-            files.append(p)  # named explicitly: always checked
-        elif os.path.isdir(p):
+        if os.path.isdir(p):
             for root, dirs, names in os.walk(p):
                 dirs[:] = sorted(d for d in dirs if not excluded(os.path.join(root, d)) and not excluded(d))
-                files += [os.path.join(root, n) for n in sorted(names) if n.endswith(".py") and not excluded(os.path.join(root, n))]
+                files += [os.path.join(root, n) for n in sorted(names)
+                          if n.endswith(".py") and not excluded(os.path.join(root, n)) and _regular(os.path.join(root, n))]
+        elif os.path.exists(p):
+            files.append(p)  # named explicitly: always checked (read_source refuses a FIFO or device)
         else:
             missing.append(p)
     return files, missing
+
+
+def _regular(path: str) -> bool:
+    """A regular file (following links): a FIFO named ``x.py`` would block the reader forever."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def read_source(path: str) -> str:
+    """A file's text decoded as Python does: a coding cookie or a BOM, else UTF-8."""
+    if not _regular(path):
+        raise OSError(f"not a regular file: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
+    return data.decode(encoding)
 
 
 def lint_source(source: str, path: str = "<string>", enabled: set[str] | None = None) -> list:
@@ -94,7 +137,12 @@ def lint_source(source: str, path: str = "<string>", enabled: set[str] | None = 
     from trainval.lint.rules import RULES, Finding, check
 
     enabled = enabled if enabled is not None else {c for c, r in RULES.items() if r.default}
-    tree = ast.parse(source, filename=path)
+    try:
+        with warnings.catch_warnings():  # the user's invalid escape sequences are not ours to report
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source, filename=path)
+    except ValueError as e:  # null bytes (Python 3.11)
+        raise SyntaxError(str(e)) from None
     info = FileInfo(tree, source)
     lines = source.splitlines()
     found: dict[tuple, Finding] = {}
@@ -109,18 +157,34 @@ def lint_source(source: str, path: str = "<string>", enabled: set[str] | None = 
     return sorted(found.values(), key=lambda f: (f.line, f.col, f.code))
 
 
+def explain(code: str) -> int:
+    from trainval.lint.rules import RULES
+
+    rule = RULES.get(code.strip().upper())
+    if rule is None:
+        print(f"trainval lint: error: --explain: unknown rule code {code} (rules: {', '.join(RULES)})", file=sys.stderr)
+        return 2
+    print(rule.explain())
+    return 0
+
+
 def run(args) -> int:
     from trainval.lint.rules import RULES
 
+    if args.explain is not None:
+        return explain(args.explain)
+    if not args.paths:
+        print("trainval lint: error: give at least one PATH (or --explain CODE)", file=sys.stderr)
+        return 2
     try:
         config, config_path = load_pyproject(args.paths[0])
-        select = _codes(args.select, "--select") or _codes(config.get("select"), f"{config_path} select")
-        ignore = _codes(args.ignore, "--ignore") | _codes(config.get("ignore"), f"{config_path} ignore")
+        select = _codes(args.select, "--select") or _codes(config.get("select"), f"{config_path}: select")
+        ignore = _codes(args.ignore, "--ignore") | _codes(config.get("ignore"), f"{config_path}: ignore")
+        excludes = DEFAULT_EXCLUDES + _strings(config.get("exclude"), f"{config_path}: exclude") + args.exclude
     except ValueError as e:
         print(f"trainval lint: error: {e}", file=sys.stderr)
         return 2
     enabled = (select or {c for c, r in RULES.items() if r.default}) - ignore
-    excludes = DEFAULT_EXCLUDES + list(config.get("exclude", [])) + args.exclude
     files, missing = iter_files(args.paths, excludes)
     status = 0
     for p in missing:
@@ -129,13 +193,23 @@ def run(args) -> int:
     findings, broken = [], []
     for path in files:
         try:
-            with open(path, encoding="utf-8") as f:
-                source = f.read()
+            source = read_source(path)
+        except SyntaxError as e:  # a malformed coding cookie
+            broken.append({"path": path, "line": e.lineno or 0, "col": e.offset or 0, "message": f"cannot read: {e.msg}"})
+            continue
+        except (UnicodeDecodeError, LookupError, OSError) as e:
+            broken.append({"path": path, "line": 0, "col": 0, "message": f"cannot read: {e}"})
+            continue
+        try:
             findings += lint_source(source, path, enabled)
         except SyntaxError as e:
-            broken.append({"path": path, "line": e.lineno, "col": e.offset, "message": e.msg})
-        except (UnicodeDecodeError, OSError) as e:
-            broken.append({"path": path, "line": 0, "col": 0, "message": str(e)})
+            broken.append({"path": path, "line": e.lineno or 0, "col": e.offset or 0, "message": f"cannot parse: {e.msg}"})
+        except (RecursionError, MemoryError) as e:
+            broken.append({"path": path, "line": 0, "col": 0,
+                           "message": f"cannot analyse: the code nests too deeply or is too large ({type(e).__name__})"})
+        except Exception as e:  # noqa: BLE001 - one file's analysis bug must not hide the other files' findings
+            broken.append({"path": path, "line": 0, "col": 0,
+                           "message": f"internal error: {type(e).__name__}: {e} (please report this file)"})
     if args.format == "json":
         print(json.dumps({"findings": [dict(path=f.path, line=f.line, col=f.col, code=f.code, level=f.level,
                                              message=f.message) for f in findings],
@@ -144,7 +218,7 @@ def run(args) -> int:
         for f in findings:
             print(f"{f.path}:{f.line}:{f.col}: {f.code} {f.message}")
         for b in broken:
-            print(f"trainval lint: error: {b['path']}:{b['line']}:{b['col']}: cannot parse: {b['message']}", file=sys.stderr)
+            print(f"trainval lint: error: {b['path']}:{b['line']}:{b['col']}: {b['message']}", file=sys.stderr)
     if broken or status:
         return 2
     return 1 if any(f.level == "error" for f in findings) else 0

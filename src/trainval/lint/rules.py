@@ -7,10 +7,12 @@ following calls into helper functions defined in the same file.
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from trainval.lint.analysis import EVAL_FUNC, LOOPS, Event, FileInfo, call_name, is_no_grad_ctx, method, text
+from trainval.lint.analysis import LOOPS, Event, FileInfo, call_name, method, model_key, text
+from trainval.lint.flow import evaluation_forwards, training_keys
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,14 @@ class Rule:
     hint: str
     wrong: str
     right: str
+
+    def explain(self) -> str:
+        """What ``trainval lint --explain CODE`` prints: rationale, how it decides, an example and the fix."""
+        wrong = "\n".join("    " + line for line in self.wrong.replace("; ", "\n").splitlines())
+        right = "\n".join("    " + line for line in self.right.replace("; ", "\n").splitlines())
+        return (f"{self.code} ({self.level}, {'on' if self.default else 'off'} by default): {self.summary}\n\n"
+                f"Why: {RATIONALE[self.code]}\n\nWrong:\n{wrong}\n\nRight:\n{right}\n\nFix: {self.hint}\n"
+                f"Silence one line with '# noqa: {self.code}'.")
 
 
 RULES = {r.code: r for r in [
@@ -50,7 +60,8 @@ RULES = {r.code: r for r in [
          "accumulate loss.item() or loss.detach() instead",
          "total += loss", "total += loss.item()"),
     Rule("TVL008", "warning", True, "torch.load without weights_only=True: safe only where torch >= 2.6 makes it the default",
-         "pass weights_only=True (and map_location=...)",
+         "pass weights_only=True (and map_location=...); for a pickled module or argparse Namespace save "
+         "model.state_dict() / vars(args) instead, or torch.serialization.add_safe_globals([...]) the classes you trust",
          "torch.load(path)", "torch.load(path, map_location='cpu', weights_only=True)"),
     Rule("TVL009", "error", True, "state dict loaded, then inference without model.eval()",
          "call model.eval() after load_state_dict() and before predicting",
@@ -65,6 +76,50 @@ RULES = {r.code: r for r in [
          "use weights_only=True and save plain state_dicts; keep False only for files you made yourself",
          "torch.load(path, weights_only=False)", "torch.load(path, weights_only=True)"),
 ]}
+
+
+RATIONALE = {
+    "TVL001": "zero_grad() clears the gradients that backward() just computed, so the following step() applies "
+              "nothing (or only what a later backward adds). Found when, in one loop body, the optimizer's "
+              "zero_grad() (or the model's) comes after the last backward() and before that optimizer's step().",
+    "TVL002": "backward() adds into .grad; without zeroing, every step applies the sum of all past gradients. "
+              "Found when a loop calls backward() and step() and neither the loop nor the helpers it calls ever "
+              "zero the gradients (zero_grad() or p.grad = None).",
+    "TVL003": "An unconditional step() before the first backward() of the loop body applies the previous "
+              "iteration's gradients to this iteration's weights: the update lags one batch behind.",
+    "TVL004": "BatchNorm uses batch statistics and keeps updating its running averages, and Dropout drops units, "
+              "unless the module is in eval mode: metrics and predictions are noisy and wrong. An evaluation pass is "
+              "found by data flow: a forward whose result never reaches backward() (directly, through assignments, "
+              "through helpers of the same file, or with train=False-style flags) but is used (metrics, "
+              "predictions, printed, collected). The model's mode is followed along the paths that lead to it "
+              "(model.eval()/train(flag) here, in helpers, or at the call sites).",
+    "TVL005": "model.eval() in an epoch loop that trains the same model, with no model.train() anywhere in the loop "
+              "or its helpers: from the second epoch on, training runs with eval-mode BatchNorm and no Dropout. "
+              "Models that are never trained with autograd on (a frozen backbone in a linear probe) may stay in "
+              "eval mode on purpose and are not reported.",
+    "TVL006": "Without no_grad()/inference_mode() every evaluation forward records an autograd graph that nothing "
+              "will use: memory grows with the batch and time is wasted. Same data-flow definition of an evaluation "
+              "pass as TVL004; autograd is followed through with-blocks, decorators, set_grad_enabled(flag) with the "
+              "flag's value at the call site, and local @contextmanager helpers.",
+    "TVL007": "Adding a loss tensor that still requires grad to a running total keeps every batch's autograd graph "
+              "alive until the total is dropped: memory grows each iteration. Values read through .item(), "
+              ".detach(), .data, float(), .tolist() or .numpy() are detached and fine.",
+    "TVL008": "torch.load unpickles the file; before torch 2.6 the default weights_only=False lets a crafted file "
+              "run code. Files holding whole pickled modules or argparse Namespaces do not load with "
+              "weights_only=True: save model.state_dict() and vars(args) instead, or allow the classes you trust "
+              "with torch.serialization.add_safe_globals([...]).",
+    "TVL009": "load_state_dict() does not change the module's mode; a freshly built model is in training mode, so "
+              "inference right after loading runs with batch-statistics BatchNorm and active Dropout. Not reported "
+              "when the loaded model is then trained (its forward reaches backward()) or was put in eval mode "
+              "before loading.",
+    "TVL010": "Each .item()/.cpu()/.numpy() of a device tensor waits for the device to finish: once per step this "
+              "stalls the pipeline. Reads inside a logging condition (if step % N == 0:) and moving a whole module "
+              "with model.cpu() are not reported.",
+    "TVL011": "sum(batch means) / len(loader) gives the short last batch the weight of a full one; multiply by "
+              "the batch size and divide by the number of samples.",
+    "TVL012": "weights_only=False unpickles arbitrary objects: a checkpoint from someone else can run code on "
+              "your machine when you load it.",
+}
 
 
 @dataclass(frozen=True)
@@ -86,15 +141,14 @@ def _at(node: ast.AST, code: str, message: str | None = None) -> tuple[int, int,
 
 
 def check(info: FileInfo) -> Iterator[tuple[int, int, str, str]]:
-    loops = [n for n in ast.walk(info.tree) if isinstance(n, LOOPS)]
+    loops = [n for n in info.nodes if isinstance(n, LOOPS)]
     for loop in loops:
         yield from _optimizer_order(info, loop)
         yield from _epoch_modes(info, loop)
         yield from _loss_accumulation(info, loop)
         yield from _host_syncs(info, loop)
-    yield from _eval_contexts(info)
+    yield from _evaluation_passes(info)
     yield from _torch_load(info)
-    yield from _load_then_infer(info)
     yield from _mean_of_batch_means(info)
 
 
@@ -103,7 +157,10 @@ def check(info: FileInfo) -> Iterator[tuple[int, int, str, str]]:
 
 
 def _own_events(info: FileInfo, loop: ast.AST) -> list[Event]:
-    return list(info.events(loop.body))
+    cache = info.__dict__.setdefault("_loop_events", {})
+    if loop not in cache:
+        cache[loop] = list(info.events(loop.body))
+    return cache[loop]
 
 
 def _innermost_loop(info: FileInfo, node: ast.AST) -> ast.AST | None:
@@ -168,11 +225,12 @@ def _epoch_modes(info: FileInfo, loop: ast.AST) -> Iterator:
     events = _own_events(info, loop)
     if not _trains(info, events):
         return
+    trained = training_keys(info)  # a frozen backbone kept in eval mode on purpose is not one of them
     evals = []
     for e in events:
-        if e.kind == "eval" and info.is_model(e.receiver):
+        if e.kind == "eval" and info.is_model(e.receiver) and model_key(e.receiver) in trained:
             evals.append(e)
-        elif e.kind == "call" and info.last_mode_in(e.node) == "eval":
+        elif e.kind == "call" and any(mode == "eval" and key in trained for key, mode in info.call_effects(e.node).items()):
             evals.append(e)
     if not evals:
         return
@@ -183,89 +241,31 @@ def _epoch_modes(info: FileInfo, loop: ast.AST) -> Iterator:
 
 
 # ------------------------------------------------------------------------------------------------
-# TVL004 / TVL006: evaluation without eval() / without no_grad
+# TVL004 / TVL006 / TVL009: evaluation passes (found by data flow, see flow.py)
 
 
-def _eval_contexts(info: FileInfo) -> Iterator:
-    for fn in [f for fs in info.functions.values() for f in fs]:
-        if not EVAL_FUNC.search(fn.name) or fn.name.startswith("test_") and _is_pytest(info, fn):
-            continue
-        if info.in_lightning_module(fn) or fn.name.endswith("_step"):
-            continue  # Lightning and similar frameworks switch modes and grad for these hooks
-        events = list(info.events(fn.body))
-        if any(e.kind == "backward" for e in events):
-            continue
-        calls = [e for e in events if e.kind == "model_call"]
-        if not calls:
-            continue
-        first = calls[0]
-        mode = _mode_before(info, events, first)
-        if mode != "eval" and not _callers_set_eval(info, fn):
-            yield _at(first.node, "TVL004", f"{first.receiver}(...) in {fn.name}() without {first.receiver.split('(')[0]}.eval() "
-                                             "before it (here or at every call site)")
-        if not any(is_no_grad_ctx(d) for d in fn.decorator_list) and not info.under_no_grad(first.node) \
-                and not _callers_no_grad(info, fn):
-            yield _at(first.node, "TVL006", f"{first.receiver}(...) in {fn.name}() runs with autograd on")
-    # a `with torch.no_grad():` block in a loop-free or training scope that runs the model
-    for node in ast.walk(info.tree):
-        if isinstance(node, (ast.With, ast.AsyncWith)) and any(is_no_grad_ctx(i.context_expr) for i in node.items):
-            scope = info.scope_of(node)
-            if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)) and (EVAL_FUNC.search(scope.name)
-                                                                                or info.in_lightning_module(scope)):
-                continue  # handled above
-            block = list(info.events(node.body))
-            calls = [e for e in block if e.kind == "model_call"]
-            if not calls or not any(isinstance(n, LOOPS) for n in ast.walk(node)):
-                continue
-            scope_events = list(info.events(scope.body if hasattr(scope, "body") else []))
-            if _mode_before(info, scope_events, calls[0]) == "eval":
-                continue
-            if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef)) and _callers_set_eval(info, scope):
-                continue
-            yield _at(calls[0].node, "TVL004", f"{calls[0].receiver}(...) under no_grad without "
-                                                f"{calls[0].receiver.split('(')[0]}.eval() before it")
-
-
-def _is_pytest(info: FileInfo, fn: ast.AST) -> bool:
-    return "pytest" in info.source or "unittest" in info.source
-
-
-def _mode_before(info: FileInfo, events: list[Event], target: Event) -> str | None:
-    mode = None
-    for e in events:
-        if e.order >= target.order:
-            break
-        if e.kind in ("eval", "train"):
-            mode = e.kind
-        elif e.kind == "call":
-            mode = info.last_mode_in(e.node) or mode
-    return mode
-
-
-def _call_sites(info: FileInfo, fn: ast.AST) -> list[ast.Call]:
-    sites = []
-    for node in ast.walk(info.tree):
-        if isinstance(node, ast.Call) and fn in info.local_functions(node):
-            sites.append(node)
-    return sites
-
-
-def _callers_set_eval(info: FileInfo, fn: ast.AST) -> bool:
-    sites = _call_sites(info, fn)
-    if not sites:
-        return False
-    for site in sites:
-        scope = info.scope_of(site)
-        events = list(info.events(scope.body))
-        target = next((e for e in events if e.node is site), None)
-        if target is None or _mode_before(info, events, target) != "eval":
-            return False
-    return True
-
-
-def _callers_no_grad(info: FileInfo, fn: ast.AST) -> bool:
-    sites = _call_sites(info, fn)
-    return bool(sites) and all(info.under_no_grad(s) for s in sites)
+def _evaluation_passes(info: FileInfo) -> Iterator:
+    """One finding per forward and rule, whatever number of paths reach it."""
+    seen = set()
+    trained = training_keys(info)  # a model loaded to resume training is not "loaded for inference"
+    for fw in evaluation_forwards(info):
+        model = fw.model.split("(")[0]
+        if (model == "self" or model.startswith("self.")) and _inside_module_class(info, fw.node):
+            continue  # a submodule inside a module's own method: its mode and grad are the caller's to set
+        if _inside_class(info, fw.node, "Dataset"):
+            continue  # a module used as a transform while building samples is data preparation
+        owner = model.rsplit(".", 1)[0] if "." in model and not model.startswith("self.") else model
+        if fw.mode in (None, "train") and ("mode", fw.node) not in seen and not info.mode_free(model):
+            seen.add(("mode", fw.node))
+            if fw.loaded and fw.key not in trained:
+                yield _at(fw.node, "TVL009", f"{model}(...) after {owner}.load_state_dict() (line {fw.loaded}) "
+                                              f"without {owner}.eval()")
+            else:
+                state = "in training mode" if fw.mode == "train" else f"without {owner}.eval() before it"
+                yield _at(fw.node, "TVL004", f"{model}(...) evaluates (its result never reaches backward()) {state}")
+        if fw.grad is True and ("grad", fw.node) not in seen:
+            seen.add(("grad", fw.node))
+            yield _at(fw.node, "TVL006", f"{model}(...) evaluates with autograd on (its result never reaches backward())")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -278,17 +278,29 @@ def _loss_names(info: FileInfo, loop: ast.AST) -> set[str]:
         if isinstance(node, ast.Call) and (m := method(node)) and m[1] == "backward":
             names.add(m[0])
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
-            made = call_name(node.value).lower()
+            # the function that makes the value: criterion(...), self._loss_step(...); not the receiver of a
+            # method (`(labels != loss_fn.ignore_index).sum()` counts tokens, it is not a loss)
+            func = node.value.func
+            made = (func.attr if isinstance(func, ast.Attribute) else text(func)).lower()
             if "loss" in made or "criterion" in made:
-                names |= {text(t) for t in node.targets}
+                names |= {n for t in node.targets for n in _flat_targets(t)}
     return names
 
 
+DETACHING = (".item", ".detach", ".tolist", ".numpy")
+
+
 def _detached(expr: ast.AST) -> bool:
+    """The value is read without autograd: ``.item()``, ``.detach()``, ``.data``, ``float()``, ``.tolist()``...
+
+    ``.cpu()`` alone keeps the graph (``loss.cpu()`` requires grad); ``loss.detach().cpu()`` does not.
+    """
     for n in ast.walk(expr):
+        if isinstance(n, ast.Attribute) and n.attr == "data":
+            return True
         if isinstance(n, ast.Call):
             name = call_name(n)
-            if name.endswith((".item", ".detach", ".cpu", ".tolist", ".numpy")) or name in ("float", "int"):
+            if name.endswith(DETACHING) or name in ("float", "int", "bool"):
                 return True
     return False
 
@@ -297,7 +309,10 @@ def _loss_accumulation(info: FileInfo, loop: ast.AST) -> Iterator:
     losses = _loss_names(info, loop)
     if not losses:
         return
-    backwarded = {m[0] for n in ast.walk(info.tree) if isinstance(n, ast.Call) and (m := method(n)) and m[1] == "backward"}
+    backwarded = info.__dict__.get("_backwarded")
+    if backwarded is None:
+        backwarded = info._backwarded = {m[0] for n in info.nodes
+                                         if isinstance(n, ast.Call) and (m := method(n)) and m[1] == "backward"}
     for node in ast.walk(loop):
         target = value = None
         if isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Add):
@@ -310,9 +325,24 @@ def _loss_accumulation(info: FileInfo, loop: ast.AST) -> Iterator:
         if _assigned_before_in_body(info, loop, target, node):
             continue  # reset every iteration: a per-iteration sum, not an accumulation
         used = {text(n) for n in ast.walk(value) if isinstance(n, (ast.Name, ast.Attribute))}
+        if info.under_no_grad(node) or _computed_without_grad(info, loop, used & losses):
+            continue  # a validation loss computed under no_grad has no graph to keep alive
         if used & losses and not _detached(value):
             yield _at(node, "TVL007", f"'{target}' accumulates the loss tensor across iterations; every batch's "
                                       "autograd graph stays alive")
+
+
+def _computed_without_grad(info: FileInfo, loop: ast.AST, names: set[str]) -> bool:
+    """Every assignment of these names inside the loop happens under no_grad/inference_mode."""
+    sites = [n for n in ast.walk(loop) if isinstance(n, ast.Assign)
+             and names & {t for target in n.targets for t in _flat_targets(target)}]
+    return bool(sites) and all(info.under_no_grad(n) for n in sites)
+
+
+def _flat_targets(target: ast.AST) -> set[str]:
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return set().union(*(_flat_targets(t) for t in target.elts)) if target.elts else set()
+    return {text(target)}
 
 
 def _assigned_before_in_body(info: FileInfo, loop: ast.AST, name: str, node: ast.AST) -> bool:
@@ -327,10 +357,19 @@ def _assigned_before_in_body(info: FileInfo, loop: ast.AST, name: str, node: ast
 # TVL008 / TVL009: loading
 
 
+def _inside_module_class(info: FileInfo, node: ast.AST) -> bool:
+    return _inside_class(info, node, "Module")
+
+
+def _inside_class(info: FileInfo, node: ast.AST, base_word: str) -> bool:
+    cls = info.enclosing(node, ast.ClassDef)
+    return cls is not None and any(base_word in text(b) for b in cls.bases)
+
+
 def _torch_load(info: FileInfo) -> Iterator:
     imported_load = any(isinstance(n, ast.ImportFrom) and n.module == "torch" and any(a.name == "load" for a in n.names)
-                        for n in ast.walk(info.tree))
-    for node in ast.walk(info.tree):
+                        for n in info.nodes)
+    for node in info.nodes:
         if isinstance(node, ast.Call) and (call_name(node) == "torch.load" or (imported_load and call_name(node) == "load")):
             kw = {k.arg: k.value for k in node.keywords}
             value = kw.get("weights_only")
@@ -338,27 +377,6 @@ def _torch_load(info: FileInfo) -> Iterator:
                 yield _at(node, "TVL008")
             elif isinstance(value, ast.Constant) and value.value is False:
                 yield _at(node, "TVL012")
-
-
-def _load_then_infer(info: FileInfo) -> Iterator:
-    scopes = [info.tree] + [f for fs in info.functions.values() for f in fs]
-    for scope in scopes:
-        events = list(info.events(scope.body))
-        for i, e in enumerate(events):
-            if e.kind != "load_state" or not info.is_model(e.receiver):
-                continue
-            model = e.receiver
-            for later in events[i + 1:]:
-                if later.kind in ("eval", "train") and later.receiver == model:
-                    break
-                if later.kind == "backward" or (later.kind == "call" and info.reaches(later.node, "backward")):
-                    break
-                if later.kind == "call" and info.last_mode_in(later.node) is not None:
-                    break
-                if later.kind == "model_call" and later.receiver.split("(")[0] == model:
-                    yield _at(later.node, "TVL009", f"{model}(...) after {model}.load_state_dict() (line {e.node.lineno}) "
-                                                    f"without {model}.eval()")
-                    break
 
 
 # ------------------------------------------------------------------------------------------------
@@ -371,12 +389,28 @@ def _host_syncs(info: FileInfo, loop: ast.AST) -> Iterator:
         return
     for node in ast.walk(loop):
         if isinstance(node, ast.Call) and (m := method(node)) and m[1] in ("item", "cpu", "numpy") \
-                and _innermost_loop(info, node) is loop:
+                and _innermost_loop(info, node) is loop and not _every_n_steps(info, node, loop):
+            if m[1] == "cpu" and (info.is_model(m[0]) or isinstance(info.parents.get(node), ast.Expr)):
+                continue  # model.cpu(): moves a module, not a per-step read of a tensor
             yield _at(node, "TVL010", f".{m[1]}() on every training step is a host sync")
 
 
+def _every_n_steps(info: FileInfo, node: ast.AST, loop: ast.AST) -> bool:
+    """Inside ``if step % N == 0:`` (or ``if i % log_interval``, ``if should_log``...): not every step."""
+    p = info.parents.get(node)
+    while p is not None and p is not loop:
+        if isinstance(p, ast.If):
+            test = p.test
+            if any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Mod) for n in ast.walk(test)):
+                return True
+            if re.search(r"log|print|interval|every|freq|verbose|display|report", text(test), re.I):
+                return True
+        p = info.parents.get(p)
+    return False
+
+
 def _mean_of_batch_means(info: FileInfo) -> Iterator:
-    for node in ast.walk(info.tree):
+    for node in info.nodes:
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Call) \
                 and call_name(node.right) == "len" and node.right.args:
             loader = text(node.right.args[0])

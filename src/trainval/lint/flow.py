@@ -1,0 +1,822 @@
+"""Evaluation passes, found by what a forward's result does rather than by function names.
+
+The walker follows each scope's statements in order, the way the code runs: from the module body and
+from every function that nothing in the file calls, into the local helpers a call reaches (with the
+caller's constant arguments, so ``run_epoch(loader, train=False)`` is walked with ``train=False``).
+Along the way it keeps, for each model, the mode the code has put it in (``eval``/``train``, unknown,
+or ``mixed`` where paths disagree), whether autograd is off (``no_grad``, ``inference_mode``,
+``set_grad_enabled(False)``), and whether a state dict was just loaded into it.
+
+A forward ``model(x)`` is then judged by data flow inside its walk (a *frame*):
+
+* it *trains* when its value reaches ``backward()`` (a ``.backward()`` receiver or argument,
+  ``torch.autograd.grad``, a call that also takes the optimizer such as timm's ``loss_scaler(loss,
+  optimizer)``, or a local helper that calls ``backward()``), through assignments;
+* it is an *evaluation pass* when its value is used (metrics, predictions, printed, collected) and
+  never reaches ``backward()``;
+* a value that is returned is judged at the caller; at a function nothing calls, it counts as an
+  evaluation pass only with evidence of inference (autograd off, the model in eval mode, or weights
+  just loaded), so a module's own ``forward`` stays out of it.
+
+Everything is bounded: a recursion guard on the call stack, a depth limit, and a budget of walked
+statements per file, so recursive helpers and huge files cannot make it loop or explode.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from trainval.lint.analysis import SCOPES, FileInfo, call_name, method, model_key, text
+
+MAX_DEPTH = 8
+MAX_STATEMENTS = 60_000
+UNKNOWN = object()
+COLLECTORS = {
+    "append",
+    "extend",
+    "add",
+    "insert",
+    "update",
+    "put",
+    "write",
+    "add_scalar",
+    "add_scalars",
+    "log",
+}
+
+
+@dataclass
+class State:
+    modes: dict[str, str] = field(default_factory=dict)  # model key -> eval | train | mixed
+    loaded: dict[str, int] = field(default_factory=dict)  # model key -> line of load_state_dict
+    grad: bool | None = True  # False: autograd off; None: unknown
+
+    def copy(self) -> State:
+        return State(dict(self.modes), dict(self.loaded), self.grad)
+
+
+def join(a: State, b: State) -> State:
+    modes = {}
+    for k in a.modes.keys() | b.modes.keys():
+        ma, mb = a.modes.get(k), b.modes.get(k)
+        if ma == mb:
+            modes[k] = ma
+        elif {ma, mb} <= {None, "train"}:
+            continue  # not in eval mode on either path: unknown (reported like never set)
+        else:
+            modes[k] = "mixed"
+    grad = a.grad if a.grad == b.grad else None
+    return State(modes, {**a.loaded, **b.loaded}, grad)
+
+
+@dataclass
+class Forward:
+    node: ast.Call
+    model: str  # source text of the callee (``model``, ``self.net``)
+    key: str  # model key for modes
+    mode: str | None
+    loaded: int | None
+    grad: bool | None
+    frame: Frame
+    pos: int = 0  # where in the frame's seq the forward ran
+
+
+@dataclass
+class Frame:
+    scope: ast.AST
+    env: dict
+    caller: Frame | None = None
+    call: ast.Call | None = None
+    aliases: dict[str, str] = field(default_factory=dict)  # parameter key -> caller's key
+    assigns: list[tuple[set[str], ast.AST]] = field(default_factory=list)
+    sinks: list[ast.AST] = field(default_factory=list)
+    escapes: list[ast.AST] = field(default_factory=list)
+    opaque: list[tuple[set[str], ast.AST]] = field(default_factory=list)  # stored on objects or in globals
+    seq: list[tuple] = field(default_factory=list)  # assignments and sinks in the order walked
+    call_pos: int = 0  # where in the caller's seq the call happened
+    path: list = field(default_factory=list)  # the if-arms being walked: (id(if), arm) from the outside in
+    forwards: list[Forward] = field(default_factory=list)
+    has_step: bool = False
+    yielded: State | None = None  # a context manager's state at its ``yield``
+    truncated: bool = False  # the statement budget ran out inside this walk: its forwards are not judged
+    _reach: set[str] | None = None
+    _escape: set[str] | None = None
+    _opaque: set[str] | None = None
+
+    def root_key(self, key: str) -> str:
+        frame, k = self, key
+        while frame is not None and k in frame.aliases:
+            k = frame.aliases[k]
+            frame = frame.caller
+        return k
+
+    def assign(self, targets: set[str], value: ast.AST, stmt: ast.AST, kills: bool) -> None:
+        self.assigns.append((targets, value))
+        self.seq.append(("assign", targets, value, stmt, kills, tuple(self.path)))
+
+    def sink(self, exprs: list[ast.AST]) -> None:
+        self.sinks += exprs
+        self.seq += [("sink", e, tuple(self.path)) for e in exprs]
+
+    def reaching(self) -> list[bool]:
+        """For each entry of ``seq``: does the value assigned there reach backward()?
+
+        One backward liveness pass over the walked order: a value reaches when a later sink reads it, or a
+        later assignment that reaches reads it, before a plain ``name = ...`` rebinds the name. So the
+        ``outputs`` of an evaluation loop do not inherit the ``outputs.loss`` of the training loop above.
+        """
+        if self._reach is None:
+            # name -> the if-arm paths of the later reads that reach backward(); a rebinding kills the reads
+            # it always precedes (those inside its own arm), not those on a path that may skip it
+            live: dict[str, set[tuple]] = {}
+            out = [False] * len(self.seq)
+            for i in range(len(self.seq) - 1, -1, -1):
+                entry = self.seq[i]
+                if entry[0] == "sink":
+                    for name in _names(entry[1]):
+                        live.setdefault(name, set()).add(entry[2])
+                    continue
+                _, targets, value, _, kills, path = entry
+                reached = any(live.get(t) for t in targets)
+                out[i] = reached
+                if kills:
+                    for t in targets:
+                        if t in live:
+                            live[t] = {p for p in live[t] if p[: len(path)] != path}
+                if reached:
+                    for name in _names(value):
+                        live.setdefault(name, set()).add(path)
+            self._reach = out
+        return self._reach
+
+    def stored(self, used_for_training: set[str]) -> set[str]:
+        """Names whose values are kept on an object or in a global that some backward() of the file reads
+        (``policy.saved_log_probs`` summed into a later loss); a metric logger's attributes are not."""
+        if self._opaque is None:
+            self._opaque = _closure(
+                [v for targets, v in self.opaque if targets & used_for_training], self.assigns
+            )
+        return self._opaque
+
+    def escape(self) -> set[str]:
+        if self._escape is None:
+            self._escape = _closure(self.escapes, self.assigns)
+        return self._escape
+
+
+def _names(node: ast.AST) -> set[str]:
+    """Names and dotted attribute chains whose values an expression reads (every prefix of ``a.b.c``).
+
+    A called function's own name is not a value read (``model(x)`` reads ``x`` and the model's weights,
+    not the variable ``model``; following it would tie everything that configures the model to the loss);
+    a method's receiver is (``loss.mean()`` reads ``loss``).
+    """
+    out = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, ast.Call):
+            todo += n.args + [k.value for k in n.keywords]
+            if isinstance(n.func, ast.Attribute):
+                todo.append(n.func.value)
+            elif not isinstance(n.func, ast.Name):
+                todo.append(n.func)
+            continue
+        if isinstance(n, ast.Name):
+            out.add(n.id)
+        elif isinstance(n, ast.Attribute):
+            chain = text(n)
+            if chain and "(" not in chain and "[" not in chain:
+                out.add(chain)
+        todo.extend(ast.iter_child_nodes(n))
+    return out
+
+
+def _closure(seeds: list[ast.AST], assigns: list[tuple[set[str], ast.AST]]) -> set[str]:
+    reach: set[str] = set()
+    for s in seeds:
+        reach |= _names(s)
+    changed = True
+    while changed:
+        changed = False
+        for targets, value in assigns:
+            if targets & reach:
+                new = _names(value) - reach
+                if new:
+                    reach |= new
+                    changed = True
+    return reach
+
+
+def _plain(target: ast.AST) -> bool:
+    """``x = ...`` or ``a, b = ...``: the names are rebound (an item or attribute store is not)."""
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return all(_plain(t) for t in target.elts)
+    return isinstance(target, (ast.Name, ast.Starred))
+
+
+def _target_names(target: ast.AST) -> set[str]:
+    if isinstance(target, (ast.Tuple, ast.List)):
+        return set().union(*(_target_names(t) for t in target.elts)) if target.elts else set()
+    if isinstance(target, ast.Starred):
+        return _target_names(target.value)
+    while isinstance(target, ast.Subscript):
+        target = target.value
+    t = text(target)
+    return {t} if t else set()
+
+
+def _static(node: ast.AST, env: dict):
+    """The constant value of a test under ``env`` (parameter -> constant), or UNKNOWN."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name):
+        return env.get(node.id, UNKNOWN)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        v = _static(node.operand, env)
+        return UNKNOWN if v is UNKNOWN else not v
+    if isinstance(node, ast.BoolOp):
+        values = [_static(v, env) for v in node.values]
+        if isinstance(node.op, ast.And):
+            if any(v is not UNKNOWN and not v for v in values):
+                return False
+            return True if all(v is not UNKNOWN for v in values) else UNKNOWN
+        if any(v is not UNKNOWN and v for v in values):
+            return True
+        return False if all(v is not UNKNOWN for v in values) else UNKNOWN
+    if isinstance(node, ast.Compare) and len(node.ops) == 1:
+        left, right = _static(node.left, env), _static(node.comparators[0], env)
+        if isinstance(node.comparators[0], (ast.Tuple, ast.List, ast.Set)):
+            items = [_static(e, env) for e in node.comparators[0].elts]
+            right = UNKNOWN if any(i is UNKNOWN for i in items) else items
+        if left is UNKNOWN or right is UNKNOWN:
+            return UNKNOWN
+        op = node.ops[0]
+        try:
+            if isinstance(op, ast.Eq):
+                return left == right
+            if isinstance(op, ast.NotEq):
+                return left != right
+            if isinstance(op, ast.In):
+                return left in right
+            if isinstance(op, ast.NotIn):
+                return left not in right
+            if isinstance(op, ast.Is):
+                return left is right
+            if isinstance(op, ast.IsNot):
+                return left is not right
+        except TypeError:
+            return UNKNOWN
+    return UNKNOWN
+
+
+class Walker:
+    def __init__(self, info: FileInfo):
+        self.info = info
+        self.frames: list[Frame] = []
+        self.budget = MAX_STATEMENTS
+        self.stack: list[ast.AST] = []
+
+    # -- entry points
+
+    def run(self) -> list[Frame]:
+        info = self.info
+        called = set()
+        for node in info.nodes:
+            if isinstance(node, ast.Call):
+                for fn in info.local_functions(node):
+                    if info.enclosing(node, (ast.FunctionDef, ast.AsyncFunctionDef)) is not fn:
+                        called.add(fn)
+        self.walk_scope(info.tree, {}, State(), None, None, {})
+        everything = [fn for fns in info.functions.values() for fn in fns]
+        for fn in everything:
+            if fn not in called:
+                self.walk_scope(fn, _defaults(fn, {}), State(grad=_decorated_grad(fn, True)), None, None, {})
+        # functions the walks never reached (beyond the depth limit or the budget, or called only from
+        # themselves): walked once on their own, with nothing known about their callers
+        walked = {frame.scope for frame in self.frames}
+        self.budget = max(self.budget, MAX_STATEMENTS // 3)
+        for fn in everything:
+            if fn not in walked:
+                self.walk_scope(fn, _defaults(fn, {}), State(grad=_decorated_grad(fn, True)), None, None, {})
+        return self.frames
+
+    def walk_scope(self, scope, env, state, caller, call, aliases) -> State:
+        return self.walk_frame(scope, env, state, caller, call, aliases)[0]
+
+    def walk_frame(self, scope, env, state, caller, call, aliases) -> tuple[State, Frame]:
+        frame = Frame(scope, env, caller, call, aliases, call_pos=len(caller.seq) if caller else 0)
+        self.frames.append(frame)
+        self.stack.append(scope)
+        try:
+            return self.block(scope.body, state, frame), frame
+        finally:
+            self.stack.pop()
+
+    # -- statements
+
+    def block(self, body: list[ast.stmt], state: State, frame: Frame) -> State:
+        for stmt in body:
+            if self.budget <= 0:
+                frame.truncated = True  # judged on a part of its code: its forwards are not judged
+                return state
+            self.budget -= 1
+            state = self.stmt(stmt, state, frame)
+        return state
+
+    def stmt(self, stmt: ast.stmt, state: State, frame: Frame) -> State:
+        if isinstance(stmt, SCOPES):
+            return state
+        env = frame.env
+        if isinstance(stmt, (ast.If, ast.While)):
+            state = self.expr(stmt.test, state, frame)
+            value = _static(stmt.test, env)
+            if isinstance(stmt, ast.If):
+                if value is UNKNOWN:
+                    arms = []
+                    for arm, body in ((0, stmt.body), (1, stmt.orelse)):
+                        frame.path.append((id(stmt), arm))
+                        try:
+                            arms.append(self.block(body, state.copy(), frame))
+                        finally:
+                            frame.path.pop()
+                    return join(*arms)
+                return self.block(stmt.body if value else stmt.orelse, state, frame)
+            if value is not UNKNOWN and not value:
+                return self.block(stmt.orelse, state, frame)
+            return join(state, self.block(stmt.body, state.copy(), frame))
+        if isinstance(stmt, (ast.For, ast.AsyncFor)):
+            state = self.expr(stmt.iter, state, frame)
+            frame.assign(_target_names(stmt.target), stmt.iter, stmt, _plain(stmt.target))
+            values = None
+            if (
+                isinstance(stmt.iter, (ast.List, ast.Tuple))
+                and isinstance(stmt.target, ast.Name)
+                and all(isinstance(e, ast.Constant) for e in stmt.iter.elts)
+                and 0 < len(stmt.iter.elts) <= 4
+            ):
+                values = [e.value for e in stmt.iter.elts]
+            if values is not None:  # for phase in ["train", "val"]: walk the body once per phase
+                saved = env.get(stmt.target.id, UNKNOWN)
+                for v in values:
+                    env[stmt.target.id] = v
+                    state = self.block(stmt.body, state, frame)
+                if saved is UNKNOWN:
+                    env.pop(stmt.target.id, None)
+                else:
+                    env[stmt.target.id] = saved
+                return self.block(stmt.orelse, state, frame)
+            state = join(state, self.block(stmt.body, state.copy(), frame))
+            return self.block(stmt.orelse, state, frame)
+        if isinstance(stmt, (ast.With, ast.AsyncWith)):
+            inner = state
+            for item in stmt.items:
+                cm = item.context_expr
+                fns = self.info.local_functions(cm) if isinstance(cm, ast.Call) else []
+                fns = [f for f in fns if any("contextmanager" in text(d) for d in f.decorator_list)]
+                if fns:  # a local @contextmanager: the block runs in the state at its yield
+                    inner = self._enter(cm, fns, inner, frame, at_yield=True)
+                    continue
+                inner = self.expr(cm, inner, frame)
+                if item.optional_vars is not None:
+                    frame.assign(
+                        _target_names(item.optional_vars), item.context_expr, stmt, _plain(item.optional_vars)
+                    )
+                g = grad_context(item.context_expr, env)
+                if g is not NOT_GRAD:
+                    inner = inner.copy()
+                    inner.grad = g
+            after = self.block(stmt.body, inner.copy() if inner is state else inner, frame)
+            if inner is not state and any(
+                self.info.local_functions(i.context_expr)
+                for i in stmt.items
+                if isinstance(i.context_expr, ast.Call)
+            ):
+                after = after.copy()
+                after.modes = dict(state.modes)  # the context manager restores the modes it changed
+            after.grad = state.grad
+            return after
+        if isinstance(stmt, ast.Try) or type(stmt).__name__ == "TryStar":
+            state = self.block(stmt.body, state, frame)
+            for h in stmt.handlers:
+                state = join(state, self.block(h.body, state.copy(), frame))
+            state = self.block(stmt.orelse, state, frame)
+            return self.block(stmt.finalbody, state, frame)
+        if isinstance(stmt, ast.Match):
+            state = self.expr(stmt.subject, state, frame)
+            out = state
+            for case in stmt.match_cases:
+                out = join(out, self.block(case.body, state.copy(), frame))
+            return out
+        # simple statements
+        if isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and stmt.value is not None:
+            state = self.expr(stmt.value, state, frame)
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            names = set().union(*(_target_names(t) for t in targets))
+            if isinstance(stmt, ast.AugAssign):
+                names |= _target_names(stmt.target)
+            frame.assign(
+                names, stmt.value, stmt, isinstance(stmt, ast.Assign) and all(_plain(t) for t in targets)
+            )
+            if any("." in n for n in names) or not _all_local(frame, names, self.info):
+                frame.opaque.append((names, stmt.value))
+            for t in targets:
+                if isinstance(t, (ast.Name, ast.Attribute)) and self.info.is_model(text(t)):
+                    state = self._assign_model(text(t), stmt.value, state)
+            return state
+        if isinstance(stmt, ast.Return) and stmt.value is not None:
+            frame.escapes.append(stmt.value)
+            return self.expr(stmt.value, state, frame)
+        if isinstance(stmt, ast.Expr):
+            v = stmt.value
+            if isinstance(v, (ast.Yield, ast.YieldFrom)):
+                frame.yielded = state.copy() if frame.yielded is None else join(frame.yielded, state)
+                if v.value is not None:
+                    frame.escapes.append(v.value)
+            state = self.expr(v, state, frame)
+            if isinstance(v, ast.Call) and (m := method(v)) and m[1] in COLLECTORS and (v.args or v.keywords):
+                names = _target_names(v.func.value)  # outputs.append(model(x)): outputs now holds it
+                frame.assign(names, v, stmt, False)
+                if any("." in n for n in names) or not _all_local(frame, names, self.info):
+                    frame.opaque.append((names, v))
+            return state
+        for child in ast.iter_child_nodes(stmt):
+            if isinstance(child, ast.expr):
+                state = self.expr(child, state, frame)
+        return state
+
+    def _assign_model(self, target: str, value: ast.AST, state: State) -> State:
+        """``model = ...``: the mode the new value is in, where the code shows it."""
+        key = model_key(target)
+        state = state.copy()
+        inner = value
+        while (
+            isinstance(inner, ast.Call)
+            and isinstance(inner.func, ast.Attribute)
+            and inner.func.attr in ("to", "cuda", "cpu", "half", "float", "bfloat16", "requires_grad_")
+        ):
+            inner = inner.func.value
+        source = None
+        if isinstance(inner, (ast.Name, ast.Attribute)):
+            source = model_key(text(inner))  # model = model.to(device)
+        elif (
+            isinstance(inner, ast.Call)
+            and inner.args
+            and isinstance(inner.args[0], (ast.Name, ast.Attribute))
+            and self.info.is_model(text(inner.args[0]))
+            and not self.info.evaluates_in_init(inner)
+        ):
+            source = model_key(
+                text(inner.args[0])
+            )  # DDP(model), torch.compile(model): the same module's mode
+        if source is not None and source != key:
+            for table in (state.modes, state.loaded):
+                if source in table:
+                    table[key] = table[source]
+                else:
+                    table.pop(key, None)
+            return state
+        if source == key:
+            return state
+        state.loaded.pop(key, None)
+        if isinstance(inner, ast.Call) and (m := method(inner)) and m[1] in ("eval", "train"):
+            off = m[1] == "eval" or (inner.args and _static(inner.args[0], {}) is False)
+            state.modes[key] = "eval" if off else "train"
+        elif isinstance(inner, ast.Call) and self.info.evaluates_in_init(inner):
+            state.modes[key] = (
+                "eval"  # NetworkEMA(net): a wrapper whose __init__ puts what it wraps in eval mode
+            )
+        elif "from_pretrained" in text(value) and self.info.from_hugging_face(value):
+            state.modes[key] = "eval"  # Hugging Face's from_pretrained returns models in eval mode
+        else:
+            state.modes.pop(key, None)
+        return state
+
+    # -- expressions: calls in evaluation order
+
+    def expr(self, node: ast.AST, state: State, frame: Frame) -> State:
+        info = self.info
+        for call in _calls_in_order(node):
+            m = method(call)
+            name = call_name(call)
+            if (
+                m
+                and m[1] in ("eval", "train")
+                and not call.keywords
+                or m
+                and m[1] == "train"
+                and call.keywords
+            ):
+                recv = m[0]
+                if not recv or not (info.is_model(recv) or recv in info.models):
+                    continue
+                key = model_key(recv)
+                arg = call.args[0] if call.args else (call.keywords[0].value if call.keywords else None)
+                value = True if arg is None else _static(arg, frame.env)
+                state = state.copy()
+                state.loaded.pop(key, None)
+                if m[1] == "eval":
+                    state.modes[key] = "eval"
+                else:
+                    state.modes[key] = "mixed" if value is UNKNOWN else ("train" if value else "eval")
+                continue
+            if m and m[1] == "load_state_dict" and info.is_model(m[0]):
+                state = state.copy()
+                state.loaded[model_key(m[0])] = call.lineno
+                continue
+            args = list(call.args) + [k.value for k in call.keywords]
+            if m and m[1] in ("backward", "manual_backward"):
+                # loss.backward(): the receiver; accelerator.backward(loss), self.manual_backward(loss): the argument
+                frame.sink(list(call.args) if call.args else [call.func.value])
+                continue
+            if name.endswith(("autograd.grad", "autograd.backward")) or name in ("grad", "backward"):
+                frame.sink(args)
+                continue
+            if m and m[1] == "step" and (info.is_optimizer(m[0]) or "scaler" in m[0].lower()):
+                frame.has_step = True
+                continue
+            optimizers = [
+                a for a in args if isinstance(a, (ast.Name, ast.Attribute)) and text(a) in info.optimizers
+            ]
+            if (
+                optimizers
+            ):  # loss_scaler(loss, optimizer), amp.scale_loss(loss, optimizer): the other arguments
+                frame.sink([a for a in args if a not in optimizers])
+            local = info.local_functions(call)
+            if local:
+                if info.reaches(call, "backward"):
+                    frame.sink(args)
+                state = self._enter(call, local, state, frame)
+                continue
+            if self._is_forward(call, name, m):
+                recv = name if not (m and m[1] == "forward") else m[0]
+                key = model_key(recv)
+                frame.forwards.append(
+                    Forward(
+                        call,
+                        recv,
+                        key,
+                        state.modes.get(key),
+                        state.loaded.get(key),
+                        state.grad,
+                        frame,
+                        len(frame.seq),
+                    )
+                )
+        return state
+
+    def _is_forward(self, call: ast.Call, name: str, m) -> bool:
+        info = self.info
+        if m and m[1] == "forward":
+            return "(" not in m[0] and info.is_module(m[0])
+        # model(x), self.model(x), model.encoder(x); not model(x).sum(), which is a tensor method
+        return bool(name) and "(" not in name and info.is_module(name)
+
+    def _enter(self, call: ast.Call, fns: list, state: State, frame: Frame, at_yield: bool = False) -> State:
+        if len(self.stack) > MAX_DEPTH or self.budget <= 0:
+            return state
+        out = None
+        for fn in fns:
+            if fn in self.stack:  # recursion in the analysed code: do not follow
+                continue
+            env, aliases = _bind(fn, call, frame.env)
+            inner = state.copy()
+            for param, arg_key in aliases.items():
+                if arg_key in state.modes:
+                    inner.modes[param] = state.modes[arg_key]
+                if arg_key in state.loaded:
+                    inner.loaded[param] = state.loaded[arg_key]
+            inner.grad = _decorated_grad(fn, inner.grad)
+            after, callee = self.walk_frame(fn, env, inner, frame, call, aliases)
+            if at_yield:
+                after = callee.yielded or after
+            result = state.copy()
+            result.grad = after.grad if at_yield else state.grad
+            for k, v in after.modes.items():
+                if k not in aliases:
+                    result.modes[k] = v
+            for param, arg_key in aliases.items():
+                if param in after.modes:
+                    result.modes[arg_key] = after.modes[param]
+                if param in after.loaded:
+                    result.loaded[arg_key] = after.loaded[param]
+                else:
+                    result.loaded.pop(arg_key, None)
+            out = result if out is None else join(out, result)
+        return out or state
+
+
+NOT_GRAD = object()
+GRAD_OFF = {
+    "torch.no_grad",
+    "no_grad",
+    "torch.inference_mode",
+    "inference_mode",
+    "torch.autograd.no_grad",
+    "torch.autograd.grad_mode.no_grad",
+}
+GRAD_SET = {"torch.set_grad_enabled", "set_grad_enabled", "torch.autograd.set_grad_enabled"}
+GRAD_ON = {"torch.enable_grad", "enable_grad"}
+
+
+def grad_context(expr: ast.AST, env: dict):
+    """False under no_grad/inference_mode/set_grad_enabled(False), True where grad is enabled, None where it
+    depends on a value not known here, NOT_GRAD for any other context manager or decorator."""
+    target = expr.func if isinstance(expr, ast.Call) else expr
+    name = text(target)
+    args = expr.args if isinstance(expr, ast.Call) else []
+    if name in GRAD_OFF:
+        if name.endswith("inference_mode") and args:
+            value = _static(args[0], env)
+            return None if value is UNKNOWN else (False if value else True)
+        return False
+    if name in GRAD_SET:
+        if not args:
+            return NOT_GRAD
+        value = _static(args[0], env)
+        return None if value is UNKNOWN else bool(value)
+    if name in GRAD_ON:
+        return True
+    return NOT_GRAD
+
+
+def _decorated_grad(fn: ast.AST, grad: bool | None) -> bool | None:
+    for d in getattr(fn, "decorator_list", []):
+        g = grad_context(d, {})
+        if g is not NOT_GRAD:
+            return g
+    return grad
+
+
+def _calls_in_order(node: ast.AST) -> list[ast.Call]:
+    calls = []
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, (ast.Lambda, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        if isinstance(n, ast.Call):
+            calls.append(n)
+        todo.extend(ast.iter_child_nodes(n))
+    # inner calls (receivers, arguments) run before the call that contains them
+    return sorted(calls, key=lambda c: (c.end_lineno or c.lineno, c.end_col_offset or c.col_offset))
+
+
+def _defaults(fn: ast.AST, env: dict) -> dict:
+    env = dict(env)
+    args = fn.args
+    positional = args.posonlyargs + args.args
+    for a, d in zip(positional[len(positional) - len(args.defaults) :], args.defaults):
+        if isinstance(d, ast.Constant):
+            env[a.arg] = d.value
+    for a, d in zip(args.kwonlyargs, args.kw_defaults):
+        if isinstance(d, ast.Constant):
+            env[a.arg] = d.value
+    return env
+
+
+def _bind(fn: ast.AST, call: ast.Call, caller_env: dict) -> tuple[dict, dict]:
+    """Constants and model aliases a call passes to a local function's parameters."""
+    env = _defaults(fn, {})
+    aliases = {}
+    params = [a.arg for a in fn.args.posonlyargs + fn.args.args]
+    if params and params[0] in ("self", "cls") and isinstance(call.func, ast.Attribute):
+        params = params[1:]
+    pairs = list(zip(params, call.args)) if not any(isinstance(a, ast.Starred) for a in call.args) else []
+    pairs += [(k.arg, k.value) for k in call.keywords if k.arg]
+    for param, arg in pairs:
+        value = _static(arg, caller_env)
+        if value is not UNKNOWN:
+            env[param] = value
+        else:
+            env.pop(param, None)
+        if isinstance(arg, (ast.Name, ast.Attribute)):
+            aliases[param] = model_key(text(arg))
+    return env, aliases
+
+
+# ------------------------------------------------------------------------------------------------
+# judging forwards
+
+
+def status(frame: Frame, node: ast.AST, info: FileInfo, pos: int = 0, depth: int = 0) -> str:
+    """``train`` | ``eval`` | ``escape`` (returned where nothing resolves it) | ``unused`` | ``unknown``."""
+    if depth > MAX_DEPTH:
+        return "unknown"
+    sink_ids = {id(s) for s in frame.sinks}
+    p: ast.AST | None = node
+    while p is not None and not isinstance(p, ast.stmt):
+        if id(p) in sink_ids:
+            return "train"
+        p = info.parents.get(p)
+    stmt = p
+    if stmt is None:
+        return "unknown"
+    targets: set[str] = set()
+    if isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+        for t in stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]:
+            targets |= _target_names(t)
+    elif isinstance(stmt, (ast.For, ast.AsyncFor)):
+        targets = _target_names(stmt.target)
+    elif isinstance(stmt, (ast.With, ast.AsyncWith)):
+        for item in stmt.items:
+            if item.optional_vars is not None:
+                targets |= _target_names(item.optional_vars)
+    elif isinstance(stmt, ast.Return):
+        return _escaped(frame, info, depth)
+    elif isinstance(stmt, ast.Expr):
+        v = stmt.value
+        if v is node:
+            return "unused"
+        if isinstance(v, (ast.Yield, ast.YieldFrom)):
+            return _escaped(frame, info, depth)
+        if isinstance(v, ast.Call) and (m := method(v)) and m[1] in COLLECTORS:
+            targets = _target_names(v.func.value)
+        else:
+            return "eval"  # print(model(x)), plot(...): an output
+    else:
+        return "eval"
+    used = used_for_training(info)
+    if (any("." in t for t in targets) or not _all_local(frame, targets, info)) and targets & used:
+        return "unknown"  # kept on an object or in a global that a backward() elsewhere reads
+    reaching = frame.reaching()
+    entry = next(
+        (i for i in range(pos, len(frame.seq)) if frame.seq[i][0] == "assign" and frame.seq[i][3] is stmt),
+        None,
+    )
+    if entry is None or reaching[entry]:
+        return "train" if entry is not None else "unknown"
+    if targets & frame.stored(used):
+        return "unknown"
+    if targets & frame.escape():
+        return _escaped(frame, info, depth)
+    return "eval"
+
+
+def used_for_training(info: FileInfo) -> set[str]:
+    """Every name any backward() of the file reads, through assignments (flow-insensitive), memoised."""
+    cached = getattr(info, "_used_for_training", None)
+    if cached is None:
+        cached = set()
+        for frame in frames(info):
+            cached |= _closure(frame.sinks, frame.assigns)
+        info._used_for_training = cached
+    return cached
+
+
+def _all_local(frame: Frame, targets: set[str], info: FileInfo) -> bool:
+    """Every target is a local of the frame's function (always true at module level)."""
+    fn = frame.scope
+    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+        return True
+    local = info.locals_of(fn)
+    return all(t in local for t in targets)
+
+
+def _escaped(frame: Frame, info: FileInfo, depth: int) -> str:
+    if frame.caller is not None and frame.call is not None:
+        s = status(frame.caller, frame.call, info, frame.call_pos, depth + 1)
+        return "escape" if s == "unused" else s
+    return "escape"
+
+
+def frames(info: FileInfo) -> list[Frame]:
+    """Every walk of every scope, computed once per file."""
+    cached = getattr(info, "_frames", None)
+    if cached is None:
+        cached = info._frames = Walker(info).run()
+    return cached
+
+
+def evaluation_forwards(info: FileInfo) -> Iterator[Forward]:
+    """Forwards that are evaluation passes, each with the state the walk found at it."""
+    for frame in frames(info):
+        if frame.truncated or (frame.has_step and not frame.sinks):
+            continue  # only part of it was walked, or a training scope whose backward we cannot see
+        fn = frame.scope
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) and (
+            info.in_lightning_module(fn) or fn.name in ("forward", "__call__", "training_step")
+        ):
+            continue
+        for fw in frame.forwards:
+            s = status(frame, fw.node, info, fw.pos)
+            if s == "eval":
+                yield fw
+            elif s == "escape" and (fw.grad is False or fw.mode == "eval" or fw.loaded):
+                yield fw
+
+
+def training_keys(info: FileInfo) -> set[str]:
+    """Models some forward of which reaches backward() with autograd on (local and caller names)."""
+    cached = getattr(info, "_training_keys", None)
+    if cached is not None:
+        return cached
+    keys = set()
+    info._training_keys = keys
+    for frame in frames(info):
+        for fw in frame.forwards:
+            if fw.grad is not False and status(frame, fw.node, info, fw.pos) == "train":
+                keys |= {fw.key, frame.root_key(fw.key)}
+    return keys
