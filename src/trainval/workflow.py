@@ -193,9 +193,7 @@ def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, n_train: int):
     if s["name"] == "cosine":
         return sched.CosineAnnealingLR(optimizer, T_max=t["epochs"], eta_min=s["min_lr"])
     if s["name"] == "plateau":
-        monitor = t["monitor"] or "val_loss"
-        mode = t["mode"] or ("min" if monitor.endswith("_loss") or monitor.split("_", 1)[1] in
-                             ("mse", "rmse", "mae") else "max")
+        mode = t["mode"] or monitor_direction(cfg)
         return sched.ReduceLROnPlateau(optimizer, mode=mode, factor=s["factor"], patience=s["patience"],
                                        min_lr=s["min_lr"])
     if n_train < 1:
@@ -205,6 +203,20 @@ def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, n_train: int):
     batches = math.ceil(math.ceil(n_train / world) / t["batch_size"])
     steps = math.ceil(batches / t["accumulate_steps"]) * t["epochs"]
     return sched.OneCycleLR(optimizer, max_lr=s["max_lr"] or 10 * cfg["optim"]["lr"], total_steps=steps)
+
+
+def monitor_direction(cfg: dict) -> str:
+    """``max``/``min`` for the metric the Trainer will monitor (``train.monitor``, or its default: the
+    first metric), as the Trainer decides it, for a ReduceLROnPlateau built before the Trainer."""
+    from trainval.metrics import resolve_metrics
+    from trainval.tasks import make_task
+
+    task = make_task(task_name(cfg), None)
+    metrics = resolve_metrics(cfg["task"]["metrics"], task)
+    name = (cfg["train"]["monitor"] or f"val_{next(iter(metrics))}").split("_", 1)[1]
+    if name == "loss" or name not in metrics:
+        return "min"
+    return "max" if metrics[name].higher_is_better else "min"
 
 
 def _num_samples(data: Any) -> int:
