@@ -473,3 +473,12 @@ def test_torchmetrics_objects_are_accepted(tmp_path):
     yp = tr.predict(X).numpy()
     assert res["test_tm_f1"] == pytest.approx(skm.f1_score(y.numpy(), yp, average="macro"), abs=1e-6)
     # (a torchmetrics object not reset between epochs and splits would have mixed every epoch into this value)
+
+
+def test_default_losses_per_task(tmp_path):
+    X, y = make_blobs(n=60, classes=2)
+    for width, expected in ((1, nn.BCEWithLogitsLoss), (2, nn.CrossEntropyLoss)):
+        tr = fit(nn.Linear(6, width), None, (X, y), (X, y), tmp_path / str(width), task="binary", max_epochs=10)
+        assert isinstance(tr.loss_fn, expected) and tr.history[-1]["val_acc"] > 0.8
+    tr = fit(nn.Linear(6, 1), None, (X, y.float()), (X, y.float()), tmp_path / "r", task="regression")
+    assert isinstance(tr.loss_fn, nn.MSELoss)

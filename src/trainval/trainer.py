@@ -181,7 +181,7 @@ class Trainer:
         # The task may wait for the model's output width (a BCE loss: binary or multilabel), and the
         # default loss for the task: both are settled in the first pre-flight check.
         self.task: Task | None = make_task(task, loss_fn, ignore_index=ignore_index, threshold=threshold)
-        self.loss_fn = loss_fn if loss_fn is not None else (self.task.default_loss() if self.task else None)
+        self.loss_fn = loss_fn  # None: the task's default, chosen once the output's width is known
         self._task_args = (ignore_index, threshold)
         self._metrics_spec = metrics
         # {name: metric}; settled with the task (now, or in the first pre-flight check for a BCE loss)
@@ -709,12 +709,12 @@ class Trainer:
             raise DataError(f"the model's output for a {name} batch is {describe(out)}; trainval needs a tensor.")
         if self.task is None:  # a BCE loss: one logit per sample is binary, several are multilabel
             self.task = task_for_output(self.loss_fn, out, *self._task_args)
-        if self.loss_fn is None:
-            self.loss_fn = self.task.default_loss().to(self.device)
         if labelled and y is None:
             raise DataError(f"{name} data has no targets; targets are needed to train, validate or test "
                             f"(use predict for unlabelled inputs; dict batches hold them under '{self.target_key}').")
         self.task.check_output(out, y, name)
+        if self.loss_fn is None:  # binary: BCE for one logit, cross-entropy for two
+            self.loss_fn = self.task.default_loss().to(self.device)
         if not labelled:
             return
         if isinstance(loader, TensorLoader):
