@@ -520,3 +520,12 @@ def test_nproc_prints_a_failing_ranks_own_error(tmp_path):
     proc = run_cli("fit", "--nproc", "2", "data.source=csv", "data.train=nope.csv", "model.name=mlp",
                    f"run.out_dir={tmp_path}", "run.name=s", cwd=str(tmp_path), env=env)
     assert one_error_line(proc, 2) == "trainval: error: data file not found: nope.csv"
+
+
+def test_csv_without_data_rows_or_too_few_to_split_is_one_line(tmp_path):
+    (tmp_path / "data.csv").write_text("f1,f2,f3,f4,label\n")
+    proc = run_cli("fit", *csv_args(tmp_path), cwd=str(tmp_path))
+    assert "data.csv: there are no data rows below the header" in one_error_line(proc, 1)
+    (tmp_path / "data.csv").write_text("f1,f2,f3,f4,label\n1,2,3,4,0\n")
+    proc = run_cli("fit", *csv_args(tmp_path), cwd=str(tmp_path))
+    assert "cannot hold out a 0.15 split of 1 samples" in one_error_line(proc, 1)
