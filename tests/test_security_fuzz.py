@@ -17,20 +17,55 @@ from hypothesis import strategies as st
 
 from trainval.config import SCHEMA
 
-SETTINGS = settings(max_examples=8, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=list(HealthCheck))
+SETTINGS = settings(
+    max_examples=8, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 
-ODD_STRINGS = ["", " ", "..", "../x", "a/b", "/abs", "~", "~/r", "nosuch_mod_xyz:Thing", "json:Nope", "x" * 300,
-               "caf\u00e9", "mlp", "cnn", "sgd", "adamw", "cosine", "onecycle", "plateau", "val_loss", "max", "cpu"]
+ODD_STRINGS = [
+    "",
+    " ",
+    "..",
+    "../x",
+    "a/b",
+    "/abs",
+    "~",
+    "~/r",
+    "nosuch_mod_xyz:Thing",
+    "json:Nope",
+    "x" * 300,
+    "caf\u00e9",
+    "mlp",
+    "cnn",
+    "sgd",
+    "adamw",
+    "cosine",
+    "onecycle",
+    "plateau",
+    "val_loss",
+    "max",
+    "cpu",
+]
 VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 1000), st.floats(allow_nan=True, allow_infinity=True, width=32),
-    st.sampled_from(ODD_STRINGS), st.lists(st.integers(-2, 64), max_size=3),
-    st.lists(st.one_of(st.floats(-1, 2), st.just(float("nan"))), max_size=3), st.dictionaries(st.sampled_from(["a", "width"]),
-                                                                           st.integers(0, 9), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 1000),
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.sampled_from(ODD_STRINGS),
+    st.lists(st.integers(-2, 64), max_size=3),
+    st.lists(st.one_of(st.floats(-1, 2), st.just(float("nan"))), max_size=3),
+    st.dictionaries(st.sampled_from(["a", "width"]), st.integers(0, 9), max_size=2),
 )
 # Keys whose fuzzing only costs time (many epochs, torch.compile, worker processes) are left out.
-SLOW_KEYS = {"train.epochs", "train.compile", "data.num_workers", "data.train", "data.source", "data.factory",
-             "log.tensorboard", "train.progress"}
+SLOW_KEYS = {
+    "train.epochs",
+    "train.compile",
+    "data.num_workers",
+    "data.train",
+    "data.source",
+    "data.factory",
+    "log.tensorboard",
+    "train.progress",
+}
 FUZZ_KEYS = [f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys if f"{s}.{k}" not in SLOW_KEYS]
 
 ROWS = 40
@@ -40,9 +75,13 @@ def _base(folder: str) -> dict:
     lines = ["f1,f2,label"] + [f"{(r % 5) * 0.5},{(r % 3) * 1.5},{r % 2}" for r in range(ROWS)]
     with open(os.path.join(folder, "data.csv"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    return {"data": {"source": "csv", "train": "data.csv"}, "model": {"name": "mlp", "hidden": [8]},
-            "train": {"epochs": 1, "batch_size": 16, "progress": False, "device": "cpu"},
-            "run": {"out_dir": "runs", "name": "r"}, "log": {"plot": False}}
+    return {
+        "data": {"source": "csv", "train": "data.csv"},
+        "model": {"name": "mlp", "hidden": [8]},
+        "train": {"epochs": 1, "batch_size": 16, "progress": False, "device": "cpu"},
+        "run": {"out_dir": "runs", "name": "r"},
+        "log": {"plot": False},
+    }
 
 
 def _snapshot(folder: str) -> dict:
@@ -95,15 +134,22 @@ def test_fuzz_config_values(changes):
         _check(run_cli("fit", "c.yaml", cwd=folder, timeout=300), before, folder)
 
 
-CELLS = st.sampled_from(["1", "0.5", "-2", "nan", "inf", "", "abc", '"2"', '"1,5"', "1e309", " 3 ", "0", "1", "caf\u00e9"])
-HEADERS = st.lists(st.sampled_from(["f1", "f2", "f3", "label", '"f1"', "\ufefff1", " f2 ", "label "]),
-                   min_size=1, max_size=4)
+CELLS = st.sampled_from(
+    ["1", "0.5", "-2", "nan", "inf", "", "abc", '"2"', '"1,5"', "1e309", " 3 ", "0", "1", "caf\u00e9"]
+)
+HEADERS = st.lists(
+    st.sampled_from(["f1", "f2", "f3", "label", '"f1"', "\ufefff1", " f2 ", "label "]), min_size=1, max_size=4
+)
 
 
 @pytest.mark.slow
 @SETTINGS
-@given(HEADERS, st.lists(st.lists(CELLS, min_size=0, max_size=5), min_size=0, max_size=30),
-       st.sampled_from(["utf-8", "latin-1", "utf-8-sig"]), st.sampled_from([None, ["f1"], ["f1", "f2"]]))
+@given(
+    HEADERS,
+    st.lists(st.lists(CELLS, min_size=0, max_size=5), min_size=0, max_size=30),
+    st.sampled_from(["utf-8", "latin-1", "utf-8-sig"]),
+    st.sampled_from([None, ["f1"], ["f1", "f2"]]),
+)
 def test_fuzz_csv_contents(header, rows, encoding, features):
     with tempfile.TemporaryDirectory() as folder:
         cfg = _prepare(folder)
