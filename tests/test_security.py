@@ -311,8 +311,11 @@ def test_one_writer_per_run_folder(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.2)
         busy = f"in use by another trainval process (pid {holder.pid})"
+        writing = run / ".trainval-last.pt.abcd1234.tmp"  # as if the holder were inside a write
+        writing.write_text("half")
         second = run_cli("fit", *args, "run.overwrite=true", cwd=str(tmp_path))
         assert busy in one_error_line(second, 2)
+        assert writing.exists()  # the refused fit cleaned up nothing
         resume = run_cli("fit", *long_fit, "--resume", cwd=str(tmp_path))
         assert busy in one_error_line(resume, 2)
         into = run_cli("predict", *args, cwd=str(tmp_path))
