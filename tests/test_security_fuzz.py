@@ -65,7 +65,7 @@ SLOW_KEYS = {
     "data.factory",
     "log.tensorboard",
     "train.progress",
-    "run.out_dir",  # '/abs' or '~/r' would write outside the test's folder (HOME is the test's folder too)
+    "run.out_dir",  # '/abs' or '~/r' would write outside the test's folder
 }
 FUZZ_KEYS = [f"{s}.{k}" for s, keys in SCHEMA.items() for k in keys if f"{s}.{k}" not in SLOW_KEYS]
 
@@ -90,7 +90,9 @@ def _snapshot(folder: str) -> dict:
     seen = {}
     for root, dirs, files in os.walk(folder):
         rel = os.path.relpath(root, folder)
-        if rel.split(os.sep)[0] == "runs" and rel not in ("runs", os.path.join("runs", "user")):
+        if rel == "home" or (
+            rel.split(os.sep)[0] == "runs" and rel not in ("runs", os.path.join("runs", "user"))
+        ):
             dirs[:] = []
             continue
         for name in files:
@@ -112,6 +114,7 @@ def _check(proc, before: dict, folder: str) -> None:
 def _prepare(folder: str) -> dict:
     cfg = _base(folder)
     os.makedirs(os.path.join(folder, "runs", "user"))
+    os.makedirs(os.path.join(folder, "home"))  # HOME: caches of matplotlib and torch may go there
     for name in ("config.yaml", "summary.json", "keep.tmp", ".keep.tmp"):
         with open(os.path.join(folder, "runs", "user", name), "w") as f:
             f.write("the user's\n")
@@ -132,7 +135,11 @@ def test_fuzz_config_values(changes):
         with open(os.path.join(folder, "c.yaml"), "w") as f:
             yaml.safe_dump(cfg, f, allow_unicode=True)
         before = _snapshot(folder)
-        _check(run_cli("fit", "c.yaml", cwd=folder, timeout=300, env={"HOME": folder}), before, folder)
+        _check(
+            run_cli("fit", "c.yaml", cwd=folder, timeout=300, env={"HOME": os.path.join(folder, "home")}),
+            before,
+            folder,
+        )
 
 
 CELLS = st.sampled_from(
@@ -162,7 +169,14 @@ def test_fuzz_csv_contents(header, rows, encoding, features):
             yaml.safe_dump(cfg, f)
         before = _snapshot(folder)
         _check(
-            run_cli("fit", "c.yaml", "data.test_split=0", cwd=folder, timeout=300, env={"HOME": folder}),
+            run_cli(
+                "fit",
+                "c.yaml",
+                "data.test_split=0",
+                cwd=folder,
+                timeout=300,
+                env={"HOME": os.path.join(folder, "home")},
+            ),
             before,
             folder,
         )
