@@ -490,7 +490,7 @@ def test_bad_csv_files_are_one_line_naming_row_and_column(tmp_path, case):
 
 RESUME_REFUSED = [
     (["optim.lr=0.01"], "optim.lr 0.001 -> 0.01"),
-    (["train.monitor=val_loss"], "train.monitor 'val_acc' -> 'val_loss'"),
+    (["train.monitor=val_loss"], "train.monitor None -> 'val_loss'"),
     (["train.batch_size=8"], "train.batch_size 16 -> 8"),
     (["data.split_seed=3"], "data.split_seed 0 -> 3"),
     (["optim.name=sgd", "optim.lr=0.1"], "optim.name 'adam' -> 'sgd'; optim.lr 0.001 -> 0.1"),
