@@ -85,6 +85,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "on_device": Key("bool", None, "keep in-memory data on the GPU (default: when it fits)", nullable=True),
         "check_inputs": Key("bool", True, "refuse NaN/Inf features before training"),
         "num_workers": Key("int", 0, "DataLoader workers for Dataset inputs", minimum=0),
+        "standardize": Key("bool", False, "standardise features with the training split's per-feature mean and std "
+                           "(saved as `standardize.json` in the run folder; applied at test and predict)"),
     },
     "model": {
         "name": Key("str", "cnn", "built-in `mlp` or `cnn`, or `module:Class`", choices=("mlp", "cnn"), open_choices=True),
