@@ -36,6 +36,12 @@ RUNS_EXAMPLES = """examples:
   trainval runs runs --sort test_acc --reverse --format json
   trainval runs runs --plot             # runs/runs.png: their validation curves overlaid
 """
+TUNE_EXAMPLES = """examples:
+  trainval tune --trials 20 optim.lr=loguniform(1e-4,1e-2) model.dropout=uniform(0,0.5)
+  trainval tune examples/phoneme_mlp.yaml --trials 30 'model.hidden=choice([64],[128,64])' train.epochs=10
+  trainval tune cfg.yaml --trials 10 --storage sqlite:////shared/study.db   # workers on several machines
+  trainval fit runs/digits-tune/best.yaml   # the best trial's config
+"""
 
 
 def _split_positionals(items: list[str]) -> tuple[str | None, list[str]]:
@@ -88,6 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json"), default="table", help="table (default) or json")
     p.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
                    help="overlay the runs' validation curves in one PNG (default: FOLDER/runs.png)")
+
+    p = sub.add_parser("tune", help="hyperparameter search with Optuna (each trial a run)", epilog=TUNE_EXAMPLES,
+                       formatter_class=raw)
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value|key=dist(...)]",
+                   help="a YAML config, fixed overrides, and search spaces: loguniform(a,b), uniform(a,b), "
+                        "int(a,b), choice(x,y,...)")
+    p.add_argument("--trials", type=int, required=True, metavar="N", help="trials this worker runs")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="Optuna storage shared by several workers (default: sqlite study.db in the run folder)")
+    p.add_argument("--study", default=None, metavar="NAME", help="study name (default: run.name)")
+    p.add_argument("--pruner", choices=("median", "none"), default="median",
+                   help="stop unpromising trials early on the monitored metric (default: median)")
+    p.add_argument("--trust-code", action="store_true",
+                   help="allow importing the 'module:name' model or data factory that the config names")
 
     p = sub.add_parser("lint", help="find training-loop mistakes in Python files")
     from trainval.lint.cli import add_arguments
@@ -221,6 +241,13 @@ def _dispatch(args) -> int:
         from trainval import runs
 
         print(runs.report(args.folder, sort=args.sort, reverse=args.reverse, fmt=args.format, plot=args.plot))
+        return 0
+    if args.command == "tune":
+        from trainval import tuning
+
+        cfg_path, overrides, space = tuning.split_arguments(args.args)
+        tuning.tune(cfg_path, overrides, space, trials=args.trials, storage=args.storage, study_name=args.study,
+                  pruner=args.pruner, trust_code=args.trust_code)
         return 0
     cfg_path, overrides = _split_positionals(args.args)
     if args.command in ("test", "predict") and cfg_path is not None and os.path.isdir(cfg_path):

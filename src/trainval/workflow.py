@@ -265,12 +265,13 @@ def build_loss(cfg: dict, splits: Splits | None, num_outputs: int | None) -> nn.
     return LOSSES[name](**kwargs)
 
 
-def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, loss: nn.Module | None = None) -> Trainer:
+def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, loss: nn.Module | None = None,
+                  callbacks: list | tuple = ()) -> Trainer:
     t = cfg["train"]
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, n_train)
     folder = run_folder(cfg)
-    callbacks = []
+    callbacks = list(callbacks)
     if t["patience"]:
         callbacks.append(EarlyStopping(t["patience"]))
     if cfg["log"]["tensorboard"]:
@@ -295,15 +296,18 @@ def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, los
 # The three workflows
 
 
-def fit(cfg: dict, resume: bool = False) -> dict:
-    """Train; then, when there is a test split, reload best.pt, test and write predictions.csv."""
+def fit(cfg: dict, resume: bool = False, callbacks: list | tuple = ()) -> dict:
+    """Train; then, when there is a test split, reload best.pt, test and write predictions.csv.
+
+    ``callbacks``: added to the ones the config asks for (``trainval tune``'s pruning, trackers).
+    """
     if not runfolder.is_main_process():
-        return _fit(cfg, resume)
+        return _fit(cfg, resume, callbacks)
     with runfolder.locked(run_folder(cfg), "fit"):  # one writer per run folder, released on any exit
-        return _fit(cfg, resume)
+        return _fit(cfg, resume, callbacks)
 
 
-def _fit(cfg: dict, resume: bool) -> dict:
+def _fit(cfg: dict, resume: bool, callbacks: list | tuple = ()) -> dict:
     started = time.perf_counter()
     seed_everything(cfg["train"]["seed"])  # before the model is built: its initial weights too
     splits = load_splits(cfg)
@@ -315,7 +319,7 @@ def _fit(cfg: dict, resume: bool) -> dict:
     resolved = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
     model = build_model(cfg["model"], in_shape, num_outputs)
     loss = build_loss(cfg, splits, num_outputs)
-    trainer = build_trainer(cfg, model, _num_samples(splits.train), resolved, loss)
+    trainer = build_trainer(cfg, model, _num_samples(splits.train), resolved, loss, callbacks)
     if resume:
         for note in _resume_changes(cfg, resolved):
             trainer.log(note)
