@@ -148,6 +148,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "log": {
         "tensorboard": Key("bool", False, "TensorBoard scalars in `<run folder>/tb` (needs the tensorboard extra)"),
         "plot": Key("bool", True, "write curves.png"),
+        "mlflow": Key("bool", False, "log to MLflow (the mlflow extra): scalars, the config as parameters"),
+        "mlflow_uri": Key("str", None, "MLflow tracking URI (default: `sqlite:///<run.out_dir>/mlflow.db`)", nullable=True),
+        "mlflow_experiment": Key("str", "trainval", "MLflow experiment name"),
+        "wandb": Key("bool", False, "log to Weights & Biases (the wandb extra)"),
+        "wandb_project": Key("str", "trainval", "W&B project"),
+        "wandb_mode": Key("str", None, "W&B mode: `online`, `offline` (no account needed) or `disabled` (default: W&B's own)",
+                          nullable=True, choices=("online", "offline", "disabled")),
+        "artifacts": Key("bool", False, "trackers: also log best.pt as an artifact at the end"),
     },
 }
 
@@ -358,6 +366,13 @@ RESUME_MAY_CHANGE = {
     "run.overwrite": "not used by resume",
     "log.tensorboard": "logging only",
     "log.plot": "logging only",
+    "log.mlflow": "logging only",
+    "log.mlflow_uri": "logging only",
+    "log.mlflow_experiment": "logging only",
+    "log.wandb": "logging only",
+    "log.wandb_project": "logging only",
+    "log.wandb_mode": "logging only",
+    "log.artifacts": "logging only",
 }
 
 

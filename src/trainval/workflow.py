@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainval import config, preprocess, runfolder, runs
+from trainval import config, preprocess, runfolder, runs, trackers
 from trainval.callbacks import EarlyStopping, TensorBoardLogger
 from trainval.checkpoint import atomic_write, check_recorded_model, load_checkpoint
 from trainval.config import require_trusted_code
@@ -276,6 +276,7 @@ def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, los
         callbacks.append(EarlyStopping(t["patience"]))
     if cfg["log"]["tensorboard"]:
         callbacks.append(TensorBoardLogger(os.path.join(folder, "tb")))
+    callbacks += trackers.from_config(cfg)
     saved = dict(cfg)
     saved["resolved"] = resolved
     return Trainer(
