@@ -37,7 +37,7 @@ def test_tune_four_trials_best_yaml_reproduces_the_best_trial(tmp_path, capsys):
         assert summary["status"] == "finished" and summary["best_value"] == t.value
         assert summary["trainer"]["optimizer_args"]["lr"] == pytest.approx(t.params["optim.lr"])
         if t.state == optuna.trial.TrialState.PRUNED:
-            assert summary["epochs"] < 3
+            assert summary["epochs"] < 3 and summary["pruned"] is True
     out = capsys.readouterr().out
     assert out.count("\n0 ") + out.count("\n0 *") == 1 and "best trial written to" in out
     assert result["best_yaml"] == str(folder / "best.yaml") and len(result["trials"]) == 4
@@ -55,8 +55,13 @@ def test_tune_four_trials_best_yaml_reproduces_the_best_trial(tmp_path, capsys):
     # the runs table lists the trials and the refit
     listed = json.loads(run_cli("runs", str(tmp_path), "--format", "json", check=True).stdout)
     assert sorted(r["name"] for r in listed) == ["search-best", *(f"search/trials/{n:04d}" for n in range(4))]
+    statuses = {r["name"]: r["status"] for r in listed}
+    for t in study.trials:
+        pruned = t.state == optuna.trial.TrialState.PRUNED
+        assert statuses[f"search/trials/{t.number:04d}"] == ("pruned" if pruned else "finished")
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study_and_a_rerun_continues_it(tmp_path):
     args = [sys.executable, "-m", "trainval", "tune", "--trials", "2", *FIXED, f"run.out_dir={tmp_path}",
             "run.name=shared", "optim.lr=loguniform(1e-4,3e-2)", "--pruner", "none"]
@@ -103,3 +108,23 @@ def test_cli_tune_errors_are_one_line(tmp_path):
     taken = run_cli("tune", "--trials", "1", "optim.lr=uniform(0.001,0.01)", f"run.out_dir={tmp_path}")
     assert taken.returncode == 2 and "was not made by `trainval tune`" in taken.stderr
     assert taken.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("pruner, epochs", [("threshold", 1), ("none", 4)])
+def test_pruning_callback_stops_the_fit_when_the_pruner_says_so(tmp_path, pruner, epochs):
+    from tests.conftest import make_blobs, tiny_mlp
+    from trainval import Trainer
+    from trainval.tuning import PruningCallback
+
+    # a threshold no accuracy reaches prunes at the first report; the control never prunes
+    chosen = optuna.pruners.ThresholdPruner(lower=1.5) if pruner == "threshold" else optuna.pruners.NopPruner()
+    study = optuna.create_study(direction="maximize", pruner=chosen)
+    trial = study.ask()
+    callback = PruningCallback(trial)
+    X, y = make_blobs(n=60)
+    history = Trainer(tiny_mlp(), max_epochs=4, out_dir=str(tmp_path / "r"), progress=False,
+                      callbacks=[callback]).fit((X[:40], y[:40]), (X[40:], y[40:]))
+    assert len(history) == epochs and callback.pruned == (pruner == "threshold")
+    reported = study.trials[0].intermediate_values
+    assert sorted(reported) == list(range(1, epochs + 1))
+    assert reported[epochs] == history[-1]["val_acc"]

@@ -160,11 +160,12 @@ def record_test(folder: str, metrics: dict) -> None:
 
 
 def run_status(folder: str, summary: dict | None) -> str:
-    """``finished``; ``running`` while a trainval process holds the folder's lock during a fit;
-    ``interrupted`` for a fit that stopped before its end (a signal, a kill or an error)."""
+    """``finished`` (``pruned``: a tuning trial stopped early by the pruner); ``running`` while a trainval
+    process holds the folder's lock during a fit; ``interrupted`` for a fit that stopped before its end
+    (a signal, a kill or an error)."""
     recorded = (summary or {}).get("status")
     if recorded == "finished":
-        return "finished"
+        return "pruned" if (summary or {}).get("pruned") else "finished"
     if runfolder.is_locked(folder):
         return "running"
     return "interrupted" if recorded == "running" or os.path.exists(os.path.join(folder, "last.pt")) else "empty"
@@ -304,6 +305,7 @@ def plot_runs(records: list[dict], path: str) -> str:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, column in zip(axes.flat, panels):
@@ -319,6 +321,7 @@ def plot_runs(records: list[dict], path: str) -> str:
                     ax.plot([best], at, marker="*", ms=12, color=line.get_color())
         ax.set_title(column + (" (* best epoch)" if any(c == column for c in (r.get("monitor") for r, _ in curves)) else ""))
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()

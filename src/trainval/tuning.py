@@ -214,7 +214,7 @@ def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: M
                             f"search space {s.key}={s.text}")
 
     optuna = _optuna()
-    from trainval import workflow
+    from trainval import runs, workflow
 
     folder = workflow.run_folder(base)
     _study_folder(folder)
@@ -253,6 +253,7 @@ def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: M
         if summary.get("test"):
             trial.set_user_attr("test", summary["test"])
         if pruning.pruned:
+            runs.update_summary(workflow.run_folder(cfg), pruned=True)  # `trainval runs` shows it as pruned
             raise optuna.TrialPruned()  # Optuna's way to end a trial as pruned, outside the training loop
         if summary.get("best_value") is None:
             raise ConfigError(f"trial {trial.number} has no best value of {summary.get('monitor')}.")
