@@ -159,6 +159,12 @@ def test_predict_from_the_run_folder_alone_with_standardisation_equals_load_mode
     stats = json.loads((folder / "standardize.json").read_text())
     assert stats["shape"] == [64] and stats["samples"] < 1500  # fitted on the training split only
     assert not (folder / "standardize.pkl").exists()
+    other = tmp_path / "other.npz"
+    np.savez(other, x=X[:1500] * 2, y=y[:1500])
+    refused = run_cli("fit", *COMMON, "data.source=npz", f"data.train={other}", "data.standardize=true",
+                      "run.name=std", f"run.out_dir={out}")
+    assert refused.returncode == 2 and "already holds a run" in refused.stderr
+    assert json.loads((folder / "standardize.json").read_text()) == stats  # a refused fit leaves the run alone
     os.remove(train)  # the training file is needed to train, not to predict
 
     preds = tmp_path / "preds.csv"

@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from trainval.callbacks import Callback
 from trainval.checkpoint import atomic_write
 from trainval.errors import ConfigError, DataError
 
@@ -40,6 +41,17 @@ def apply(stats: dict, X: np.ndarray, what: str = "data") -> np.ndarray:
     mean = np.asarray(stats["mean"], dtype=np.float64).reshape(shape)
     std = np.asarray(stats["std"], dtype=np.float64).reshape(shape)
     return ((X - mean) / std).astype(dtype)
+
+
+class SaveStandardizer(Callback):
+    """Writes ``standardize.json`` at the start of ``fit`` (rank 0), after the run folder was accepted."""
+
+    def __init__(self, stats: dict):
+        self.stats = stats
+
+    def on_fit_start(self, trainer) -> None:
+        if trainer.dist.is_main:
+            save(trainer.out_dir, self.stats)
 
 
 def save(folder: str, stats: dict) -> str:

@@ -315,7 +315,8 @@ def _fit(cfg: dict, resume: bool, callbacks: list | tuple = ()) -> dict:
     if splits.train is None:
         raise ConfigError("there is no training data (data.factory returned no 'train').")
     if cfg["data"]["standardize"]:
-        splits = _standardize_for_fit(cfg, splits, resume)
+        splits, saver = _standardize_for_fit(splits)
+        callbacks = [*callbacks, saver]
     in_shape, num_outputs = _shape_and_outputs(splits, task_name(cfg), cfg["model"]["name"])
     resolved = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
     model = build_model(cfg["model"], in_shape, num_outputs)
@@ -346,18 +347,16 @@ def _fit(cfg: dict, resume: bool, callbacks: list | tuple = ()) -> dict:
     return summary
 
 
-def _standardize_for_fit(cfg: dict, splits: Splits, resume: bool) -> Splits:
-    """Fit the statistics on the training split, save them in the run folder, apply them to every split."""
+def _standardize_for_fit(splits: Splits) -> tuple[Splits, preprocess.SaveStandardizer]:
+    """Fit the statistics on the training split and apply them to every split; the callback saves them
+    once the Trainer has accepted the run folder (a refused fit leaves an existing run's file alone)."""
     if not isinstance(splits.train, Split):
         raise ConfigError("data.standardize needs in-memory features (data.source csv, npz or digits).")
     stats = preprocess.fit_standardizer(splits.train.X)
-    if runfolder.is_main_process():
-        folder = run_folder(cfg)
-        runfolder.claim(folder, resume)  # never beside a user's own files
-        preprocess.save(folder, stats)
-    return Splits(*(_standardized(s, stats, name) for s, name in ((splits.train, "training data"),
-                                                                   (splits.val, "validation data"),
-                                                                   (splits.test, "test data"))))
+    standardized = Splits(*(_standardized(s, stats, name) for s, name in ((splits.train, "training data"),
+                                                                          (splits.val, "validation data"),
+                                                                          (splits.test, "test data"))))
+    return standardized, preprocess.SaveStandardizer(stats)
 
 
 def _standardized(split: Any, stats: dict, what: str) -> Any:
