@@ -106,8 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default=None, metavar="NAME", help="study name (default: run.name)")
     p.add_argument("--pruner", choices=("median", "none"), default="median",
                    help="stop unpromising trials early on the monitored metric (default: median)")
-    p.add_argument("--trust-code", action="store_true",
-                   help="allow importing the 'module:name' model or data factory that the config names")
 
     p = sub.add_parser("lint", help="find training-loop mistakes in Python files")
     from trainval.lint.cli import add_arguments
@@ -247,7 +245,7 @@ def _dispatch(args) -> int:
 
         cfg_path, overrides, space = tuning.split_arguments(args.args)
         tuning.tune(cfg_path, overrides, space, trials=args.trials, storage=args.storage, study_name=args.study,
-                  pruner=args.pruner, trust_code=args.trust_code)
+                  pruner=args.pruner)
         return 0
     cfg_path, overrides = _split_positionals(args.args)
     if args.command in ("test", "predict") and cfg_path is not None and os.path.isdir(cfg_path):

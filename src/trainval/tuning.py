@@ -157,7 +157,8 @@ def _study_folder(folder: str) -> None:
     runfolder.make_folder(folder)
     marker = os.path.join(folder, MARKER)
     if not os.path.exists(marker):
-        if os.listdir(folder):
+        # another worker's marker may be half-written (its temp file): that is not a user's file
+        if [e for e in os.listdir(folder) if not e.startswith(runfolder.TEMP_PREFIX)]:
             raise ConfigError(f"{folder} already exists and was not made by `trainval tune` (no {MARKER}); "
                               "choose another run.name or run.out_dir for the search.")
         atomic_write(marker, lambda f: f.write(b'{"made_by": "trainval tune"}\n'), "tuning marker")
@@ -172,8 +173,7 @@ def _storage(url: str | None, folder: str):
 
 
 def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: Mapping[str, str] | None = None, *,
-         trials: int, storage: str | None = None, study_name: str | None = None, pruner: str = "median",
-         trust_code: bool = False) -> dict:
+         trials: int, storage: str | None = None, study_name: str | None = None, pruner: str = "median") -> dict:
     """Search hyperparameters with Optuna; every trial is an ordinary ``fit`` into its own run folder.
 
     Args:
@@ -185,7 +185,6 @@ def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: M
         study_name: default ``run.name``.
         pruner: ``median`` (stop trials whose monitored value is worse than the median of earlier
             trials at the same epoch) or ``none``.
-        trust_code: allow the config's ``module:name`` model or data factory (they run code).
 
     Returns ``{"study", "folder", "best_yaml", "trials"}`` (the trials as table rows).
 
@@ -202,7 +201,6 @@ def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: M
     if pruner not in ("median", "none"):
         raise ConfigError(f"pruner must be 'median' or 'none', got {pruner!r}.")
     base = config.load(config_path, list(overrides))
-    config.require_trusted_code(base, trust_code, "tune")
     spaces = [Space(k, v) for k, v in (space or {}).items()]
     if not spaces:
         raise ConfigError("nothing to search: give at least one key=dist(...), e.g. optim.lr=loguniform(1e-4,1e-2).")
