@@ -37,10 +37,10 @@ RUNS_EXAMPLES = """examples:
   trainval runs runs --plot             # runs/runs.png: their validation curves overlaid
 """
 TUNE_EXAMPLES = """examples:
-  trainval tune --trials 20 optim.lr=loguniform(1e-4,1e-2) model.dropout=uniform(0,0.5)
+  trainval tune --trials 20 'optim.lr=loguniform(1e-4,1e-2)' 'model.dropout=uniform(0,0.5)'
   trainval tune examples/phoneme_mlp.yaml --trials 30 'model.hidden=choice([64],[128,64])' train.epochs=10
   trainval tune cfg.yaml --trials 10 --storage sqlite:////shared/study.db   # workers on several machines
-  trainval fit runs/digits-tune/best.yaml   # the best trial's config
+  trainval fit runs/digits/best.yaml        # the best trial's config (run: runs/digits-best)
 """
 
 
