@@ -181,6 +181,13 @@ def test_predict_from_the_run_folder_alone_with_standardisation_equals_load_mode
     assert not np.array_equal(raw.argmax(1).numpy(), classes)  # control: without the statistics they differ
     assert (classes == y[1500:]).mean() > 0.3  # learnt something (chance: 0.1)
 
+    labelled = tmp_path / "labelled.npz"
+    np.savez(labelled, x=X[1500:], y=y[1500:])
+    tested = run_cli("test", str(folder), f"data.test={labelled}", check=True)
+    scored = json.loads((folder / "test.json").read_text())
+    assert scored["test_acc"] == pytest.approx((classes == y[1500:]).mean()) and "Test Acc" in tested.stdout
+    assert json.loads((folder / "summary.json").read_text())["test"]["test_acc"] == scored["test_acc"]
+
     os.remove(folder / "standardize.json")
     missing = run_cli("predict", str(folder), f"data.test={new}", "--out", str(preds))
     assert missing.returncode == 2 and "standardize.json does not exist" in missing.stderr
