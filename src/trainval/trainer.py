@@ -80,7 +80,8 @@ class Trainer:
         metrics: metric names (see :mod:`trainval.metrics`), metric objects, or ``{name: metric}``; default
             per task: ``acc`` (multiclass, binary), ``f1_micro`` (multilabel), ``mse`` and ``mae`` (regression).
         max_epochs: epochs to train (a resumed run continues up to this number).
-        out_dir: run folder for ``best.pt``, ``last.pt``, ``metrics.csv`` and ``curves.png``.
+        out_dir: run folder for ``best.pt``, ``last.pt``, ``metrics.csv``, ``curves.png`` and ``summary.json``
+            (see :class:`~trainval.runs.RunSummary`).
         seed: seeds Python/NumPy/torch at the start of ``fit`` and the trainer's shuffling generator.
         monitor: the metric that picks ``best.pt``: ``val_<metric>``, ``train_<metric>`` or ``*_loss``
             (default: ``val_`` + the first metric, ``train_`` without validation data); ``mode``
