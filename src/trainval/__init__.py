@@ -23,11 +23,16 @@ _PUBLIC = {
     "load_checkpoint": "trainval.checkpoint",
     "load_model_weights": "trainval.checkpoint",
     "save_checkpoint": "trainval.checkpoint",
+    "load_model": "trainval.runs",
+    "find_runs": "trainval.runs",
+    "RunSummary": "trainval.runs",
+    "tune": "trainval.tuning",
 }
 
 __all__ = [
     "Trainer", "seed_everything", "Callback", "EarlyStopping", "ProgressBar", "TensorBoardLogger",
     "TensorLoader", "TrainvalError", "load_checkpoint", "load_model_weights", "save_checkpoint",
+    "load_model", "find_runs", "RunSummary", "tune",
     "__version__",
 ]
 
@@ -45,4 +50,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from trainval.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
     from trainval.data import TensorLoader
     from trainval.errors import TrainvalError
+    from trainval.runs import RunSummary, find_runs, load_model
     from trainval.trainer import Trainer, seed_everything
+    from trainval.tuning import tune

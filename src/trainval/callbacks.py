@@ -123,12 +123,17 @@ class ProgressBar(Callback):
 
 
 def metric_columns(history: list[dict]) -> list[str]:
-    """Every key of every row, in first-seen order, with ``lr`` and ``seconds`` last."""
+    """Every key of every row, in first-seen order, with the learning rates (``lr``: param group 0,
+    ``lr_<i>``: group i) and ``seconds`` last."""
     columns: list[str] = []
     for row in history:
         columns += [k for k in row if k not in columns]
-    tail = [c for c in ("lr", "seconds") if c in columns]
+    tail = [c for c in columns if _is_lr_column(c)] + (["seconds"] if "seconds" in columns else [])
     return [c for c in columns if c not in tail] + tail
+
+
+def _is_lr_column(column: str) -> bool:
+    return column == "lr" or (column.startswith("lr_") and column[3:].isdigit())
 
 
 def write_metrics_csv(path: str, history: list[dict]) -> None:
@@ -144,7 +149,8 @@ def write_metrics_csv(path: str, history: list[dict]) -> None:
 
 
 def plot_curves(path: str, history: list[dict], monitor: str | None = None, best_epoch: int | None = None) -> None:
-    """One panel per metric (loss first), train vs val per epoch, the best epoch marked; one PNG, atomic."""
+    """One panel per metric (loss first), train vs val per epoch, the best epoch marked, and a panel of
+    every param group's learning rate; one PNG, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -156,9 +162,11 @@ def plot_curves(path: str, history: list[dict], monitor: str | None = None, best
         if split in ("train", "val") and name and name not in names:
             names.append(name)
     names.sort(key=lambda n: n != "loss")
+    lr_columns = [c for c in metric_columns(history) if _is_lr_column(c)]
     epochs = [r["epoch"] for r in history]
-    cols = min(3, len(names)) or 1
-    rows = math.ceil(len(names) / cols) or 1
+    panels = len(names) + bool(lr_columns)
+    cols = min(3, panels) or 1
+    rows = math.ceil(panels / cols) or 1
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         for split in ("train", "val"):
@@ -171,7 +179,21 @@ def plot_curves(path: str, history: list[dict], monitor: str | None = None, best
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-    for ax in list(axes.flat)[len(names):]:
+    if lr_columns:
+        ax = axes.flat[len(names)]
+        for column in lr_columns:
+            values = [r.get(column) for r in history]
+            label = "group 0" if column == "lr" else f"group {column[3:]}"
+            ax.plot(epochs, [math.nan if v is None else v for v in values], marker="o", ms=3, label=label)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color="grey", ls="--", lw=1, label="best")
+        if all(isinstance(r.get(c), (int, float)) and r.get(c) > 0 for r in history for c in lr_columns):
+            ax.set_yscale("log")
+        ax.set_title("Learning rate (at the epoch's start)")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    for ax in list(axes.flat)[panels:]:
         ax.set_visible(False)
     fig.tight_layout()
     buf = io.BytesIO()

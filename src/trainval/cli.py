@@ -23,10 +23,24 @@ FIT_EXAMPLES = """examples:
 TEST_EXAMPLES = """examples:
   trainval test examples/digits.yaml
   trainval test examples/digits.yaml --ckpt last
+  trainval test runs/phoneme data.test=new_labelled.csv   # a run folder: its own config.yaml
 """
 PREDICT_EXAMPLES = """examples:
   trainval predict examples/phoneme_mlp.yaml
   trainval predict examples/phoneme_mlp.yaml --out preds.csv --proba
+  trainval predict runs/phoneme data.test=new.csv --out new_preds.csv   # no training file needed
+"""
+RUNS_EXAMPLES = """examples:
+  trainval runs                         # every run below runs/
+  trainval runs runs --sort best        # best monitored value first
+  trainval runs runs --sort test_acc --reverse --format json
+  trainval runs runs --plot             # runs/runs.png: their validation curves overlaid
+"""
+TUNE_EXAMPLES = """examples:
+  trainval tune --trials 20 'optim.lr=loguniform(1e-4,1e-2)' 'model.dropout=uniform(0,0.5)'
+  trainval tune examples/phoneme_mlp.yaml --trials 30 'model.hidden=choice([64],[128,64])' train.epochs=10
+  trainval tune cfg.yaml --trials 10 --storage sqlite:////shared/study.db   # workers on several machines
+  trainval fit runs/digits/best.yaml        # the best trial's config (run: runs/digits-best)
 """
 
 
@@ -61,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, examples, help_ in (("test", TEST_EXAMPLES, "metrics of a checkpoint on the test split"),
                                   ("predict", PREDICT_EXAMPLES, "write a predictions file for the test split")):
         p = sub.add_parser(name, help=help_, epilog=examples, formatter_class=raw)
-        p.add_argument("args", nargs="+", metavar="CONFIG [key=value]", help="the run's YAML config and overrides")
+        p.add_argument("args", nargs="+", metavar="CONFIG [key=value]",
+                       help="the run's YAML config, or its run folder (its config.yaml), and overrides")
         p.add_argument("--ckpt", default="best", help="best (default), last, or a checkpoint path")
         p.add_argument("--trust-code", action="store_true",
                        help="allow importing the 'module:name' model or data factory that the config names")
@@ -70,6 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--proba", action="store_true", help="add one probability column per class")
             p.add_argument("--force", action="store_true",
                            help="replace an existing --out file that is not a predictions file trainval wrote")
+
+    p = sub.add_parser("runs", help="list and compare the runs below a folder", epilog=RUNS_EXAMPLES, formatter_class=raw)
+    p.add_argument("folder", nargs="?", default="runs", help="where to look for run folders (default: runs)")
+    p.add_argument("--sort", default=None, metavar="KEY",
+                   help="best (best monitored value first), name, status, epochs, time, or a column: test_acc, val_loss...")
+    p.add_argument("--reverse", action="store_true", help="reverse the order")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="table (default) or json")
+    p.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
+                   help="overlay the runs' validation curves in one PNG (default: FOLDER/runs.png)")
+
+    p = sub.add_parser("tune", help="hyperparameter search with Optuna (each trial a run)", epilog=TUNE_EXAMPLES,
+                       formatter_class=raw)
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value|key=dist(...)]",
+                   help="a YAML config, fixed overrides, and search spaces: loguniform(a,b), uniform(a,b), "
+                        "int(a,b), choice(x,y,...)")
+    p.add_argument("--trials", type=int, required=True, metavar="N", help="trials this worker runs")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="Optuna storage shared by several workers (default: sqlite study.db in the run folder)")
+    p.add_argument("--study", default=None, metavar="NAME", help="study name (default: run.name)")
+    p.add_argument("--pruner", choices=("median", "none"), default="median",
+                   help="stop unpromising trials early on the monitored metric (default: median)")
 
     p = sub.add_parser("lint", help="find training-loop mistakes in Python files")
     from trainval.lint.cli import add_arguments
@@ -199,8 +235,26 @@ def _dispatch(args) -> int:
     # config's `module:function` factories and `module:Class` models from there too.
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if args.command == "runs":
+        from trainval import runs
+
+        print(runs.report(args.folder, sort=args.sort, reverse=args.reverse, fmt=args.format, plot=args.plot))
+        return 0
+    if args.command == "tune":
+        from trainval import tuning
+
+        cfg_path, overrides, space = tuning.split_arguments(args.args)
+        tuning.tune(cfg_path, overrides, space, trials=args.trials, storage=args.storage, study_name=args.study,
+                  pruner=args.pruner)
+        return 0
     cfg_path, overrides = _split_positionals(args.args)
-    cfg = config.load(cfg_path, overrides)  # config errors come before torch is imported
+    if args.command in ("test", "predict") and cfg_path is not None and os.path.isdir(cfg_path):
+        from trainval import runs
+
+        cfg = runs.run_config(cfg_path, overrides)  # a run folder: the config it was trained with
+        cfg_path = None
+    else:
+        cfg = config.load(cfg_path, overrides)  # config errors come before torch is imported
     from trainval import workflow
 
     if args.command == "fit":

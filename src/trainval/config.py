@@ -85,6 +85,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "on_device": Key("bool", None, "keep in-memory data on the GPU (default: when it fits)", nullable=True),
         "check_inputs": Key("bool", True, "refuse NaN/Inf features before training"),
         "num_workers": Key("int", 0, "DataLoader workers for Dataset inputs", minimum=0),
+        "standardize": Key("bool", False, "standardise features with the training split's per-feature mean and std "
+                           "(saved as `standardize.json` in the run folder; applied at test and predict)"),
     },
     "model": {
         "name": Key("str", "cnn", "built-in `mlp` or `cnn`, or `module:Class`", choices=("mlp", "cnn"), open_choices=True),
@@ -146,6 +148,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "log": {
         "tensorboard": Key("bool", False, "TensorBoard scalars in `<run folder>/tb` (needs the tensorboard extra)"),
         "plot": Key("bool", True, "write curves.png"),
+        "mlflow": Key("bool", False, "log to MLflow (the mlflow extra): scalars, the config as parameters"),
+        "mlflow_uri": Key("str", None, "MLflow tracking URI (default: `sqlite:///<run.out_dir>/mlflow.db`)", nullable=True),
+        "mlflow_experiment": Key("str", "trainval", "MLflow experiment name"),
+        "wandb": Key("bool", False, "log to Weights & Biases (the wandb extra)"),
+        "wandb_project": Key("str", "trainval", "W&B project"),
+        "wandb_mode": Key("str", None, "W&B mode: `online`, `offline` (no account needed) or `disabled` (default: W&B's own)",
+                          nullable=True, choices=("online", "offline", "disabled")),
+        "artifacts": Key("bool", False, "trackers: also log best.pt as an artifact at the end"),
     },
 }
 
@@ -356,6 +366,13 @@ RESUME_MAY_CHANGE = {
     "run.overwrite": "not used by resume",
     "log.tensorboard": "logging only",
     "log.plot": "logging only",
+    "log.mlflow": "logging only",
+    "log.mlflow_uri": "logging only",
+    "log.mlflow_experiment": "logging only",
+    "log.wandb": "logging only",
+    "log.wandb_project": "logging only",
+    "log.wandb_mode": "logging only",
+    "log.artifacts": "logging only",
 }
 
 

@@ -29,17 +29,9 @@ TEMP_PREFIX = ".trainval-"
 # mkstemp's names: prefix + 8 characters from [a-z0-9_] + suffix.
 _OWN_TEMP = re.compile(r"^\.trainval-.+\.[a-z0-9_]{8}\.tmp$")
 # Every name a fit may write into its run folder (the Trainer's and the CLI workflow's).
-RUN_FILES = (
-    "best.pt",
-    "last.pt",
-    "config.yaml",
-    "metrics.csv",
-    "curves.png",
-    "summary.json",
-    "predictions.csv",
-    "test.json",
-    "tb",
-)
+RUN_FILES = ("best.pt", "last.pt", "config.yaml", "metrics.csv", "curves.png", "summary.json",
+             "predictions.csv", "predictions.npy", "confusion_matrix.csv", "test.json", "tb", "standardize.json",
+             "trials", "study.db", "best.yaml", "wandb")
 
 _held: dict[str, list] = {}  # realpath -> [fd, depth]: the lock is re-entrant within one process
 
@@ -135,6 +127,39 @@ def locked(folder: str, command: str, create: bool = True) -> Iterator[None]:
     finally:
         del _held[key]
         os.close(fd)  # releases the lock
+
+
+def is_locked(folder: str) -> bool:
+    """Whether a live trainval process holds the folder's writer lock (fit, test or predict).
+
+    Only a folder whose marker names a live process is probed, and the probe is a shared lock held for
+    an instant, so that listing runs practically never gets in a starting fit's way.
+    """
+    pid = _holder_pid(folder)
+    if pid is None:
+        return False
+    if pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass  # alive, another user's
+    import fcntl
+
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def is_main_process() -> bool:

@@ -57,6 +57,7 @@ from trainval.errors import (
     TrainvalError,
 )
 from trainval.metrics import MetricSet, confusion_metric, metric_direction, resolve_metrics
+from trainval.runs import RunSummary, record_test
 from trainval.state import LoopState, rng_state, seed_everything, set_rng_state
 from trainval.tasks import Task, check_loss, loss_weight, make_task, task_for_output
 
@@ -79,7 +80,8 @@ class Trainer:
         metrics: metric names (see :mod:`trainval.metrics`), metric objects, or ``{name: metric}``; default
             per task: ``acc`` (multiclass, binary), ``f1_micro`` (multilabel), ``mse`` and ``mae`` (regression).
         max_epochs: epochs to train (a resumed run continues up to this number).
-        out_dir: run folder for ``best.pt``, ``last.pt``, ``metrics.csv`` and ``curves.png``.
+        out_dir: run folder for ``best.pt``, ``last.pt``, ``metrics.csv``, ``curves.png`` and ``summary.json``
+            (see :class:`~trainval.runs.RunSummary`).
         seed: seeds Python/NumPy/torch at the start of ``fit`` and the trainer's shuffling generator.
         monitor: the metric that picks ``best.pt``: ``val_<metric>``, ``train_<metric>`` or ``*_loss``
             (default: ``val_`` + the first metric, ``train_`` without validation data); ``mode``
@@ -320,7 +322,8 @@ class Trainer:
         try:
             with self._signal_handlers():
                 self._bar = ProgressBar() if (self.progress and self.dist.is_main) else None
-                callbacks = ([self._bar] if self._bar else []) + self.callbacks
+                # summary.json last: it records the columns the user's callbacks add to a row
+                callbacks = ([self._bar] if self._bar else []) + self.callbacks + ([RunSummary()] if self.dist.is_main else [])
                 for cb in callbacks:
                     cb.on_fit_start(self)
                 while self.epoch < self.max_epochs and not self.should_stop:
@@ -345,9 +348,13 @@ class Trainer:
         """Reload ``best.pt`` (or ``ckpt``), then ``{"test_loss", "test_<metric>", ...}`` on ``test_data``.
 
         For a multiclass task the confusion matrix (rows: true class, columns: predicted) is also
-        written to ``out_dir/confusion_matrix.csv`` when the run folder exists.
+        written to ``out_dir/confusion_matrix.csv`` when the run folder exists. The metrics of the run's
+        own ``best``/``last`` checkpoint also go into its ``summary.json``.
         """
-        return self._score(test_data, ckpt, "test")
+        metrics = self._score(test_data, ckpt, "test")
+        if self.dist.is_main and ckpt in ("best", "last"):
+            record_test(self.out_dir, metrics)
+        return metrics
 
     def predict(self, inputs: Any, ckpt: str | None = "best") -> torch.Tensor:
         """Predictions from ``best.pt`` (or ``ckpt``), input order, on the CPU; targets are ignored.
@@ -417,7 +424,7 @@ class Trainer:
         start = self.state.epoch_start
         done_before = start.get("seconds", 0.0) if (self.batch_in_epoch and start) else 0.0
         started = time.perf_counter() - done_before
-        lr = self.optimizer.param_groups[0]["lr"]
+        lrs = [group["lr"] for group in self.optimizer.param_groups]  # before this epoch's scheduler steps
         self._train_model.train()
         for cb in callbacks:  # after train(): a callback may freeze modules or put some in eval mode
             cb.on_epoch_start(self, epoch)
@@ -430,7 +437,8 @@ class Trainer:
             val, count = self._evaluate(self.val_loader, self._val_metrics)
             self._check_count(count, self.val_loader, "validation")
             row.update({f"val_{k}": v for k, v in val.items()})
-        row["lr"] = lr
+        row["lr"] = lrs[0]  # param group 0; lr_1, lr_2... for the others
+        row.update({f"lr_{i}": lr for i, lr in enumerate(lrs[1:], start=1)})
         self._step_scheduler_per_epoch(row)
         self.state.epoch, self.state.batch_in_epoch, self.state.epoch_start = epoch, 0, None
         self.log(self._epoch_line(epoch, row))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainval import config, runfolder
+from trainval import config, preprocess, runfolder, runs, trackers
 from trainval.callbacks import EarlyStopping, TensorBoardLogger
 from trainval.checkpoint import atomic_write, check_recorded_model, load_checkpoint
 from trainval.config import require_trusted_code
@@ -265,16 +265,18 @@ def build_loss(cfg: dict, splits: Splits | None, num_outputs: int | None) -> nn.
     return LOSSES[name](**kwargs)
 
 
-def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, loss: nn.Module | None = None) -> Trainer:
+def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, loss: nn.Module | None = None,
+                  callbacks: list | tuple = ()) -> Trainer:
     t = cfg["train"]
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, n_train)
     folder = run_folder(cfg)
-    callbacks = []
+    callbacks = list(callbacks)
     if t["patience"]:
         callbacks.append(EarlyStopping(t["patience"]))
     if cfg["log"]["tensorboard"]:
         callbacks.append(TensorBoardLogger(os.path.join(folder, "tb")))
+    callbacks += trackers.from_config(cfg)
     saved = dict(cfg)
     saved["resolved"] = resolved
     return Trainer(
@@ -295,25 +297,31 @@ def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, los
 # The three workflows
 
 
-def fit(cfg: dict, resume: bool = False) -> dict:
-    """Train; then, when there is a test split, reload best.pt, test and write predictions.csv."""
+def fit(cfg: dict, resume: bool = False, callbacks: list | tuple = ()) -> dict:
+    """Train; then, when there is a test split, reload best.pt, test and write predictions.csv.
+
+    ``callbacks``: added to the ones the config asks for (``trainval tune``'s pruning, trackers).
+    """
     if not runfolder.is_main_process():
-        return _fit(cfg, resume)
+        return _fit(cfg, resume, callbacks)
     with runfolder.locked(run_folder(cfg), "fit"):  # one writer per run folder, released on any exit
-        return _fit(cfg, resume)
+        return _fit(cfg, resume, callbacks)
 
 
-def _fit(cfg: dict, resume: bool) -> dict:
+def _fit(cfg: dict, resume: bool, callbacks: list | tuple = ()) -> dict:
     started = time.perf_counter()
     seed_everything(cfg["train"]["seed"])  # before the model is built: its initial weights too
     splits = load_splits(cfg)
     if splits.train is None:
         raise ConfigError("there is no training data (data.factory returned no 'train').")
+    if cfg["data"]["standardize"]:
+        splits, saver = _standardize_for_fit(splits)
+        callbacks = [*callbacks, saver]
     in_shape, num_outputs = _shape_and_outputs(splits, task_name(cfg), cfg["model"]["name"])
     resolved = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
     model = build_model(cfg["model"], in_shape, num_outputs)
     loss = build_loss(cfg, splits, num_outputs)
-    trainer = build_trainer(cfg, model, _num_samples(splits.train), resolved, loss)
+    trainer = build_trainer(cfg, model, _num_samples(splits.train), resolved, loss, callbacks)
     if resume:
         for note in _resume_changes(cfg, resolved):
             trainer.log(note)
@@ -334,9 +342,48 @@ def _fit(cfg: dict, resume: bool) -> dict:
     summary["train_samples_per_second"] = (
         round(summary["train_samples"] * len(history) / epoch_seconds, 1) if epoch_seconds > 0 else None
     )
-    if trainer.dist.is_main:
-        write_json(os.path.join(folder, "summary.json"), summary)
+    if trainer.dist.is_main:  # beside what the Trainer's RunSummary recorded
+        runs.update_summary(folder, **summary)
     return summary
+
+
+def _standardize_for_fit(splits: Splits) -> tuple[Splits, preprocess.SaveStandardizer]:
+    """Fit the statistics on the training split and apply them to every split; the callback saves them
+    once the Trainer has accepted the run folder (a refused fit leaves an existing run's file alone)."""
+    if not isinstance(splits.train, Split):
+        raise ConfigError("data.standardize needs in-memory features (data.source csv, npz or digits).")
+    stats = preprocess.fit_standardizer(splits.train.X)
+    standardized = Splits(*(_standardized(s, stats, name) for s, name in ((splits.train, "training data"),
+                                                                          (splits.val, "validation data"),
+                                                                          (splits.test, "test data"))))
+    return standardized, preprocess.SaveStandardizer(stats)
+
+
+def _standardized(split: Any, stats: dict, what: str) -> Any:
+    if split is None:
+        return None
+    if not isinstance(split, Split):
+        raise ConfigError("data.standardize needs in-memory features (data.source csv, npz or digits).")
+    return Split(preprocess.apply(stats, split.X, what), split.y)
+
+
+def _test_data(cfg: dict) -> tuple[Splits, dict | None]:
+    """The data ``test``/``predict`` need, and the model sizes fit recorded (None: size from the data).
+
+    With a separate test file (``data.test``) and a run folder whose config.yaml records the model's
+    input shape and outputs, the training file is not read at all: a run can be scored or used long
+    after its training data is gone. The recorded sizes are plain numbers, never code.
+    """
+    d = cfg["data"]
+    sizes = runs.recorded_sizes(run_folder(cfg)) if d["source"] in ("csv", "npz") and d["test"] else None
+    if sizes is not None and cfg["task"]["class_weights"] != "balanced" and sizes.get("task") == task_name(cfg):
+        splits = Splits(None, None, _load_file(cfg, d["test"], require_labels=False))
+    else:
+        splits, sizes = load_splits(cfg), None
+    if cfg["data"]["standardize"] and splits.test is not None:
+        stats = preprocess.load(run_folder(cfg))
+        splits = Splits(splits.train, splits.val, _standardized(splits.test, stats, "test data"))
+    return splits, sizes
 
 
 def _resume_changes(cfg: dict, resolved: dict) -> list[str]:
@@ -394,7 +441,7 @@ def _width(t: torch.Tensor) -> int:
     return int(np.prod(t.shape[1:])) if t.dim() > 1 else 1
 
 
-def _trainer_from_run(cfg: dict, ckpt: str | None, splits: Splits) -> tuple[Trainer, str]:
+def _trainer_from_run(cfg: dict, ckpt: str | None, splits: Splits, sizes: dict | None = None) -> tuple[Trainer, str]:
     """The model built from the user's own config and data, then checked against the checkpoint.
 
     The checkpoint is data only: the config recorded in it is compared, never used to build anything.
@@ -402,7 +449,10 @@ def _trainer_from_run(cfg: dict, ckpt: str | None, splits: Splits) -> tuple[Trai
     folder = run_folder(cfg)
     path = {"best": os.path.join(folder, "best.pt"), "last": os.path.join(folder, "last.pt")}.get(ckpt or "best", ckpt)
     state = load_checkpoint(path, map_location="cpu")
-    in_shape, num_outputs = _shape_and_outputs(splits, task_name(cfg), cfg["model"]["name"])
+    if sizes is not None:  # recorded by fit in the run folder's config.yaml
+        in_shape, num_outputs = sizes["in_shape"], sizes["num_outputs"]
+    else:
+        in_shape, num_outputs = _shape_and_outputs(splits, task_name(cfg), cfg["model"]["name"])
     resolved = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
     check_recorded_model(state, cfg["model"], resolved, path)  # before anything is built
     model = build_model(cfg["model"], in_shape, num_outputs)
@@ -418,13 +468,13 @@ def test(cfg: dict, ckpt: str | None = "best", trust_code: bool = False) -> dict
 
 
 def _test(cfg: dict, ckpt: str | None) -> dict:
-    splits = load_splits(cfg)
+    splits, sizes = _test_data(cfg)
     if splits.test is None:
         raise ConfigError("there is no test data: set data.test or data.test_split.")
     if isinstance(splits.test, Split) and splits.test.y is None:
         raise DataError(f"the test data ({cfg['data']['test']}) has no labels, so it cannot be scored; "
                         "use `trainval predict` to write predictions for it.")
-    trainer, path = _trainer_from_run(cfg, ckpt, splits)
+    trainer, path = _trainer_from_run(cfg, ckpt, splits, sizes)
     metrics = trainer.test(_pair(splits.test), ckpt=path)
     folder = run_folder(cfg)
     result = {"checkpoint": path, **metrics}
@@ -479,10 +529,10 @@ def _protected_paths(cfg: dict, ckpt: str | None, config_path: str | None) -> di
 
 
 def _predict(cfg: dict, ckpt: str | None, out: str, proba: bool) -> str:
-    splits = load_splits(cfg)
+    splits, sizes = _test_data(cfg)
     if splits.test is None:
         raise ConfigError("there is no test data to predict: set data.test or data.test_split.")
-    trainer, path = _trainer_from_run(cfg, ckpt, splits)
+    trainer, path = _trainer_from_run(cfg, ckpt, splits, sizes)
     inputs = splits.test.X if isinstance(splits.test, Split) else splits.test
     written = _write_predictions_for(trainer, inputs, path, out, proba=proba, cfg=cfg)
     trainer.log(f"wrote {written} predictions ({path}) -> {out}")

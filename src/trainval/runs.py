@@ -1,0 +1,455 @@
+"""Runs people can find, compare and reload: ``summary.json``, the runs table, ``load_model``.
+
+- Every fit (Python API or CLI) writes ``summary.json`` into its run folder through :class:`RunSummary`,
+  a callback the Trainer always adds on rank 0: at the start with ``"status": "running"``, after every
+  epoch, and with ``"finished"`` at the end. A run that stopped early (SIGINT/SIGTERM, a kill, an error)
+  keeps ``"running"`` in the file; :func:`run_status` tells it apart from a live one by the run
+  folder's writer lock, which the kernel releases when its holder dies in any way.
+- :func:`find_runs` lists the run folders (those with trainval's marker) below a folder, and
+  :func:`format_table` / :func:`plot_runs` show them side by side (``trainval runs``).
+- :func:`load_model` rebuilds a built-in model from the run folder's ``config.yaml`` (no code is
+  imported unless the caller trusts it) and loads a checkpoint's weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+from trainval import runfolder
+from trainval.callbacks import Callback
+from trainval.checkpoint import atomic_write
+from trainval.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from trainval.trainer import Trainer
+
+SUMMARY = "summary.json"
+PLOT_SOFTWARE = "trainval runs"  # the PNG metadata that marks a plot `trainval runs --plot` wrote
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` if it can be written as JSON without loss (numbers, strings, lists, dicts of them), else None."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return items if all(i is not None or v is None for i, v in zip(items, value)) else None
+    if isinstance(value, dict):
+        out = {str(k): _plain(v) for k, v in value.items()}
+        return out if all(out[str(k)] is not None or v is None for k, v in value.items()) else None
+    return None
+
+
+def trainer_arguments(trainer: Trainer) -> dict:
+    """The Trainer's arguments that can be written as plain values; objects by their class name."""
+    from trainval.checkpoint import unwrap_model
+
+    model = unwrap_model(trainer.model)
+    opt = trainer.optimizer
+    args = {
+        "model": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "optimizer": type(opt).__name__,
+        "optimizer_args": {k: v for k, v in ((k, _plain(v)) for k, v in opt.defaults.items()) if v is not None},
+        "param_groups": len(opt.param_groups),
+        "loss_fn": type(trainer.loss_fn).__name__ if trainer.loss_fn is not None else None,
+        "scheduler": type(trainer.scheduler).__name__ if trainer.scheduler is not None else None,
+        "scheduler_interval": trainer.scheduler_interval,
+        "task": trainer.task.name if trainer.task is not None else None,
+        "metrics": list(trainer.metrics),
+        "callbacks": [type(cb).__name__ for cb in trainer.callbacks],
+        "device": str(trainer.device),
+    }
+    for name in ("max_epochs", "seed", "batch_size", "eval_batch_size", "grad_clip", "accumulate_steps",
+                 "precision", "compile", "checkpoint_every_steps", "on_device", "num_workers", "overwrite", "plot"):
+        args[name] = _plain(getattr(trainer, name, None))
+    return args
+
+
+def read_summary(folder: str) -> dict | None:
+    try:
+        with open(os.path.join(folder, SUMMARY), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def write_summary(folder: str, summary: dict) -> None:
+    data = (json.dumps(summary, indent=2, default=str) + "\n").encode()
+    atomic_write(os.path.join(folder, SUMMARY), lambda f: f.write(data), "summary")
+
+
+def update_summary(folder: str, **fields: Any) -> dict:
+    """Merge ``fields`` into the run's ``summary.json`` (made by :class:`RunSummary`), atomically."""
+    summary = read_summary(folder) or {}
+    summary.update(fields)
+    write_summary(folder, summary)
+    return summary
+
+
+class RunSummary(Callback):
+    """Keeps ``summary.json`` current: written at the start of ``fit``, after each epoch and at the end.
+
+    The Trainer adds it on rank 0 after the user's callbacks, so that the columns they add to a row
+    are in ``final`` too.
+    """
+
+    def __init__(self) -> None:
+        self.started: str | None = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        previous = read_summary(trainer.out_dir) if trainer.epoch > 0 else None  # a resumed run keeps its start
+        self.started = (previous or {}).get("started") or _now()
+        self._write(trainer, "running")
+
+    def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
+        self._write(trainer, "running")
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        self._write(trainer, "finished")
+
+    def _write(self, trainer: Trainer, status: str) -> None:
+        from trainval.trainer import _versions
+
+        history = trainer.history
+        train_loader, val_loader = trainer.train_loader, trainer.val_loader
+        summary = {
+            "made_by": "trainval",
+            "status": status,
+            "started": self.started,
+            "updated": _now(),
+            "epochs": len(history),
+            "max_epochs": trainer.max_epochs,
+            "monitor": trainer.monitor,
+            "mode": trainer.mode,
+            "best_epoch": trainer.best_epoch,
+            "best_value": _plain(trainer.best_value),
+            "final": {k: _plain(v) for k, v in history[-1].items()} if history else {},
+            "train_samples": getattr(train_loader, "dataset_size", None),
+            "val_samples": getattr(val_loader, "dataset_size", None) if val_loader is not None else None,
+            "seconds": round(sum(r.get("seconds", 0.0) for r in history), 3),
+            "versions": _versions(),
+            "trainer": trainer_arguments(trainer),
+        }
+        write_summary(trainer.out_dir, summary)
+
+
+def record_test(folder: str, metrics: dict) -> None:
+    """Add test metrics to the run's ``summary.json``, if trainval wrote one there."""
+    if runfolder.is_run_folder(folder) and read_summary(folder) is not None:
+        update_summary(folder, test={k: _plain(v) for k, v in metrics.items() if not k.startswith("test_confusion")})
+
+
+# --------------------------------------------------------------------------------------------------
+# Listing and comparing runs
+
+
+def run_status(folder: str, summary: dict | None) -> str:
+    """``finished`` (``pruned``: a tuning trial stopped early by the pruner); ``running`` while a trainval
+    process holds the folder's lock during a fit; ``interrupted`` for a fit that stopped before its end
+    (a signal, a kill or an error)."""
+    recorded = (summary or {}).get("status")
+    if recorded == "finished":
+        return "pruned" if (summary or {}).get("pruned") else "finished"
+    if runfolder.is_locked(folder):
+        return "running"
+    return "interrupted" if recorded == "running" or os.path.exists(os.path.join(folder, "last.pt")) else "empty"
+
+
+def _read_metrics_csv(folder: str) -> list[dict]:
+    try:
+        with open(os.path.join(folder, "metrics.csv"), newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return []
+    out = []
+    for row in rows:
+        parsed = {}
+        for k, v in row.items():
+            try:
+                parsed[k] = float(v) if v not in ("", None) else None
+            except ValueError:
+                parsed[k] = v
+        out.append(parsed)
+    return out
+
+
+def describe_run(folder: str, root: str) -> dict:
+    """One run as a flat record: the table's columns, and the rest for ``--format json``."""
+    summary = read_summary(folder)
+    record: dict[str, Any] = {"name": os.path.relpath(folder, root), "path": folder}
+    if summary is None:  # an older run folder: what metrics.csv tells
+        rows = _read_metrics_csv(folder)
+        summary = {"epochs": len(rows), "final": rows[-1] if rows else {}}
+    record["status"] = run_status(folder, summary)
+    for key in ("epochs", "max_epochs", "monitor", "mode", "best_value", "best_epoch", "started"):
+        record[key] = summary.get(key)
+    # the whole fit (with its test and predictions) when the CLI ran it, else the epochs' time
+    record["seconds"] = summary.get("wall_seconds", summary.get("seconds"))
+    record["test"] = summary.get("test") or {}
+    record["final"] = summary.get("final") or {}
+    return record
+
+
+def find_runs(root: str) -> list[dict]:
+    """Every run folder below ``root`` (``root`` itself included; tuning trials too), by name."""
+    if not os.path.isdir(root):
+        raise ConfigError(f"{root} is not a folder.")
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d != "tb" and not d.startswith("."))
+        if runfolder.MARKER in files:
+            found.append(describe_run(folder, root))
+    return found
+
+
+def _sort_value(record: dict, key: str) -> Any:
+    if key == "best":
+        value = record.get("best_value")
+        return None if value is None else (-value if record.get("mode") == "max" else value)
+    if key in ("time", "seconds"):
+        return record.get("seconds")
+    if key in record and not isinstance(record[key], dict):
+        return record[key]
+    if key.startswith("test_"):
+        return record["test"].get(key)
+    return record["final"].get(key)
+
+
+def sort_runs(records: list[dict], key: str, reverse: bool = False) -> list[dict]:
+    """Sorted by ``key``: ``best`` (each run's best value, best first), ``name``, ``status``, ``epochs``,
+    ``time``, or any column of the runs' summaries (``test_acc``, ``val_loss``...); runs without it last."""
+    if not any(_sort_value(r, key) is not None for r in records) and records:
+        columns = sorted({"best", "name", "status", "epochs", "time", *(k for r in records for k in r["test"]),
+                          *(k for r in records for k in r["final"])})
+        raise ConfigError(f"--sort {key}: no run has that column; choose one of {', '.join(columns)}.")
+    present = [r for r in records if _sort_value(r, key) is not None]
+    missing = [r for r in records if _sort_value(r, key) is None]
+    try:
+        present.sort(key=lambda r: _sort_value(r, key), reverse=reverse)
+    except TypeError:  # mixed kinds: compare as text
+        present.sort(key=lambda r: str(_sort_value(r, key)), reverse=reverse)
+    return present + missing
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _fmt_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, s = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{s:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def format_table(records: list[dict]) -> str:
+    """Aligned text: run, status, epochs, monitor, best value and epoch, test metrics, time."""
+    header = ["run", "status", "epochs", "monitor", "best", "at", "test", "time"]
+    lines = [header]
+    for r in records:
+        epochs = _fmt(r["epochs"]) + (f"/{r['max_epochs']}" if r.get("max_epochs") else "")
+        test = " ".join(f"{k.removeprefix('test_')}={_fmt(v)}" for k, v in r["test"].items()) or "-"
+        lines.append([r["name"], r["status"], epochs, _fmt(r["monitor"]), _fmt(r["best_value"]),
+                      _fmt(r["best_epoch"]), test, _fmt_seconds(r["seconds"])])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
+
+
+def _written_by_runs_plot(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return PLOT_SOFTWARE.encode() in f.read(4096)
+    except OSError:
+        return False
+
+
+def plot_runs(records: list[dict], path: str) -> str:
+    """Every run's validation curves in one PNG: a panel per monitored column (and val_loss), a line per run,
+    its best epoch marked. Refuses to replace a file that an earlier ``plot_runs`` did not write."""
+    if os.path.isdir(path):
+        raise ConfigError(f"--plot {path} is a folder; give a file name such as {os.path.join(path, 'runs.png')}.")
+    if os.path.lexists(path) and not _written_by_runs_plot(path):
+        raise ConfigError(f"--plot {path} exists and was not written by `trainval runs --plot`; choose another file.")
+    curves = [(r, _read_metrics_csv(r["path"])) for r in records]
+    curves = [(r, rows) for r, rows in curves if rows]
+    if not curves:
+        raise ConfigError("no run below that folder has a metrics.csv to plot.")
+    panels: list[str] = []
+    for r, rows in curves:
+        for column in (r.get("monitor"), "val_loss"):
+            if column and column not in panels and any(row.get(column) is not None for row in rows):
+                panels.append(column)
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, column in zip(axes.flat, panels):
+        for r, rows in curves:
+            points = [(row["epoch"], row[column]) for row in rows if isinstance(row.get(column), float)]
+            if not points:
+                continue
+            (line,) = ax.plot(*zip(*points), marker="o", ms=2, label=r["name"])
+            best = r.get("best_epoch")
+            if column == r.get("monitor") and best is not None:
+                at = [v for e, v in points if e == best]
+                if at:
+                    ax.plot([best], at, marker="*", ms=12, color=line.get_color())
+        ax.set_title(column + (" (* best epoch)" if any(c == column for c in (r.get("monitor") for r, _ in curves)) else ""))
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": PLOT_SOFTWARE})
+    plt.close(fig)
+    data = buf.getvalue()
+    atomic_write(path, lambda f: f.write(data), "runs plot")
+    return path
+
+
+def report(folder: str, sort: str | None = None, reverse: bool = False, fmt: str = "table",
+           plot: str | None = None) -> str:
+    """``trainval runs``: the runs below ``folder`` as a table or JSON; with ``plot`` ('' for
+    ``FOLDER/runs.png``), their validation curves in one PNG too."""
+    records = find_runs(folder)
+    if sort:
+        records = sort_runs(records, sort, reverse)
+    elif reverse:
+        records = records[::-1]
+    lines = []
+    if fmt == "json":
+        lines.append(json.dumps(records, indent=2, default=str))
+    else:
+        lines.append(format_table(records) if records else f"no runs below {folder}")
+    if plot is not None:
+        path = plot_runs(records, plot or os.path.join(folder, "runs.png"))
+        if fmt != "json":
+            lines.append(f"wrote {path}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reloading a run
+
+
+def recorded_config(folder: str) -> dict | None:
+    """The run folder's ``config.yaml`` as written by fit (with its ``resolved`` sizes), or None."""
+    import yaml
+
+    path = os.path.join(folder, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    return data if isinstance(data, dict) else None
+
+
+def run_config(folder: str, overrides: list[str] = ()) -> dict:
+    """The config a run was trained with (its ``config.yaml``), placed where the folder is now, with overrides.
+
+    What the run recorded beyond the schema (``resolved``, ``versions``) is left out; the data it was
+    trained on need not exist any more for ``test``/``predict`` with ``data.test=...``.
+    """
+    from trainval import config
+
+    recorded = recorded_config(folder)
+    if recorded is None:
+        raise ConfigError(f"{folder} has no config.yaml (a run of the Python API, or not a run folder); "
+                          "give the config file the run was trained with.")
+    cfg = config.defaults()
+    config.merge(cfg, {s: v for s, v in recorded.items() if s in config.SCHEMA}, os.path.join(folder, "config.yaml"))
+    folder = os.path.normpath(folder)
+    cfg["run"]["out_dir"], cfg["run"]["name"] = os.path.dirname(folder) or ".", os.path.basename(folder)
+    for text in overrides:
+        key, value = config.parse_override(text)
+        section, _, k = key.partition(".")
+        config.merge(cfg, {section: {k: value}}, f"override {text}")
+    return config.validate(cfg, os.path.join(folder, "config.yaml"))
+
+
+def recorded_sizes(folder: str) -> dict | None:
+    """``{"in_shape", "num_outputs", "task"}`` that fit recorded in the run's config.yaml (plain data), or None."""
+    resolved = (recorded_config(folder) or {}).get("resolved")
+    if isinstance(resolved, dict) and resolved.get("in_shape") is not None and resolved.get("num_outputs") is not None:
+        return resolved
+    return None
+
+
+def checkpoint_path(folder: str, ckpt: str | None) -> str:
+    return {"best": os.path.join(folder, "best.pt"), "last": os.path.join(folder, "last.pt")}.get(ckpt or "best", ckpt)
+
+
+def load_model(run_folder: str, ckpt: str = "best", model: nn.Module | None = None, device: Any = None,
+               trust_code: bool = False) -> nn.Module:
+    """A trained model from a run folder, in eval mode on ``device`` (default: CPU).
+
+    Args:
+        run_folder: a folder written by ``fit``.
+        ckpt: ``best`` (default), ``last``, or a checkpoint path.
+        model: load the weights into this module; without it, the built-in model (``mlp``/``cnn``)
+            that the run's ``config.yaml`` describes is built again, at the sizes fit recorded.
+        trust_code: allow importing the ``module:Class`` model the run's config names (its code runs).
+
+    The checkpoint is data only: the config recorded inside it is compared with config.yaml, never used
+    to decide what is built or imported.
+    """
+    import torch
+
+    from trainval.checkpoint import check_recorded_model, load_checkpoint, load_model_weights
+
+    path = checkpoint_path(run_folder, ckpt)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint {path}: run fit first, or choose ckpt='best', 'last' or a path.")
+    state = load_checkpoint(path, map_location="cpu")
+    if model is None:
+        recorded = recorded_config(run_folder)
+        sizes = recorded_sizes(run_folder)
+        if recorded is None or sizes is None:
+            raise ConfigError(f"{run_folder} records no model config (a run of the Python API): build the model "
+                              "yourself and pass it as load_model(..., model=my_model).")
+        cfg = run_config(run_folder)
+        name = cfg["model"]["name"]
+        if ":" in name and not trust_code:
+            raise ConfigError(f"model.name={name} would import Python code; load_model imports code only with "
+                              "trust_code=True (CLI: --trust-code). Add it if you trust that code, or pass model=.")
+        check_recorded_model(state, cfg["model"], sizes, path)
+        from trainval.workflow import build_model
+
+        model = build_model(cfg["model"], sizes["in_shape"], sizes["num_outputs"])
+    load_model_weights(model, state["model"], path)
+    model.to(torch.device(device) if device is not None else torch.device("cpu"))
+    model.eval()
+    return model
+
+
+__all__ = ["RunSummary", "find_runs", "format_table", "load_model", "plot_runs", "read_summary", "run_config",
+           "sort_runs", "update_summary"]

@@ -1,0 +1,213 @@
+"""Experiment trackers as callbacks: MLflow and Weights & Biases (optional extras, imported on first use).
+
+Both log the same scalars as ``metrics.csv`` (every numeric column of an epoch's row, at step = epoch),
+the config as parameters, and ``best.pt`` as an artifact on request. Only rank 0 logs. The tracker's
+run id travels in ``last.pt`` (the callback's state), so that a resumed fit continues the same run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from trainval.callbacks import Callback
+from trainval.errors import ConfigError
+
+if TYPE_CHECKING:
+    from trainval.trainer import Trainer
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict[str, str]:
+    """``{"optim": {"lr": 0.001}}`` -> ``{"optim.lr": "0.001"}`` (tracker parameters are text)."""
+    out: dict[str, str] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+def scalars(row: dict) -> dict[str, float]:
+    """The numeric columns of an epoch's row (``epoch`` is the step, not a scalar)."""
+    return {k: float(v) for k, v in row.items()
+            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _params(trainer: Trainer, given: dict | None) -> dict[str, str]:
+    if given is not None:
+        return flatten(given)
+    if isinstance(trainer.config, dict):
+        return flatten(trainer.config)
+    from trainval.runs import trainer_arguments
+
+    return flatten(trainer_arguments(trainer))
+
+
+def default_mlflow_uri(out_dir: str) -> str:
+    """A SQLite store beside the run folders: ``<parent of the run folder>/mlflow.db``."""
+    return "sqlite:///" + os.path.join(os.path.dirname(os.path.abspath(out_dir)), "mlflow.db")
+
+
+class MLflowLogger(Callback):
+    """Log a fit to MLflow (``pip install 'trainval[mlflow]'``).
+
+    Args:
+        tracking_uri: an MLflow tracking URI (a server ``http://...``, ``sqlite:///...``, ``databricks``);
+            default: ``sqlite:///<parent of the run folder>/mlflow.db``, artifacts in ``mlartifacts/`` beside it.
+        experiment: the experiment's name (made if missing).
+        run_name: default: the run folder's name.
+        params: the parameters to log (nested dicts are flattened); default: the Trainer's ``config``,
+            else its plain arguments.
+        log_best_checkpoint: log ``best.pt`` (and ``metrics.csv``) as artifacts at the end of the fit.
+    """
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "trainval", run_name: str | None = None,
+                 params: dict | None = None, log_best_checkpoint: bool = False):
+        self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        self.params, self.log_best_checkpoint = params, log_best_checkpoint
+        self.client = None
+        self.run_id: str | None = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if not trainer.dist.is_main:
+            return
+        try:
+            from mlflow.exceptions import MlflowException
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise ConfigError("log.mlflow=true needs MLflow: pip install 'trainval[mlflow]'.") from None
+        uri = self.tracking_uri or default_mlflow_uri(trainer.out_dir)
+        try:
+            self.client = MlflowClient(uri)
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is not None:
+                experiment_id = found.experiment_id
+            else:
+                artifacts = None
+                if self.tracking_uri is None:  # beside the database, not in the current folder
+                    artifacts = "file://" + os.path.join(os.path.dirname(os.path.abspath(trainer.out_dir)), "mlartifacts")
+                experiment_id = self.client.create_experiment(self.experiment, artifact_location=artifacts)
+            if self.run_id is not None:  # resumed: the same MLflow run
+                self.client.update_run(self.run_id, status="RUNNING")
+                return
+            run = self.client.create_run(experiment_id, run_name=self.run_name or os.path.basename(trainer.out_dir),
+                                         tags={"trainval.run_folder": os.path.abspath(trainer.out_dir)})
+            self.run_id = run.info.run_id
+            from mlflow.entities import Param
+
+            params = [Param(k, v) for k, v in _params(trainer, self.params).items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
+                self.client.log_batch(self.run_id, params=params[i:i + 100])
+        except MlflowException as e:
+            raise ConfigError(f"MLflow ({uri}): {e.message}") from None
+
+    def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
+        if self.client is None or self.run_id is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, int(row["epoch"])) for k, v in scalars(row).items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self.client is None or self.run_id is None:
+            return
+        if self.log_best_checkpoint:
+            for name in ("best.pt", "metrics.csv"):
+                path = os.path.join(trainer.out_dir, name)
+                if os.path.exists(path):
+                    self.client.log_artifact(self.run_id, path)
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def state_dict(self) -> dict:
+        return {"mlflow_run_id": self.run_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        if isinstance(state, dict) and isinstance(state.get("mlflow_run_id"), str):
+            self.run_id = state["mlflow_run_id"]
+
+
+class WandbLogger(Callback):
+    """Log a fit to Weights & Biases (``pip install 'trainval[wandb]'``).
+
+    Args:
+        project: the W&B project.
+        run_name: default: the run folder's name.
+        mode: ``online``, ``offline`` (no account needed: files under ``<run folder>/wandb``, to
+            ``wandb sync`` later) or ``disabled``; default: W&B's own (``WANDB_MODE``, else online).
+        params: the config to log; default: the Trainer's ``config``, else its plain arguments.
+        log_best_checkpoint: log ``best.pt`` as a model artifact at the end of the fit.
+    """
+
+    def __init__(self, project: str = "trainval", run_name: str | None = None, mode: str | None = None,
+                 params: dict | None = None, log_best_checkpoint: bool = False):
+        self.project, self.run_name, self.mode = project, run_name, mode
+        self.params, self.log_best_checkpoint = params, log_best_checkpoint
+        self.run: Any = None
+        self.run_id: str | None = None
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        if not trainer.dist.is_main:
+            return
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("log.wandb=true needs Weights & Biases: pip install 'trainval[wandb]'.") from None
+        config = self.params if self.params is not None else (
+            trainer.config if isinstance(trainer.config, dict) else None)
+        if config is None:
+            from trainval.runs import trainer_arguments
+
+            config = trainer_arguments(trainer)
+        try:
+            self.run = wandb.init(project=self.project, name=self.run_name or os.path.basename(trainer.out_dir),
+                                  dir=trainer.out_dir, mode=self.mode, config=config, id=self.run_id,
+                                  resume="allow" if self.run_id else None, reinit="finish_previous")
+        except Exception as e:  # noqa: BLE001 - no account, no network...: one line, not a traceback
+            raise ConfigError(f"Weights & Biases could not start a run ({type(e).__name__}: {e}); "
+                              "log.wandb_mode=offline works without an account.") from None
+        self.run_id = self.run.id
+
+    def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
+        if self.run is not None:
+            self.run.log(scalars(row), step=int(row["epoch"]))
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if self.run is None:
+            return
+        best = os.path.join(trainer.out_dir, "best.pt")
+        if self.log_best_checkpoint and os.path.exists(best):
+            import wandb
+
+            artifact = wandb.Artifact(f"{self.run.name or 'run'}-best".replace("/", "-"), type="model")
+            artifact.add_file(best)
+            self.run.log_artifact(artifact)
+        self.run.finish()
+        self.run = None
+
+    def state_dict(self) -> dict:
+        return {"wandb_run_id": self.run_id}
+
+    def load_state_dict(self, state: dict) -> None:
+        if isinstance(state, dict) and isinstance(state.get("wandb_run_id"), str):
+            self.run_id = state["wandb_run_id"]
+
+
+def from_config(cfg: dict) -> list[Callback]:
+    """The trackers a config's ``log`` section asks for."""
+    log, params = cfg["log"], {k: v for k, v in cfg.items() if k != "resolved"}
+    found: list[Callback] = []
+    if log["mlflow"]:
+        found.append(MLflowLogger(log["mlflow_uri"], log["mlflow_experiment"], cfg["run"]["name"], params,
+                                  log["artifacts"]))
+    if log["wandb"]:
+        found.append(WandbLogger(log["wandb_project"], cfg["run"]["name"], log["wandb_mode"], params, log["artifacts"]))
+    return found
+
+
+__all__ = ["MLflowLogger", "WandbLogger", "from_config"]
