@@ -146,3 +146,58 @@ def test_elastic_restart_resumes_from_last(tmp_path):
     a = torch.load(ref / "last.pt", weights_only=True)["model"]
     b = torch.load(cut / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # the restarted run ends where an unbroken one does
+
+
+# ------------------------------------------------------------------------------------------------
+# Strategies: FSDP2 (fully_shard) on 2 gloo processes
+
+
+def test_fsdp_trains_like_ddp_and_best_pt_reloads_into_a_plain_model(tmp_path):
+    started = time.perf_counter()
+    _, ddp = run_child(tmp_path / "ddp", 2, batch=8, epochs=2, blocks=True)
+    _, fsdp = run_child(tmp_path / "fsdp", 2, batch=8, epochs=2, blocks=True, strategy="fsdp")
+    assert (ddp["strategy"], fsdp["strategy"]) == ("ddp", "fsdp")
+    for a, b in zip(ddp["history"], fsdp["history"]):  # the same math, sharded: equal to rounding
+        for key in ("train_loss", "val_loss", "val_acc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["epoch"], key)
+    # best.pt is one plain, full state_dict: it loads into an unwrapped model and scores what FSDP scored
+    helper = _ddp_child_module()
+    Xv, yv = helper.data(45, 2)
+    saved = torch.load(tmp_path / "fsdp" / "best.pt", weights_only=True)["model"]
+    assert set(saved) == set(helper.make_model(blocks=True).state_dict())
+    plain = helper.make_model(blocks=True)
+    plain.load_state_dict(saved)
+    with torch.no_grad():
+        probs = plain(Xv).softmax(dim=1)
+    assert torch.allclose(fsdp["probs"], probs, rtol=0, atol=1e-6)
+    assert round(fsdp["test"]["test_acc"] * 45) == int((probs.argmax(dim=1) == yv).sum())
+    # the control: a model that did not get best.pt's weights predicts otherwise
+    with torch.no_grad():
+        fresh = helper.make_model(blocks=True)(Xv).softmax(dim=1)
+    assert not torch.allclose(fsdp["probs"], fresh, atol=1e-3)
+    print(f"DDP + FSDP runs: {time.perf_counter() - started:.1f} s")
+
+
+def test_fsdp_last_pt_resumes_bit_identical(tmp_path):
+    _, ref = run_child(tmp_path / "ref", 2, batch=8, epochs=3, blocks=True, strategy="fsdp")
+    proc, cut = run_child(tmp_path / "cut", 2, batch=8, epochs=3, blocks=True, strategy="fsdp", stop_after=1)
+    assert "(epoch 1, batch 0)" in proc.stdout  # the second Trainer resumed the first one's last.pt
+    a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for k, sa in a["optimizer"]["state"].items():  # the full optimizer state (momentum), by parameter name
+        assert torch.equal(sa["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"]), k
+    assert [r["val_loss"] for r in ref["history"]] == [r["val_loss"] for r in cut["history"]]
+    assert torch.equal(ref["probs"], cut["probs"])
+    assert a["epoch"] == b["epoch"] == 3
+
+
+
+def test_fsdp_on_one_process_equals_the_plain_model(tmp_path):
+    """One process (no torchrun): FSDP runs in a one-member group of its own; the math is the plain model's."""
+    _, plain = run_child(tmp_path / "plain", 1, batch=16, epochs=2, blocks=True)
+    _, fsdp = run_child(tmp_path / "fsdp", 1, batch=16, epochs=2, blocks=True, strategy="fsdp")
+    assert (plain["strategy"], fsdp["strategy"]) == ("single", "fsdp")
+    for a, b in zip(plain["history"], fsdp["history"]):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-6), a["epoch"]
+    assert torch.equal(plain["preds"], fsdp["preds"])

@@ -137,6 +137,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "compile": Key("bool", False, "run the model through torch.compile"),
         "checkpoint_every_steps": Key("int", None, "also write last.pt every N optimizer steps", nullable=True, minimum=1),
         "progress": Key("bool", True, "progress bar (terminal) or bounded-rate progress lines"),
+        "strategy": Key("str", "auto", "several processes: `ddp` (a replica per process), `fsdp` (FSDP2: weights, gradients and optimizer state sharded), `auto` (ddp)", choices=("auto", "ddp", "fsdp")),
+        "sync_batchnorm": Key("bool", False, "BatchNorm statistics over every process's batch (SyncBatchNorm)"),
     },
     "run": {
         "name": Key("str", "digits", "run name: the run folder is `<out_dir>/<name>`"),
@@ -349,6 +351,7 @@ RESUME_MAY_CHANGE = {
                     "whose shape depends on the number of epochs",
     "train.progress": "display only",
     "train.checkpoint_every_steps": "how often last.pt is written",
+    "train.strategy": "last.pt holds full state dicts whichever strategy wrote it",
     "data.num_workers": "loading only",
     "data.on_device": "placement only",
     "run.out_dir": "the run folder's location",

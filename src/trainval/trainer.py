@@ -39,13 +39,7 @@ from torch import nn
 
 from trainval import distributed, runfolder
 from trainval.callbacks import Callback, ProgressBar, plot_curves, write_metrics_csv
-from trainval.checkpoint import (
-    atomic_write,
-    load_checkpoint,
-    load_model_weights,
-    save_checkpoint,
-    unwrap_model,
-)
+from trainval.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from trainval.data import Loader, TensorLoader, describe, make_loader, tree_map
 from trainval.errors import (
     CheckpointError,
@@ -58,6 +52,7 @@ from trainval.errors import (
 )
 from trainval.metrics import MetricSet, confusion_metric, metric_direction, resolve_metrics
 from trainval.state import LoopState, rng_state, seed_everything, set_rng_state
+from trainval.strategies import SingleProcess, make_strategy
 from trainval.tasks import Task, check_loss, loss_weight, make_task, task_for_output
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -108,6 +103,10 @@ class Trainer:
         overwrite: allow ``fit`` into an ``out_dir`` that already holds a run.
         plot: write ``curves.png`` at the end of ``fit``.
         config: a plain dict describing the run, saved in every checkpoint.
+        strategy: ``"auto"`` (DDP on several processes), ``"ddp"``, ``"fsdp"`` (FSDP2: parameters, gradients
+            and optimizer state sharded over the processes), or a :mod:`trainval.strategies` object
+            (e.g. ``FSDPStrategy(param_dtype=torch.bfloat16, cpu_offload=True)``).
+        sync_batchnorm: BatchNorm statistics over every process's batch (``SyncBatchNorm``).
     """
 
     # On one process the host checks the running loss for NaN/Inf at most this often (a sync point).
@@ -149,6 +148,8 @@ class Trainer:
         overwrite: bool = False,
         plot: bool = True,
         config: dict | None = None,
+        strategy: str | SingleProcess = "auto",
+        sync_batchnorm: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -199,6 +200,9 @@ class Trainer:
         self.compile, self.checkpoint_every_steps = compile, checkpoint_every_steps
         self.check_inputs, self.on_device, self.num_workers = check_inputs, on_device, num_workers
         self.overwrite, self.plot, self.config = overwrite, plot, config
+        make_strategy(strategy, distributed_on=False)  # a wrong name fails here, before any process group
+        self._strategy_arg, self.sync_batchnorm = strategy, sync_batchnorm
+        self.strategy: SingleProcess = SingleProcess()  # settled in _setup, once the process count is known
 
         self.dist = distributed.DistInfo()
         self._requested_device = device
@@ -438,8 +442,9 @@ class Trainer:
         value = row[self.monitor]
         if self.state.improved(value) and self._weights_finite():
             self.state.best_value, self.state.best_epoch = value, epoch
+            best = self._best_state()  # under FSDP a collective: every rank takes part, rank 0 writes
             if self.dist.is_main:
-                save_checkpoint(self._best_state(), self.best_path, "best checkpoint")
+                save_checkpoint(best, self.best_path, "best checkpoint")
             self.log(f"saving best model ({self.monitor} {value:.4f}) -> {self.best_path}")
         row["seconds"] = round(time.perf_counter() - started, 4)
         self.history.append(row)
@@ -447,8 +452,9 @@ class Trainer:
             cb.on_epoch_end(self, row)  # may add columns to the row: metrics.csv and the plot show them
         if self.dist.enabled:  # every rank must agree, or the next collective hangs
             self.should_stop = bool(distributed.all_reduce_max(int(self.should_stop)))
+        last = self._state()  # a collective under FSDP and on several processes
         if self.dist.is_main:
-            save_checkpoint(self._state(), self.last_path, "last checkpoint")
+            save_checkpoint(last, self.last_path, "last checkpoint")
             write_metrics_csv(os.path.join(self.out_dir, "metrics.csv"), self.history)
         if self._stop_signal is not None:
             self._interrupt(epoch, mid_epoch=False)
@@ -484,13 +490,12 @@ class Trainer:
         steps, acc = len(loader), self.accumulate_steps
         per_step_scheduler = self.scheduler if self.scheduler_interval == "step" else None
         batch_callbacks = [cb for cb in callbacks if type(cb).on_train_batch_end is not Callback.on_train_batch_end]
-        no_sync = getattr(self._train_model, "no_sync", None) if self.dist.enabled else None
         every = self.checkpoint_every_steps
         next_poll = time.monotonic() + self.poll_interval_s
         for x, y in batches:
             i = self.batch_in_epoch
             boundary = acc == 1 or (i + 1) % acc == 0 or i + 1 == steps
-            with no_sync() if (no_sync is not None and not boundary) else contextlib.nullcontext():
+            with self.strategy.no_sync(self._train_model, sync=boundary):
                 loss, output = self.train_step(x, y)
                 if acc > 1:  # mean over the accumulation group, whose last one may be short
                     group = min(acc, steps - (i // acc) * acc)
@@ -525,9 +530,10 @@ class Trainer:
     def _save_mid_epoch(self, epoch: int, started: float) -> None:
         """last.pt inside an epoch: never from non-finite weights; with the seconds run so far."""
         self._raise_if_nonfinite(epoch)
+        self.state.epoch_start["seconds"] = time.perf_counter() - started
+        last = self._state()  # a collective under FSDP and on several processes
         if self.dist.is_main:
-            self.state.epoch_start["seconds"] = time.perf_counter() - started
-            save_checkpoint(self._state(), self.last_path, "last checkpoint")
+            save_checkpoint(last, self.last_path, "last checkpoint")
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
@@ -540,12 +546,12 @@ class Trainer:
         if self.scaler is not None:
             if self.grad_clip:
                 self.scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                self.strategy.clip_grad_norm(self.model, self.grad_clip)
             self.scaler.step(opt)
             self.scaler.update()
         else:
             if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                self.strategy.clip_grad_norm(self.model, self.grad_clip)
             opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -584,6 +590,7 @@ class Trainer:
             for x, y in loader:
                 loss, output = self.eval_step(x, y)
                 metrics.update(loss, loss_weight(self.loss_fn, y, task), task.outputs(output, y), y.shape[0])
+            self._forward_in_lockstep(loader)
         return metrics.compute()  # all-reduced over ranks: each sample counted once
 
     def _score(self, data: Any, ckpt: str | None, prefix: str) -> dict:
@@ -614,11 +621,26 @@ class Trainer:
         with self._evaluating():
             for x, _ in loader:
                 outputs.append(self.predict_step(x).float())
+            self._forward_in_lockstep(loader)
         local = torch.cat(outputs).cpu() if outputs else torch.empty(0)  # one device-to-host copy
         result = distributed.gather_in_order(local, loader.dataset_size)
         if self.dist.enabled:
             result = distributed.broadcast_object(result)
         return result
+
+    def _forward_in_lockstep(self, loader: Loader) -> None:
+        """Extra forwards (outputs discarded) where this rank's evaluation shard has fewer batches.
+
+        Evaluation shards are not padded (each sample counts once), so ranks may run different numbers
+        of batches; under FSDP every forward gathers parameters with a collective that all ranks must
+        join. The strategy says how many forwards to run (this rank's own under DDP: none extra).
+        """
+        extra = self.strategy.lockstep_batches(len(loader)) - len(loader)
+        if extra > 0:
+            x, _ = loader.sample_batch()
+            x = tree_map(lambda t: t.to(self.device), x)
+            for _ in range(extra):
+                self.predict_step(x)
 
     def _check_count(self, count: int, loader: Loader, what: str) -> None:
         expected = loader.dataset_size
@@ -644,13 +666,10 @@ class Trainer:
         self.model.to(self.device)
         if isinstance(self.loss_fn, nn.Module):
             self.loss_fn.to(self.device)  # class weights, pos_weight
-        net = torch.compile(self.model) if self.compile else self.model
-        self._eval_model = net
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self._train_model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
-        else:
-            self._train_model = net
+        self.strategy = make_strategy(self._strategy_arg, distributed_on=self.dist.enabled,
+                                      sync_batchnorm=self.sync_batchnorm)
+        self._train_model, self._eval_model = self.strategy.wrap(
+            self.model, self.optimizer, self.device, torch.compile if self.compile else (lambda m: m))
         self._set_up = True
 
     def _check_optimizer(self, loss_fn: nn.Module | None) -> None:
@@ -786,18 +805,18 @@ class Trainer:
             atomic_write(os.path.join(self.out_dir, "config.yaml"), lambda f: f.write(text), "config")
 
     def _best_state(self) -> dict:
-        return {"model": unwrap_model(self.model).state_dict(), "epoch": self.epoch, "task": self.task.name,
+        return {"model": self.strategy.model_state_dict(self.model), "epoch": self.epoch, "task": self.task.name,
                 "monitor": self.monitor, "value": self.best_value, "config": self.config, "versions": _versions()}
 
     def _state(self) -> dict:
         """Everything a resumed run needs to continue bit for bit."""
         mid = self.batch_in_epoch > 0
         return {
-            "model": unwrap_model(self.model).state_dict(),
+            "model": self.strategy.model_state_dict(self.model),
             "epoch": self.epoch,
             "task": self.task.name,
             "loop": self.state.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.strategy.optimizer_state_dict(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng_state(),
@@ -821,13 +840,13 @@ class Trainer:
                               "monitor, or start a new run.")
         if state.get("task", self.task.name) != self.task.name:
             raise ConfigError(f"{self.last_path} was a {state['task']} run; this one is {self.task.name}.")
-        load_model_weights(self.model, state["model"], self.last_path)
+        self.strategy.load_model_state_dict(self.model, state["model"], self.last_path)
         saved_keys = {k for g in state["optimizer"].get("param_groups", []) for k in g}
         foreign = sorted(saved_keys - {k for g in self.optimizer.param_groups for k in g})
         try:
             if foreign:  # loading would succeed, then the first step fail (e.g. Adam's state into SGD)
                 raise ValueError(f"it has settings this optimizer lacks: {', '.join(foreign)}")
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.strategy.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
             if self.scheduler is not None and state.get("scheduler") is not None:
                 self.scheduler.load_state_dict(state["scheduler"])
         except (KeyError, ValueError, TypeError) as e:  # another optimizer or scheduler than last.pt's
@@ -853,14 +872,11 @@ class Trainer:
         if ckpt == "best" and not os.path.exists(path):
             raise CheckpointError(f"no best.pt in {self.out_dir}: run fit first, or pass ckpt=None to use the "
                                   "current weights.")
-        state = load_checkpoint(path, map_location=self.device)
-        load_model_weights(self.model, state["model"], path)
+        state = load_checkpoint(path, map_location="cpu")
+        self.strategy.load_model_state_dict(self.model, state["model"], path)
 
     def _weights_finite(self) -> bool:
-        params = [p.detach() for p in self.model.parameters()]
-        if not params:
-            return True
-        return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())  # one sync per epoch
+        return self.strategy.all_finite(self.model)  # one sync per epoch
 
     # ------------------------------------------------------------------------------------------
     # Non-finite loss and signals
