@@ -201,3 +201,30 @@ def test_fsdp_on_one_process_equals_the_plain_model(tmp_path):
     for a, b in zip(plain["history"], fsdp["history"]):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-6), a["epoch"]
     assert torch.equal(plain["preds"], fsdp["preds"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Randomness: one shared shuffling permutation, per-rank model randomness, exact resume
+
+
+def test_dropout_differs_across_ranks_and_a_mid_epoch_restart_stays_exact(tmp_path):
+    opts = {"batch": 8, "epochs": 2, "dropout": 0.5, "every": 2}
+    ref = tmp_path / "ref"
+    run_child(ref, 2, **opts)
+    masks = [torch.load(ref / f"masks.{r}.pt", weights_only=True) for r in range(2)]
+    assert masks[0][0].shape == masks[1][0].shape == (8, 12)
+    assert not torch.equal(masks[0][0], masks[1][0])  # each rank draws its own dropout masks
+    # rank 1 dies at step 9 (epoch 2, batch 3); torchrun restarts both from last.pt of step 8 (mid-epoch)
+    cut = tmp_path / "cut"
+    os.makedirs(cut)
+    proc = torchrun([CHILD, str(cut), json.dumps({**opts, "kill_rank": 1, "kill_step": 9})],
+                    extra=["--max-restarts=1"], env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    assert torchrun_ok(proc, cut), proc.stdout + proc.stderr
+    assert "(epoch 1, batch 2)" in proc.stdout
+    for r in range(2):  # the control: the same rank draws the same masks in two runs (seeded, not arbitrary)
+        assert all(torch.equal(a, b) for a, b in zip(masks[r], torch.load(cut / f"masks.{r}.pt", weights_only=True)))
+    a = torch.load(ref / "last.pt", weights_only=True)
+    b = torch.load(cut / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # rank 1's streams were restored too
+    assert a["loop"]["history"][-1]["train_loss"] == b["loop"]["history"][-1]["train_loss"]
+    assert len(a["ranks"]) == 2 and not torch.equal(a["ranks"][0]["rng"]["torch"], a["ranks"][1]["rng"]["torch"])

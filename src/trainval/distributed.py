@@ -89,6 +89,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def gather_objects(obj) -> list | None:
+    """Every rank's ``obj`` in rank order on rank 0 (``None`` on the others); ``[obj]`` on one process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def all_reduce_max(value: int) -> int:
     """The largest ``value`` over ranks (used to agree on stopping)."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):

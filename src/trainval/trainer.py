@@ -75,7 +75,9 @@ class Trainer:
             per task: ``acc`` (multiclass, binary), ``f1_micro`` (multilabel), ``mse`` and ``mae`` (regression).
         max_epochs: epochs to train (a resumed run continues up to this number).
         out_dir: run folder for ``best.pt``, ``last.pt``, ``metrics.csv`` and ``curves.png``.
-        seed: seeds Python/NumPy/torch at the start of ``fit`` and the trainer's shuffling generator.
+        seed: seeds the trainer's shuffling generator (the same on every process: one shared permutation)
+            and, at the start of ``fit``, Python/NumPy/torch with ``seed + rank`` (each process draws its
+            own dropout masks and DataLoader worker seeds).
         monitor: the metric that picks ``best.pt``: ``val_<metric>``, ``train_<metric>`` or ``*_loss``
             (default: ``val_`` + the first metric, ``train_`` without validation data); ``mode``
             (``"max"``/``"min"``) overrides the direction the metric implies.
@@ -317,8 +319,8 @@ class Trainer:
             self._restore(load_checkpoint(self.last_path, map_location=self.device))
             self.log(f"resuming from {self.last_path} (epoch {self.epoch}, batch {self.batch_in_epoch})")
         else:
-            seed_everything(self.seed)
-            self.generator.manual_seed(self.seed)
+            seed_everything(self.seed + self.dist.rank)  # model randomness (dropout, workers): per rank
+            self.generator.manual_seed(self.seed)  # the shuffling permutation: shared by every rank
 
         modes = _module_modes(self.model)
         try:
@@ -811,6 +813,9 @@ class Trainer:
     def _state(self) -> dict:
         """Everything a resumed run needs to continue bit for bit."""
         mid = self.batch_in_epoch > 0
+        # Each rank's own random streams and running sums; rank 0 gets every rank's (a collective).
+        own = {"rng": rng_state(), "epoch_start_rng": (self.state.epoch_start or {}).get("rng"),
+               "train_metrics": self.train_metrics.state_dict() if mid else None}
         return {
             "model": self.strategy.model_state_dict(self.model),
             "epoch": self.epoch,
@@ -819,9 +824,10 @@ class Trainer:
             "optimizer": self.strategy.optimizer_state_dict(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rng_state(),
+            "rng": own["rng"],
             "generator": self.generator.get_state(),
-            "train_metrics": self.train_metrics.state_dict() if mid else None,
+            "train_metrics": own["train_metrics"],
+            "ranks": distributed.gather_objects(own),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
             "config": self.config,
             "versions": _versions(),
@@ -859,10 +865,25 @@ class Trainer:
         for cb, cb_state in zip(self.callbacks, state.get("callbacks", [])):
             cb.load_state_dict(cb_state)
         self.generator.set_state(state["generator"])
-        set_rng_state(state["rng"])
+        own = self._own_state(state)
+        set_rng_state(own["rng"])
         if self.batch_in_epoch > 0:
-            self._pending_rng = state["rng"]
-            self.train_metrics.load_state_dict(state["train_metrics"], len(self.train_loader))
+            self.state.epoch_start["rng"] = own["epoch_start_rng"]
+            self._pending_rng = own["rng"]
+            self.train_metrics.load_state_dict(own["train_metrics"], len(self.train_loader))
+
+    def _own_state(self, state: dict) -> dict:
+        """This rank's random streams and running sums from last.pt (``ranks``, one entry per rank)."""
+        ranks = state.get("ranks")
+        if ranks and len(ranks) == self.dist.world_size:
+            return ranks[self.dist.rank]
+        # Written by another number of processes (or a trainval before per-rank state): rank 0's, and on
+        # the other ranks fresh streams of their own.
+        if self.dist.rank > 0:
+            seed_everything(hash((self.seed, self.dist.rank, self.global_step)) % 2**31)
+            return {"rng": rng_state(), "epoch_start_rng": rng_state(), "train_metrics": state.get("train_metrics")}
+        start = (state["loop"].get("epoch_start") or {}).get("rng")
+        return {"rng": state["rng"], "epoch_start_rng": start, "train_metrics": state.get("train_metrics")}
 
     def _load_weights(self, ckpt: str | None) -> None:
         if ckpt is None:

@@ -3,7 +3,7 @@
 Usage: [torchrun --nproc_per_node=N] ddp_child.py OUT_DIR JSON_OPTIONS
 Options: batch (per process), epochs, kill_rank + kill_step (SIGKILL that rank at that optimizer step
 on the first attempt only), every (checkpoint_every_steps), metrics (names), binary (a one-logit BCE model
-on "is the class id even"), strategy ("auto", "ddp", "fsdp"), stop_after (epochs of this run: fit up to it,
+on "is the class id even"), dropout (p of a Dropout on the inputs; its first masks -> masks.<rank>.pt), strategy ("auto", "ddp", "fsdp"), stop_after (epochs of this run: fit up to it,
 then resume to ``epochs`` in a second Trainer of the same process).
 Rank 0 writes OUT_DIR/predictions.pt; every rank writes OUT_DIR/done.<rank> when its work is done.
 """
@@ -28,10 +28,11 @@ def data(n, seed):
     return centers[y] + torch.randn(n, 12, generator=g), y
 
 
-def make_model(binary=False, blocks=False):
+def make_model(binary=False, blocks=False, dropout=0.0):
     if blocks:
         return Blocks()
-    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 1 if binary else 5))
+    layers = [nn.Dropout(dropout)] if dropout else []
+    return nn.Sequential(*layers, nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 1 if binary else 5))
 
 
 class Blocks(nn.Module):
@@ -48,6 +49,19 @@ class Blocks(nn.Module):
         return self.head(x)
 
 
+def record_dropout_masks(model, rank, out_dir, count=2):
+    """Save the first ``count`` training dropout masks of this rank to OUT_DIR/masks.<rank>.pt."""
+    masks = []
+
+    def hook(module, inputs, output):
+        if module.training and len(masks) < count:
+            masks.append(output == 0)
+            if len(masks) == count:
+                torch.save(masks, os.path.join(out_dir, f"masks.{rank}.pt"))
+
+    model[0].register_forward_hook(hook)
+
+
 class KillOnce(Callback):
     def __init__(self, rank, step):
         self.rank, self.step = rank, step
@@ -62,7 +76,9 @@ def main():
     out_dir, opts = sys.argv[1], json.loads(sys.argv[2])
     seed_everything(0)
     binary = opts.get("binary", False)
-    model = make_model(binary, opts.get("blocks", False))
+    model = make_model(binary, opts.get("blocks", False), opts.get("dropout", 0.0))
+    if opts.get("dropout") and distributed.elastic_restart_count() == 0:
+        record_dropout_masks(model, int(os.environ.get("RANK", 0)), out_dir)
     loss_fn = nn.BCEWithLogitsLoss() if binary else None
     callbacks = [KillOnce(opts["kill_rank"], opts["kill_step"])] if "kill_rank" in opts else []
 
@@ -81,7 +97,7 @@ def main():
     if "stop_after" in opts:  # a first fit stops early; a fresh model and Trainer resume it from last.pt
         make_trainer(model, opts["stop_after"]).fit((Xt, yt), (Xv, yv))
         seed_everything(123)  # the resumed run must not depend on the fresh model's initial weights
-        model = make_model(binary, opts.get("blocks", False))
+        model = make_model(binary, opts.get("blocks", False), opts.get("dropout", 0.0))
         trainer = make_trainer(model, epochs)
         trainer.fit((Xt, yt), (Xv, yv), resume=True)
     else:
