@@ -228,3 +228,19 @@ def test_dropout_differs_across_ranks_and_a_mid_epoch_restart_stays_exact(tmp_pa
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # rank 1's streams were restored too
     assert a["loop"]["history"][-1]["train_loss"] == b["loop"]["history"][-1]["train_loss"]
     assert len(a["ranks"]) == 2 and not torch.equal(a["ranks"][0]["rng"]["torch"], a["ranks"][1]["rng"]["torch"])
+
+
+def test_train_metrics_count_each_sample_once_despite_padding(tmp_path):
+    # 97 training samples on 2 ranks: shards of 49, rank 1's last sample a repeat of the permutation's
+    # first, alone in its last batch (batch 8: 6 full batches and one of 1). In epoch 1 every forward
+    # before the last step's update sees the same weights as one process with batch 16, so the train
+    # metrics must be equal, over 97 samples.
+    metrics = ["acc", "f1_macro"]
+    _, one = run_child(tmp_path / "one", 1, batch=16, epochs=1, n_train=97, metrics=metrics)
+    _, two = run_child(tmp_path / "two", 2, batch=8, epochs=1, n_train=97, metrics=metrics)
+    a, b = one["history"][0], two["history"][0]
+    k = round(b["train_acc"] * 97)
+    assert b["train_acc"] == pytest.approx(k / 97, abs=1e-12) and 0 < k < 97  # k/97: never k/98
+    assert a["train_acc"] == pytest.approx(b["train_acc"], abs=1e-12)
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+    assert a["train_f1_macro"] == pytest.approx(b["train_f1_macro"], abs=1e-12)

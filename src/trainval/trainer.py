@@ -509,7 +509,10 @@ class Trainer:
                 if per_step_scheduler is not None:
                     per_step_scheduler.step()
                 self.state.global_step += 1
-            metrics.update(loss, loss_weight(self.loss_fn, y, task), task.outputs(output.detach(), y), y.shape[0])
+            real = loader.unpadded(i, y.shape[0])
+            if real < y.shape[0]:  # the padding that evens out the ranks' shards repeats samples: not counted
+                loss, output, y = self._unpadded_part(output, y, real)
+            metrics.update(loss, loss_weight(self.loss_fn, y, task), task.outputs(output.detach(), y), real)
             self.state.batch_in_epoch = i + 1
             for cb in batch_callbacks:
                 cb.on_train_batch_end(self, i)
@@ -536,6 +539,18 @@ class Trainer:
         last = self._state()  # a collective under FSDP and on several processes
         if self.dist.is_main:
             save_checkpoint(last, self.last_path, "last checkpoint")
+
+    def _unpadded_part(self, output: torch.Tensor, y: torch.Tensor, real: int) -> tuple[torch.Tensor, ...]:
+        """The loss, output and target of a padded batch's first ``real`` samples (the rest are repeats).
+
+        Only the last batch or two of an epoch on some ranks; the loss is recomputed for the metrics
+        alone (no autograd), with weight 0 when the whole batch is padding. No host sync.
+        """
+        output, y = output.detach()[:real], y[:real]
+        if real == 0:
+            return torch.zeros((), device=output.device), output, y
+        with torch.no_grad():
+            return self.loss_fn(*self.task.loss_inputs(output, y)), output, y
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
