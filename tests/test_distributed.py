@@ -244,3 +244,12 @@ def test_train_metrics_count_each_sample_once_despite_padding(tmp_path):
     assert a["train_acc"] == pytest.approx(b["train_acc"], abs=1e-12)
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
     assert a["train_f1_macro"] == pytest.approx(b["train_f1_macro"], abs=1e-12)
+
+
+def test_sync_batchnorm_on_the_cpu_is_one_clear_error(tmp_path):
+    """torch's SyncBatchNorm is GPU-only (DDP refuses it on CPU modules): say so before training."""
+    proc = torchrun([CHILD, str(tmp_path), json.dumps({"batch": 8, "epochs": 1, "batchnorm": True,
+                                                       "sync_batchnorm": True})])
+    assert proc.returncode != 0
+    assert proc.stderr.count("ConfigError: sync_batchnorm needs CUDA devices") == 2  # once per rank
+    assert "SyncBatchNorm layers only work with GPU modules" not in proc.stderr  # not torch's own

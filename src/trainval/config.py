@@ -138,7 +138,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "checkpoint_every_steps": Key("int", None, "also write last.pt every N optimizer steps", nullable=True, minimum=1),
         "progress": Key("bool", True, "progress bar (terminal) or bounded-rate progress lines"),
         "strategy": Key("str", "auto", "several processes: `ddp` (a replica per process), `fsdp` (FSDP2: weights, gradients and optimizer state sharded), `auto` (ddp)", choices=("auto", "ddp", "fsdp")),
-        "sync_batchnorm": Key("bool", False, "BatchNorm statistics over every process's batch (SyncBatchNorm)"),
+        "sync_batchnorm": Key("bool", False, "BatchNorm statistics over every process's batch (SyncBatchNorm; DDP on CUDA)"),
     },
     "run": {
         "name": Key("str", "digits", "run name: the run folder is `<out_dir>/<name>`"),

@@ -85,7 +85,8 @@ class DDPStrategy(SingleProcess):
     """``DistributedDataParallel``: a full replica per rank, gradients all-reduced in backward.
 
     Args:
-        sync_batchnorm: convert BatchNorm layers to ``SyncBatchNorm`` (statistics over every rank's batch).
+        sync_batchnorm: convert BatchNorm layers to ``SyncBatchNorm`` (statistics over every rank's batch;
+            CUDA only, as torch's SyncBatchNorm).
     """
 
     name = "ddp"
@@ -95,6 +96,9 @@ class DDPStrategy(SingleProcess):
 
     def wrap(self, model, optimizer, device, compile):
         if self.sync_batchnorm:
+            if device.type != "cuda":
+                raise ConfigError("sync_batchnorm needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); "
+                                  "turn it off on the CPU.")
             _convert_sync_batchnorm(model)
         net = compile(model)
         ids = [device.index] if device.type == "cuda" else None
@@ -115,7 +119,6 @@ class FSDPStrategy(SingleProcess):
             ``torch.float32`` gradient reduction); default: the parameters' own dtype.
         cpu_offload: keep sharded parameters, gradients and optimizer state in CPU memory
             (``CPUOffloadPolicy``; the optimizer steps on the CPU).
-        sync_batchnorm: convert BatchNorm layers to ``SyncBatchNorm`` (several processes).
         reshard_after_forward: free gathered parameters after forward (ZeRO-3, default) or keep them
             until backward (ZeRO-2-like: more memory, less communication).
     """
@@ -124,10 +127,10 @@ class FSDPStrategy(SingleProcess):
 
     def __init__(self, wrap_modules: tuple[type, ...] | Callable[[nn.Module], bool] | None = None, *,
                  param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
-                 cpu_offload: bool = False, reshard_after_forward: bool = True, sync_batchnorm: bool = False):
+                 cpu_offload: bool = False, reshard_after_forward: bool = True):
         self.wrap_modules, self.cpu_offload = wrap_modules, cpu_offload
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
-        self.reshard_after_forward, self.sync_batchnorm = reshard_after_forward, sync_batchnorm
+        self.reshard_after_forward = reshard_after_forward
 
     def _is_unit(self, module: nn.Module, parent: nn.Module | None) -> bool:
         if self.wrap_modules is None:
@@ -141,8 +144,6 @@ class FSDPStrategy(SingleProcess):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         _ensure_process_group(device)
-        if self.sync_batchnorm and dist.get_world_size() > 1:
-            _convert_sync_batchnorm(model)
         world = dist.get_world_size()
         # Every rank shards its own copy: start them all from rank 0's weights, as DDP does.
         if world > 1:
@@ -269,5 +270,7 @@ def make_strategy(spec: str | SingleProcess, *, distributed_on: bool, sync_batch
         raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)} (or a trainval.strategies object), "
                           f"got {spec!r}.")
     if spec == "fsdp":
-        return FSDPStrategy(sync_batchnorm=sync_batchnorm)
+        if sync_batchnorm:
+            raise ConfigError("sync_batchnorm works with strategy 'ddp' (or 'auto'), not with 'fsdp'.")
+        return FSDPStrategy()
     return DDPStrategy(sync_batchnorm) if distributed_on else SingleProcess()

@@ -108,7 +108,7 @@ class Trainer:
         strategy: ``"auto"`` (DDP on several processes), ``"ddp"``, ``"fsdp"`` (FSDP2: parameters, gradients
             and optimizer state sharded over the processes), or a :mod:`trainval.strategies` object
             (e.g. ``FSDPStrategy(param_dtype=torch.bfloat16, cpu_offload=True)``).
-        sync_batchnorm: BatchNorm statistics over every process's batch (``SyncBatchNorm``).
+        sync_batchnorm: BatchNorm statistics over every process's batch (``SyncBatchNorm``; DDP on CUDA).
     """
 
     # On one process the host checks the running loss for NaN/Inf at most this often (a sync point).

@@ -3,7 +3,7 @@
 Usage: [torchrun --nproc_per_node=N] ddp_child.py OUT_DIR JSON_OPTIONS
 Options: batch (per process), epochs, kill_rank + kill_step (SIGKILL that rank at that optimizer step
 on the first attempt only), every (checkpoint_every_steps), metrics (names), binary (a one-logit BCE model
-on "is the class id even"), dropout (p of a Dropout on the inputs; its first masks -> masks.<rank>.pt), strategy ("auto", "ddp", "fsdp"), stop_after (epochs of this run: fit up to it,
+on "is the class id even"), dropout (p of a Dropout on the inputs; its first masks -> masks.<rank>.pt), strategy ("auto", "ddp", "fsdp"), batchnorm, sync_batchnorm, stop_after (epochs of this run: fit up to it,
 then resume to ``epochs`` in a second Trainer of the same process).
 Rank 0 writes OUT_DIR/predictions.pt; every rank writes OUT_DIR/done.<rank> when its work is done.
 """
@@ -28,9 +28,11 @@ def data(n, seed):
     return centers[y] + torch.randn(n, 12, generator=g), y
 
 
-def make_model(binary=False, blocks=False, dropout=0.0):
+def make_model(binary=False, blocks=False, dropout=0.0, batchnorm=False):
     if blocks:
         return Blocks()
+    if batchnorm:
+        return nn.Sequential(nn.Linear(12, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 1 if binary else 5))
     layers = [nn.Dropout(dropout)] if dropout else []
     return nn.Sequential(*layers, nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 1 if binary else 5))
 
@@ -76,7 +78,7 @@ def main():
     out_dir, opts = sys.argv[1], json.loads(sys.argv[2])
     seed_everything(0)
     binary = opts.get("binary", False)
-    model = make_model(binary, opts.get("blocks", False), opts.get("dropout", 0.0))
+    model = make_model(binary, opts.get("blocks", False), opts.get("dropout", 0.0), opts.get("batchnorm", False))
     if opts.get("dropout") and distributed.elastic_restart_count() == 0:
         record_dropout_masks(model, int(os.environ.get("RANK", 0)), out_dir)
     loss_fn = nn.BCEWithLogitsLoss() if binary else None
@@ -85,6 +87,7 @@ def main():
     def make_trainer(model, epochs):
         return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), loss_fn,
                        metrics=opts.get("metrics"), max_epochs=epochs, strategy=opts.get("strategy", "auto"),
+                       sync_batchnorm=opts.get("sync_batchnorm", False),
                        out_dir=out_dir, seed=1, batch_size=opts["batch"], eval_batch_size=opts.get("eval_batch", 8),
                        progress=False, plot=False, callbacks=callbacks, checkpoint_every_steps=opts.get("every"),
                        overwrite=distributed.elastic_restart_count() == 0)
@@ -97,7 +100,7 @@ def main():
     if "stop_after" in opts:  # a first fit stops early; a fresh model and Trainer resume it from last.pt
         make_trainer(model, opts["stop_after"]).fit((Xt, yt), (Xv, yv))
         seed_everything(123)  # the resumed run must not depend on the fresh model's initial weights
-        model = make_model(binary, opts.get("blocks", False), opts.get("dropout", 0.0))
+        model = make_model(binary, opts.get("blocks", False), opts.get("dropout", 0.0), opts.get("batchnorm", False))
         trainer = make_trainer(model, epochs)
         trainer.fit((Xt, yt), (Xv, yv), resume=True)
     else:
