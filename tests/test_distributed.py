@@ -253,3 +253,72 @@ def test_sync_batchnorm_on_the_cpu_is_one_clear_error(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("ConfigError: sync_batchnorm needs CUDA devices") == 2  # once per rank
     assert "SyncBatchNorm layers only work with GPU modules" not in proc.stderr  # not torch's own
+
+
+# ------------------------------------------------------------------------------------------------
+# "Two nodes" on this machine: two launchers meeting at a c10d rendezvous on 127.0.0.1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_launchers(commands, timeout=240):
+    """Start one launcher per "node" (each a list of arguments), wait for both; their CompletedProcess-likes."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for cmd in commands]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return results
+
+
+def _cli_node(out_dir, port, node_rank, epochs=1):
+    return [sys.executable, "-m", "trainval", "fit", f"train.epochs={epochs}", "train.batch_size=64",
+            f"run.out_dir={out_dir}", "log.plot=false", "train.progress=false", "--nproc", "1", "--nnodes", "2",
+            "--node-rank", str(node_rank), "--rdzv-endpoint", f"127.0.0.1:{port}"]
+
+
+def test_two_nodes_need_a_shared_run_folder(tmp_path):
+    started = time.perf_counter()
+    port = _free_port()
+    apart = two_launchers([_cli_node(tmp_path / f"node{r}", port, r) for r in range(2)])
+    for proc in apart:  # every node says why, in one line, and no training starts
+        assert proc.returncode != 0, proc.stdout + proc.stderr
+        assert "is not shared by every process: rank 1 (host" in proc.stderr, proc.stderr
+        assert "Train Acc" not in proc.stdout
+    # the control: the same two launchers with one shared folder train, test and predict
+    port = _free_port()
+    shared = two_launchers([_cli_node(tmp_path / "shared", port, r) for r in range(2)])
+    for proc in shared:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Test Acc:" in shared[0].stdout + shared[1].stdout
+    assert (tmp_path / "shared" / "digits" / "best.pt").exists()
+    assert not list((tmp_path / "shared" / "digits").glob(".trainval-shared-*"))  # the probe file is gone
+    print(f"two launchers, twice: {time.perf_counter() - started:.1f} s")
+
+
+def test_a_stale_last_pt_on_one_node_is_refused(tmp_path):
+    import shutil
+
+    opts = {"batch": 8, "epochs": 1}
+    run_child(tmp_path / "a", 2, **opts)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # node 1's copy: epoch 1
+    run_child(tmp_path / "a", 2, **{**opts, "epochs": 2, "resume": True})  # node 0's moves on to epoch 2
+    port = _free_port()
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+              "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=stale"]
+    procs = two_launchers([[*launch, CHILD, str(tmp_path / d), json.dumps({**opts, "epochs": 3, "resume": True})]
+                           for d in ("a", "b")])
+    for proc in procs:  # one clear error on every rank, naming what each saw
+        assert proc.returncode != 0
+        assert "CheckpointError: cannot resume: the processes see different last.pt files" in proc.stderr, proc.stderr
+        # (which launcher's worker becomes rank 0 is the rendezvous's choice)
+        assert ": epoch 2, step 12, sha256" in proc.stderr and ": epoch 1, step 6, sha256" in proc.stderr
+    assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["epoch"] == 2  # nothing was trained or written

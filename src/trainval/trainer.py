@@ -109,6 +109,8 @@ class Trainer:
             and optimizer state sharded over the processes), or a :mod:`trainval.strategies` object
             (e.g. ``FSDPStrategy(param_dtype=torch.bfloat16, cpu_offload=True)``).
         sync_batchnorm: BatchNorm statistics over every process's batch (``SyncBatchNorm``; DDP on CUDA).
+        dist_timeout: seconds a collective waits for the other processes before the run fails (default:
+            the ``TRAINVAL_DIST_TIMEOUT`` environment variable, or 300).
     """
 
     # On one process the host checks the running loss for NaN/Inf at most this often (a sync point).
@@ -152,6 +154,7 @@ class Trainer:
         config: dict | None = None,
         strategy: str | SingleProcess = "auto",
         sync_batchnorm: bool = False,
+        dist_timeout: float | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -204,6 +207,9 @@ class Trainer:
         self.overwrite, self.plot, self.config = overwrite, plot, config
         make_strategy(strategy, distributed_on=False)  # a wrong name fails here, before any process group
         self._strategy_arg, self.sync_batchnorm = strategy, sync_batchnorm
+        if dist_timeout is not None and not (isinstance(dist_timeout, (int, float)) and dist_timeout > 0):
+            raise ConfigError(f"dist_timeout must be a positive number of seconds, got {dist_timeout!r}.")
+        self.dist_timeout = dist_timeout
         self.strategy: SingleProcess = SingleProcess()  # settled in _setup, once the process count is known
 
         self.dist = distributed.DistInfo()
@@ -312,11 +318,12 @@ class Trainer:
         self.train_metrics = self._metric_set(len(self.train_loader))
         self._val_metrics = self._metric_set(len(self.val_loader) if self.val_loader else 1)
 
-        if not resume and distributed.elastic_restart_count() > 0 and os.path.exists(self.last_path):
-            resume = True  # torchrun restarted the workers after a failure: continue from last.pt
-        self._prepare_run_folder(resume)
-        if resume:
-            self._restore(load_checkpoint(self.last_path, map_location=self.device))
+        if not resume and distributed.elastic_restart_count() > 0:
+            # torchrun restarted the workers after a failure: continue from last.pt (rank 0's view decides)
+            resume = distributed.broadcast_object(os.path.exists(self.last_path))
+        last = self._prepare_run_folder(resume)
+        if last is not None:
+            self._restore(last)
             self.log(f"resuming from {self.last_path} (epoch {self.epoch}, batch {self.batch_in_epoch})")
         else:
             seed_everything(self.seed + self.dist.rank)  # model randomness (dropout, workers): per rank
@@ -671,7 +678,8 @@ class Trainer:
         if self._set_up:
             return
         if distributed.launched_by_torchrun():
-            self.dist = distributed.setup(self.device if self._requested_device is not None else None)
+            self.dist = distributed.setup(self.device if self._requested_device is not None else None,
+                                          self.dist_timeout)
             if self._requested_device is None:
                 self.device = distributed.default_device(self.dist.local_rank)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -796,18 +804,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # Checkpoints
 
-    def _prepare_run_folder(self, resume: bool) -> None:
+    def _prepare_run_folder(self, resume: bool) -> dict | None:
+        """Claim the run folder and check it; with ``resume``, the last.pt every rank agreed on."""
         if self.dist.is_main:  # under the run folder's lock (see fit)
             runfolder.claim(self.out_dir, resume)
             runfolder.remove_own_temp_files(self.out_dir)  # temp files of writes cut short by a kill
         distributed.barrier()
+        last = self._agree_on_last() if resume else None  # first: a stale copy on one node is named as such
+        if self.dist.enabled:
+            runfolder.check_shared(self.out_dir, self.dist.rank)
         # A run exists once its first last.pt does. best.pt is written just before last.pt, so a
         # best.pt alone is a fit stopped inside its first epoch's saves: nothing to resume, and
         # starting over loses nothing.
         if resume:
-            if not os.path.exists(self.last_path):
-                raise CheckpointError(f"cannot resume: no last.pt in {self.out_dir} (no epoch was saved there); "
-                                      "start without resume to train from the beginning.")
+            pass  # last.pt was read and agreed on above
         elif not self.overwrite and os.path.exists(self.last_path):
             raise RunFolderError(f"{self.out_dir} already holds a run (last.pt/best.pt); resume it, "
                                  "choose another folder, or allow overwriting it (run.overwrite=true, "
@@ -820,6 +830,35 @@ class Trainer:
 
             text = yaml.safe_dump({**self.config, "versions": _versions()}, sort_keys=False).encode()
             atomic_write(os.path.join(self.out_dir, "config.yaml"), lambda f: f.write(text), "config")
+        return last
+
+    def _agree_on_last(self) -> dict:
+        """last.pt, read by every rank, after all of them agree it is the same file (a collective).
+
+        Epoch, step and a content hash per rank are compared on every rank, so that a disagreement (a
+        missing or stale copy on one node) is one clear error everywhere instead of ranks training from
+        different states.
+        """
+        state, seen = None, "no last.pt"
+        if os.path.exists(self.last_path):
+            try:
+                state = load_checkpoint(self.last_path, map_location=self.device)
+                loop = state.get("loop") or {}
+                seen = f"epoch {state.get('epoch')}, step {loop.get('global_step')}, sha256 {_sha256(self.last_path)[:12]}"
+            except CheckpointError as e:
+                seen = f"unreadable ({e})"
+        views = distributed.all_gather_objects(seen)
+        if len(set(views)) > 1:
+            each = "; ".join(f"rank {r}: {v}" for r, v in enumerate(views))
+            raise CheckpointError(f"cannot resume: the processes see different last.pt files in {self.out_dir} ({each}). "
+                                  "Every process must resume from the same checkpoint: put the run folder on a file "
+                                  "system every node mounts.")
+        if state is None:
+            if seen != "no last.pt":
+                raise CheckpointError(f"cannot resume from {self.last_path}: {seen}.")
+            raise CheckpointError(f"cannot resume: no last.pt in {self.out_dir} (no epoch was saved there); "
+                                  "start without resume to train from the beginning.")
+        return state
 
     def _best_state(self) -> dict:
         return {"model": self.strategy.model_state_dict(self.model), "epoch": self.epoch, "task": self.task.name,
@@ -1002,6 +1041,16 @@ def _write_confusion(path: str, cm: torch.Tensor) -> None:
     lines += [f"{r}," + ",".join(str(v) for v in row) for r, row in enumerate(counts)]
     data = ("\n".join(lines) + "\n").encode()
     atomic_write(path, lambda f: f.write(data), "confusion matrix")
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _versions() -> dict:

@@ -3,7 +3,7 @@
 Usage: [torchrun --nproc_per_node=N] ddp_child.py OUT_DIR JSON_OPTIONS
 Options: batch (per process), epochs, kill_rank + kill_step (SIGKILL that rank at that optimizer step
 on the first attempt only), every (checkpoint_every_steps), metrics (names), binary (a one-logit BCE model
-on "is the class id even"), dropout (p of a Dropout on the inputs; its first masks -> masks.<rank>.pt), strategy ("auto", "ddp", "fsdp"), batchnorm, sync_batchnorm, stop_after (epochs of this run: fit up to it,
+on "is the class id even"), dropout (p of a Dropout on the inputs; its first masks -> masks.<rank>.pt), strategy ("auto", "ddp", "fsdp"), batchnorm, sync_batchnorm, resume, stop_after (epochs of this run: fit up to it,
 then resume to ``epochs`` in a second Trainer of the same process).
 Rank 0 writes OUT_DIR/predictions.pt; every rank writes OUT_DIR/done.<rank> when its work is done.
 """
@@ -105,7 +105,7 @@ def main():
         trainer.fit((Xt, yt), (Xv, yv), resume=True)
     else:
         trainer = make_trainer(model, epochs)
-        trainer.fit((Xt, yt), (Xv, yv))
+        trainer.fit((Xt, yt), (Xv, yv), resume=opts.get("resume", False))
     metrics = trainer.test((Xv, yv))
     preds = trainer.predict(Xv)
     probs = trainer.predict_proba(Xv)
