@@ -143,6 +143,9 @@ class FSDPStrategy(SingleProcess):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+        if self.cpu_offload and device.type == "cpu":
+            raise ConfigError("FSDP's cpu_offload moves GPU memory to the CPU; the model is on the CPU already: "
+                              "turn cpu_offload off, or train on CUDA.")
         _ensure_process_group(device)
         world = dist.get_world_size()
         # Every rank shards its own copy: start them all from rank 0's weights, as DDP does.
