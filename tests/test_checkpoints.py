@@ -105,7 +105,7 @@ def test_sigkill_inside_each_write_keeps_the_previous_checkpoint_and_resumes_exa
         assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
         # the kill came inside a write: its temp file is there, half-written and unreadable
         partial = _partial_writes(folder)
-        assert len(partial) == 1 and partial[0].startswith((".last.pt.", ".best.pt.")), partial
+        assert len(partial) == 1 and partial[0].startswith((".trainval-last.pt.", ".trainval-best.pt.")), partial
         with pytest.raises(CheckpointError):
             load_checkpoint(str(folder / partial[0]))
         saved = _load_all(folder)

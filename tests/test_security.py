@@ -28,9 +28,18 @@ def csv_args(tmp_path, name: str = "r") -> list[str]:
     data = tmp_path / "data.csv"
     if not data.exists():
         write_csv(data)
-    return ["data.source=csv", f"data.train={data}", "model.name=mlp", "model.hidden=[8]", "train.epochs=1",
-            "train.batch_size=16", "train.progress=false", "log.plot=false", f"run.out_dir={tmp_path / 'runs'}",
-            f"run.name={name}"]
+    return [
+        "data.source=csv",
+        f"data.train={data}",
+        "model.name=mlp",
+        "model.hidden=[8]",
+        "train.epochs=1",
+        "train.batch_size=16",
+        "train.progress=false",
+        "log.plot=false",
+        f"run.out_dir={tmp_path / 'runs'}",
+        f"run.name={name}",
+    ]
 
 
 def one_error_line(proc, code: int) -> str:
@@ -47,11 +56,26 @@ def one_error_line(proc, code: int) -> str:
 def test_crafted_checkpoint_naming_os_system_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
     crafted = tmp_path / "downloaded.pt"
-    torch.save({"model": {}, "epoch": 1,
-                "config": {"model": {"name": "os:system", "kwargs": {"command": f"touch {marker}"}},
-                           "resolved": {"in_shape": [4], "num_classes": 2}}}, crafted)
-    proc = run_cli("predict", *csv_args(tmp_path), "--ckpt", str(crafted), "--out", str(tmp_path / "p.csv"),
-                   cwd=str(tmp_path))
+    torch.save(
+        {
+            "model": {},
+            "epoch": 1,
+            "config": {
+                "model": {"name": "os:system", "kwargs": {"command": f"touch {marker}"}},
+                "resolved": {"in_shape": [4], "num_classes": 2},
+            },
+        },
+        crafted,
+    )
+    proc = run_cli(
+        "predict",
+        *csv_args(tmp_path),
+        "--ckpt",
+        str(crafted),
+        "--out",
+        str(tmp_path / "p.csv"),
+        cwd=str(tmp_path),
+    )
     err = one_error_line(proc, 1)
     assert "model.name: checkpoint 'os:system', config 'mlp'" in err, err
     assert not marker.exists()
@@ -67,19 +91,45 @@ def test_a_run_folders_module_model_is_imported_only_with_trust_code(tmp_path):
     cfg.write_text("model:\n  name: evilmod:Net\n")
     torch.save({"model": {}, "epoch": 1, "config": {"model": {"name": "evilmod:Net"}}}, tmp_path / "best.pt")
     for command in ("test", "predict"):
-        proc = run_cli(command, str(cfg), *csv_args(tmp_path)[:2], "model.name=evilmod:Net",
-                       "--ckpt", str(tmp_path / "best.pt"), cwd=str(tmp_path), env=env)
+        proc = run_cli(
+            command,
+            str(cfg),
+            *csv_args(tmp_path)[:2],
+            "model.name=evilmod:Net",
+            "--ckpt",
+            str(tmp_path / "best.pt"),
+            cwd=str(tmp_path),
+            env=env,
+        )
         err = one_error_line(proc, 2)
         assert "--trust-code" in err and "model.name=evilmod:Net" in err, err
         assert not marker.exists()
     # A checkpoint naming the module while the user's config builds an MLP: compared, not imported.
-    proc = run_cli("predict", *csv_args(tmp_path), "--ckpt", str(tmp_path / "best.pt"), "--out", str(tmp_path / "p.csv"),
-                   cwd=str(tmp_path), env=env)
+    proc = run_cli(
+        "predict",
+        *csv_args(tmp_path),
+        "--ckpt",
+        str(tmp_path / "best.pt"),
+        "--out",
+        str(tmp_path / "p.csv"),
+        cwd=str(tmp_path),
+        env=env,
+    )
     assert "model.name: checkpoint 'evilmod:Net', config 'mlp'" in one_error_line(proc, 1)
     assert not marker.exists()
     # The control: with the opt-in, the import does happen.
-    run_cli("predict", str(cfg), *csv_args(tmp_path)[:2], "--trust-code", "--ckpt", str(tmp_path / "best.pt"),
-            "--out", str(tmp_path / "p.csv"), cwd=str(tmp_path), env=env)
+    run_cli(
+        "predict",
+        str(cfg),
+        *csv_args(tmp_path)[:2],
+        "--trust-code",
+        "--ckpt",
+        str(tmp_path / "best.pt"),
+        "--out",
+        str(tmp_path / "p.csv"),
+        cwd=str(tmp_path),
+        env=env,
+    )
     assert marker.exists()
 
 
@@ -87,10 +137,26 @@ def test_predict_with_a_bare_state_dict_checks_keys_and_shapes(tmp_path):
     args = csv_args(tmp_path)
     built = MLP(4, 2, [8], 0.25, True)
     torch.save(built.state_dict(), tmp_path / "sd.pt")
-    ok = run_cli("predict", *args, "--ckpt", str(tmp_path / "sd.pt"), "--out", str(tmp_path / "p.csv"), cwd=str(tmp_path))
+    ok = run_cli(
+        "predict",
+        *args,
+        "--ckpt",
+        str(tmp_path / "sd.pt"),
+        "--out",
+        str(tmp_path / "p.csv"),
+        cwd=str(tmp_path),
+    )
     assert ok.returncode == 0, ok.stderr
     torch.save(MLP(4, 2, [16], 0.25, True).state_dict(), tmp_path / "wide.pt")
-    bad = run_cli("predict", *args, "--ckpt", str(tmp_path / "wide.pt"), "--out", str(tmp_path / "q.csv"), cwd=str(tmp_path))
+    bad = run_cli(
+        "predict",
+        *args,
+        "--ckpt",
+        str(tmp_path / "wide.pt"),
+        "--out",
+        str(tmp_path / "q.csv"),
+        cwd=str(tmp_path),
+    )
     assert "shape mismatches" in one_error_line(bad, 1)
 
 
@@ -127,9 +193,9 @@ def test_zip_bomb_checkpoint_is_refused_before_unpickling(tmp_path, monkeypatch)
     at = 0
     while True:  # its central-directory record: signature, ..., uncompressed size at offset 24, name at 46
         at = data.index(b"PK\x01\x02", at + 1)
-        if data[at + 46:at + 46 + len(info.filename)] == info.filename.encode():
+        if data[at + 46 : at + 46 + len(info.filename)] == info.filename.encode():
             break
-    data[at + 24:at + 28] = (2**31).to_bytes(4, "little")
+    data[at + 24 : at + 28] = (2**31).to_bytes(4, "little")
     liar.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"refusing to load .*liar\.pt: its entries claim"):
         load_checkpoint(str(liar))
@@ -149,8 +215,14 @@ def test_predict_out_refuses_checkpoints_inputs_and_foreign_files(tmp_path):
     elsewhere.write_bytes((run / "last.pt").read_bytes())
     notes = tmp_path / "notes.txt"
     notes.write_text("mine\n")
-    guarded = {run / "best.pt": "best.pt", run / "last.pt": "last.pt", tmp_path / "data.csv": "data.train",
-               cfg: "the config file", elsewhere: "PyTorch checkpoint", run / "summary.json": "summary.json"}
+    guarded = {
+        run / "best.pt": "best.pt",
+        run / "last.pt": "last.pt",
+        tmp_path / "data.csv": "data.train",
+        cfg: "the config file",
+        elsewhere: "PyTorch checkpoint",
+        run / "summary.json": "summary.json",
+    }
     for path, words in guarded.items():
         before = path.read_bytes()
         proc = run_cli("predict", str(cfg), *args, "--out", str(path), "--force", cwd=str(tmp_path))
@@ -225,8 +297,13 @@ def test_one_writer_per_run_folder(tmp_path):
     args = csv_args(tmp_path)
     run = tmp_path / "runs" / "r"
     long_fit = [*args[:-6], "train.epochs=100000", *args[-5:]]
-    holder = subprocess.Popen([sys.executable, "-m", "trainval", "fit", *long_fit], cwd=str(tmp_path),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "trainval", "fit", *long_fit],
+        cwd=str(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (run / "last.pt").exists():
@@ -234,8 +311,11 @@ def test_one_writer_per_run_folder(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.2)
         busy = f"in use by another trainval process (pid {holder.pid})"
+        writing = run / ".trainval-last.pt.abcd1234.tmp"  # as if the holder were inside a write
+        writing.write_text("half")
         second = run_cli("fit", *args, "run.overwrite=true", cwd=str(tmp_path))
         assert busy in one_error_line(second, 2)
+        assert writing.exists()  # the refused fit cleaned up nothing
         resume = run_cli("fit", *long_fit, "--resume", cwd=str(tmp_path))
         assert busy in one_error_line(resume, 2)
         into = run_cli("predict", *args, cwd=str(tmp_path))
@@ -257,7 +337,10 @@ def test_one_writer_per_run_folder(tmp_path):
 
 
 CONFIG_FILES = {
-    "duplicate": (b"optim:\n  lr: 0.1\n  name: sgd\n  lr: 0.2\n", "duplicate key 'lr', first given at line 2"),
+    "duplicate": (
+        b"optim:\n  lr: 0.1\n  name: sgd\n  lr: 0.2\n",
+        "duplicate key 'lr', first given at line 2",
+    ),
     "utf16": ("train:\n  epochs: 1\n".encode("utf-16"), "not a UTF-8 text file"),
     "binary": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "not a UTF-8 text file"),
     "latin1": ("run:\n  name: caf\xe9\n".encode("latin-1"), "not UTF-8 text (an invalid byte at line 2)"),
@@ -293,10 +376,12 @@ def test_unusable_run_folder_paths(tmp_path):
     args = csv_args(tmp_path)[:-2]
     (tmp_path / "afile").write_text("x")
     os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
-    cases = {f"run.out_dir={tmp_path}": ("run.name=afile", "is a file, not a folder"),
-             f"run.out_dir={tmp_path}/afile": ("run.name=r", "a part of that path is a file"),
-             f"run.out_dir={tmp_path}/": ("run.name=dangling", "is a symbolic link to"),
-             "run.out_dir=/proc/no-such-place": ("run.name=r", "cannot create the run folder")}
+    cases = {
+        f"run.out_dir={tmp_path}": ("run.name=afile", "is a file, not a folder"),
+        f"run.out_dir={tmp_path}/afile": ("run.name=r", "a part of that path is a file"),
+        f"run.out_dir={tmp_path}/": ("run.name=dangling", "is a symbolic link to"),
+        "run.out_dir=/proc/no-such-place": ("run.name=r", "cannot create the run folder"),
+    }
     for out_dir, (name, words) in cases.items():
         proc = run_cli("fit", *args, out_dir, name, cwd=str(tmp_path))
         assert words in one_error_line(proc, 2), out_dir
@@ -369,13 +454,25 @@ def _nan_at_row_11():
 
 CSV_CASES = {
     "nan-row-11": (_nan_at_row_11(), [], 1, "data.csv: row 11, column 'f2': 'nan' is not a finite number"),
-    "duplicate-columns": ("f1,f1,label\n" + "1,2,0\n3,4,1\n" * 20, [], 1,
-                          "the header names column(s) 'f1' more than once"),
-    "features-include-label": ("\n".join(_csv_lines()) + "\n", ["data.features=[f1, label]"], 2,
-                               "data.features includes the label column 'label'"),
+    "duplicate-columns": (
+        "f1,f1,label\n" + "1,2,0\n3,4,1\n" * 20,
+        [],
+        1,
+        "the header names column(s) 'f1' more than once",
+    ),
+    "features-include-label": (
+        "\n".join(_csv_lines()) + "\n",
+        ["data.features=[f1, label]"],
+        2,
+        "data.features includes the label column 'label'",
+    ),
     "features-empty": ("\n".join(_csv_lines()) + "\n", ["data.features=[]"], 2, "data.features is empty"),
-    "latin-1": ("f1,f2,label\n" + "1,2,0\n3,4,1\n" * 5 + "1,2,caf\xe9\n", [], 1,
-                "data.csv: row 12 is not UTF-8 text (byte 0xe9)"),
+    "latin-1": (
+        "f1,f2,label\n" + "1,2,0\n3,4,1\n" * 5 + "1,2,caf\xe9\n",
+        [],
+        1,
+        "data.csv: row 12 is not UTF-8 text (byte 0xe9)",
+    ),
 }
 
 
@@ -393,7 +490,7 @@ def test_bad_csv_files_are_one_line_naming_row_and_column(tmp_path, case):
 
 RESUME_REFUSED = [
     (["optim.lr=0.01"], "optim.lr 0.001 -> 0.01"),
-    (["train.monitor=val_loss"], "train.monitor 'val_acc' -> 'val_loss'"),
+    (["train.monitor=val_loss"], "train.monitor None -> 'val_loss'"),
     (["train.batch_size=8"], "train.batch_size 16 -> 8"),
     (["data.split_seed=3"], "data.split_seed 0 -> 3"),
     (["optim.name=sgd", "optim.lr=0.1"], "optim.name 'adam' -> 'sgd'; optim.lr 0.001 -> 0.1"),
@@ -417,11 +514,27 @@ def test_resume_with_a_changed_config(tmp_path):
     assert "epochs: 3" in (run / "config.yaml").read_text()
     # Schedules laid out for a number of epochs: more epochs would jump (cosine) or crash (onecycle).
     for schedule in ("cosine", "onecycle"):
-        run_cli("fit", *args[:-1], f"run.name={schedule}", "train.epochs=1", f"scheduler.name={schedule}",
-                cwd=str(tmp_path), check=True)
-        proc = run_cli("fit", *args[:-1], f"run.name={schedule}", "train.epochs=2", f"scheduler.name={schedule}",
-                       "--resume", cwd=str(tmp_path))
-        assert f"train.epochs 1 -> 2 (the {schedule} schedule was laid out for 1 epochs)" in one_error_line(proc, 2)
+        run_cli(
+            "fit",
+            *args[:-1],
+            f"run.name={schedule}",
+            "train.epochs=1",
+            f"scheduler.name={schedule}",
+            cwd=str(tmp_path),
+            check=True,
+        )
+        proc = run_cli(
+            "fit",
+            *args[:-1],
+            f"run.name={schedule}",
+            "train.epochs=2",
+            f"scheduler.name={schedule}",
+            "--resume",
+            cwd=str(tmp_path),
+        )
+        assert f"train.epochs 1 -> 2 (the {schedule} schedule was laid out for 1 epochs)" in one_error_line(
+            proc, 2
+        )
 
 
 def test_api_resume_with_another_optimizer_is_one_clear_error(tmp_path):
@@ -432,14 +545,29 @@ def test_api_resume_with_another_optimizer_is_one_clear_error(tmp_path):
 
     X, y = make_blobs(n=30)
     model = tiny_mlp()
-    Trainer(model, torch.optim.Adam(model.parameters()), max_epochs=1, out_dir=str(tmp_path), progress=False,
-            plot=False, device="cpu").fit((X, y), (X, y))
+    Trainer(
+        model,
+        torch.optim.Adam(model.parameters()),
+        max_epochs=1,
+        out_dir=str(tmp_path),
+        progress=False,
+        plot=False,
+        device="cpu",
+    ).fit((X, y), (X, y))
     model = tiny_mlp()
     sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.StepLR(sgd, 1)
     with pytest.raises(CheckpointError, match="cannot be resumed with this optimizer/scheduler"):
-        Trainer(model, sgd, max_epochs=2, out_dir=str(tmp_path), progress=False, plot=False, device="cpu",
-                scheduler=scheduler).fit((X, y), (X, y), resume=True)
+        Trainer(
+            model,
+            sgd,
+            max_epochs=2,
+            out_dir=str(tmp_path),
+            progress=False,
+            plot=False,
+            device="cpu",
+            scheduler=scheduler,
+        ).fit((X, y), (X, y), resume=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -453,8 +581,13 @@ def test_fit_piped_into_head_keeps_training_and_saves(tmp_path):
 
     args = csv_args(tmp_path)[:4] + ["train.epochs=3"] + csv_args(tmp_path)[5:]
     command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "trainval", "fit", *args])
-    proc = subprocess.run(["bash", "-c", f"{command} | head -1; exit ${{PIPESTATUS[0]}}"], cwd=str(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", "-c", f"{command} | head -1; exit ${{PIPESTATUS[0]}}"],
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert proc.stdout.startswith("[001/003]") and len(proc.stdout.splitlines()) == 1
     run = tmp_path / "runs" / "r"
@@ -471,8 +604,12 @@ def test_kill_between_best_and_first_last_checkpoint_is_recoverable(tmp_path):
 
     # The real kill: SIGKILL inside the second checkpoint write of a fit (last.pt, just after best.pt).
     child = os.path.join(REPO, "tests", "helpers", "train_child.py")
-    killed = subprocess.run([sys.executable, child, str(tmp_path / "api"), json.dumps({"kill_in_write": 2})],
-                            capture_output=True, text=True, timeout=120)
+    killed = subprocess.run(
+        [sys.executable, child, str(tmp_path / "api"), json.dumps({"kill_in_write": 2})],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert killed.returncode == -9
     assert (tmp_path / "api" / "best.pt").exists() and not (tmp_path / "api" / "last.pt").exists()
     # The same state through the CLI: both paths say the same thing, and starting over works.
@@ -482,10 +619,15 @@ def test_kill_between_best_and_first_last_checkpoint_is_recoverable(tmp_path):
     for name in ("last.pt", "metrics.csv", "summary.json", "predictions.csv"):
         (run / name).unlink()
     resume = run_cli("fit", *args, "--resume", cwd=str(tmp_path))
-    assert "no epoch was saved there); start without resume to train from the beginning" in one_error_line(resume, 1)
+    assert "no epoch was saved there); start without resume to train from the beginning" in one_error_line(
+        resume, 1
+    )
     again = run_cli("fit", *args, cwd=str(tmp_path))
     assert again.returncode == 0, again.stderr
-    assert "has no last.pt beside it (a fit stopped before its first epoch was saved): starting over" in again.stdout
+    assert (
+        "has no last.pt beside it (a fit stopped before its first epoch was saved): starting over"
+        in again.stdout
+    )
     assert (run / "last.pt").exists()
 
 
@@ -509,14 +651,52 @@ def test_nproc_prints_a_failing_ranks_own_error(tmp_path):
         "import os\nimport numpy as np\n\n\ndef data():\n"
         "    if os.environ.get('RANK') == '1':\n        raise RuntimeError('rank one broke')\n"
         "    X = np.random.default_rng(0).normal(size=(40, 4)).astype('float32')\n"
-        "    return {'train': (X, np.arange(40) % 2), 'val': (X, np.arange(40) % 2)}\n")
+        "    return {'train': (X, np.arange(40) % 2), 'val': (X, np.arange(40) % 2)}\n"
+    )
     env = {"PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = run_cli("fit", "--nproc", "2", "data.source=factory", "data.factory=rankfail:data", "model.name=mlp",
-                   "train.epochs=1", f"run.out_dir={tmp_path}", "run.name=r", "log.plot=false", cwd=str(tmp_path),
-                   env=env)
+    proc = run_cli(
+        "fit",
+        "--nproc",
+        "2",
+        "data.source=factory",
+        "data.factory=rankfail:data",
+        "model.name=mlp",
+        "train.epochs=1",
+        f"run.out_dir={tmp_path}",
+        "run.name=r",
+        "log.plot=false",
+        cwd=str(tmp_path),
+        env=env,
+    )
     err = one_error_line(proc, 2)
-    assert err == "trainval: error: [rank 1] data.factory 'rankfail:data' raised RuntimeError: rank one broke", err
-    # The same error on every rank is printed once, unprefixed (rank 0's).
-    proc = run_cli("fit", "--nproc", "2", "data.source=csv", "data.train=nope.csv", "model.name=mlp",
-                   f"run.out_dir={tmp_path}", "run.name=s", cwd=str(tmp_path), env=env)
-    assert one_error_line(proc, 2) == "trainval: error: data file not found: nope.csv"
+    assert (
+        err == "trainval: error: [rank 1] data.factory 'rankfail:data' raised RuntimeError: rank one broke"
+    ), err
+    # The same error on every rank is printed once: rank 0's, or rank 1's (prefixed) when torchrun
+    # stopped rank 0 before it got there.
+    proc = run_cli(
+        "fit",
+        "--nproc",
+        "2",
+        "data.source=csv",
+        "data.train=nope.csv",
+        "model.name=mlp",
+        f"run.out_dir={tmp_path}",
+        "run.name=s",
+        cwd=str(tmp_path),
+        env=env,
+    )
+    err = one_error_line(proc, 2)
+    assert err in (
+        "trainval: error: data file not found: nope.csv",
+        "trainval: error: [rank 1] data file not found: nope.csv",
+    ), err
+
+
+def test_csv_without_data_rows_or_too_few_to_split_is_one_line(tmp_path):
+    (tmp_path / "data.csv").write_text("f1,f2,f3,f4,label\n")
+    proc = run_cli("fit", *csv_args(tmp_path), cwd=str(tmp_path))
+    assert "data.csv: there are no data rows below the header" in one_error_line(proc, 1)
+    (tmp_path / "data.csv").write_text("f1,f2,f3,f4,label\n1,2,3,4,0\n")
+    proc = run_cli("fit", *csv_args(tmp_path), cwd=str(tmp_path))
+    assert "cannot hold out a 0.15 split of 1 samples" in one_error_line(proc, 1)

@@ -607,6 +607,8 @@ def load_csv(path: str, label: str | list[str] | None = "label", features: list[
         raise DataError(f"{path}: row {reader.line_num}: {e}.") from None
     if header is None:
         raise DataError(f"{path}: the file is empty (a header row is needed).")
+    if not rows:
+        raise DataError(f"{path}: there are no data rows below the header.")
     duplicates = sorted({h for h in header if header.count(h) > 1})
     if duplicates:
         raise DataError(f"{path}: the header names column(s) {', '.join(map(repr, duplicates))} more than once; "
@@ -704,7 +706,11 @@ def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[n
             remaining, taken = train_test_split(remaining, test_size=share, random_state=seed,
                                                 stratify=y[remaining])
         except ValueError:  # too few samples of some class to stratify
-            remaining, taken = train_test_split(remaining, test_size=share, random_state=seed)
+            try:
+                remaining, taken = train_test_split(remaining, test_size=share, random_state=seed)
+            except ValueError:
+                raise DataError(f"cannot hold out a {frac:g} split of {len(remaining)} samples and keep some to "
+                                "train on; use more data or set data.val_split/data.test_split to 0.") from None
         parts.append(np.sort(taken))
         remaining_frac -= frac
     return [np.sort(remaining), *parts]

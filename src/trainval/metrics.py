@@ -68,6 +68,16 @@ class _Stat:
         raise NotImplementedError
 
 
+def _count_hits(state: torch.Tensor, hit: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """``state += [hits, count]`` over the samples the mask keeps (all without a mask)."""
+    if mask is None:
+        state[0] += hit.sum()
+        state[1] += hit.shape[0]
+    else:
+        state[0] += (hit & mask).sum()
+        state[1] += mask.sum()
+
+
 class _Correct(_Stat):
     """``[correct, count]`` of exact predictions (class ids, or 0/1)."""
 
@@ -77,13 +87,7 @@ class _Correct(_Stat):
         return (2,)
 
     def update(self, state, out):
-        hit = out.pred == out.target
-        if out.mask is None:
-            state[0] += hit.sum()
-            state[1] += out.target.shape[0]
-        else:
-            state[0] += (hit & out.mask).sum()
-            state[1] += out.mask.sum()
+        _count_hits(state, out.pred == out.target, out.mask)
 
 
 class _TopK(_Stat):
@@ -97,13 +101,7 @@ class _TopK(_Stat):
 
     def update(self, state, out):
         top = out.scores.topk(self.k, dim=1).indices
-        hit = (top == out.target.unsqueeze(1)).any(dim=1)
-        if out.mask is None:
-            state[0] += hit.sum()
-            state[1] += out.target.shape[0]
-        else:
-            state[0] += (hit & out.mask).sum()
-            state[1] += out.mask.sum()
+        _count_hits(state, (top == out.target.unsqueeze(1)).any(dim=1), out.mask)
 
 
 class _Confusion(_Stat):

@@ -29,8 +29,17 @@ TEMP_PREFIX = ".trainval-"
 # mkstemp's names: prefix + 8 characters from [a-z0-9_] + suffix.
 _OWN_TEMP = re.compile(r"^\.trainval-.+\.[a-z0-9_]{8}\.tmp$")
 # Every name a fit may write into its run folder (the Trainer's and the CLI workflow's).
-RUN_FILES = ("best.pt", "last.pt", "config.yaml", "metrics.csv", "curves.png", "summary.json",
-             "predictions.csv", "test.json", "tb")
+RUN_FILES = (
+    "best.pt",
+    "last.pt",
+    "config.yaml",
+    "metrics.csv",
+    "curves.png",
+    "summary.json",
+    "predictions.csv",
+    "test.json",
+    "tb",
+)
 
 _held: dict[str, list] = {}  # realpath -> [fd, depth]: the lock is re-entrant within one process
 
@@ -57,18 +66,23 @@ def _write_marker(folder: str) -> None:
 def make_folder(folder: str) -> None:
     """``os.makedirs`` with one clear error for a path that is a file, read-only, or a dangling link."""
     if os.path.islink(folder) and not os.path.exists(folder):
-        raise ConfigError(f"the run folder {folder} is a symbolic link to {os.readlink(folder)}, which does not "
-                          "exist; remove the link or choose another run.out_dir/run.name.")
+        raise ConfigError(
+            f"the run folder {folder} is a symbolic link to {os.readlink(folder)}, which does not "
+            "exist; remove the link or choose another run.out_dir/run.name."
+        )
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ConfigError(f"the run folder {folder} is a file, not a folder; choose another run.out_dir/run.name.")
+        raise ConfigError(
+            f"the run folder {folder} is a file, not a folder; choose another run.out_dir/run.name."
+        )
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         reason = os.strerror(e.errno) if e.errno else str(e)
         if e.errno in (errno.ENOTDIR, errno.EEXIST):
             reason = "a part of that path is a file"
-        raise ConfigError(f"cannot create the run folder {folder}: {reason}; choose another "
-                          "run.out_dir/run.name.") from None
+        raise ConfigError(
+            f"cannot create the run folder {folder}: {reason}; choose another run.out_dir/run.name."
+        ) from None
 
 
 @contextlib.contextmanager
@@ -101,9 +115,11 @@ def locked(folder: str, command: str, create: bool = True) -> Iterator[None]:
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise
         pid = _holder_pid(folder)
-        raise RunFolderError(f"{folder} is in use by another trainval process"
-                             f"{f' (pid {pid})' if pid else ''}; wait for it to finish, or use another "
-                             f"run folder for this {command}.") from None
+        raise RunFolderError(
+            f"{folder} is in use by another trainval process"
+            f"{f' (pid {pid})' if pid else ''}; wait for it to finish, or use another "
+            f"run folder for this {command}."
+        ) from None
     _held[key] = [fd, 1]
     try:
         if is_run_folder(folder) or not os.listdir(folder):
@@ -166,8 +182,10 @@ def check_run_name(name: str, source: str = "run.name") -> None:
     """``run.name`` is one folder name inside ``run.out_dir``: no separators, no '..', not absolute."""
     seps = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
     if not name or name in (".", "..") or any(s in name for s in seps) or os.path.isabs(name) or "\0" in name:
-        raise ConfigError(f"{source}: run.name must be a plain folder name inside run.out_dir (no '/', no '..', "
-                          f"not absolute), got {name!r}; put the parent folders in run.out_dir.")
+        raise ConfigError(
+            f"{source}: run.name must be a plain folder name inside run.out_dir (no '/', no '..', "
+            f"not absolute), got {name!r}; put the parent folders in run.out_dir."
+        )
 
 
 def _is_checkpoint(path: str) -> bool:
@@ -198,14 +216,18 @@ def check_output(out: str, protected: dict[str, str], force: bool) -> None:
         if path and os.path.realpath(path) == real:
             raise ConfigError(f"--out {out} is {what}; predictions must go to another file.")
     if os.path.isdir(out):
-        raise ConfigError(f"--out {out} is a folder; give a file name such as {os.path.join(out, 'predictions.csv')}.")
+        raise ConfigError(
+            f"--out {out} is a folder; give a file name such as {os.path.join(out, 'predictions.csv')}."
+        )
     if not os.path.lexists(out):
         return
     if _is_checkpoint(out):
         raise ConfigError(f"--out {out} is a PyTorch checkpoint; predictions must go to another file.")
     if not force and not _is_predictions_file(out):
-        raise ConfigError(f"--out {out} exists and is not a predictions file trainval wrote; choose another file, "
-                          "or pass --force to replace it.")
+        raise ConfigError(
+            f"--out {out} exists and is not a predictions file trainval wrote; choose another file, "
+            "or pass --force to replace it."
+        )
 
 
 def check_shared(folder: str, rank: int) -> None:

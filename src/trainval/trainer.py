@@ -819,7 +819,7 @@ class Trainer:
         if resume:
             pass  # last.pt was read and agreed on above
         elif not self.overwrite and os.path.exists(self.last_path):
-            raise RunFolderError(f"{self.out_dir} already holds a run (last.pt/best.pt); resume it, "
+            raise RunFolderError(f"{self.out_dir} already holds a run (last.pt); resume it, "
                                  "choose another folder, or allow overwriting it (run.overwrite=true, "
                                  "Trainer(overwrite=True)).")
         elif os.path.exists(self.best_path) and not os.path.exists(self.last_path):
