@@ -190,6 +190,16 @@ def test_fsdp_last_pt_resumes_bit_identical(tmp_path):
     assert [r["val_loss"] for r in ref["history"]] == [r["val_loss"] for r in cut["history"]]
     assert torch.equal(ref["probs"], cut["probs"])
     assert a["epoch"] == b["epoch"] == 3
+    # mid-epoch: rank 1 dies at step 9; torchrun restarts both from the last.pt of step 8 (epoch 2, batch 2)
+    killed = tmp_path / "killed"
+    os.makedirs(killed)
+    opts = {"batch": 8, "epochs": 3, "blocks": True, "strategy": "fsdp", "every": 2, "kill_rank": 1, "kill_step": 9}
+    proc = torchrun([CHILD, str(killed), json.dumps(opts)], extra=["--max-restarts=1"],
+                    env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    assert torchrun_ok(proc, killed), proc.stdout + proc.stderr
+    assert "(epoch 1, batch 2)" in proc.stdout
+    c = torch.load(killed / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
 
 
 
