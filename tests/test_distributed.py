@@ -154,8 +154,9 @@ def test_elastic_restart_resumes_from_last(tmp_path):
 
 def test_fsdp_trains_like_ddp_and_best_pt_reloads_into_a_plain_model(tmp_path):
     started = time.perf_counter()
-    _, ddp = run_child(tmp_path / "ddp", 2, batch=8, epochs=2, blocks=True)
-    _, fsdp = run_child(tmp_path / "fsdp", 2, batch=8, epochs=2, blocks=True, strategy="fsdp")
+    # accumulation over 2 batches: no gradient sync on the first (no_sync / set_requires_gradient_sync)
+    _, ddp = run_child(tmp_path / "ddp", 2, batch=8, epochs=2, blocks=True, accumulate=2)
+    _, fsdp = run_child(tmp_path / "fsdp", 2, batch=8, epochs=2, blocks=True, strategy="fsdp", accumulate=2)
     assert (ddp["strategy"], fsdp["strategy"]) == ("ddp", "fsdp")
     for a, b in zip(ddp["history"], fsdp["history"]):  # the same math, sharded: equal to rounding
         for key in ("train_loss", "val_loss", "val_acc"):

@@ -3,7 +3,7 @@
 Usage: [torchrun --nproc_per_node=N] ddp_child.py OUT_DIR JSON_OPTIONS
 Options: batch (per process), epochs, kill_rank + kill_step (SIGKILL that rank at that optimizer step
 on the first attempt only), every (checkpoint_every_steps), metrics (names), binary (a one-logit BCE model
-on "is the class id even"), dropout (p of a Dropout on the inputs; its first masks -> masks.<rank>.pt), strategy ("auto", "ddp", "fsdp"), batchnorm, sync_batchnorm, resume, stop_after (epochs of this run: fit up to it,
+on "is the class id even"), dropout (p of a Dropout on the inputs; its first masks -> masks.<rank>.pt), strategy ("auto", "ddp", "fsdp"), batchnorm, sync_batchnorm, accumulate (accumulate_steps), resume, stop_after (epochs of this run: fit up to it,
 then resume to ``epochs`` in a second Trainer of the same process).
 Rank 0 writes OUT_DIR/predictions.pt; every rank writes OUT_DIR/done.<rank> when its work is done.
 """
@@ -88,6 +88,7 @@ def main():
         return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), loss_fn,
                        metrics=opts.get("metrics"), max_epochs=epochs, strategy=opts.get("strategy", "auto"),
                        sync_batchnorm=opts.get("sync_batchnorm", False),
+                       accumulate_steps=opts.get("accumulate", 1),
                        out_dir=out_dir, seed=1, batch_size=opts["batch"], eval_batch_size=opts.get("eval_batch", 8),
                        progress=False, plot=False, callbacks=callbacks, checkpoint_every_steps=opts.get("every"),
                        overwrite=distributed.elastic_restart_count() == 0)
