@@ -842,7 +842,7 @@ class Trainer:
         state, seen = None, "no last.pt"
         if os.path.exists(self.last_path):
             try:
-                state = load_checkpoint(self.last_path, map_location=self.device)
+                state = load_checkpoint(self.last_path, map_location="cpu")  # not N full copies on the GPUs (FSDP)
                 loop = state.get("loop") or {}
                 seen = f"epoch {state.get('epoch')}, step {loop.get('global_step')}, sha256 {_sha256(self.last_path)[:12]}"
             except CheckpointError as e:
