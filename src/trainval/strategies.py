@@ -188,7 +188,7 @@ class FSDPStrategy(SingleProcess):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         module = unwrap_model(model)
-        _check_keys(get_full_shapes(module), state, path)  # one clear error, as for a plain model
+        _check_keys(_full_shapes(module), state, path)  # one clear error, as for a plain model
         state = {_strip_prefixes(k): v for k, v in state.items()}
         set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
 
@@ -215,7 +215,7 @@ class FSDPStrategy(SingleProcess):
         return distributed.all_reduce_max(batches)
 
 
-def get_full_shapes(module: nn.Module) -> dict[str, torch.Size]:
+def _full_shapes(module: nn.Module) -> dict[str, torch.Size]:
     """The unsharded shape of every state_dict entry of an FSDP module (DTensors know theirs)."""
     return {k: v.shape for k, v in module.state_dict().items()}
 
