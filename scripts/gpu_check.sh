@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, about 6 minutes on one H200, most telling first: the CUDA-only tests, the benchmark on the
 # GPU (paired mode, one folder per workload), 1-GPU fits of the examples (fp32 with data on the GPU,
-# bf16 from pinned memory, torch.compile, predict), a 2-process NCCL run when 2+ GPUs exist, and the
+# bf16 from pinned memory, torch.compile, predict, FSDP), 2-process NCCL runs (DDP, FSDP) when 2+ GPUs
+# exist, peak memory per rank DDP vs FSDP (vs CPU offload), and the
 # loop-semantics tests with CUDA as the default device. Each step has a time limit; a failed step is
 # named at the end and the script goes on to the next.
 #
@@ -63,9 +64,32 @@ check fit-phoneme-compile 150 $PY -m trainval fit examples/phoneme_mlp.yaml $P $
 check predict-compiled 60 $PY -m trainval predict "$WORK/runs/compiled/config.yaml" --out "$WORK/pred.csv"
 head -3 "$WORK/pred.csv" 2>/dev/null
 
-if [ "$DEV" = cuda ] && [ "$($PY -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
-  step "2-GPU NCCL run"
+step "1-GPU FSDP fit (a one-member group; best.pt reloaded by test) and predict"
+check fit-digits-fsdp 90 $PY -m trainval fit examples/digits.yaml $T run.name=fsdp train.strategy=fsdp
+check predict-fsdp 60 $PY -m trainval predict "$WORK/runs/fsdp/config.yaml" --out "$WORK/pred_fsdp.csv"
+
+NGPU=$($PY -c 'import torch; print(torch.cuda.device_count())')
+if [ "$DEV" = cuda ] && [ "$NGPU" -ge 2 ]; then
+  step "2-GPU NCCL runs: DDP, FSDP"
   check ddp-nccl 180 $PY -m trainval fit examples/digits.yaml --nproc 2 $T run.name=ddp
+  check fsdp-nccl 180 $PY -m trainval fit examples/digits.yaml --nproc 2 $T run.name=fsdp2 train.strategy=fsdp
+fi
+
+# peak memory per rank (torch.cuda.max_memory_allocated), 134M-parameter blocks with AdamW: one line per
+# rank and strategy, also in $OUT/memory.txt. On one GPU FSDP shards over one rank (no saving) and
+# CPU offload shows what leaves the GPU; on N GPUs the weights, gradients and Adam state are split N ways.
+if [ "$DEV" = cuda ]; then
+  step "memory: DDP vs FSDP (vs FSDP + CPU offload) per rank, $NGPU GPU(s)"
+  if [ "$NGPU" -ge 2 ]; then
+    RUN="$PY -m torch.distributed.run --standalone --nproc_per_node=$NGPU"
+  else
+    RUN=$PY
+  fi
+  for variant in "--strategy ddp" "--strategy fsdp" "--strategy fsdp --offload"; do
+    log="$OUT/memory_$(echo "$variant" | tr -d ' -').log"
+    check "memory ${variant}" 150 $RUN benchmarks/fsdp_memory.py $variant >"$log" 2>&1
+    grep "^memory" "$log" | tee -a "$OUT/memory.txt" || tail -n 5 "$log"
+  done
 fi
 
 step "loop-semantics tests with the default device (CUDA when available)"

@@ -321,3 +321,14 @@ def test_text_example_runs(tmp_path):
                            "--out", str(tmp_path / "text")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Test F1 (macro):" in proc.stdout and (tmp_path / "text" / "best.pt").exists()
+
+
+def test_launcher_flags_are_checked_in_one_line(tmp_path):
+    cases = [(["--nnodes", "2", "--nproc", "2"], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
+             (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:1"], "--node-rank must be between 0 and 1"),
+             (["--nproc", "2", "--max-restarts", "-1"], "--max-restarts must be 0 or more")]
+    for flags, message in cases:
+        proc = run_cli("fit", *flags, cwd=str(tmp_path))
+        assert proc.returncode == 2 and proc.stderr.startswith(f"trainval: error: {message}"), proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing was started or written

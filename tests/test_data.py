@@ -168,3 +168,22 @@ def test_stratified_split_is_seeded_and_stratified():
     assert len(val) == 40 and len(test) == 20 and len(train) == 140
     assert np.bincount(y[val]).tolist() == [10, 10, 10, 10]
     assert len(set(train) | set(val) | set(test)) == 200
+
+
+def test_loaders_say_which_training_samples_are_padding():
+    """97 samples on 2 ranks, batch 8: rank 1's 49th sample repeats the permutation's first (padding)."""
+    from trainval.data import make_loader
+
+    X, y = torch.randn(97, 3), torch.arange(97) % 2
+    for data in ((X, y), TensorDataset(X, y)):
+        seen = []
+        for rank in range(2):
+            loader = make_loader(data, train=True, batch_size=8, generator=torch.Generator().manual_seed(0),
+                                 device=torch.device("cpu"), rank=rank, world_size=2)
+            batches = list(loader.iter_from(0))
+            assert len(batches) == 7
+            real = [loader.unpadded(i, len(b[1])) for i, b in enumerate(batches)]
+            assert real == [8] * 6 + ([1] if rank == 0 else [0])
+            seen += [x for (x, _), r in zip(batches, real) for x in x[:r]]
+        # the control: the unpadded samples are the 97, each once; with the padding there are 98
+        assert len(seen) == 97 and len({tuple(x.tolist()) for x in seen}) == 97

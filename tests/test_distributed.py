@@ -146,3 +146,190 @@ def test_elastic_restart_resumes_from_last(tmp_path):
     a = torch.load(ref / "last.pt", weights_only=True)["model"]
     b = torch.load(cut / "last.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # the restarted run ends where an unbroken one does
+
+
+# ------------------------------------------------------------------------------------------------
+# Strategies: FSDP2 (fully_shard) on 2 gloo processes
+
+
+def test_fsdp_trains_like_ddp_and_best_pt_reloads_into_a_plain_model(tmp_path):
+    started = time.perf_counter()
+    # accumulation over 2 batches: no gradient sync on the first (no_sync / set_requires_gradient_sync)
+    _, ddp = run_child(tmp_path / "ddp", 2, batch=8, epochs=2, blocks=True, accumulate=2)
+    _, fsdp = run_child(tmp_path / "fsdp", 2, batch=8, epochs=2, blocks=True, strategy="fsdp", accumulate=2)
+    assert (ddp["strategy"], fsdp["strategy"]) == ("ddp", "fsdp")
+    for a, b in zip(ddp["history"], fsdp["history"]):  # the same math, sharded: equal to rounding
+        for key in ("train_loss", "val_loss", "val_acc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["epoch"], key)
+    # best.pt is one plain, full state_dict: it loads into an unwrapped model and scores what FSDP scored
+    helper = _ddp_child_module()
+    Xv, yv = helper.data(45, 2)
+    saved = torch.load(tmp_path / "fsdp" / "best.pt", weights_only=True)["model"]
+    assert set(saved) == set(helper.make_model(blocks=True).state_dict())
+    plain = helper.make_model(blocks=True)
+    plain.load_state_dict(saved)
+    with torch.no_grad():
+        probs = plain(Xv).softmax(dim=1)
+    assert torch.allclose(fsdp["probs"], probs, rtol=0, atol=1e-6)
+    assert round(fsdp["test"]["test_acc"] * 45) == int((probs.argmax(dim=1) == yv).sum())
+    # the control: a model that did not get best.pt's weights predicts otherwise
+    with torch.no_grad():
+        fresh = helper.make_model(blocks=True)(Xv).softmax(dim=1)
+    assert not torch.allclose(fsdp["probs"], fresh, atol=1e-3)
+    print(f"DDP + FSDP runs: {time.perf_counter() - started:.1f} s")
+
+
+def test_fsdp_last_pt_resumes_bit_identical(tmp_path):
+    _, ref = run_child(tmp_path / "ref", 2, batch=8, epochs=3, blocks=True, strategy="fsdp")
+    proc, cut = run_child(tmp_path / "cut", 2, batch=8, epochs=3, blocks=True, strategy="fsdp", stop_after=1)
+    assert "(epoch 1, batch 0)" in proc.stdout  # the second Trainer resumed the first one's last.pt
+    a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for k, sa in a["optimizer"]["state"].items():  # the full optimizer state (momentum), by parameter name
+        assert torch.equal(sa["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"]), k
+    assert [r["val_loss"] for r in ref["history"]] == [r["val_loss"] for r in cut["history"]]
+    assert torch.equal(ref["probs"], cut["probs"])
+    assert a["epoch"] == b["epoch"] == 3
+    # mid-epoch: rank 1 dies at step 9; torchrun restarts both from the last.pt of step 8 (epoch 2, batch 2)
+    killed = tmp_path / "killed"
+    os.makedirs(killed)
+    opts = {"batch": 8, "epochs": 3, "blocks": True, "strategy": "fsdp", "every": 2, "kill_rank": 1, "kill_step": 9}
+    proc = torchrun([CHILD, str(killed), json.dumps(opts)], extra=["--max-restarts=1"],
+                    env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    assert torchrun_ok(proc, killed), proc.stdout + proc.stderr
+    assert "(epoch 1, batch 2)" in proc.stdout
+    c = torch.load(killed / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+
+
+
+def test_fsdp_on_one_process_equals_the_plain_model(tmp_path):
+    """One process (no torchrun): FSDP runs in a one-member group of its own; the math is the plain model's."""
+    _, plain = run_child(tmp_path / "plain", 1, batch=16, epochs=2, blocks=True)
+    _, fsdp = run_child(tmp_path / "fsdp", 1, batch=16, epochs=2, blocks=True, strategy="fsdp")
+    assert (plain["strategy"], fsdp["strategy"]) == ("single", "fsdp")
+    for a, b in zip(plain["history"], fsdp["history"]):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-6), a["epoch"]
+    assert torch.equal(plain["preds"], fsdp["preds"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Randomness: one shared shuffling permutation, per-rank model randomness, exact resume
+
+
+def test_dropout_differs_across_ranks_and_a_mid_epoch_restart_stays_exact(tmp_path):
+    opts = {"batch": 8, "epochs": 2, "dropout": 0.5, "every": 2}
+    ref = tmp_path / "ref"
+    run_child(ref, 2, **opts)
+    masks = [torch.load(ref / f"masks.{r}.pt", weights_only=True) for r in range(2)]
+    assert masks[0][0].shape == masks[1][0].shape == (8, 12)
+    assert not torch.equal(masks[0][0], masks[1][0])  # each rank draws its own dropout masks
+    # rank 1 dies at step 9 (epoch 2, batch 3); torchrun restarts both from last.pt of step 8 (mid-epoch)
+    cut = tmp_path / "cut"
+    os.makedirs(cut)
+    proc = torchrun([CHILD, str(cut), json.dumps({**opts, "kill_rank": 1, "kill_step": 9})],
+                    extra=["--max-restarts=1"], env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    assert torchrun_ok(proc, cut), proc.stdout + proc.stderr
+    assert "(epoch 1, batch 2)" in proc.stdout
+    for r in range(2):  # the control: the same rank draws the same masks in two runs (seeded, not arbitrary)
+        assert all(torch.equal(a, b) for a, b in zip(masks[r], torch.load(cut / f"masks.{r}.pt", weights_only=True)))
+    a = torch.load(ref / "last.pt", weights_only=True)
+    b = torch.load(cut / "last.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # rank 1's streams were restored too
+    assert a["loop"]["history"][-1]["train_loss"] == b["loop"]["history"][-1]["train_loss"]
+    assert len(a["ranks"]) == 2 and not torch.equal(a["ranks"][0]["rng"]["torch"], a["ranks"][1]["rng"]["torch"])
+
+
+def test_train_metrics_count_each_sample_once_despite_padding(tmp_path):
+    # 97 training samples on 2 ranks: shards of 49, rank 1's last sample a repeat of the permutation's
+    # first, alone in its last batch (batch 8: 6 full batches and one of 1). In epoch 1 every forward
+    # before the last step's update sees the same weights as one process with batch 16, so the train
+    # metrics must be equal, over 97 samples.
+    metrics = ["acc", "f1_macro"]
+    _, one = run_child(tmp_path / "one", 1, batch=16, epochs=1, n_train=97, metrics=metrics)
+    _, two = run_child(tmp_path / "two", 2, batch=8, epochs=1, n_train=97, metrics=metrics)
+    a, b = one["history"][0], two["history"][0]
+    k = round(b["train_acc"] * 97)
+    assert b["train_acc"] == pytest.approx(k / 97, abs=1e-12) and 0 < k < 97  # k/97: never k/98
+    assert a["train_acc"] == pytest.approx(b["train_acc"], abs=1e-12)
+    assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+    assert a["train_f1_macro"] == pytest.approx(b["train_f1_macro"], abs=1e-12)
+
+
+def test_sync_batchnorm_on_the_cpu_is_one_clear_error(tmp_path):
+    """torch's SyncBatchNorm is GPU-only (DDP refuses it on CPU modules): say so before training."""
+    proc = torchrun([CHILD, str(tmp_path), json.dumps({"batch": 8, "epochs": 1, "batchnorm": True,
+                                                       "sync_batchnorm": True})])
+    assert proc.returncode != 0
+    assert proc.stderr.count("ConfigError: sync_batchnorm needs CUDA devices") == 2  # once per rank
+    assert "SyncBatchNorm layers only work with GPU modules" not in proc.stderr  # not torch's own
+
+
+# ------------------------------------------------------------------------------------------------
+# "Two nodes" on this machine: two launchers meeting at a c10d rendezvous on 127.0.0.1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_launchers(commands, timeout=240):
+    """Start one launcher per "node" (each a list of arguments), wait for both; their CompletedProcess-likes."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for cmd in commands]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    return results
+
+
+def _cli_node(out_dir, port, node_rank, epochs=1):
+    return [sys.executable, "-m", "trainval", "fit", f"train.epochs={epochs}", "train.batch_size=64",
+            f"run.out_dir={out_dir}", "log.plot=false", "train.progress=false", "--nproc", "1", "--nnodes", "2",
+            "--node-rank", str(node_rank), "--rdzv-endpoint", f"127.0.0.1:{port}"]
+
+
+def test_two_nodes_need_a_shared_run_folder(tmp_path):
+    started = time.perf_counter()
+    port = _free_port()
+    apart = two_launchers([_cli_node(tmp_path / f"node{r}", port, r) for r in range(2)])
+    for proc in apart:  # every node says why, in one line, and no training starts
+        assert proc.returncode != 0, proc.stdout + proc.stderr
+        assert "is not shared by every process: rank 1 (host" in proc.stderr, proc.stderr
+        assert "Train Acc" not in proc.stdout
+    # the control: the same two launchers with one shared folder train, test and predict
+    port = _free_port()
+    shared = two_launchers([_cli_node(tmp_path / "shared", port, r) for r in range(2)])
+    for proc in shared:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Test Acc:" in shared[0].stdout + shared[1].stdout
+    assert (tmp_path / "shared" / "digits" / "best.pt").exists()
+    assert not list((tmp_path / "shared" / "digits").glob(".trainval-shared-*"))  # the probe file is gone
+    print(f"two launchers, twice: {time.perf_counter() - started:.1f} s")
+
+
+def test_a_stale_last_pt_on_one_node_is_refused(tmp_path):
+    import shutil
+
+    opts = {"batch": 8, "epochs": 1}
+    run_child(tmp_path / "a", 2, **opts)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # node 1's copy: epoch 1
+    run_child(tmp_path / "a", 2, **{**opts, "epochs": 2, "resume": True})  # node 0's moves on to epoch 2
+    port = _free_port()
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+              "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=stale"]
+    procs = two_launchers([[*launch, CHILD, str(tmp_path / d), json.dumps({**opts, "epochs": 3, "resume": True})]
+                           for d in ("a", "b")])
+    for proc in procs:  # one clear error on every rank, naming what each saw
+        assert proc.returncode != 0
+        assert "CheckpointError: cannot resume: the processes see different last.pt files" in proc.stderr, proc.stderr
+        # (which launcher's worker becomes rank 0 is the rendezvous's choice)
+        assert ": epoch 2, step 12, sha256" in proc.stderr and ": epoch 1, step 6, sha256" in proc.stderr
+    assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["epoch"] == 2  # nothing was trained or written

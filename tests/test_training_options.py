@@ -314,3 +314,11 @@ def test_early_stopping_stops_at_the_epoch_patience_implies(tmp_path, capsys):
     # test() reloads best.pt: afterwards the model holds the weights of epoch 4
     tr.test((X, y))
     assert all(torch.equal(v.cpu(), snapshots.by_epoch[4][k]) for k, v in model.state_dict().items())
+
+
+def test_an_unknown_strategy_is_one_clear_error():
+    from trainval.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="strategy must be one of auto, ddp, fsdp"):
+        Trainer(tiny_mlp(), strategy="zero3")
+    Trainer(tiny_mlp(), strategy="fsdp")  # the control: a known name is accepted (nothing is set up yet)

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]", help="a YAML config and/or dotted overrides")
     p.add_argument("--resume", action="store_true", help="continue from last.pt in the run folder")
     p.add_argument("--nproc", type=int, default=None, metavar="N", help="start N processes with torchrun on this machine")
+    p.add_argument("--nnodes", type=int, default=1, metavar="N", help="machines taking part (each runs the same command)")
+    p.add_argument("--node-rank", type=int, default=None, metavar="R", help="this machine's rank, 0 to nnodes-1")
+    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="where the machines meet (c10d rendezvous; node 0's address); needed with --nnodes > 1")
+    p.add_argument("--max-restarts", type=int, default=None, metavar="N",
+                   help="restart the workers up to N times after a failure (they resume from last.pt)")
 
     for name, examples, help_ in (("test", TEST_EXAMPLES, "metrics of a checkpoint on the test split"),
                                   ("predict", PREDICT_EXAMPLES, "write a predictions file for the test split")):
@@ -114,16 +120,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_torchrun(nproc: int, argv: list[str]) -> int:
+_LAUNCHER_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint", "--max-restarts")
+
+
+def _run_torchrun(args, argv: list[str]) -> int:
     rest, skip = [], False
-    for a in argv:  # the same arguments, less --nproc
+    for a in argv:  # the same arguments, less the launcher's own
         if skip:
             skip = False
-        elif a == "--nproc":
+        elif a in _LAUNCHER_FLAGS:
             skip = True
-        elif not a.startswith("--nproc="):
+        elif not a.startswith(tuple(f"{flag}=" for flag in _LAUNCHER_FLAGS)):
             rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    if args.nnodes > 1:  # every node meets at the endpoint (c10d rendezvous)
+        launch = [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}",
+                  "--rdzv-id=trainval"]
+        if args.node_rank is not None:
+            launch.append(f"--node-rank={args.node_rank}")
+    else:
+        launch = ["--standalone"]
+    if args.max_restarts is not None:
+        launch.append(f"--max-restarts={args.max_restarts}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc-per-node={args.nproc or 1}",
            "-m", "trainval", *rest]
     import tempfile
 
@@ -207,14 +225,15 @@ def main(argv: list[str] | None = None) -> int:
 
     in_torchrun = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
-        if args.command == "fit" and args.nproc is not None:
-            if args.nproc < 1:
-                return _error(f"--nproc must be at least 1, got {args.nproc}.", 2)
-            if args.nproc > 1 and not in_torchrun:
+        if args.command == "fit" and (args.nproc is not None or args.nnodes != 1):
+            problem = _launch_problem(args)
+            if problem:
+                return _error(problem, 2)
+            if ((args.nproc or 1) > 1 or args.nnodes > 1) and not in_torchrun:
                 from trainval import config
 
                 config.load(*_split_positionals(args.args))  # a config error: one line, before torchrun
-                return _run_torchrun(args.nproc, argv)
+                return _run_torchrun(args, argv)
         code = _dispatch(args)
     except TrainvalError as e:
         code = _error(str(e), e.exit_code)
@@ -226,6 +245,20 @@ def main(argv: list[str] | None = None) -> int:
         distributed.teardown()
         distributed.exit_process(code)  # see exit_process: avoids gloo's abort at interpreter exit
     return code
+
+
+def _launch_problem(args) -> str | None:
+    if args.nproc is not None and args.nproc < 1:
+        return f"--nproc must be at least 1, got {args.nproc}."
+    if args.nnodes < 1:
+        return f"--nnodes must be at least 1, got {args.nnodes}."
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        return f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (node 0's address, a free port) on every node."
+    if args.node_rank is not None and not 0 <= args.node_rank < args.nnodes:
+        return f"--node-rank must be between 0 and {args.nnodes - 1}, got {args.node_rank}."
+    if args.max_restarts is not None and args.max_restarts < 0:
+        return f"--max-restarts must be 0 or more, got {args.max_restarts}."
+    return None
 
 
 def _dispatch(args) -> int:

@@ -139,6 +139,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "compile": Key("bool", False, "run the model through torch.compile"),
         "checkpoint_every_steps": Key("int", None, "also write last.pt every N optimizer steps", nullable=True, minimum=1),
         "progress": Key("bool", True, "progress bar (terminal) or bounded-rate progress lines"),
+        "strategy": Key("str", "auto", "several processes: `ddp` (a replica per process), `fsdp` (FSDP2: weights, gradients and optimizer state sharded), `auto` (ddp)", choices=("auto", "ddp", "fsdp")),
+        "dist_timeout": Key("float", None, "seconds a collective waits for the other processes before the run fails (default: env TRAINVAL_DIST_TIMEOUT, or 300)", nullable=True, minimum=1.0),
+        "sync_batchnorm": Key("bool", False, "BatchNorm statistics over every process's batch (SyncBatchNorm; DDP on CUDA)"),
     },
     "run": {
         "name": Key("str", "digits", "run name: the run folder is `<out_dir>/<name>`"),
@@ -359,6 +362,8 @@ RESUME_MAY_CHANGE = {
                     "whose shape depends on the number of epochs",
     "train.progress": "display only",
     "train.checkpoint_every_steps": "how often last.pt is written",
+    "train.strategy": "last.pt holds full state dicts whichever strategy wrote it",
+    "train.dist_timeout": "how long collectives wait only",
     "data.num_workers": "loading only",
     "data.on_device": "placement only",
     "run.out_dir": "the run folder's location",

@@ -110,6 +110,18 @@ class Loader(Protocol):
     def __len__(self) -> int: ...  # batches per epoch on this rank
     def iter_from(self, start_batch: int) -> Iterator[Batch]: ...  # an epoch's batches from start_batch on
     def sample_batch(self) -> Batch: ...  # one or two samples, read without touching any RNG
+    def unpadded(self, batch_index: int, size: int) -> int: ...  # samples of that batch that are not padding
+
+
+def unpadded_in_batch(n: int, rank: int, world_size: int, pad: bool, start: int, size: int) -> int:
+    """How many of the ``size`` samples from position ``start`` of a rank's shard are not padding.
+
+    :func:`epoch_indices` pads by repeating the permutation's start after its end, so rank ``r``'s padded
+    samples are the tail of its shard: its first ``len(range(r, n, world_size))`` samples are real.
+    """
+    if not pad or world_size == 1:
+        return size
+    return max(0, min(size, len(range(rank, n, world_size)) - start))
 
 
 def epoch_indices(
@@ -214,6 +226,9 @@ class TensorLoader:
         xb = self.X[:k] if self._single else tree_map(lambda t: t[:k], self.X)
         return xb, (None if self.y is None else self.y[:k])
 
+    def unpadded(self, batch_index: int, size: int) -> int:
+        return unpadded_in_batch(self.n, self.rank, self.world_size, self.pad, batch_index * self.batch_size, size)
+
     def iter_from(self, start_batch: int) -> Iterator[Batch]:
         """The epoch's batches from ``start_batch`` on; the permutation is drawn now, not lazily."""
         order = epoch_indices(
@@ -311,6 +326,13 @@ class DataLoaderAdapter:
         batch = collate([dataset[i] for i in range(min(2, len(dataset)))])
         x, y = split_batch(batch, self.target_key, self.labelled)
         return x, (None if y is None else torch.as_tensor(y))
+
+    def unpadded(self, batch_index: int, size: int) -> int:
+        sampler = self.loader.batch_sampler.sampler if self.loader.batch_sampler is not None else None
+        if not isinstance(sampler, ShardSampler):  # the user's own sampler: nothing known about padding
+            return size
+        return unpadded_in_batch(sampler.n, sampler.rank, sampler.world_size, sampler.pad,
+                                 batch_index * self.loader.batch_size, size)
 
     def iter_from(self, start_batch: int) -> Iterator[Batch]:
         """The epoch's batches from ``start_batch`` on; the skipped ones are fetched now and dropped."""

@@ -48,8 +48,11 @@ def timeout_seconds() -> float:
     return float(os.environ.get("TRAINVAL_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
 
 
-def setup(device: torch.device | None = None) -> DistInfo:
-    """Join the process group if torchrun launched us (idempotent); return rank information."""
+def setup(device: torch.device | None = None, timeout_s: float | None = None) -> DistInfo:
+    """Join the process group if torchrun launched us (idempotent); return rank information.
+
+    ``timeout_s``: how long a collective waits for its peers (default: :func:`timeout_seconds`).
+    """
     if dist.is_available() and dist.is_initialized():
         return info()
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
@@ -59,7 +62,7 @@ def setup(device: torch.device | None = None) -> DistInfo:
     local_rank = int(os.environ["LOCAL_RANK"])
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_seconds()))
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s or timeout_seconds()))
     return info()
 
 
@@ -87,6 +90,24 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_objects(obj) -> list | None:
+    """Every rank's ``obj`` in rank order on rank 0 (``None`` on the others); ``[obj]`` on one process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's ``obj`` in rank order, on every rank; ``[obj]`` on one process."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_max(value: int) -> int:

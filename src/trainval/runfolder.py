@@ -253,3 +253,31 @@ def check_output(out: str, protected: dict[str, str], force: bool) -> None:
             f"--out {out} exists and is not a predictions file trainval wrote; choose another file, "
             "or pass --force to replace it."
         )
+
+
+def check_shared(folder: str, rank: int) -> None:
+    """Refuse a run folder that not every process sees (several processes; a collective).
+
+    Rank 0 writes a marker with a fresh name into ``folder``; every rank looks for it. Checkpoints are
+    written by rank 0 and read by all (resume, ``test`` after ``fit``), so the run folder must be on a
+    file system every node mounts (NFS, Lustre, ...), or a run fails late, or resumes from a stale file.
+    """
+    import socket
+    import uuid
+
+    from trainval import distributed
+
+    token = distributed.broadcast_object(uuid.uuid4().hex if rank == 0 else None)
+    marker = os.path.join(folder, f"{TEMP_PREFIX}shared-{token}")
+    if rank == 0:
+        with open(marker, "w"):
+            pass
+    distributed.barrier()
+    seen = distributed.all_gather_objects((socket.gethostname(), os.path.isfile(marker)))
+    if rank == 0:
+        os.unlink(marker)
+    blind = [f"rank {r} (host {host})" for r, (host, ok) in enumerate(seen) if not ok]
+    if blind:
+        raise RunFolderError(f"the run folder {folder} is not shared by every process: {', '.join(blind)} cannot see "
+                             f"the file rank 0 (host {seen[0][0]}) wrote there. Put the run folder on a file system "
+                             "every node mounts (NFS, Lustre, ...).")

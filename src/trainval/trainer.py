@@ -39,13 +39,7 @@ from torch import nn
 
 from trainval import distributed, runfolder
 from trainval.callbacks import Callback, ProgressBar, plot_curves, write_metrics_csv
-from trainval.checkpoint import (
-    atomic_write,
-    load_checkpoint,
-    load_model_weights,
-    save_checkpoint,
-    unwrap_model,
-)
+from trainval.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from trainval.data import Loader, TensorLoader, describe, make_loader, tree_map
 from trainval.errors import (
     CheckpointError,
@@ -59,6 +53,7 @@ from trainval.errors import (
 from trainval.metrics import MetricSet, confusion_metric, metric_direction, resolve_metrics
 from trainval.runs import RunSummary, record_test
 from trainval.state import LoopState, rng_state, seed_everything, set_rng_state
+from trainval.strategies import SingleProcess, make_strategy
 from trainval.tasks import Task, check_loss, loss_weight, make_task, task_for_output
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -82,7 +77,9 @@ class Trainer:
         max_epochs: epochs to train (a resumed run continues up to this number).
         out_dir: run folder for ``best.pt``, ``last.pt``, ``metrics.csv``, ``curves.png`` and ``summary.json``
             (see :class:`~trainval.runs.RunSummary`).
-        seed: seeds Python/NumPy/torch at the start of ``fit`` and the trainer's shuffling generator.
+        seed: seeds the trainer's shuffling generator (the same on every process: one shared permutation)
+            and, at the start of ``fit``, Python/NumPy/torch with ``seed + rank`` (each process draws its
+            own dropout masks and DataLoader worker seeds).
         monitor: the metric that picks ``best.pt``: ``val_<metric>``, ``train_<metric>`` or ``*_loss``
             (default: ``val_`` + the first metric, ``train_`` without validation data); ``mode``
             (``"max"``/``"min"``) overrides the direction the metric implies.
@@ -110,6 +107,12 @@ class Trainer:
         overwrite: allow ``fit`` into an ``out_dir`` that already holds a run.
         plot: write ``curves.png`` at the end of ``fit``.
         config: a plain dict describing the run, saved in every checkpoint.
+        strategy: ``"auto"`` (DDP on several processes), ``"ddp"``, ``"fsdp"`` (FSDP2: parameters, gradients
+            and optimizer state sharded over the processes), or a :mod:`trainval.strategies` object
+            (e.g. ``FSDPStrategy(param_dtype=torch.bfloat16, cpu_offload=True)``).
+        sync_batchnorm: BatchNorm statistics over every process's batch (``SyncBatchNorm``; DDP on CUDA).
+        dist_timeout: seconds a collective waits for the other processes before the run fails (default:
+            the ``TRAINVAL_DIST_TIMEOUT`` environment variable, or 300).
     """
 
     # On one process the host checks the running loss for NaN/Inf at most this often (a sync point).
@@ -151,6 +154,9 @@ class Trainer:
         overwrite: bool = False,
         plot: bool = True,
         config: dict | None = None,
+        strategy: str | SingleProcess = "auto",
+        sync_batchnorm: bool = False,
+        dist_timeout: float | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -201,6 +207,12 @@ class Trainer:
         self.compile, self.checkpoint_every_steps = compile, checkpoint_every_steps
         self.check_inputs, self.on_device, self.num_workers = check_inputs, on_device, num_workers
         self.overwrite, self.plot, self.config = overwrite, plot, config
+        make_strategy(strategy, distributed_on=False)  # a wrong name fails here, before any process group
+        self._strategy_arg, self.sync_batchnorm = strategy, sync_batchnorm
+        if dist_timeout is not None and not (isinstance(dist_timeout, (int, float)) and dist_timeout > 0):
+            raise ConfigError(f"dist_timeout must be a positive number of seconds, got {dist_timeout!r}.")
+        self.dist_timeout = dist_timeout
+        self.strategy: SingleProcess = SingleProcess()  # settled in _setup, once the process count is known
 
         self.dist = distributed.DistInfo()
         self._requested_device = device
@@ -308,15 +320,16 @@ class Trainer:
         self.train_metrics = self._metric_set(len(self.train_loader))
         self._val_metrics = self._metric_set(len(self.val_loader) if self.val_loader else 1)
 
-        if not resume and distributed.elastic_restart_count() > 0 and os.path.exists(self.last_path):
-            resume = True  # torchrun restarted the workers after a failure: continue from last.pt
-        self._prepare_run_folder(resume)
-        if resume:
-            self._restore(load_checkpoint(self.last_path, map_location=self.device))
+        if not resume and distributed.elastic_restart_count() > 0:
+            # torchrun restarted the workers after a failure: continue from last.pt (rank 0's view decides)
+            resume = distributed.broadcast_object(os.path.exists(self.last_path))
+        last = self._prepare_run_folder(resume)
+        if last is not None:
+            self._restore(last)
             self.log(f"resuming from {self.last_path} (epoch {self.epoch}, batch {self.batch_in_epoch})")
         else:
-            seed_everything(self.seed)
-            self.generator.manual_seed(self.seed)
+            seed_everything(self.seed + self.dist.rank)  # model randomness (dropout, workers): per rank
+            self.generator.manual_seed(self.seed)  # the shuffling permutation: shared by every rank
 
         modes = _module_modes(self.model)
         try:
@@ -446,8 +459,9 @@ class Trainer:
         value = row[self.monitor]
         if self.state.improved(value) and self._weights_finite():
             self.state.best_value, self.state.best_epoch = value, epoch
+            best = self._best_state()  # under FSDP a collective: every rank takes part, rank 0 writes
             if self.dist.is_main:
-                save_checkpoint(self._best_state(), self.best_path, "best checkpoint")
+                save_checkpoint(best, self.best_path, "best checkpoint")
             self.log(f"saving best model ({self.monitor} {value:.4f}) -> {self.best_path}")
         row["seconds"] = round(time.perf_counter() - started, 4)
         self.history.append(row)
@@ -455,8 +469,9 @@ class Trainer:
             cb.on_epoch_end(self, row)  # may add columns to the row: metrics.csv and the plot show them
         if self.dist.enabled:  # every rank must agree, or the next collective hangs
             self.should_stop = bool(distributed.all_reduce_max(int(self.should_stop)))
+        last = self._state()  # a collective under FSDP and on several processes
         if self.dist.is_main:
-            save_checkpoint(self._state(), self.last_path, "last checkpoint")
+            save_checkpoint(last, self.last_path, "last checkpoint")
             write_metrics_csv(os.path.join(self.out_dir, "metrics.csv"), self.history)
         if self._stop_signal is not None:
             self._interrupt(epoch, mid_epoch=False)
@@ -492,13 +507,12 @@ class Trainer:
         steps, acc = len(loader), self.accumulate_steps
         per_step_scheduler = self.scheduler if self.scheduler_interval == "step" else None
         batch_callbacks = [cb for cb in callbacks if type(cb).on_train_batch_end is not Callback.on_train_batch_end]
-        no_sync = getattr(self._train_model, "no_sync", None) if self.dist.enabled else None
         every = self.checkpoint_every_steps
         next_poll = time.monotonic() + self.poll_interval_s
         for x, y in batches:
             i = self.batch_in_epoch
             boundary = acc == 1 or (i + 1) % acc == 0 or i + 1 == steps
-            with no_sync() if (no_sync is not None and not boundary) else contextlib.nullcontext():
+            with self.strategy.no_sync(self._train_model, sync=boundary):
                 loss, output = self.train_step(x, y)
                 if acc > 1:  # mean over the accumulation group, whose last one may be short
                     group = min(acc, steps - (i // acc) * acc)
@@ -510,7 +524,10 @@ class Trainer:
                 if per_step_scheduler is not None:
                     per_step_scheduler.step()
                 self.state.global_step += 1
-            metrics.update(loss, loss_weight(self.loss_fn, y, task), task.outputs(output.detach(), y), y.shape[0])
+            real = loader.unpadded(i, y.shape[0])
+            if real < y.shape[0]:  # the padding that evens out the ranks' shards repeats samples: not counted
+                loss, output, y = self._unpadded_part(output, y, real)
+            metrics.update(loss, loss_weight(self.loss_fn, y, task), task.outputs(output.detach(), y), real)
             self.state.batch_in_epoch = i + 1
             for cb in batch_callbacks:
                 cb.on_train_batch_end(self, i)
@@ -533,9 +550,22 @@ class Trainer:
     def _save_mid_epoch(self, epoch: int, started: float) -> None:
         """last.pt inside an epoch: never from non-finite weights; with the seconds run so far."""
         self._raise_if_nonfinite(epoch)
+        self.state.epoch_start["seconds"] = time.perf_counter() - started
+        last = self._state()  # a collective under FSDP and on several processes
         if self.dist.is_main:
-            self.state.epoch_start["seconds"] = time.perf_counter() - started
-            save_checkpoint(self._state(), self.last_path, "last checkpoint")
+            save_checkpoint(last, self.last_path, "last checkpoint")
+
+    def _unpadded_part(self, output: torch.Tensor, y: torch.Tensor, real: int) -> tuple[torch.Tensor, ...]:
+        """The loss, output and target of a padded batch's first ``real`` samples (the rest are repeats).
+
+        Only the last batch or two of an epoch on some ranks; the loss is recomputed for the metrics
+        alone (no autograd), with weight 0 when the whole batch is padding. No host sync.
+        """
+        output, y = output.detach()[:real], y[:real]
+        if real == 0:
+            return torch.zeros((), device=output.device), output, y
+        with torch.no_grad():
+            return self.loss_fn(*self.task.loss_inputs(output, y)), output, y
 
     def _backward(self, loss: torch.Tensor) -> None:
         if self.scaler is not None:
@@ -548,12 +578,12 @@ class Trainer:
         if self.scaler is not None:
             if self.grad_clip:
                 self.scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                self.strategy.clip_grad_norm(self.model, self.grad_clip)
             self.scaler.step(opt)
             self.scaler.update()
         else:
             if self.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                self.strategy.clip_grad_norm(self.model, self.grad_clip)
             opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -592,6 +622,7 @@ class Trainer:
             for x, y in loader:
                 loss, output = self.eval_step(x, y)
                 metrics.update(loss, loss_weight(self.loss_fn, y, task), task.outputs(output, y), y.shape[0])
+            self._forward_in_lockstep(loader)
         return metrics.compute()  # all-reduced over ranks: each sample counted once
 
     def _score(self, data: Any, ckpt: str | None, prefix: str) -> dict:
@@ -622,11 +653,26 @@ class Trainer:
         with self._evaluating():
             for x, _ in loader:
                 outputs.append(self.predict_step(x).float())
+            self._forward_in_lockstep(loader)
         local = torch.cat(outputs).cpu() if outputs else torch.empty(0)  # one device-to-host copy
         result = distributed.gather_in_order(local, loader.dataset_size)
         if self.dist.enabled:
             result = distributed.broadcast_object(result)
         return result
+
+    def _forward_in_lockstep(self, loader: Loader) -> None:
+        """Extra forwards (outputs discarded) where this rank's evaluation shard has fewer batches.
+
+        Evaluation shards are not padded (each sample counts once), so ranks may run different numbers
+        of batches; under FSDP every forward gathers parameters with a collective that all ranks must
+        join. The strategy says how many forwards to run (this rank's own under DDP: none extra).
+        """
+        extra = self.strategy.lockstep_batches(len(loader)) - len(loader)
+        if extra > 0:
+            x, _ = loader.sample_batch()
+            x = tree_map(lambda t: t.to(self.device), x)
+            for _ in range(extra):
+                self.predict_step(x)
 
     def _check_count(self, count: int, loader: Loader, what: str) -> None:
         expected = loader.dataset_size
@@ -640,7 +686,8 @@ class Trainer:
         if self._set_up:
             return
         if distributed.launched_by_torchrun():
-            self.dist = distributed.setup(self.device if self._requested_device is not None else None)
+            self.dist = distributed.setup(self.device if self._requested_device is not None else None,
+                                          self.dist_timeout)
             if self._requested_device is None:
                 self.device = distributed.default_device(self.dist.local_rank)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -652,13 +699,10 @@ class Trainer:
         self.model.to(self.device)
         if isinstance(self.loss_fn, nn.Module):
             self.loss_fn.to(self.device)  # class weights, pos_weight
-        net = torch.compile(self.model) if self.compile else self.model
-        self._eval_model = net
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self._train_model = nn.parallel.DistributedDataParallel(net, device_ids=ids)
-        else:
-            self._train_model = net
+        self.strategy = make_strategy(self._strategy_arg, distributed_on=self.dist.enabled,
+                                      sync_batchnorm=self.sync_batchnorm)
+        self._train_model, self._eval_model = self.strategy.wrap(
+            self.model, self.optimizer, self.device, torch.compile if self.compile else (lambda m: m))
         self._set_up = True
 
     def _check_optimizer(self, loss_fn: nn.Module | None) -> None:
@@ -768,18 +812,20 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # Checkpoints
 
-    def _prepare_run_folder(self, resume: bool) -> None:
+    def _prepare_run_folder(self, resume: bool) -> dict | None:
+        """Claim the run folder and check it; with ``resume``, the last.pt every rank agreed on."""
         if self.dist.is_main:  # under the run folder's lock (see fit)
             runfolder.claim(self.out_dir, resume)
             runfolder.remove_own_temp_files(self.out_dir)  # temp files of writes cut short by a kill
         distributed.barrier()
+        last = self._agree_on_last() if resume else None  # first: a stale copy on one node is named as such
+        if self.dist.enabled:
+            runfolder.check_shared(self.out_dir, self.dist.rank)
         # A run exists once its first last.pt does. best.pt is written just before last.pt, so a
         # best.pt alone is a fit stopped inside its first epoch's saves: nothing to resume, and
         # starting over loses nothing.
         if resume:
-            if not os.path.exists(self.last_path):
-                raise CheckpointError(f"cannot resume: no last.pt in {self.out_dir} (no epoch was saved there); "
-                                      "start without resume to train from the beginning.")
+            pass  # last.pt was read and agreed on above
         elif not self.overwrite and os.path.exists(self.last_path):
             raise RunFolderError(f"{self.out_dir} already holds a run (last.pt); resume it, "
                                  "choose another folder, or allow overwriting it (run.overwrite=true, "
@@ -792,25 +838,58 @@ class Trainer:
 
             text = yaml.safe_dump({**self.config, "versions": _versions()}, sort_keys=False).encode()
             atomic_write(os.path.join(self.out_dir, "config.yaml"), lambda f: f.write(text), "config")
+        return last
+
+    def _agree_on_last(self) -> dict:
+        """last.pt, read by every rank, after all of them agree it is the same file (a collective).
+
+        Epoch, step and a content hash per rank are compared on every rank, so that a disagreement (a
+        missing or stale copy on one node) is one clear error everywhere instead of ranks training from
+        different states.
+        """
+        state, seen = None, "no last.pt"
+        if os.path.exists(self.last_path):
+            try:
+                state = load_checkpoint(self.last_path, map_location="cpu")  # not N full copies on the GPUs (FSDP)
+                loop = state.get("loop") or {}
+                seen = f"epoch {state.get('epoch')}, step {loop.get('global_step')}, sha256 {_sha256(self.last_path)[:12]}"
+            except CheckpointError as e:
+                seen = f"unreadable ({e})"
+        views = distributed.all_gather_objects(seen)
+        if len(set(views)) > 1:
+            each = "; ".join(f"rank {r}: {v}" for r, v in enumerate(views))
+            raise CheckpointError(f"cannot resume: the processes see different last.pt files in {self.out_dir} ({each}). "
+                                  "Every process must resume from the same checkpoint: put the run folder on a file "
+                                  "system every node mounts.")
+        if state is None:
+            if seen != "no last.pt":
+                raise CheckpointError(f"cannot resume from {self.last_path}: {seen}.")
+            raise CheckpointError(f"cannot resume: no last.pt in {self.out_dir} (no epoch was saved there); "
+                                  "start without resume to train from the beginning.")
+        return state
 
     def _best_state(self) -> dict:
-        return {"model": unwrap_model(self.model).state_dict(), "epoch": self.epoch, "task": self.task.name,
+        return {"model": self.strategy.model_state_dict(self.model), "epoch": self.epoch, "task": self.task.name,
                 "monitor": self.monitor, "value": self.best_value, "config": self.config, "versions": _versions()}
 
     def _state(self) -> dict:
         """Everything a resumed run needs to continue bit for bit."""
         mid = self.batch_in_epoch > 0
+        # Each rank's own random streams and running sums; rank 0 gets every rank's (a collective).
+        own = {"rng": rng_state(), "epoch_start_rng": (self.state.epoch_start or {}).get("rng"),
+               "train_metrics": self.train_metrics.state_dict() if mid else None}
         return {
-            "model": unwrap_model(self.model).state_dict(),
+            "model": self.strategy.model_state_dict(self.model),
             "epoch": self.epoch,
             "task": self.task.name,
             "loop": self.state.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.strategy.optimizer_state_dict(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rng_state(),
+            "rng": own["rng"],
             "generator": self.generator.get_state(),
-            "train_metrics": self.train_metrics.state_dict() if mid else None,
+            "train_metrics": own["train_metrics"],
+            "ranks": distributed.gather_objects(own),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
             "config": self.config,
             "versions": _versions(),
@@ -829,13 +908,13 @@ class Trainer:
                               "monitor, or start a new run.")
         if state.get("task", self.task.name) != self.task.name:
             raise ConfigError(f"{self.last_path} was a {state['task']} run; this one is {self.task.name}.")
-        load_model_weights(self.model, state["model"], self.last_path)
+        self.strategy.load_model_state_dict(self.model, state["model"], self.last_path)
         saved_keys = {k for g in state["optimizer"].get("param_groups", []) for k in g}
         foreign = sorted(saved_keys - {k for g in self.optimizer.param_groups for k in g})
         try:
             if foreign:  # loading would succeed, then the first step fail (e.g. Adam's state into SGD)
                 raise ValueError(f"it has settings this optimizer lacks: {', '.join(foreign)}")
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.strategy.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
             if self.scheduler is not None and state.get("scheduler") is not None:
                 self.scheduler.load_state_dict(state["scheduler"])
         except (KeyError, ValueError, TypeError) as e:  # another optimizer or scheduler than last.pt's
@@ -848,10 +927,25 @@ class Trainer:
         for cb, cb_state in zip(self.callbacks, state.get("callbacks", [])):
             cb.load_state_dict(cb_state)
         self.generator.set_state(state["generator"])
-        set_rng_state(state["rng"])
+        own = self._own_state(state)
+        set_rng_state(own["rng"])
         if self.batch_in_epoch > 0:
-            self._pending_rng = state["rng"]
-            self.train_metrics.load_state_dict(state["train_metrics"], len(self.train_loader))
+            self.state.epoch_start["rng"] = own["epoch_start_rng"]
+            self._pending_rng = own["rng"]
+            self.train_metrics.load_state_dict(own["train_metrics"], len(self.train_loader))
+
+    def _own_state(self, state: dict) -> dict:
+        """This rank's random streams and running sums from last.pt (``ranks``, one entry per rank)."""
+        ranks = state.get("ranks")
+        if ranks and len(ranks) == self.dist.world_size:
+            return ranks[self.dist.rank]
+        # Written by another number of processes (or a trainval before per-rank state): rank 0's, and on
+        # the other ranks fresh streams of their own.
+        if self.dist.rank > 0:
+            seed_everything(hash((self.seed, self.dist.rank, self.global_step)) % 2**31)
+            return {"rng": rng_state(), "epoch_start_rng": rng_state(), "train_metrics": state.get("train_metrics")}
+        start = (state["loop"].get("epoch_start") or {}).get("rng")
+        return {"rng": state["rng"], "epoch_start_rng": start, "train_metrics": state.get("train_metrics")}
 
     def _load_weights(self, ckpt: str | None) -> None:
         if ckpt is None:
@@ -861,14 +955,11 @@ class Trainer:
         if ckpt == "best" and not os.path.exists(path):
             raise CheckpointError(f"no best.pt in {self.out_dir}: run fit first, or pass ckpt=None to use the "
                                   "current weights.")
-        state = load_checkpoint(path, map_location=self.device)
-        load_model_weights(self.model, state["model"], path)
+        state = load_checkpoint(path, map_location="cpu")
+        self.strategy.load_model_state_dict(self.model, state["model"], path)
 
     def _weights_finite(self) -> bool:
-        params = [p.detach() for p in self.model.parameters()]
-        if not params:
-            return True
-        return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())  # one sync per epoch
+        return self.strategy.all_finite(self.model)  # one sync per epoch
 
     # ------------------------------------------------------------------------------------------
     # Non-finite loss and signals
@@ -958,6 +1049,16 @@ def _write_confusion(path: str, cm: torch.Tensor) -> None:
     lines += [f"{r}," + ",".join(str(v) for v in row) for r, row in enumerate(counts)]
     data = ("\n".join(lines) + "\n").encode()
     atomic_write(path, lambda f: f.write(data), "confusion matrix")
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _versions() -> dict:

@@ -3,7 +3,8 @@
 Usage: [torchrun --nproc_per_node=N] ddp_child.py OUT_DIR JSON_OPTIONS
 Options: batch (per process), epochs, kill_rank + kill_step (SIGKILL that rank at that optimizer step
 on the first attempt only), every (checkpoint_every_steps), metrics (names), binary (a one-logit BCE model
-on "is the class id even").
+on "is the class id even"), dropout (p of a Dropout on the inputs; its first masks -> masks.<rank>.pt), strategy ("auto", "ddp", "fsdp"), batchnorm, sync_batchnorm, accumulate (accumulate_steps), resume, stop_after (epochs of this run: fit up to it,
+then resume to ``epochs`` in a second Trainer of the same process).
 Rank 0 writes OUT_DIR/predictions.pt; every rank writes OUT_DIR/done.<rank> when its work is done.
 """
 
@@ -27,8 +28,40 @@ def data(n, seed):
     return centers[y] + torch.randn(n, 12, generator=g), y
 
 
-def make_model(binary=False):
-    return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 1 if binary else 5))
+def make_model(binary=False, blocks=False, dropout=0.0, batchnorm=False):
+    if blocks:
+        return Blocks()
+    if batchnorm:
+        return nn.Sequential(nn.Linear(12, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 1 if binary else 5))
+    layers = [nn.Dropout(dropout)] if dropout else []
+    return nn.Sequential(*layers, nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 1 if binary else 5))
+
+
+class Blocks(nn.Module):
+    """Layers in an nn.ModuleList: FSDP's default makes each its own unit (gathered for its forward only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(12, 32), nn.Linear(32, 32)])
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        return self.head(x)
+
+
+def record_dropout_masks(model, rank, out_dir, count=2):
+    """Save the first ``count`` training dropout masks of this rank to OUT_DIR/masks.<rank>.pt."""
+    masks = []
+
+    def hook(module, inputs, output):
+        if module.training and len(masks) < count:
+            masks.append(output == 0)
+            if len(masks) == count:
+                torch.save(masks, os.path.join(out_dir, f"masks.{rank}.pt"))
+
+    model[0].register_forward_hook(hook)
 
 
 class KillOnce(Callback):
@@ -45,25 +78,42 @@ def main():
     out_dir, opts = sys.argv[1], json.loads(sys.argv[2])
     seed_everything(0)
     binary = opts.get("binary", False)
-    model = make_model(binary)
+    model = make_model(binary, opts.get("blocks", False), opts.get("dropout", 0.0), opts.get("batchnorm", False))
+    if opts.get("dropout") and distributed.elastic_restart_count() == 0:
+        record_dropout_masks(model, int(os.environ.get("RANK", 0)), out_dir)
     loss_fn = nn.BCEWithLogitsLoss() if binary else None
     callbacks = [KillOnce(opts["kill_rank"], opts["kill_step"])] if "kill_rank" in opts else []
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), loss_fn,
-                      metrics=opts.get("metrics"), max_epochs=opts.get("epochs", 3),
-                      out_dir=out_dir, seed=1, batch_size=opts["batch"], eval_batch_size=opts.get("eval_batch", 8),
-                      progress=False, plot=False, callbacks=callbacks, checkpoint_every_steps=opts.get("every"),
-                      overwrite=distributed.elastic_restart_count() == 0)
-    Xv, yv = data(45, 2)  # 45: divisible neither by 2 nor by the batch sizes
-    Xt, yt = data(96, 1)
+
+    def make_trainer(model, epochs):
+        return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), loss_fn,
+                       metrics=opts.get("metrics"), max_epochs=epochs, strategy=opts.get("strategy", "auto"),
+                       sync_batchnorm=opts.get("sync_batchnorm", False),
+                       accumulate_steps=opts.get("accumulate", 1),
+                       out_dir=out_dir, seed=1, batch_size=opts["batch"], eval_batch_size=opts.get("eval_batch", 8),
+                       progress=False, plot=False, callbacks=callbacks, checkpoint_every_steps=opts.get("every"),
+                       overwrite=distributed.elastic_restart_count() == 0)
+
+    Xv, yv = data(opts.get("n_val", 45), 2)  # 45: divisible neither by 2 nor by the batch sizes
+    Xt, yt = data(opts.get("n_train", 96), 1)
     if binary:
         yt, yv = yt % 2, yv % 2
-    trainer.fit((Xt, yt), (Xv, yv))
+    epochs = opts.get("epochs", 3)
+    if "stop_after" in opts:  # a first fit stops early; a fresh model and Trainer resume it from last.pt
+        make_trainer(model, opts["stop_after"]).fit((Xt, yt), (Xv, yv))
+        seed_everything(123)  # the resumed run must not depend on the fresh model's initial weights
+        model = make_model(binary, opts.get("blocks", False), opts.get("dropout", 0.0), opts.get("batchnorm", False))
+        trainer = make_trainer(model, epochs)
+        trainer.fit((Xt, yt), (Xv, yv), resume=True)
+    else:
+        trainer = make_trainer(model, epochs)
+        trainer.fit((Xt, yt), (Xv, yv), resume=opts.get("resume", False))
     metrics = trainer.test((Xv, yv))
     preds = trainer.predict(Xv)
     probs = trainer.predict_proba(Xv)
     rank = trainer.dist.rank
     if rank == 0:
-        torch.save({"preds": preds, "probs": probs, "test": metrics, "history": trainer.history, "y": yv},
+        torch.save({"preds": preds, "probs": probs, "test": metrics, "history": trainer.history, "y": yv,
+                    "strategy": trainer.strategy.name},
                    os.path.join(out_dir, "predictions.pt"))
     with open(os.path.join(out_dir, f"done.{rank}"), "w") as f:
         f.write(json.dumps({"world": trainer.dist.world_size, "n_preds": len(preds)}))
