@@ -482,3 +482,19 @@ def test_default_losses_per_task(tmp_path):
         assert isinstance(tr.loss_fn, expected) and tr.history[-1]["val_acc"] > 0.8
     tr = fit(nn.Linear(6, 1), None, (X, y.float()), (X, y.float()), tmp_path / "r", task="regression")
     assert isinstance(tr.loss_fn, nn.MSELoss)
+
+
+def test_dataset_targets_ignored_after_the_first_samples(tmp_path):
+    """The pre-flight sees two samples; ignored targets further on must still count nowhere."""
+    X, y = make_blobs(n=90, spread=2.0)
+    y[10::7] = -100
+    ds = torch.utils.data.TensorDataset(X, y)
+    tr = fit(tiny_mlp(), None, ds, ds, tmp_path, metrics=["acc", "f1_macro"], batch_size=16)
+    res = tr.test(ds)
+    keep = y != -100
+    yp = tr.predict(X).numpy()[keep.numpy()]
+    yt = y[keep].numpy()
+    assert res["test_acc"] == pytest.approx(skm.accuracy_score(yt, yp), abs=1e-12)
+    assert res["test_f1_macro"] == pytest.approx(skm.f1_score(yt, yp, average="macro"), abs=1e-12)
+    with torch.no_grad():
+        assert res["test_loss"] == pytest.approx(nn.functional.cross_entropy(tr.model.eval()(X), y).item(), rel=1e-6)

@@ -60,6 +60,7 @@ class Metric(Protocol):
 
 class _Stat:
     key = ""
+    count_slot: int | None = None  # flat index of a sample count the host fills in for unmasked epochs
 
     def shape(self, num_outputs: int) -> tuple[int, ...]:
         raise NotImplementedError
@@ -69,10 +70,11 @@ class _Stat:
 
 
 def _count_hits(state: torch.Tensor, hit: torch.Tensor, mask: torch.Tensor | None) -> None:
-    """``state += [hits, count]`` over the samples the mask keeps (all without a mask)."""
+    """``state += [hits, count]`` over the samples the mask keeps. Without a mask the count is every
+    sample, which the host knows: :class:`MetricSet` writes it into ``count_slot`` at the epoch's end
+    (one device op per step saved on the hot path)."""
     if mask is None:
         state[0] += hit.sum()
-        state[1] += hit.shape[0]
     else:
         state[0] += (hit & mask).sum()
         state[1] += mask.sum()
@@ -81,7 +83,7 @@ def _count_hits(state: torch.Tensor, hit: torch.Tensor, mask: torch.Tensor | Non
 class _Correct(_Stat):
     """``[correct, count]`` of exact predictions (class ids, or 0/1)."""
 
-    key = "correct"
+    key, count_slot = "correct", 1
 
     def shape(self, num_outputs):
         return (2,)
@@ -91,6 +93,8 @@ class _Correct(_Stat):
 
 
 class _TopK(_Stat):
+    count_slot = 1
+
     def __init__(self, k: int):
         self.k, self.key = k, f"top{k}"
 
@@ -179,7 +183,7 @@ class BuiltinMetric:
 
     def __init__(self, name: str, higher_is_better: bool, stat: _Stat, fn: Callable[[np.ndarray], float]):
         self.name, self.higher_is_better, self._stat, self._fn = name, higher_is_better, stat, fn
-        self.state_key = stat.key
+        self.state_key, self.count_slot = stat.key, stat.count_slot
 
     def state_shape(self, num_outputs: int) -> tuple[int, ...]:
         return self._stat.shape(num_outputs)
@@ -456,8 +460,10 @@ class MetricSet:
     def reset(self, capacity: int | None = None) -> None:
         capacity = max(1, capacity or 64)
         self.losses = torch.zeros(capacity, dtype=torch.float32, device=self.device)
-        self.weights = torch.zeros(capacity, dtype=self.dtype, device=self.device)
+        self.weights = torch.zeros(capacity, dtype=self.dtype, device=self.device)  # the weights on the device
+        self._host_weights: list[int | None] = []  # ... and those the host knows (None: on the device)
         self.sizes: list[int] = []
+        self._masked = False  # did a batch carry a mask (ignored targets)? then counts are on the device
         self.flat = torch.zeros(self._size, dtype=self.dtype, device=self.device)
         self._states = [(m, self.flat[off: off + (int(np.prod(shape)) if shape else 1)].view(shape))
                         for _, m, off, shape in self._layout]
@@ -483,8 +489,13 @@ class MetricSet:
         if k == len(self.losses):
             self._grow()
         self.losses[k] = loss.detach()
-        self.weights[k] = weight
+        if isinstance(weight, int):  # the common case: a count the host knows; no device write per step
+            self._host_weights.append(weight)
+        else:
+            self.weights[k] = weight
+            self._host_weights.append(None)
         self.sizes.append(size)
+        self._masked = self._masked or out.mask is not None
         for metric, state in self._states:
             metric.update(state, out)
         for name, metric in self._gathered.items():
@@ -492,9 +503,23 @@ class MetricSet:
         for metric in self._own.values():
             metric.update(out)
 
+    def _batch_weights(self) -> torch.Tensor:
+        """Every batch's loss weight, the host-known ones written in (one copy per call: per epoch)."""
+        k = len(self.sizes)
+        weights = self.weights[:k]
+        known = [w for w in self._host_weights if w is not None]
+        if not known:
+            return weights
+        host = torch.tensor([0 if w is None else w for w in self._host_weights], dtype=self.dtype)
+        if len(known) == k:
+            return host.to(self.device, non_blocking=True)
+        on_host = torch.tensor([w is not None for w in self._host_weights])
+        return torch.where(on_host.to(self.device), host.to(self.device), weights)
+
     def state_tensor(self, all_reduce: bool) -> torch.Tensor:
         k = len(self.sizes)
-        head = torch.stack([(self.losses[:k].to(self.dtype) * self.weights[:k]).sum(), self.weights[:k].sum(),
+        weights = self._batch_weights()
+        head = torch.stack([(self.losses[:k].to(self.dtype) * weights).sum(), weights.sum(),
                             torch.tensor(float(self.count), dtype=self.dtype, device=self.device)])
         totals = torch.cat([head, self.flat])
         if all_reduce and _distributed():
@@ -511,6 +536,10 @@ class MetricSet:
         totals = self.state_tensor(all_reduce).cpu()
         loss_sum, loss_weight, count = totals[:3].tolist()
         flat = totals[3:]
+        if not self._masked:  # unmasked sample counts are every sample: the host's count
+            for _, metric, off, _ in self._layout:
+                if getattr(metric, "count_slot", None) is not None:
+                    flat[off + metric.count_slot] = count
         states = {key: flat[off: off + (int(np.prod(shape)) if shape else 1)].view(shape)
                   for key, _, off, shape in self._layout}
         values: dict[str, float] = {"loss": loss_sum / loss_weight if loss_weight else float("nan")}
@@ -550,8 +579,8 @@ class MetricSet:
 
     def state_dict(self) -> dict:
         k = len(self.sizes)
-        return {"losses": self.losses[:k].cpu().clone(), "weights": self.weights[:k].cpu().clone(),
-                "sizes": list(self.sizes), "flat": self.flat.cpu().clone(),
+        return {"losses": self.losses[:k].cpu().clone(), "weights": self._batch_weights().cpu().clone(),
+                "sizes": list(self.sizes), "masked": self._masked, "flat": self.flat.cpu().clone(),
                 "rows": {name: (torch.cat(r).cpu() if r else None) for name, r in self._rows.items()}}
 
     def load_state_dict(self, state: dict, capacity: int | None = None) -> None:
@@ -559,7 +588,9 @@ class MetricSet:
         self.reset(max(capacity or 0, k + 1))
         self.losses[:k] = state["losses"].to(self.device)
         self.weights[:k] = state["weights"].to(self.device)
+        self._host_weights = [None] * k
         self.sizes = list(state["sizes"])
+        self._masked = bool(state.get("masked", False))
         self.flat.copy_(state["flat"].to(self.device))
         for name, rows in state.get("rows", {}).items():
             if name in self._rows and rows is not None:

@@ -22,6 +22,7 @@ that read values (label ranges, integer-ness) run once, before the first step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import ClassVar
@@ -177,11 +178,12 @@ class Multiclass(Task):
         return y.long()
 
     def outputs(self, output, target):
-        mask = (target != self.ignore_index).reshape(-1) if self.masking else None
-        return BatchOutputs(self, output, target.reshape(-1), mask)
+        flat = target if target.dim() == 1 else target.reshape(-1)
+        return BatchOutputs(self, output, flat, (flat != self.ignore_index) if self.masking else None)
 
     def metric_pred(self, output):
-        return output.argmax(dim=1).reshape(-1)
+        pred = output.argmax(dim=1)
+        return pred if pred.dim() == 1 else pred.reshape(-1)
 
     def metric_scores(self, output):
         return output.movedim(1, -1).reshape(-1, output.shape[1]) if output.dim() > 2 else output
@@ -439,23 +441,28 @@ def check_loss(loss_fn: nn.Module) -> None:
                           "returns the batch mean (reduction='mean'), from which it keeps exact epoch means.")
 
 
-def loss_weight(loss_fn: nn.Module, target: torch.Tensor, task: Task) -> torch.Tensor | int:
-    """What a batch's mean loss was divided by, so that ``sum(mean * weight) / sum(weight)`` over an
-    epoch equals the loss of the whole split at once (class weights, ignore_index, label smoothing and
-    pos_weight included). A device scalar or an int; no sync.
+def loss_weight_fn(loss_fn: nn.Module, task: Task) -> Callable[[torch.Tensor], torch.Tensor | int]:
+    """``weigh(target)``: what a batch's mean loss was divided by, so that ``sum(mean * weight) /
+    sum(weight)`` over an epoch equals the loss of the whole split at once (class weights, ignore_index,
+    label smoothing and pos_weight included). A device scalar or an int; no sync. Chosen once per epoch,
+    so that the step pays for no type checks.
 
     Torch's built-in losses: cross-entropy/NLL divide by the summed class weights of the non-ignored
     targets; the element-wise losses (BCE, MSE, L1, ...) by the number of elements. Any other loss is
     taken to be a mean over samples (weight = batch size).
     """
-    if isinstance(loss_fn, _CLASS_LOSSES) and not target.is_floating_point():
-        weight = loss_fn.weight
-        if weight is None:
-            if not task.masking:
-                return target.numel()
-            return (target != loss_fn.ignore_index).sum()
-        valid = target != loss_fn.ignore_index
-        return (weight[target * valid] * valid).sum()  # ignored targets index class 0, weighted 0
+    if isinstance(loss_fn, _CLASS_LOSSES):
+        weight, ignore = loss_fn.weight, loss_fn.ignore_index
+
+        def weigh_classes(target):
+            if target.is_floating_point():  # class probabilities: a mean over samples (and positions)
+                return target.numel() // target.shape[1] if target.dim() > 1 else target.numel()
+            if weight is None:
+                return (target != ignore).sum() if task.masking else target.numel()
+            valid = target != ignore
+            return (weight[target * valid] * valid).sum()  # ignored targets index class 0, weighted 0
+
+        return weigh_classes
     if isinstance(loss_fn, _ELEMENTWISE_LOSSES):
-        return target.numel()
-    return target.shape[0]
+        return torch.Tensor.numel
+    return lambda target: target.shape[0]

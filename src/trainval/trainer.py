@@ -54,7 +54,7 @@ from trainval.metrics import MetricSet, confusion_metric, metric_direction, reso
 from trainval.runs import RunSummary, record_test
 from trainval.state import LoopState, rng_state, seed_everything, set_rng_state
 from trainval.strategies import SingleProcess, make_strategy
-from trainval.tasks import Task, check_loss, loss_weight, make_task, task_for_output
+from trainval.tasks import Task, check_loss, loss_weight_fn, make_task, task_for_output
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
@@ -490,6 +490,7 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, callbacks: list[Callback], started: float) -> None:
         loader, opt, metrics, task = self.train_loader, self.optimizer, self.train_metrics, self.task
+        weigh = loss_weight_fn(self.loss_fn, task)  # what each batch's mean loss was divided by
         if self.batch_in_epoch > 0:
             # Mid-epoch resume: redraw this epoch's order from its start state, skip what was done,
             # then continue with the RNG state saved at the interruption.
@@ -527,7 +528,7 @@ class Trainer:
             real = loader.unpadded(i, y.shape[0])
             if real < y.shape[0]:  # the padding that evens out the ranks' shards repeats samples: not counted
                 loss, output, y = self._unpadded_part(output, y, real)
-            metrics.update(loss, loss_weight(self.loss_fn, y, task), task.outputs(output.detach(), y), real)
+            metrics.update(loss, weigh(y), task.outputs(output.detach(), y), real)
             self.state.batch_in_epoch = i + 1
             for cb in batch_callbacks:
                 cb.on_train_batch_end(self, i)
@@ -618,10 +619,11 @@ class Trainer:
     def _evaluate(self, loader: Loader, metrics: MetricSet) -> tuple[dict[str, float], int]:
         metrics.reset(len(loader))
         task = self.task
+        weigh = loss_weight_fn(self.loss_fn, task)
         with self._evaluating():
             for x, y in loader:
                 loss, output = self.eval_step(x, y)
-                metrics.update(loss, loss_weight(self.loss_fn, y, task), task.outputs(output, y), y.shape[0])
+                metrics.update(loss, weigh(y), task.outputs(output, y), y.shape[0])
             self._forward_in_lockstep(loader)
         return metrics.compute()  # all-reduced over ranks: each sample counted once
 
@@ -776,6 +778,8 @@ class Trainer:
         else:
             self.task.prepare_targets(torch.as_tensor(y), name)
             loader.target_transform = self.task.cast_target
+            if self.task.ignore_index is not None:  # later batches may hold ignored targets: mask them
+                self.task.masking = True
 
     def _check_training_data(self, loader: TensorLoader) -> None:
         y = loader.y
