@@ -15,8 +15,8 @@ Writing your own sync-free metric (the protocol the built-ins follow)::
         def state_shape(self, num_outputs):
             return (2,)                    # float64 zeros at the start of each epoch
         def update(self, state, out):      # out: trainval.tasks.BatchOutputs; device ops only
-            state[0] += out.output.abs().sum()
-            state[1] += out.output.numel()
+            state[0].add_(out.output.abs().sum())  # (add_ on a view: no copy back, unlike +=)
+            state[1].add_(out.output.numel())
         def compute(self, state):          # a CPU tensor, summed over batches and processes
             return float(state[0] / state[1])
 
@@ -74,10 +74,10 @@ def _count_hits(state: torch.Tensor, hit: torch.Tensor, mask: torch.Tensor | Non
     sample, which the host knows: :class:`MetricSet` writes it into ``count_slot`` at the epoch's end
     (one device op per step saved on the hot path)."""
     if mask is None:
-        state[0] += hit.sum()
+        state[0].add_(hit.sum())
     else:
-        state[0] += (hit & mask).sum()
-        state[1] += mask.sum()
+        state[0].add_((hit & mask).sum())
+        state[1].add_(mask.sum())
 
 
 class _Correct(_Stat):
@@ -113,14 +113,24 @@ class _Confusion(_Stat):
 
     key = "confusion"
 
+    def __init__(self):
+        self._cached: torch.Tensor | None = None
+
     def shape(self, num_outputs):
         return (num_outputs, num_outputs)
+
+    def _ones(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """``n`` ones, reused from step to step (read only)."""
+        ones = self._cached
+        if ones is None or len(ones) < n or ones.device != like.device or ones.dtype != like.dtype:
+            ones = self._cached = torch.ones(max(n, 64), dtype=like.dtype, device=like.device)
+        return ones[:n]
 
     def update(self, state, out):
         C = state.shape[0]
         idx = out.target * C + out.pred
         if out.mask is None:
-            weights = torch.ones_like(idx, dtype=state.dtype)
+            weights = self._ones(len(idx), state)
         else:
             idx = idx * out.mask  # ignored targets add 0 at cell 0
             weights = out.mask.to(state.dtype)
@@ -137,10 +147,10 @@ class _BinaryCounts(_Stat):
 
     def update(self, state, out):
         p, t = out.pred.bool(), out.target.bool()
-        state[0] += (p & t).sum()
-        state[1] += (p & ~t).sum()
-        state[2] += (~p & t).sum()
-        state[3] += (~p & ~t).sum()
+        state[0].add_((p & t).sum())
+        state[1].add_((p & ~t).sum())
+        state[2].add_((~p & t).sum())
+        state[3].add_((~p & ~t).sum())
 
 
 class _LabelCounts(_Stat):
@@ -154,11 +164,11 @@ class _LabelCounts(_Stat):
     def update(self, state, out):
         p, t = out.pred.bool(), out.target.bool()
         K = p.shape[1]
-        state[0, :K] += (p & t).sum(dim=0)
-        state[1, :K] += (p & ~t).sum(dim=0)
-        state[2, :K] += (~p & t).sum(dim=0)
-        state[0, K] += (p == t).all(dim=1).sum()
-        state[0, K + 1] += p.shape[0]
+        state[0, :K].add_((p & t).sum(dim=0))
+        state[1, :K].add_((p & ~t).sum(dim=0))
+        state[2, :K].add_((~p & t).sum(dim=0))
+        state[0, K].add_((p == t).all(dim=1).sum())
+        state[0, K + 1].add_(p.shape[0])
 
 
 class _RegressionSums(_Stat):
@@ -171,11 +181,11 @@ class _RegressionSums(_Stat):
 
     def update(self, state, out):
         y, err = out.target.to(state.dtype), out.pred.to(state.dtype) - out.target.to(state.dtype)
-        state[0] += err.square().sum(dim=0)
-        state[1] += err.abs().sum(dim=0)
-        state[2] += y.sum(dim=0)
-        state[3] += y.square().sum(dim=0)
-        state[4] += y.shape[0]
+        state[0].add_(err.square().sum(dim=0))
+        state[1].add_(err.abs().sum(dim=0))
+        state[2].add_(y.sum(dim=0))
+        state[3].add_(y.square().sum(dim=0))
+        state[4].add_(y.shape[0])
 
 
 class BuiltinMetric:
@@ -465,7 +475,8 @@ class MetricSet:
         self.sizes: list[int] = []
         self._masked = False  # did a batch carry a mask (ignored targets)? then counts are on the device
         self.flat = torch.zeros(self._size, dtype=self.dtype, device=self.device)
-        self._states = [(m, self.flat[off: off + (int(np.prod(shape)) if shape else 1)].view(shape))
+        # (update function, state view) per shared state; the built-ins' statistics are called directly
+        self._states = [(getattr(m, "_stat", m).update, self.flat[off: off + (int(np.prod(shape)) if shape else 1)].view(shape))
                         for _, m, off, shape in self._layout]
         self._rows: dict[str, list[torch.Tensor]] = {name: [] for name in self._gathered}
         for m in self._own.values():
@@ -496,12 +507,14 @@ class MetricSet:
             self._host_weights.append(None)
         self.sizes.append(size)
         self._masked = self._masked or out.mask is not None
-        for metric, state in self._states:
-            metric.update(state, out)
-        for name, metric in self._gathered.items():
-            self._rows[name].append(metric.rows(out).detach())
-        for metric in self._own.values():
-            metric.update(out)
+        for update, state in self._states:
+            update(state, out)
+        if self._gathered:
+            for name, metric in self._gathered.items():
+                self._rows[name].append(metric.rows(out).detach())
+        if self._own:
+            for metric in self._own.values():
+                metric.update(out)
 
     def _batch_weights(self) -> torch.Tensor:
         """Every batch's loss weight, the host-known ones written in (one copy per call: per epoch)."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -53,16 +52,23 @@ class BatchOutputs:
     ``pred`` and ``scores`` are computed on first use, so a metric that needs neither costs nothing.
     """
 
+    __slots__ = ("task", "output", "target", "mask", "_pred", "_scores")
+
     def __init__(self, task: Task, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None):
         self.task, self.output, self.target, self.mask = task, output, target, mask
+        self._pred = self._scores = None
 
-    @cached_property
-    def pred(self) -> torch.Tensor:
-        return self.task.metric_pred(self.output)
+    @property
+    def pred(self) -> torch.Tensor:  # (a plain lazy property: functools.cached_property takes a lock)
+        if self._pred is None:
+            self._pred = self.task.metric_pred(self.output)
+        return self._pred
 
-    @cached_property
+    @property
     def scores(self) -> torch.Tensor:
-        return self.task.metric_scores(self.output)
+        if self._scores is None:
+            self._scores = self.task.metric_scores(self.output)
+        return self._scores
 
 
 @dataclass
