@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -222,11 +223,18 @@ def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: M
     # are epochs from 1, so warm-up 2 spares the first epoch)
     chosen_pruner = (optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2) if pruner == "median"
                      else optuna.pruners.NopPruner())
-    try:
-        study = optuna.create_study(study_name=name, storage=_storage(storage, folder), direction=direction,
-                                    pruner=chosen_pruner, load_if_exists=True)
-    except ValueError as e:  # e.g. an existing study with the other direction
-        raise ConfigError(f"study {name!r}: {e}") from None
+    for attempt in range(6):
+        try:
+            study = optuna.create_study(study_name=name, storage=_storage(storage, folder), direction=direction,
+                                        pruner=chosen_pruner, load_if_exists=True)
+            break
+        except ValueError as e:  # e.g. an existing study with the other direction
+            raise ConfigError(f"study {name!r}: {e}") from None
+        except Exception as e:  # noqa: BLE001 - two workers creating one study at the same moment
+            racing = any(word in type(e).__name__ for word in ("IntegrityError", "OperationalError", "Duplicated"))
+            if not racing or attempt == 5:
+                raise
+            time.sleep(0.2 * (attempt + 1))  # the other worker's study is there by now: load it
     if study.direction.name.lower() != direction:
         raise ConfigError(f"study {name!r} in that storage is {study.direction.name.lower()}d; this config's "
                           f"monitor is {direction}d. Use another run.name or --study.")
