@@ -145,22 +145,21 @@ def _shape_and_outputs(splits: Splits, task: str, model_name: str) -> tuple[list
 def build_model(model_cfg: dict, in_shape: list[int] | None, num_outputs: int | None) -> nn.Module:
     """A built-in model sized for the data (``num_outputs``: classes, labels or values), or ``module:Class``."""
     name = model_cfg["name"]
-    num_classes = num_outputs
     if name == "mlp":
-        return MLP(int(np.prod(in_shape)), num_classes, model_cfg["hidden"], model_cfg["dropout"], model_cfg["batchnorm"])
+        return MLP(int(np.prod(in_shape)), num_outputs, model_cfg["hidden"], model_cfg["dropout"], model_cfg["batchnorm"])
     if name == "cnn":
         if len(in_shape) != 3:
             raise ConfigError(f"model.name cnn needs image inputs of shape [N, C, H, W]; the data has samples of shape "
                               f"{in_shape}. Use model.name=mlp for feature vectors.")
-        return CNN(in_shape[0], num_classes, model_cfg["channels"], model_cfg["dropout"])
+        return CNN(in_shape[0], num_outputs, model_cfg["channels"], model_cfg["dropout"])
     cls = import_object(name, "model.name")
     kwargs = dict(model_cfg["kwargs"])
     try:
         params = inspect.signature(cls).parameters
     except (TypeError, ValueError):
         params = {}
-    if "num_classes" in params and num_classes is not None:
-        kwargs.setdefault("num_classes", num_classes)
+    if "num_classes" in params and num_outputs is not None:  # a module:Class model's output size
+        kwargs.setdefault("num_classes", num_outputs)
     if "in_features" in params and in_shape is not None:
         kwargs.setdefault("in_features", int(np.prod(in_shape)))
     try:
