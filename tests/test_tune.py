@@ -37,7 +37,8 @@ def test_tune_four_trials_best_yaml_reproduces_the_best_trial(tmp_path, capsys):
         assert summary["status"] == "finished"
         assert summary["trainer"]["optimizer_args"]["lr"] == pytest.approx(t.params["optim.lr"])
         if t.state == optuna.trial.TrialState.PRUNED:  # Optuna records a pruned trial's last reported value
-            assert summary["epochs"] < 3 and summary["pruned"] is True
+            assert summary["epochs"] < 3 and summary["pruned"] is True  # never pruned at the last epoch
+            assert "test" not in summary and not (folder / "trials" / f"{t.number:04d}" / "predictions.csv").exists()
             assert summary["best_value"] == max(t.intermediate_values.values())  # val_acc: the best is the max
         else:
             assert summary["best_value"] == t.value
@@ -113,8 +114,8 @@ def test_cli_tune_errors_are_one_line(tmp_path):
     assert taken.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("pruner, epochs", [("threshold", 1), ("none", 4)])
-def test_pruning_callback_stops_the_fit_when_the_pruner_says_so(tmp_path, pruner, epochs):
+@pytest.mark.parametrize("pruner, epochs, max_epochs", [("threshold", 1, 4), ("none", 4, 4), ("threshold", 1, 1)])
+def test_pruning_callback_stops_the_fit_when_the_pruner_says_so(tmp_path, pruner, epochs, max_epochs):
     from tests.conftest import make_blobs, tiny_mlp
     from trainval import Trainer
     from trainval.tuning import PruningCallback
@@ -125,9 +126,26 @@ def test_pruning_callback_stops_the_fit_when_the_pruner_says_so(tmp_path, pruner
     trial = study.ask()
     callback = PruningCallback(trial)
     X, y = make_blobs(n=60)
-    history = Trainer(tiny_mlp(), max_epochs=4, out_dir=str(tmp_path / "r"), progress=False,
+    history = Trainer(tiny_mlp(), max_epochs=max_epochs, out_dir=str(tmp_path / "r"), progress=False,
                       callbacks=[callback]).fit((X[:40], y[:40]), (X[40:], y[40:]))
-    assert len(history) == epochs and callback.pruned == (pruner == "threshold")
+    # the last epoch is reported but never pruned: the trial has finished (1 of 1 epochs)
+    assert len(history) == epochs and callback.pruned == (pruner == "threshold" and max_epochs > 1)
     reported = study.trials[0].intermediate_values
     assert sorted(reported) == list(range(1, epochs + 1))
     assert reported[epochs] == history[-1]["val_acc"]
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_a_pruned_trial_skips_its_test_and_predictions(tmp_path, prune):
+    from trainval import config, workflow
+    from trainval.tuning import PruningCallback
+
+    chosen = optuna.pruners.ThresholdPruner(lower=1.5) if prune else optuna.pruners.NopPruner()
+    trial = optuna.create_study(direction="maximize", pruner=chosen).ask()
+    cfg = config.load(None, [*FIXED, f"run.out_dir={tmp_path}", "run.name=t", "train.progress=false"])
+    pruning = PruningCallback(trial)
+    summary = workflow.fit(cfg, callbacks=[pruning], test_if=lambda: not pruning.pruned)
+    assert pruning.pruned is prune and summary["epochs"] == (1 if prune else 3)
+    assert ("test" in summary) is (not prune)  # the control tests and predicts as every fit does
+    assert (tmp_path / "t" / "predictions.csv").exists() is (not prune)
+    assert (tmp_path / "t" / "best.pt").exists()  # the pruned run folder keeps what it trained

@@ -134,7 +134,11 @@ def _merge(cfg: dict, key: str, value: Any, source: str) -> dict:
 
 
 class PruningCallback(Callback):
-    """Reports the monitored value to an Optuna trial after each epoch; stops a trial the pruner gives up on."""
+    """Reports the monitored value to an Optuna trial after each epoch; stops a trial the pruner gives up on.
+
+    The last epoch is reported but never pruned: the trial has spent its budget by then, so stopping
+    saves nothing and would throw a finished result away.
+    """
 
     def __init__(self, trial):
         self.trial = trial
@@ -145,7 +149,7 @@ class PruningCallback(Callback):
         if value is None:
             return
         self.trial.report(float(value), row["epoch"])
-        if self.trial.should_prune():
+        if row["epoch"] < trainer.max_epochs and self.trial.should_prune():
             self.pruned = True
             trainer.should_stop = True
             trainer.log(f"trial {self.trial.number} pruned at epoch {row['epoch']} ({trainer.monitor} {value:.4f})")
@@ -253,7 +257,7 @@ def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: M
         trial.set_user_attr("config", json.loads(json.dumps(cfg)))
         _say(f"trial {trial.number}: " + " ".join(f"{k}={v}" for k, v in params.items()))
         pruning = PruningCallback(trial)
-        summary = workflow.fit(cfg, callbacks=[pruning])
+        summary = workflow.fit(cfg, callbacks=[pruning], test_if=lambda: not pruning.pruned)
         trial.set_user_attr("best_epoch", summary.get("best_epoch"))
         trial.set_user_attr("epochs", summary.get("epochs"))
         if summary.get("test"):

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -297,18 +298,20 @@ def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, los
 # The three workflows
 
 
-def fit(cfg: dict, resume: bool = False, callbacks: list | tuple = ()) -> dict:
+def fit(cfg: dict, resume: bool = False, callbacks: list | tuple = (),
+        test_if: Callable[[], bool] = lambda: True) -> dict:
     """Train; then, when there is a test split, reload best.pt, test and write predictions.csv.
 
     ``callbacks``: added to the ones the config asks for (``trainval tune``'s pruning, trackers).
+    ``test_if``: asked after training; False skips the test and the predictions (a pruned trial).
     """
     if not runfolder.is_main_process():
-        return _fit(cfg, resume, callbacks)
+        return _fit(cfg, resume, callbacks, test_if)
     with runfolder.locked(run_folder(cfg), "fit"):  # one writer per run folder, released on any exit
-        return _fit(cfg, resume, callbacks)
+        return _fit(cfg, resume, callbacks, test_if)
 
 
-def _fit(cfg: dict, resume: bool, callbacks: list | tuple = ()) -> dict:
+def _fit(cfg: dict, resume: bool, callbacks: list | tuple, test_if: Callable[[], bool]) -> dict:
     started = time.perf_counter()
     seed_everything(cfg["train"]["seed"])  # before the model is built: its initial weights too
     splits = load_splits(cfg)
@@ -334,7 +337,7 @@ def _fit(cfg: dict, resume: bool, callbacks: list | tuple = ()) -> dict:
         "best_epoch": trainer.best_epoch, "best_value": trainer.best_value,
         "train_samples": trainer.train_loader.dataset_size or _num_samples(splits.train),
     }
-    if splits.test is not None:
+    if splits.test is not None and test_if():
         summary.update(_test_and_predict(trainer, splits.test, folder))
     epoch_seconds = sum(r.get("seconds", 0.0) for r in history)
     summary["wall_seconds"] = round(time.perf_counter() - started, 3)
