@@ -332,6 +332,35 @@ def test_one_writer_per_run_folder(tmp_path):
     assert again.returncode == 0, again.stderr
 
 
+@pytest.mark.parametrize("probe_seconds, refused", [(0.2, False), (3.0, True)])
+def test_a_listing_probe_does_not_refuse_a_starting_writer(tmp_path, probe_seconds, refused):
+    """`trainval runs` probes a folder with an instant's shared lock; a fit starting during the probe
+    waits it out. The control: a lock held longer than the writer's patience is a writer in the way."""
+    import fcntl
+    import threading
+
+    from trainval import runfolder
+    from trainval.errors import RunFolderError
+
+    folder = tmp_path / "r"
+    folder.mkdir()
+    fd = os.open(folder, os.O_RDONLY)  # another open file description: flock conflicts as across processes
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    timer = threading.Timer(probe_seconds, lambda: fcntl.flock(fd, fcntl.LOCK_UN))
+    timer.start()
+    try:
+        if refused:
+            with pytest.raises(RunFolderError, match="in use by another trainval process"):
+                with runfolder.locked(str(folder), "fit"):
+                    pass
+        else:
+            with runfolder.locked(str(folder), "fit"):
+                assert runfolder.is_run_folder(str(folder))
+    finally:
+        timer.join()
+        os.close(fd)
+
+
 # ------------------------------------------------------------------------------------------------
 # 11. Config files and run-folder paths: one clear line each, no traceback
 

@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import re
+import time
 import zipfile
 from collections.abc import Callable, Iterator
 
@@ -97,11 +98,9 @@ def locked(folder: str, command: str, create: bool = True) -> Iterator[None]:
         finally:
             _held[key][1] -= 1
         return
-    import fcntl
-
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock_exclusive(fd)
     except OSError as e:
         os.close(fd)
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
@@ -127,6 +126,22 @@ def locked(folder: str, command: str, create: bool = True) -> Iterator[None]:
     finally:
         del _held[key]
         os.close(fd)  # releases the lock
+
+
+def _flock_exclusive(fd: int, patience: float = 1.0) -> None:
+    """The writer lock, without blocking on a writer; ``is_locked``'s probes (an instant's shared lock,
+    e.g. ``trainval runs`` listing the folder) are waited out for up to ``patience`` seconds."""
+    import fcntl
+
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 def is_locked(folder: str) -> bool:
