@@ -15,7 +15,6 @@ import pytest
 import torch
 from conftest import REPO, make_blobs, run_cli, tiny_mlp
 from test_distributed import torchrun, torchrun_ok
-from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from trainval import Callback, Trainer

@@ -682,8 +682,8 @@ def _stream_loader(data: Any, *, train: bool, batch_size: int, device: torch.dev
                                 batched=batched)
         kwargs = dict(batch_size=given.batch_size, num_workers=given.num_workers, collate_fn=collate,
                       pin_memory=given.pin_memory, drop_last=given.drop_last and train, timeout=given.timeout,
-                      worker_init_fn=given.worker_init_fn, persistent_workers=given.persistent_workers,
-                      generator=given.generator)
+                      worker_init_fn=given.worker_init_fn, persistent_workers=given.persistent_workers)
+        # (no generator: worker seeds come from the per-rank seeded global RNG, as for map-style data)
         if given.num_workers > 0:
             kwargs["prefetch_factor"] = given.prefetch_factor
         loader = DataLoader(share, **kwargs)

@@ -103,7 +103,7 @@ class Trainer:
         checkpoint_every_steps: also write ``last.pt`` every this many optimizer steps inside an epoch.
         check_inputs: refuse NaN/Inf in in-memory features before training.
         on_device: keep in-memory data wholly on the GPU (default: when it takes under 1/4 of free memory).
-        num_workers: DataLoader workers for map-style Datasets.
+        num_workers: DataLoader workers for Datasets (map-style or streams) given without a DataLoader.
         overwrite: allow ``fit`` into an ``out_dir`` that already holds a run.
         plot: write ``curves.png`` at the end of ``fit``.
         config: a plain dict describing the run, saved in every checkpoint.
