@@ -573,13 +573,9 @@ class Trainer:
         draws from samples that were trained on already), so nothing is counted twice; the gradients are
         rescaled to the mean over the real batches at the optimizer step.
         """
-        modes = _module_modes(self.model)
-        self.model.eval()
-        try:
+        with self._evaluating(grad=True):
             loss, _ = self.train_step(x, y)
             self._backward(loss * 0.0)
-        finally:
-            _restore_module_modes(self.model, modes)
 
     def _scale_gradients(self, factor: float) -> None:
         """Gradients times ``factor``: the mean over the step's real batches where some ranks had none
@@ -646,12 +642,13 @@ class Trainer:
     # Evaluation and prediction
 
     @contextlib.contextmanager
-    def _evaluating(self) -> Iterator[None]:
-        """Eval mode and no autograd, for exactly this block; each module's own mode is restored after."""
+    def _evaluating(self, grad: bool = False) -> Iterator[None]:
+        """Eval mode and no autograd (``grad``: autograd on, for a stand-in training step), for exactly this
+        block; each module's own mode is restored after."""
         modes = _module_modes(self.model)
         self.model.eval()
         try:
-            with torch.no_grad():
+            with torch.set_grad_enabled(grad):
                 yield
         finally:
             _restore_module_modes(self.model, modes)
