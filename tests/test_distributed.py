@@ -204,6 +204,23 @@ def test_fsdp_last_pt_resumes_bit_identical(tmp_path):
 
 
 
+def test_fsdp_evaluation_with_batch_counts_that_differ_across_ranks_does_not_hang(tmp_path):
+    """45 validation samples, evaluation batch 1: 23 forwards on rank 0, 22 on rank 1. Every FSDP forward
+    gathers parameters (a collective), so the ranks agree on the count before the loop and rank 1 runs one
+    stand-in forward. (Agreeing after the loop, as before, had rank 1 enter the count's all-reduce while
+    rank 0 was in its 23rd forward's gather: a collective mismatch that timed out.)"""
+    _, fsdp = run_child(tmp_path, 2, batch=8, epochs=1, blocks=True, strategy="fsdp", eval_batch=1)
+    assert len(fsdp["preds"]) == 45 and fsdp["probs"].shape == (45, 5)
+    helper = _ddp_child_module()
+    Xv, yv = helper.data(45, 2)
+    plain = helper.make_model(blocks=True)
+    plain.load_state_dict(torch.load(tmp_path / "best.pt", weights_only=True)["model"])
+    with torch.no_grad():
+        probs = plain(Xv).softmax(dim=1)
+    assert torch.allclose(fsdp["probs"], probs, rtol=0, atol=1e-6)
+    assert round(fsdp["test"]["test_acc"] * 45) == int((probs.argmax(dim=1) == yv).sum())
+
+
 def test_fsdp_on_one_process_equals_the_plain_model(tmp_path):
     """One process (no torchrun): FSDP runs in a one-member group of its own; the math is the plain model's."""
     _, plain = run_child(tmp_path / "plain", 1, batch=16, epochs=2, blocks=True)

@@ -376,8 +376,19 @@ def test_trainable_batchnorm_trains_in_training_mode(tmp_path):
 
 
 class Stream(IterableDataset):
+    """``n`` samples; ``dict_from``: the samples from there on come as dicts; ``once``: one pass, ever."""
+
+    def __init__(self, n=10, dict_from=None, once=False):
+        self.n, self.dict_from = n, dict_from
+        self.items = self._items() if once else None
+
+    def _items(self):
+        X, y = torch.randn(self.n, 6), torch.arange(self.n) % 3
+        for i in range(self.n):
+            yield {"x": X[i], "labels": y[i]} if self.dict_from is not None and i >= self.dict_from else (X[i], y[i])
+
     def __iter__(self):
-        yield from zip(torch.randn(10, 6), torch.zeros(10, dtype=torch.long))
+        return self.items if self.items is not None else self._items()
 
 
 def test_clear_errors(tmp_path):
@@ -402,7 +413,12 @@ def test_clear_errors(tmp_path):
                 monitor="train_loss", **kw).fit(train)
 
     data_cases = [
-        (lambda: run(Stream()), "IterableDataset"),
+        (lambda: run(Stream(n=0)), "the train stream yielded no samples; check the dataset's __iter__"),
+        (lambda: run(Stream(dict_from=5)), "the train stream yielded samples of different structures: sample 0 is "
+                                           "\\(\\[6\\], \\[\\]\\), sample 5 is \\{'x': \\[6\\], 'labels': \\[\\]\\}"),
+        (lambda: run(Stream(dict_from=5), batch_size=5), "the train stream yielded batches of different structures: "
+                                                         "batch 0 is \\(\\[5, 6\\], \\[5\\]\\), batch 1 is \\{"),
+        (lambda: run(Stream(once=True)), "the train stream yielded no batches in this epoch; its __iter__ must start"),
         (lambda: run((torch.complex(X, X), y)), "complex"),
         (lambda: run((np.array([["a"] * 6] * 40), y.numpy())), "strings"),
         (lambda: run((X, torch.zeros(40, dtype=torch.long))), "single class"),

@@ -76,7 +76,7 @@ class ProgressBar(Callback):
         self.refresh_s, self.line_s = refresh_s, line_s
         self.bar = None
         self._next = 0.0
-        self._total = 0
+        self._total: int | None = 0
         self._epoch = 0
 
     @property
@@ -84,7 +84,7 @@ class ProgressBar(Callback):
         return hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
-        self._total, self._epoch = len(trainer.train_loader), epoch
+        self._total, self._epoch = trainer.train_loader.num_batches, epoch  # None: a stream without len
         self._next = time.monotonic() + (self.refresh_s if self.is_terminal else self.line_s)
         if self.is_terminal:
             from tqdm import tqdm
@@ -105,8 +105,8 @@ class ProgressBar(Callback):
             self._next = now + self.refresh_s
         else:
             metrics = " ".join(f"{k} {v}" for k, v in text.items())
-            self.stream.write(f"  epoch {self._epoch}/{trainer.max_epochs} batch {batch_index + 1}/{self._total} "
-                              f"{metrics}\n")
+            total = f"/{self._total}" if self._total else ""
+            self.stream.write(f"  epoch {self._epoch}/{trainer.max_epochs} batch {batch_index + 1}{total} {metrics}\n")
             self.stream.flush()
             self._next = now + self.line_s
 

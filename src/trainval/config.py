@@ -121,6 +121,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "gamma": Key("float", 0.1, "step: decay factor", minimum=0.0, maximum=1.0),
         "min_lr": Key("float", 0.0, "cosine: final learning rate; plateau: lower bound", minimum=0.0),
         "max_lr": Key("float", None, "onecycle: peak learning rate (default 10 x optim.lr)", nullable=True, minimum=0.0),
+        "steps_per_epoch": Key("int", None, "onecycle: optimizer steps per epoch (default: from the training data's length; needed for a stream without one)", nullable=True, minimum=1),
         "factor": Key("float", 0.1, "plateau: decay factor", minimum=0.0, maximum=1.0),
         "patience": Key("int", 5, "plateau: epochs without improvement before decaying", minimum=0),
     },

@@ -9,6 +9,10 @@ Every loader here (see :class:`Loader`) yields ``(inputs, target)`` pairs on the
 (``model(**inputs)``); ``target`` is ``None`` for unlabelled data. A dict batch holds its target under
 ``target_key`` (default ``"labels"``, Hugging Face style). Loaders shard an epoch across processes the
 same way, so that ranks see disjoint parts of one permutation.
+
+A stream (a ``torch.utils.data.IterableDataset``, or a DataLoader over one) goes through
+:class:`StreamLoader`: an epoch is one pass over this rank's share of it (see :func:`split_by_rank`),
+and the loop learns where the epoch ends by reading one batch ahead (:meth:`StreamLoader.steps`).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import csv
 import importlib
 import io
+import itertools
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping
@@ -24,10 +29,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, TensorDataset, get_worker_info
 from torch.utils.data.dataloader import default_collate
 
+from trainval import distributed
 from trainval.errors import ConfigError, DataError
+from trainval.state import rng_state, set_rng_state
 
 Inputs = Any  # a tensor, a tuple/list of tensors, or a dict of tensors
 Batch = tuple[Inputs, "torch.Tensor | None"]
@@ -103,14 +110,51 @@ def split_batch(batch: Any, target_key: str, labelled: bool) -> Batch:
 
 
 class Loader(Protocol):
-    """What the loop needs of a loader; :class:`TensorLoader` and :class:`DataLoaderAdapter` are the two."""
+    """What the loop needs of a loader: :class:`TensorLoader`, :class:`DataLoaderAdapter`, :class:`StreamLoader`."""
 
     dataset_size: int | None  # samples in the whole data set (every rank together), if known
+    num_batches: int | None  # batches per epoch on this rank: exact for map-style data, a hint for a stream
+    is_stream: bool  # True: the epoch's length is learnt by reading it (never from num_batches)
 
-    def __len__(self) -> int: ...  # batches per epoch on this rank
+    def set_epoch(self, epoch: int) -> None: ...  # before an epoch's iterator is made (a stream's shuffling)
     def iter_from(self, start_batch: int) -> Iterator[Batch]: ...  # an epoch's batches from start_batch on
+    def steps(self, start_batch: int = 0, lockstep: bool = False) -> Iterator[Step]: ...  # the same, as Steps
     def sample_batch(self) -> Batch: ...  # one or two samples, read without touching any RNG
     def unpadded(self, batch_index: int, size: int) -> int: ...  # samples of that batch that are not padding
+
+
+class Step:
+    """One step of an epoch as every rank sees it.
+
+    ``x``/``y`` is this rank's batch, or ``None`` where this rank's share has run out while another rank's
+    has not (the rank then joins the step's collectives with a stand-in). ``batches``: real batches in
+    this step over all ranks. ``last``: is this the epoch's last step on every rank? For a stream it is
+    known only once the next batch has been read and counted over the ranks, so it is resolved when first
+    read (the count runs while the step computes).
+    """
+
+    __slots__ = ("x", "y", "batches", "_last")
+
+    def __init__(self, x: Inputs | None, y: torch.Tensor | None, batches: int, last: bool | Callable[[], bool]):
+        self.x, self.y, self.batches, self._last = x, y, batches, last
+
+    @property
+    def last(self) -> bool:
+        if not isinstance(self._last, bool):
+            self._last = bool(self._last())  # may wait for the other ranks' count (a collective)
+        return self._last
+
+
+def known_steps(batches: Iterator[Batch], start: int, total: int, world_size: int) -> Iterator[Step]:
+    """Steps of a loader whose length is known: this rank's batches, then stand-in steps up to ``total``
+    (the most any rank runs; evaluation shards may be a batch shorter on some ranks)."""
+    i = start
+    for x, y in batches:
+        i += 1
+        yield Step(x, y, world_size, i == total)
+    while i < total:
+        i += 1
+        yield Step(None, None, 0, i == total)
 
 
 def unpadded_in_batch(n: int, rank: int, world_size: int, pad: bool, start: int, size: int) -> int:
@@ -211,9 +255,25 @@ class TensorLoader:
             return math.ceil(n / self.world_size)
         return len(range(self.rank, n, self.world_size))
 
+    is_stream = False
+
     def __len__(self) -> int:
         n = self.num_samples
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    @property
+    def num_batches(self) -> int:
+        return len(self)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to do: the order is drawn from the trainer's generator."""
+
+    def steps(self, start_batch: int = 0, lockstep: bool = False) -> Iterator[Step]:
+        """The epoch as :class:`Step` objects; with ``lockstep``, as many as the rank with the most batches runs."""
+        total = len(self)
+        if lockstep and not self.pad:  # training shards are padded to equal length; evaluation shards are not
+            total = distributed.all_reduce_max(total)
+        return known_steps(self.iter_from(start_batch), start_batch, total, self.world_size)
 
     def _move(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.device, non_blocking=self._non_blocking) if self._copy else t
@@ -314,11 +374,28 @@ class DataLoaderAdapter:
         except TypeError:
             return len(self.loader.dataset)
 
+    is_stream = False
+
     def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def num_batches(self) -> int | None:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.iter_from(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to do: the order is drawn by :class:`ShardSampler` from the trainer's generator."""
+
+    def steps(self, start_batch: int = 0, lockstep: bool = False) -> Iterator[Step]:
+        """The epoch as :class:`Step` objects; with ``lockstep``, as many as the rank with the most batches runs."""
+        sampler = self.loader.batch_sampler.sampler if self.loader.batch_sampler is not None else None
+        total, world = len(self), getattr(sampler, "world_size", 1)
+        if lockstep and not getattr(sampler, "pad", False):
+            total = distributed.all_reduce_max(total)
+        return known_steps(self.iter_from(start_batch), start_batch, total, world)
 
     def sample_batch(self) -> Batch:
         dataset = self.loader.dataset
@@ -356,6 +433,268 @@ class DataLoaderAdapter:
             yield x, y
 
 
+# --------------------------------------------------------------------------------------------------
+# Streams: IterableDatasets
+
+
+def is_stream(data: Any) -> bool:
+    """Is ``data`` an ``IterableDataset``, or a ``DataLoader`` over one?"""
+    if isinstance(data, DataLoader):
+        return isinstance(data.dataset, IterableDataset)
+    return isinstance(data, IterableDataset)
+
+
+class RankSplit(IterableDataset):
+    """Every ``world_size``-th element of ``dataset`` from position ``rank`` on (see :func:`split_by_rank`).
+
+    In a DataLoader with ``num_workers`` K, worker ``k`` keeps every ``world_size * K``-th element from
+    position ``rank + world_size * k``: the workers of a rank split its share again, so no element is
+    read into two batches. With ``positions``, each element comes as ``(position in the stream, element)``.
+    """
+
+    def __init__(self, dataset: Any, rank: int, world_size: int, positions: bool = False):
+        self.dataset, self.rank, self.world_size, self.positions = dataset, rank, world_size, positions
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        items = enumerate(self.dataset) if self.positions else iter(self.dataset)
+        return itertools.islice(items, self.rank + self.world_size * worker, None, self.world_size * workers)
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.world_size))  # TypeError: the stream has no len
+
+    def set_epoch(self, epoch: int) -> None:
+        if callable(getattr(self.dataset, "set_epoch", None)):
+            self.dataset.set_epoch(epoch)
+
+
+def split_by_rank(dataset: Any, rank: int, world_size: int) -> IterableDataset:
+    """This rank's share of a stream: its elements ``rank``, ``rank + world_size``, ``rank + 2 * world_size``...
+
+    trainval's default split. Every rank still reads the whole stream and skips the others' elements,
+    which is cheap for in-memory or generated streams; for streams that are expensive to read (files,
+    network), give the dataset a method ``split_by_rank(rank, world_size)`` that returns this rank's
+    share read at the source (e.g. its own files; Hugging Face: ``split_dataset_by_node(ds, rank,
+    world_size)``), and trainval calls that instead. Such a share must split itself over DataLoader
+    workers too (``torch.utils.data.get_worker_info()``), as PyTorch expects of an IterableDataset; this
+    default does.
+    """
+    return RankSplit(dataset, rank, world_size)
+
+
+def _structure(x: Any, shapes: bool) -> Any:
+    """What must agree between the samples (``shapes``) or batches of a stream: types, keys, lengths."""
+    if isinstance(x, torch.Tensor):
+        return ("tensor", tuple(x.shape) if shapes else x.dim())
+    if isinstance(x, np.ndarray):
+        return ("array", x.shape if shapes else x.ndim)
+    if isinstance(x, Mapping):
+        return ("dict", tuple((k, _structure(v, shapes)) for k, v in x.items()))
+    if isinstance(x, (tuple, list)):
+        return ("sequence", tuple(_structure(v, shapes) for v in x))
+    return type(x).__name__
+
+
+def _mismatch(what: str, name: str, first: Any, k: int, other: Any) -> DataError:
+    return DataError(f"the {name} stream yielded {what}{'es' if what == 'batch' else 's'} of different structures: {what} 0 is {describe(first)}, "
+                     f"{what} {k} is {describe(other)}; every {what} of a stream needs the same structure.")
+
+
+class StreamCollate:
+    """The stream's collate function, after a check that a batch's samples share one structure (shapes
+    included: the default collate stacks them). With ``positions``, samples come as ``(position, sample)``
+    and batches go out as ``(positions, batch)``; ``batched``: the stream yields whole batches."""
+
+    def __init__(self, collate: Callable[[list], Any], name: str, check: bool, positions: bool, batched: bool):
+        self.collate, self.name, self.check, self.positions, self.batched = collate, name, check, positions, batched
+
+    def __call__(self, samples: Any) -> Any:
+        if self.batched:  # one element of the stream is one batch
+            if not self.positions:
+                return self.collate(samples)
+            position, batch = samples
+            return torch.tensor(position), self.collate(batch)
+        if self.positions:
+            positions = torch.tensor([p for p, _ in samples])
+            samples = [s for _, s in samples]
+        if self.check and len(samples) > 1:
+            first = _structure(samples[0], shapes=True)
+            for k, sample in enumerate(samples[1:], start=1):
+                if _structure(sample, shapes=True) != first:
+                    raise _mismatch("sample", self.name, samples[0], k, sample)
+        batch = self.collate(samples)
+        return (positions, batch) if self.positions else batch
+
+
+class StreamLoader(DataLoaderAdapter):
+    """A DataLoader over this rank's share of a stream: an epoch is one pass over the share.
+
+    Built by :func:`make_loader`. The epoch's length is not known in advance: :meth:`steps` reads one
+    batch ahead, and on several processes counts over the ranks, once per step, how many still hold a
+    batch (a small all-reduce on the CPU, overlapped with the step's compute), so that a rank whose share
+    ran out joins the others' collectives until every share is read.
+
+    Args:
+        loader: a DataLoader over ``share``.
+        dataset: the whole stream (:meth:`sample_batch` reads its first samples).
+        share: this rank's share (what ``loader`` iterates; its ``set_epoch``, if any, is called per epoch).
+        positions: the share yields stream positions (:meth:`positions` orders predictions by them).
+    """
+
+    is_stream = True
+
+    def __init__(self, loader: DataLoader, dataset: Any, share: Any, device: torch.device, *, labelled: bool,
+                 target_key: str, name: str, positions: bool):
+        super().__init__(loader, device, labelled, target_key)
+        self.dataset, self.share, self.name, self.has_positions = dataset, share, name, positions
+        self._positions: list[torch.Tensor] = []
+
+    @property
+    def dataset_size(self) -> None:
+        return None  # learnt by reading the stream; evaluation counts are all-reduced sums
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches per epoch from the share's ``len``, if it has one (a hint for the progress bar only)."""
+        try:
+            n = len(self.share)
+        except TypeError:
+            return None
+        size = self.loader.batch_size
+        if size is None:
+            return n
+        return n // size if self.loader.drop_last else math.ceil(n / size)
+
+    def __len__(self) -> int:
+        n = self.num_batches
+        if n is None:
+            raise TypeError(f"the {self.name} stream has no len()")
+        return n
+
+    def __bool__(self) -> bool:
+        return True  # not len() (a stream may have none)
+
+    def set_epoch(self, epoch: int) -> None:
+        """``set_epoch(epoch)`` of the share (or the stream), if it has one, like ``DistributedSampler``."""
+        for obj in (self.share, self.dataset):
+            if callable(getattr(obj, "set_epoch", None)):
+                obj.set_epoch(epoch)
+                return
+
+    def sample_batch(self) -> Batch:
+        """The stream's first one or two samples, collated; every global RNG state is put back after."""
+        state = rng_state()
+        try:
+            items = list(itertools.islice(iter(self.dataset), 1 if self.loader.batch_size is None else 2))
+        finally:
+            set_rng_state(state)
+        if not items:
+            raise DataError(f"the {self.name} stream yielded no samples; check the dataset's __iter__ "
+                            "(and the file or source it reads).")
+        collate = self.loader.collate_fn
+        if isinstance(collate, StreamCollate):
+            collate = collate.collate
+        batch = collate(items[0]) if self.loader.batch_size is None else collate(items)
+        x, y = split_batch(batch, self.target_key, self.labelled)
+        return x, (None if y is None else torch.as_tensor(y))
+
+    def unpadded(self, batch_index: int, size: int) -> int:
+        return size  # a stream is never padded
+
+    def positions(self) -> torch.Tensor | None:
+        """Stream positions of the rows this rank read in its last pass, in its order (None: not recorded)."""
+        if not self.has_positions:
+            return None
+        return torch.cat(self._positions) if self._positions else torch.zeros(0, dtype=torch.int64)
+
+    def iter_from(self, start_batch: int) -> Iterator[Batch]:
+        """The epoch's batches from ``start_batch`` on; the skipped ones are read now and dropped."""
+        self._positions = []
+        it = iter(self.loader)
+        for _ in range(start_batch):
+            next(it, None)
+        return self._batches(self._checked(it))
+
+    def _checked(self, it: Iterator[Any]) -> Iterator[Any]:
+        """The batches, positions taken off, each checked against the first's structure (a host-side walk)."""
+        first = None
+        for k, batch in enumerate(it):
+            if self.has_positions:
+                position, batch = batch
+                self._positions.append(position if position.dim() else position.expand(tree_len(batch, self.name)))
+            shape = _structure(batch, shapes=False)
+            if first is None:
+                first, first_batch = shape, batch
+            elif shape != first:
+                raise _mismatch("batch", self.name, first_batch, k, batch)
+            yield batch
+
+    def steps(self, start_batch: int = 0, lockstep: bool = False) -> Iterator[Step]:
+        """The epoch as :class:`Step` objects, reading one batch ahead to know the last one.
+
+        With ``lockstep`` (several processes that must run equally many steps), each step also counts
+        over the ranks which of them hold the next batch: one all-reduce of one integer per step, on the
+        CPU, started when the next batch is read and waited for when ``Step.last`` is first read (after
+        the step's compute, unless gradient accumulation needs it before the backward). The epoch ends
+        when no rank holds a batch; a rank that runs out earlier gets ``Step(None, ...)`` steps.
+        """
+        return self._steps(self.iter_from(start_batch), start_batch, lockstep)
+
+    def _steps(self, batches: Iterator[Batch], start: int, lockstep: bool) -> Iterator[Step]:
+        count = distributed.count_ranks if lockstep else _local_count
+        current = next(batches, None)
+        active = count(current is not None)()
+        if active == 0 and (lockstep or not distributed.info().enabled):  # the count is over every rank
+            where = f"after the {start} batches read before the interruption" if start else "in this epoch"
+            raise DataError(f"the {self.name} stream yielded no batches {where}; its __iter__ must start a new "
+                            "pass over the data every time it is called.")
+        while active:
+            following = next(batches, None)
+            pending = count(following is not None)  # runs while this step computes
+            x, y = current if current is not None else (None, None)
+            yield Step(x, y, active, lambda pending=pending: pending() == 0)
+            current, active = following, pending()
+
+
+def _local_count(flag: bool) -> Callable[[], int]:
+    return lambda: int(flag)
+
+
+def _stream_loader(data: Any, *, train: bool, batch_size: int, device: torch.device, rank: int, world_size: int,
+                   labelled: bool, target_key: str, num_workers: int, positions: bool, name: str) -> StreamLoader:
+    """A :class:`StreamLoader` for an IterableDataset or a DataLoader over one: this rank's share, through
+    the dataset's own ``split_by_rank(rank, world_size)`` if it has one, else :func:`split_by_rank`."""
+    given = data if isinstance(data, DataLoader) else None
+    dataset = given.dataset if given is not None else data
+    hook = getattr(dataset, "split_by_rank", None)
+    if callable(hook) and not isinstance(dataset, RankSplit):
+        share, positions = hook(rank, world_size), False  # the user's share: positions unknown
+        if not isinstance(share, IterableDataset):
+            raise DataError(f"{name}: {type(dataset).__name__}.split_by_rank({rank}, {world_size}) returned "
+                            f"{type(share).__name__}; it must return an IterableDataset (this rank's share).")
+    else:
+        share = RankSplit(dataset, rank, world_size, positions)
+    if given is not None:
+        batched = given.batch_size is None  # the stream yields whole batches
+        user_collate = given.collate_fn
+        collate = StreamCollate(user_collate, name, check=user_collate is default_collate, positions=positions,
+                                batched=batched)
+        kwargs = dict(batch_size=given.batch_size, num_workers=given.num_workers, collate_fn=collate,
+                      pin_memory=given.pin_memory, drop_last=given.drop_last and train, timeout=given.timeout,
+                      worker_init_fn=given.worker_init_fn, persistent_workers=given.persistent_workers)
+        # (no generator: worker seeds come from the per-rank seeded global RNG, as for map-style data)
+        if given.num_workers > 0:
+            kwargs["prefetch_factor"] = given.prefetch_factor
+        loader = DataLoader(share, **kwargs)
+    else:
+        collate = StreamCollate(default_collate, name, check=True, positions=positions, batched=False)
+        loader = DataLoader(share, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                            pin_memory=device.type == "cuda")
+    return StreamLoader(loader, dataset, share, device, labelled=labelled, target_key=target_key, name=name,
+                        positions=positions)
+
+
 def make_loader(
     data: Any,
     *,
@@ -371,13 +710,21 @@ def make_loader(
     check_inputs: bool = True,
     place: Callable[[torch.Tensor], torch.Tensor] | None = None,
     name: str = "data",
-) -> TensorLoader | DataLoaderAdapter:
+    positions: bool = False,
+) -> TensorLoader | DataLoaderAdapter | StreamLoader:
     """The loader for what the user passed: in-memory data -> :class:`TensorLoader`; a ``Dataset`` or a
-    ``DataLoader`` -> a ``DataLoader`` drawing from our sharded, seeded order (:class:`ShardSampler`).
+    ``DataLoader`` -> a ``DataLoader`` drawing from our sharded, seeded order (:class:`ShardSampler`);
+    an ``IterableDataset`` (or a DataLoader over one) -> a :class:`StreamLoader` over this rank's share.
 
     Training shuffles from ``generator`` (the trainer's, for exact resume) and pads shards to equal
-    length; evaluation and prediction visit each sample once, in dataset order.
+    length; evaluation and prediction visit each sample once, in dataset order. A stream is read in its
+    own order (shuffling it is the dataset's business) and never padded. ``positions``: record each
+    stream sample's position (prediction, to restore the stream's order across ranks and workers).
     """
+    if is_stream(data):
+        return _stream_loader(data, train=train, batch_size=batch_size, device=device, rank=rank,
+                              world_size=world_size, labelled=labelled, target_key=target_key,
+                              num_workers=num_workers, positions=positions, name=name)
     tensors = as_tensors(data, labelled=labelled, what=name, target_key=target_key)
     if tensors is not None:
         X, y = tensors
@@ -415,9 +762,6 @@ def make_loader(
 
 
 def _check_map_style(dataset: Any, name: str) -> None:
-    if isinstance(dataset, IterableDataset):
-        raise DataError(f"{name}: {type(dataset).__name__} is an IterableDataset; trainval needs a map-style "
-                        "Dataset (with __len__ and __getitem__) to shard, shuffle and resume exactly.")
     try:
         n = len(dataset)
     except TypeError:
@@ -717,7 +1061,8 @@ def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[n
 
 
 __all__ = [
-    "Loader", "TensorLoader", "ShardSampler", "DataLoaderAdapter", "make_loader", "epoch_indices", "as_tensors",
+    "Loader", "Step", "TensorLoader", "ShardSampler", "DataLoaderAdapter", "StreamLoader", "RankSplit", "split_by_rank",
+    "is_stream", "make_loader", "epoch_indices", "as_tensors",
     "check_finite", "split_batch", "tree_map", "Split", "load_digits_arrays", "load_npz", "load_csv", "import_object",
     "stratified_split",
 ]

@@ -119,6 +119,41 @@ def all_reduce_max(value: int) -> int:
     return int(t.item())
 
 
+def count_ranks(flag: bool):
+    """Start counting the ranks whose ``flag`` is set; returns a function that waits for the count.
+
+    An asynchronous all-reduce of one integer, on the CPU (through a gloo group of its own when the
+    default backend is NCCL, so that reading the count is never a GPU sync point). A stream's loop counts
+    once per step which ranks still hold a batch (:meth:`trainval.data.StreamLoader.steps`).
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return lambda: int(flag)
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_cpu_group(), async_op=True)
+    result: list[int] = []
+
+    def wait() -> int:
+        if not result:
+            work.wait()
+            result.append(int(t.item()))
+        return result[0]
+
+    return wait
+
+
+_CPU_GROUPS: dict[int, object] = {}
+
+
+def _cpu_group():
+    """The default group if it runs gloo, else one gloo group over every rank (made once, a collective)."""
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _CPU_GROUPS:
+        _CPU_GROUPS[key] = dist.new_group(backend="gloo")
+    return _CPU_GROUPS[key]
+
+
 def _collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -171,6 +206,19 @@ def gather_rows(local: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(buf) for _ in range(world)]
     dist.all_gather(parts, buf)
     return torch.cat([p[:n].cpu() for p, n in zip(parts, sizes)])
+
+
+def gather_by_position(local: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """Every rank's rows on every rank's CPU, ordered by their ``positions`` (each row's place in a stream).
+
+    Without positions (a stream split by the dataset's own ``split_by_rank``), rank 0's rows come first,
+    then rank 1's, each rank's in the order it read them. Four collectives (counts and rows, twice).
+    """
+    rows = gather_rows(local)
+    if positions is None:
+        return rows
+    order = gather_rows(positions)
+    return rows[torch.argsort(order, stable=True)]
 
 
 def teardown() -> None:

@@ -11,7 +11,8 @@ The loop in :mod:`trainval.trainer` never asks which strategy runs; it calls the
 ``clip_grad_norm``     local norm               local norm (replicated)      norm over every shard
 ``model_state_dict``   ``state_dict()``         the module's                 gathered full, CPU, on rank 0
 ``all_finite``         local                    local (replicated)           every shard, all-reduced
-``lockstep_batches``   this rank's batches      this rank's batches          the most any rank runs
+eval forwards          local                    local (the plain module)      collectives (``forward_is_collective``):
+                                                                             equally many on every rank
 =====================  =======================  ===========================  ==================================
 
 ``model_state_dict`` is always a plain, full ``state_dict`` of the unwrapped model (FQNs without
@@ -76,9 +77,9 @@ class SingleProcess:
             return True
         return bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
 
-    def lockstep_batches(self, batches: int) -> int:
-        """Forwards this rank must run over a loader of ``batches`` batches (evaluation shards are uneven)."""
-        return batches
+    # Is an evaluation forward a collective? Then ranks with uneven evaluation shards must run equally many
+    # forwards (the loop gives a rank that ran out stand-in forwards whose outputs it drops).
+    forward_is_collective = False
 
 
 class DDPStrategy(SingleProcess):
@@ -209,10 +210,9 @@ class FSDPStrategy(SingleProcess):
         ok = torch.stack([torch.isfinite(t).all() for t in local]).all() if local else torch.tensor(True)
         return distributed.all_reduce_max(int(not bool(ok))) == 0  # one sync per epoch
 
-    def lockstep_batches(self, batches):
-        # Every forward gathers parameters with a collective: a rank with fewer evaluation batches
-        # runs extra forwards (outputs discarded) so that no peer waits forever.
-        return distributed.all_reduce_max(batches)
+    # Every forward gathers parameters with a collective: a rank with fewer evaluation batches
+    # runs extra forwards (outputs discarded) so that no peer waits forever.
+    forward_is_collective = True
 
 
 def _full_shapes(module: nn.Module) -> dict[str, torch.Size]:

@@ -4,7 +4,7 @@
 
     for epoch in range(start, max_epochs):
         model.train(); callbacks.on_epoch_start()      # a callback may freeze modules here
-        for inputs, target in train_loader:            # in-memory slicing or a DataLoader
+        for inputs, target in train_loader:            # in-memory slicing, a DataLoader or a stream
             loss, output = train_step(inputs, target)  # model(x) / model(*x) / model(**x), then the loss
             loss.backward()                            # no_sync() on non-final accumulation steps
             optimizer.step(); optimizer.zero_grad(set_to_none=True)
@@ -40,7 +40,7 @@ from torch import nn
 from trainval import distributed, runfolder
 from trainval.callbacks import Callback, ProgressBar, plot_curves, write_metrics_csv
 from trainval.checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from trainval.data import Loader, TensorLoader, describe, make_loader, tree_map
+from trainval.data import Loader, Step, TensorLoader, describe, make_loader, tree_map
 from trainval.errors import (
     CheckpointError,
     ConfigError,
@@ -103,7 +103,7 @@ class Trainer:
         checkpoint_every_steps: also write ``last.pt`` every this many optimizer steps inside an epoch.
         check_inputs: refuse NaN/Inf in in-memory features before training.
         on_device: keep in-memory data wholly on the GPU (default: when it takes under 1/4 of free memory).
-        num_workers: DataLoader workers for map-style Datasets.
+        num_workers: DataLoader workers for Datasets (map-style or streams) given without a DataLoader.
         overwrite: allow ``fit`` into an ``out_dir`` that already holds a run.
         plot: write ``curves.png`` at the end of ``fit``.
         config: a plain dict describing the run, saved in every checkpoint.
@@ -302,8 +302,9 @@ class Trainer:
         """Train for ``max_epochs``, validating after each epoch; return the per-epoch history.
 
         Args:
-            train_data: a ``DataLoader``, a map-style ``Dataset``, or in-memory ``(X, y)`` (``X`` a tensor/array,
-                a tuple or a dict of them).
+            train_data: a ``DataLoader``, a map-style ``Dataset``, an ``IterableDataset`` (a stream: an epoch
+                is one pass over it, each rank reading its own share; see :class:`~trainval.data.StreamLoader`),
+                or in-memory ``(X, y)`` (``X`` a tensor/array, a tuple or a dict of them).
             val_data: the same kinds, or ``None`` (then ``monitor`` must be a train metric).
             resume: continue from ``out_dir/last.pt`` exactly where it stopped (mid-epoch too).
         """
@@ -317,8 +318,8 @@ class Trainer:
         if self.val_loader is not None:
             self._preflight(self.val_loader, "val", labelled=True)
         self._choose_monitor(has_val=self.val_loader is not None)
-        self.train_metrics = self._metric_set(len(self.train_loader))
-        self._val_metrics = self._metric_set(len(self.val_loader) if self.val_loader else 1)
+        self.train_metrics = self._metric_set(self.train_loader.num_batches or 64)  # (a stream's may be unknown)
+        self._val_metrics = self._metric_set((self.val_loader.num_batches or 64) if self.val_loader is not None else 1)
 
         if not resume and distributed.elastic_restart_count() > 0:
             # torchrun restarted the workers after a failure: continue from last.pt (rank 0's view decides)
@@ -491,44 +492,54 @@ class Trainer:
     def _train_epoch(self, epoch: int, callbacks: list[Callback], started: float) -> None:
         loader, opt, metrics, task = self.train_loader, self.optimizer, self.train_metrics, self.task
         weigh = loss_weight_fn(self.loss_fn, task)  # what each batch's mean loss was divided by
+        loader.set_epoch(epoch - 1)  # a stream's own shuffling, like DistributedSampler.set_epoch (from 0)
+        lockstep = self.dist.enabled  # a stream's shares may differ by a batch or more: count per step
         if self.batch_in_epoch > 0:
-            # Mid-epoch resume: redraw this epoch's order from its start state, skip what was done,
-            # then continue with the RNG state saved at the interruption.
+            # Mid-epoch resume: redraw this epoch's order from its start state, skip what was done
+            # (a stream re-reads it), then continue with the RNG state saved at the interruption.
             start = self.state.epoch_start
             set_rng_state(start["rng"])
             self.generator.set_state(start["generator"])
-            batches = loader.iter_from(self.batch_in_epoch)
+            batches = loader.steps(self.batch_in_epoch, lockstep)
             set_rng_state(self._pending_rng)
         else:
             self.state.epoch_start = {"rng": rng_state(), "generator": self.generator.get_state()}
-            batches = loader.iter_from(0)
-            metrics.reset(len(loader))
+            batches = loader.steps(0, lockstep)
+            metrics.reset(loader.num_batches or 64)
         self._pending_rng = None
 
-        steps, acc = len(loader), self.accumulate_steps
+        # A stream's length is learnt by reading it: its last accumulation group is rescaled once it ends.
+        steps, acc, world = (None if loader.is_stream else loader.num_batches), self.accumulate_steps, self.dist.world_size
         per_step_scheduler = self.scheduler if self.scheduler_interval == "step" else None
         batch_callbacks = [cb for cb in callbacks if type(cb).on_train_batch_end is not Callback.on_train_batch_end]
         every = self.checkpoint_every_steps
         next_poll = time.monotonic() + self.poll_interval_s
-        for x, y in batches:
-            i = self.batch_in_epoch
-            boundary = acc == 1 or (i + 1) % acc == 0 or i + 1 == steps
+        in_group, stand_in = 0, None  # real batches (every rank's) in this accumulation group so far
+        for step in batches:
+            i, x, y = self.batch_in_epoch, step.x, step.y
+            boundary = acc == 1 or (i + 1) % acc == 0 or step.last
+            group = acc if steps is None else min(acc, steps - (i // acc) * acc)  # the last group may be short
             with self.strategy.no_sync(self._train_model, sync=boundary):
-                loss, output = self.train_step(x, y)
-                if acc > 1:  # mean over the accumulation group, whose last one may be short
-                    group = min(acc, steps - (i // acc) * acc)
-                    self._backward(loss / group)
+                if x is None:  # this rank's stream share ran out before the others'
+                    stand_in = stand_in or self._stand_in(loader)
+                    self._stand_in_step(*stand_in)
                 else:
-                    self._backward(loss)
+                    loss, output = self.train_step(x, y)
+                    self._backward(loss / group if acc > 1 else loss)  # mean over the accumulation group
+            in_group += step.batches
             if boundary:
+                if in_group != world * group:  # a stream's last steps held fewer batches than a full step
+                    self._scale_gradients(world * group / in_group)
+                in_group = 0
                 self._optimizer_step(opt)
                 if per_step_scheduler is not None:
                     per_step_scheduler.step()
                 self.state.global_step += 1
-            real = loader.unpadded(i, y.shape[0])
-            if real < y.shape[0]:  # the padding that evens out the ranks' shards repeats samples: not counted
-                loss, output, y = self._unpadded_part(output, y, real)
-            metrics.update(loss, weigh(y), task.outputs(output.detach(), y), real)
+            if x is not None:
+                real = loader.unpadded(i, y.shape[0])
+                if real < y.shape[0]:  # the padding that evens out the ranks' shards repeats samples: not counted
+                    loss, output, y = self._unpadded_part(output, y, real)
+                metrics.update(loss, weigh(y), task.outputs(output.detach(), y), real)
             self.state.batch_in_epoch = i + 1
             for cb in batch_callbacks:
                 cb.on_train_batch_end(self, i)
@@ -538,15 +549,40 @@ class Trainer:
             # (where all ranks must take the same decision at the same step).
             if self.dist.enabled:
                 if self.global_step % 32 == 0:
-                    self._poll_distributed(epoch, started)
+                    self._poll_distributed(epoch, started, step)
             elif time.monotonic() >= next_poll:
                 self._raise_if_nonfinite(epoch)  # a sync point, rate-limited by time
                 next_poll = time.monotonic() + self.poll_interval_s
             if self._stop_signal is not None and not self.dist.enabled:
-                self._interrupt(epoch, mid_epoch=i + 1 < steps, started=started)
-            if every and self.global_step % every == 0 and i + 1 < steps:
+                self._interrupt(epoch, mid_epoch=not step.last, started=started)
+            if every and self.global_step % every == 0 and not step.last:
                 self._save_mid_epoch(epoch, started)
         self._raise_if_nonfinite(epoch)
+
+    def _stand_in(self, loader: Loader) -> tuple[Any, torch.Tensor | None]:
+        """The stream's first samples on the device: what a rank whose share ran out computes on."""
+        x, y = loader.sample_batch()
+        x = tree_map(lambda t: t.to(self.device), x)
+        return x, (None if y is None else self.task.cast_target(y.to(self.device)))
+
+    def _stand_in_step(self, x: Any, y: torch.Tensor) -> None:
+        """A training step without a batch of this rank's own: the forward and backward of a zero loss.
+
+        The other ranks' gradient collectives (DDP's all-reduce, FSDP's gathers and reduce-scatters) need
+        this rank's part; it adds zeros. Every module runs in eval mode (no BatchNorm statistics, no dropout
+        draws from samples that were trained on already), so nothing is counted twice; the gradients are
+        rescaled to the mean over the real batches at the optimizer step.
+        """
+        with self._evaluating(grad=True):
+            loss, _ = self.train_step(x, y)
+            self._backward(loss * 0.0)
+
+    def _scale_gradients(self, factor: float) -> None:
+        """Gradients times ``factor``: the mean over the step's real batches where some ranks had none
+        (a stream's last steps; DDP and FSDP divide by the number of ranks). Once per epoch at most."""
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
 
     def _save_mid_epoch(self, epoch: int, started: float) -> None:
         """last.pt inside an epoch: never from non-finite weights; with the seconds run so far."""
@@ -606,25 +642,36 @@ class Trainer:
     # Evaluation and prediction
 
     @contextlib.contextmanager
-    def _evaluating(self) -> Iterator[None]:
-        """Eval mode and no autograd, for exactly this block; each module's own mode is restored after."""
+    def _evaluating(self, grad: bool = False) -> Iterator[None]:
+        """Eval mode and no autograd (``grad``: autograd on, for a stand-in training step), for exactly this
+        block; each module's own mode is restored after."""
         modes = _module_modes(self.model)
         self.model.eval()
         try:
-            with torch.no_grad():
+            with torch.set_grad_enabled(grad):
                 yield
         finally:
             _restore_module_modes(self.model, modes)
 
     def _evaluate(self, loader: Loader, metrics: MetricSet) -> tuple[dict[str, float], int]:
-        metrics.reset(len(loader))
+        """Loss and metrics over every rank's shard, each sample once.
+
+        Evaluation shards are not padded, so ranks may hold different numbers of batches; where a forward
+        is a collective (FSDP's parameter gathers) a rank that runs out runs stand-in forwards whose
+        outputs it drops (``Step(None, ...)``), so that no peer waits forever.
+        """
+        metrics.reset(loader.num_batches or 64)
         task = self.task
         weigh = loss_weight_fn(self.loss_fn, task)
+        stand_in = None
         with self._evaluating():
-            for x, y in loader:
-                loss, output = self.eval_step(x, y)
-                metrics.update(loss, weigh(y), task.outputs(output, y), y.shape[0])
-            self._forward_in_lockstep(loader)
+            for step in loader.steps(0, lockstep=self.strategy.forward_is_collective):
+                if step.x is None:
+                    stand_in = stand_in or self._stand_in(loader)
+                    self.predict_step(stand_in[0])
+                    continue
+                loss, output = self.eval_step(step.x, step.y)
+                metrics.update(loss, weigh(step.y), task.outputs(output, step.y), step.y.shape[0])
         return metrics.compute()  # all-reduced over ranks: each sample counted once
 
     def _score(self, data: Any, ckpt: str | None, prefix: str) -> dict:
@@ -636,7 +683,8 @@ class Trainer:
         self._resolve_metrics()
         confusion = prefix == "test" and self.task.name == "multiclass"
         extra = {"__confusion": confusion_metric()} if confusion else {}
-        metric_set = MetricSet({**self.metrics, **extra}, self.task.num_outputs, self.device, len(loader))
+        metric_set = MetricSet({**self.metrics, **extra}, self.task.num_outputs, self.device,
+                               loader.num_batches or 64)
         values, count = self._evaluate(loader, metric_set)
         self._check_count(count, loader, prefix)
         if confusion:
@@ -648,35 +696,31 @@ class Trainer:
     def _predict_outputs(self, inputs: Any, ckpt: str | None) -> torch.Tensor:
         """The model's outputs for every input, in input order, gathered on the CPU of every rank."""
         self._setup()
-        loader = self._make_loader(inputs, train=False, name="predict", labelled=False)
+        loader = self._make_loader(inputs, train=False, name="predict", labelled=False, positions=True)
         self._preflight(loader, "predict", labelled=False)
         self._load_weights(ckpt)
-        outputs = []
+        outputs, stand_in, none = [], None, None  # none: no rows, shaped like the outputs
         with self._evaluating():
-            for x, _ in loader:
-                outputs.append(self.predict_step(x).float())
-            self._forward_in_lockstep(loader)
-        local = torch.cat(outputs).cpu() if outputs else torch.empty(0)  # one device-to-host copy
+            for step in loader.steps(0, lockstep=self.strategy.forward_is_collective):
+                if step.x is None:  # this rank's shard ran out: a forward for the others' gathers (FSDP)
+                    stand_in = stand_in or self._stand_in(loader)
+                    none = self.predict_step(stand_in[0]).float()[:0]
+                    continue
+                outputs.append(self.predict_step(step.x).float())
+            if not outputs and none is None and not self.strategy.forward_is_collective:
+                none = self.predict_step(self._stand_in(loader)[0]).float()[:0]  # a rank with no rows: their shape
+        local = torch.cat(outputs).cpu() if outputs else none.cpu()  # one device-to-host copy
+        if loader.is_stream:  # rows back in stream order (see StreamLoader.positions), on every rank
+            return distributed.gather_by_position(local, loader.positions())
         result = distributed.gather_in_order(local, loader.dataset_size)
         if self.dist.enabled:
             result = distributed.broadcast_object(result)
         return result
 
-    def _forward_in_lockstep(self, loader: Loader) -> None:
-        """Extra forwards (outputs discarded) where this rank's evaluation shard has fewer batches.
-
-        Evaluation shards are not padded (each sample counts once), so ranks may run different numbers
-        of batches; under FSDP every forward gathers parameters with a collective that all ranks must
-        join. The strategy says how many forwards to run (this rank's own under DDP: none extra).
-        """
-        extra = self.strategy.lockstep_batches(len(loader)) - len(loader)
-        if extra > 0:
-            x, _ = loader.sample_batch()
-            x = tree_map(lambda t: t.to(self.device), x)
-            for _ in range(extra):
-                self.predict_step(x)
-
     def _check_count(self, count: int, loader: Loader, what: str) -> None:
+        if loader.is_stream and count == 0:  # the count is over every rank: all of them raise
+            raise DataError(f"the {what} stream yielded no samples; its __iter__ must start a new pass over the "
+                            "data every time it is called.")
         expected = loader.dataset_size
         if expected is not None and count != expected:
             raise RuntimeError(f"{what} counted {count} samples but the data set holds {expected}")
@@ -725,12 +769,13 @@ class Trainer:
         dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def _make_loader(self, data: Any, *, train: bool, name: str, labelled: bool = True) -> Loader:
+    def _make_loader(self, data: Any, *, train: bool, name: str, labelled: bool = True,
+                     positions: bool = False) -> Loader:
         return make_loader(
             data, train=train, batch_size=self.batch_size if train else self.eval_batch_size,
             generator=self.generator, device=self.device, rank=self.dist.rank, world_size=self.dist.world_size,
             labelled=labelled, target_key=self.target_key, num_workers=self.num_workers,
-            check_inputs=self.check_inputs, place=self._place, name=name,
+            check_inputs=self.check_inputs, place=self._place, name=name, positions=positions,
         )
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:
@@ -936,7 +981,7 @@ class Trainer:
         if self.batch_in_epoch > 0:
             self.state.epoch_start["rng"] = own["epoch_start_rng"]
             self._pending_rng = own["rng"]
-            self.train_metrics.load_state_dict(own["train_metrics"], len(self.train_loader))
+            self.train_metrics.load_state_dict(own["train_metrics"], self.train_loader.num_batches)
 
     def _own_state(self, state: dict) -> dict:
         """This rank's random streams and running sums from last.pt (``ranks``, one entry per rank)."""
@@ -972,13 +1017,14 @@ class Trainer:
         bad = self.train_metrics.first_nonfinite()  # a sync point
         if bad is not None:
             value = self.train_metrics.losses[bad].item()
+            total = self.train_loader.num_batches
             raise NonFiniteLossError(
-                f"training loss became {value} at epoch {epoch}, step {bad + 1} of {len(self.train_loader)}; "
+                f"training loss became {value} at epoch {epoch}, step {bad + 1}{f' of {total}' if total else ''}; "
                 f"training stopped and nothing from this epoch was saved (the last good checkpoint is "
                 f"{self.last_path}). Lower the learning rate, clip gradients or check the data."
             )
 
-    def _poll_distributed(self, epoch: int, started: float) -> None:
+    def _poll_distributed(self, epoch: int, started: float, step: Step) -> None:
         k = len(self.train_metrics.sizes)
         flags = torch.stack([
             (~torch.isfinite(self.train_metrics.losses[:k])).any().to(torch.int64),
@@ -993,7 +1039,7 @@ class Trainer:
             raise NonFiniteLossError(f"training loss became non-finite on another rank at epoch {epoch}.")
         if signum:
             self._stop_signal = int(signum)
-            self._interrupt(epoch, mid_epoch=self.batch_in_epoch < len(self.train_loader), started=started)
+            self._interrupt(epoch, mid_epoch=not step.last, started=started)
 
     def _interrupt(self, epoch: int, mid_epoch: bool, started: float = 0.0) -> None:
         if mid_epoch:

@@ -26,7 +26,15 @@ from trainval import config, preprocess, runfolder, runs, trackers
 from trainval.callbacks import EarlyStopping, TensorBoardLogger
 from trainval.checkpoint import atomic_write, check_recorded_model, load_checkpoint
 from trainval.config import require_trusted_code
-from trainval.data import Split, import_object, load_csv, load_digits_arrays, load_npz, stratified_split
+from trainval.data import (
+    Split,
+    import_object,
+    is_stream,
+    load_csv,
+    load_digits_arrays,
+    load_npz,
+    stratified_split,
+)
 from trainval.errors import ConfigError, DataError
 from trainval.models import CNN, MLP
 from trainval.trainer import Trainer, seed_everything
@@ -183,7 +191,9 @@ def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
     return cls(model.parameters(), lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
 
 
-def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, n_train: int):
+def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, n_train: int, stream: bool = False):
+    """The ``scheduler`` section's schedule; onecycle lays itself out over ``n_train`` samples (0: unknown)
+    unless ``scheduler.steps_per_epoch`` says; ``stream``: the training data is an IterableDataset."""
     s, t = cfg["scheduler"], cfg["train"]
     sched = torch.optim.lr_scheduler
     if s["name"] == "none":
@@ -196,13 +206,18 @@ def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, n_train: int):
         mode = t["mode"] or monitor_direction(cfg)
         return sched.ReduceLROnPlateau(optimizer, mode=mode, factor=s["factor"], patience=s["patience"],
                                        min_lr=s["min_lr"])
-    if n_train < 1:
-        raise ConfigError("scheduler.name onecycle needs to know the number of training samples; the training data "
-                          "has no len() (give a map-style Dataset).")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    batches = math.ceil(math.ceil(n_train / world) / t["batch_size"])
-    steps = math.ceil(batches / t["accumulate_steps"]) * t["epochs"]
-    return sched.OneCycleLR(optimizer, max_lr=s["max_lr"] or 10 * cfg["optim"]["lr"], total_steps=steps)
+    if s["steps_per_epoch"]:
+        per_epoch = s["steps_per_epoch"]
+    elif n_train < 1:
+        raise ConfigError("scheduler.name onecycle needs the number of optimizer steps per epoch, and the training data "
+                          "is a stream without a length: set scheduler.steps_per_epoch, or give the dataset a __len__.")
+    else:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        batches = math.ceil(math.ceil(n_train / world) / t["batch_size"])
+        if stream and cfg["data"]["num_workers"] > 1:  # a stream's workers each end on a partial batch
+            batches += cfg["data"]["num_workers"] - 1
+        per_epoch = math.ceil(batches / t["accumulate_steps"])
+    return sched.OneCycleLR(optimizer, max_lr=s["max_lr"] or 10 * cfg["optim"]["lr"], total_steps=per_epoch * t["epochs"])
 
 
 def monitor_direction(cfg: dict) -> str:
@@ -266,10 +281,10 @@ def build_loss(cfg: dict, splits: Splits | None, num_outputs: int | None) -> nn.
 
 
 def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, loss: nn.Module | None = None,
-                  callbacks: list | tuple = ()) -> Trainer:
+                  callbacks: list | tuple = (), stream: bool = False) -> Trainer:
     t = cfg["train"]
     optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, n_train)
+    scheduler = build_scheduler(cfg, optimizer, n_train, stream)
     folder = run_folder(cfg)
     callbacks = list(callbacks)
     if t["patience"]:
@@ -324,7 +339,8 @@ def _fit(cfg: dict, resume: bool, callbacks: list | tuple, test_if: Callable[[],
     resolved = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
     model = build_model(cfg["model"], in_shape, num_outputs)
     loss = build_loss(cfg, splits, num_outputs)
-    trainer = build_trainer(cfg, model, _num_samples(splits.train), resolved, loss, callbacks)
+    trainer = build_trainer(cfg, model, _num_samples(splits.train), resolved, loss, callbacks,
+                            stream=is_stream(splits.train))
     if resume:
         for note in _resume_changes(cfg, resolved):
             trainer.log(note)
