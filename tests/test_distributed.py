@@ -311,6 +311,20 @@ def test_fsdp_async_save_failure_is_an_error_of_fit(tmp_path):
     assert (ok / "last.pt").exists()
 
 
+def test_a_sharded_last_pt_resumes_under_another_strategy(tmp_path):
+    """FSDP's shards, read back into the plain model (one process): DCP puts them together on load."""
+    _, ref = run_child(tmp_path / "ref", 1, batch=16, epochs=3, blocks=True, strategy="fsdp")
+    proc, moved = run_child(tmp_path / "moved", 1, batch=16, epochs=3, blocks=True, strategy="fsdp", stop_after=1,
+                            resume_strategy="auto")
+    assert "(epoch 1, batch 0)" in proc.stdout and moved["strategy"] == "single"
+    last = torch.load(tmp_path / "moved" / "last.pt", weights_only=True)
+    assert "model" in last and "shards" not in last  # now one whole file, and the shard folder it replaced is gone
+    assert os.listdir(tmp_path / "moved" / "last.shards") == []
+    for a, b in zip(ref["history"], moved["history"]):  # FSDP on one process is the plain model's math
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-6), a["epoch"]
+    assert torch.equal(ref["preds"], moved["preds"])
+
+
 def test_fsdp_on_one_process_equals_the_plain_model(tmp_path):
     """One process (no torchrun): FSDP runs in a one-member group of its own; the math is the plain model's."""
     _, plain = run_child(tmp_path / "plain", 1, batch=16, epochs=2, blocks=True)

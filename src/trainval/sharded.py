@@ -146,8 +146,8 @@ def _sha256(path: str) -> str:
 def remove_stale(out_dir: str, keep: str | None = None) -> None:
     """Delete shard folders that ``last.pt`` does not point to: only trainval's names, only DCP's files.
 
-    Without ``keep``, the folder the current ``last.pt`` points to is kept; when ``last.pt`` cannot be
-    read, nothing is deleted. A folder that holds anything else than DCP's files (a user's file, a
+    ``keep``: the folder to keep (``""``: none, a whole last.pt was just written); without it, the folder
+    the current ``last.pt`` points to is kept, and when ``last.pt`` cannot be read nothing is deleted. A folder that holds anything else than DCP's files (a user's file, a
     symbolic link) keeps that and stays.
     """
     root = os.path.join(out_dir, SHARDS_DIR)

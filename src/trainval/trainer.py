@@ -592,6 +592,7 @@ class Trainer:
 
             def write() -> None:
                 save_checkpoint(state, self.last_path, "last checkpoint")
+                sharded.remove_stale(self.out_dir, keep="")  # a sharded last.pt's folders, once it is replaced
         else:
             return
         if with_metrics and self.dist.is_main:

@@ -5,7 +5,8 @@ Options: batch (per process), epochs, kill_rank + kill_step (SIGKILL that rank a
 on the first attempt only), every (checkpoint_every_steps), metrics (names), binary (a one-logit BCE model
 on "is the class id even"), dropout (p of a Dropout on the inputs; its first masks -> masks.<rank>.pt), strategy ("auto", "ddp", "fsdp"), batchnorm, sync_batchnorm, accumulate (accumulate_steps), resume, stop_after (epochs of this run: fit up to it,
 then resume to ``epochs`` in a second Trainer of the same process), async (async_save), die_before_commit
-(SIGKILL rank 0 on the first attempt when its N-th sharded last.pt has every shard written but is not yet
+resume_strategy (the
+strategy of the resuming Trainer), die_before_commit (SIGKILL rank 0 on the first attempt when its N-th sharded last.pt has every shard written but is not yet
 pointed to; the shard folder's name goes to OUT_DIR/stray.txt), block_shards (rank 0 puts a file named
 last.shards in OUT_DIR after epoch 1, so that the shard folders cannot be made).
 Rank 0 writes OUT_DIR/predictions.pt; every rank writes OUT_DIR/done.<rank> when its work is done.
@@ -113,9 +114,9 @@ def main():
     if "die_before_commit" in opts:
         die_before_commit(out_dir, opts["die_before_commit"])
 
-    def make_trainer(model, epochs):
+    def make_trainer(model, epochs, strategy=opts.get("strategy", "auto")):
         return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), loss_fn,
-                       metrics=opts.get("metrics"), max_epochs=epochs, strategy=opts.get("strategy", "auto"),
+                       metrics=opts.get("metrics"), max_epochs=epochs, strategy=strategy,
                        sync_batchnorm=opts.get("sync_batchnorm", False),
                        accumulate_steps=opts.get("accumulate", 1), async_save=opts.get("async", False),
                        out_dir=out_dir, seed=1, batch_size=opts["batch"], eval_batch_size=opts.get("eval_batch", 8),
@@ -131,7 +132,7 @@ def main():
         make_trainer(model, opts["stop_after"]).fit((Xt, yt), (Xv, yv))
         seed_everything(123)  # the resumed run must not depend on the fresh model's initial weights
         model = make_model(binary, opts.get("blocks", False), opts.get("dropout", 0.0), opts.get("batchnorm", False))
-        trainer = make_trainer(model, epochs)
+        trainer = make_trainer(model, epochs, opts.get("resume_strategy", opts.get("strategy", "auto")))
         trainer.fit((Xt, yt), (Xv, yv), resume=True)
     else:
         trainer = make_trainer(model, epochs)
