@@ -179,18 +179,77 @@ def test_fsdp_trains_like_ddp_and_best_pt_reloads_into_a_plain_model(tmp_path):
     print(f"DDP + FSDP runs: {time.perf_counter() - started:.1f} s")
 
 
-def test_fsdp_last_pt_resumes_bit_identical(tmp_path):
+def _full_last(folder):
+    """A sharded last.pt's loop state, and its shards put together: (state, model weights, optimizer tensors)."""
+    from trainval import sharded
+
+    path = os.path.join(folder, "last.pt")
+    state = torch.load(path, weights_only=True)
+    return (state, sharded.consolidate(state["shards"], path, "model"),
+            sharded.consolidate(state["shards"], path, "optimizer"))
+
+
+def _assert_sharded_by_each_rank(folder, nproc=2):
+    """last.pt holds no weights; every rank wrote its own shard file, holding its own rows of each weight."""
+    from trainval import sharded
+
+    path = os.path.join(folder, "last.pt")
+    state = torch.load(path, weights_only=True)
+    assert "model" not in state and "optimizer" not in state
+    shapes = {tuple(v.shape) for v in _ddp_child_module().make_model(blocks=True).state_dict().values() if v.dim() == 2}
+    tensors = []
+    _tensors_in(state, tensors)
+    assert not [t for t in tensors if tuple(t.shape) in shapes]  # no weight matrix anywhere in last.pt
+    assert sorted(state["shards"]["files"]) == [f"__{r}_0.distcp" for r in range(nproc)]
+    shard_dir = sharded.verify(state["shards"], path)
+    metadata = sharded._safe_reader(shard_dir).read_metadata()
+    for key in ("model.blocks.0.weight", "model.blocks.1.weight", "model.head.weight"):
+        files = {info.relative_path for index, info in metadata.storage_data.items() if index.fqn == key}
+        assert files == {f"__{r}_0.distcp" for r in range(nproc)}, key  # rows 0..k on rank 0, the rest on rank 1
+
+
+def _tensors_in(obj, out):
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _tensors_in(v, out)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _tensors_in(v, out)
+
+
+def _assert_same_state(a_dir, b_dir):
+    sa, ma, oa = _full_last(a_dir)
+    sb, mb, ob = _full_last(b_dir)
+    assert set(ma) == set(mb) and all(torch.equal(ma[k], mb[k]) for k in ma)
+    momentum = [k for k in oa if k.endswith("momentum_buffer")]
+    assert len(momentum) == 6 and set(oa) == set(ob)  # the full optimizer state (momentum), by parameter name
+    assert all(torch.equal(oa[k], ob[k]) for k in oa)
+    assert sa["epoch"] == sb["epoch"] and sa["loop"]["global_step"] == sb["loop"]["global_step"]
+
+
+def _metrics_rows(folder):
+    """metrics.csv without its wall-clock column."""
+    import csv
+
+    with open(os.path.join(folder, "metrics.csv")) as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def test_fsdp_sharded_last_pt_resumes_bit_identical(tmp_path):
     _, ref = run_child(tmp_path / "ref", 2, batch=8, epochs=3, blocks=True, strategy="fsdp")
+    _assert_sharded_by_each_rank(tmp_path / "ref")
     proc, cut = run_child(tmp_path / "cut", 2, batch=8, epochs=3, blocks=True, strategy="fsdp", stop_after=1)
-    assert "(epoch 1, batch 0)" in proc.stdout  # the second Trainer resumed the first one's last.pt
-    a = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    for k, sa in a["optimizer"]["state"].items():  # the full optimizer state (momentum), by parameter name
-        assert torch.equal(sa["momentum_buffer"], b["optimizer"]["state"][k]["momentum_buffer"]), k
+    assert "(epoch 1, batch 0)" in proc.stdout  # the second Trainer resumed the first one's sharded last.pt
+    _assert_same_state(tmp_path / "ref", tmp_path / "cut")
     assert [r["val_loss"] for r in ref["history"]] == [r["val_loss"] for r in cut["history"]]
     assert torch.equal(ref["probs"], cut["probs"])
-    assert a["epoch"] == b["epoch"] == 3
+    assert len(os.listdir(tmp_path / "cut" / "last.shards")) == 1  # older folders deleted once last.pt moved on
+    # the control: a run one epoch short differs (the comparison above can fail)
+    _, short = run_child(tmp_path / "short", 2, batch=8, epochs=2, blocks=True, strategy="fsdp")
+    with pytest.raises(AssertionError):
+        _assert_same_state(tmp_path / "ref", tmp_path / "short")
     # mid-epoch: rank 1 dies at step 9; torchrun restarts both from the last.pt of step 8 (epoch 2, batch 2)
     killed = tmp_path / "killed"
     os.makedirs(killed)
@@ -199,9 +258,71 @@ def test_fsdp_last_pt_resumes_bit_identical(tmp_path):
                     env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
     assert torchrun_ok(proc, killed), proc.stdout + proc.stderr
     assert "(epoch 1, batch 2)" in proc.stdout
-    c = torch.load(killed / "last.pt", weights_only=True)
-    assert all(torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+    _assert_same_state(tmp_path / "ref", killed)
+    # ckpt="last" puts the shards together for a plain model (load_model), equal to the weights resumed above
+    from trainval import load_model
 
+    plain = load_model(str(killed), "last", model=_ddp_child_module().make_model(blocks=True))
+    _, weights, _ = _full_last(tmp_path / "ref")
+    assert all(torch.equal(plain.state_dict()[k], weights[k]) for k in weights)
+
+
+def test_fsdp_crash_between_shards_and_pointer_resumes_the_previous_checkpoint(tmp_path):
+    """Rank 0 dies after every shard of the 4th save (step 8) is written, before last.pt points to it."""
+    run_child(tmp_path / "ref", 2, batch=8, epochs=3, blocks=True, strategy="fsdp")
+    cut = tmp_path / "cut"
+    os.makedirs(cut)
+    opts = {"batch": 8, "epochs": 3, "blocks": True, "strategy": "fsdp", "every": 2, "die_before_commit": 4}
+    proc = torchrun([CHILD, str(cut), json.dumps(opts)], extra=["--max-restarts=1"],
+                    env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    assert torchrun_ok(proc, cut), proc.stdout + proc.stderr
+    # saves: steps 2, 4, end of epoch 1 (6), step 8 <- killed; the restart resumes the step-6 checkpoint
+    assert "resuming from" in proc.stdout and "(epoch 1, batch 0)" in proc.stdout, proc.stdout
+    stray = (cut / "stray.txt").read_text()
+    assert stray.startswith("e1-s8-")  # the complete but never pointed-to folder of step 8...
+    assert not (cut / "last.shards" / stray).exists()  # ...was removed by the restarted run
+    assert len(os.listdir(cut / "last.shards")) == 1
+    _assert_same_state(tmp_path / "ref", cut)  # and the run ends where an unbroken one does
+
+
+def test_fsdp_async_save_matches_sync(tmp_path):
+    _, sync = run_child(tmp_path / "sync", 2, batch=8, epochs=3, blocks=True, strategy="fsdp", every=2)
+    _, asyn = run_child(tmp_path / "async", 2, batch=8, epochs=3, blocks=True, strategy="fsdp", every=2,
+                        **{"async": True})
+    _assert_sharded_by_each_rank(tmp_path / "async")
+    _assert_same_state(tmp_path / "sync", tmp_path / "async")
+    a = torch.load(tmp_path / "sync" / "best.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "async" / "best.pt", weights_only=True)["model"]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert _metrics_rows(tmp_path / "sync") == _metrics_rows(tmp_path / "async") and len(_metrics_rows(tmp_path / "sync")) == 3
+    assert torch.equal(sync["probs"], asyn["probs"])
+
+
+def test_fsdp_async_save_failure_is_an_error_of_fit(tmp_path):
+    """A file named last.shards: the background shard writes fail on both ranks; fit raises, nothing hides it."""
+    opts = {"batch": 8, "epochs": 3, "blocks": True, "strategy": "fsdp", "async": True, "block_shards": True}
+    proc = torchrun([CHILD, str(tmp_path), json.dumps(opts)])
+    assert proc.returncode != 0
+    assert proc.stderr.count("CheckpointError: could not write the shards of last.pt") == 2, proc.stderr[-3000:]
+    assert not (tmp_path / "done.0").exists() and not (tmp_path / "last.pt").exists()
+    # the control: the same run without the blocking file completes
+    ok = tmp_path / "ok"
+    run_child(ok, 2, **{**opts, "block_shards": False})
+    assert (ok / "last.pt").exists()
+
+
+def test_a_sharded_last_pt_resumes_under_another_strategy(tmp_path):
+    """FSDP's shards, read back into the plain model (one process): DCP puts them together on load."""
+    _, ref = run_child(tmp_path / "ref", 1, batch=16, epochs=3, blocks=True, strategy="fsdp")
+    proc, moved = run_child(tmp_path / "moved", 1, batch=16, epochs=3, blocks=True, strategy="fsdp", stop_after=1,
+                            resume_strategy="auto")
+    assert "(epoch 1, batch 0)" in proc.stdout and moved["strategy"] == "single"
+    last = torch.load(tmp_path / "moved" / "last.pt", weights_only=True)
+    assert "model" in last and "shards" not in last  # now one whole file, and the shard folder it replaced is gone
+    assert os.listdir(tmp_path / "moved" / "last.shards") == []
+    for a, b in zip(ref["history"], moved["history"]):  # FSDP on one process is the plain model's math
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-6), a["epoch"]
+    assert torch.equal(ref["preds"], moved["preds"])
 
 
 def test_fsdp_evaluation_with_batch_counts_that_differ_across_ranks_does_not_hang(tmp_path):

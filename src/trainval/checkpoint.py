@@ -4,14 +4,23 @@ A checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` reads 
 ``"model"`` (the unwrapped model's state_dict) and ``"epoch"`` always; for resume also the optimizer,
 scheduler, grad scaler, RNG states, the trainer's shuffling generator, step, best metric, callback
 state and the history of epoch metrics. Only tensors and plain containers: nothing executes on load.
+
+A sharded ``last.pt`` (FSDP, see :mod:`trainval.sharded`) holds ``"shards"`` instead of ``"model"`` and
+``"optimizer"``: a pointer to the folder where every rank wrote its own part. :func:`model_weights`
+gives the full model state_dict of either kind.
+
+:class:`BackgroundWriter` runs at most one checkpoint write in a background thread (``async_save``),
+and raises its error in the training thread.
 """
 
 from __future__ import annotations
 
+import copy
 import errno
 import os
 import pickle
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable
 from typing import Any
@@ -152,9 +161,18 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
         ) from None
     if isinstance(state, dict) and "model" not in state and all(isinstance(v, torch.Tensor) for v in state.values()):
         state = {"model": state, "epoch": None}  # a bare state_dict saved by hand
-    if not isinstance(state, dict) or "model" not in state:
+    if not isinstance(state, dict) or ("model" not in state and not isinstance(state.get("shards"), dict)):
         raise CheckpointError(f"{path} is not a trainval checkpoint or state_dict (no 'model' entry).")
     return state
+
+
+def model_weights(state: dict, path: str) -> dict:
+    """The plain, full model state_dict of a loaded checkpoint; a sharded last.pt's shards put together."""
+    if "model" in state:
+        return state["model"]
+    from trainval import sharded
+
+    return sharded.consolidate(state["shards"], path)
 
 
 def check_archive(path: str) -> None:
@@ -208,6 +226,19 @@ def load_model_weights(model: nn.Module, state_dict: dict, path: str = "checkpoi
     model.load_state_dict(state_dict, strict=True)
 
 
+def check_fits(own: dict[str, torch.Size], state: dict, path: str) -> None:
+    """One clear error when ``state``'s keys or shapes differ from ``own`` (the model's full shapes)."""
+    keys = {_strip_prefixes(k): v for k, v in state.items()}
+    missing = [k for k in own if k not in keys]
+    unexpected = [k for k in keys if k not in own]
+    shapes = [f"{k}: checkpoint {list(v.shape)} vs model {list(own[k])}" for k, v in keys.items()
+              if k in own and isinstance(v, torch.Tensor) and v.shape != own[k]]
+    if missing or unexpected or shapes:
+        parts = [f"{what}: {_short(items)}" for what, items in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
+        raise CheckpointError(f"{path} does not fit this model (a different architecture?): " + "; ".join(parts) + ".")
+
+
 def _strip_prefixes(key: str) -> str:
     # Checkpoints written by other tools may carry DDP's or torch.compile's wrapper prefixes.
     for prefix in ("module.", "_orig_mod."):
@@ -245,3 +276,77 @@ def check_recorded_model(state: dict, model_cfg: dict, resolved: dict, path: str
     if differences:
         raise CheckpointError(f"{path} was trained with another model than this config builds ("
                               + "; ".join(differences) + "); use the config the run was trained with.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Background writes (async_save)
+
+
+def snapshot(state: Any) -> Any:
+    """A copy of ``state`` that later training steps cannot change: every tensor copied to the CPU.
+
+    ``state_dict()`` tensors share memory with the live parameters and optimizer buffers, so a write in
+    the background must not see them. Tensors that share memory keep sharing it in the copy (deepcopy).
+    """
+    memo: dict[int, Any] = {}
+
+    def visit(obj: Any) -> None:  # GPU tensors: copied straight to the CPU (deepcopy would copy on the GPU)
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type != "cpu":
+                memo[id(obj)] = obj.detach().to("cpu")
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                visit(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
+
+    visit(state)
+    return copy.deepcopy(state, memo)
+
+
+class BackgroundWriter:
+    """At most one checkpoint write in flight; its error is raised in the training thread.
+
+    ``run(write, path, background=True)`` waits for the previous write, then runs ``write`` in a thread
+    of its own; ``wait()`` joins it and raises what it raised (a :class:`CheckpointError` naming the file).
+    With ``background=False`` the write runs at once, in the caller's thread.
+    """
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._path = ""
+
+    def run(self, write: Callable[[], None], path: str, *, background: bool) -> None:
+        self.wait()
+        if not background:
+            write()
+            return
+
+        def target() -> None:
+            try:
+                write()
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread by wait()
+                self._error = e
+
+        self._path = path
+        self._thread = threading.Thread(target=target, name="trainval-checkpoint-write", daemon=True)
+        self._thread.start()
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until the write in flight is done; raise its error, if any (once)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is None:
+            return
+        if isinstance(error, CheckpointError):
+            raise error
+        raise CheckpointError(f"writing {self._path} in the background failed: {type(error).__name__}: {error}. "
+                              f"The previous {os.path.basename(self._path)}, if any, is intact.") from error

@@ -30,7 +30,7 @@ TEMP_PREFIX = ".trainval-"
 # mkstemp's names: prefix + 8 characters from [a-z0-9_] + suffix.
 _OWN_TEMP = re.compile(r"^\.trainval-.+\.[a-z0-9_]{8}\.tmp$")
 # Every name a fit may write into its run folder (the Trainer's and the CLI workflow's).
-RUN_FILES = ("best.pt", "last.pt", "config.yaml", "metrics.csv", "curves.png", "summary.json",
+RUN_FILES = ("best.pt", "last.pt", "last.shards", "config.yaml", "metrics.csv", "curves.png", "summary.json",
              "predictions.csv", "predictions.npy", "confusion_matrix.csv", "test.json", "tb", "standardize.json",
              "trials", "study.db", "best.yaml", "wandb")
 

@@ -75,7 +75,7 @@ def trainer_arguments(trainer: Trainer) -> dict:
         "device": str(trainer.device),
     }
     for name in ("max_epochs", "seed", "batch_size", "eval_batch_size", "grad_clip", "accumulate_steps",
-                 "precision", "compile", "checkpoint_every_steps", "on_device", "num_workers", "overwrite", "plot"):
+                 "precision", "compile", "checkpoint_every_steps", "async_save", "on_device", "num_workers", "overwrite", "plot"):
         args[name] = _plain(getattr(trainer, name, None))
     return args
 
@@ -424,7 +424,7 @@ def load_model(run_folder: str, ckpt: str = "best", model: nn.Module | None = No
     """
     import torch
 
-    from trainval.checkpoint import check_recorded_model, load_checkpoint, load_model_weights
+    from trainval.checkpoint import check_recorded_model, load_checkpoint, load_model_weights, model_weights
 
     path = checkpoint_path(run_folder, ckpt)
     if not os.path.isfile(path):
@@ -445,7 +445,7 @@ def load_model(run_folder: str, ckpt: str = "best", model: nn.Module | None = No
         from trainval.workflow import build_model
 
         model = build_model(cfg["model"], sizes["in_shape"], sizes["num_outputs"])
-    load_model_weights(model, state["model"], path)
+    load_model_weights(model, model_weights(state, path), path)  # a sharded last.pt: its shards put together
     model.to(torch.device(device) if device is not None else torch.device("cpu"))
     model.eval()
     return model

@@ -13,11 +13,16 @@ The loop in :mod:`trainval.trainer` never asks which strategy runs; it calls the
 ``all_finite``         local                    local (replicated)           every shard, all-reduced
 eval forwards          local                    local (the plain module)      collectives (``forward_is_collective``):
                                                                              equally many on every rank
+``sharded_checkpoint`` False: last.pt whole      False: last.pt whole         True: each rank writes its shards
 =====================  =======================  ===========================  ==================================
 
 ``model_state_dict`` is always a plain, full ``state_dict`` of the unwrapped model (FQNs without
 ``module.``/``_orig_mod.``), so ``best.pt`` loads into a plain model with ``torch.load(weights_only=True)``.
 Under FSDP it and ``optimizer_state_dict`` are collectives: every rank calls them, rank 0 gets the data.
+
+``sharded_state_dict`` is this rank's part of the model and optimizer (DTensor shards under FSDP, full
+tensors otherwise) for :mod:`trainval.sharded`; every strategy can load one (``load_sharded_state_dict``),
+so a sharded last.pt resumes under any strategy and any number of processes.
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ import torch.distributed as dist
 from torch import nn
 
 from trainval import distributed
-from trainval.checkpoint import _short, _strip_prefixes, load_model_weights, unwrap_model
-from trainval.errors import CheckpointError, ConfigError
+from trainval.checkpoint import _strip_prefixes, check_fits, load_model_weights, unwrap_model
+from trainval.errors import ConfigError
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 
@@ -44,6 +49,7 @@ class SingleProcess:
     """One process: the model as it is."""
 
     name = "single"
+    sharded_checkpoint = False  # last.pt: one whole file from rank 0 (True: every rank writes its shards)
 
     def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
              compile: Compile) -> tuple[nn.Module, nn.Module]:
@@ -69,6 +75,19 @@ class SingleProcess:
 
     def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         optimizer.load_state_dict(state)
+
+    def sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """``{"model", "optimizer"}``: this rank's part, keyed by parameter name (DCP's state_dict API)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(unwrap_model(model), optimizer)
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def load_sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(unwrap_model(model), optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
 
     def all_finite(self, model: nn.Module) -> bool:
         """Are all weights finite? One host read (a sync point, once per epoch)."""
@@ -125,6 +144,7 @@ class FSDPStrategy(SingleProcess):
     """
 
     name = "fsdp"
+    sharded_checkpoint = True  # no rank ever holds the whole model or optimizer state for last.pt
 
     def __init__(self, wrap_modules: tuple[type, ...] | Callable[[nn.Module], bool] | None = None, *,
                  param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
@@ -189,7 +209,7 @@ class FSDPStrategy(SingleProcess):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         module = unwrap_model(model)
-        _check_keys(_full_shapes(module), state, path)  # one clear error, as for a plain model
+        check_fits(_full_shapes(module), state, path)  # one clear error, as for a plain model
         state = {_strip_prefixes(k): v for k, v in state.items()}
         set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
 
@@ -218,18 +238,6 @@ class FSDPStrategy(SingleProcess):
 def _full_shapes(module: nn.Module) -> dict[str, torch.Size]:
     """The unsharded shape of every state_dict entry of an FSDP module (DTensors know theirs)."""
     return {k: v.shape for k, v in module.state_dict().items()}
-
-
-def _check_keys(own: dict[str, torch.Size], state: dict, path: str) -> None:
-    keys = {_strip_prefixes(k): v for k, v in state.items()}
-    missing = [k for k in own if k not in keys]
-    unexpected = [k for k in keys if k not in own]
-    shapes = [f"{k}: checkpoint {list(v.shape)} vs model {list(own[k])}" for k, v in keys.items()
-              if k in own and isinstance(v, torch.Tensor) and v.shape != own[k]]
-    if missing or unexpected or shapes:
-        parts = [f"{what}: {_short(items)}" for what, items in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
-        raise CheckpointError(f"{path} does not fit this model (a different architecture?): " + "; ".join(parts) + ".")
 
 
 def _convert_sync_batchnorm(model: nn.Module) -> None:

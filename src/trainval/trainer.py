@@ -37,9 +37,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainval import distributed, runfolder
+from trainval import distributed, runfolder, sharded
 from trainval.callbacks import Callback, ProgressBar, plot_curves, write_metrics_csv
-from trainval.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from trainval.checkpoint import (
+    BackgroundWriter,
+    atomic_write,
+    load_checkpoint,
+    model_weights,
+    save_checkpoint,
+    snapshot,
+)
 from trainval.data import Loader, Step, TensorLoader, describe, make_loader, tree_map
 from trainval.errors import (
     CheckpointError,
@@ -101,6 +108,11 @@ class Trainer:
         precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast + grad scaler, CUDA).
         compile: run the model through ``torch.compile`` (checkpoints stay loadable into a plain model).
         checkpoint_every_steps: also write ``last.pt`` every this many optimizer steps inside an epoch.
+        async_save: write ``last.pt`` in the background: its state is copied to CPU memory, then training goes
+            on while a thread writes it (DCP's ``async_save`` for a sharded last.pt). At most one write is
+            in flight; ``fit`` waits for it before the next one, at its end, on a stop and on errors, and
+            a failed write raises :class:`~trainval.errors.CheckpointError` from ``fit``. ``best.pt`` is
+            always written synchronously.
         check_inputs: refuse NaN/Inf in in-memory features before training.
         on_device: keep in-memory data wholly on the GPU (default: when it takes under 1/4 of free memory).
         num_workers: DataLoader workers for Datasets (map-style or streams) given without a DataLoader.
@@ -148,6 +160,7 @@ class Trainer:
         precision: str = "fp32",
         compile: bool = False,
         checkpoint_every_steps: int | None = None,
+        async_save: bool = False,
         check_inputs: bool = True,
         on_device: bool | None = None,
         num_workers: int = 0,
@@ -205,6 +218,7 @@ class Trainer:
         self.scheduler_interval = scheduler_interval or self._default_interval(scheduler)
         self.grad_clip, self.accumulate_steps, self.precision = grad_clip, accumulate_steps, precision
         self.compile, self.checkpoint_every_steps = compile, checkpoint_every_steps
+        self.async_save = bool(async_save)
         self.check_inputs, self.on_device, self.num_workers = check_inputs, on_device, num_workers
         self.overwrite, self.plot, self.config = overwrite, plot, config
         make_strategy(strategy, distributed_on=False)  # a wrong name fails here, before any process group
@@ -230,6 +244,8 @@ class Trainer:
         self._pending_rng: dict | None = None
         self._stop_signal: int | None = None
         self._bar: ProgressBar | None = None
+        self._writes = BackgroundWriter()  # last.pt writes: at most one in flight (async_save)
+        self._save_group: Any = None  # the process group of background sharded saves, made on first use
 
     # ------------------------------------------------------------------------------------------
     # The loop state, as attributes (callbacks read these, and may set should_stop)
@@ -342,10 +358,14 @@ class Trainer:
                     cb.on_fit_start(self)
                 while self.epoch < self.max_epochs and not self.should_stop:
                     self._run_epoch(callbacks)
+                self._writes.wait()  # the last save is on disk before the run ends (its error raises here)
                 for cb in callbacks:
                     cb.on_fit_end(self)
                 if self.plot and self.dist.is_main and self.history:
                     plot_curves(os.path.join(self.out_dir, "curves.png"), self.history, self.monitor, self.best_epoch)
+        except BaseException:
+            self._wait_for_writes_quietly()  # no write left running behind the error; the first error wins
+            raise
         finally:
             if self._bar is not None:
                 self._bar.close()
@@ -470,10 +490,7 @@ class Trainer:
             cb.on_epoch_end(self, row)  # may add columns to the row: metrics.csv and the plot show them
         if self.dist.enabled:  # every rank must agree, or the next collective hangs
             self.should_stop = bool(distributed.all_reduce_max(int(self.should_stop)))
-        last = self._state()  # a collective under FSDP and on several processes
-        if self.dist.is_main:
-            save_checkpoint(last, self.last_path, "last checkpoint")
-            write_metrics_csv(os.path.join(self.out_dir, "metrics.csv"), self.history)
+        self._save_last(with_metrics=True)
         if self._stop_signal is not None:
             self._interrupt(epoch, mid_epoch=False)
 
@@ -588,9 +605,45 @@ class Trainer:
         """last.pt inside an epoch: never from non-finite weights; with the seconds run so far."""
         self._raise_if_nonfinite(epoch)
         self.state.epoch_start["seconds"] = time.perf_counter() - started
-        last = self._state()  # a collective under FSDP and on several processes
-        if self.dist.is_main:
-            save_checkpoint(last, self.last_path, "last checkpoint")
+        self._save_last()
+
+    def _save_last(self, with_metrics: bool = False) -> None:
+        """Write last.pt (and metrics.csv after it): whole from rank 0, or sharded by every rank.
+
+        A sharded save (FSDP) writes each rank's shards into a fresh folder, then rank 0 points last.pt at
+        it (see :mod:`trainval.sharded`). With ``async_save`` the state is copied now and written by a
+        background thread; the previous write is waited for first (at most one in flight).
+        """
+        self._writes.wait()  # a failed background write raises here, before anything new is written
+        state = self._state()  # a collective under FSDP and on several processes
+        if self.strategy.sharded_checkpoint:
+            if self.async_save and self._save_group is None:
+                self._save_group = sharded.async_group()  # a collective, once: saves leave training's group alone
+            shards = self.strategy.sharded_state_dict(self.model, self.optimizer)
+            write = sharded.write(shards, state if self.dist.is_main else None, self.out_dir,
+                                  background=self.async_save, group=self._save_group)
+        elif self.dist.is_main:
+            if self.async_save:
+                state = snapshot(state)  # copies: the next optimizer steps must not change what is written
+
+            def write() -> None:
+                save_checkpoint(state, self.last_path, "last checkpoint")
+                sharded.remove_stale(self.out_dir, keep="")  # a sharded last.pt's folders, once it is replaced
+        else:
+            return
+        if with_metrics and self.dist.is_main:
+            rows, whole = [dict(row) for row in self.history], write
+
+            def write() -> None:
+                whole()
+                write_metrics_csv(os.path.join(self.out_dir, "metrics.csv"), rows)  # never ahead of last.pt
+        self._writes.run(write, self.last_path, background=self.async_save)
+
+    def _wait_for_writes_quietly(self) -> None:
+        try:
+            self._writes.wait()
+        except CheckpointError as e:
+            self.log(f"error: {e}")  # another error is on its way out; this one is reported, not lost
 
     def _unpadded_part(self, output: torch.Tensor, y: torch.Tensor, real: int) -> tuple[torch.Tensor, ...]:
         """The loss, output and target of a padded batch's first ``real`` samples (the rest are repeats).
@@ -866,6 +919,7 @@ class Trainer:
         if self.dist.is_main:  # under the run folder's lock (see fit)
             runfolder.claim(self.out_dir, resume)
             runfolder.remove_own_temp_files(self.out_dir)  # temp files of writes cut short by a kill
+            sharded.remove_stale(self.out_dir)  # shard folders no last.pt points to (a save cut short)
         distributed.barrier()
         last = self._agree_on_last() if resume else None  # first: a stale copy on one node is named as such
         if self.dist.enabled:
@@ -902,6 +956,9 @@ class Trainer:
                 state = load_checkpoint(self.last_path, map_location="cpu")  # not N full copies on the GPUs (FSDP)
                 loop = state.get("loop") or {}
                 seen = f"epoch {state.get('epoch')}, step {loop.get('global_step')}, sha256 {_sha256(self.last_path)[:12]}"
+                if "shards" in state:  # every rank must see the complete folder last.pt points to
+                    sharded.verify(state["shards"], self.last_path)
+                    seen += f", shards {sharded.pointed_folder(state)}"
             except CheckpointError as e:
                 seen = f"unreadable ({e})"
         views = distributed.all_gather_objects(seen)
@@ -927,12 +984,13 @@ class Trainer:
         # Each rank's own random streams and running sums; rank 0 gets every rank's (a collective).
         own = {"rng": rng_state(), "epoch_start_rng": (self.state.epoch_start or {}).get("rng"),
                "train_metrics": self.train_metrics.state_dict() if mid else None}
+        whole = not self.strategy.sharded_checkpoint  # sharded: model and optimizer go to the shards
         return {
-            "model": self.strategy.model_state_dict(self.model),
+            **({"model": self.strategy.model_state_dict(self.model)} if whole else {}),
             "epoch": self.epoch,
             "task": self.task.name,
             "loop": self.state.state_dict(),
-            "optimizer": self.strategy.optimizer_state_dict(self.model, self.optimizer),
+            **({"optimizer": self.strategy.optimizer_state_dict(self.model, self.optimizer)} if whole else {}),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": own["rng"],
@@ -945,7 +1003,7 @@ class Trainer:
         }
 
     def _restore(self, state: dict) -> None:
-        needed = ("optimizer", "rng", "generator", "loop")
+        needed = ("optimizer" if "shards" not in state else "shards", "rng", "generator", "loop")
         missing = [k for k in needed if k not in state]
         if missing:
             raise CheckpointError(f"{self.last_path} cannot be resumed from: it lacks {', '.join(missing)} "
@@ -957,13 +1015,19 @@ class Trainer:
                               "monitor, or start a new run.")
         if state.get("task", self.task.name) != self.task.name:
             raise ConfigError(f"{self.last_path} was a {state['task']} run; this one is {self.task.name}.")
-        self.strategy.load_model_state_dict(self.model, state["model"], self.last_path)
-        saved_keys = {k for g in state["optimizer"].get("param_groups", []) for k in g}
+        if "shards" in state:  # each rank reads the pieces of its own shards (a collective)
+            shards = self.strategy.sharded_state_dict(self.model, self.optimizer)
+            sharded.load(shards, state["shards"], self.last_path)
+            self.strategy.load_sharded_state_dict(self.model, self.optimizer, shards)
+        else:
+            self.strategy.load_model_state_dict(self.model, state["model"], self.last_path)
+        saved_keys = {k for g in state.get("optimizer", {}).get("param_groups", []) for k in g}
         foreign = sorted(saved_keys - {k for g in self.optimizer.param_groups for k in g})
         try:
             if foreign:  # loading would succeed, then the first step fail (e.g. Adam's state into SGD)
                 raise ValueError(f"it has settings this optimizer lacks: {', '.join(foreign)}")
-            self.strategy.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+            if "shards" not in state:
+                self.strategy.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
             if self.scheduler is not None and state.get("scheduler") is not None:
                 self.scheduler.load_state_dict(state["scheduler"])
         except (KeyError, ValueError, TypeError) as e:  # another optimizer or scheduler than last.pt's
@@ -1000,12 +1064,13 @@ class Trainer:
         if ckpt is None:
             return
         path = {"best": self.best_path, "last": self.last_path}.get(ckpt, ckpt)
+        self._writes.wait()  # a background write of last.pt ends first
         distributed.barrier()  # rank 0 may still be writing it
         if ckpt == "best" and not os.path.exists(path):
             raise CheckpointError(f"no best.pt in {self.out_dir}: run fit first, or pass ckpt=None to use the "
                                   "current weights.")
         state = load_checkpoint(path, map_location="cpu")
-        self.strategy.load_model_state_dict(self.model, state["model"], path)
+        self.strategy.load_model_state_dict(self.model, model_weights(state, path), path)  # shards: put together
 
     def _weights_finite(self) -> bool:
         return self.strategy.all_finite(self.model)  # one sync per epoch
@@ -1044,6 +1109,7 @@ class Trainer:
     def _interrupt(self, epoch: int, mid_epoch: bool, started: float = 0.0) -> None:
         if mid_epoch:
             self._save_mid_epoch(epoch, started)
+        self._writes.wait()  # "last.pt is saved" below must be true
         distributed.barrier()
         name = signal.Signals(self._stop_signal).name
         where = f"epoch {epoch}, batch {self.batch_in_epoch}" if mid_epoch else f"the end of epoch {epoch}"

@@ -301,7 +301,7 @@ def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, los
         monitor=t["monitor"], mode=t["mode"], batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"],
         progress=t["progress"], callbacks=callbacks, device=t["device"], scheduler=scheduler,
         grad_clip=t["grad_clip"], accumulate_steps=t["accumulate_steps"], precision=t["precision"],
-        compile=t["compile"], checkpoint_every_steps=t["checkpoint_every_steps"],
+        compile=t["compile"], checkpoint_every_steps=t["checkpoint_every_steps"], async_save=t["async_save"],
         strategy=t["strategy"], sync_batchnorm=t["sync_batchnorm"], dist_timeout=t["dist_timeout"],
         check_inputs=cfg["data"]["check_inputs"], on_device=cfg["data"]["on_device"],
         num_workers=cfg["data"]["num_workers"], overwrite=cfg["run"]["overwrite"], plot=cfg["log"]["plot"],

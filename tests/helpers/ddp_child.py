@@ -4,7 +4,11 @@ Usage: [torchrun --nproc_per_node=N] ddp_child.py OUT_DIR JSON_OPTIONS
 Options: batch (per process), epochs, kill_rank + kill_step (SIGKILL that rank at that optimizer step
 on the first attempt only), every (checkpoint_every_steps), metrics (names), binary (a one-logit BCE model
 on "is the class id even"), dropout (p of a Dropout on the inputs; its first masks -> masks.<rank>.pt), strategy ("auto", "ddp", "fsdp"), batchnorm, sync_batchnorm, accumulate (accumulate_steps), resume, stop_after (epochs of this run: fit up to it,
-then resume to ``epochs`` in a second Trainer of the same process).
+then resume to ``epochs`` in a second Trainer of the same process), async (async_save), die_before_commit
+resume_strategy (the
+strategy of the resuming Trainer), die_before_commit (SIGKILL rank 0 on the first attempt when its N-th sharded last.pt has every shard written but is not yet
+pointed to; the shard folder's name goes to OUT_DIR/stray.txt), block_shards (rank 0 puts a file named
+last.shards in OUT_DIR after epoch 1, so that the shard folders cannot be made).
 Rank 0 writes OUT_DIR/predictions.pt; every rank writes OUT_DIR/done.<rank> when its work is done.
 """
 
@@ -74,6 +78,28 @@ class KillOnce(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class BlockShards(Callback):
+    def on_epoch_end(self, trainer, row):
+        if trainer.dist.rank == 0 and trainer.epoch == 1:
+            with open(os.path.join(trainer.out_dir, "last.shards"), "w") as f:
+                f.write("not a folder\n")
+
+
+def die_before_commit(out_dir, n):
+    from trainval import sharded
+
+    seen = []
+
+    def hook(folder):
+        seen.append(folder)
+        if len(seen) == n and distributed.elastic_restart_count() == 0:
+            with open(os.path.join(out_dir, "stray.txt"), "w") as f:
+                f.write(os.path.basename(folder))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    sharded._before_commit_hook = hook
+
+
 def main():
     out_dir, opts = sys.argv[1], json.loads(sys.argv[2])
     seed_everything(0)
@@ -83,12 +109,16 @@ def main():
         record_dropout_masks(model, int(os.environ.get("RANK", 0)), out_dir)
     loss_fn = nn.BCEWithLogitsLoss() if binary else None
     callbacks = [KillOnce(opts["kill_rank"], opts["kill_step"])] if "kill_rank" in opts else []
+    if opts.get("block_shards"):
+        callbacks.append(BlockShards())
+    if "die_before_commit" in opts:
+        die_before_commit(out_dir, opts["die_before_commit"])
 
-    def make_trainer(model, epochs):
+    def make_trainer(model, epochs, strategy=opts.get("strategy", "auto")):
         return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), loss_fn,
-                       metrics=opts.get("metrics"), max_epochs=epochs, strategy=opts.get("strategy", "auto"),
+                       metrics=opts.get("metrics"), max_epochs=epochs, strategy=strategy,
                        sync_batchnorm=opts.get("sync_batchnorm", False),
-                       accumulate_steps=opts.get("accumulate", 1),
+                       accumulate_steps=opts.get("accumulate", 1), async_save=opts.get("async", False),
                        out_dir=out_dir, seed=1, batch_size=opts["batch"], eval_batch_size=opts.get("eval_batch", 8),
                        progress=False, plot=False, callbacks=callbacks, checkpoint_every_steps=opts.get("every"),
                        overwrite=distributed.elastic_restart_count() == 0)
@@ -102,7 +132,7 @@ def main():
         make_trainer(model, opts["stop_after"]).fit((Xt, yt), (Xv, yv))
         seed_everything(123)  # the resumed run must not depend on the fresh model's initial weights
         model = make_model(binary, opts.get("blocks", False), opts.get("dropout", 0.0), opts.get("batchnorm", False))
-        trainer = make_trainer(model, epochs)
+        trainer = make_trainer(model, epochs, opts.get("resume_strategy", opts.get("strategy", "auto")))
         trainer.fit((Xt, yt), (Xv, yv), resume=True)
     else:
         trainer = make_trainer(model, epochs)
