@@ -325,6 +325,37 @@ def test_a_sharded_last_pt_resumes_under_another_strategy(tmp_path):
     assert torch.equal(ref["preds"], moved["preds"])
 
 
+def test_a_mid_epoch_last_pt_resumes_only_with_the_number_of_processes_that_wrote_it(tmp_path):
+    """Mid-epoch, what each rank already trained depends on the number of processes: 2 ranks resuming
+    one process's batch 3 would skip 3 of their own batches (6 of the process's) and train some twice."""
+    from trainval import Callback, Trainer
+
+    helper = _ddp_child_module()
+    Xt, yt = helper.data(96, 1)
+    Xv, yv = helper.data(45, 2)
+
+    class StopAt(Callback):  # a crash in the middle of epoch 2
+        def on_train_batch_end(self, trainer, batch_index):
+            if trainer.epoch == 1 and batch_index == 3:
+                raise RuntimeError("crash")
+
+    def trainer(callbacks=()):
+        model = helper.make_model()
+        return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), max_epochs=3, out_dir=str(tmp_path),
+                       batch_size=16, checkpoint_every_steps=1, progress=False, plot=False, callbacks=list(callbacks))
+
+    with pytest.raises(RuntimeError, match="crash"):
+        trainer([StopAt()]).fit((Xt, yt), (Xv, yv))
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["loop"]["batch_in_epoch"] == 3
+    proc = torchrun([CHILD, str(tmp_path), json.dumps({"batch": 8, "resume": True})])
+    assert proc.returncode != 0 and not os.path.exists(tmp_path / "done.0")
+    assert "was saved in the middle of epoch 2 by 1 process; this run has 2" in proc.stdout + proc.stderr
+    assert "resume with 1 (--nproc 1)" in proc.stdout + proc.stderr
+    # the control: the process count that wrote it resumes it
+    history = trainer().fit((Xt, yt), (Xv, yv), resume=True)
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+
+
 def test_fsdp_evaluation_with_batch_counts_that_differ_across_ranks_does_not_hang(tmp_path):
     """45 validation samples, evaluation batch 1: 23 forwards on rank 0, 22 on rank 1. Every FSDP forward
     gathers parameters (a collective), so the ranks agree on the count before the loop and rank 1 runs one

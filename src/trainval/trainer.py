@@ -1015,6 +1015,14 @@ class Trainer:
                               "monitor, or start a new run.")
         if state.get("task", self.task.name) != self.task.name:
             raise ConfigError(f"{self.last_path} was a {state['task']} run; this one is {self.task.name}.")
+        written_by = len(state.get("ranks") or []) or None
+        if saved.get("batch_in_epoch", 0) > 0 and written_by and written_by != self.dist.world_size:
+            # each rank's shard of the epoch, and so what was done, depends on the number of processes
+            raise CheckpointError(
+                f"{self.last_path} was saved in the middle of epoch {state.get('epoch', 0) + 1} by {written_by} "
+                f"process{'es' if written_by > 1 else ''}; this run has {self.dist.world_size}. The samples already "
+                f"trained in that epoch are known only for {written_by}: resume with {written_by} "
+                f"(--nproc {written_by}), then change the number of processes at an epoch's end.")
         if "shards" in state:  # each rank reads the pieces of its own shards (a collective)
             shards = self.strategy.sharded_state_dict(self.model, self.optimizer)
             sharded.load(shards, state["shards"], self.last_path)
