@@ -197,3 +197,33 @@ def test_a_sharded_last_pt_loads_as_a_plain_model_and_its_metadata_never_runs_co
     save_checkpoint({**state, "shards": {**record, "dir": "../outside"}}, path)
     with pytest.raises(CheckpointError, match="not a shard folder trainval writes"):
         load_model(str(tmp_path), "last", model=tiny_mlp())
+
+
+def test_damaged_or_linked_shards_are_one_clear_error(tmp_path):
+    """Sizes the shard files cannot hold are refused before anything is allocated (a crafted 40 TB
+    tensor used to end in the allocator's traceback); linked files are named as links, not as missing."""
+    path = _sharded_run(tmp_path, tiny_mlp(seed=3))
+    state = load_checkpoint(path)
+    folder = tmp_path / state["shards"]["dir"]
+    metadata = folder / ".metadata"
+    original = metadata.read_bytes()
+    import io
+
+    md = sharded._MetadataUnpickler(io.BytesIO(original)).load()
+    key = next(k for k in md.state_dict_metadata if k.startswith("model.") and k.endswith("weight"))
+    md.state_dict_metadata[key].size = torch.Size([10**7, 10**6])
+    metadata.write_bytes(pickle.dumps(md))
+    save_checkpoint({**state, "shards": {**state["shards"], "metadata_sha256": sharded._sha256(str(metadata))}}, path)
+    with pytest.raises(CheckpointError, match=r"describes 4\d+ bytes of tensors, but the shard files hold \d+"):
+        load_model(str(tmp_path), "last", model=tiny_mlp())
+
+    metadata.write_bytes(original)  # the control: the untouched metadata loads
+    save_checkpoint(state, path)
+    load_model(str(tmp_path), "last", model=tiny_mlp())
+
+    shard = next(p for p in folder.iterdir() if p.name.endswith(".distcp"))
+    moved = tmp_path / "elsewhere.distcp"
+    shard.rename(moved)
+    shard.symlink_to(moved)
+    with pytest.raises(CheckpointError, match=r"is a symbolic link; trainval reads only the shard files it wrote"):
+        load_model(str(tmp_path), "last", model=tiny_mlp())

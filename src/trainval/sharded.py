@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import math
 import os
 import pickle
 import re
@@ -193,7 +194,10 @@ def verify(record: dict, path: str) -> str:
         raise CheckpointError(f"{path} points to {rel!r}, which is not a shard folder trainval writes "
                               f"({SHARDS_DIR}/e<epoch>-s<step>-<id>); refusing to read it.")
     folder = os.path.join(os.path.dirname(os.path.abspath(path)), SHARDS_DIR, parts[1])
-    if os.path.islink(folder) or not os.path.isdir(folder):
+    if os.path.islink(folder):
+        raise CheckpointError(f"the shards of {path} are refused: {folder} is a symbolic link; trainval reads "
+                              "only the shard folder it wrote there (copy the files, do not link them).")
+    if not os.path.isdir(folder):
         raise CheckpointError(f"the shards of {path} are missing: no folder {folder} (last.pt and its "
                               f"{SHARDS_DIR} folder must be copied together).")
     try:
@@ -207,7 +211,12 @@ def verify(record: dict, path: str) -> str:
     files = record.get("files") if isinstance(record.get("files"), dict) else {}
     for name, size in files.items():
         file = os.path.join(folder, str(name))
-        if not _SHARD_FILE.match(str(name)) or os.path.islink(file) or not os.path.isfile(file):
+        if not _SHARD_FILE.match(str(name)):
+            raise CheckpointError(f"{path} lists {name!r}, which is not a shard file name trainval writes.")
+        if os.path.islink(file):
+            raise CheckpointError(f"the shards of {path} are refused: {file} is a symbolic link; trainval reads "
+                                  "only the shard files it wrote there (copy the files, do not link them).")
+        if not os.path.isfile(file):
             raise CheckpointError(f"the shards of {path} are incomplete: {file} is missing.")
         if os.path.getsize(file) != size:
             raise CheckpointError(f"the shards of {path} are damaged: {file} holds {os.path.getsize(file)} bytes, "
@@ -251,9 +260,10 @@ def consolidate(record: dict, path: str, prefix: str = "model") -> dict[str, tor
     reader = _safe_reader(folder)
     metadata = reader.read_metadata()
     head = prefix + "."
-    out = {key[len(head):]: torch.empty(md.size, dtype=md.properties.dtype)
-           for key, md in metadata.state_dict_metadata.items()
-           if key.startswith(head) and isinstance(md, TensorStorageMetadata)}
+    wanted = {key[len(head):]: md for key, md in metadata.state_dict_metadata.items()
+              if key.startswith(head) and isinstance(md, TensorStorageMetadata)}
+    _check_sizes_fit_files(wanted, folder, path)  # before allocating what the metadata claims
+    out = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in wanted.items()}
     if not out:
         raise CheckpointError(f"the shards of {path} hold no {prefix!r} tensors.")
     try:
@@ -264,6 +274,21 @@ def consolidate(record: dict, path: str, prefix: str = "model") -> dict[str, tor
             raise
         raise CheckpointError(f"cannot read the shards of {path} in {folder} ({_cause(e)}).") from None
     return out
+
+
+def _check_sizes_fit_files(wanted: dict, folder: str, path: str) -> None:
+    """Every stored tensor's data lies in the shard files once, so the full tensors the metadata describes
+    cannot hold more bytes than those files: a larger claim is a damaged or crafted folder."""
+    try:
+        claimed = sum(math.prod(md.size) * torch.empty(0, dtype=md.properties.dtype).element_size()
+                      for md in wanted.values())
+    except (TypeError, ValueError, AttributeError, RuntimeError):
+        raise CheckpointError(f"the shards of {path} in {folder} are damaged: their {_METADATA} describes "
+                              "tensors that cannot exist.") from None
+    stored = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if _SHARD_FILE.match(f))
+    if claimed > stored:
+        raise CheckpointError(f"the shards of {path} in {folder} are damaged: their {_METADATA} describes "
+                              f"{claimed} bytes of tensors, but the shard files hold {stored}.")
 
 
 @contextlib.contextmanager
