@@ -367,3 +367,22 @@ def test_checkpoint_reloads_without_trainval_and_strips_wrappers(tmp_path):
     plain = tiny_mlp(seed=5)
     plain.load_state_dict(state["model"])  # no "module." or "_orig_mod." prefixes
     assert state["epoch"] == 1
+
+
+def test_resume_writes_back_a_metrics_row_a_crash_kept_from_metrics_csv(tmp_path):
+    """metrics.csv follows last.pt (in the background with async_save): a kill between the two leaves the
+    file a row short. Resuming, even a finished run, writes last.pt's history back."""
+    X, y = make_blobs(n=80)
+
+    def fit(resume):
+        return Trainer(tiny_mlp(), max_epochs=2, out_dir=str(tmp_path), batch_size=16, progress=False,
+                       plot=False, async_save=True).fit((X[:60], y[:60]), (X[60:], y[60:]), resume=resume)
+
+    fit(False)
+    path = tmp_path / "metrics.csv"
+    whole = path.read_text()
+    lines = whole.splitlines(keepends=True)
+    assert len(lines) == 3
+    path.write_text("".join(lines[:2]))  # as if killed between last.pt and metrics.csv at the last epoch
+    history = fit(True)
+    assert len(history) == 2 and path.read_text() == whole

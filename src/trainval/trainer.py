@@ -344,6 +344,8 @@ class Trainer:
         if last is not None:
             self._restore(last)
             self.log(f"resuming from {self.last_path} (epoch {self.epoch}, batch {self.batch_in_epoch})")
+            if self.dist.is_main and self.history:  # a row a crash cut from metrics.csv comes back
+                write_metrics_csv(os.path.join(self.out_dir, "metrics.csv"), self.history)
         else:
             seed_everything(self.seed + self.dist.rank)  # model randomness (dropout, workers): per rank
             self.generator.manual_seed(self.seed)  # the shuffling permutation: shared by every rank
