@@ -434,7 +434,9 @@ def load_model(run_folder: str, ckpt: str = "best", model: nn.Module | None = No
         recorded = recorded_config(run_folder)
         sizes = recorded_sizes(run_folder)
         if recorded is None or sizes is None:
-            raise ConfigError(f"{run_folder} records no model config (a run of the Python API): build the model "
+            why = ("a run of the Python API" if recorded is None else
+                   "its data came from a data.factory, so fit did not record the model's input and output sizes")
+            raise ConfigError(f"{run_folder} records no model config to rebuild ({why}): build the model "
                               "yourself and pass it as load_model(..., model=my_model).")
         cfg = run_config(run_folder)
         name = cfg["model"]["name"]
