@@ -306,3 +306,23 @@ def test_two_ranks_split_round_robin_with_workers_and_predict_in_stream_order(tm
     assert torch.equal(result["preds"], preds)  # back in stream order across 2 ranks x 2 workers
     assert result["test"]["test_acc"] == pytest.approx(accuracy_score(yv, preds), abs=1e-12)
     assert result["test"]["test_f1_macro"] == pytest.approx(f1_score(yv, preds, average="macro"), abs=1e-12)
+
+
+@pytest.mark.parametrize("planned", [5, 15])
+def test_a_onecycle_of_the_python_api_that_a_stream_overruns_is_one_clear_error(tmp_path, planned):
+    """48 samples in batches of 8: 6 optimizer steps per epoch, 12 in 2 epochs. OneCycleLR planned for
+    5 raises torch's bare ValueError at step 6; trainval names what to do. The control plans 15."""
+    from trainval.errors import ConfigError
+
+    X, y = make_blobs(n=48)
+    model = tiny_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=planned)
+    trainer = Trainer(model, opt, scheduler=sched, max_epochs=2, out_dir=str(tmp_path), progress=False,
+                      plot=False, batch_size=8)
+    if planned < 12:
+        with pytest.raises(ConfigError, match=r"OneCycleLR scheduler planned fewer optimizer steps than this run "
+                                              r"takes \(step 6, epoch 1\).*scheduler.steps_per_epoch"):
+            trainer.fit(Stream(X, y))
+    else:
+        assert len(trainer.fit(Stream(X, y))) == 2

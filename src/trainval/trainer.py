@@ -552,7 +552,7 @@ class Trainer:
                 in_group = 0
                 self._optimizer_step(opt)
                 if per_step_scheduler is not None:
-                    per_step_scheduler.step()
+                    self._step_scheduler(per_step_scheduler)
                 self.state.global_step += 1
             if x is not None:
                 real = loader.unpadded(i, y.shape[0])
@@ -577,6 +577,18 @@ class Trainer:
             if every and self.global_step % every == 0 and not step.last:
                 self._save_mid_epoch(epoch, started)
         self._raise_if_nonfinite(epoch)
+
+    def _step_scheduler(self, scheduler: Any) -> None:
+        try:
+            scheduler.step()
+        except ValueError as e:  # OneCycleLR past its total_steps: too few planned steps (a stream's length?)
+            if "total steps" not in str(e):
+                raise
+            raise ConfigError(
+                f"the {type(scheduler).__name__} scheduler planned fewer optimizer steps than this run takes "
+                f"(step {self.global_step + 1}, epoch {self.epoch + 1}): build it with total_steps (or "
+                f"steps_per_epoch) of at least the run's optimizer steps; for a stream without a length, count "
+                f"its batches per epoch (CLI: scheduler.steps_per_epoch). ({e})") from None
 
     def _stand_in(self, loader: Loader) -> tuple[Any, torch.Tensor | None]:
         """The stream's first samples on the device: what a rank whose share ran out computes on."""
