@@ -303,7 +303,8 @@ class Trainer:
 
     def log(self, message: str) -> None:
         """The one reporting path: rank 0 prints; beside a live progress bar, above it."""
-        if not self.dist.is_main:
+        # Before fit joins the process group, self.dist is every rank's default (rank 0): RANK decides.
+        if not (self.dist.is_main and runfolder.is_main_process()):
             return
         if self._bar is not None and self._bar.bar is not None:
             self._bar.bar.write(message, file=sys.stdout)
