@@ -214,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not isinstance(sys.stdout, _QuietWhenClosed) and hasattr(sys.stdout, "fileno"):
         sys.stdout = _QuietWhenClosed(sys.stdout)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
     if args.command == "lint":
         from trainval.lint.cli import run as run_lint
 
@@ -245,6 +244,21 @@ def main(argv: list[str] | None = None) -> int:
         distributed.teardown()
         distributed.exit_process(code)  # see exit_process: avoids gloo's abort at interpreter exit
     return code
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Options and ``key=value`` overrides in any order (``test k=v --ckpt last k2=v``), like argparse's
+    ``parse_intermixed_args``: a command's positionals that come after an option join the ones before."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "args", None), list):
+        unknown = [a for a in extra if a.startswith("-")]
+        if not unknown:
+            args.args.extend(extra)
+            return args
+        extra = unknown
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _launch_problem(args) -> str | None:
