@@ -332,3 +332,36 @@ def test_launcher_flags_are_checked_in_one_line(tmp_path):
         assert proc.returncode == 2 and proc.stderr.startswith(f"trainval: error: {message}"), proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not list(tmp_path.iterdir())  # nothing was started or written
+
+
+def test_flags_and_overrides_in_any_order(tmp_path, capsys):
+    """`test CONFIG k=v --trust-code --ckpt last k2=v`: overrides after a flag count (argparse alone refused
+    them: "unrecognized arguments: k2=v"), in the order given; unknown flags are still refused."""
+    from trainval.cli import build_parser, parse_arguments
+
+    args = parse_arguments(build_parser(), ["test", "cfg.yaml", "a=1", "--trust-code", "--ckpt", "last", "b=2"])
+    assert (args.args, args.ckpt, args.trust_code) == (["cfg.yaml", "a=1", "b=2"], "last", True)
+    args = parse_arguments(build_parser(), ["fit", "a=1", "--nproc", "2", "b=2", "--resume", "c=3"])
+    assert (args.args, args.nproc, args.resume) == (["a=1", "b=2", "c=3"], 2, True)
+    with pytest.raises(SystemExit) as refused:
+        parse_arguments(build_parser(), ["test", "cfg.yaml", "--ckpt", "last", "b=2", "--bogus"])
+    assert refused.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a command without overrides takes no extra positionals
+        parse_arguments(build_parser(), ["runs", "runs", "--sort", "name", "extra"])
+
+    csv_path = tmp_path / "tab.csv"
+    gen("make_tabular_csv.py", "--out", str(csv_path), "--rows", "200")
+    cfg = os.path.join(REPO, "examples", "tabular.csv.yaml")
+    run_cli("fit", cfg, f"data.train={csv_path}", f"run.out_dir={tmp_path}/runs", "train.epochs=1",
+            "train.progress=false", "log.plot=false", cwd=str(tmp_path), check=True)
+    # run.out_dir comes after the flags: without it the run folder is not found
+    test = run_cli("test", cfg, f"data.train={csv_path}", "--trust-code", "--ckpt", "last", f"run.out_dir={tmp_path}/runs",
+                   cwd=str(tmp_path), check=True)
+    assert "Test Acc: " in test.stdout and "last.pt" in test.stdout
+    out = tmp_path / "preds.csv"
+    base = ["predict", cfg, f"data.train={csv_path}", "--ckpt", "last", f"run.out_dir={tmp_path}/runs", "--out", str(out)]
+    control = run_cli(*base, cwd=str(tmp_path), check=True)
+    assert "wrote 31 predictions" in control.stdout  # 15% of 200, rounded up
+    late = run_cli(*base, "data.test_split=0.3", "--proba", cwd=str(tmp_path), check=True)
+    rows = read_csv(out)
+    assert "wrote 61 predictions" in late.stdout and len(rows) == 61 and "prob_0" in rows[0], late.stdout

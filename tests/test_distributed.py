@@ -502,3 +502,22 @@ def test_a_stale_last_pt_on_one_node_is_refused(tmp_path):
         # (which launcher's worker becomes rank 0 is the rendezvous's choice)
         assert ": epoch 2, step 12, sha256" in proc.stderr and ": epoch 1, step 6, sha256" in proc.stderr
     assert torch.load(tmp_path / "a" / "last.pt", weights_only=True)["epoch"] == 2  # nothing was trained or written
+
+
+# ------------------------------------------------------------------------------------------------
+# Stop signals that reach the ranks at different moments
+
+
+def test_a_signal_that_reaches_one_rank_first_stops_every_rank_at_the_same_epoch(tmp_path):
+    """Rank 1 alone gets SIGTERM at the end of epoch 2 (torchrun passes a signal on to one worker after
+    the other). The ranks agree at the epoch's end and both save and stop there; before, rank 1 stopped
+    alone and rank 0 waited in the next epoch's collective until the timeout."""
+    started = time.perf_counter()
+    proc = torchrun([CHILD, str(tmp_path), json.dumps({"batch": 8, "epochs": 6, "term_rank": 1, "term_epoch": 2})],
+                    env={"TRAINVAL_DIST_TIMEOUT": "60"}, timeout=240)
+    elapsed = time.perf_counter() - started
+    assert proc.returncode != 0 and not (tmp_path / "done.0").exists()
+    # run_and_exit prints each rank's Interrupted; both stopped at the same place
+    assert proc.stderr.count("Interrupted: stopped by SIGTERM at the end of epoch 2;") == 2, proc.stderr[-3000:]
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 2
+    assert elapsed < 60, elapsed  # not a collective's timeout

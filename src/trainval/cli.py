@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 
@@ -121,9 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _LAUNCHER_FLAGS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint", "--max-restarts")
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _run_torchrun(args, argv: list[str]) -> int:
+    """Start torchrun with the same arguments, wait for it, and say once how the workers ended.
+
+    The user's signals reach this process alone (torchrun runs in a process group of its own). The
+    first SIGINT/SIGTERM goes to torchrun, which passes it to every worker: they finish the step, save
+    last.pt and stop, and this process prints their "stopped by ... Resume with" line and exits with
+    128 + the signal. A second one goes straight to the workers, which then exit at once. Should this
+    process die without a word (SIGKILL), torchrun gets SIGTERM (Linux) and stops the workers the same
+    graceful way, so no job trains on unattended.
+    """
     rest, skip = [], False
     for a in argv:  # the same arguments, less the launcher's own
         if skip:
@@ -141,44 +152,161 @@ def _run_torchrun(args, argv: list[str]) -> int:
         launch = ["--standalone"]
     if args.max_restarts is not None:
         launch.append(f"--max-restarts={args.max_restarts}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc-per-node={args.nproc or 1}",
+    nproc = args.nproc or 1
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc-per-node={nproc}",
            "-m", "trainval", *rest]
     import tempfile
 
-    with tempfile.TemporaryDirectory(prefix="trainval-ranks-") as errors:
-        # A restarted worker group (--max-restarts) must not read its peers' addresses of the failed
-        # attempt from torchrun's shared store (pytorch#135712).
-        env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", _RANK_ERRORS: errors}
-        with tempfile.TemporaryFile("w+") as launcher_log:
-            code = subprocess.call(cmd, env=env, stderr=launcher_log)
-            failures = _rank_errors(errors)
-            if code == 0 or not failures:  # success, or a crash without a user error: show everything
-                launcher_log.seek(0)
-                sys.stderr.write(launcher_log.read())
-                return code
-    # The workers' own errors, once each, instead of torchrun's report of a failed child.
+    forward = _SignalForwarder()
+    previous = {s: signal.signal(s, forward) for s in _STOP_SIGNALS}
+    try:  # until the end: a signal after torchrun's exit must not turn a finished run into a traceback
+        with tempfile.TemporaryDirectory(prefix="trainval-ranks-") as outcomes:
+            # A restarted worker group (--max-restarts) must not read its peers' addresses of the failed
+            # attempt from torchrun's shared store (pytorch#135712). After a stop signal, torchrun waits
+            # TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (torch's default: 30) for the workers to save last.pt
+            # before it kills them; give a large model's save more time.
+            env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120", **os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+                   _RANK_OUTCOMES: outcomes}
+            with tempfile.TemporaryFile("w+") as launcher_log:
+                forward.start(subprocess.Popen(cmd, env=env, stderr=launcher_log,
+                                               preexec_fn=_torchrun_preexec(os.getpid())))
+                code = forward.wait()
+                return _exit_code(code, _rank_outcomes(outcomes), nproc, forward.signals, launcher_log)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _exit_code(code: int, ranks: dict[int, tuple[int, str]], nproc: int, signals: list[int], launcher_log) -> int:
+    """The launcher's exit code from torchrun's and the workers' outcomes, each said once, on stderr."""
+    if signals and len(ranks) == nproc and all(c == 0 for c, _ in ranks.values()):
+        # every worker had finished its work; the signal only cut torchrun's own shutdown short
+        print(f"trainval: the run had finished when {signal.Signals(signals[0]).name} came; its results are "
+              "complete.", file=sys.stderr, flush=True)
+        return 0
+    failures = _failures(ranks)
+    if failures or signals:
+        return _report_failures(failures, signals)
+    launcher_log.seek(0)  # success, or a crash without a user error: show everything
+    sys.stderr.write(launcher_log.read())
+    return code
+
+
+class _SignalForwarder:
+    """The launcher's SIGINT/SIGTERM handler: the first signal to torchrun, a second one to the workers."""
+
+    def __init__(self):
+        self.signals: list[int] = []
+        self._torchrun: subprocess.Popen | None = None
+
+    def __call__(self, signum, frame) -> None:
+        if self._torchrun is not None and self._torchrun.returncode is not None:
+            return  # torchrun has ended: the run is over, there is nobody to stop
+        self.signals.append(signum)
+        if self._torchrun is not None:
+            self._forward(signum)
+
+    def start(self, torchrun: subprocess.Popen) -> None:
+        self._torchrun = torchrun
+        for signum in self.signals:  # any that came while torchrun was being started
+            self._forward(signum)
+
+    def wait(self) -> int:
+        """torchrun's exit code (the handler runs meanwhile; waitpid resumes after it)."""
+        return self._torchrun.wait()
+
+    def _forward(self, signum: int) -> None:
+        # torchrun passes a signal on to its workers and waits for them; during that wait a second one
+        # would only end torchrun, so it goes to the workers directly (the Trainer's "exit at once").
+        workers = _child_pids(self._torchrun.pid) if len(self.signals) > 1 else []
+        if not workers:
+            self._torchrun.send_signal(signum)
+        for pid in workers:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+
+def _torchrun_preexec(launcher_pid: int):
+    """Runs in torchrun's process before it starts: a process group of its own (a Ctrl-C or a signal
+    to the launcher's group reaches the launcher alone, which forwards it once), and on Linux SIGTERM
+    when the launcher dies (PR_SET_PDEATHSIG), so that a SIGKILLed launcher leaves no job behind."""
+    prctl = None
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the forked child only calls it
+
+    def preexec() -> None:
+        os.setpgid(0, 0)
+        if prctl is not None:
+            prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+            if os.getppid() != launcher_pid:  # the launcher died before prctl: nobody to train for
+                os._exit(128 + signal.SIGTERM)
+
+    return preexec
+
+
+def _child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc; an empty list elsewhere)."""
+    children = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:  # the field after the state: the parent
+                children.append(int(entry))
+    return children
+
+
+def _report_failures(failures: list[tuple[int, tuple[int, str]]], signals: list[int]) -> int:
+    """The workers' own errors, once each, instead of torchrun's report of a failed child; after a
+    stop signal that no worker reported on (it came before training, or a second one), one line."""
     shown: set[str] = set()
     for rank, (_, message) in failures:
         if message not in shown:
             shown.add(message)
             print(f"trainval: error: {'' if rank == 0 else f'[rank {rank}] '}{message}", file=sys.stderr, flush=True)
-    return failures[0][1][0]
+    if failures:
+        return failures[0][1][0]
+    name = signal.Signals(signals[-1]).name
+    if len(signals) > 1:
+        message = (f"stopped at once by a second {name}; last.pt is the last checkpoint saved before it "
+                   "(`trainval fit CONFIG --resume`).")
+    else:
+        message = f"interrupted by {name}."
+    print(f"trainval: error: {message}", file=sys.stderr, flush=True)
+    return 128 + signals[-1]
 
 
-_RANK_ERRORS = "TRAINVAL_RANK_ERRORS"  # the folder where workers started by --nproc leave their errors
+_RANK_OUTCOMES = "TRAINVAL_RANK_ERRORS"  # the folder where workers started by --nproc leave their outcomes
 
 
-def _rank_errors(folder: str) -> list[tuple[int, tuple[int, str]]]:
-    """(rank, (exit code, message)) of each worker that failed, lowest rank first; a rank stopped by a
-    signal (torchrun stopping the others after one failed) only when no rank has an error of its own."""
-    found = []
+def _rank_outcomes(folder: str) -> dict[int, tuple[int, str]]:
+    """rank -> (exit code, message) of each worker of this node that ended through ``main``: 0 when
+    its work was done, else the error it printed."""
+    found = {}
     for name in os.listdir(folder):
         with open(os.path.join(folder, name)) as f:
             code, _, message = f.read().partition("\n")
-        found.append((int(name), (int(code), message.strip())))
-    found.sort()
+        found[int(name)] = (int(code), message.strip())
+    return found
+
+
+def _failures(ranks: dict[int, tuple[int, str]]) -> list[tuple[int, tuple[int, str]]]:
+    """(rank, (exit code, message)) of each worker that failed, lowest rank first; when none has an error
+    of its own, only the lowest rank stopped by a signal (one stop, whose ranks may word it differently)."""
+    found = sorted((rank, outcome) for rank, outcome in ranks.items() if outcome[0] != 0)
     own = [f for f in found if f[1][0] < 128]
-    return own or found
+    return own or found[:1]
 
 
 class _QuietWhenClosed:
@@ -214,8 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not isinstance(sys.stdout, _QuietWhenClosed) and hasattr(sys.stdout, "fileno"):
         sys.stdout = _QuietWhenClosed(sys.stdout)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_arguments(build_parser(), argv)
     if args.command == "lint":
         from trainval.lint.cli import run as run_lint
 
@@ -242,9 +369,26 @@ def main(argv: list[str] | None = None) -> int:
     if in_torchrun:
         from trainval import distributed
 
-        distributed.teardown()
-        distributed.exit_process(code)  # see exit_process: avoids gloo's abort at interpreter exit
+        distributed.ignore_stop_signals()  # the work is over: a late Ctrl-C must not turn into a traceback
+        if code == 0:
+            _record_outcome(0, "done")  # for the launcher: a stop signal from now on came after the work
+        distributed.teardown_and_exit(code)  # os._exit: avoids gloo's abort at interpreter exit
     return code
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Options and ``key=value`` overrides in any order (``test k=v --ckpt last k2=v``), like argparse's
+    ``parse_intermixed_args``: a command's positionals that come after an option join the ones before."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "args", None), list):
+        unknown = [a for a in extra if a.startswith("-")]
+        if not unknown:
+            args.args.extend(extra)
+            return args
+        extra = unknown
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _launch_problem(args) -> str | None:
@@ -301,14 +445,22 @@ def _dispatch(args) -> int:
 
 
 def _error(message: str, code: int) -> int:
-    rank = os.environ.get("RANK", "0")
-    folder = os.environ.get(_RANK_ERRORS)
-    if folder and os.path.isdir(folder) and rank.isdigit():  # a worker of --nproc: the launcher prints it
-        with open(os.path.join(folder, rank), "w") as f:
-            f.write(f"{code}\n{message}\n")
-    else:  # every failing rank says so, the others prefixed with their rank
+    if not _record_outcome(code, message):  # every failing rank says so, the others prefixed with their rank
+        rank = os.environ.get("RANK", "0")
         print(f"trainval: error: {'' if rank == '0' else f'[rank {rank}] '}{message}", file=sys.stderr, flush=True)
     return code
+
+
+def _record_outcome(code: int, message: str) -> bool:
+    """A worker of --nproc leaves its exit code and message for the launcher, which prints them; False
+    elsewhere."""
+    rank = os.environ.get("RANK", "0")
+    folder = os.environ.get(_RANK_OUTCOMES)
+    if not (folder and os.path.isdir(folder) and rank.isdigit()):
+        return False
+    with open(os.path.join(folder, rank), "w") as f:
+        f.write(f"{code}\n{message}\n")
+    return True
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -246,20 +248,38 @@ def run_and_exit(main, *args, **kwargs) -> None:
     except BaseException:  # noqa: BLE001 - reported, then turned into the exit code
         traceback.print_exc()
         code = 1
+    teardown_and_exit(code)
+
+
+def teardown_and_exit(code: int) -> None:
+    """The work is done: leave the process group and exit with ``code``, deaf to SIGINT/SIGTERM.
+
+    A signal arriving now (torchrun forwarding a Ctrl-C that came just after the last output) has
+    nothing left to stop; it must not turn a finished run into a traceback or another exit code.
+    """
+    ignore_stop_signals()
     teardown()
     exit_process(code)
 
 
 def exit_process(code: int) -> None:
-    """Flush and leave now, skipping interpreter teardown.
+    """Flush and leave now, skipping interpreter teardown; SIGINT/SIGTERM are ignored meanwhile.
 
     With torch 2.13 and gloo, a worker sometimes aborts (SIGABRT, "terminate called without an active
     exception") while the interpreter tears down, after all its work is done. Every output is written
     and flushed by then, so distributed runs leave through ``os._exit`` with the real exit code.
     """
+    ignore_stop_signals()  # a KeyboardInterrupt raised inside the flush would print a traceback
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:  # noqa: BLE001
             pass
     os._exit(code)
+
+
+def ignore_stop_signals() -> None:
+    """SIGINT and SIGTERM do nothing from now on (in the main thread; elsewhere this is a no-op)."""
+    if threading.current_thread() is threading.main_thread():  # (signal.signal works there only)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)

@@ -303,7 +303,8 @@ class Trainer:
 
     def log(self, message: str) -> None:
         """The one reporting path: rank 0 prints; beside a live progress bar, above it."""
-        if not self.dist.is_main:
+        # Before fit joins the process group, self.dist is every rank's default (rank 0): RANK decides.
+        if not (self.dist.is_main and runfolder.is_main_process()):
             return
         if self._bar is not None and self._bar.bar is not None:
             self._bar.bar.write(message, file=sys.stdout)
@@ -493,7 +494,11 @@ class Trainer:
         if self.dist.enabled:  # every rank must agree, or the next collective hangs
             self.should_stop = bool(distributed.all_reduce_max(int(self.should_stop)))
         self._save_last(with_metrics=True)
-        if self._stop_signal is not None:
+        stop = self._stop_signal
+        if self.dist.enabled:  # a signal may reach one rank an instant before the others: stop together
+            stop = distributed.all_reduce_max(stop or 0) or None
+        if stop is not None:
+            self._stop_signal = stop
             self._interrupt(epoch, mid_epoch=False)
 
     def _epoch_line(self, epoch: int, row: dict) -> str:
@@ -1140,15 +1145,17 @@ class Trainer:
 
     @contextlib.contextmanager
     def _signal_handlers(self) -> Iterator[None]:
-        """First SIGINT/SIGTERM: finish the step, save last.pt, stop. A second SIGINT: exit at once."""
+        """First SIGINT/SIGTERM: finish the step, save last.pt, stop. A second one: exit at once."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+        received: list[int] = []  # by this process (self._stop_signal may be another rank's, agreed on)
 
         def handler(signum, frame):
-            if self._stop_signal is not None:
+            if received:
                 distributed.exit_process(128 + signum)  # checkpoints are atomic: nothing is corrupted
-            self._stop_signal = signum
+            received.append(signum)
+            self._stop_signal = self._stop_signal or signum
 
         previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         self._stop_signal = None

@@ -8,7 +8,8 @@ then resume to ``epochs`` in a second Trainer of the same process), async (async
 resume_strategy (the
 strategy of the resuming Trainer), die_before_commit (SIGKILL rank 0 on the first attempt when its N-th sharded last.pt has every shard written but is not yet
 pointed to; the shard folder's name goes to OUT_DIR/stray.txt), block_shards (rank 0 puts a file named
-last.shards in OUT_DIR after epoch 1, so that the shard folders cannot be made).
+last.shards in OUT_DIR after epoch 1, so that the shard folders cannot be made), term_rank + term_epoch
+(that rank alone sends itself SIGTERM at the end of that epoch).
 Rank 0 writes OUT_DIR/predictions.pt; every rank writes OUT_DIR/done.<rank> when its work is done.
 """
 
@@ -85,6 +86,17 @@ class BlockShards(Callback):
                 f.write("not a folder\n")
 
 
+class TermOnce(Callback):
+    """SIGTERM to this one rank at the end of an epoch: the others have not got it."""
+
+    def __init__(self, rank, epoch):
+        self.rank, self.epoch = rank, epoch
+
+    def on_epoch_end(self, trainer, row):
+        if trainer.dist.rank == self.rank and trainer.epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def die_before_commit(out_dir, n):
     from trainval import sharded
 
@@ -109,6 +121,8 @@ def main():
         record_dropout_masks(model, int(os.environ.get("RANK", 0)), out_dir)
     loss_fn = nn.BCEWithLogitsLoss() if binary else None
     callbacks = [KillOnce(opts["kill_rank"], opts["kill_step"])] if "kill_rank" in opts else []
+    if "term_rank" in opts:
+        callbacks.append(TermOnce(opts["term_rank"], opts["term_epoch"]))
     if opts.get("block_shards"):
         callbacks.append(BlockShards())
     if "die_before_commit" in opts:
