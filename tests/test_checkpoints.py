@@ -386,3 +386,15 @@ def test_resume_writes_back_a_metrics_row_a_crash_kept_from_metrics_csv(tmp_path
     path.write_text("".join(lines[:2]))  # as if killed between last.pt and metrics.csv at the last epoch
     history = fit(True)
     assert len(history) == 2 and path.read_text() == whole
+
+
+@pytest.mark.slow
+def test_a_repeated_sigterm_keeps_the_graceful_stop(tmp_path):
+    """Schedulers send SIGTERM to every process of a job (SLURM's scancel reaches a worker besides the
+    one torchrun forwards): the second SIGTERM must not turn the graceful stop into an exit without save.
+    The control is test_second_sigint_exits_at_once."""
+    rc, out, err = _signal_after_ready(tmp_path, signal.SIGTERM, second=signal.SIGTERM)
+    assert rc == 143, out + err
+    assert "last.pt is saved. Resume with" in out
+    state = load_checkpoint(str(tmp_path / "last.pt"))
+    assert state["epoch"] * 13 + state["loop"]["batch_in_epoch"] >= 30  # the step it had reached, not an older one

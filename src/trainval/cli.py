@@ -131,7 +131,7 @@ def _run_torchrun(args, argv: list[str]) -> int:
     The user's signals reach this process alone (torchrun runs in a process group of its own). The
     first SIGINT/SIGTERM goes to torchrun, which passes it to every worker: they finish the step, save
     last.pt and stop, and this process prints their "stopped by ... Resume with" line and exits with
-    128 + the signal. A second one goes straight to the workers, which then exit at once. Should this
+    128 + the signal. A second SIGINT goes straight to the workers, which then exit at once. Should this
     process die without a word (SIGKILL), torchrun gets SIGTERM (Linux) and stops the workers the same
     graceful way, so no job trains on unattended.
     """
@@ -193,7 +193,8 @@ def _exit_code(code: int, ranks: dict[int, tuple[int, str]], nproc: int, signals
 
 
 class _SignalForwarder:
-    """The launcher's SIGINT/SIGTERM handler: the first signal to torchrun, a second one to the workers."""
+    """The launcher's SIGINT/SIGTERM handler: the first signal to torchrun, a second SIGINT to the workers
+    (which exit at once); a repeated SIGTERM is dropped, as the workers drop theirs."""
 
     def __init__(self):
         self.signals: list[int] = []
@@ -202,6 +203,8 @@ class _SignalForwarder:
     def __call__(self, signum, frame) -> None:
         if self._torchrun is not None and self._torchrun.returncode is not None:
             return  # torchrun has ended: the run is over, there is nobody to stop
+        if self.signals and signum != signal.SIGINT:
+            return  # a repeated SIGTERM (a scheduler's): the graceful stop is under way
         self.signals.append(signum)
         if self._torchrun is not None:
             self._forward(signum)

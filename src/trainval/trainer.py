@@ -1145,7 +1145,11 @@ class Trainer:
 
     @contextlib.contextmanager
     def _signal_handlers(self) -> Iterator[None]:
-        """First SIGINT/SIGTERM: finish the step, save last.pt, stop. A second one: exit at once."""
+        """First SIGINT/SIGTERM: finish the step, save last.pt, stop. A second SIGINT: exit at once.
+
+        A repeated SIGTERM changes nothing: schedulers send it to every process of a job (SLURM's
+        ``scancel`` reaches the workers besides torchrun's forwarded one), and the stop is under way.
+        """
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -1153,7 +1157,9 @@ class Trainer:
 
         def handler(signum, frame):
             if received:
-                distributed.exit_process(128 + signum)  # checkpoints are atomic: nothing is corrupted
+                if signum == signal.SIGINT:  # a user's second Ctrl-C
+                    distributed.exit_process(128 + signum)  # checkpoints are atomic: nothing is corrupted
+                return
             received.append(signum)
             self._stop_signal = self._stop_signal or signum
 
