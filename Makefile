@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/trainval fit run.overwrite=true
 
-## make test: the whole test suite, on 2 worker processes (about 7 minutes on 2 cores)
+## make test: the whole test suite, on 2 worker processes (about 9 minutes on 2 cores)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
