@@ -129,14 +129,15 @@ def _commit(out_dir: str, name: str, metadata: Any, loop_state: dict) -> None:
     folder = os.path.join(out_dir, SHARDS_DIR, name)
     files = sorted({info.relative_path for info in metadata.storage_data.values()})
     record = {"format": FORMAT, "dir": f"{SHARDS_DIR}/{name}",
-              "metadata_sha256": _sha256(os.path.join(folder, _METADATA)),
+              "metadata_sha256": sha256_file(os.path.join(folder, _METADATA)),
               "files": {f: os.path.getsize(os.path.join(folder, f)) for f in files}}
     _fsync_dir(os.path.join(out_dir, SHARDS_DIR))
     save_checkpoint({**loop_state, "shards": record}, os.path.join(out_dir, "last.pt"), "last checkpoint")
     remove_stale(out_dir, keep=name)
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """The file's SHA-256 (hex), read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -201,7 +202,7 @@ def verify(record: dict, path: str) -> str:
         raise CheckpointError(f"the shards of {path} are missing: no folder {folder} (last.pt and its "
                               f"{SHARDS_DIR} folder must be copied together).")
     try:
-        sha = _sha256(os.path.join(folder, _METADATA))
+        sha = sha256_file(os.path.join(folder, _METADATA))
     except OSError as e:
         raise CheckpointError(f"the shards of {path} in {folder} are incomplete: cannot read {_METADATA} "
                               f"({os.strerror(e.errno) if e.errno else e}).") from None

@@ -974,7 +974,7 @@ class Trainer:
             try:
                 state = load_checkpoint(self.last_path, map_location="cpu")  # not N full copies on the GPUs (FSDP)
                 loop = state.get("loop") or {}
-                seen = f"epoch {state.get('epoch')}, step {loop.get('global_step')}, sha256 {_sha256(self.last_path)[:12]}"
+                seen = f"epoch {state.get('epoch')}, step {loop.get('global_step')}, sha256 {sharded.sha256_file(self.last_path)[:12]}"
                 if "shards" in state:  # every rank must see the complete folder last.pt points to
                     sharded.verify(state["shards"], self.last_path)
                     seen += f", shards {sharded.pointed_folder(state)}"
@@ -1200,16 +1200,6 @@ def _write_confusion(path: str, cm: torch.Tensor) -> None:
     lines += [f"{r}," + ",".join(str(v) for v in row) for r, row in enumerate(counts)]
     data = ("\n".join(lines) + "\n").encode()
     atomic_write(path, lambda f: f.write(data), "confusion matrix")
-
-
-def _sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _versions() -> dict:
