@@ -4,6 +4,7 @@ workers sharing one study."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -43,10 +44,13 @@ def test_tune_four_trials_best_yaml_reproduces_the_best_trial(tmp_path, capsys):
         else:
             assert summary["best_value"] == t.value
     out = capsys.readouterr().out
-    assert out.count("\n0 ") + out.count("\n0 *") == 1 and "best trial written to" in out
+    best = study.best_trial  # the table: one row per trial, in order, the best one (any of them) starred
+    rows = [line.split()[:2] for line in out.splitlines() if re.match(r"^\d+( \*)?\s", line)]
+    assert [r[0] for r in rows] == ["0", "1", "2", "3"]
+    assert [r[0] for r in rows if r[1] == "*"] == [str(best.number)]
+    assert "best trial written to" in out
     assert result["best_yaml"] == str(folder / "best.yaml") and len(result["trials"]) == 4
 
-    best = study.best_trial
     text = (folder / "best.yaml").read_text()
     assert text.startswith(f"# trainval tune: trial {best.number} ")
     fit = run_cli("fit", str(folder / "best.yaml"), "train.progress=false", cwd=str(tmp_path), check=True)
