@@ -24,8 +24,20 @@ CHILD = os.path.join(REPO, "tests", "helpers", "train_child.py")
 
 
 def child(out_dir, timeout=120, **opts) -> subprocess.CompletedProcess:
+    """train_child.py in a fresh interpreter."""
     return subprocess.run([sys.executable, CHILD, str(out_dir), json.dumps(opts)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+@pytest.fixture(scope="module")
+def zygote(tmp_path_factory):
+    """The same train_child, forked from a process that has imported torch already (helpers/zygote.py):
+    real processes, real kills and signals, without 2.5 s of imports each."""
+    from helpers.zygote import Zygote
+
+    z = Zygote(str(tmp_path_factory.mktemp("zygote-logs")))
+    yield z
+    z.close()
 
 
 def weights(path):
@@ -64,14 +76,14 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_mid_epoch_resume_is_bit_identical(tmp_path):
+def test_mid_epoch_resume_is_bit_identical(tmp_path, zygote):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    assert child(ref, epochs=3, every=5).returncode == 0
-    killed = child(cut, epochs=3, every=5, kill_batch=23)  # epoch 2 (13 batches per epoch), after step 20's save
+    assert zygote.run(ref, epochs=3, every=5).returncode == 0
+    killed = zygote.run(cut, epochs=3, every=5, kill_batch=23)  # epoch 2 (13 batches per epoch), after step 20's save
     assert killed.returncode == -signal.SIGKILL
     state = torch.load(cut / "last.pt", weights_only=True)
     assert (state["epoch"], state["loop"]["batch_in_epoch"]) == (1, 7)
-    resumed = child(cut, epochs=3, every=5, resume=True)
+    resumed = zygote.run(cut, epochs=3, every=5, resume=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert_same_bits(weights(ref / "last.pt"), weights(cut / "last.pt"))
     assert metric_rows(ref) == metric_rows(cut)
@@ -90,18 +102,18 @@ def _partial_writes(folder) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigkill_inside_each_write_keeps_the_previous_checkpoint_and_resumes_exactly(tmp_path):
+def test_sigkill_inside_each_write_keeps_the_previous_checkpoint_and_resumes_exactly(tmp_path, zygote):
     """18 kills, each right inside the N-th checkpoint write of a fresh run (mid-epoch and epoch-end writes).
 
     Each must leave exactly one partial temp file beside an intact last.pt from the write before it,
     and resuming from that last.pt must end bit-identical to a run that was never killed.
     """
     ref = tmp_path / "ref"
-    assert child(ref, epochs=2, every=1).returncode == 0
+    assert zygote.run(ref, epochs=2, every=1).returncode == 0
     started = time.perf_counter()
     for n in range(1, 19):
         folder = tmp_path / f"kill{n}"
-        proc = child(folder, epochs=2, every=1, kill_in_write=n)
+        proc = zygote.run(folder, epochs=2, every=1, kill_in_write=n)
         assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
         # the kill came inside a write: its temp file is there, half-written and unreadable
         partial = _partial_writes(folder)
@@ -119,7 +131,7 @@ def test_sigkill_inside_each_write_keeps_the_previous_checkpoint_and_resumes_exa
             assert (state["epoch"], state["loop"]["batch_in_epoch"], state["loop"]["global_step"]) == (0, n - 1, n - 1)
         else:
             assert n - 3 <= state["loop"]["global_step"] <= n - 2
-        resumed = child(folder, epochs=2, every=1, resume=True)
+        resumed = zygote.run(folder, epochs=2, every=1, resume=True)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         assert f"(epoch {state['epoch']}, batch {state['loop']['batch_in_epoch']})" in resumed.stdout
         assert not _partial_writes(folder)  # the resumed run removed the leftover
@@ -130,33 +142,26 @@ def test_sigkill_inside_each_write_keeps_the_previous_checkpoint_and_resumes_exa
 
 
 @pytest.mark.slow
-def test_sigkill_at_many_moments_then_resume_ends_where_an_unbroken_run_does(tmp_path):
+def test_sigkill_at_many_moments_then_resume_ends_where_an_unbroken_run_does(tmp_path, zygote):
     """18 kills at other moments of training (batches, evaluations, writes), every other run resuming.
 
     Whatever a kill leaves must load; a resumed run must start from the last.pt it found; and the run,
     finished after the last kill, must end bit-identical to one that was never killed.
     """
     folder, ref = tmp_path / "run", tmp_path / "ref"
-    opts = {"epochs": 20, "every": 2}
+    opts = {"epochs": 60, "every": 2}  # a run resumes at most once: two runs of up to 0.85 s stay far from the end
     started = time.perf_counter()
     resumes = cut_writes = 0
     for i in range(18):
         found = _load_all(folder) if folder.exists() else {}
         resume = "last.pt" in found and i % 2 == 0
-        p = subprocess.Popen([sys.executable, CHILD, str(folder), json.dumps({**opts, "resume": resume, "ready_after": 3})],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        before_ready = []
-        for line in p.stdout:
-            if line.strip() == "READY":
-                break
-            before_ready.append(line)
+        p = zygote.start(folder, **opts, resume=resume, ready_after=3)
+        before_ready = p.wait_for_line("READY")
         # READY after 3 batches: this process has written last.pt once (every=2), so each later run
         # finds one; then 0 to 0.85 s more of training: batches, evaluations and writes
         time.sleep(0.05 * i)
         p.kill()
-        p.wait()
-        p.stdout.close()
+        assert p.wait() == -signal.SIGKILL, p.stdout  # the kill came before the run ended by itself
         resumed_line = [ln for ln in before_ready if ln.startswith("resuming from")]
         if resume:
             last = found["last.pt"]
@@ -167,12 +172,12 @@ def test_sigkill_at_many_moments_then_resume_ends_where_an_unbroken_run_does(tmp
         cut_writes += len(_partial_writes(folder))
         _load_all(folder)  # raises if the kill left an unreadable checkpoint
     assert resumes == 8  # runs 2, 4, ..., 16
-    finished = child(folder, resume=True, timeout=300, **opts)
+    finished = zygote.run(folder, resume=True, timeout=300, **opts)
     assert finished.returncode == 0, finished.stdout + finished.stderr
-    assert child(ref, timeout=300, **opts).returncode == 0
+    assert zygote.run(ref, timeout=300, **opts).returncode == 0
     assert_same_bits(weights(ref / "last.pt"), weights(folder / "last.pt"))
     assert_same_bits(weights(ref / "best.pt"), weights(folder / "best.pt"))
-    assert metric_rows(ref) == metric_rows(folder) and len(metric_rows(ref)) == 20
+    assert metric_rows(ref) == metric_rows(folder) and len(metric_rows(ref)) == 60
     print(f"18 kills ({cut_writes} inside a write), {resumes} resumes, {time.perf_counter() - started:.1f} s")
 
 
@@ -180,23 +185,20 @@ def test_sigkill_at_many_moments_then_resume_ends_where_an_unbroken_run_does(tmp
 # Graceful stop
 
 
-def _signal_after_ready(folder, sig, second=None, **opts):
-    p = subprocess.Popen([sys.executable, CHILD, str(folder), json.dumps({"epochs": 100, "sleep": 0.01, "ready_after": 30, **opts})],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in p.stdout:
-        if line.strip() == "READY":
-            break
+def _signal_after_ready(zygote, folder, sig, second=None, **opts):
+    p = zygote.start(folder, **{"epochs": 100, "sleep": 0.01, "ready_after": 30, **opts})
+    p.wait_for_line("READY")
     p.send_signal(sig)
     if second is not None:
         p.send_signal(second)
-    out, err = p.communicate(timeout=60)
-    return p.returncode, out, err
+    p.wait(timeout=60)
+    return p.returncode, p.stdout, p.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_saves_last_and_exits_with_its_code(tmp_path, sig, code):
-    rc, out, err = _signal_after_ready(tmp_path, sig)
+def test_signal_saves_last_and_exits_with_its_code(tmp_path, zygote, sig, code):
+    rc, out, err = _signal_after_ready(zygote, tmp_path, sig)
     assert rc == code, out + err
     assert "last.pt is saved. Resume with" in out
     state = load_checkpoint(str(tmp_path / "last.pt"))
@@ -204,38 +206,34 @@ def test_signal_saves_last_and_exits_with_its_code(tmp_path, sig, code):
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_bit_identical(tmp_path):
+def test_interrupted_run_resumes_bit_identical(tmp_path, zygote):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    assert child(ref, epochs=4).returncode == 0
-    rc, out, _ = _signal_after_ready(cut, signal.SIGINT, epochs=4)
+    assert zygote.run(ref, epochs=4).returncode == 0
+    rc, out, _ = _signal_after_ready(zygote, cut, signal.SIGINT, epochs=4)
     assert rc == 130, out
-    resumed = child(cut, epochs=4, resume=True)
+    resumed = zygote.run(cut, epochs=4, resume=True)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert_same_bits(weights(ref / "last.pt"), weights(cut / "last.pt"))
     assert metric_rows(ref) == metric_rows(cut)
 
 
 @pytest.mark.slow
-def test_second_sigint_exits_at_once(tmp_path):
+def test_second_sigint_exits_at_once(tmp_path, zygote):
     # READY comes after batch 30 (epoch 3; last.pt was written at the end of epoch 2); the child then stays
     # 30 s inside that batch's callback. The first SIGINT only asks the loop to stop after this step,
     # which the graceful path would do after the 30 s, saving last.pt mid-epoch and saying so. The
     # second SIGINT must end the process at once, with 130, without reaching that save.
-    p = subprocess.Popen([sys.executable, CHILD, str(tmp_path), json.dumps({"epochs": 100, "ready_after": 30, "hold": 30})],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in p.stdout:
-        if line.strip() == "READY":
-            break
+    p = zygote.start(tmp_path, epochs=100, ready_after=30, hold=30)
+    p.wait_for_line("READY")
     before = (tmp_path / "last.pt").read_bytes()
     p.send_signal(signal.SIGINT)
     time.sleep(0.5)  # the first one is handled by now (two pending SIGINTs would merge into one)
     assert p.poll() is None, "the first SIGINT alone must not end the step"
     sent = time.monotonic()
     p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=60)
-    elapsed = time.monotonic() - sent
-    assert p.returncode == 130, out + err
+    p.wait(timeout=60)
+    elapsed, out = time.monotonic() - sent, p.stdout
+    assert p.returncode == 130, out
     assert elapsed < 5, f"{elapsed:.1f} s from the second SIGINT to the exit: it finished the step"
     assert "last.pt is saved" not in out and "DONE" not in out, out
     assert (tmp_path / "last.pt").read_bytes() == before  # no save after the signals
@@ -389,11 +387,11 @@ def test_resume_writes_back_a_metrics_row_a_crash_kept_from_metrics_csv(tmp_path
 
 
 @pytest.mark.slow
-def test_a_repeated_sigterm_keeps_the_graceful_stop(tmp_path):
+def test_a_repeated_sigterm_keeps_the_graceful_stop(tmp_path, zygote):
     """Schedulers send SIGTERM to every process of a job (SLURM's scancel reaches a worker besides the
     one torchrun forwards): the second SIGTERM must not turn the graceful stop into an exit without save.
     The control is test_second_sigint_exits_at_once."""
-    rc, out, err = _signal_after_ready(tmp_path, signal.SIGTERM, second=signal.SIGTERM)
+    rc, out, err = _signal_after_ready(zygote, tmp_path, signal.SIGTERM, second=signal.SIGTERM)
     assert rc == 143, out + err
     assert "last.pt is saved. Resume with" in out
     state = load_checkpoint(str(tmp_path / "last.pt"))

@@ -1,6 +1,7 @@
 """A training process for fault-injection tests; the test kills or signals it.
 
-Usage: python train_child.py OUT_DIR JSON_OPTIONS
+Usage: python train_child.py OUT_DIR JSON_OPTIONS, or forked by zygote.py (the same ``run``, without
+the 2.5 s of imports).
 Options: epochs, resume, every (checkpoint_every_steps), kill_epoch_end (SIGKILL itself at the end of
 that epoch, before last.pt is written), kill_batch (SIGKILL itself after that global batch count),
 kill_in_write (SIGKILL itself inside the N-th checkpoint write, 1-based), sleep (seconds per batch),
@@ -51,8 +52,7 @@ class Faults(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def main():
-    out_dir, opts = sys.argv[1], json.loads(sys.argv[2])
+def run(out_dir: str, opts: dict) -> None:
     if opts.get("kill_in_write"):
         count = {"n": 0}
 
@@ -80,4 +80,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(sys.argv[1], json.loads(sys.argv[2]))
