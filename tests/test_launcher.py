@@ -198,10 +198,41 @@ def test_sigkill_to_the_launcher_stops_torchrun_and_the_workers(tmp_path, reap):
     metrics = (tmp_path / "runs" / "job" / "metrics.csv").read_text().splitlines()
     time.sleep(2)  # nothing writes to the folder any more
     assert (tmp_path / "runs" / "job" / "metrics.csv").read_text().splitlines() == metrics
+    def outcome_folders():  # torchrun and torch leave their own folders in TMPDIR too
+        return [n for n in os.listdir(tmp_path / "tmp") if n.startswith("trainval-ranks-")]
+
+    left = outcome_folders()  # the killed launcher could not remove its own
+    assert len(left) == 1 and left[0].startswith(f"trainval-ranks-{launcher.proc.pid}-"), left
     resumed = run_cli("fit", cfg, f"train.epochs={stopped + 1}", "--resume", "--nproc", "2", cwd=str(tmp_path),
-                      env={"OMP_NUM_THREADS": "1"}, timeout=300)
+                      env={"OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"[{stopped + 1:03d}/{stopped + 1:03d}]" in resumed.stdout
+    assert outcome_folders() == []  # the next launcher removed it, and its own
+
+
+def test_only_a_dead_launchers_outcome_folder_of_rank_files_is_removed(tmp_path):
+    from trainval.cli import remove_stale_outcome_folders
+
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = int(done.stdout), os.getpid()
+
+    def folder(name, files=("0", "1")):
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_text("0\n\n")
+        return tmp_path / name
+
+    stale = folder(f"trainval-ranks-{dead}-abc_12")
+    kept = [folder(f"trainval-ranks-{live}-abc"),  # its launcher runs
+            folder(f"trainval-ranks-{dead}-notes", files=("0", "notes.txt")),  # not only rank files
+            folder(f"trainval-ranks-{dead}x-abc"), folder("other")]  # other names
+    (tmp_path / "other" / "0").rename(tmp_path / "target")
+    linked = folder(f"trainval-ranks-{dead}-link", files=())
+    os.symlink(tmp_path / "target", linked / "0")  # a link is not a rank file
+    os.symlink(tmp_path / "other", tmp_path / f"trainval-ranks-{dead}-dirlink")  # nor a folder
+    assert remove_stale_outcome_folders(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and all(k.is_dir() for k in [*kept, linked]) and (tmp_path / "target").exists()
+    assert sorted(os.listdir(tmp_path / f"trainval-ranks-{dead}-notes")) == ["0", "notes.txt"]
 
 
 def test_a_second_sigint_stops_at_once(tmp_path, reap):

@@ -4,8 +4,8 @@ workers sharing one study."""
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 

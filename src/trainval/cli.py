@@ -157,10 +157,12 @@ def _run_torchrun(args, argv: list[str]) -> int:
            "-m", "trainval", *rest]
     import tempfile
 
+    temp = tempfile.gettempdir()
+    remove_stale_outcome_folders(temp)
     forward = _SignalForwarder()
     previous = {s: signal.signal(s, forward) for s in _STOP_SIGNALS}
     try:  # until the end: a signal after torchrun's exit must not turn a finished run into a traceback
-        with tempfile.TemporaryDirectory(prefix="trainval-ranks-") as outcomes:
+        with tempfile.TemporaryDirectory(prefix=f"{_OUTCOMES_PREFIX}{os.getpid()}-", dir=temp) as outcomes:
             # A restarted worker group (--max-restarts) must not read its peers' addresses of the failed
             # attempt from torchrun's shared store (pytorch#135712). After a stop signal, torchrun waits
             # TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (torch's default: 30) for the workers to save last.pt
@@ -291,6 +293,55 @@ def _report_failures(failures: list[tuple[int, tuple[int, str]]], signals: list[
 
 
 _RANK_OUTCOMES = "TRAINVAL_RANK_ERRORS"  # the folder where workers started by --nproc leave their outcomes
+
+
+_OUTCOMES_PREFIX = "trainval-ranks-"  # + the launcher's pid + "-" + tempfile's random part
+
+
+def remove_stale_outcome_folders(temp: str) -> list[str]:
+    """Removes the outcome folders of launchers that were SIGKILLed (so they could not remove their own).
+
+    Only folders named ``trainval-ranks-<pid>-*`` that this user owns, whose launcher ``pid`` is gone,
+    and that hold nothing but rank outcome files (named by a rank number); anything else is left alone.
+    Returns the removed paths.
+    """
+    import re
+    import stat
+
+    removed = []
+    try:
+        names = os.listdir(temp)
+    except OSError:
+        return removed
+    for name in names:
+        match = re.fullmatch(re.escape(_OUTCOMES_PREFIX) + r"(\d+)-[A-Za-z0-9_]+", name)
+        if not match or _process_exists(int(match.group(1))):
+            continue
+        path = os.path.join(temp, name)
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            entries = os.listdir(path)
+            if not all(e.isdigit() and stat.S_ISREG(os.lstat(os.path.join(path, e)).st_mode) for e in entries):
+                continue
+            for e in entries:
+                os.unlink(os.path.join(path, e))
+            os.rmdir(path)
+            removed.append(path)
+        except OSError:  # another launcher removed it first, or it changed meanwhile: leave it
+            continue
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _rank_outcomes(folder: str) -> dict[int, tuple[int, str]]:
