@@ -416,10 +416,12 @@ def main(argv: list[str] | None = None) -> int:
                 config.load(*_split_positionals(args.args))  # a config error: one line, before torchrun
                 return _run_torchrun(args, argv)
         code = _dispatch(args)
-    except TrainvalError as e:
-        code = _error(str(e), e.exit_code)
-    except KeyboardInterrupt:
-        code = _error("interrupted.", 130)
+    except (TrainvalError, KeyboardInterrupt) as e:
+        if in_torchrun:  # torchrun SIGTERMs the other workers when one fails: each says its error in full
+            from trainval import distributed
+
+            distributed.ignore_stop_signals()
+        code = _error(str(e), e.exit_code) if isinstance(e, TrainvalError) else _error("interrupted.", 130)
     if in_torchrun:
         from trainval import distributed
 

@@ -246,6 +246,8 @@ def run_and_exit(main, *args, **kwargs) -> None:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:  # noqa: BLE001 - reported, then turned into the exit code
+        # torchrun SIGTERMs the other workers as soon as one fails: this one's report must not be cut short
+        ignore_stop_signals()
         traceback.print_exc()
         code = 1
     teardown_and_exit(code)
