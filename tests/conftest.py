@@ -42,7 +42,7 @@ def blobs():
     return make_blobs()
 
 
-def run_cli(*args: str, cwd: str | None = None, env: dict | None = None, timeout: float = 300,
+def run_cli(*args: str, cwd: str | None = None, env: dict | None = None, timeout: float = 600,
             check: bool = False) -> subprocess.CompletedProcess:
     """The real ``trainval`` executable (``python -m trainval``) in a subprocess."""
     full_env = dict(os.environ)

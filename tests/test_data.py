@@ -174,7 +174,7 @@ def test_loaders_say_which_training_samples_are_padding():
     """97 samples on 2 ranks, batch 8: rank 1's 49th sample repeats the permutation's first (padding)."""
     from trainval.data import make_loader
 
-    X, y = torch.randn(97, 3), torch.arange(97) % 2
+    X, y = torch.randn(97, 3, generator=torch.Generator().manual_seed(0)), torch.arange(97) % 2
     for data in ((X, y), TensorDataset(X, y)):
         seen = []
         for rank in range(2):

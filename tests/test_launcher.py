@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -159,10 +160,14 @@ def test_sigterm_to_the_launcher_alone_stops_every_process_then_resume_finishes(
     code, out, err = launcher.finish()
     assert code == 143, out + err
     assert wait_until_gone(pids, 60) == [], "torchrun or a worker outlived the launcher"
-    assert err.count("stopped by SIGTERM at the end of epoch") == 1 and err.count("Resume with") == 1, err
+    # the ranks agree to stop at an epoch's end, or at a step that is a multiple of 32 (the 11th epoch's
+    # 2nd: 3 steps an epoch) when the signal reaches them late on a loaded machine
+    said = re.findall(r"stopped by SIGTERM at (?:the end of epoch (\d+)|epoch (\d+), batch \d+); runs/job/last\.pt is saved",
+                      err)
+    assert len(said) == 1 and err.count("Resume with") == 1, err
     assert "Traceback" not in err and "SignalException" not in err, err
-    stopped = last_epoch(tmp_path)
-    assert 2 <= stopped < 500 and f"epoch {stopped}; runs/job/last.pt is saved" in err, err
+    stopped = last_epoch(tmp_path)  # epochs done: the one to finish is stopped + 1
+    assert 2 <= stopped < 500 and said[0] in ((str(stopped), ""), ("", str(stopped + 1))), (said, stopped)
     # the folder is free (no worker holds its lock) and resumes to the end
     resumed = run_cli("fit", cfg, f"train.epochs={stopped + 1}", "--resume", "--nproc", "2", cwd=str(tmp_path),
                       env={"OMP_NUM_THREADS": "1"}, timeout=300)
@@ -240,7 +245,12 @@ def test_a_second_sigint_stops_at_once(tmp_path, reap):
     # for the end of the epoch, many seconds away; the second must end every process at once
     cfg = make_config(tmp_path, epochs=50, sleep=3.0)
     launcher, pids = start_and_watch(tmp_path, reap, cfg, line="[001/")
-    time.sleep(1.5)  # past epoch 1's end (its line comes before its stop check), into epoch 2's first step
+    # past epoch 1's end (its line comes before its stop check and last.pt) into epoch 2's first step
+    deadline = time.monotonic() + 60
+    while not ((tmp_path / "runs" / "job" / "last.pt").exists() and last_epoch(tmp_path) == 1):
+        assert time.monotonic() < deadline, "no last.pt of epoch 1 after 60 s"
+        time.sleep(0.05)
+    time.sleep(0.5)
     launcher.proc.send_signal(signal.SIGINT)
     time.sleep(1.0)
     assert launcher.proc.poll() is None, "the first SIGINT alone must not end the epoch"

@@ -193,7 +193,7 @@ def test_notes_regression_example(tmp_path):
 
 
 def test_regression_one_output_is_matched_not_broadcast(tmp_path):
-    X = torch.randn(80, 3)
+    X = torch.randn(80, 3, generator=torch.Generator().manual_seed(0))
     y = X[:, 0] * 3  # [N] targets, a [B, 1] output: MSELoss would broadcast to [B, B]
     torch.manual_seed(0)
     model = nn.Linear(3, 1)

@@ -106,8 +106,10 @@ def materialise(mirrors: str = DEFAULT_MIRRORS) -> list[str]:
         if _digest(data) != e.sha256:
             missing.append(e.name)
             continue
-        with open(target, "wb") as f:
+        partial = f"{target}.{os.getpid()}.tmp"  # two test workers may write the same file at once
+        with open(partial, "wb") as f:
             f.write(data)
+        os.replace(partial, target)
     return missing
 
 
