@@ -6,13 +6,13 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint bench gpu-check clean
+.PHONY: run test test-fast lint bench gpu-check constraints clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet "$(TORCH_PIN)" -e ".[test,tensorboard]"
+	$(PY) -m pip install --quiet -c constraints.txt "$(TORCH_PIN)" -e ".[test,tensorboard]"
 	touch $(STAMP)
 
 ## make run: the main job - trainval fit on the embedded digits data (runs/digits/)
@@ -27,13 +27,19 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow"
 
 lint: $(STAMP)
-	$(PY) -m pip install --quiet ruff
+	$(PY) -m pip install --quiet -c constraints.txt ruff
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/trainval lint src examples
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet "$(TORCH_PIN)" -e ".[bench]"
+	$(PY) -m pip install --quiet -c constraints.txt "$(TORCH_PIN)" -e ".[bench]"
 	$(PY) benchmarks/compare.py
+
+## make constraints: pin what .venv holds now (after upgrading a package on purpose and passing make test)
+constraints: $(STAMP)
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^trainval' \
+	  | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
