@@ -337,13 +337,13 @@ def _fit(cfg: dict, resume: bool, callbacks: list | tuple, test_if: Callable[[],
         callbacks = [*callbacks, saver]
     in_shape, num_outputs = _shape_and_outputs(splits, task_name(cfg), cfg["model"]["name"])
     resolved = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
+    notes = _resume_changes(cfg, resolved) if resume else []  # a refusal comes before anything is built
     model = build_model(cfg["model"], in_shape, num_outputs)
     loss = build_loss(cfg, splits, num_outputs)
     trainer = build_trainer(cfg, model, _num_samples(splits.train), resolved, loss, callbacks,
                             stream=is_stream(splits.train))
-    if resume:
-        for note in _resume_changes(cfg, resolved):
-            trainer.log(note)
+    for note in notes:
+        trainer.log(note)
     fit_started = time.perf_counter()
     history = trainer.fit(_pair(splits.train), _pair(splits.val) if splits.val is not None else None, resume=resume)
     fit_seconds = time.perf_counter() - fit_started
