@@ -268,6 +268,9 @@ def test_regression_example_fit_test_predict(tmp_path):
     pred = np.array([[float(r["progression"]), float(r["bmi"])] for r in rows])
     assert result["test_r2"] == pytest.approx(r2_score(truth, pred), abs=1e-5)  # the CSV holds 8 digits
     assert "Test mse:" in test.stdout
+    # predict replaces its own regression predictions.csv (Id,<target names>) without --force
+    again = run_cli("predict", *common, cwd=str(tmp_path), check=True)
+    assert "wrote 67 predictions" in again.stdout and read_csv(run / "predictions.csv") == rows
 
 
 @pytest.mark.slow
@@ -286,6 +289,11 @@ def test_multilabel_csv_and_binary_npz(tmp_path):
     assert "Test f1_micro:" in fit.stdout
     rows = read_csv(tmp_path / "runs" / "ml" / "predictions.csv")
     assert list(rows[0]) == ["Id", "label_0", "label_1", "label_2"] and {rows[0]["label_0"]} <= {"0", "1"}
+    # predict replaces its own multilabel predictions.csv without --force
+    run_cli("predict", str(tmp_path / "runs" / "ml"), "--proba", cwd=str(tmp_path), check=True)
+    again = read_csv(tmp_path / "runs" / "ml" / "predictions.csv")
+    assert list(again[0]) == ["Id", "label_0", "label_1", "label_2", "prob_0", "prob_1", "prob_2"]
+    assert [{k: r[k] for k in rows[0]} for r in again] == rows
     np.savez(tmp_path / "bin.npz", x=X.astype(np.float32), y=(X[:, 0] > 0).astype(np.float32))
     fit = run_cli("fit", "data.source=npz", f"data.train={tmp_path}/bin.npz", "task.name=binary",
                   "task.metrics=[acc, auroc]", "train.monitor=val_auroc", "model.name=mlp", "train.epochs=3",

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_cli
 
+from trainval.errors import ConfigError
 from trainval.models import MLP
 
 
@@ -729,3 +731,43 @@ def test_csv_without_data_rows_or_too_few_to_split_is_one_line(tmp_path):
     (tmp_path / "data.csv").write_text("f1,f2,f3,f4,label\n1,2,3,4,0\n")
     proc = run_cli("fit", *csv_args(tmp_path), cwd=str(tmp_path))
     assert "cannot hold out a 0.15 split of 1 samples" in one_error_line(proc, 1)
+
+
+def test_predictions_files_trainval_wrote_are_told_from_other_files(tmp_path):
+    """predict replaces, without --force, only what write_predictions writes (every task's layout)."""
+    from trainval import runfolder
+    from trainval.workflow import write_predictions
+
+    made = {
+        "multiclass": (torch.tensor([1, 0]), torch.tensor([[0.2, 0.8], [0.9, 0.1]])),
+        "binary": (torch.tensor([1, 0]), torch.tensor([0.8, 0.1])),
+        "multilabel": (torch.tensor([[1, 0, 1], [0, 0, 1]]), torch.rand(2, 3)),
+        "regression": (torch.tensor([[0.5, 2.0], [1.5, 3.0]]), None),
+    }
+    for task, (pred, probs) in made.items():
+        for with_probs in (False, True):
+            path = tmp_path / f"{task}-{with_probs}.csv"
+            write_predictions(str(path), task, pred, probs if with_probs else None, ["y", "z"])
+            assert runfolder._is_predictions_file(str(path), ["y", "z"]), path.read_text()
+    dense = tmp_path / "dense.csv"
+    write_predictions(str(dense), "multiclass", torch.zeros(2, 4, 4, dtype=torch.long))
+    assert dense.read_text().startswith("Id,Array\n") and runfolder._is_predictions_file(str(dense))
+    write_predictions(str(dense), "multiclass", torch.ones(2, 4, 4, dtype=torch.long))  # its own .npy: replaced
+    assert np.load(tmp_path / "dense.npy").sum() == 32
+
+    foreign = {"data.csv": "f1,f2,label\n1,2,0\n", "ids.csv": "Id,Name\n0,a\n", "reg.csv": "Id,y\n0,1.5\n",
+               "labels.csv": "Id,label_1\n0,1\n", "empty.csv": "", "binary.csv": b"\xff\xfe"}
+    for name, text in foreign.items():
+        (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+        assert not runfolder._is_predictions_file(str(tmp_path / name), ["z"]), name
+        with pytest.raises(ConfigError, match="not a predictions file trainval wrote"):
+            runfolder.check_output(str(tmp_path / name), {}, force=False, target_names=["z"])
+    runfolder.check_output(str(tmp_path / "reg.csv"), {}, force=False, target_names=["y"])  # this run's targets
+
+    # a user's .npy beside a new --out is never replaced by a dense output's array file
+    (tmp_path / "mine.npy").write_bytes(b"the user's")
+    with pytest.raises(ConfigError, match="mine.npy exists but was not written with it"):
+        write_predictions(str(tmp_path / "mine.csv"), "multiclass", torch.zeros(2, 4, 4, dtype=torch.long))
+    assert (tmp_path / "mine.npy").read_bytes() == b"the user's" and not (tmp_path / "mine.csv").exists()
+    write_predictions(str(tmp_path / "mine.csv"), "multiclass", torch.zeros(2, 4, 4, dtype=torch.long), force=True)
+    assert np.load(tmp_path / "mine.npy").shape == (2, 4, 4)

@@ -236,20 +236,42 @@ def _is_checkpoint(path: str) -> bool:
         return False
 
 
-def _is_predictions_file(path: str) -> bool:
+def predictions_header(path: str) -> list[str] | None:
+    """The column names of a predictions file trainval wrote at ``path``, else None.
+
+    The layouts of ``workflow.write_predictions``: ``Id,Class`` or ``Id,label_<k>...`` (each maybe followed
+    by ``prob_<k>`` columns), ``Id,Array`` (dense outputs in a ``.npy`` beside it) and regression's
+    ``Id,<target names>``, recognised when they are the ``target_names`` this run writes.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             header = f.readline(4096).rstrip("\r\n").split(",")
     except (OSError, UnicodeDecodeError):
+        return None
+    return header if header[:1] == ["Id"] else None
+
+
+def _is_predictions_file(path: str, target_names: list[str] | tuple = ()) -> bool:
+    header = predictions_header(path)
+    if header is None:
         return False
-    return header[:2] == ["Id", "Class"] and all(h.startswith("prob_") for h in header[2:])
+    rest = header[1:]
+    labels = 0
+    while labels < len(rest) and rest[labels] == f"label_{labels}":
+        labels += 1
+    probs = rest[1:] if rest[:1] in (["Class"], ["Array"]) else rest[labels:] if labels else None
+    if probs is not None:
+        return all(h.startswith("prob_") for h in probs)
+    return bool(rest) and (rest == list(target_names) or rest == ["Target"]
+                           or rest == [f"target_{k}" for k in range(len(rest))])
 
 
-def check_output(out: str, protected: dict[str, str], force: bool) -> None:
+def check_output(out: str, protected: dict[str, str], force: bool, target_names: list[str] | tuple = ()) -> None:
     """Refuse a ``predict --out`` that is a checkpoint or an input of the run, or (without ``force``)
     an existing file that is not a predictions file trainval wrote.
 
-    ``protected`` maps paths (checkpoints, data files, the config) to what they are.
+    ``protected`` maps paths (checkpoints, data files, the config) to what they are; ``target_names``
+    are the column names a regression run writes.
     """
     real = os.path.realpath(out)
     for path, what in protected.items():
@@ -263,7 +285,7 @@ def check_output(out: str, protected: dict[str, str], force: bool) -> None:
         return
     if _is_checkpoint(out):
         raise ConfigError(f"--out {out} is a PyTorch checkpoint; predictions must go to another file.")
-    if not force and not _is_predictions_file(out):
+    if not force and not _is_predictions_file(out, target_names):
         raise ConfigError(
             f"--out {out} exists and is not a predictions file trainval wrote; choose another file, "
             "or pass --force to replace it."

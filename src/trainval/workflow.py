@@ -447,12 +447,14 @@ def _target_names(cfg: dict | None, width: int) -> list[str]:
     return ["Target"] if width == 1 else [f"target_{k}" for k in range(width)]
 
 
-def _write_predictions_for(trainer: Trainer, inputs: Any, ckpt: str, path: str, proba: bool, cfg: dict | None) -> int:
+def _write_predictions_for(trainer: Trainer, inputs: Any, ckpt: str, path: str, proba: bool, cfg: dict | None,
+                           force: bool = False) -> int:
     """Predict ``inputs`` and write the task's predictions file (rank 0); returns the number of rows."""
     predictions = trainer.predict(inputs, ckpt=ckpt)
     probs = trainer.predict_proba(inputs, ckpt=None) if (proba and trainer.task.is_classification) else None
     if trainer.dist.is_main:
-        write_predictions(path, trainer.task.name, predictions, probs, _target_names(cfg, _width(predictions)))
+        write_predictions(path, trainer.task.name, predictions, probs, _target_names(cfg, _width(predictions)),
+                          force=force)
     return len(predictions)
 
 
@@ -528,8 +530,10 @@ def predict(cfg: dict, ckpt: str | None = "best", out: str | None = None, proba:
         raise ConfigError(f"--out {out}: the folder {parent} does not exist; create it first.")
     into_folder = os.path.realpath(parent) == os.path.realpath(folder)
     with runfolder.locked(folder, "predict", create=False) if into_folder else contextlib.nullcontext():
-        runfolder.check_output(out, _protected_paths(cfg, ckpt, config_path), force)
-        return _predict(cfg, ckpt, out, proba)
+        label = cfg["data"].get("label")
+        runfolder.check_output(out, _protected_paths(cfg, ckpt, config_path), force,
+                               target_names=label if isinstance(label, list) else [label] if label else [])
+        return _predict(cfg, ckpt, out, proba, force)
 
 
 def _protected_paths(cfg: dict, ckpt: str | None, config_path: str | None) -> dict[str, str]:
@@ -547,13 +551,13 @@ def _protected_paths(cfg: dict, ckpt: str | None, config_path: str | None) -> di
     return protected
 
 
-def _predict(cfg: dict, ckpt: str | None, out: str, proba: bool) -> str:
+def _predict(cfg: dict, ckpt: str | None, out: str, proba: bool, force: bool = False) -> str:
     splits, sizes = _test_data(cfg)
     if splits.test is None:
         raise ConfigError("there is no test data to predict: set data.test or data.test_split.")
     trainer, path = _trainer_from_run(cfg, ckpt, splits, sizes)
     inputs = splits.test.X if isinstance(splits.test, Split) else splits.test
-    written = _write_predictions_for(trainer, inputs, path, out, proba=proba, cfg=cfg)
+    written = _write_predictions_for(trainer, inputs, path, out, proba=proba, cfg=cfg, force=force)
     trainer.log(f"wrote {written} predictions ({path}) -> {out}")
     return out
 
@@ -563,17 +567,22 @@ def _predict(cfg: dict, ckpt: str | None, out: str, proba: bool) -> str:
 
 
 def write_predictions(path: str, task: str, predictions: torch.Tensor, probs: torch.Tensor | None = None,
-                      target_names: list[str] | None = None) -> None:
+                      target_names: list[str] | None = None, force: bool = False) -> None:
     """The predictions file, written atomically. Columns per task:
 
     multiclass/binary ``Id,Class`` (+ ``prob_<c>`` with probabilities; binary: ``prob_1``); multilabel
     ``Id,label_<k>...`` (+ ``prob_<k>``); regression ``Id,<target names>``. Dense outputs (a class per
     position, or multi-dimensional values) go to a ``.npy`` file beside the CSV, whose rows then say
-    where each sample's array is.
+    where each sample's array is; an existing ``.npy`` there is replaced only when the CSV it replaces
+    is such a file (or with ``force``).
     """
     n = len(predictions)
     if predictions.dim() > 2 or (task == "multiclass" and predictions.dim() > 1):
         npy = os.path.splitext(path)[0] + ".npy"
+        if os.path.lexists(npy) and not force and runfolder.predictions_header(path) != ["Id", "Array"]:
+            raise ConfigError(f"the predictions of this dense output go to {npy} beside {path}, and {npy} "
+                              "exists but was not written with it; choose another --out, or pass --force "
+                              "to replace it.")
         buf = io.BytesIO()
         np.save(buf, predictions.numpy())
         data = buf.getvalue()
