@@ -425,6 +425,29 @@ def test_tvl004_skips_models_without_mode_dependent_layers():
         assert found(src) == {(line_of(src, "acc = "), "TVL004")}, layer
 
 
+SEQUENTIAL = """
+import torch
+import torch.nn as nn
+model = nn.Sequential(nn.Linear(10, 32), {middle}, nn.ReLU(), nn.Linear(32, 2)).to("cpu")
+with torch.no_grad():
+    acc = (model(x).argmax(1) == y).float().mean()
+print(acc)
+"""
+
+
+@pytest.mark.parametrize("middle, reported", [
+    ("nn.Identity()", False),
+    ("nn.Sequential(nn.Linear(32, 32), nn.Tanh())", False),
+    ("nn.BatchNorm1d(32)", True),  # the README's own Trainer example is such a model
+    ("nn.Dropout(0.5)", True),
+    ("nn.Sequential(nn.Linear(32, 32), nn.Dropout(0.1))", True),
+    ("Block()", True),  # unknown: not from this file
+])
+def test_tvl004_looks_inside_a_sequential_built_in_the_file(middle, reported):
+    src = SEQUENTIAL.format(middle=middle)
+    assert ((line_of(src, "acc = "), "TVL004") in found(src)) is reported, src
+
+
 def test_from_pretrained_is_eval_only_for_hugging_face():
     hf = """
     import torch

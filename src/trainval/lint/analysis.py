@@ -224,7 +224,14 @@ class FileInfo:
             while isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute) and inner.func.attr in ("to", "cuda"):
                 inner = inner.func.value
             if isinstance(inner, ast.Call) and self.MODE_FREE_LAYERS.match(text(inner.func)):
-                continue  # model = nn.Linear(784, 10)
+                # model = nn.Linear(784, 10), or nn.Sequential(...) of layers that must be mode-free in turn
+                for c in (c for c in _walk_outside_lambdas(inner) if isinstance(c, ast.Call) and c is not inner):
+                    callee = text(c.func)
+                    if callee in classes:
+                        todo.append(callee)
+                    elif not (self.MODE_FREE_LAYERS.match(callee) or callee in PLAIN_HELPERS):
+                        return False
+                continue
             if not (isinstance(inner, ast.Call) and isinstance(inner.func, ast.Name) and inner.func.id in classes):
                 return False
             todo.append(inner.func.id)
