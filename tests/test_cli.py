@@ -114,6 +114,24 @@ def test_csv_fit_test_predict_and_resume(tmp_path):
     rows = read_csv(run / "predictions.csv")
     assert list(rows[0]) == ["Id", "Class"] and len(rows) == 61 and "wrote 61 predictions" in pred.stdout  # 15% of 400
 
+    # a new file's columns are taken by name, as fit recorded them: another order gives the same predictions
+    lines = csv_path.read_text().splitlines()
+    header = lines[0].split(",")
+    assert "features" in (run / "config.yaml").read_text()
+    (tmp_path / "reversed.csv").write_text("\n".join(",".join(line.split(",")[::-1]) for line in lines) + "\n")
+    outs = {}
+    for name in ("tab.csv", "reversed.csv"):
+        run_cli("predict", *common, f"data.test={tmp_path / name}", "--out", str(tmp_path / f"p-{name}"),
+                cwd=str(tmp_path), check=True)
+        outs[name] = read_csv(tmp_path / f"p-{name}")
+    assert outs["tab.csv"] == outs["reversed.csv"] and len(outs["tab.csv"]) == 400
+    (tmp_path / "renamed.csv").write_text("\n".join([",".join(f"x{i}" for i in range(len(header))), *lines[1:]]) + "\n")
+    proc = run_cli("predict", *common, f"data.test={tmp_path / 'renamed.csv'}", "--out", str(tmp_path / "p.csv"),
+                   cwd=str(tmp_path))
+    err = proc.stderr.strip()
+    assert proc.returncode == 1 and err.startswith("trainval: error: ") and len(err.splitlines()) == 1, err
+    assert f"feature columns not found: {header[0]}" in err and not (tmp_path / "p.csv").exists()
+
 
 def test_factory_data_and_user_model(tmp_path):
     env = {"PYTHONPATH": HELPERS + os.pathsep + os.environ.get("PYTHONPATH", "")}

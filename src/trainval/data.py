@@ -975,7 +975,7 @@ def load_csv(path: str, label: str | list[str] | None = "label", features: list[
     else:
         missing = [c for c in features if c not in header]
         if missing:
-            raise DataError(f"{path}: feature columns not found: {', '.join(missing)}.")
+            raise DataError(f"{path}: feature columns not found: {', '.join(missing)} (columns: {', '.join(header)}).")
         feat_cols = list(features)
     col = {h: i for i, h in enumerate(header)}
     X = np.empty((len(rows), len(feat_cols)), dtype=np.float32)
@@ -1011,6 +1011,18 @@ def load_csv(path: str, label: str | list[str] | None = "label", features: list[
         if isinstance(label, str):
             y = y[:, 0]
     return Split(X, y)
+
+
+def csv_feature_columns(path: str, label: str | list[str] | None, features: list[str] | None) -> list[str]:
+    """The feature columns ``load_csv`` takes from ``path``, in order: ``features``, or all but the label."""
+    if features is not None:
+        return list(features)
+    labels = [] if label is None else ([label] if isinstance(label, str) else list(label))
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for row in csv.reader(f):
+            if any(cell.strip() for cell in row):
+                return [h.strip() for h in row if h.strip() not in labels]
+    return []
 
 
 def import_object(spec: str, what: str) -> Any:

@@ -28,6 +28,7 @@ from trainval.checkpoint import atomic_write, check_recorded_model, load_checkpo
 from trainval.config import require_trusted_code
 from trainval.data import (
     Split,
+    csv_feature_columns,
     import_object,
     is_stream,
     load_csv,
@@ -337,6 +338,8 @@ def _fit(cfg: dict, resume: bool, callbacks: list | tuple, test_if: Callable[[],
         callbacks = [*callbacks, saver]
     in_shape, num_outputs = _shape_and_outputs(splits, task_name(cfg), cfg["model"]["name"])
     resolved = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
+    if cfg["data"]["source"] == "csv":  # test/predict then take these columns by name, in this order
+        resolved["features"] = csv_feature_columns(cfg["data"]["train"], cfg["data"]["label"], cfg["data"]["features"])
     notes = _resume_changes(cfg, resolved) if resume else []  # a refusal comes before anything is built
     model = build_model(cfg["model"], in_shape, num_outputs)
     loss = build_loss(cfg, splits, num_outputs)
@@ -394,6 +397,12 @@ def _test_data(cfg: dict) -> tuple[Splits, dict | None]:
     after its training data is gone. The recorded sizes are plain numbers, never code.
     """
     d = cfg["data"]
+    recorded = (runs.recorded_config(run_folder(cfg)) or {}).get("resolved") or {}
+    if d["source"] == "csv" and d["features"] is None and isinstance(recorded.get("features"), list):
+        # the columns the model was trained on, by name: a test file with its columns in another
+        # order is read right, one without them is refused naming them
+        cfg = {**cfg, "data": {**d, "features": [str(c) for c in recorded["features"]]}}
+        d = cfg["data"]
     sizes = runs.recorded_sizes(run_folder(cfg)) if d["source"] in ("csv", "npz") and d["test"] else None
     if sizes is not None and cfg["task"]["class_weights"] != "balanced" and sizes.get("task") == task_name(cfg):
         splits = Splits(None, None, _load_file(cfg, d["test"], require_labels=False))
