@@ -323,6 +323,12 @@ def test_multilabel_csv_and_binary_npz(tmp_path):
     rows = read_csv(tmp_path / "p.csv")
     assert list(rows[0]) == ["Id", "Class", "prob_1"] and (rows[0]["Class"] == "1") == (float(rows[0]["prob_1"]) > 0.5)
     assert "wrote 45 predictions" in pred.stdout
+    np.savez(tmp_path / "wide.npz", x=np.zeros((5, 6), dtype=np.float32))  # 6 features, the model takes 4
+    proc = run_cli("predict", str(tmp_path / "runs" / "bin"), f"data.test={tmp_path}/wide.npz", "--out",
+                   str(tmp_path / "w.csv"), cwd=str(tmp_path))
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        f"trainval: error: the test data ({tmp_path}/wide.npz) has samples of shape [6], but the run's model was "
+        "trained on samples of shape [4] (config.yaml, resolved.in_shape); give data shaped like the training data."]
 
 
 def test_bad_task_configs_are_one_line(tmp_path):

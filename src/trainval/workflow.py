@@ -481,6 +481,11 @@ def _trainer_from_run(cfg: dict, ckpt: str | None, splits: Splits, sizes: dict |
     state = load_checkpoint(path, map_location="cpu")
     if sizes is not None:  # recorded by fit in the run folder's config.yaml
         in_shape, num_outputs = sizes["in_shape"], sizes["num_outputs"]
+        test = splits.test
+        if isinstance(test, Split) and hasattr(test.X, "shape") and list(test.X.shape[1:]) != list(in_shape):
+            raise DataError(f"the test data ({cfg['data']['test']}) has samples of shape {list(test.X.shape[1:])}, "
+                            f"but the run's model was trained on samples of shape {list(in_shape)} (config.yaml, "
+                            "resolved.in_shape); give data shaped like the training data.")
     else:
         in_shape, num_outputs = _shape_and_outputs(splits, task_name(cfg), cfg["model"]["name"])
     resolved = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
