@@ -237,12 +237,8 @@ def _is_checkpoint(path: str) -> bool:
 
 
 def predictions_header(path: str) -> list[str] | None:
-    """The column names of a predictions file trainval wrote at ``path``, else None.
-
-    The layouts of ``workflow.write_predictions``: ``Id,Class`` or ``Id,label_<k>...`` (each maybe followed
-    by ``prob_<k>`` columns), ``Id,Array`` (dense outputs in a ``.npy`` beside it) and regression's
-    ``Id,<target names>``, recognised when they are the ``target_names`` this run writes.
-    """
+    """The header of the CSV at ``path`` when its first column is ``Id`` (as in every predictions file
+    trainval writes), else None."""
     try:
         with open(path, encoding="utf-8") as f:
             header = f.readline(4096).rstrip("\r\n").split(",")
@@ -252,6 +248,10 @@ def predictions_header(path: str) -> list[str] | None:
 
 
 def _is_predictions_file(path: str, target_names: list[str] | tuple = ()) -> bool:
+    """Whether ``path`` has the header of one of ``workflow.write_predictions``' layouts: ``Id,Class`` or
+    ``Id,label_<k>...`` (each maybe followed by ``prob_<k>`` columns), ``Id,Array`` (dense outputs, in a
+    ``.npy`` beside it) or regression's ``Id,<target names>`` (this run's ``target_names``, or the defaults).
+    """
     header = predictions_header(path)
     if header is None:
         return False
