@@ -131,6 +131,9 @@ def test_csv_fit_test_predict_and_resume(tmp_path):
     err = proc.stderr.strip()
     assert proc.returncode == 1 and err.startswith("trainval: error: ") and len(err.splitlines()) == 1, err
     assert f"feature columns not found: {header[0]}" in err and not (tmp_path / "p.csv").exists()
+    proc = run_cli("test", *common, "--ckpt", "nope.pt", cwd=str(tmp_path))
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "trainval: error: checkpoint not found: nope.pt (--ckpt takes best, last or the path of a .pt file).")
 
 
 def test_factory_data_and_user_model(tmp_path):

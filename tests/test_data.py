@@ -157,6 +157,9 @@ def test_load_npz_and_csv(tmp_path):
         load_csv(str(tmp_path / "bad.csv"))
     with pytest.raises(DataError, match="no label column 'target'"):
         load_csv(str(tmp_path / "d.csv"), label="target")
+    (tmp_path / "real.csv").write_text("a,b,label\n1,2,0\n3,4,0.25\n")
+    with pytest.raises(DataError, match=r"row 3, label column 'label': 0\.25 is not an integer class id \(for "):
+        load_csv(str(tmp_path / "real.csv"))  # the value as written, not numpy's np.float64(0.25)
 
 
 def test_stratified_split_is_seeded_and_stratified():

@@ -1005,7 +1005,7 @@ def load_csv(path: str, label: str | list[str] | None = "label", features: list[
             r, k = (int(i) for i in np.argwhere(bad)[0])
             what = ("an integer class id (for real-valued targets set task.name: regression)" if integer_labels
                     else "a finite number")
-            raise DataError(f"{path}: row {data_rows[r]}, label column '{labels[k]}': {y[r, k]!r} is not {what}.")
+            raise DataError(f"{path}: row {data_rows[r]}, label column '{labels[k]}': {float(y[r, k])!r} is not {what}.")
         if integer_labels:
             y = y.astype(np.int64)
         if isinstance(label, str):

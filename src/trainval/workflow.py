@@ -36,7 +36,7 @@ from trainval.data import (
     load_npz,
     stratified_split,
 )
-from trainval.errors import ConfigError, DataError
+from trainval.errors import CheckpointError, ConfigError, DataError
 from trainval.models import CNN, MLP
 from trainval.trainer import Trainer, seed_everything
 
@@ -478,6 +478,8 @@ def _trainer_from_run(cfg: dict, ckpt: str | None, splits: Splits, sizes: dict |
     """
     folder = run_folder(cfg)
     path = {"best": os.path.join(folder, "best.pt"), "last": os.path.join(folder, "last.pt")}.get(ckpt or "best", ckpt)
+    if ckpt not in (None, "best", "last") and not os.path.exists(path):
+        raise CheckpointError(f"checkpoint not found: {path} (--ckpt takes best, last or the path of a .pt file).")
     state = load_checkpoint(path, map_location="cpu")
     if sizes is not None:  # recorded by fit in the run folder's config.yaml
         in_shape, num_outputs = sizes["in_shape"], sizes["num_outputs"]
