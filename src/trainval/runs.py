@@ -397,7 +397,8 @@ def run_config(folder: str, overrides: list[str] = ()) -> dict:
 
 
 def recorded_sizes(folder: str) -> dict | None:
-    """``{"in_shape", "num_outputs", "task"}`` that fit recorded in the run's config.yaml (plain data), or None."""
+    """``{"in_shape", "num_outputs", "task"}`` (and, for CSV data, ``features``) that fit recorded in the run's
+    config.yaml (plain data), or None."""
     resolved = (recorded_config(folder) or {}).get("resolved")
     if isinstance(resolved, dict) and resolved.get("in_shape") is not None and resolved.get("num_outputs") is not None:
         return resolved

@@ -397,13 +397,13 @@ def _test_data(cfg: dict) -> tuple[Splits, dict | None]:
     after its training data is gone. The recorded sizes are plain numbers, never code.
     """
     d = cfg["data"]
-    recorded = (runs.recorded_config(run_folder(cfg)) or {}).get("resolved") or {}
-    if d["source"] == "csv" and d["features"] is None and isinstance(recorded.get("features"), list):
+    recorded = runs.recorded_sizes(run_folder(cfg)) if d["source"] in ("csv", "npz") else None
+    if d["source"] == "csv" and d["features"] is None and isinstance((recorded or {}).get("features"), list):
         # the columns the model was trained on, by name: a test file with its columns in another
         # order is read right, one without them is refused naming them
         cfg = {**cfg, "data": {**d, "features": [str(c) for c in recorded["features"]]}}
         d = cfg["data"]
-    sizes = runs.recorded_sizes(run_folder(cfg)) if d["source"] in ("csv", "npz") and d["test"] else None
+    sizes = recorded if d["test"] else None
     if sizes is not None and cfg["task"]["class_weights"] != "balanced" and sizes.get("task") == task_name(cfg):
         splits = Splits(None, None, _load_file(cfg, d["test"], require_labels=False))
     else:
@@ -477,7 +477,7 @@ def _trainer_from_run(cfg: dict, ckpt: str | None, splits: Splits, sizes: dict |
     The checkpoint is data only: the config recorded in it is compared, never used to build anything.
     """
     folder = run_folder(cfg)
-    path = {"best": os.path.join(folder, "best.pt"), "last": os.path.join(folder, "last.pt")}.get(ckpt or "best", ckpt)
+    path = runs.checkpoint_path(folder, ckpt)
     if ckpt not in (None, "best", "last") and not os.path.exists(path):
         raise CheckpointError(f"checkpoint not found: {path} (--ckpt takes best, last or the path of a .pt file).")
     state = load_checkpoint(path, map_location="cpu")
