@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from trainval.errors import CheckpointError
+from trainval.untrusted import shown_repr
 
 
 def _current_umask() -> int:
@@ -268,11 +269,11 @@ def check_recorded_model(state: dict, model_cfg: dict, resolved: dict, path: str
     saved_model = recorded.get("model") if isinstance(recorded.get("model"), dict) else {}
     for key, value in model_cfg.items():
         if key in saved_model and key not in _NOT_ARCHITECTURE and saved_model[key] != value:
-            differences.append(f"model.{key}: checkpoint {saved_model[key]!r}, config {value!r}")
+            differences.append(f"model.{key}: checkpoint {shown_repr(saved_model[key])}, config {shown_repr(value)}")
     saved_resolved = recorded.get("resolved") if isinstance(recorded.get("resolved"), dict) else {}
     for key, value in resolved.items():
         if key in saved_resolved and saved_resolved[key] != value:
-            differences.append(f"{key}: checkpoint {saved_resolved[key]!r}, this config's data {value!r}")
+            differences.append(f"{key}: checkpoint {shown_repr(saved_resolved[key])}, this config's data {shown_repr(value)}")
     if differences:
         raise CheckpointError(f"{path} was trained with another model than this config builds ("
                               + "; ".join(differences) + "); use the config the run was trained with.")

@@ -153,7 +153,9 @@ def _run_torchrun(args, argv: list[str]) -> int:
     if args.max_restarts is not None:
         launch.append(f"--max-restarts={args.max_restarts}")
     nproc = args.nproc or 1
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, f"--nproc-per-node={nproc}",
+    # -P: torchrun and its workers import nothing from the current folder (a tqdm.py there, say)
+    safe_path = ["-P"] if sys.version_info >= (3, 11) else []
+    cmd = [sys.executable, *safe_path, "-m", "torch.distributed.run", *launch, f"--nproc-per-node={nproc}",
            "-m", "trainval", *rest]
     import tempfile
 
@@ -464,10 +466,8 @@ def _launch_problem(args) -> str | None:
 def _dispatch(args) -> int:
     from trainval import config
 
-    # `python -m trainval` puts the current folder on sys.path; the console script must import the
-    # config's `module:function` factories and `module:Class` models from there too.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    # The current folder is not on sys.path (see __main__): a module there is imported only when the
+    # config names it as a `module:Class` model or `module:function` factory (data.import_object).
     if args.command == "runs":
         from trainval import runs
 
@@ -501,6 +501,9 @@ def _dispatch(args) -> int:
 
 
 def _error(message: str, code: int) -> int:
+    from trainval.untrusted import shown_line
+
+    message = shown_line(message)  # it may quote a file's text: no escape sequence reaches the terminal
     if not _record_outcome(code, message):  # every failing rank says so, the others prefixed with their rank
         rank = os.environ.get("RANK", "0")
         print(f"trainval: error: {'' if rank == '0' else f'[rank {rank}] '}{message}", file=sys.stderr, flush=True)

@@ -18,39 +18,7 @@ from typing import Any
 import yaml
 
 from trainval.errors import ConfigError
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
-            except TypeError:
-                continue  # an unhashable key: PyYAML's own error names it
-            if first != key_node.start_mark.line + 1:
-                raise yaml.constructor.ConstructorError(
-                    problem=f"duplicate key '{key}', first given at line {first}", problem_mark=key_node.start_mark)
-        return super().construct_mapping(node, deep)
-
-
-def _read_text(path: str) -> str:
-    """The config file as text: UTF-8 (a BOM is fine); binary and UTF-16 files get one clear error."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}.") from None
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
-        raise ConfigError(f"{path} is not a UTF-8 text file (binary or UTF-16); save it as UTF-8 YAML.")
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ConfigError(f"{path} is not UTF-8 text (an invalid byte at line {line}); save it as UTF-8 YAML.") from None
+from trainval.untrusted import load_yaml, read_yaml, shown, shown_repr
 
 
 @dataclass(frozen=True)
@@ -184,7 +152,7 @@ def _unknown(path: str, source: str) -> ConfigError:
 
 def _check(path: str, key: Key, value: Any, source: str) -> Any:
     def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{source}: {path} must be {expected}, got {value!r}.")
+        return ConfigError(f"{source}: {path} must be {expected}, got {shown_repr(value)}.")
 
     if value is None:
         if key.nullable:
@@ -252,7 +220,7 @@ def merge(cfg: dict, update: dict, source: str) -> dict:
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section '{section}' must be a mapping of keys to values, got {values!r}.")
+            raise ConfigError(f"{source}: section '{shown(section)}' must be a mapping of keys to values, got {shown_repr(values)}.")
         for k, v in values.items():
             path = f"{section}.{k}"
             if k not in SCHEMA[section]:
@@ -269,8 +237,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if path.count(".") != 1:
         raise ConfigError(f"override '{text}': the key must be section.key (e.g. optim.lr=3e-4).")
     try:
-        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
-    except yaml.YAMLError:
+        value = load_yaml(raw, f"override {text}") if raw.strip() else None
+    except ConfigError:  # not YAML (or a nesting or alias bomb): the text as written, checked as a string
         value = raw
     return path, value
 
@@ -279,15 +247,7 @@ def load(path: str | None, overrides: list[str] = ()) -> dict:
     """Defaults, then the YAML file (if any), then ``section.key=value`` overrides; validated."""
     cfg = defaults()
     if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        text = _read_text(path)
-        try:
-            data = yaml.load(text, Loader=_UniqueKeyLoader)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"{path}: not valid YAML{where} ({getattr(e, 'problem', e)}).") from None
+        data = read_yaml(path)
         merge(cfg, data or {}, path)
     for text in overrides:
         key, value = parse_override(text)
@@ -398,7 +358,7 @@ def resume_changes(saved: dict, cfg: dict, resolved: dict, epochs_done: int, whe
             old, new = old_section.get(k, key.default), cfg[section][k]
             if old == new:
                 continue
-            change = f"{path} {old!r} -> {new!r}"
+            change = f"{path} {shown_repr(old)} -> {shown_repr(new)}"
             if path not in RESUME_MAY_CHANGE:
                 refused.append(change)
             elif path == "train.epochs" and cfg["scheduler"]["name"] in ("cosine", "onecycle"):
@@ -410,7 +370,7 @@ def resume_changes(saved: dict, cfg: dict, resolved: dict, epochs_done: int, whe
     old_resolved = saved.get("resolved") if isinstance(saved.get("resolved"), dict) else {}
     for k, new in resolved.items():
         if k in old_resolved and old_resolved[k] != new:
-            refused.append(f"the data's {k} {old_resolved[k]!r} -> {new!r}")
+            refused.append(f"the data's {k} {shown_repr(old_resolved[k])} -> {shown_repr(new)}")
     if refused:
         raise ConfigError(f"cannot resume {where} with this config; it differs from the one the run was trained "
                           f"with in: {'; '.join(refused)}. Resume with the recorded values (config.yaml in the "

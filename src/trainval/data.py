@@ -23,6 +23,7 @@ import io
 import itertools
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -1030,6 +1031,10 @@ def import_object(spec: str, what: str) -> Any:
     if ":" not in spec:
         raise ConfigError(f"{what} '{spec}' must have the form 'module:name'.")
     module_name, _, attr = spec.partition(":")
+    # The user's own modules (`trainval fit` run where they lie): the current folder, searched after the
+    # standard library and installed packages, and only now that the config names code to import.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
@@ -1039,7 +1044,9 @@ def import_object(spec: str, what: str) -> Any:
         for part in attr.split("."):
             obj = getattr(obj, part)
     except AttributeError:
-        raise ConfigError(f"{what} '{spec}': module '{module_name}' has no attribute '{attr}'.") from None
+        where = getattr(module, "__file__", None)
+        raise ConfigError(f"{what} '{spec}': module '{module_name}' has no attribute '{attr}'"
+                          f"{f' (it was imported from {where})' if where else ''}.") from None
     return obj
 
 

@@ -25,6 +25,7 @@ from trainval import runfolder
 from trainval.callbacks import Callback
 from trainval.checkpoint import atomic_write
 from trainval.errors import CheckpointError, ConfigError
+from trainval.untrusted import read_yaml
 
 if TYPE_CHECKING:
     from torch import nn
@@ -360,16 +361,10 @@ def report(folder: str, sort: str | None = None, reverse: bool = False, fmt: str
 
 def recorded_config(folder: str) -> dict | None:
     """The run folder's ``config.yaml`` as written by fit (with its ``resolved`` sizes), or None."""
-    import yaml
-
     path = os.path.join(folder, "config.yaml")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot read {path}: {e}") from None
+    data = read_yaml(path, "the run's config")
     return data if isinstance(data, dict) else None
 
 
