@@ -237,7 +237,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if path.count(".") != 1:
         raise ConfigError(f"override '{text}': the key must be section.key (e.g. optim.lr=3e-4).")
     try:
-        value = load_yaml(raw, f"override {text}") if raw.strip() else None
+        value = load_yaml(raw, f"override {shown(text, 120)}") if raw.strip() else None
     except ConfigError:  # not YAML (or a nesting or alias bomb): the text as written, checked as a string
         value = raw
     return path, value
@@ -249,11 +249,17 @@ def load(path: str | None, overrides: list[str] = ()) -> dict:
     if path is not None:
         data = read_yaml(path)
         merge(cfg, data or {}, path)
+    apply_overrides(cfg, overrides)
+    return validate(cfg, path or "default config")
+
+
+def apply_overrides(cfg: dict, overrides: list[str] = ()) -> dict:
+    """``cfg`` updated with ``section.key=value`` overrides, each value parsed as YAML and validated."""
     for text in overrides:
         key, value = parse_override(text)
         section, _, k = key.partition(".")
-        merge(cfg, {section: {k: value}}, f"override {text}")
-    return validate(cfg, path or "default config")
+        merge(cfg, {section: {k: value}}, f"override {shown(text, 120)}")
+    return cfg
 
 
 def validate(cfg: dict, source: str) -> dict:

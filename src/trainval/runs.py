@@ -384,10 +384,7 @@ def run_config(folder: str, overrides: list[str] = ()) -> dict:
     config.merge(cfg, {s: v for s, v in recorded.items() if s in config.SCHEMA}, os.path.join(folder, "config.yaml"))
     folder = os.path.normpath(folder)
     cfg["run"]["out_dir"], cfg["run"]["name"] = os.path.dirname(folder) or ".", os.path.basename(folder)
-    for text in overrides:
-        key, value = config.parse_override(text)
-        section, _, k = key.partition(".")
-        config.merge(cfg, {section: {k: value}}, f"override {text}")
+    config.apply_overrides(cfg, overrides)
     return config.validate(cfg, os.path.join(folder, "config.yaml"))
 
 

@@ -26,6 +26,7 @@ from trainval import config, preprocess, runfolder, runs, trackers
 from trainval.callbacks import EarlyStopping, TensorBoardLogger
 from trainval.checkpoint import atomic_write, check_recorded_model, load_checkpoint
 from trainval.config import require_trusted_code
+from trainval.untrusted import shown_repr
 from trainval.data import (
     Split,
     csv_feature_columns,
@@ -175,7 +176,7 @@ def build_model(model_cfg: dict, in_shape: list[int] | None, num_outputs: int | 
     try:
         model = cls(**kwargs)
     except TypeError as e:
-        raise ConfigError(f"model.name '{name}' could not be built with model.kwargs {kwargs}: {e}") from None
+        raise ConfigError(f"model.name '{name}' could not be built with model.kwargs {shown_repr(kwargs)}: {e}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name '{name}' built a {type(model).__name__}, not a torch.nn.Module.")
     return model
