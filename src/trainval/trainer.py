@@ -62,6 +62,7 @@ from trainval.runs import RunSummary, record_test
 from trainval.state import LoopState, rng_state, seed_everything, set_rng_state
 from trainval.strategies import SingleProcess, make_strategy
 from trainval.tasks import Task, check_loss, loss_weight_fn, make_task, task_for_output
+from trainval.untrusted import shown_line
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
@@ -306,6 +307,7 @@ class Trainer:
         # Before fit joins the process group, self.dist is every rank's default (rank 0): RANK decides.
         if not (self.dist.is_main and runfolder.is_main_process()):
             return
+        message = shown_line(message)  # it may quote a file's text (a column, a path): no terminal escapes
         if self._bar is not None and self._bar.bar is not None:
             self._bar.bar.write(message, file=sys.stdout)
         else:
