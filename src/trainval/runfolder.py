@@ -23,7 +23,8 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 
-from trainval.errors import ConfigError, RunFolderError
+from trainval.errors import ConfigError, RunFolderError, TrainvalError
+from trainval.untrusted import read_bytes
 
 MARKER = ".trainval-run"
 TEMP_PREFIX = ".trainval-"
@@ -42,11 +43,16 @@ def is_run_folder(folder: str) -> bool:
 
 
 def _holder_pid(folder: str) -> int | None:
+    """The pid the marker records (the writer lock's last holder), or None: no marker, one that is not a
+    regular file (a FIFO never blocks this), or one that does not hold the pid trainval writes."""
     try:
-        with open(os.path.join(folder, MARKER)) as f:
-            return int(json.load(f)["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
+        raw = read_bytes(os.path.join(folder, MARKER), f"the marker {MARKER}", RunFolderError, limit=4096)
+        pid = json.loads(raw.decode("utf-8")).get("pid")
+    except (TrainvalError, ValueError, AttributeError, RecursionError):
         return None
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2**31:
+        return None  # never 0 or -1 (os.kill would probe a process group, or every process)
+    return pid
 
 
 def _write_marker(folder: str) -> None:
@@ -162,8 +168,8 @@ def is_locked(folder: str) -> bool:
             pass  # alive, another user's
     import fcntl
 
-    try:
-        fd = os.open(folder, os.O_RDONLY)
+    try:  # a folder swapped for a FIFO since it was listed: refused at once, not waited on
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return False
     try:

@@ -19,13 +19,14 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from trainval import runfolder
 from trainval.callbacks import Callback
 from trainval.checkpoint import atomic_write
-from trainval.errors import CheckpointError, ConfigError
-from trainval.untrusted import read_yaml
+from trainval.errors import CheckpointError, ConfigError, RunFolderError
+from trainval.untrusted import check_regular, read_bytes, read_yaml, shown, shown_repr
 
 if TYPE_CHECKING:
     from torch import nn
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
 
 SUMMARY = "summary.json"
 PLOT_SOFTWARE = "trainval runs"  # the PNG metadata that marks a plot `trainval runs --plot` wrote
+MAX_SUMMARY_BYTES = 4 * 2**20  # a summary.json trainval writes is a few KB
+MAX_METRICS_BYTES = 64 * 2**20  # a metrics.csv row per epoch: a few hundred bytes each
+MAX_RUN_DEPTH = 32  # folders below the listed one; a tuning trial is 3 deep (out_dir/name/trials/0000)
 
 
 def _now() -> str:
@@ -81,13 +85,32 @@ def trainer_arguments(trainer: Trainer) -> dict:
     return args
 
 
-def read_summary(folder: str) -> dict | None:
-    try:
-        with open(os.path.join(folder, SUMMARY), encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
+def _load_summary(folder: str) -> dict | None:
+    """The run's ``summary.json`` as parsed JSON, None when there is none; a :class:`RunFolderError`
+    saying what is wrong with one that cannot be read (not a regular file, too big, not JSON)."""
+    path = os.path.join(folder, SUMMARY)
+    if not os.path.lexists(path):
         return None
-    return data if isinstance(data, dict) else None
+    raw = read_bytes(path, SUMMARY, RunFolderError, limit=MAX_SUMMARY_BYTES)
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise RunFolderError(f"{SUMMARY} is not UTF-8 text (an invalid byte at offset {e.start}).") from None
+    except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
+        raise RunFolderError(f"{SUMMARY} is not valid JSON ({shown(e)}).") from None
+    except RecursionError:
+        raise RunFolderError(f"{SUMMARY} is nested too deeply to read; trainval writes a flat summary.") from None
+    if not isinstance(data, dict):
+        raise RunFolderError(f"{SUMMARY} holds {_json_kind(data)}, not an object.")
+    return data
+
+
+def read_summary(folder: str) -> dict | None:
+    """The run's ``summary.json`` as written, or None (no file, or one that cannot be read)."""
+    try:
+        return _load_summary(folder)
+    except RunFolderError:
+        return None
 
 
 def write_summary(folder: str, summary: dict) -> None:
@@ -172,16 +195,109 @@ def run_status(folder: str, summary: dict | None) -> str:
     return "interrupted" if recorded == "running" or os.path.exists(os.path.join(folder, "last.pt")) else "empty"
 
 
-def _read_metrics_csv(folder: str) -> list[dict]:
+def _json_kind(value: Any) -> str:
+    """What a JSON value is, in words (for a message)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _finite(value: Any) -> bool:
+    """A JSON number (not true/false) that is a finite float (JSON's NaN, Infinity and 1e400 are not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
     try:
-        with open(os.path.join(folder, "metrics.csv"), newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except OSError:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _wrong(key: str, value: Any, expected: str) -> RunFolderError:
+    return RunFolderError(f'{SUMMARY}: "{shown(key, 40)}" is {_json_kind(value)} ({shown_repr(value)}), '
+                          f"not {expected}.")
+
+
+def _summary_field(raw: dict, key: str, expected: str, ok: Callable[[Any], bool]) -> Any:
+    value = raw.get(key)
+    if value is not None and not ok(value):
+        raise _wrong(key, value, expected)
+    return value
+
+
+def _metric_columns(raw: dict, key: str) -> dict:
+    """``final``/``test``: an object of columns. A column of one value is kept (a finite number or text;
+    a non-finite number reads as null, as trainval writes it); one that holds a list or an object (a
+    user's callback may add one to a row) is left out: no table cell or sort takes it."""
+    columns = raw.get(key)
+    if columns is None:
+        return {}
+    if not isinstance(columns, dict):
+        raise _wrong(key, columns, "an object of metrics")
+    out: dict[str, float | int | str | None] = {}
+    for name, value in columns.items():
+        if isinstance(value, str) or value is None or _finite(value):
+            out[name] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = None
+    return out
+
+
+def summary_record(raw: dict) -> dict:
+    """The fields of a run's summary (its ``summary.json``, parsed) that ``trainval runs`` uses, each of
+    the type trainval writes: a :class:`RunFolderError` names the first that is not."""
+    count = "a whole number of epochs"
+
+    def is_count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    seconds = "a number of seconds"
+    record = {
+        "status": _summary_field(raw, "status", "text", lambda v: isinstance(v, str)),
+        "pruned": _summary_field(raw, "pruned", "true/false", lambda v: isinstance(v, bool)),
+        "epochs": _summary_field(raw, "epochs", count, is_count),
+        "max_epochs": _summary_field(raw, "max_epochs", count, is_count),
+        "monitor": _summary_field(raw, "monitor", "text", lambda v: isinstance(v, str)),
+        "mode": _summary_field(raw, "mode", '"min" or "max"', lambda v: v in ("min", "max")),
+        "best_value": _summary_field(raw, "best_value", "a finite number", _finite),
+        "best_epoch": _summary_field(raw, "best_epoch", "an epoch number", is_count),
+        "started": _summary_field(raw, "started", "text", lambda v: isinstance(v, str)),
+        # the whole fit (with its test and predictions) when the CLI ran it, else the epochs' time
+        "seconds": _summary_field(raw, "wall_seconds", seconds, _finite),
+        "test": _metric_columns(raw, "test"),
+        "final": _metric_columns(raw, "final"),
+    }
+    if record["seconds"] is None:
+        record["seconds"] = _summary_field(raw, "seconds", seconds, _finite)
+    return record
+
+
+def _load_metrics_csv(folder: str) -> list[dict]:
+    """The rows of the run's ``metrics.csv``, each value a float, text or None ([] when there is none);
+    a :class:`RunFolderError` saying what is wrong with one that cannot be read."""
+    path = os.path.join(folder, "metrics.csv")
+    if not os.path.lexists(path):
         return []
+    raw = read_bytes(path, "metrics.csv", RunFolderError, limit=MAX_METRICS_BYTES)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RunFolderError(f"metrics.csv is not UTF-8 text (an invalid byte at line {line}).") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        rows = list(reader)
+    except csv.Error as e:  # a field over csv's size limit, a stray quote...
+        raise RunFolderError(f"metrics.csv line {reader.line_num}: {shown(e)}.") from None
     out = []
     for row in rows:
-        parsed = {}
+        parsed: dict[str, float | str | None] = {}
         for k, v in row.items():
+            if k is None or not isinstance(v, (str, type(None))):
+                continue  # cells beyond the header's columns
             try:
                 parsed[k] = float(v) if v not in ("", None) else None
             except ValueError:
@@ -190,30 +306,56 @@ def _read_metrics_csv(folder: str) -> list[dict]:
     return out
 
 
-def describe_run(folder: str, root: str) -> dict:
-    """One run as a flat record: the table's columns, and the rest for ``--format json``."""
-    summary = read_summary(folder)
-    record: dict[str, Any] = {"name": os.path.relpath(folder, root), "path": folder}
-    if summary is None:  # an older run folder: what metrics.csv tells
-        rows = _read_metrics_csv(folder)
+def _read_metrics_csv(folder: str) -> list[dict]:
+    """The rows of the run's ``metrics.csv``; [] when there is none, or it cannot be read."""
+    try:
+        return _load_metrics_csv(folder)
+    except RunFolderError:
+        return []
+
+
+def _read_run(folder: str) -> dict:
+    """:func:`summary_record` of the run's ``summary.json``, or for an older run folder without one,
+    of what its ``metrics.csv`` tells; a :class:`RunFolderError` for a folder that cannot be read."""
+    check_regular(os.path.join(folder, runfolder.MARKER), f"its marker {runfolder.MARKER}", RunFolderError)
+    summary = _load_summary(folder)
+    if summary is None:
+        rows = _load_metrics_csv(folder)
         summary = {"epochs": len(rows), "final": rows[-1] if rows else {}}
-    record["status"] = run_status(folder, summary)
-    for key in ("epochs", "max_epochs", "monitor", "mode", "best_value", "best_epoch", "started"):
-        record[key] = summary.get(key)
-    # the whole fit (with its test and predictions) when the CLI ran it, else the epochs' time
-    record["seconds"] = summary.get("wall_seconds", summary.get("seconds"))
-    record["test"] = summary.get("test") or {}
-    record["final"] = summary.get("final") or {}
+    return summary_record(summary)
+
+
+def describe_run(folder: str, root: str) -> dict:
+    """One run as a flat record: the table's columns, and the rest for ``--format json``. A run whose
+    files cannot be read has the status ``unreadable`` and a ``problem`` saying why."""
+    record: dict[str, Any] = {"name": os.path.relpath(folder, root), "path": folder}
+    try:
+        summary = _read_run(folder)
+    except RunFolderError as e:
+        summary, problem = summary_record({}), str(e)
+        record["status"] = "unreadable"
+    else:
+        problem = None
+        record["status"] = run_status(folder, summary)
+    for key in ("epochs", "max_epochs", "monitor", "mode", "best_value", "best_epoch", "started", "seconds",
+                "test", "final"):
+        record[key] = summary[key]
+    if problem is not None:
+        record["problem"] = problem
     return record
 
 
 def find_runs(root: str) -> list[dict]:
-    """Every run folder below ``root`` (``root`` itself included; tuning trials too), by name."""
+    """Every run folder below ``root`` (``root`` itself included; tuning trials too), by name, down to
+    :data:`MAX_RUN_DEPTH` folders below it."""
     if not os.path.isdir(root):
         raise ConfigError(f"{root} is not a folder.")
     found = []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d != "tb" and not d.startswith("."))
+        # os.walk recurses (Python < 3.12): a folder nested a thousand deep would end the listing
+        relative = os.path.relpath(folder, root)
+        depth = 0 if relative == os.curdir else relative.count(os.sep) + 1
+        dirs[:] = [] if depth >= MAX_RUN_DEPTH else sorted(d for d in dirs if d != "tb" and not d.startswith("."))
         if runfolder.MARKER in files:
             found.append(describe_run(folder, root))
     return found
@@ -232,19 +374,27 @@ def _sort_value(record: dict, key: str) -> Any:
     return record["final"].get(key)
 
 
+def _sort_key(value: Any) -> tuple:
+    """Numbers before text: a column may hold both (``describe_run``'s records hold nothing else)."""
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
+
+
+def _names(names: list[str], most: int = 30) -> str:
+    """A bounded list of names read from files, for a message."""
+    listed = ", ".join(shown(n, 40) for n in names[:most])
+    return listed + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def sort_runs(records: list[dict], key: str, reverse: bool = False) -> list[dict]:
     """Sorted by ``key``: ``best`` (each run's best value, best first), ``name``, ``status``, ``epochs``,
     ``time``, or any column of the runs' summaries (``test_acc``, ``val_loss``...); runs without it last."""
     if not any(_sort_value(r, key) is not None for r in records) and records:
         columns = sorted({"best", "name", "status", "epochs", "time", *(k for r in records for k in r["test"]),
                           *(k for r in records for k in r["final"])})
-        raise ConfigError(f"--sort {key}: no run has that column; choose one of {', '.join(columns)}.")
+        raise ConfigError(f"--sort {key}: no run has that column; choose one of {_names(columns)}.")
     present = [r for r in records if _sort_value(r, key) is not None]
     missing = [r for r in records if _sort_value(r, key) is None]
-    try:
-        present.sort(key=lambda r: _sort_value(r, key), reverse=reverse)
-    except TypeError:  # mixed kinds: compare as text
-        present.sort(key=lambda r: str(_sort_value(r, key)), reverse=reverse)
+    present.sort(key=lambda r: _sort_key(_sort_value(r, key)), reverse=reverse)
     return present + missing
 
 
@@ -266,16 +416,21 @@ def _fmt_seconds(seconds: float | None) -> str:
 
 
 def format_table(records: list[dict]) -> str:
-    """Aligned text: run, status, epochs, monitor, best value and epoch, test metrics, time."""
+    """Aligned text: run, status, epochs, monitor, best value and epoch, test metrics, time; below it, why
+    each unreadable run is. Every cell is :func:`~trainval.untrusted.shown` (names and values come from
+    folders and files: no escape sequence reaches the terminal, no cell is longer than a line)."""
     header = ["run", "status", "epochs", "monitor", "best", "at", "test", "time"]
     lines = [header]
     for r in records:
         epochs = _fmt(r["epochs"]) + (f"/{r['max_epochs']}" if r.get("max_epochs") else "")
         test = " ".join(f"{k.removeprefix('test_')}={_fmt(v)}" for k, v in r["test"].items()) or "-"
-        lines.append([r["name"], r["status"], epochs, _fmt(r["monitor"]), _fmt(r["best_value"]),
-                      _fmt(r["best_epoch"]), test, _fmt_seconds(r["seconds"])])
+        cells = [r["name"], r["status"], epochs, _fmt(r["monitor"]), _fmt(r["best_value"]), _fmt(r["best_epoch"]),
+                 test, _fmt_seconds(r["seconds"])]
+        lines.append([shown(c) for c in cells])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
+    table = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines]
+    table += [f"{shown(r['name'])}: unreadable: {shown(r['problem'])}" for r in records if r.get("problem")]
+    return "\n".join(table)
 
 
 def _written_by_runs_plot(path: str) -> bool:
@@ -345,9 +500,10 @@ def report(folder: str, sort: str | None = None, reverse: bool = False, fmt: str
         records = records[::-1]
     lines = []
     if fmt == "json":
-        lines.append(json.dumps(records, indent=2, default=str))
+        # ensure_ascii: every control character of a name or value is written as \u001b..., none raw
+        lines.append(json.dumps(records, indent=2, default=str, ensure_ascii=True))
     else:
-        lines.append(format_table(records) if records else f"no runs below {folder}")
+        lines.append(format_table(records) if records else f"no runs below {shown(folder)}")
     if plot is not None:
         path = plot_runs(records, plot or os.path.join(folder, "runs.png"))
         if fmt != "json":
