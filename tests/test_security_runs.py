@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import pytest
 
-from tests.conftest import run_cli
+from conftest import run_cli
+
+from trainval import runs
+from trainval.cli import build_parser, parse_arguments
+from trainval.errors import TrainvalError
+from trainval.untrusted import shown_line
 
 MARKER = ".trainval-run"
 FIFO = object()  # a file spec: make a named pipe there
@@ -26,6 +32,19 @@ GOOD = {
     "final": {"epoch": 2, "train_loss": 0.3, "lr": 0.1, "val_loss": 0.35, "val_acc": 0.9, "seconds": 0.25},
     "test": {"test_loss": 0.4, "test_acc": 0.875},
 }
+
+
+def list_runs(root, *args: str, in_subprocess: bool = False):
+    """``trainval runs ROOT ARGS``: in a subprocess (with a timeout, so that a hang fails the test) where a
+    FIFO lies below ``root``; else in this process, as the CLI does it (``runs.report``'s text; fast)."""
+    if in_subprocess:
+        return run_cli("runs", str(root), *args, timeout=TIMEOUT)
+    a = parse_arguments(build_parser(), ["runs", str(root), *args])
+    try:
+        out = runs.report(a.folder, sort=a.sort, reverse=a.reverse, fmt=a.format, plot=a.plot)
+    except TrainvalError as e:
+        return subprocess.CompletedProcess(["runs"], e.exit_code, "", f"trainval: error: {shown_line(str(e))}\n")
+    return subprocess.CompletedProcess(["runs"], 0, out + "\n", "")
 
 
 def make_run(folder, files: dict) -> str:
@@ -81,7 +100,7 @@ def test_runs_table_escapes_folder_names_and_summary_fields(tmp_path, where):
     else:
         summary["test"] = {"test_note": "x" + ESCAPES}
     make_run(root / name, {"summary.json": summary})
-    proc = run_cli("runs", str(root), timeout=TIMEOUT)
+    proc = list_runs(root)
     assert proc.returncode == 0, proc.stderr
     assert_terminal_safe(proc.stdout)
     rows = table_rows(proc.stdout)
@@ -91,7 +110,7 @@ def test_runs_table_escapes_folder_names_and_summary_fields(tmp_path, where):
     if where == "monitor":
         assert crafted[3].startswith("val\\x1b[2J")
 
-    as_json = run_cli("runs", str(root), "--format", "json", timeout=TIMEOUT)
+    as_json = list_runs(root, "--format", "json")
     assert as_json.returncode == 0, as_json.stderr
     assert_terminal_safe(as_json.stdout)  # json.dumps (ensure_ascii) writes every control character as \u....
     records = {r["name"]: r for r in json.loads(as_json.stdout)}
@@ -104,7 +123,7 @@ def test_runs_table_cells_are_bounded(tmp_path):
     root = tmp_path / "runs"
     make_run(root / "long", {"summary.json": summary_with(monitor="m" * 100_000,
                                                             test={f"test_m{i}": 0.5 for i in range(5000)})})
-    proc = run_cli("runs", str(root), timeout=TIMEOUT)
+    proc = list_runs(root)
     assert proc.returncode == 0, proc.stderr
     assert max(len(line) for line in proc.stdout.splitlines()) < 2000 and "more characters" in proc.stdout
 
@@ -113,7 +132,7 @@ def test_sort_on_a_missing_column_names_a_bounded_list(tmp_path):
     """The error lists the runs' columns (names from summary.json: escaped, and not 5000 of them)."""
     root = tmp_path / "runs"
     make_run(root / "wide", {"summary.json": summary_with(final={f"col{i}" + ESCAPES: 1.0 for i in range(5000)})})
-    proc = run_cli("runs", str(root), "--sort", "nonsense", timeout=TIMEOUT)
+    proc = list_runs(root, "--sort", "nonsense")
     assert proc.returncode == 2 and proc.stderr.startswith("trainval: error: --sort nonsense")
     assert_terminal_safe(proc.stderr)
     assert len(proc.stderr) < 3000 and "more" in proc.stderr
@@ -160,7 +179,7 @@ def test_one_bad_run_folder_is_listed_as_unreadable_and_the_rest_as_usual(tmp_pa
     make_run(root / "a-good", {"summary.json": GOOD})
     make_run(root / "bad", files)
     make_run(root / "z-good", {"summary.json": summary_with(best_value=0.95, final={**GOOD["final"], "val_acc": 0.95})})
-    proc = run_cli("runs", str(root), *args, timeout=TIMEOUT)
+    proc = list_runs(root, *args, in_subprocess=any(content is FIFO for content in files.values()))
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
     assert_terminal_safe(proc.stdout)
     rows = table_rows(proc.stdout)
@@ -195,7 +214,7 @@ def test_a_marker_with_a_wrong_pid_is_no_holder(tmp_path, marker):
     a signal to process group -1, never a traceback)."""
     root = tmp_path / "runs"
     make_run(root / "r", {MARKER: marker, "summary.json": summary_with(status="running")})  # probed: not finished
-    proc = run_cli("runs", str(root), timeout=TIMEOUT)
+    proc = list_runs(root)
     assert proc.returncode == 0 and table_rows(proc.stdout)["r"][1] == "interrupted", proc.stderr[-3000:]
 
 
@@ -204,7 +223,7 @@ def test_sort_on_a_column_of_numbers_and_text_puts_numbers_first(tmp_path):
     for name, value in (("a", 0.5), ("b", "n/a"), ("c", None), ("d", 0.7), ("e", True)):
         make_run(root / name, {"summary.json": summary_with(final={**GOOD["final"], "val_acc": value})})
     make_run(root / "f", {"summary.json": summary_with(final={**GOOD["final"], "val_acc": [1]})})
-    proc = run_cli("runs", str(root), "--sort", "val_acc", "--format", "json", timeout=TIMEOUT)
+    proc = list_runs(root, "--sort", "val_acc", "--format", "json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     order = [r["name"] for r in json.loads(proc.stdout)]
     assert order[:3] == ["a", "d", "b"] and set(order[3:]) == {"c", "e", "f"}, order  # numbers, text, none
@@ -225,7 +244,7 @@ def test_a_folder_tree_a_thousand_deep_is_no_traceback(tmp_path):
     finally:
         os.close(fd)
     try:
-        proc = run_cli("runs", str(root), timeout=TIMEOUT)
+        proc = list_runs(root)
     finally:  # pytest's own clean-up of tmp_path recurses too
         while os.path.isdir(root / "a" / "a"):  # one level less each time, by short paths
             os.rename(root / "a" / "a", root / "b")
