@@ -12,7 +12,6 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import run_cli
 
 from trainval import runs

@@ -26,7 +26,6 @@ from trainval import config, preprocess, runfolder, runs, trackers
 from trainval.callbacks import EarlyStopping, TensorBoardLogger
 from trainval.checkpoint import atomic_write, check_recorded_model, load_checkpoint
 from trainval.config import require_trusted_code
-from trainval.untrusted import shown_repr
 from trainval.data import (
     Split,
     csv_feature_columns,
@@ -40,6 +39,7 @@ from trainval.data import (
 from trainval.errors import CheckpointError, ConfigError, DataError
 from trainval.models import CNN, MLP
 from trainval.trainer import Trainer, seed_everything
+from trainval.untrusted import shown_repr
 
 
 @dataclass
