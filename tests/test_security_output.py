@@ -110,7 +110,7 @@ def test_predict_out_dash_writes_the_csv_to_stdout_and_the_rest_to_stderr(fitted
     assert not os.path.exists(root / "-")
 
 
-def test_write_predictions_to_a_stream_refuses_dense_outputs():
+def test_dense_predictions_never_go_to_a_stream_or_onto_a_fifo(tmp_path):
     from trainval.workflow import write_predictions
 
     stream = io.StringIO()
@@ -119,6 +119,12 @@ def test_write_predictions_to_a_stream_refuses_dense_outputs():
     with pytest.raises(ConfigError, match=r"\.npy file .*`--out -`") as caught:
         write_predictions(io.StringIO(), "multiclass", torch.zeros(2, 4, 4, dtype=torch.long))
     assert "\n" not in str(caught.value)
+    os.mkfifo(tmp_path / "dense.npy")  # the array beside --out dense.csv: never replaced, never opened
+    for force in (False, True):
+        with pytest.raises((ConfigError, CheckpointError), match="dense.npy"):
+            write_predictions(str(tmp_path / "dense.csv"), "multiclass", torch.zeros(2, 4, 4, dtype=torch.long),
+                              force=force)
+        assert _kind(tmp_path / "dense.npy") == "fifo" and not os.path.exists(tmp_path / "dense.csv")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -522,7 +522,7 @@ def _test(cfg: dict, ckpt: str | None) -> dict:
     elif trainer.dist.is_main:
         summary_path = os.path.join(folder, "summary.json")
         summary = _read_summary(summary_path)  # before test.json: a FIFO there is refused before any write
-        write_json(os.path.join(folder, "test.json"), result)
+        write_json(os.path.join(folder, "test.json"), result, "test results")
         if summary is not None:
             summary["test"] = metrics
             write_json(summary_path, summary)
@@ -659,9 +659,9 @@ def write_predictions(path: str | IO[str], task: str, predictions: torch.Tensor,
     atomic_write(path, lambda f: f.write(text), "predictions file")
 
 
-def write_json(path: str, obj: dict) -> None:
+def write_json(path: str, obj: dict, what: str = "summary") -> None:
     data = (json.dumps(obj, indent=2, default=str) + "\n").encode()
-    atomic_write(path, lambda f: f.write(data), "summary")
+    atomic_write(path, lambda f: f.write(data), what)
 
 
 __all__ = ["fit", "test", "predict", "load_splits", "build_model", "build_trainer", "run_folder"]
