@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from trainval.errors import CheckpointError
-from trainval.untrusted import shown_repr
+from trainval.untrusted import check_replaceable, shown_repr
 
 
 def _current_umask() -> int:
@@ -74,7 +74,12 @@ def atomic_write(path: str, write: Callable[[Any], None], what: str = "file") ->
 
     ``write`` receives a binary file object. On any failure the temp file is removed, whatever was at
     ``path`` before is untouched, and a :class:`CheckpointError` names the path and the cause.
+
+    Only a regular file is ever replaced: a symbolic link (``/dev/stdout`` is one), a FIFO, a device, a
+    socket or a folder at ``path`` is a :class:`CheckpointError`, checked before writing and again just
+    before the rename (``os.replace`` would otherwise put a regular file in its place).
     """
+    check_replaceable(path, what, CheckpointError)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
@@ -85,6 +90,7 @@ def atomic_write(path: str, write: Callable[[Any], None], what: str = "file") ->
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        check_replaceable(path, what, CheckpointError)  # swapped for a link or a FIFO while we wrote?
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(folder)

@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--trust-code", action="store_true",
                        help="allow importing the 'module:name' model or data factory that the config names")
         if name == "predict":
-            p.add_argument("--out", default=None, help="output CSV (default: <run folder>/predictions.csv)")
+            p.add_argument("--out", default=None, help="output CSV (default: <run folder>/predictions.csv; '-' for standard output)")
             p.add_argument("--proba", action="store_true", help="add one probability column per class")
             p.add_argument("--force", action="store_true",
                            help="replace an existing --out file that is not a predictions file trainval wrote")

@@ -24,9 +24,10 @@ import zipfile
 from collections.abc import Callable, Iterator
 
 from trainval.errors import ConfigError, RunFolderError, TrainvalError
-from trainval.untrusted import read_bytes
+from trainval.untrusted import check_replaceable, open_regular, read_bytes, shown
 
 MARKER = ".trainval-run"
+STDOUT = "-"  # `predict --out -`: the predictions CSV goes to standard output (a file named '-' is ./-)
 TEMP_PREFIX = ".trainval-"
 # mkstemp's names: prefix + 8 characters from [a-z0-9_] + suffix.
 _OWN_TEMP = re.compile(r"^\.trainval-.+\.[a-z0-9_]{8}\.tmp$")
@@ -236,19 +237,19 @@ def check_run_name(name: str, source: str = "run.name") -> None:
 
 def _is_checkpoint(path: str) -> bool:
     try:
-        with zipfile.ZipFile(path) as archive:
+        with open_regular(path, "--out", follow=False) as f, zipfile.ZipFile(f) as archive:
             return any(n.endswith("/data.pkl") or n == "data.pkl" for n in archive.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError):
+    except (TrainvalError, zipfile.BadZipFile, OSError, ValueError):
         return False
 
 
 def predictions_header(path: str) -> list[str] | None:
     """The header of the CSV at ``path`` when its first column is ``Id`` (as in every predictions file
-    trainval writes), else None."""
+    trainval writes), else None (also when ``path`` is not a regular file: it is never opened then)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_regular(path, "predictions file", follow=False, text=True, encoding="utf-8") as f:
             header = f.readline(4096).rstrip("\r\n").split(",")
-    except (OSError, UnicodeDecodeError):
+    except (TrainvalError, OSError, UnicodeDecodeError):
         return None
     return header if header[:1] == ["Id"] else None
 
@@ -273,27 +274,32 @@ def _is_predictions_file(path: str, target_names: list[str] | tuple = ()) -> boo
 
 
 def check_output(out: str, protected: dict[str, str], force: bool, target_names: list[str] | tuple = ()) -> None:
-    """Refuse a ``predict --out`` that is a checkpoint or an input of the run, or (without ``force``)
-    an existing file that is not a predictions file trainval wrote.
+    """Refuse a ``predict --out`` that is a checkpoint or an input of the run, anything but a regular file
+    (a symbolic link, a FIFO, a device: even with ``force``), or (without ``force``) an existing file that
+    is not a predictions file trainval wrote. ``--out -`` (:data:`STDOUT`) is standard output: nothing to check.
 
     ``protected`` maps paths (checkpoints, data files, the config) to what they are; ``target_names``
     are the column names a regression run writes.
     """
+    if out == STDOUT:
+        return
     real = os.path.realpath(out)
     for path, what in protected.items():
         if path and os.path.realpath(path) == real:
-            raise ConfigError(f"--out {out} is {what}; predictions must go to another file.")
-    if os.path.isdir(out):
+            raise ConfigError(f"--out {shown(out)} is {what}; predictions must go to another file.")
+    if os.path.isdir(out) and not os.path.islink(out):
         raise ConfigError(
-            f"--out {out} is a folder; give a file name such as {os.path.join(out, 'predictions.csv')}."
+            f"--out {shown(out)} is a folder; give a file name such as {shown(os.path.join(out, 'predictions.csv'))}."
         )
-    if not os.path.lexists(out):
+    # /dev/stdout is a link to a pipe, a terminal or a file: replacing it (as root) or reading it (a pipe) is wrong
+    if check_replaceable(out, "--out", ConfigError, hint="give the path of a regular file, or `--out -` to "
+                         "write the predictions to standard output") is None:
         return
     if _is_checkpoint(out):
-        raise ConfigError(f"--out {out} is a PyTorch checkpoint; predictions must go to another file.")
+        raise ConfigError(f"--out {shown(out)} is a PyTorch checkpoint; predictions must go to another file.")
     if not force and not _is_predictions_file(out, target_names):
         raise ConfigError(
-            f"--out {out} exists and is not a predictions file trainval wrote; choose another file, "
+            f"--out {shown(out)} exists and is not a predictions file trainval wrote; choose another file, "
             "or pass --force to replace it."
         )
 

@@ -25,8 +25,16 @@ from typing import TYPE_CHECKING, Any
 from trainval import runfolder
 from trainval.callbacks import Callback
 from trainval.checkpoint import atomic_write
-from trainval.errors import CheckpointError, ConfigError, RunFolderError
-from trainval.untrusted import check_regular, read_bytes, read_yaml, shown, shown_repr
+from trainval.errors import CheckpointError, ConfigError, RunFolderError, TrainvalError
+from trainval.untrusted import (
+    check_regular,
+    check_replaceable,
+    open_regular,
+    read_bytes,
+    read_yaml,
+    shown,
+    shown_repr,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -435,9 +443,9 @@ def format_table(records: list[dict]) -> str:
 
 def _written_by_runs_plot(path: str) -> bool:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "--plot", follow=False) as f:  # a FIFO never blocks it
             return PLOT_SOFTWARE.encode() in f.read(4096)
-    except OSError:
+    except (TrainvalError, OSError):
         return False
 
 
@@ -446,7 +454,8 @@ def plot_runs(records: list[dict], path: str) -> str:
     its best epoch marked. Refuses to replace a file that an earlier ``plot_runs`` did not write."""
     if os.path.isdir(path):
         raise ConfigError(f"--plot {path} is a folder; give a file name such as {os.path.join(path, 'runs.png')}.")
-    if os.path.lexists(path) and not _written_by_runs_plot(path):
+    if check_replaceable(path, "--plot", ConfigError, hint="give the path of a regular file") is not None \
+            and not _written_by_runs_plot(path):
         raise ConfigError(f"--plot {path} exists and was not written by `trainval runs --plot`; choose another file.")
     curves = [(r, _read_metrics_csv(r["path"])) for r in records]
     curves = [(r, rows) for r, rows in curves if rows]

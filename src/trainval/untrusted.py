@@ -102,6 +102,33 @@ def check_regular(path: str, what: str, error: type[TrainvalError] = TrainvalErr
     return info
 
 
+def check_replaceable(path: str, what: str, error: type[TrainvalError] = TrainvalError,
+                      hint: str = "move it away, or write elsewhere") -> os.stat_result | None:
+    """Before a write replaces ``path``: None when nothing is there, its ``lstat`` when it is a regular file.
+
+    Anything else is one clear error ending with ``hint``: a symbolic link (replacing it would change
+    what the user set up, and ``/dev/stdout`` is one), a FIFO, a device, a socket or a folder. Nothing
+    is opened, so a FIFO cannot block the check.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise error(f"cannot check {what} {shown(path)}: {e.strerror or e}; {hint}.") from None
+    if stat.S_ISLNK(info.st_mode):
+        try:
+            to = f" (to {shown(os.readlink(path))})"
+        except OSError:
+            to = ""
+        raise error(f"{what} {shown(path)} is a symbolic link{to}, and trainval replaces only a regular file, "
+                    f"never a link; {hint}.")
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{what} {shown(path)} is {_kind(info.st_mode)}, and trainval replaces only a regular file; "
+                    f"{hint}.")
+    return info
+
+
 def open_regular(path: str, what: str, error: type[TrainvalError] = TrainvalError, follow: bool = True,
                  text: bool = False, **text_options: Any) -> IO:
     """``open(path, 'rb')`` (or text mode with ``text_options``) only if ``path`` is a regular file.

@@ -13,10 +13,11 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -36,10 +37,10 @@ from trainval.data import (
     load_npz,
     stratified_split,
 )
-from trainval.errors import CheckpointError, ConfigError, DataError
+from trainval.errors import CheckpointError, ConfigError, DataError, RunFolderError
 from trainval.models import CNN, MLP
 from trainval.trainer import Trainer, seed_everything
-from trainval.untrusted import shown_repr
+from trainval.untrusted import check_replaceable, read_bytes, shown_repr
 
 
 @dataclass
@@ -457,8 +458,8 @@ def _target_names(cfg: dict | None, width: int) -> list[str]:
     return ["Target"] if width == 1 else [f"target_{k}" for k in range(width)]
 
 
-def _write_predictions_for(trainer: Trainer, inputs: Any, ckpt: str, path: str, proba: bool, cfg: dict | None,
-                           force: bool = False) -> int:
+def _write_predictions_for(trainer: Trainer, inputs: Any, ckpt: str, path: str | IO[str], proba: bool,
+                           cfg: dict | None, force: bool = False) -> int:
     """Predict ``inputs`` and write the task's predictions file (rank 0); returns the number of rows."""
     predictions = trainer.predict(inputs, ckpt=ckpt)
     probs = trainer.predict_proba(inputs, ckpt=None) if (proba and trainer.task.is_classification) else None
@@ -519,15 +520,30 @@ def _test(cfg: dict, ckpt: str | None) -> dict:
     if not runfolder.is_run_folder(folder):
         trainer.log(f"(test.json not written: {folder} is not a run folder that trainval made)")
     elif trainer.dist.is_main:
-        write_json(os.path.join(folder, "test.json"), result)
         summary_path = os.path.join(folder, "summary.json")
-        if os.path.exists(summary_path):
-            with open(summary_path) as f:
-                summary = json.load(f)
+        summary = _read_summary(summary_path)  # before test.json: a FIFO there is refused before any write
+        write_json(os.path.join(folder, "test.json"), result, "test results")
+        if summary is not None:
             summary["test"] = metrics
             write_json(summary_path, summary)
     trainer.log(f"{test_line(metrics)} ({path})")
     return result
+
+
+def _read_summary(path: str) -> dict | None:
+    """The run's ``summary.json`` to update, None when there is none or it is not JSON trainval wrote;
+    a link, a FIFO or a device there is one clear error (it is never opened)."""
+    if check_replaceable(path, "the run's summary.json", RunFolderError, hint="remove it from the run folder") is None:
+        return None
+    raw = read_bytes(path, "the run's summary.json", RunFolderError, limit=_SUMMARY_LIMIT, follow=False)
+    try:
+        summary = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+_SUMMARY_LIMIT = 16 * 2**20  # a summary.json trainval writes is a few kB
 
 
 def predict(cfg: dict, ckpt: str | None = "best", out: str | None = None, proba: bool = False,
@@ -535,12 +551,20 @@ def predict(cfg: dict, ckpt: str | None = "best", out: str | None = None, proba:
     """Write predictions for the test split.
 
     Args:
+        out: the CSV file (default: the run folder's ``predictions.csv``); only a regular file is ever
+            replaced (never a symbolic link, a FIFO or a device). ``"-"`` writes the CSV to standard
+            output, and everything else predict prints goes to standard error meanwhile.
         trust_code: allow importing the 'module:name' model or data factory the config names.
         force: replace an existing ``out`` that is not a predictions file trainval wrote.
         config_path: the config file, so that ``out`` can never replace it.
     """
     require_trusted_code(cfg, trust_code, "predict")
     folder = run_folder(cfg)
+    if out == runfolder.STDOUT:
+        stdout = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):  # standard output holds the CSV and nothing else
+            _predict(cfg, ckpt, stdout, proba, force)
+        return out
     out = out or os.path.join(folder, "predictions.csv")
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
@@ -550,7 +574,8 @@ def predict(cfg: dict, ckpt: str | None = "best", out: str | None = None, proba:
         label = cfg["data"].get("label")
         runfolder.check_output(out, _protected_paths(cfg, ckpt, config_path), force,
                                target_names=label if isinstance(label, list) else [label] if label else [])
-        return _predict(cfg, ckpt, out, proba, force)
+        _predict(cfg, ckpt, out, proba, force)
+    return out
 
 
 def _protected_paths(cfg: dict, ckpt: str | None, config_path: str | None) -> dict[str, str]:
@@ -568,33 +593,37 @@ def _protected_paths(cfg: dict, ckpt: str | None, config_path: str | None) -> di
     return protected
 
 
-def _predict(cfg: dict, ckpt: str | None, out: str, proba: bool, force: bool = False) -> str:
+def _predict(cfg: dict, ckpt: str | None, out: str | IO[str], proba: bool, force: bool = False) -> None:
     splits, sizes = _test_data(cfg)
     if splits.test is None:
         raise ConfigError("there is no test data to predict: set data.test or data.test_split.")
     trainer, path = _trainer_from_run(cfg, ckpt, splits, sizes)
     inputs = splits.test.X if isinstance(splits.test, Split) else splits.test
     written = _write_predictions_for(trainer, inputs, path, out, proba=proba, cfg=cfg, force=force)
-    trainer.log(f"wrote {written} predictions ({path}) -> {out}")
-    return out
+    trainer.log(f"wrote {written} predictions ({path}) -> {out if isinstance(out, str) else 'standard output'}")
 
 
 # --------------------------------------------------------------------------------------------------
 # Files
 
 
-def write_predictions(path: str, task: str, predictions: torch.Tensor, probs: torch.Tensor | None = None,
+def write_predictions(path: str | IO[str], task: str, predictions: torch.Tensor, probs: torch.Tensor | None = None,
                       target_names: list[str] | None = None, force: bool = False) -> None:
-    """The predictions file, written atomically. Columns per task:
+    """The predictions file, written atomically (or the CSV written to ``path``, a text stream such as
+    ``sys.stdout``). Columns per task:
 
     multiclass/binary ``Id,Class`` (+ ``prob_<c>`` with probabilities; binary: ``prob_1``); multilabel
     ``Id,label_<k>...`` (+ ``prob_<k>``); regression ``Id,<target names>``. Dense outputs (a class per
     position, or multi-dimensional values) go to a ``.npy`` file beside the CSV, whose rows then say
     where each sample's array is; an existing ``.npy`` there is replaced only when the CSV it replaces
-    is such a file (or with ``force``).
+    is such a file (or with ``force``). A stream has no "beside": dense outputs need a file.
     """
     n = len(predictions)
     if predictions.dim() > 2 or (task == "multiclass" and predictions.dim() > 1):
+        if not isinstance(path, str):
+            raise ConfigError(f"this model's predictions are arrays ({list(predictions.shape[1:])} per sample), "
+                              "written to a .npy file beside the predictions CSV, so they cannot go to standard "
+                              "output (`--out -`); give --out a file name such as predictions.csv.")
         npy = os.path.splitext(path)[0] + ".npy"
         if os.path.lexists(npy) and not force and runfolder.predictions_header(path) != ["Id", "Array"]:
             raise ConfigError(f"the predictions of this dense output go to {npy} beside {path}, and {npy} "
@@ -622,13 +651,17 @@ def write_predictions(path: str, task: str, predictions: torch.Tensor, probs: to
     buf_text.write(",".join(["Id", *columns]) + "\n")
     for i, row in enumerate(rows):
         buf_text.write(",".join([str(i), *map(str, row)]) + "\n")
+    if not isinstance(path, str):
+        path.write(buf_text.getvalue())
+        path.flush()
+        return
     text = buf_text.getvalue().encode()
     atomic_write(path, lambda f: f.write(text), "predictions file")
 
 
-def write_json(path: str, obj: dict) -> None:
+def write_json(path: str, obj: dict, what: str = "summary") -> None:
     data = (json.dumps(obj, indent=2, default=str) + "\n").encode()
-    atomic_write(path, lambda f: f.write(data), "summary")
+    atomic_write(path, lambda f: f.write(data), what)
 
 
 __all__ = ["fit", "test", "predict", "load_splits", "build_model", "build_trainer", "run_folder"]
