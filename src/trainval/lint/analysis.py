@@ -66,7 +66,30 @@ def method(call: ast.Call) -> tuple[str, str] | None:
     return None
 
 
-def is_no_grad_ctx(expr: ast.AST) -> bool:
+WRAPS_NO_GRAD = re.compile(r"(inference_mode|no_grad)$", re.I)
+
+
+def wraps_no_grad(decorator: ast.AST, info: FileInfo | None = None) -> bool:
+    """A decorator that runs the function without autograd although it is not torch's own: named like one
+    (``@smart_inference_mode()``, ``@torch_no_grad``), or a function of this file whose body applies
+    ``no_grad``/``inference_mode`` (and never ``enable_grad``)."""
+    target = decorator.func if isinstance(decorator, ast.Call) else decorator
+    name = text(target)
+    if name in NO_GRAD or not name:
+        return False
+    if WRAPS_NO_GRAD.search(name.split(".")[-1]):
+        return True
+    if info is not None and isinstance(target, ast.Name):
+        for fn in info.functions.get(target.id, []):
+            body = ast.get_source_segment(info.source, fn) or ""
+            if re.search(r"\b(no_grad|inference_mode)\b", body) and "enable_grad" not in body:
+                return True
+    return False
+
+
+def is_no_grad_ctx(expr: ast.AST, info: FileInfo | None = None) -> bool:
+    if info is not None and wraps_no_grad(expr, info):
+        return True
     target = expr.func if isinstance(expr, ast.Call) else expr
     name = text(target)
     if name in NO_GRAD:
@@ -84,6 +107,13 @@ def _walk_outside_lambdas(node: ast.AST) -> Iterator[ast.AST]:
             continue
         yield n
         todo.extend(ast.iter_child_nodes(n))
+
+
+def _combine(verdicts: list[tuple[str, str]]) -> tuple[str, str]:
+    known = sorted({w for v, why in verdicts if v == "known" for w in why.split(", ")})
+    if known:
+        return "known", ", ".join(known)
+    return next(((v, why) for v, why in verdicts if v == "likely"), ("free", ""))
 
 
 def _ordered_calls(node: ast.AST) -> list[ast.Call]:
@@ -120,6 +150,10 @@ class FileInfo:
                 for a in node.names:
                     self.import_source[(a.asname or a.name).split(".")[0]] = \
                         (node.module or "") if isinstance(node, ast.ImportFrom) else a.name
+        self.classes: dict[str, ast.ClassDef] = {n.name: n for n in self.nodes if isinstance(n, ast.ClassDef)}
+        # imported names the file rebinds (`import model` then `model = model.RNNModel(...)`): variables, not modules
+        stored = {n.id for n in self.nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+        self.rebound: set[str] = self.imported & stored
         self._mode_effects: dict[ast.AST, dict[str, str]] = {}
         self.optimizers: set[str] = set()
         self.schedulers: set[str] = set()
@@ -206,62 +240,168 @@ class FileInfo:
         return source.split(".")[0] in ("transformers", "diffusers", "peft", "sentence_transformers") or \
             base.startswith("Auto")
 
-    def mode_free(self, receiver: str) -> bool:
-        """The model is built in this file from classes of this file that hold no layer whose behaviour
-        depends on train/eval mode (no BatchNorm, Dropout, ``self.training``...): eval() changes nothing.
+    MODE_LAYER = re.compile(r"\b\w*(?:BatchNorm|InstanceNorm|Dropout|DropPath|drop_path|RReLU)\w*|\bF\.dropout\w*|"
+                            r"\bself\.training\b")
+    LOSS_LIKE = re.compile(r"loss|criterion", re.I)
+    UNSEEN = "likely", "most models hold Dropout or BatchNorm (its layers are not visible in this file)"
 
-        False whenever anything is unknown (a class from elsewhere, a layer not known to be mode-free).
+    def mode_free(self, receiver: str) -> bool:
+        return self.mode_layers(receiver)[0] == "free"
+
+    def mode_layers(self, receiver: str, alias: str | None = None) -> tuple[str, str]:
+        """Whether ``receiver``'s train/eval mode matters, and why: ``("free", "")`` when the model is built in
+        this file only from layers without train/eval behaviour (no BatchNorm, Dropout, ``self.training``...);
+        ``("known", "Dropout, BatchNorm2d")`` when such layers are seen; ``("likely", why)`` when the layers are
+        not visible here (a class from elsewhere, a pickled model, a parameter) or it is built with dropout
+        arguments. ``alias`` is the caller's name for a parameter (``evaluate(model)`` called with ``net``).
         """
-        classes = {n.name: n for n in self.nodes if isinstance(n, ast.ClassDef)}
+        cache = self.__dict__.setdefault("_mode_layers_cache", {})
+        key = (receiver, alias)
+        if key not in cache:
+            cache[key] = self.UNSEEN  # in progress (a model built from itself)
+            cache[key] = self._mode_layers(receiver, alias)
+        return cache[key]
+
+    def _mode_layers(self, receiver: str, alias: str | None) -> tuple[str, str]:
         name = receiver.split("(")[0]
-        made = [n.value for n in self.nodes if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
-                and any(text(t) == name for t in n.targets)]
+        made = self._constructions(name)
+        if not made and alias and alias != model_key(name):
+            made = self._constructions(alias) or self._constructions(f"self.{alias}")
+        if not made and "." in name:
+            # model.encoder(x): a part of a model holds no more mode-dependent layers than the whole
+            owner = name.rsplit(".", 1)[0]
+            if owner not in ("self", "cls"):
+                verdict = self.mode_layers(owner)
+                if verdict[0] != "likely":
+                    return verdict
         if not made:
-            return False
-        todo, seen = [], set()
-        for call in made:
-            inner = call
-            while isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute) and inner.func.attr in ("to", "cuda"):
-                inner = inner.func.value
-            if isinstance(inner, ast.Call) and self.MODE_FREE_LAYERS.match(text(inner.func)):
-                # model = nn.Linear(784, 10), or nn.Sequential(...) of layers that must be mode-free in turn
-                for c in (c for c in _walk_outside_lambdas(inner) if isinstance(c, ast.Call) and c is not inner):
-                    callee = text(c.func)
-                    if callee in classes:
-                        todo.append(callee)
-                    elif not (self.MODE_FREE_LAYERS.match(callee) or callee in PLAIN_HELPERS):
-                        return False
+            if self.LOSS_LIKE.search(name.split(".")[-1]):
+                return "free", ""  # a loss object with parameters (adaptive softmax, SplitCrossEntropyLoss)
+            return self.UNSEEN
+        verdicts = [self._built_by(call) for call in made]
+        known = sorted({w for v, why in verdicts if v == "known" for w in why.split(", ")})
+        if known:
+            return "known", ", ".join(known)
+        if all(v == "free" for v, _ in verdicts):
+            return "free", ""
+        if self.LOSS_LIKE.search(name.split(".")[-1]):
+            return "free", ""
+        return next((v, why) for v, why in verdicts if v == "likely")
+
+    def _constructions(self, name: str) -> list[ast.AST]:
+        """The values assigned to ``name`` in this file (``a, b = A(), B()`` element by element)."""
+        out = []
+        for n in self.nodes:
+            if isinstance(n, ast.Assign):
+                for t in n.targets:
+                    if text(t) == name:
+                        out.append(n.value)
+                    elif isinstance(t, (ast.Tuple, ast.List)) and isinstance(n.value, (ast.Tuple, ast.List)) \
+                            and len(t.elts) == len(n.value.elts):
+                        out += [v for e, v in zip(t.elts, n.value.elts) if text(e) == name]
+            elif isinstance(n, ast.AnnAssign) and n.value is not None and text(n.target) == name:
+                out.append(n.value)
+        return [v for v in out if isinstance(v, ast.Call)]
+
+    def _layer_verdict(self, callee: str, seen: set[str]) -> tuple[str, str]:
+        if callee in self.classes:
+            return self._class_verdict(callee, seen)
+        if self.MODE_FREE_LAYERS.match(callee) or callee in PLAIN_HELPERS or \
+                re.match(r"^torch\.(zeros|ones|randn|rand|empty|tensor|arange|full|eye)$", callee):
+            return "free", ""
+        m = self.MODE_LAYER.search(callee)
+        if m:
+            return "known", callee.split(".")[-1]
+        return "likely", f"it holds {callee}(...), whose layers are not visible in this file"
+
+    def _built_by(self, call: ast.AST) -> tuple[str, str]:
+        inner = call
+        while isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute) and \
+                inner.func.attr in ("to", "cuda", "cpu", "half", "float", "double", "bfloat16", "requires_grad_"):
+            inner = inner.func.value
+        if not isinstance(inner, ast.Call):
+            return self.UNSEEN
+        callee = text(inner.func)
+        if callee.endswith(".load") and (callee.split(".")[0] in ("torch", "t") or
+                                         self.import_source.get(callee.split(".")[0]) == "torch"):
+            path = inner.args[0] if inner.args and isinstance(inner.args[0], ast.Constant) else None
+            for n in self.nodes:  # torch.save(net1, "net.pkl") ... torch.load("net.pkl"): net1 again
+                if path is not None and isinstance(n, ast.Call) and call_name(n).endswith(".save") and \
+                        len(n.args) >= 2 and isinstance(n.args[1], ast.Constant) and n.args[1].value == path.value \
+                        and isinstance(n.args[0], (ast.Name, ast.Attribute)):
+                    return self.mode_layers(text(n.args[0]))
+            return self._pickled()
+        base = callee[: -len(".from_pretrained")] if callee.endswith(".from_pretrained") else None
+        if base is not None and self.MODE_FREE_LAYERS.match(base):
+            return "free", ""  # nn.Embedding.from_pretrained(weights): its arguments are data, not layers
+        if self.MODE_FREE_LAYERS.match(callee):
+            # nn.Sequential(...) and friends: the layers passed in decide
+            verdicts = [self._layer_verdict(text(c.func), set()) for c in _walk_outside_lambdas(inner)
+                        if isinstance(c, ast.Call) and c is not inner]
+            return _combine(verdicts)
+        if callee in self.classes:
+            return self._class_verdict(callee, set())
+        if self.MODE_LAYER.search(callee):
+            return "known", callee.split(".")[-1]
+        drop = [k.arg for k in inner.keywords if k.arg and re.search(r"drop|batch_?norm|\bbn\b", k.arg, re.I)]
+        drop += [text(a) for a in inner.args if re.search(r"drop|batch_?norm", text(a), re.I)]
+        if drop:
+            return "likely", f"it is built with {drop[0]}{'=...' if drop[0].isidentifier() and '.' not in drop[0] and any(k.arg == drop[0] for k in inner.keywords) else ''}: likely Dropout"
+        return "likely", f"most models hold Dropout or BatchNorm ({callee}(...) is not defined in this file)"
+
+    def _pickled(self) -> tuple[str, str]:
+        """A whole model unpickled by torch.load: its classes are those the file allows with safe_globals."""
+        allowed = []
+        for n in self.nodes:
+            if isinstance(n, ast.Call) and call_name(n).split(".")[-1] in ("add_safe_globals", "safe_globals") \
+                    and n.args and isinstance(n.args[0], (ast.List, ast.Tuple, ast.Set)):
+                allowed += [text(e) for e in n.args[0].elts]
+        if not allowed:
+            return "likely", "most models hold Dropout or BatchNorm (a pickled model: its layers are not visible here)"
+        return _combine([self._layer_verdict(a, set()) for a in allowed])
+
+    def _class_verdict(self, cls_name: str, seen: set[str]) -> tuple[str, str]:
+        if cls_name in seen:
+            return "free", ""
+        seen.add(cls_name)
+        cls = self.classes[cls_name]
+        source = ast.get_source_segment(self.source, cls) or "Dropout"
+        found = sorted({m.group(0).split(".")[-1].replace("training", "self.training")
+                        for m in self.MODE_LAYER.finditer(source)})
+        found += [] if found or not re.search(r"dropout", source) else ["dropout"]
+        if found:
+            return "known", ", ".join(found)
+        verdicts = []
+        for b in cls.bases:
+            if text(b) in self.classes:
+                verdicts.append(self._class_verdict(text(b), seen))
+            elif text(b) not in ("nn.Module", "torch.nn.Module", "Module"):
+                verdicts.append(("likely", f"it derives from {text(b)}, which is not defined in this file"))
+        # what the module is built from: every call in a `self.x = ...` value
+        built = [n.value for n in ast.walk(cls) if isinstance(n, (ast.Assign, ast.AnnAssign)) and n.value is not None
+                 and any(text(t).startswith("self.") for t in (n.targets if isinstance(n, ast.Assign) else [n.target]))]
+        data: set[ast.AST] = set()  # the arguments of nn.Embedding.from_pretrained(...) are weights, not layers
+        for call in (c for v in built for c in _walk_outside_lambdas(v) if isinstance(c, ast.Call)):
+            callee = text(call.func)
+            if call in data:
                 continue
-            if not (isinstance(inner, ast.Call) and isinstance(inner.func, ast.Name) and inner.func.id in classes):
-                return False
-            todo.append(inner.func.id)
-        while todo:
-            cls_name = todo.pop()
-            if cls_name in seen:
+            if callee.endswith(".from_pretrained") and self.MODE_FREE_LAYERS.match(callee[: -len(".from_pretrained")]):
+                data |= {c for a in call.args + [k.value for k in call.keywords] for c in ast.walk(a)}
                 continue
-            seen.add(cls_name)
-            cls = classes[cls_name]
-            if self.MODE_DEPENDENT.search(ast.get_source_segment(self.source, cls) or "dropout"):
-                return False
-            if any(text(b) not in ("nn.Module", "torch.nn.Module", "Module") and text(b) not in classes for b in cls.bases):
-                return False
-            # what the module is built from: every call in a `self.x = ...` value must be a known
-            # mode-free layer, a class of this file (checked in turn), or a plain helper (range, torch.zeros)
-            built = [n.value for n in ast.walk(cls) if isinstance(n, (ast.Assign, ast.AnnAssign)) and n.value is not None
-                     and any(text(t).startswith("self.") for t in (n.targets if isinstance(n, ast.Assign) else [n.target]))]
-            for call in (c for v in built for c in _walk_outside_lambdas(v) if isinstance(c, ast.Call)):
-                callee = text(call.func)
-                if callee in classes:
-                    todo.append(callee)
-                elif not (self.MODE_FREE_LAYERS.match(callee) or callee in PLAIN_HELPERS
-                          or re.match(r"^torch\.(zeros|ones|randn|rand|empty|tensor|arange|full|eye)$", callee)):
-                    return False
-        return True
+            if isinstance(call.func, ast.Attribute) and isinstance(call.func.value, ast.Call):
+                continue  # torch.zeros(...).uniform_(): a method of a value built by an inner call
+            if callee.startswith("self.") or re.search(r"(^|\.)optim\.|Optimizer$|lr_scheduler", callee):
+                continue  # self.parameters(), optim.Adam(...): the module's own methods and its optimizer
+            verdicts.append(self._layer_verdict(callee, seen))
+        return _combine(verdicts)
 
     def is_module(self, name: str) -> bool:
         """A model that is an ``nn.Module``: named or used like one, and not a plain function of this file."""
         base = name.split("(")[0]
-        if not self.is_model(base) or base in self.plain_callables or base.split(".")[0] in self.imported:
+        if base in self.classes:
+            return False  # discriminator(): a class of this file, whatever its case, is built here, not run
+        head = base.split(".")[0]
+        if not self.is_model(base) or base in self.plain_callables or (head in self.imported and head not in self.rebound):
             return False
         # Generator(...) builds a module, it does not run one; self.G(x) runs the G it calls .eval() on
         return base in self.models or not base.split(".")[-1][:1].isupper()
@@ -430,7 +570,7 @@ class FileInfo:
             if isinstance(p, (ast.With, ast.AsyncWith)) and any(is_no_grad_ctx(i.context_expr) for i in p.items):
                 return True
             if isinstance(p, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                return any(is_no_grad_ctx(d) for d in p.decorator_list)
+                return any(is_no_grad_ctx(d, self) for d in p.decorator_list)
             p = self.parents.get(p)
         return False
 

@@ -25,10 +25,11 @@ statements per file, so recursive helpers and huge files cannot make it loop or 
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from trainval.lint.analysis import SCOPES, FileInfo, call_name, method, model_key, text
+from trainval.lint.analysis import SCOPES, FileInfo, call_name, method, model_key, text, wraps_no_grad
 
 MAX_DEPTH = 8
 MAX_STATEMENTS = 60_000
@@ -162,7 +163,8 @@ class Frame:
 
     def escape(self) -> set[str]:
         if self._escape is None:
-            self._escape = _closure(self.escapes, self.assigns)
+            # through assignments, except those that keep only a number or text (`total += loss.item()`)
+            self._escape = _closure(self.escapes, [(t, v) for t, v in self.assigns if not _detaching(v)])
         return self._escape
 
 
@@ -278,6 +280,7 @@ class Walker:
         self.frames: list[Frame] = []
         self.budget = MAX_STATEMENTS
         self.stack: list[ast.AST] = []
+        self.sites: dict[str, list[State]] = {}  # method name -> states at its `obj.method(...)` call sites
 
     # -- entry points
 
@@ -289,19 +292,42 @@ class Walker:
                 for fn in info.local_functions(node):
                     if info.enclosing(node, (ast.FunctionDef, ast.AsyncFunctionDef)) is not fn:
                         called.add(fn)
-        self.walk_scope(info.tree, {}, State(), None, None, {})
+        module = self.walk_scope(info.tree, {}, State(), None, None, {})
         everything = [fn for fns in info.functions.values() for fn in fns]
+        # methods called on some object (`self.model.validation_step(batch)`): walked after every other scope,
+        # in the state of their call sites (autograd, and the mode of the object they are called on)
+        attr_called = {n.func.attr for n in info.nodes if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                       and text(n.func.value) not in ("self", "cls")}
+        later = [fn for fn in everything if fn not in called and fn.name in attr_called and _is_method(fn)
+                 and fn.name not in COMMON_METHODS]
         for fn in everything:
-            if fn not in called:
-                self.walk_scope(fn, _defaults(fn, {}), State(grad=_decorated_grad(fn, True)), None, None, {})
+            if fn not in called and fn not in later:
+                self.walk_scope(fn, _defaults(fn, {}), self._entry_state(fn, module), None, None, {})
+        for fn in later:
+            self.walk_scope(fn, _defaults(fn, {}), self._entry_state(fn, module, self.sites.get(fn.name)), None, None, {})
         # functions the walks never reached (beyond the depth limit or the budget, or called only from
         # themselves): walked once on their own, with nothing known about their callers
         walked = {frame.scope for frame in self.frames}
         self.budget = max(self.budget, MAX_STATEMENTS // 3)
         for fn in everything:
             if fn not in walked:
-                self.walk_scope(fn, _defaults(fn, {}), State(grad=_decorated_grad(fn, True)), None, None, {})
+                self.walk_scope(fn, _defaults(fn, {}), State(grad=_decorated_grad(fn, True, info)), None, None, {})
         return self.frames
+
+    def _entry_state(self, fn: ast.AST, module: State, sites: list[State] | None = None) -> State:
+        """The state a function nothing in the file calls starts in: the models' modes the module body leaves
+        (a web handler runs after `model.eval()` at module level), or the join of its call sites' states."""
+        local = self.info.locals_of(fn)
+        state = State(modes={k: v for k, v in module.modes.items() if k not in local})
+        if sites:
+            joined = sites[0]
+            for other in sites[1:]:
+                joined = join(joined, other)
+            state.grad = joined.grad
+            if "self" in joined.modes:
+                state.modes["self"] = joined.modes["self"]
+        state.grad = _decorated_grad(fn, state.grad, self.info)
+        return state
 
     def walk_scope(self, scope, env, state, caller, call, aliases) -> State:
         return self.walk_frame(scope, env, state, caller, call, aliases)[0]
@@ -336,10 +362,14 @@ class Walker:
             if isinstance(stmt, ast.If):
                 if value is UNKNOWN:
                     arms = []
+                    plain = _not_module_arm(stmt.test)
                     for arm, body in ((0, stmt.body), (1, stmt.orelse)):
                         frame.path.append((id(stmt), arm))
                         try:
-                            arms.append(self.block(body, state.copy(), frame))
+                            entry = state.copy()
+                            if plain is not None and plain[1] == arm:
+                                entry.modes[plain[0]] = "plain"  # `if not isinstance(net, nn.Module):` no eval() to call
+                            arms.append(self.block(body, entry, frame))
                         finally:
                             frame.path.pop()
                     return join(*arms)
@@ -427,7 +457,8 @@ class Walker:
                     state = self._assign_model(text(t), stmt.value, state)
             return state
         if isinstance(stmt, ast.Return) and stmt.value is not None:
-            frame.escapes.append(stmt.value)
+            if not _detaching(stmt.value):  # `return acc.item()`, `return f"..."`: no caller can backpropagate
+                frame.escapes.append(stmt.value)
             return self.expr(stmt.value, state, frame)
         if isinstance(stmt, ast.Expr):
             v = stmt.value
@@ -537,8 +568,9 @@ class Walker:
             if m and m[1] == "step" and (info.is_optimizer(m[0]) or "scaler" in m[0].lower()):
                 frame.has_step = True
                 continue
-            optimizers = [
-                a for a in args if isinstance(a, (ast.Name, ast.Attribute)) and text(a) in info.optimizers
+            optimizers = [  # text(a) in info.optimizers, or named like one (made in another file)
+                a for a in args if isinstance(a, (ast.Name, ast.Attribute))
+                and (text(a) in info.optimizers or (re.search(r"optim", text(a), re.I) and info.is_optimizer(text(a))))
             ]
             if (
                 optimizers
@@ -550,15 +582,24 @@ class Walker:
                     frame.sink(args)
                 state = self._enter(call, local, state, frame)
                 continue
+            if m and m[1] in info.functions and m[0] not in ("self", "cls"):
+                site = State(grad=state.grad)
+                mode = state.modes.get(model_key(m[0]))
+                if mode is not None:
+                    site.modes["self"] = mode
+                self.sites.setdefault(m[1], []).append(site)
             if self._is_forward(call, name, m):
                 recv = name if not (m and m[1] == "forward") else m[0]
                 key = model_key(recv)
+                mode = state.modes.get(key)
+                if mode is None and recv.split(".")[0] == "self":
+                    mode = state.modes.get("self")  # a method run on a model its caller put in eval mode
                 frame.forwards.append(
                     Forward(
                         call,
                         recv,
                         key,
-                        state.modes.get(key),
+                        mode,
                         state.loaded.get(key),
                         state.grad,
                         frame,
@@ -588,8 +629,12 @@ class Walker:
                     inner.modes[param] = state.modes[arg_key]
                 if arg_key in state.loaded:
                     inner.loaded[param] = state.loaded[arg_key]
-            inner.grad = _decorated_grad(fn, inner.grad)
+            inner.grad = _decorated_grad(fn, inner.grad, self.info)
             after, callee = self.walk_frame(fn, env, inner, frame, call, aliases)
+            used = _closure(callee.sinks, callee.assigns)
+            passed = [arg for param, arg in _pairs(fn, call) if param in used]
+            if passed:  # update(loss) whose body gives loss to backward() (or to a call taking the optimizer)
+                frame.sink(passed)
             if at_yield:
                 after = callee.yielded or after
             result = state.copy()
@@ -642,11 +687,13 @@ def grad_context(expr: ast.AST, env: dict):
     return NOT_GRAD
 
 
-def _decorated_grad(fn: ast.AST, grad: bool | None) -> bool | None:
+def _decorated_grad(fn: ast.AST, grad: bool | None, info: FileInfo | None = None) -> bool | None:
     for d in getattr(fn, "decorator_list", []):
         g = grad_context(d, {})
         if g is not NOT_GRAD:
             return g
+        if info is not None and wraps_no_grad(d, info):
+            return False  # @smart_inference_mode(): a wrapper of inference_mode/no_grad
     return grad
 
 
@@ -675,6 +722,69 @@ def _defaults(fn: ast.AST, env: dict) -> dict:
         if isinstance(d, ast.Constant):
             env[a.arg] = d.value
     return env
+
+
+COMMON_METHODS = {"train", "eval", "step", "forward", "zero_grad", "backward", "parameters", "to", "cuda", "cpu",
+                  "update", "append", "get", "item", "save", "load", "load_state_dict", "state_dict", "reset",
+                  "add", "run", "close", "write", "log", "__call__", "__init__", "__enter__", "__exit__"}
+ROUTES = {"route", "get", "post", "put", "delete", "patch", "websocket", "api_route"}
+
+
+def _is_method(fn: ast.AST) -> bool:
+    args = fn.args.posonlyargs + fn.args.args
+    return bool(args) and args[0].arg == "self"
+
+
+def _is_handler(fn: ast.AST) -> bool:
+    """``@app.route("/predict")``, ``@router.post(...)``: run by a web framework for each request."""
+    for d in getattr(fn, "decorator_list", []):
+        target = d.func if isinstance(d, ast.Call) else d
+        if isinstance(target, ast.Attribute) and target.attr in ROUTES:
+            return True
+    return False
+
+
+def _not_module_arm(test: ast.AST) -> tuple[str, int] | None:
+    """``if isinstance(net, nn.Module):`` -> (``net``, 1): the arm (0 body, 1 else) where it is no module."""
+    negated = isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not)
+    t = test.operand if negated else test
+    if isinstance(t, ast.Call) and text(t.func) == "isinstance" and len(t.args) == 2 \
+            and "Module" in text(t.args[1]) and isinstance(t.args[0], (ast.Name, ast.Attribute)):
+        return model_key(text(t.args[0])), 0 if negated else 1
+    return None
+
+
+DETACHING_CALLS = {"str", "float", "int", "bool", "round", "repr", "len", "jsonify", "json.dumps"}
+DETACHING_METHODS = {"item", "tolist", "numpy", "format", "detach", "argmax", "argmin", "size"}
+
+
+def _detaching(expr: ast.AST) -> bool:
+    """A value no caller can backpropagate through: a number or text (``.item()``, ``f"..."``, ``str()``),
+    a comparison, or a tuple/list/dict of those."""
+    if isinstance(expr, (ast.JoinedStr, ast.Compare, ast.Constant)):
+        return True
+    if isinstance(expr, ast.Call):
+        m = method(expr)
+        if m is not None and m[1] in COLLECTORS:  # meters.update(loss=loss.item(), n=bs): numbers are kept
+            args = list(expr.args) + [k.value for k in expr.keywords]
+            return any(_detaching(a) for a in args) and all(
+                _detaching(a) or isinstance(a, (ast.Name, ast.Constant)) for a in args)
+        return (m is not None and m[1] in DETACHING_METHODS) or call_name(expr) in DETACHING_CALLS
+    if isinstance(expr, (ast.Tuple, ast.List)):
+        return bool(expr.elts) and all(_detaching(e) for e in expr.elts)
+    if isinstance(expr, (ast.ListComp, ast.GeneratorExp)):
+        return _detaching(expr.elt)
+    if isinstance(expr, ast.Dict):
+        return bool(expr.values) and all(_detaching(v) for v in expr.values)
+    return False
+
+
+def _pairs(fn: ast.AST, call: ast.Call) -> list[tuple[str, ast.AST]]:
+    params = [a.arg for a in fn.args.posonlyargs + fn.args.args]
+    if params and params[0] in ("self", "cls") and isinstance(call.func, ast.Attribute):
+        params = params[1:]
+    pairs = list(zip(params, call.args)) if not any(isinstance(a, ast.Starred) for a in call.args) else []
+    return pairs + [(k.arg, k.value) for k in call.keywords if k.arg]
 
 
 def _bind(fn: ast.AST, call: ast.Call, caller_env: dict) -> tuple[dict, dict]:
@@ -725,6 +835,11 @@ def status(frame: Frame, node: ast.AST, info: FileInfo, pos: int = 0, depth: int
             if item.optional_vars is not None:
                 targets |= _target_names(item.optional_vars)
     elif isinstance(stmt, ast.Return):
+        q = info.parents.get(node)
+        while q is not None and q is not stmt:
+            if _detaching(q) or isinstance(q, ast.FormattedValue):
+                return "eval"  # return f"{model(x).argmax().item()}": a number or text for the caller
+            q = info.parents.get(q)
         return _escaped(frame, info, depth)
     elif isinstance(stmt, ast.Expr):
         v = stmt.value
@@ -779,7 +894,32 @@ def _escaped(frame: Frame, info: FileInfo, depth: int) -> str:
     if frame.caller is not None and frame.call is not None:
         s = status(frame.caller, frame.call, info, frame.call_pos, depth + 1)
         return "escape" if s == "unused" else s
+    if _is_handler(frame.scope):
+        return "eval"  # a web handler's result goes to the client, never to backward()
+    if any(re.search(r"loss\b|_loss|loss_", text(e), re.I) for e in frame.escapes):
+        return "unknown"  # `return qf1_loss, qf2_loss` to a caller in another file: it is for training
     return "escape"
+
+
+def _passed_in(frame: Frame, key: str) -> bool:
+    """The model is a parameter of the outermost function of the walk: callers outside this file own it."""
+    while frame.caller is not None and key in frame.aliases:
+        key, frame = frame.aliases[key], frame.caller
+    if frame.caller is not None or key not in _params(frame.scope):
+        return False
+    # a function that walks a data loader evaluates (DETR's evaluate returns stats); a sampler returns outputs
+    return not any(re.search(r"loader|dataset", text(a), re.I) for a in _params_nodes(frame.scope))
+
+
+def _params_nodes(fn: ast.AST) -> list[ast.AST]:
+    return [x for x in ast.walk(fn) if isinstance(x, (ast.arg, ast.Name))]
+
+
+def _params(fn: ast.AST) -> set[str]:
+    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return set()
+    a = fn.args
+    return {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs}
 
 
 def frames(info: FileInfo) -> list[Frame]:
@@ -804,7 +944,7 @@ def evaluation_forwards(info: FileInfo) -> Iterator[Forward]:
             s = status(frame, fw.node, info, fw.pos)
             if s == "eval":
                 yield fw
-            elif s == "escape" and (fw.grad is False or fw.mode == "eval" or fw.loaded):
+            elif s == "escape" and (fw.mode == "eval" or fw.loaded or (fw.grad is False and not _passed_in(frame, fw.key))):
                 yield fw
 
 

@@ -147,6 +147,9 @@ def check(info: FileInfo) -> Iterator[tuple[int, int, str, str]]:
         yield from _epoch_modes(info, loop)
         yield from _loss_accumulation(info, loop)
         yield from _host_syncs(info, loop)
+    for fns in info.functions.values():
+        for fn in fns:  # backward(); zero_grad(); step() in a function's own body: whoever calls it, once or per epoch
+            yield from _optimizer_order(info, fn, only_order=True)
     yield from _evaluation_passes(info)
     yield from _torch_load(info)
     yield from _mean_of_batch_means(info)
@@ -167,7 +170,7 @@ def _innermost_loop(info: FileInfo, node: ast.AST) -> ast.AST | None:
     return info.enclosing(node, LOOPS + (ast.FunctionDef, ast.AsyncFunctionDef))
 
 
-def _optimizer_order(info: FileInfo, loop: ast.AST) -> Iterator:
+def _optimizer_order(info: FileInfo, loop: ast.AST, only_order: bool = False) -> Iterator:
     events = _own_events(info, loop)
     steps = [e for e in events if e.kind == "step" and _innermost_loop(info, e.node) is loop]
     if not steps:
@@ -186,6 +189,8 @@ def _optimizer_order(info: FileInfo, loop: ast.AST) -> Iterator:
                         z.receiver == step.receiver or (single_optimizer and info.is_model(z.receiver))):
                     yield _at(z.node, "TVL001", f"{z.receiver}.zero_grad() between backward() (line {last_b.node.lineno}) "
                                                  f"and {step.receiver}.step(): the gradients are discarded")
+        if only_order:
+            continue  # a function's body: its step() may come before a backward() of the caller's next iteration
         # TVL003: an unconditional step before any backward in the body
         if backwards and not before and not step.in_if and step.node in _top_level_calls(loop):
             yield _at(step.node, "TVL003")
@@ -255,14 +260,19 @@ def _evaluation_passes(info: FileInfo) -> Iterator:
         if _inside_class(info, fw.node, "Dataset"):
             continue  # a module used as a transform while building samples is data preparation
         owner = model.rsplit(".", 1)[0] if "." in model and not model.startswith("self.") else model
-        if fw.mode in (None, "train") and ("mode", fw.node) not in seen and not info.mode_free(model):
+        if fw.mode == "plain":
+            continue  # the branch where it is not an nn.Module: a plain function has no mode and no parameters
+        layers = info.mode_layers(model, fw.frame.root_key(fw.key)) if fw.mode in (None, "train") else ("", "")
+        if fw.mode in (None, "train") and ("mode", fw.node) not in seen and layers[0] != "free":
             seen.add(("mode", fw.node))
+            why = f"its {layers[1]} layers act differently in training mode" if layers[0] == "known" else layers[1]
             if fw.loaded and fw.key not in trained:
                 yield _at(fw.node, "TVL009", f"{model}(...) after {owner}.load_state_dict() (line {fw.loaded}) "
-                                              f"without {owner}.eval()")
+                                              f"without {owner}.eval(): {why}")
             else:
                 state = "in training mode" if fw.mode == "train" else f"without {owner}.eval() before it"
-                yield _at(fw.node, "TVL004", f"{model}(...) evaluates (its result never reaches backward()) {state}")
+                yield _at(fw.node, "TVL004", f"{model}(...) evaluates (its result never reaches backward()) {state}: "
+                                              f"{why}")
         if fw.grad is True and ("grad", fw.node) not in seen:
             seen.add(("grad", fw.node))
             yield _at(fw.node, "TVL006", f"{model}(...) evaluates with autograd on (its result never reaches backward())")
@@ -367,10 +377,16 @@ def _inside_class(info: FileInfo, node: ast.AST, base_word: str) -> bool:
 
 
 def _torch_load(info: FileInfo) -> Iterator:
-    imported_load = any(isinstance(n, ast.ImportFrom) and n.module == "torch" and any(a.name == "load" for a in n.names)
-                        for n in info.nodes)
+    # the names torch.load goes by here: torch.load, t.load after `import torch as t`, load or tl after
+    # `from torch import load [as tl]`
+    names = {"torch.load"}
+    for n in info.nodes:
+        if isinstance(n, ast.Import):
+            names |= {f"{a.asname}.load" for a in n.names if a.name == "torch" and a.asname}
+        elif isinstance(n, ast.ImportFrom) and n.module == "torch":
+            names |= {a.asname or a.name for a in n.names if a.name == "load"}
     for node in info.nodes:
-        if isinstance(node, ast.Call) and (call_name(node) == "torch.load" or (imported_load and call_name(node) == "load")):
+        if isinstance(node, ast.Call) and call_name(node) in names:
             kw = {k.arg: k.value for k in node.keywords}
             value = kw.get("weights_only")
             if value is None:
