@@ -202,8 +202,9 @@ def _assert_sharded_by_each_rank(folder, nproc=2):
     _tensors_in(state, tensors)
     assert not [t for t in tensors if tuple(t.shape) in shapes]  # no weight matrix anywhere in last.pt
     assert sorted(state["shards"]["files"]) == [f"__{r}_0.distcp" for r in range(nproc)]
+    assert sorted(state["shards"]["sha256"]) == [".metadata", *sorted(state["shards"]["files"])]  # every rank's file
     shard_dir = sharded.verify(state["shards"], path)
-    metadata = sharded._safe_reader(shard_dir).read_metadata()
+    metadata = sharded._safe_reader(shard_dir, state["shards"], path).read_metadata()
     for key in ("model.blocks.0.weight", "model.blocks.1.weight", "model.head.weight"):
         files = {info.relative_path for index, info in metadata.storage_data.items() if index.fqn == key}
         assert files == {f"__{r}_0.distcp" for r in range(nproc)}, key  # rows 0..k on rank 0, the rest on rank 1

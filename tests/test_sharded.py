@@ -180,7 +180,8 @@ def test_a_sharded_last_pt_loads_as_a_plain_model_and_its_metadata_never_runs_co
     marker = tmp_path / "ran"
     metadata = tmp_path / state["shards"]["dir"] / ".metadata"
     metadata.write_bytes(pickle.dumps(_Payload(str(marker))))
-    record = {**state["shards"], "metadata_sha256": sharded.sha256_file(str(metadata))}
+    sha = sharded.sha256_file(str(metadata))
+    record = {**state["shards"], "metadata_sha256": sha, "sha256": {**state["shards"]["sha256"], ".metadata": sha}}
     save_checkpoint({**state, "shards": record}, path)
     with pytest.raises(CheckpointError, match="refusing to read the shard metadata .*is not allowed"):
         load_model(str(tmp_path), "last", model=tiny_mlp())
@@ -213,7 +214,9 @@ def test_damaged_or_linked_shards_are_one_clear_error(tmp_path):
     key = next(k for k in md.state_dict_metadata if k.startswith("model.") and k.endswith("weight"))
     md.state_dict_metadata[key].size = torch.Size([10**7, 10**6])
     metadata.write_bytes(pickle.dumps(md))
-    save_checkpoint({**state, "shards": {**state["shards"], "metadata_sha256": sharded.sha256_file(str(metadata))}}, path)
+    sha = sharded.sha256_file(str(metadata))
+    save_checkpoint({**state, "shards": {**state["shards"], "metadata_sha256": sha,
+                                         "sha256": {**state["shards"]["sha256"], ".metadata": sha}}}, path)
     with pytest.raises(CheckpointError, match=r"describes 4\d+ bytes of tensors, but the shard files hold \d+"):
         load_model(str(tmp_path), "last", model=tiny_mlp())
 

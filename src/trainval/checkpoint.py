@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from trainval.errors import CheckpointError
-from trainval.untrusted import check_replaceable, shown_repr
+from trainval.untrusted import check_replaceable, open_regular, shown, shown_repr
 
 
 def _current_umask() -> int:
@@ -94,13 +94,12 @@ def atomic_write(path: str, write: Callable[[Any], None], what: str = "file") ->
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(folder)
-    except OSError as e:
-        reason = os.strerror(e.errno) if e.errno else str(e)
-        hint = {errno.ENOSPC: " Free some disk space", errno.EACCES: " Check the folder's permissions",
-                errno.EROFS: " The file system is read-only; choose another output folder"}.get(e.errno, "")
+    except (OSError, RuntimeError) as e:
+        reason = write_failure(e)
+        if reason is None:
+            raise  # a RuntimeError that is no write failure: a bug, with its traceback
         raise CheckpointError(
-            f"could not write {what} {path}: {reason}.{hint + '.' if hint else ''} "
-            f"The previous {os.path.basename(path)}, if any, is intact."
+            f"could not write {what} {path}: {reason} The previous {os.path.basename(path)}, if any, is intact."
         ) from None
     finally:
         if tmp is not None:
@@ -108,6 +107,33 @@ def atomic_write(path: str, write: Callable[[Any], None], what: str = "file") ->
                 os.unlink(tmp)
             except OSError:
                 pass
+
+
+_HINTS = {errno.ENOSPC: "Free some disk space.", errno.EDQUOT: "Free some space within your disk quota.",
+          errno.EACCES: "Check the folder's permissions.",
+          errno.EROFS: "The file system is read-only; choose another output folder."}
+
+
+def write_failure(e: BaseException) -> str | None:
+    """Why a write failed, as ``"<reason>. <what to do>."``; ``None`` when ``e`` is no write failure.
+
+    An ``OSError`` anywhere in ``e``'s chain gives its errno's reason. ``torch.save`` turns an error of
+    the file it writes into its zip writer's ``RuntimeError: [enforce fail at inline_container.cc...]``
+    (keeping the ``OSError`` as its context): that is a write failure too, named as such when no errno is left.
+    """
+    chain, seen = e, set()
+    while chain is not None and id(chain) not in seen:
+        if isinstance(chain, OSError):
+            reason = os.strerror(chain.errno) if chain.errno else (str(chain) or type(chain).__name__)
+            hint = _HINTS.get(chain.errno or 0, "")
+            return f"{shown(reason)}.{' ' + hint if hint else ''}"
+        seen.add(id(chain))
+        chain = chain.__cause__ or chain.__context__
+    text = str(e).strip()
+    if isinstance(e, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
+        return (f"the file could not be written ({shown(text.splitlines()[0])}); check that the disk has free "
+                "space and the folder is writable.")
+    return None
 
 
 class _HookedFile:
@@ -138,15 +164,27 @@ def save_checkpoint(state: dict, path: str, what: str = "checkpoint") -> None:
     atomic_write(path, write, what)
 
 
-def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint with ``weights_only=True``; every failure is one clear :class:`CheckpointError`."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint path is a folder, not a file: {path}")
-    check_archive(path)  # before torch.load inflates or allocates anything
+def load_checkpoint(path: str, map_location: Any = "cpu", follow: bool = True) -> dict:
+    """Load a checkpoint with ``weights_only=True``; every failure is one clear :class:`CheckpointError`.
+
+    Only a regular file is read: a FIFO, a device or a folder is refused before anything reads from it
+    (``follow=False`` refuses a symbolic link too). The archive check and ``torch.load`` read the very
+    file descriptor that was checked.
+    """
+    with open_regular(path, "checkpoint", CheckpointError, follow=follow) as f:
+        check_archive(f, path)  # before torch.load inflates or allocates anything
+        f.seek(0)
+        state = _weights_only_load(f, path, map_location)
+    if isinstance(state, dict) and "model" not in state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        state = {"model": state, "epoch": None}  # a bare state_dict saved by hand
+    if not isinstance(state, dict) or ("model" not in state and not isinstance(state.get("shards"), dict)):
+        raise CheckpointError(f"{path} is not a trainval checkpoint or state_dict (no 'model' entry).")
+    return state
+
+
+def _weights_only_load(f: Any, path: str, map_location: Any) -> Any:
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
         detail = next((line.split("error:", 1)[1].strip() for line in text.splitlines() if "WeightsUnpickler error:" in line
@@ -166,11 +204,6 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict:
         raise CheckpointError(
             f"cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch checkpoint ({first})."
         ) from None
-    if isinstance(state, dict) and "model" not in state and all(isinstance(v, torch.Tensor) for v in state.values()):
-        state = {"model": state, "epoch": None}  # a bare state_dict saved by hand
-    if not isinstance(state, dict) or ("model" not in state and not isinstance(state.get("shards"), dict)):
-        raise CheckpointError(f"{path} is not a trainval checkpoint or state_dict (no 'model' entry).")
-    return state
 
 
 def model_weights(state: dict, path: str) -> dict:
@@ -182,16 +215,17 @@ def model_weights(state: dict, path: str) -> dict:
     return sharded.consolidate(state["shards"], path)
 
 
-def check_archive(path: str) -> None:
+def check_archive(f: Any, path: str) -> None:
     """Refuse a file that no ``torch.save`` wrote, reading only the zip's central directory.
 
-    ``torch.save`` writes a zip archive of *stored* (uncompressed) entries, so the entries' sizes add
-    up to at most the file's size. A compressed entry, or sizes that claim more bytes than the file
-    holds, is what a zip bomb looks like: refused before anything is inflated or allocated.
+    ``f``: the checkpoint open for reading (a regular file, see :func:`load_checkpoint`); ``path``: its
+    name in messages. ``torch.save`` writes a zip archive of *stored* (uncompressed) entries, so the
+    entries' sizes add up to at most the file's size. A compressed entry, or sizes that claim more bytes
+    than the file holds, is what a zip bomb looks like: refused before anything is inflated or allocated.
     """
-    size = os.path.getsize(path)
+    size = os.fstat(f.fileno()).st_size
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(f) as archive:
             entries = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch "

@@ -18,7 +18,12 @@ Reading never executes code from the files: DCP's ``FileSystemReader`` unpickles
 ``pickle.load`` and its default planner reads non-tensor entries with ``torch.load(weights_only=False)``;
 here the metadata goes through an unpickler that allows only DCP's metadata classes, non-tensor entries
 are read with ``weights_only=True``, every file the metadata names must be one of DCP's shard names inside
-the folder, and the metadata's SHA-256 must be the one ``last.pt`` recorded.
+the folder, and every file read (``.metadata`` and each shard file) must be a regular file, not a link,
+whose SHA-256 is the one ``last.pt`` recorded for it at save time. The hash is checked on the very file
+descriptor that is then read, before any of its bytes are used. Cost: rank 0 reads the whole shard folder
+once more after each save (to hash it), and every load reads each shard file twice (hash, then data),
+both sequential reads. A ``last.pt`` written before the per-file hashes were recorded is still read,
+with the checks of its time (the ``.metadata`` hash and each shard file's size); its next save records them.
 """
 
 from __future__ import annotations
@@ -39,8 +44,9 @@ import torch
 import torch.distributed as dist
 
 from trainval import distributed
-from trainval.checkpoint import _fsync_dir, load_checkpoint, save_checkpoint
+from trainval.checkpoint import _fsync_dir, load_checkpoint, save_checkpoint, write_failure
 from trainval.errors import CheckpointError
+from trainval.untrusted import check_regular, open_regular, shown, shown_repr
 
 SHARDS_DIR = "last.shards"
 FORMAT = "torch.distributed.checkpoint"
@@ -66,6 +72,7 @@ def write(shards: dict, loop_state: dict | None, out_dir: str, *, background: bo
     """
     import torch.distributed.checkpoint as dcp
 
+    _refuse_linked_root(out_dir, "the shards of last.pt cannot be written")
     name = f"e{_epoch(loop_state)}-s{_step(loop_state)}-{uuid.uuid4().hex[:8]}"
     name = distributed.broadcast_object(name)  # one folder for every rank (rank 0's name)
     folder = os.path.join(out_dir, SHARDS_DIR, name)
@@ -115,8 +122,23 @@ def _cause(e: BaseException) -> str:
     if isinstance(failures, dict) and failures:
         rank, (inner, _) = next(iter(sorted(failures.items(), key=lambda item: item[0])))
         return f"rank {rank}: {_cause(inner)}"
+    written = write_failure(e) if isinstance(e, (OSError, RuntimeError)) else None
+    if written is not None:  # a full disk, a read-only folder: its reason and what to do
+        return written.rstrip(".")
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _own_error(e: BaseException) -> CheckpointError | None:
+    """The first :class:`CheckpointError` a rank raised inside DCP (which wraps it in its own exception)."""
+    if isinstance(e, CheckpointError):
+        return e
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict):
+        for _, (inner, _) in sorted(failures.items(), key=lambda item: item[0]):
+            if isinstance(inner, CheckpointError):
+                return inner
+    return None
 
 
 def _write_error(folder: str, e: BaseException) -> CheckpointError:
@@ -128,21 +150,36 @@ def _commit(out_dir: str, name: str, metadata: Any, loop_state: dict) -> None:
     """Rank 0: point last.pt at the complete folder ``name`` (atomic), then delete the folders before it."""
     folder = os.path.join(out_dir, SHARDS_DIR, name)
     files = sorted({info.relative_path for info in metadata.storage_data.values()})
+    hashes = {f: sha256_file(os.path.join(folder, f), "shard file", follow=False) for f in [_METADATA, *files]}
     record = {"format": FORMAT, "dir": f"{SHARDS_DIR}/{name}",
-              "metadata_sha256": sha256_file(os.path.join(folder, _METADATA)),
-              "files": {f: os.path.getsize(os.path.join(folder, f)) for f in files}}
+              "metadata_sha256": hashes[_METADATA],
+              "files": {f: os.path.getsize(os.path.join(folder, f)) for f in files},
+              "sha256": hashes}  # every file of this save: a file of another save is refused at load
     _fsync_dir(os.path.join(out_dir, SHARDS_DIR))
     save_checkpoint({**loop_state, "shards": record}, os.path.join(out_dir, "last.pt"), "last checkpoint")
     remove_stale(out_dir, keep=name)
 
 
-def sha256_file(path: str) -> str:
-    """The file's SHA-256 (hex), read in 1 MiB blocks."""
+def sha256_file(path: str, what: str = "file", follow: bool = True) -> str:
+    """The SHA-256 (hex) of the regular file at ``path`` (see :func:`untrusted.open_regular`)."""
+    with open_regular(path, what, CheckpointError, follow=follow) as f:
+        return _sha256(f)
+
+
+def _sha256(f: Any) -> str:
+    """SHA-256 (hex) of an open file from where it stands, read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
+
+
+def _refuse_linked_root(out_dir: str, doing: str) -> None:
+    """``last.shards`` must be the run folder's own folder: a link (out of the run folder) is refused."""
+    root = os.path.join(out_dir, SHARDS_DIR)
+    if os.path.islink(root):
+        raise CheckpointError(f"{doing}: {shown(root)} is a symbolic link; trainval reads and writes shards only in "
+                              f"the run folder's own {SHARDS_DIR} folder (move the folder there, do not link it).")
 
 
 def remove_stale(out_dir: str, keep: str | None = None) -> None:
@@ -188,13 +225,15 @@ def pointed_folder(state: dict) -> str | None:
 def verify(record: dict, path: str) -> str:
     """The shard folder of the last.pt at ``path``, after checking it is the one last.pt recorded."""
     if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise CheckpointError(f"{path} points to shards in a format trainval does not read ({record!r:.80}).")
+        raise CheckpointError(f"{path} points to shards in a format trainval does not read ({shown_repr(record)}).")
     rel = str(record.get("dir", ""))
     parts = rel.split("/")
     if len(parts) != 2 or parts[0] != SHARDS_DIR or not _VERSION.match(parts[1]):
-        raise CheckpointError(f"{path} points to {rel!r}, which is not a shard folder trainval writes "
+        raise CheckpointError(f"{path} points to {_shown_name(rel)}, which is not a shard folder trainval writes "
                               f"({SHARDS_DIR}/e<epoch>-s<step>-<id>); refusing to read it.")
-    folder = os.path.join(os.path.dirname(os.path.abspath(path)), SHARDS_DIR, parts[1])
+    run = os.path.dirname(os.path.abspath(path))
+    _refuse_linked_root(run, f"the shards of {path} are refused")
+    folder = os.path.join(run, SHARDS_DIR, parts[1])
     if os.path.islink(folder):
         raise CheckpointError(f"the shards of {path} are refused: {folder} is a symbolic link; trainval reads "
                               "only the shard folder it wrote there (copy the files, do not link them).")
@@ -202,10 +241,9 @@ def verify(record: dict, path: str) -> str:
         raise CheckpointError(f"the shards of {path} are missing: no folder {folder} (last.pt and its "
                               f"{SHARDS_DIR} folder must be copied together).")
     try:
-        sha = sha256_file(os.path.join(folder, _METADATA))
-    except OSError as e:
-        raise CheckpointError(f"the shards of {path} in {folder} are incomplete: cannot read {_METADATA} "
-                              f"({os.strerror(e.errno) if e.errno else e}).") from None
+        sha = sha256_file(os.path.join(folder, _METADATA), "shard metadata", follow=False)
+    except CheckpointError as e:
+        raise CheckpointError(f"the shards of {path} in {folder} are incomplete or refused: {e}") from None
     if sha != record.get("metadata_sha256"):
         raise CheckpointError(f"the shards in {folder} are not the ones {path} recorded (their {_METADATA} "
                               "differs): a folder from another run or another save; refusing to mix them.")
@@ -213,16 +251,32 @@ def verify(record: dict, path: str) -> str:
     for name, size in files.items():
         file = os.path.join(folder, str(name))
         if not _SHARD_FILE.match(str(name)):
-            raise CheckpointError(f"{path} lists {name!r}, which is not a shard file name trainval writes.")
+            raise CheckpointError(f"{path} lists {_shown_name(name)}, which is not a shard file name trainval writes.")
         if os.path.islink(file):
             raise CheckpointError(f"the shards of {path} are refused: {file} is a symbolic link; trainval reads "
                                   "only the shard files it wrote there (copy the files, do not link them).")
-        if not os.path.isfile(file):
+        if not os.path.lexists(file):
             raise CheckpointError(f"the shards of {path} are incomplete: {file} is missing.")
-        if os.path.getsize(file) != size:
-            raise CheckpointError(f"the shards of {path} are damaged: {file} holds {os.path.getsize(file)} bytes, "
+        found = check_regular(file, "shard file", CheckpointError, follow=False).st_size
+        if found != size:
+            raise CheckpointError(f"the shards of {path} are damaged: {file} holds {found} bytes, "
                                   f"last.pt recorded {size}.")
     return folder
+
+
+def _shown_name(name: Any) -> str:
+    return repr(shown(str(name), limit=80))
+
+
+def _recorded_hashes(record: dict, path: str) -> dict[str, str] | None:
+    """The SHA-256 of every file of the save (``None``: a last.pt written before they were recorded)."""
+    hashes = record.get("sha256")
+    if hashes is None:
+        return None
+    if not isinstance(hashes, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()):
+        raise CheckpointError(f"{path} is damaged: its record of the shard files' SHA-256 is not a table of names "
+                              "and hashes.")
+    return hashes
 
 
 def load(target: dict, record: dict, path: str) -> None:
@@ -234,7 +288,7 @@ def load(target: dict, record: dict, path: str) -> None:
     import torch.distributed.checkpoint as dcp
 
     folder = verify(record, path)
-    reader = _safe_reader(folder)
+    reader = _safe_reader(folder, record, path)
     metadata = reader.read_metadata()
     _check_model_fits(target.get("model", {}), metadata, path)
     try:
@@ -242,8 +296,9 @@ def load(target: dict, record: dict, path: str) -> None:
             dcp.load(target, storage_reader=reader, planner=_safe_planner(),
                      no_dist=not (dist.is_available() and dist.is_initialized()))
     except _dcp_errors() as e:
-        if isinstance(e, CheckpointError):
-            raise
+        own = _own_error(e)  # a refused file, raised inside DCP's read on some rank
+        if own is not None:
+            raise own from None
         raise CheckpointError(f"{path} cannot be resumed with this model/optimizer: its shards in {folder} do not fit "
                               f"({_cause(e)}). Resume with the model and optimizer it was trained with.") from None
 
@@ -258,7 +313,7 @@ def consolidate(record: dict, path: str, prefix: str = "model") -> dict[str, tor
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     folder = verify(record, path)
-    reader = _safe_reader(folder)
+    reader = _safe_reader(folder, record, path)
     metadata = reader.read_metadata()
     head = prefix + "."
     wanted = {key[len(head):]: md for key, md in metadata.state_dict_metadata.items()
@@ -271,8 +326,9 @@ def consolidate(record: dict, path: str, prefix: str = "model") -> dict[str, tor
         with _quiet_single_process():
             dcp.load({prefix: out}, storage_reader=reader, planner=_safe_planner(), no_dist=True)
     except _dcp_errors() as e:
-        if isinstance(e, CheckpointError):
-            raise
+        own = _own_error(e)  # a refused file, raised inside DCP's read
+        if own is not None:
+            raise own from None
         raise CheckpointError(f"cannot read the shards of {path} in {folder} ({_cause(e)}).") from None
     return out
 
@@ -348,14 +404,35 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def _reader_class():
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.filesystem import FileSystem
     from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+    class RecordedFiles(FileSystem):
+        """DCP's file access for reading, limited to the regular files (not links) of one save whose SHA-256
+        ``last.pt`` recorded, checked on the open file before DCP reads a byte of it."""
+
+        def __init__(self, hashes: dict[str, str], complete: bool, checkpoint: str) -> None:
+            self.hashes, self.complete, self.checkpoint = hashes, complete, checkpoint
+
+        @contextlib.contextmanager
+        def create_stream(self, path: Any, mode: str):
+            if mode != "rb":
+                raise CheckpointError(f"trainval reads shards, never writes them while reading ({shown(path)}).")
+            with open_regular(os.fspath(path), "shard file", CheckpointError, follow=False) as f:
+                _check_recorded(f, os.fspath(path), self.hashes, self.complete, self.checkpoint)
+                yield f
+
     class SafeReader(FileSystemReader):
+        def __init__(self, folder: str, hashes: dict[str, str], complete: bool, checkpoint: str) -> None:
+            super().__init__(folder)
+            self.fs = RecordedFiles(hashes, complete, checkpoint)
+
         def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
             path = os.path.join(self.path, _METADATA)
+            with self.fs.create_stream(path, "rb") as f:
+                raw = f.read()  # the bytes that were hashed
             try:
-                with open(path, "rb") as f:
-                    metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+                metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
             except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, OSError) as e:
                 raise CheckpointError(f"refusing to read the shard metadata {path}: {e}.") from None
             if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
@@ -373,8 +450,31 @@ def _reader_class():
     return SafeReader
 
 
-def _safe_reader(folder: str) -> Any:  # the classes are built lazily: DCP is imported only when shards are read
-    return _reader_class()(folder)
+def _safe_reader(folder: str, record: dict, path: str) -> Any:
+    """DCP's reader for the verified ``folder`` of the last.pt at ``path`` (the classes are built lazily:
+    DCP is imported only when shards are read)."""
+    hashes = _recorded_hashes(record, path)
+    if hashes is None:  # an older last.pt: only its .metadata was hashed (each file's size is checked by verify)
+        return _reader_class()(folder, {_METADATA: str(record.get("metadata_sha256"))}, False, path)
+    return _reader_class()(folder, hashes, True, path)
+
+
+def _check_recorded(f: Any, file: str, hashes: dict[str, str], complete: bool, checkpoint: str) -> None:
+    """Refuse ``f`` (open at ``file``) unless its SHA-256 is the one recorded for its name; leave it at 0.
+
+    ``complete``: ``hashes`` holds every file of the save (an older last.pt recorded only ``.metadata``'s)."""
+    name = os.path.basename(file)
+    expected = hashes.get(name)
+    if expected is None and not complete:
+        return  # an older last.pt recorded no hash of this shard file: verify checked its size
+    if expected is None:
+        raise CheckpointError(f"the shards of {checkpoint} are refused: {shown(file)} is not one of the files "
+                              "last.pt recorded for this save.")
+    if _sha256(f) != expected:
+        raise CheckpointError(f"the shards of {checkpoint} are refused: {shown(file)} is not the file saved with "
+                              f"it (its SHA-256 differs; a shard file of another save or another run?); refusing "
+                              "to mix them. Copy last.pt and its last.shards folder together, from one save.")
+    f.seek(0)
 
 
 def _safe_planner() -> Any:
