@@ -301,10 +301,14 @@ def test_nonfinite_weights_never_saved_as_best(tmp_path):
     model.unused = nn.Parameter(torch.zeros(3))  # not in the forward: the loss stays finite
     tr = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05), max_epochs=2, out_dir=str(tmp_path),
                  batch_size=16, progress=False, plot=False, monitor="val_loss", callbacks=[PoisonUnusedParam()])
-    history = tr.fit((X, y), (X, y))
-    assert history[1]["val_loss"] < history[0]["val_loss"]  # an improvement that must still not be saved
+    # the loss stays finite, but the run stops at the end of epoch 2 rather than finish with NaN weights
+    with pytest.raises(NonFiniteLossError, match="weights became non-finite at epoch 2"):
+        tr.fit((X, y), (X, y))
+    assert len(tr.history) == 1
     state = torch.load(tmp_path / "best.pt", weights_only=True)
     assert state["epoch"] == 1 and torch.isfinite(state["model"]["unused"]).all()
+    last = torch.load(tmp_path / "last.pt", weights_only=True)  # nothing from epoch 2 was saved
+    assert last["epoch"] == 1 and torch.isfinite(last["model"]["unused"]).all()
 
 
 @pytest.mark.parametrize(

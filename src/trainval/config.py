@@ -49,7 +49,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "x_key": Key("str", "x", "npz array of features"),
         "y_key": Key("str", "y", "npz array of labels"),
         "factory": Key("str", None, "`module:function` returning {'train', 'val', 'test'} data (source: factory)", nullable=True),
-        "split_seed": Key("int", 0, "seed of the stratified splits"),
+        "split_seed": Key("int", 0, "seed of the stratified splits", minimum=0, maximum=2**32 - 1),  # scikit-learn's range
         "on_device": Key("bool", None, "keep in-memory data on the GPU (default: when it fits)", nullable=True),
         "check_inputs": Key("bool", True, "refuse NaN/Inf features before training"),
         "num_workers": Key("int", 0, "DataLoader workers for Dataset inputs", minimum=0),
@@ -97,7 +97,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "epochs": Key("int", 30, "epochs to train", minimum=1),
         "batch_size": Key("int", 64, "batch size per process", minimum=1),
         "eval_batch_size": Key("int", None, "evaluation batch size (default: batch_size)", nullable=True, minimum=1),
-        "seed": Key("int", 0, "seed of Python, NumPy, torch and the shuffling"),
+        "seed": Key("int", 0, "seed of Python, NumPy, torch and the shuffling", minimum=-(2**63), maximum=2**63 - 1),  # state.check_seed's
         "device": Key("str", None, "`cpu`, `cuda`, `cuda:1`... (default: CUDA if available)", nullable=True),
         "monitor": Key("str", None, "metric that picks best.pt: `val_<metric>`, `train_<metric>` or `*_loss` (default: val_ + the first metric)", nullable=True),
         "mode": Key("str", None, "`max` or `min` (default: the metric's direction; min for losses)", nullable=True, choices=("max", "min")),
@@ -148,6 +148,10 @@ def _unknown(path: str, source: str) -> ConfigError:
         close = [p for p in all_paths() if p.endswith("." + leaf)][:1]
     hint = f" (did you mean '{close[0]}'?)" if close else f" (sections: {', '.join(SCHEMA)})"
     return ConfigError(f"{source}: unknown key '{path}'{hint}.")
+
+
+def _bound(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)  # an int exactly (a seed's 2**63 - 1)
 
 
 def _check(path: str, key: Key, value: Any, source: str) -> Any:
@@ -201,9 +205,9 @@ def _check(path: str, key: Key, value: Any, source: str) -> Any:
             allowed = ", ".join(map(str, key.choices)) + (", or a 'module:Class' import string" if key.open_choices else "")
             raise bad(f"one of {allowed}")
     if key.minimum is not None and isinstance(value, (int, float)) and value < key.minimum:
-        raise bad(f"at least {key.minimum:g}")
+        raise bad(f"at least {_bound(key.minimum)}")
     if key.maximum is not None and isinstance(value, (int, float)) and value > key.maximum:
-        raise bad(f"at most {key.maximum:g}")
+        raise bad(f"at most {_bound(key.maximum)}")
     return value
 
 

@@ -28,7 +28,7 @@ class CheckpointError(TrainvalError):
 
 
 class NonFiniteLossError(TrainvalError):
-    """The training loss became NaN or infinite."""
+    """The training loss, or the weights after an optimizer step, became NaN or infinite."""
 
 
 class RunFolderError(TrainvalError):

@@ -59,10 +59,10 @@ from trainval.errors import (
 )
 from trainval.metrics import MetricSet, confusion_metric, metric_direction, resolve_metrics
 from trainval.runs import RunSummary, record_test
-from trainval.state import LoopState, rng_state, seed_everything, set_rng_state
+from trainval.state import LoopState, check_seed, rng_state, seed_everything, set_rng_state
 from trainval.strategies import SingleProcess, make_strategy
 from trainval.tasks import Task, check_loss, loss_weight_fn, make_task, task_for_output
-from trainval.untrusted import shown_line
+from trainval.untrusted import shown_line, shown_repr
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
@@ -186,6 +186,7 @@ class Trainer:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
         if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1):
             raise ConfigError(f"eval_batch_size must be a positive integer, got {eval_batch_size!r}.")
+        seed = check_seed(seed)  # a plain int in the range every generator takes
         if scheduler_interval not in (None, "step", "epoch"):
             raise ConfigError(f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}.")
         if grad_clip is not None and not (isinstance(grad_clip, (int, float)) and math.isfinite(grad_clip) and grad_clip > 0):
@@ -199,7 +200,7 @@ class Trainer:
         self.optimizer = optimizer if optimizer is not None else torch.optim.AdamW(model.parameters(), lr=1e-3)
         if loss_fn is not None:
             check_loss(loss_fn)
-        self._check_optimizer(loss_fn)
+        self._check_optimizer_and_scheduler(loss_fn, scheduler, default_optimizer=optimizer is None)
         # The task may wait for the model's output width (a BCE loss: binary or multilabel), and the
         # default loss for the task: both are settled in the first pre-flight check.
         self.task: Task | None = make_task(task, loss_fn, ignore_index=ignore_index, threshold=threshold)
@@ -483,7 +484,7 @@ class Trainer:
         self.log(self._epoch_line(epoch, row))
 
         value = row[self.monitor]
-        if self.state.improved(value) and self._weights_finite():
+        if self.state.improved(value):  # the weights are finite: checked at the end of _train_epoch
             self.state.best_value, self.state.best_epoch = value, epoch
             best = self._best_state()  # under FSDP a collective: every rank takes part, rank 0 writes
             if self.dist.is_main:
@@ -541,6 +542,7 @@ class Trainer:
         every = self.checkpoint_every_steps
         next_poll = time.monotonic() + self.poll_interval_s
         in_group, stand_in = 0, None  # real batches (every rank's) in this accumulation group so far
+        first = True  # the first batch's loss is checked (free: no host sync), after on_epoch_start's freezing
         for step in batches:
             i, x, y = self.batch_in_epoch, step.x, step.y
             boundary = acc == 1 or (i + 1) % acc == 0 or step.last
@@ -551,6 +553,9 @@ class Trainer:
                     self._stand_in_step(*stand_in)
                 else:
                     loss, output = self.train_step(x, y)
+                    if first:
+                        self._check_loss_value(loss, training=True)
+                        first = False
                     self._backward(loss / group if acc > 1 else loss)  # mean over the accumulation group
             in_group += step.batches
             if boundary:
@@ -584,6 +589,7 @@ class Trainer:
             if every and self.global_step % every == 0 and not step.last:
                 self._save_mid_epoch(epoch, started)
         self._raise_if_nonfinite(epoch)
+        self._raise_if_weights_nonfinite(epoch)  # the last step's update, which no loss has seen yet
 
     def _step_scheduler(self, scheduler: Any) -> None:
         try:
@@ -625,6 +631,7 @@ class Trainer:
     def _save_mid_epoch(self, epoch: int, started: float) -> None:
         """last.pt inside an epoch: never from non-finite weights; with the seconds run so far."""
         self._raise_if_nonfinite(epoch)
+        self._raise_if_weights_nonfinite(epoch)
         self.state.epoch_start["seconds"] = time.perf_counter() - started
         self._save_last()
 
@@ -737,7 +744,7 @@ class Trainer:
         metrics.reset(loader.num_batches or 64)
         task = self.task
         weigh = loss_weight_fn(self.loss_fn, task)
-        stand_in = None
+        stand_in, first = None, True
         with self._evaluating():
             for step in loader.steps(0, lockstep=self.strategy.forward_is_collective):
                 if step.x is None:
@@ -745,6 +752,9 @@ class Trainer:
                     self.predict_step(stand_in[0])
                     continue
                 loss, output = self.eval_step(step.x, step.y)
+                if first:
+                    self._check_loss_value(loss, training=False)
+                    first = False
                 metrics.update(loss, weigh(step.y), task.outputs(output, step.y), step.y.shape[0])
         return metrics.compute()  # all-reduced over ranks: each sample counted once
 
@@ -825,9 +835,17 @@ class Trainer:
             self.model, self.optimizer, self.device, torch.compile if self.compile else (lambda m: m))
         self._set_up = True
 
-    def _check_optimizer(self, loss_fn: nn.Module | None) -> None:
-        """An optimizer over another model's parameters would "train" without changing this model."""
-        own = {id(p) for p in self.model.parameters()}
+    def _check_optimizer_and_scheduler(self, loss_fn: nn.Module | None, scheduler: Any, default_optimizer: bool) -> None:
+        """Refuse an optimizer or scheduler that would "train" without changing this model, before training.
+
+        The optimizer must hold this model's parameters (and perhaps the loss's), and only finite settings
+        (a NaN learning rate turns every weight into NaN at the first step); the scheduler must be built on
+        this optimizer (one built on another sets the other's learning rate, and this one never changes).
+        Whether anything requires a gradient is checked on the first step's loss (``_check_loss_value``):
+        a callback may freeze or unfreeze modules at ``on_epoch_start``.
+        """
+        model_params = {id(p) for p in self.model.parameters()}
+        own = set(model_params)
         if isinstance(loss_fn, nn.Module):
             own |= {id(p) for p in loss_fn.parameters()}
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -836,6 +854,66 @@ class Trainer:
             raise ConfigError(f"the optimizer holds {len(foreign)} of {len(params)} parameter tensors that are not the "
                               "model's (or the loss's): build it from this model, e.g. "
                               "torch.optim.AdamW(model.parameters()).")
+        if model_params and not any(id(p) in model_params for p in params):
+            raise ConfigError(f"the optimizer holds none of the model's parameters (only {len(params)} of the loss's), "
+                              "so the model would never change: build it over the model's parameters too, e.g. "
+                              "torch.optim.AdamW([*model.parameters(), *loss_fn.parameters()]).")
+        for i, group in enumerate(self.optimizer.param_groups):
+            for key, value in group.items():
+                if key != "params" and not _finite_setting(value):
+                    raise ConfigError(f"the optimizer's {key}={shown_repr(value)} (param group {i}) is not a finite "
+                                      "number, and a step with it would make the weights NaN: build the optimizer "
+                                      f"with a finite {key}.")
+        if scheduler is None:
+            return
+        name = type(scheduler).__name__
+        if not callable(getattr(scheduler, "step", None)):
+            raise ConfigError(f"scheduler must be a learning-rate scheduler with a step() method "
+                              f"(torch.optim.lr_scheduler), got {shown_repr(scheduler)}.")
+        stepped = getattr(scheduler, "optimizer", self.optimizer)  # torch's schedulers all name theirs
+        if stepped is not self.optimizer:
+            if default_optimizer:
+                raise ConfigError(f"scheduler {name} was built on an optimizer the Trainer was not given (it builds "
+                                  "its own default AdamW); pass the optimizer the scheduler was built on: "
+                                  f"Trainer(model, optimizer, scheduler={name}(optimizer, ...)).")
+            raise ConfigError(f"scheduler {name} was built on another optimizer than the Trainer's, so the learning "
+                              f"rate would never change: build it on this optimizer, {name}(optimizer, ...), with the "
+                              "optimizer passed to the Trainer.")
+
+    def _check_loss_value(self, loss: Any, training: bool) -> None:
+        """The first batch's loss: a scalar tensor, and in training one that a gradient flows back from.
+
+        Free (attributes only, no host sync); once per epoch (a callback may freeze modules at
+        ``on_epoch_start``) and per evaluation, before the first backward.
+        """
+        if not isinstance(loss, torch.Tensor):
+            if isinstance(loss, (int, float)):
+                raise ConfigError(f"loss_fn returned a {type(loss).__name__} ({loss!r}), not a tensor; a number has no "
+                                  "gradient: return the loss tensor itself (no .item() or float() on it).")
+            raise ConfigError(f"loss_fn returned {describe(loss)}; it must return the batch's mean loss as a scalar "
+                              "tensor.")
+        if loss.numel() != 1:
+            raise ConfigError(f"loss_fn returned a tensor of shape {list(loss.shape)}; it must return a scalar (the "
+                              "batch's mean): use reduction='mean', or return loss.mean().")
+        if not training:
+            return
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]  # the model's, the loss's
+        if loss.requires_grad:
+            if not any(p.requires_grad for p in params):
+                raise ConfigError(f"none of the parameters the optimizer holds requires a gradient (its "
+                                  f"{len(params)} parameter tensors are frozen: requires_grad=False), so training "
+                                  "would change nothing: build the optimizer over the trainable parameters, e.g. "
+                                  "torch.optim.AdamW(p for p in model.parameters() if p.requires_grad).")
+            return
+        model_params = list(self.model.parameters())
+        if not any(p.requires_grad for p in [*model_params, *params]):
+            count = len(model_params)
+            raise ConfigError(f"no parameter of the model requires a gradient (all {count} parameter tensors have "
+                              "requires_grad=False), so there is nothing to train: unfreeze the ones to train "
+                              "(p.requires_grad_(True)) before fit, or only validate, test or predict with this model.")
+        raise ConfigError("the training loss does not depend on any parameter that requires a gradient (it was "
+                          "detached, or computed under torch.no_grad()): return the loss of the model's output "
+                          "as it is.")
 
     def _autocast(self):
         if self.precision == "fp32":
@@ -1101,8 +1179,17 @@ class Trainer:
         state = load_checkpoint(path, map_location="cpu")
         self.strategy.load_model_state_dict(self.model, model_weights(state, path), path)  # shards: put together
 
-    def _weights_finite(self) -> bool:
-        return self.strategy.all_finite(self.model)  # one sync per epoch
+    def _raise_if_weights_nonfinite(self, epoch: int) -> None:
+        """The weights after the epoch's (or a mid-epoch save's) last step: a loss is computed before its step,
+        so the losses alone never see the last update. A sync point (under FSDP a collective): once per
+        epoch and per mid-epoch save, before last.pt is written."""
+        if not self.strategy.all_finite(self.model):
+            raise NonFiniteLossError(
+                f"the model's weights became non-finite at epoch {epoch} (step {self.global_step}) although every "
+                "training loss was finite: an optimizer step (or a callback) made them NaN or Inf after the last loss "
+                "was computed (a non-finite learning rate from the scheduler, an overflow). Training stopped and nothing from this epoch was saved (the "
+                f"last good checkpoint is {self.last_path}). Check the scheduler, lower the learning rate or clip "
+                "gradients.")
 
     # ------------------------------------------------------------------------------------------
     # Non-finite loss and signals
@@ -1176,6 +1263,17 @@ class Trainer:
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _finite_setting(value: Any) -> bool:
+    """Is an optimizer setting finite: a number, a 1-element tensor, or a tuple of them (betas)?"""
+    if isinstance(value, (tuple, list)):
+        return all(_finite_setting(v) for v in value)
+    if isinstance(value, torch.Tensor):
+        return value.numel() != 1 or bool(torch.isfinite(value).all())  # once, at construction
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return True  # ints, bools, strings (foreach, capturable, ...)
 
 
 def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
