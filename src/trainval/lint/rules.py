@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from trainval.lint.analysis import LOOPS, Event, FileInfo, call_name, method, model_key, text
-from trainval.lint.flow import evaluation_forwards, training_keys
+from trainval.lint.flow import evaluation_forwards, training_forward, training_keys
 
 
 @dataclass(frozen=True)
@@ -263,7 +263,11 @@ def _evaluation_passes(info: FileInfo) -> Iterator:
         if fw.mode == "plain":
             continue  # the branch where it is not an nn.Module: a plain function has no mode and no parameters
         layers = info.mode_layers(model, fw.frame.root_key(fw.key)) if fw.mode in (None, "train") else ("", "")
-        if fw.mode in (None, "train") and ("mode", fw.node) not in seen and layers[0] != "free":
+        # a helper that trains on another path, reached here with autograd still on, is the training computation
+        # reused (SAC samples its actions with the actor's training forward): its mode is training by design;
+        # where this path turned autograd off, it evaluates and the mode matters
+        shared = fw.grad is not False and training_forward(info, fw.node)
+        if fw.mode in (None, "train") and ("mode", fw.node) not in seen and layers[0] != "free" and not shared:
             seen.add(("mode", fw.node))
             why = f"its {layers[1]} layers act differently in training mode" if layers[0] == "known" else layers[1]
             if fw.loaded and fw.key not in trained:
