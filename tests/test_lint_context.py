@@ -459,3 +459,37 @@ def test_an_evaluation_hook_returning_its_loss_is_an_evaluation():
     assert found(src.format(name="validation_step")) == {(at, "TVL006")}
     # control: a step returning its loss to a caller in another file trains
     assert found(src.format(name="train_step")) == set()
+
+
+TARGET_NETWORK = """
+import copy
+import torch
+critic = Critic()
+critic_target = copy.deepcopy(critic)
+opt = torch.optim.Adam({params})
+for s, a, r, s2 in buffer:
+    {target}
+    loss = (critic(s) - target).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+def test_a_target_network_no_optimizer_holds_run_with_autograd_on():
+    # TD3/DQN: the target value comes from a deep copy that no optimizer holds, on replayed data; with
+    # autograd on, its graph reaches no trained parameter
+    src = TARGET_NETWORK.format(params="critic.parameters()", target="target = r + critic_target(s2)")
+    assert found(src) == {(line_of(src, "target = r + critic_target(s2)"), "TVL006")}
+    # controls: under no_grad; a network that no optimizer holds but whose input a trained model computed
+    # (a perceptual loss: gradients must flow through it); an optimizer over parameters not named here
+    quiet = [
+        TARGET_NETWORK.format(params="critic.parameters()",
+                              target="with torch.no_grad():\n        target = r + critic_target(s2)"),
+        TARGET_NETWORK.format(params="critic.parameters()", target="target = critic_target(critic(s2))"),
+        TARGET_NETWORK.format(params="params", target="target = r + critic_target(s2)"),
+        TARGET_NETWORK.format(params="critic.parameters()",
+                              target="target = r + critic_target(s2)\n    critic_target = critic.module"),
+    ]
+    for case in quiet:
+        assert found(case) == set(), case
