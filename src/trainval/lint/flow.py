@@ -997,14 +997,17 @@ def training_keys(info: FileInfo) -> set[str]:
     for frame in frames(info):
         for fw in frame.forwards:
             if status(frame, fw.node, info, fw.pos) == "train":
-                info._training_forwards.add(id(fw.node))
+                if not frame.sinks and not frame.has_step:  # trains through a caller, not in its own body
+                    info._training_forwards.add(id(fw.node))
                 if fw.grad is not False:
                     keys |= {fw.key, frame.root_key(fw.key)}
     return keys
 
 
 def training_forward(info: FileInfo, node: ast.Call) -> bool:
-    """Some walk reaches this forward on a path where its result reaches backward(): a helper shared by
-    training and acting (SAC's sampling of actions), so its model is in training mode by design."""
+    """This forward is in a helper with no backward() or step() of its own whose result some caller trains on:
+    an extension of the model's forward shared by training and acting (SAC's sampling of actions), whose mode
+    its callers set. A helper that trains in its own body unless a flag says not to (``run_epoch(train=False)``)
+    is not one: its evaluating path is an evaluation."""
     training_keys(info)
     return id(node) in info._training_forwards

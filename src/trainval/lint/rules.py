@@ -266,9 +266,9 @@ def _evaluation_passes(info: FileInfo) -> Iterator:
         if fw.mode == "plain":
             continue  # the branch where it is not an nn.Module: a plain function has no mode and no parameters
         layers = info.mode_layers(model, fw.frame.root_key(fw.key)) if fw.mode in (None, "train") else ("", "")
-        # a helper that trains on another path, reached here with autograd still on, is the training computation
-        # reused (SAC samples its actions with the actor's training forward): its mode is training by design;
-        # where this path turned autograd off, it evaluates and the mode matters
+        # a forward helper whose result a caller trains on, reached here with autograd still on, is the training
+        # computation reused (SAC samples its actions with the actor's training forward): its mode is training
+        # by design; where this path turned autograd off, it evaluates and the mode matters
         shared = fw.grad is not False and training_forward(info, fw.node)
         if fw.mode in (None, "train") and ("mode", fw.node) not in seen and layers[0] != "free" and not shared:
             seen.add(("mode", fw.node))
