@@ -370,3 +370,126 @@ def test_optimizer_taken_by_a_helper_of_another_file_and_returned_losses():
     control = src.format(opt="self.critic_buffer", ret="qf1_loss = (qf - nxt).pow(2).mean()\n            return qf1_loss")
     assert found(control) == {(line_of(control, "expected = self.critic_local(s)"), "TVL004"),
                               (line_of(control, "expected = self.critic_local(s)"), "TVL006")}
+
+
+# -- follow-up of round 6: values kept by helpers, shared helpers that train, evaluation hooks returning a loss
+
+STORED_BY_HELPER = """
+import torch
+from torch.distributions import Categorical
+class Agent:
+    def __init__(self, policy):
+        self.policy = Policy()
+        self.optimizer = torch.optim.Adam(self.policy.parameters())
+        self.log_probs = []
+        self.entropies = []
+    def act(self):
+        probs = self.policy(self.state)
+        dist = Categorical(probs)
+        a = dist.sample()
+        return a.item(), dist.log_prob(a)
+    def play(self):
+        action, log_prob = self.act()
+        self.remember(log_prob)
+    def remember(self, log_prob):
+        self.{kept}.append(log_prob)
+    def learn(self):
+        loss = self.episode_loss()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+    def episode_loss(self):
+        losses = []
+        for lp in self.log_probs:
+            losses.append(-lp)
+        return torch.cat(losses).sum()
+"""
+
+
+def test_a_value_a_helper_keeps_on_self_for_a_later_loss_trains():
+    # REINFORCE: act() returns log-probabilities, remember() appends them to self.log_probs, and
+    # episode_loss() (whose result learn() gives to backward()) sums them: the forward in act() trains
+    assert found(STORED_BY_HELPER.format(kept="log_probs")) == set()
+    control = STORED_BY_HELPER.format(kept="entropies")  # kept where no loss reads it: an evaluation
+    at = line_of(control, "probs = self.policy(self.state)")
+    assert found(control) == {(at, "TVL004"), (at, "TVL006")}
+
+
+SHARED_ACTING_HELPER = """
+import torch
+class Agent:
+    def __init__(self):
+        self.actor = Actor()
+        self.actor_optimizer = torch.optim.Adam(self.actor.parameters())
+    def sample(self, state):
+        mean = self.actor(state)
+        return mean + torch.randn_like(mean)
+    def act(self, state):
+        {acting}
+        return action.detach().cpu().numpy()
+    def learn(self, state):
+        loss = -self.sample(state).mean()
+        self.actor_optimizer.zero_grad()
+        loss.backward()
+        self.actor_optimizer.step()
+"""
+
+
+def test_a_helper_that_trains_is_not_asked_for_eval_on_an_acting_path_with_autograd_on():
+    # SAC's produce_action_and_action_info: the actor's training forward, reused to act while training
+    src = SHARED_ACTING_HELPER.format(acting="action = self.sample(state)")
+    at = line_of(src, "mean = self.actor(state)")
+    assert found(src) == {(at, "TVL006")}  # the graph built to act is wasted (TVL006); the mode is training's
+    # control: a path that turns autograd off to evaluate through the same helper still needs eval()
+    control = SHARED_ACTING_HELPER.format(acting="with torch.no_grad():\n            action = self.sample(state)")
+    assert found(control) == {(at, "TVL004")}
+
+
+def test_an_evaluation_hook_returning_its_loss_is_an_evaluation():
+    # skorch's validation_step override: its returned dict holds the validation loss, which nothing trains on
+    src = """
+    import torch
+    class Net(NeuralNet):
+        def {name}(self, X, y):
+            self.module_.eval()
+            output = self.module_(X)
+            return {{'loss': self.get_loss(output, y), 'y_pred': output}}
+    """
+    at = line_of(src, "output = self.module_(X)")
+    assert found(src.format(name="validation_step")) == {(at, "TVL006")}
+    # control: a step returning its loss to a caller in another file trains
+    assert found(src.format(name="train_step")) == set()
+
+
+TARGET_NETWORK = """
+import copy
+import torch
+critic = Critic()
+critic_target = copy.deepcopy(critic)
+opt = torch.optim.Adam({params})
+for s, a, r, s2 in buffer:
+    {target}
+    loss = (critic(s) - target).pow(2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+def test_a_target_network_no_optimizer_holds_run_with_autograd_on():
+    # TD3/DQN: the target value comes from a deep copy that no optimizer holds, on replayed data; with
+    # autograd on, its graph reaches no trained parameter
+    src = TARGET_NETWORK.format(params="critic.parameters()", target="target = r + critic_target(s2)")
+    assert found(src) == {(line_of(src, "target = r + critic_target(s2)"), "TVL006")}
+    # controls: under no_grad; a network that no optimizer holds but whose input a trained model computed
+    # (a perceptual loss: gradients must flow through it); an optimizer over parameters not named here
+    quiet = [
+        TARGET_NETWORK.format(params="critic.parameters()",
+                              target="with torch.no_grad():\n        target = r + critic_target(s2)"),
+        TARGET_NETWORK.format(params="critic.parameters()", target="target = critic_target(critic(s2))"),
+        TARGET_NETWORK.format(params="params", target="target = r + critic_target(s2)"),
+        TARGET_NETWORK.format(params="critic.parameters()",
+                              target="target = r + critic_target(s2)\n    critic_target = critic.module"),
+    ]
+    for case in quiet:
+        assert found(case) == set(), case

@@ -221,3 +221,69 @@ def test_call_fan_out_and_long_helper_chains_stay_bounded(tmp_path):
     assert "Traceback" not in proc.stderr and proc.returncode == 1, proc.stderr
     # the fan-out's evaluation is still found (no model.eval() on any path), once
     assert proc.stdout.count("TVL004") == 1 and f"{tmp_path / 'fan.py'}:" in proc.stdout
+
+
+# --- issue 22 follow-up: hostile names, pyproject shapes and links (an attacker round found each) --------------
+
+ESCAPES = "e\x1b]0;X\x07\x1b[2Jred.py"
+
+
+def test_a_walked_file_name_with_terminal_escapes_is_printed_escaped(tmp_path):
+    (tmp_path / ESCAPES).write_text(MISTAKE)
+    proc = run_cli("lint", str(tmp_path), timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "\x1b" not in proc.stdout and "\x07" not in proc.stdout, proc.stdout
+    assert "e\\x1b]0;X\\x07\\x1b[2Jred.py:4:5: TVL001" in proc.stdout
+    # JSON keeps the real name (json.dumps escapes control characters itself)
+    proc = run_cli("lint", "--format", "json", str(tmp_path), timeout=60)
+    assert "\x1b" not in proc.stdout and '"path": "' in proc.stdout
+    import json
+
+    assert json.loads(proc.stdout)["findings"][0]["path"] == str(tmp_path / ESCAPES)
+
+
+def test_an_unreadable_file_with_escapes_in_its_name_is_one_escaped_error_line(tmp_path):
+    (tmp_path / ESCAPES).write_bytes(b"x = '\xff'\n")  # not UTF-8: 'cannot read', quoting the name
+    proc = run_cli("lint", str(tmp_path / ESCAPES), timeout=60)
+    assert proc.returncode == 2
+    assert "\x1b" not in proc.stderr and "\x07" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "e\\x1b]0;X" in proc.stderr
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="pyproject is read with tomllib")
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b'tool = "x"\n', "pyproject.toml: [tool] must be a table, not 'x'"),
+        (b"[tool]\ntrainval = 3\n", "pyproject.toml: [tool.trainval] must be a table, not 3"),
+        (b"[tool.trainval]\nlint = [1]\n", "pyproject.toml: [tool.trainval.lint] must be a table, not [1]"),
+        (b"x = " + b"[" * 100_000 + b"]" * 100_000 + b"\n", "pyproject.toml: nested too deeply to read as TOML"),
+        (b'[tool]\nx = "\xff"\n', "pyproject.toml: not UTF-8 text"),
+    ],
+    ids=["tool-string", "trainval-int", "lint-list", "deep", "not-utf8"],
+)
+def test_a_hostile_pyproject_is_one_line_naming_it_exit_2(tmp_path, body, message):
+    (tmp_path / "pyproject.toml").write_bytes(body)
+    (tmp_path / "s.py").write_text(MISTAKE)
+    proc = run_cli("lint", str(tmp_path), timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == "" and proc.stderr.strip().splitlines() == [
+        proc.stderr.strip()
+    ] and f"{tmp_path / message}" in proc.stderr, proc.stderr
+
+
+def test_a_symlink_loop_is_named_as_one(tmp_path):
+    os.symlink("loop1.py", tmp_path / "loop1.py")
+    os.symlink("nothere.py", tmp_path / "dangling.py")
+    proc = run_cli("lint", str(tmp_path / "loop1.py"), str(tmp_path / "dangling.py"), str(tmp_path / "absent.py"),
+                   timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [
+        f"trainval lint: error: {tmp_path / 'loop1.py'}: a symbolic link loop (the link leads back to itself); "
+        "point it at a file or folder",
+        f"trainval lint: error: {tmp_path / 'dangling.py'}: a symbolic link to a file or folder that does not exist "
+        "(nothere.py)",
+        f"trainval lint: error: {tmp_path / 'absent.py'}: no such file or folder",
+    ], proc.stderr

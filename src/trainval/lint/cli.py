@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import fnmatch
 import io
 import json
@@ -18,6 +19,8 @@ import stat
 import sys
 import tokenize
 import warnings
+
+from trainval.untrusted import shown, shown_line, shown_repr
 
 DEFAULT_EXCLUDES = [".venv", "venv", ".env", "env", "build", "dist", ".git", "__pycache__", ".tox", ".nox",
                     ".mypy_cache", ".ruff_cache", ".pytest_cache", "node_modules", "site-packages", "*.egg-info"]
@@ -51,7 +54,7 @@ def _strings(value, source: str) -> list[str]:
         return [v.strip() for v in value.split(",") if v.strip()]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return [v.strip() for v in value if v.strip()]
-    raise ValueError(f"{source} must be a list of strings or one comma-separated string, not {value!r}")
+    raise ValueError(f"{source} must be a list of strings or one comma-separated string, not {shown_repr(value)}")
 
 
 def _codes(value, source: str) -> set[str]:
@@ -60,11 +63,13 @@ def _codes(value, source: str) -> set[str]:
     codes = {c.upper() for c in _strings(value, source)}
     unknown = sorted(c for c in codes if c not in RULES)
     if unknown:
-        raise ValueError(f"{source}: unknown rule code(s) {', '.join(unknown)} (rules: {', '.join(RULES)})")
+        raise ValueError(f"{source}: unknown rule code(s) {shown(', '.join(unknown))} (rules: {', '.join(RULES)})")
     return codes
 
 
 def load_pyproject(start: str) -> tuple[dict, str | None]:
+    """``[tool.trainval.lint]`` of the nearest ``pyproject.toml`` above ``start`` (a ValueError naming the file
+    when it cannot be read or does not have the expected shape)."""
     folder = os.path.abspath(start if os.path.isdir(start) else os.path.dirname(start) or ".")
     while True:
         path = os.path.join(folder, "pyproject.toml")
@@ -73,23 +78,39 @@ def load_pyproject(start: str) -> tuple[dict, str | None]:
                 import tomllib
             except ImportError:  # Python 3.10
                 return {}, None
-            with open(path, "rb") as f:
-                try:
-                    data = tomllib.load(f)
-                except tomllib.TOMLDecodeError as e:
-                    raise ValueError(f"{path}: not valid TOML ({e})") from None
-            config = data.get("tool", {}).get("trainval", {}).get("lint", {})
-            if not isinstance(config, dict):
-                raise ValueError(f"{path}: [tool.trainval.lint] must be a table, not {config!r}")
-            unknown = sorted(set(config) - set(CONFIG_KEYS))
-            if unknown:
-                raise ValueError(f"{path}: [tool.trainval.lint] has unknown key(s) {', '.join(unknown)} "
-                                 f"(keys: {', '.join(CONFIG_KEYS)})")
-            return config, path
+            return _lint_table(path, tomllib), path
         parent = os.path.dirname(folder)
         if parent == folder:
             return {}, None
         folder = parent
+
+
+def _lint_table(path: str, tomllib) -> dict:
+    from trainval.errors import TrainvalError
+    from trainval.untrusted import read_bytes
+
+    where = shown(path)
+    try:
+        data = tomllib.loads(read_bytes(path, "pyproject.toml", limit=16 * 2**20).decode("utf-8"))
+    except TrainvalError as e:
+        raise ValueError(str(e).rstrip(".")) from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (an invalid byte at offset {e.start}); save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{where}: not valid TOML ({shown(e)})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: nested too deeply to read as TOML") from None
+    table, name = data, ""
+    for key in ("tool", "trainval", "lint"):
+        name = f"{name}.{key}" if name else key
+        table = table.get(key, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"{where}: [{name}] must be a table, not {shown_repr(table)}")
+    unknown = sorted(set(table) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: [tool.trainval.lint] has unknown key(s) {shown(', '.join(unknown))} "
+                         f"(keys: {', '.join(CONFIG_KEYS)})")
+    return table
 
 
 def iter_files(paths: list[str], excludes: list[str]) -> tuple[list[str], list[str]]:
@@ -109,8 +130,26 @@ def iter_files(paths: list[str], excludes: list[str]) -> tuple[list[str], list[s
         elif os.path.exists(p):
             files.append(p)  # named explicitly: always checked (read_source refuses a FIFO or device)
         else:
-            missing.append(p)
+            missing.append(f"{shown(p)}: {_why_missing(p)}")
     return files, missing
+
+
+def _why_missing(path: str) -> str:
+    """Why ``os.path.exists(path)`` is false: a symbolic link loop, a link to nothing, or nothing there."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop (the link leads back to itself); point it at a file or folder"
+        if os.path.islink(path):
+            try:
+                target = f" ({shown(os.readlink(path))})"
+            except OSError:
+                target = ""
+            return f"a symbolic link to a file or folder that does not exist{target}"
+        if not isinstance(e, FileNotFoundError):
+            return f"cannot be read ({shown(e.strerror or e)})"
+    return "no such file or folder"
 
 
 def _regular(path: str) -> bool:
@@ -162,10 +201,15 @@ def explain(code: str) -> int:
 
     rule = RULES.get(code.strip().upper())
     if rule is None:
-        print(f"trainval lint: error: --explain: unknown rule code {code} (rules: {', '.join(RULES)})", file=sys.stderr)
+        _error(f"--explain: unknown rule code {shown(code)} (rules: {', '.join(RULES)})")
         return 2
     print(rule.explain())
     return 0
+
+
+def _error(message: str) -> None:
+    """One line on stderr, terminal-safe (it may quote a file's name or text read from a file)."""
+    print(shown_line(f"trainval lint: error: {message}"), file=sys.stderr)
 
 
 def run(args) -> int:
@@ -174,21 +218,22 @@ def run(args) -> int:
     if args.explain is not None:
         return explain(args.explain)
     if not args.paths:
-        print("trainval lint: error: give at least one PATH (or --explain CODE)", file=sys.stderr)
+        _error("give at least one PATH (or --explain CODE)")
         return 2
     try:
         config, config_path = load_pyproject(args.paths[0])
+        config_path = shown(config_path)
         select = _codes(args.select, "--select") or _codes(config.get("select"), f"{config_path}: select")
         ignore = _codes(args.ignore, "--ignore") | _codes(config.get("ignore"), f"{config_path}: ignore")
         excludes = DEFAULT_EXCLUDES + _strings(config.get("exclude"), f"{config_path}: exclude") + args.exclude
     except ValueError as e:
-        print(f"trainval lint: error: {e}", file=sys.stderr)
+        _error(str(e))
         return 2
     enabled = (select or {c for c, r in RULES.items() if r.default}) - ignore
     files, missing = iter_files(args.paths, excludes)
     status = 0
-    for p in missing:
-        print(f"trainval lint: error: {p}: no such file or folder", file=sys.stderr)
+    for why in missing:
+        _error(why)
         status = 2
     findings, broken = [], []
     for path in files:
@@ -215,10 +260,10 @@ def run(args) -> int:
                                              message=f.message) for f in findings],
                           "errors": broken}, indent=2))
     else:
-        for f in findings:
-            print(f"{f.path}:{f.line}:{f.col}: {f.code} {f.message}")
+        for f in findings:  # a file's name (and a message quoting the code) may hold terminal escapes
+            print(shown_line(f"{f.path}:{f.line}:{f.col}: {f.code} {f.message}"))
         for b in broken:
-            print(f"trainval lint: error: {b['path']}:{b['line']}:{b['col']}: {b['message']}", file=sys.stderr)
+            _error(f"{b['path']}:{b['line']}:{b['col']}: {b['message']}")
     if broken or status:
         return 2
     return 1 if any(f.level == "error" for f in findings) else 0

@@ -632,9 +632,13 @@ class Walker:
             inner.grad = _decorated_grad(fn, inner.grad, self.info)
             after, callee = self.walk_frame(fn, env, inner, frame, call, aliases)
             used = _closure(callee.sinks, callee.assigns)
-            passed = [arg for param, arg in _pairs(fn, call) if param in used]
+            pairs = _pairs(fn, call)
+            passed = [arg for param, arg in pairs if param in used]
             if passed:  # update(loss) whose body gives loss to backward() (or to a call taking the optimizer)
                 frame.sink(passed)
+            for targets, value in callee.opaque:  # store(log_prob) whose body keeps it on self: so does the call
+                kept = _names(value)
+                frame.opaque += [(targets, arg) for param, arg in pairs if param in kept]
             if at_yield:
                 after = callee.yielded or after
             result = state.copy()
@@ -871,14 +875,43 @@ def status(frame: Frame, node: ast.AST, info: FileInfo, pos: int = 0, depth: int
 
 
 def used_for_training(info: FileInfo) -> set[str]:
-    """Every name any backward() of the file reads, through assignments (flow-insensitive), memoised."""
+    """Every name any backward() of the file reads, through assignments and the returns of the helpers whose
+    results it reads (``loss = self.policy_loss()`` reads what ``policy_loss`` returns), flow-insensitive,
+    memoised."""
     cached = getattr(info, "_used_for_training", None)
     if cached is None:
+        all_frames = frames(info)
         cached = set()
-        for frame in frames(info):
+        for frame in all_frames:
             cached |= _closure(frame.sinks, frame.assigns)
+        callees = [f for f in all_frames if f.caller is not None and f.call is not None and f.escapes]
+        changed = True
+        while changed:
+            changed = False
+            for f in callees:
+                if _result_read(f.caller, f.call, cached, info):
+                    new = _closure(f.escapes, f.assigns) - cached
+                    if new:
+                        cached |= new
+                        changed = True
         info._used_for_training = cached
     return cached
+
+
+def _result_read(frame: Frame, call: ast.Call, used: set[str], info: FileInfo) -> bool:
+    """The value of ``call`` is given to backward() in ``frame`` or bound to a name that some backward() reads."""
+    p: ast.AST | None = call
+    while p is not None and not isinstance(p, ast.stmt):
+        p = info.parents.get(p)
+    if p is None:
+        return False
+    sinks = {id(s) for s in frame.sinks}
+    q: ast.AST | None = call
+    while q is not None and q is not p:
+        if id(q) in sinks:
+            return True
+        q = info.parents.get(q)
+    return any(targets & used for targets, value in frame.assigns if value is getattr(p, "value", None))
 
 
 def _all_local(frame: Frame, targets: set[str], info: FileInfo) -> bool:
@@ -896,9 +929,14 @@ def _escaped(frame: Frame, info: FileInfo, depth: int) -> str:
         return "escape" if s == "unused" else s
     if _is_handler(frame.scope):
         return "eval"  # a web handler's result goes to the client, never to backward()
+    if EVALUATION_NAME.search(getattr(frame.scope, "name", "")):
+        return "escape"  # validation_step returning {'loss': ...}: a loss to report, not to backpropagate
     if any(re.search(r"loss\b|_loss|loss_", text(e), re.I) for e in frame.escapes):
         return "unknown"  # `return qf1_loss, qf2_loss` to a caller in another file: it is for training
     return "escape"
+
+
+EVALUATION_NAME = re.compile(r"(^|_)(val|valid|validation|validate|eval|evaluate|evaluation|test)(_|$)", re.I)
 
 
 def _passed_in(frame: Frame, key: str) -> bool:
@@ -955,8 +993,21 @@ def training_keys(info: FileInfo) -> set[str]:
         return cached
     keys = set()
     info._training_keys = keys
+    info._training_forwards = set()
     for frame in frames(info):
         for fw in frame.forwards:
-            if fw.grad is not False and status(frame, fw.node, info, fw.pos) == "train":
-                keys |= {fw.key, frame.root_key(fw.key)}
+            if status(frame, fw.node, info, fw.pos) == "train":
+                if not frame.sinks and not frame.has_step:  # trains through a caller, not in its own body
+                    info._training_forwards.add(id(fw.node))
+                if fw.grad is not False:
+                    keys |= {fw.key, frame.root_key(fw.key)}
     return keys
+
+
+def training_forward(info: FileInfo, node: ast.Call) -> bool:
+    """This forward is in a helper with no backward() or step() of its own whose result some caller trains on:
+    an extension of the model's forward shared by training and acting (SAC's sampling of actions), whose mode
+    its callers set. A helper that trains in its own body unless a flag says not to (``run_epoch(train=False)``)
+    is not one: its evaluating path is an evaluation."""
+    training_keys(info)
+    return id(node) in info._training_forwards

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from trainval.lint.analysis import LOOPS, Event, FileInfo, call_name, method, model_key, text
-from trainval.lint.flow import evaluation_forwards, training_keys
+from trainval.lint.flow import evaluation_forwards, frames, status, training_forward, training_keys
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,9 @@ RATIONALE = {
     "TVL006": "Without no_grad()/inference_mode() every evaluation forward records an autograd graph that nothing "
               "will use: memory grows with the batch and time is wasted. Same data-flow definition of an evaluation "
               "pass as TVL004; autograd is followed through with-blocks, decorators, set_grad_enabled(flag) with the "
-              "flag's value at the call site, and local @contextmanager helpers.",
+              "flag's value at the call site, and local @contextmanager helpers. It also reports a target network "
+              "run with autograd on (TD3/DQN's critic_target(next_state)): a model no optimizer of the file holds, "
+              "on inputs no trained model computed, whose value a loss reads: the graph reaches nothing trained.",
     "TVL007": "Adding a loss tensor that still requires grad to a running total keeps every batch's autograd graph "
               "alive until the total is dropped: memory grows each iteration. Values read through .item(), "
               ".detach(), .data, float(), .tolist() or .numpy() are detached and fine.",
@@ -151,6 +153,7 @@ def check(info: FileInfo) -> Iterator[tuple[int, int, str, str]]:
         for fn in fns:  # backward(); zero_grad(); step() in a function's own body: whoever calls it, once or per epoch
             yield from _optimizer_order(info, fn, only_order=True)
     yield from _evaluation_passes(info)
+    yield from _frozen_model_passes(info)
     yield from _torch_load(info)
     yield from _mean_of_batch_means(info)
 
@@ -263,7 +266,11 @@ def _evaluation_passes(info: FileInfo) -> Iterator:
         if fw.mode == "plain":
             continue  # the branch where it is not an nn.Module: a plain function has no mode and no parameters
         layers = info.mode_layers(model, fw.frame.root_key(fw.key)) if fw.mode in (None, "train") else ("", "")
-        if fw.mode in (None, "train") and ("mode", fw.node) not in seen and layers[0] != "free":
+        # a forward helper whose result a caller trains on, reached here with autograd still on, is the training
+        # computation reused (SAC samples its actions with the actor's training forward): its mode is training
+        # by design; where this path turned autograd off, it evaluates and the mode matters
+        shared = fw.grad is not False and training_forward(info, fw.node)
+        if fw.mode in (None, "train") and ("mode", fw.node) not in seen and layers[0] != "free" and not shared:
             seen.add(("mode", fw.node))
             why = f"its {layers[1]} layers act differently in training mode" if layers[0] == "known" else layers[1]
             if fw.loaded and fw.key not in trained:
@@ -276,6 +283,168 @@ def _evaluation_passes(info: FileInfo) -> Iterator:
         if fw.grad is True and ("grad", fw.node) not in seen:
             seen.add(("grad", fw.node))
             yield _at(fw.node, "TVL006", f"{model}(...) evaluates with autograd on (its result never reaches backward())")
+
+
+OPTIMIZER_CALL = re.compile(r"(^|\.)optim\.\w+$|Optimizer$|^(SGD|Adam|AdamW|RMSprop|Adagrad|LBFGS)$")
+PARAMETER_METHODS = ("parameters", "named_parameters")
+
+
+def _optimized_models(info: FileInfo) -> set[str] | None:
+    """The models whose parameters the file's optimizers hold (``Adam(self.critic.parameters())``), or None when
+    some optimizer takes parameters this cannot name (``Adam(params)``): then any model may be trained."""
+    held: set[str] = set()
+    for node in info.nodes:
+        if not (isinstance(node, ast.Call) and OPTIMIZER_CALL.search(call_name(node))):
+            continue
+        given = node.args[:1] + [k.value for k in node.keywords if k.arg == "params"]
+        if not given:
+            return None
+        for arg in given:
+            covered, lambda_args = set(), set()
+            for n in ast.walk(arg):
+                if isinstance(n, ast.Call) and (m := method(n)) and m[1] in PARAMETER_METHODS:
+                    held.add(m[0])
+                    covered |= {id(x) for x in ast.walk(n.func.value)}
+                elif isinstance(n, ast.Call):
+                    covered |= {id(x) for x in ast.walk(n.func)}  # list(...), itertools.chain(...), filter(...)
+                elif isinstance(n, ast.Lambda):
+                    lambda_args |= {a.arg for a in n.args.args}
+            for n in ast.walk(arg):
+                if isinstance(n, ast.Name) and id(n) not in covered and n.id not in lambda_args:
+                    return None  # Adam(params) or a comprehension over a list built elsewhere
+    return held
+
+
+def _holds(held: set[str], key: str) -> bool:
+    key = model_key(key)
+    return any(h == key or key.startswith(h + ".") or h.startswith(key + ".") for h in map(model_key, held))
+
+
+WRAPPERS = {"DDP", "DistributedDataParallel", "DataParallel", "FSDP", "FullyShardedDataParallel", "compile",
+            "to", "cuda", "cpu", "half", "float", "double", "bfloat16", "train", "eval", "requires_grad_"}
+
+
+def _shares_with(info: FileInfo, model: str, held: set[str]) -> bool:
+    """The model may share parameters with a held one through assignments (``raw_model = model.module``,
+    ``model = DDP(model)``), a deep copy excepted (``critic_target = copy.deepcopy(critic)`` has its own)."""
+    edges: dict[str, set[str]] = {}
+    for node in info.nodes:
+        if not isinstance(node, ast.Assign):
+            continue
+        value, read = node.value, set()
+        if isinstance(value, ast.Call) and call_name(value).split(".")[-1] in WRAPPERS:
+            inner = [value.func.value] if isinstance(value.func, ast.Attribute) else []
+            value = next((x for x in inner + value.args if isinstance(x, (ast.Name, ast.Attribute))), None)
+        while isinstance(value, ast.Attribute):  # model.module, self.model: the object and its owners
+            read.add(model_key(text(value)))
+            value = value.value
+        if isinstance(value, ast.Name):
+            read.add(value.id)
+        for t in node.targets:
+            for key in {model_key(text(n)) for n in ast.walk(t) if isinstance(n, (ast.Name, ast.Attribute))}:
+                for r in read:
+                    edges.setdefault(key, set()).add(r)
+                    edges.setdefault(r, set()).add(key)
+    seen, todo = set(), [model_key(model)]
+    while todo:
+        k = todo.pop()
+        if k in seen:
+            continue
+        seen.add(k)
+        if k != model_key(model) and _holds(held, k):
+            return True
+        todo += edges.get(k, ())
+    return False
+
+
+def _built_once(info: FileInfo, model: str) -> bool:
+    """The model's name is bound only by assignments of a call (a constructor, ``copy.deepcopy``), never by a
+    loop or an unpacking: the name stands for one model whose optimizer, if any, the file shows."""
+    key, built = model_key(model), False
+    for node in info.nodes:
+        if isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)) and key in {
+                model_key(text(n)) for n in ast.walk(node.target)}:
+            return False
+        if isinstance(node, ast.Assign) and any(model_key(text(t)) == key for t in node.targets):
+            built = built or isinstance(node.value, ast.Call)
+        elif isinstance(node, ast.Assign) and any(key in {model_key(text(e)) for e in ast.walk(t)} for t in node.targets):
+            return False
+    return built
+
+
+def _frozen_model_passes(info: FileInfo) -> Iterator:
+    """TVL006 at a forward, with autograd on, of a model whose parameters no optimizer of the file holds, on
+    inputs that no trained model computed, whose result reaches backward(): a target network's value
+    (TD3's ``critic_target(next_state, actor_target(next_state))``). Its graph reaches no parameter that
+    is trained, so autograd only spends memory and time on it."""
+    held = _optimized_models(info)
+    if not held:
+        return
+    lines = set()  # one finding per line: critic_target(s, actor_target(s)) is one mistake
+    for frame in frames(info):
+        if frame.truncated:
+            continue
+        for fw in frame.forwards:
+            model = fw.model.split("(")[0]
+            if fw.grad is not True or _holds(held, model) or _inside_module_class(info, fw.node):
+                continue
+            if frame.root_key(fw.key) != fw.key or not _built_once(info, model) or _shares_with(info, model, held):
+                continue  # a model passed in under another name, one of several bound to it, or a wrapper
+            if _is_parameter_of_walk(frame, fw.key) or _detached_in_statement(info, fw.node):
+                continue
+            if fw.node.lineno in lines or status(frame, fw.node, info, fw.pos) != "train" or \
+                    not _inputs_untrained(info, frame, fw.node, held):
+                continue
+            lines.add(fw.node.lineno)
+            yield _at(fw.node, "TVL006", f"{model}(...) runs with autograd on, but no optimizer here holds its "
+                                          "parameters and its inputs come from no trained model: the graph built "
+                                          "through it reaches nothing backward() trains")
+
+
+def _is_parameter_of_walk(frame, key: str) -> bool:
+    """The model came in as a parameter of the outermost function walked: its caller may train it."""
+    while frame.caller is not None and key in frame.aliases:
+        key, frame = frame.aliases[key], frame.caller
+    fn = frame.scope
+    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return False
+    return key.split(".")[0] in {a.arg for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs} - {"self"}
+
+
+def _detached_in_statement(info: FileInfo, node: ast.AST) -> bool:
+    p = info.parents.get(node)
+    while p is not None and not isinstance(p, ast.stmt):
+        if isinstance(p, ast.Call) and (m := method(p)) and m[1] in ("detach", "detach_", "item"):
+            return True
+        p = info.parents.get(p)
+    return False
+
+
+def _inputs_untrained(info: FileInfo, frame, call: ast.Call, held: set[str]) -> bool:
+    """Every value the forward reads comes from data or from models no optimizer holds, as far as the frame's
+    assignments show (a call of the file's own functions or methods is not followed: not proven)."""
+    reads: set[str] = set()
+    for arg in list(call.args) + [k.value for k in call.keywords]:
+        reads |= {text(n) for n in ast.walk(arg) if isinstance(n, (ast.Name, ast.Attribute))}
+    changed = True
+    values = []
+    while changed:
+        changed = False
+        for targets, value in frame.assigns:
+            if targets & reads and value not in values:
+                values.append(value)
+                reads |= {text(n) for n in ast.walk(value) if isinstance(n, (ast.Name, ast.Attribute))}
+                changed = True
+    for value in values + [call]:
+        for n in ast.walk(value):
+            if not isinstance(n, ast.Call) or n is call:
+                continue
+            callee = call_name(n)
+            if callee.split(".")[0] == "self" and callee.count(".") == 1 and callee.split(".")[1] in info.functions:
+                return False  # self.encode(x): a method of this file, not followed here
+            if callee in info.functions or (info.is_model(callee) and _holds(held, callee)):
+                return False
+    return True
 
 
 # ------------------------------------------------------------------------------------------------
