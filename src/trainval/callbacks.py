@@ -23,7 +23,10 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from trainval import runfolder
 from trainval.checkpoint import atomic_write
+from trainval.errors import ConfigError
+from trainval.untrusted import shown
 
 if TYPE_CHECKING:
     from trainval.trainer import Trainer
@@ -204,9 +207,14 @@ def plot_curves(path: str, history: list[dict], monitor: str | None = None, best
 
 
 class TensorBoardLogger(Callback):
-    """Epoch scalars to TensorBoard (needs the ``tensorboard`` extra); rank 0 only."""
+    """Epoch scalars to TensorBoard (needs the ``tensorboard`` extra); rank 0 only.
 
-    def __init__(self, log_dir: str):
+    Args:
+        log_dir: where the event files go; default: the run folder's own ``tb`` folder (made if missing; a
+            symbolic link or a file named ``tb`` there is refused: nothing is written out of the run folder).
+    """
+
+    def __init__(self, log_dir: str | None = None):
         self.log_dir = log_dir
         self.writer = None
 
@@ -216,11 +224,18 @@ class TensorBoardLogger(Callback):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            from trainval.errors import ConfigError
-
             raise ConfigError("log.tensorboard=true needs TensorBoard: pip install 'trainval[tensorboard]'.") from None
-        os.makedirs(self.log_dir, exist_ok=True)
-        self.writer = SummaryWriter(self.log_dir)
+        if self.log_dir is None:
+            log_dir = runfolder.own_subfolder(trainer.out_dir, "tb", "cannot log to TensorBoard",
+                                              "writes TensorBoard's event files")
+        else:  # the user's own choice of folder, anywhere
+            log_dir = self.log_dir
+            try:
+                os.makedirs(log_dir, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"cannot log to TensorBoard in {shown(log_dir)}: {os.strerror(e.errno or 0)}; "
+                                  "give TensorBoardLogger another log_dir.") from None
+        self.writer = SummaryWriter(log_dir)
 
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
         if self.writer is None:

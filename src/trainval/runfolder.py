@@ -19,6 +19,7 @@ import functools
 import json
 import os
 import re
+import stat
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -83,6 +84,37 @@ def make_folder(folder: str) -> None:
         raise ConfigError(
             f"cannot create the run folder {folder}: {reason}; choose another run.out_dir/run.name."
         ) from None
+
+
+def own_subfolder(folder: str, name: str, doing: str, keeps: str, *, create: bool = True,
+                  error: type[TrainvalError] = RunFolderError) -> str | None:
+    """The run folder's own subfolder ``folder/name`` (``tb``, ``last.shards``), made when missing (``create``).
+
+    A symbolic link there (dangling or not) would lead trainval's reads and writes out of the run folder,
+    and anything else than a folder cannot hold files: each is one ``error`` that names it, after ``doing``
+    ("cannot log to TensorBoard"); ``keeps`` says what the folder is for ("writes TensorBoard's event
+    files"). Returns the path, or None when it is missing and ``create`` is false.
+    """
+    path = os.path.join(folder, name)
+    for _ in range(2):  # a second look when another process made it between the lstat and the mkdir
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            if not create:
+                return None
+            try:
+                os.mkdir(path)
+                return path
+            except FileExistsError:
+                continue
+        if stat.S_ISLNK(mode):
+            raise error(f"{doing}: {shown(path)} is a symbolic link; trainval {keeps} only in the run folder's own "
+                        f"{name} folder (move the folder there, do not link it).")
+        if not stat.S_ISDIR(mode):
+            raise error(f"{doing}: {shown(path)} is not a folder; trainval {keeps} only in the run folder's own "
+                        f"{name} folder: move or remove that file.")
+        return path
+    raise error(f"{doing}: {shown(path)} keeps changing; make sure no other program writes there.")
 
 
 @contextlib.contextmanager

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainval import distributed
+from trainval import distributed, runfolder
 from trainval.checkpoint import _fsync_dir, load_checkpoint, save_checkpoint, write_failure
 from trainval.errors import CheckpointError
 from trainval.untrusted import check_regular, open_regular, shown, shown_repr
@@ -72,7 +72,7 @@ def write(shards: dict, loop_state: dict | None, out_dir: str, *, background: bo
     """
     import torch.distributed.checkpoint as dcp
 
-    _refuse_linked_root(out_dir, "the shards of last.pt cannot be written")
+    _own_root(out_dir, "the shards of last.pt cannot be written", create=True)
     name = f"e{_epoch(loop_state)}-s{_step(loop_state)}-{uuid.uuid4().hex[:8]}"
     name = distributed.broadcast_object(name)  # one folder for every rank (rank 0's name)
     folder = os.path.join(out_dir, SHARDS_DIR, name)
@@ -174,12 +174,9 @@ def _sha256(f: Any) -> str:
     return digest.hexdigest()
 
 
-def _refuse_linked_root(out_dir: str, doing: str) -> None:
-    """``last.shards`` must be the run folder's own folder: a link (out of the run folder) is refused."""
-    root = os.path.join(out_dir, SHARDS_DIR)
-    if os.path.islink(root):
-        raise CheckpointError(f"{doing}: {shown(root)} is a symbolic link; trainval reads and writes shards only in "
-                              f"the run folder's own {SHARDS_DIR} folder (move the folder there, do not link it).")
+def _own_root(out_dir: str, doing: str, create: bool) -> None:
+    """``last.shards`` must be the run folder's own folder: a link (out of the run folder) or a file is refused."""
+    runfolder.own_subfolder(out_dir, SHARDS_DIR, doing, "reads and writes shards", create=create, error=CheckpointError)
 
 
 def remove_stale(out_dir: str, keep: str | None = None) -> None:
@@ -232,7 +229,7 @@ def verify(record: dict, path: str) -> str:
         raise CheckpointError(f"{path} points to {_shown_name(rel)}, which is not a shard folder trainval writes "
                               f"({SHARDS_DIR}/e<epoch>-s<step>-<id>); refusing to read it.")
     run = os.path.dirname(os.path.abspath(path))
-    _refuse_linked_root(run, f"the shards of {path} are refused")
+    _own_root(run, f"the shards of {path} are refused", create=False)
     folder = os.path.join(run, SHARDS_DIR, parts[1])
     if os.path.islink(folder):
         raise CheckpointError(f"the shards of {path} are refused: {folder} is a symbolic link; trainval reads "

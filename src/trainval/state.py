@@ -6,6 +6,7 @@ what is saved and what is restored cannot drift apart.
 
 from __future__ import annotations
 
+import math
 import numbers
 import random
 from dataclasses import asdict, dataclass, field, fields
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
-from trainval.errors import ConfigError
+from trainval.errors import CheckpointError, ConfigError
 from trainval.untrusted import shown_repr
 
 # The seeds every generator takes: torch's take a 64-bit integer (signed or not); a signed one leaves room
@@ -49,11 +50,107 @@ class LoopState:
         state["history"] = [dict(row) for row in self.history]
         return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, path: str = "last.pt") -> None:
+        """Restore from ``state`` (a checkpoint's ``loop``), checked first (:func:`check_loop`)."""
+        checked = check_loop(state, path)
         for f in fields(self):
-            if f.name in state:
-                setattr(self, f.name, state[f.name])
+            if f.name in checked:
+                setattr(self, f.name, checked[f.name])
         self.history = [dict(row) for row in self.history]
+
+
+# ----------------------------------------------------------------------------------------------
+# What a checkpoint says about the loop is read from a file: every field is checked where it is read.
+
+_COUNT_MAX = 2**63 - 1  # what a step or epoch counter can be (torch's int64)
+_REDO = "start a new run, or resume from a last.pt that trainval wrote"
+
+
+def _bad(path: str, name: str, value: object, expected: str) -> CheckpointError:
+    return CheckpointError(f"{path} is not a checkpoint trainval wrote: its {name} is {shown_repr(value)}, not "
+                           f"{expected}; {_REDO}.")
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _COUNT_MAX
+
+
+def checkpoint_epoch(state: dict, path: str) -> int | None:
+    """The completed epochs a loaded checkpoint records (``None``: a bare state_dict, which records none)."""
+    epoch = state.get("epoch")
+    if epoch is not None and not _is_count(epoch):
+        raise _bad(path, "epoch", epoch, "a whole number >= 0")
+    return epoch
+
+
+def check_loop(loop: object, path: str) -> dict:
+    """A checkpoint's ``loop`` (what :meth:`LoopState.state_dict` wrote), every field checked.
+
+    Fields that are absent keep their defaults, except ``monitor`` and ``mode``, which resuming compares.
+    Each wrong field is one :class:`CheckpointError` naming ``path``, the field and its value.
+    """
+    if not isinstance(loop, dict):
+        raise _bad(path, "loop", loop, "a dict of the loop's state")
+    for name in ("monitor", "mode"):
+        if name not in loop:
+            raise CheckpointError(f"{path} is not a checkpoint trainval wrote: it lacks loop.{name}; {_REDO}.")
+    for name in ("epoch", "batch_in_epoch", "global_step"):
+        if name in loop and not _is_count(loop[name]):
+            raise _bad(path, f"loop.{name}", loop[name], "a whole number >= 0")
+    best_epoch = loop.get("best_epoch")
+    if best_epoch is not None and not (_is_count(best_epoch) and best_epoch <= loop.get("epoch", 0)):
+        raise _bad(path, "loop.best_epoch", best_epoch, "None or a completed epoch (0 to loop.epoch)")
+    best_value = loop.get("best_value")
+    if best_value is not None and not (isinstance(best_value, numbers.Real) and not isinstance(best_value, bool)
+                                       and math.isfinite(best_value)):
+        raise _bad(path, "loop.best_value", best_value, "None or a finite number")
+    if not isinstance(loop["monitor"], str):
+        raise _bad(path, "loop.monitor", loop["monitor"], "a metric's name")
+    if loop["mode"] not in ("max", "min"):
+        raise _bad(path, "loop.mode", loop["mode"], "'max' or 'min'")
+    if "should_stop" in loop and not isinstance(loop["should_stop"], bool):
+        raise _bad(path, "loop.should_stop", loop["should_stop"], "True or False")
+    history = loop.get("history", [])
+    if not isinstance(history, list):
+        raise _bad(path, "loop.history", history, "a list of rows of metrics")
+    for i, row in enumerate(history):
+        if not isinstance(row, dict) or not (_is_count(row.get("epoch")) and row["epoch"] >= 1):
+            raise _bad(path, f"loop.history[{i}]", row, "a dict of one epoch's metrics with its epoch (>= 1)")
+    start = loop.get("epoch_start")
+    if start is not None and not (isinstance(start, dict) and _finite_seconds(start.get("seconds", 0.0))):
+        raise _bad(path, "loop.epoch_start", start, "None or a dict of the epoch in progress (its seconds >= 0)")
+    checked = dict(loop)
+    if best_value is not None:
+        checked["best_value"] = float(best_value)
+    return checked
+
+
+def _finite_seconds(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def check_last(state: dict, path: str) -> dict:
+    """A loaded ``last.pt`` whose loop fields are all checked: its ``epoch``, its ``loop`` (:func:`check_loop`),
+    that the two agree, and the containers resuming reads (``task``, ``ranks``, ``callbacks``).
+
+    A ``loop`` that is absent is left to the caller, which names what the checkpoint lacks.
+    """
+    epoch = checkpoint_epoch(state, path)
+    if "loop" in state:
+        loop = check_loop(state["loop"], path)
+        if epoch is None:
+            raise _bad(path, "epoch", epoch, "a whole number >= 0")
+        if loop.get("epoch", epoch) != epoch:
+            raise CheckpointError(f"{path} is not a checkpoint trainval wrote: its epoch ({epoch}) and loop.epoch "
+                                  f"({loop['epoch']}) differ; {_REDO}.")
+    if "task" in state and not isinstance(state["task"], str):
+        raise _bad(path, "task", state["task"], "a task's name")
+    if state.get("ranks") is not None and not (isinstance(state["ranks"], list)
+                                               and all(isinstance(r, dict) for r in state["ranks"])):
+        raise _bad(path, "ranks", state["ranks"], "a list of each process's state")
+    if "callbacks" in state and not (isinstance(state["callbacks"], list)):
+        raise _bad(path, "callbacks", state["callbacks"], "a list of the callbacks' states")
+    return state
 
 
 def check_seed(seed: object, name: str = "seed") -> int:

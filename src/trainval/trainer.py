@@ -59,10 +59,10 @@ from trainval.errors import (
 )
 from trainval.metrics import MetricSet, confusion_metric, metric_direction, resolve_metrics
 from trainval.runs import RunSummary, record_test
-from trainval.state import LoopState, check_seed, rng_state, seed_everything, set_rng_state
+from trainval.state import LoopState, check_last, check_seed, rng_state, seed_everything, set_rng_state
 from trainval.strategies import SingleProcess, make_strategy
 from trainval.tasks import Task, check_loss, loss_weight_fn, make_task, task_for_output
-from trainval.untrusted import shown_line, shown_repr
+from trainval.untrusted import shown, shown_line, shown_repr
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
@@ -1049,10 +1049,15 @@ class Trainer:
         missing or stale copy on one node) is one clear error everywhere instead of ranks training from
         different states.
         """
-        state, seen = None, "no last.pt"
+        state, seen, refused = None, "no last.pt", None
         if os.path.exists(self.last_path):
             try:
                 state = load_checkpoint(self.last_path, map_location="cpu")  # not N full copies on the GPUs (FSDP)
+                try:
+                    check_last(state, self.last_path)  # its fields are data from a file, checked before any use
+                except CheckpointError as e:
+                    state, refused = None, e
+                    raise
                 loop = state.get("loop") or {}
                 seen = f"epoch {state.get('epoch')}, step {loop.get('global_step')}, sha256 {sharded.sha256_file(self.last_path)[:12]}"
                 if "shards" in state:  # every rank must see the complete folder last.pt points to
@@ -1066,6 +1071,8 @@ class Trainer:
             raise CheckpointError(f"cannot resume: the processes see different last.pt files in {self.out_dir} ({each}). "
                                   "Every process must resume from the same checkpoint: put the run folder on a file "
                                   "system every node mounts.")
+        if refused is not None:
+            raise refused
         if state is None:
             if seen != "no last.pt":
                 raise CheckpointError(f"cannot resume from {self.last_path}: {seen}.")
@@ -1109,11 +1116,11 @@ class Trainer:
                                   "(a weights-only checkpoint, or one written by an older trainval).")
         saved = state["loop"]
         if (saved["monitor"], saved["mode"]) != (self.monitor, self.mode):
-            raise ConfigError(f"{self.last_path} was monitoring {saved['monitor']} ({saved['mode']}); this run monitors "
+            raise ConfigError(f"{self.last_path} was monitoring {shown(saved['monitor'])} ({saved['mode']}); this run monitors "
                               f"{self.monitor} ({self.mode}). Its best value cannot be compared: resume with the same "
                               "monitor, or start a new run.")
         if state.get("task", self.task.name) != self.task.name:
-            raise ConfigError(f"{self.last_path} was a {state['task']} run; this one is {self.task.name}.")
+            raise ConfigError(f"{self.last_path} was a {shown(state['task'])} run; this one is {self.task.name}.")
         written_by = len(state.get("ranks") or []) or None
         if saved.get("batch_in_epoch", 0) > 0 and written_by and written_by != self.dist.world_size:
             # each rank's shard of the epoch, and so what was done, depends on the number of processes
@@ -1143,7 +1150,7 @@ class Trainer:
                                   "trained with.") from None
         if self.scaler is not None and state.get("scaler") is not None:
             self.scaler.load_state_dict(state["scaler"])
-        self.state.load_state_dict(saved)
+        self.state.load_state_dict(saved, self.last_path)
         for cb, cb_state in zip(self.callbacks, state.get("callbacks", [])):
             cb.load_state_dict(cb_state)
         self.generator.set_state(state["generator"])

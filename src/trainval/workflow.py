@@ -39,6 +39,7 @@ from trainval.data import (
 )
 from trainval.errors import CheckpointError, ConfigError, DataError, RunFolderError
 from trainval.models import CNN, MLP
+from trainval.state import check_last
 from trainval.trainer import Trainer, seed_everything
 from trainval.untrusted import check_replaceable, read_bytes, shown_repr
 
@@ -293,7 +294,7 @@ def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, los
     if t["patience"]:
         callbacks.append(EarlyStopping(t["patience"]))
     if cfg["log"]["tensorboard"]:
-        callbacks.append(TensorBoardLogger(os.path.join(folder, "tb")))
+        callbacks.append(TensorBoardLogger())  # the run folder's own tb folder
     callbacks += trackers.from_config(cfg)
     saved = dict(cfg)
     saved["resolved"] = resolved
@@ -421,11 +422,11 @@ def _resume_changes(cfg: dict, resolved: dict) -> list[str]:
     path = os.path.join(run_folder(cfg), "last.pt")
     if not os.path.exists(path):
         return []  # Trainer.fit says there is nothing to resume
-    state = load_checkpoint(path, map_location="cpu")
+    state = check_last(load_checkpoint(path, map_location="cpu"), path)  # its loop fields: checked, once
     saved = state.get("config")
     if not isinstance(saved, dict):
         return []  # written by the Python API: there is no config to compare with
-    return config.resume_changes(saved, cfg, resolved, int(state.get("epoch") or 0), path)
+    return config.resume_changes(saved, cfg, resolved, state["epoch"] or 0, path)
 
 
 def _test_and_predict(trainer: Trainer, test: Any, folder: str) -> dict:
