@@ -222,8 +222,8 @@ def _storage(url: str | None, folder: str):
                           "sqlite:////shared/study.db or postgresql://user@host/optuna.") from None
     except ImportError as e:
         cause = e.__cause__ or e
-        raise ConfigError(f"{what}: the database driver is not installed ({shown(cause)}); install it (e.g. "
-                          "pip install psycopg2-binary for postgresql, pymysql for mysql+pymysql).") from None
+        raise ConfigError(f"{what}: the database driver is not installed ({shown(cause)}); install that "
+                          "package, or name an installed driver in the URL (e.g. postgresql+psycopg2://...).") from None
     except sqlalchemy.exc.SQLAlchemyError as e:
         reason = shown(str(getattr(e, "orig", None) or e).splitlines()[0] if str(e) else type(e).__name__)
         if url.startswith("sqlite:"):
