@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
+import urllib.parse
+import urllib.request
 from typing import TYPE_CHECKING, Any
 
 from trainval.callbacks import Callback
 from trainval.errors import ConfigError
+from trainval.untrusted import shown
 
 if TYPE_CHECKING:
     from trainval.trainer import Trainer
@@ -52,6 +56,49 @@ def default_mlflow_uri(out_dir: str) -> str:
     return "sqlite:///" + os.path.join(os.path.dirname(os.path.abspath(out_dir)), "mlflow.db")
 
 
+REACH_SECONDS = 3.0  # a tracker's server must accept a connection within this, checked once before training
+
+
+def check_reachable(uri: str, what: str, hint: str, timeout: float = REACH_SECONDS) -> None:
+    """Refuse an ``http(s)`` URI whose server (or the proxy that reaches it) accepts no connection.
+
+    Trackers' clients retry for minutes without a word (MLflow ~4 min, W&B ~2 min); this is one
+    connection attempt of at most ``timeout`` seconds (plus name resolution), before training. Any
+    other URI (a file, ``sqlite:``, ``databricks``) is left to the tracker.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    try:
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise ConfigError(f"{what} {_shown_uri(uri)}: not a valid URL (its port); {hint}.") from None
+    if not host:
+        raise ConfigError(f"{what} {_shown_uri(uri)}: not a valid URL (no host); {hint}.")
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):  # the client goes through the proxy: check that
+        proxied = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        try:
+            host, port = proxied.hostname or host, proxied.port or 80
+        except ValueError:
+            return  # the client will say what is wrong with the proxy
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        reason = (f"no answer within {timeout:g} s" if isinstance(e, TimeoutError)
+                  else e.strerror or type(e).__name__)
+        via = f" through the proxy {_shown_uri(proxy)}" if proxy and host != parts.hostname else ""
+        raise ConfigError(f"{what} {_shown_uri(uri)}: cannot connect{via} ({shown(reason)}); {hint}.") from None
+
+
+def _shown_uri(uri: str) -> str:
+    """A URI as it may be printed: a password in it hidden, terminal-safe and bounded."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password:
+        uri = parts._replace(netloc=parts.netloc.replace(":" + parts.password + "@", ":***@", 1)).geturl()
+    return shown(uri)
+
+
 class MLflowLogger(Callback):
     """Log a fit to MLflow (``pip install 'trainval[mlflow]'``).
 
@@ -63,11 +110,15 @@ class MLflowLogger(Callback):
         params: the parameters to log (nested dicts are flattened); default: the Trainer's ``config``,
             else its plain arguments.
         log_best_checkpoint: log ``best.pt`` (and ``metrics.csv``) as artifacts at the end of the fit.
+        uri_name: what names ``tracking_uri`` in messages (the CLI: ``log.mlflow_uri``).
+
+    A server (``http(s)://``) must accept a connection within a few seconds at the start of the fit.
     """
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = "trainval", run_name: str | None = None,
-                 params: dict | None = None, log_best_checkpoint: bool = False):
+                 params: dict | None = None, log_best_checkpoint: bool = False, *, uri_name: str = "tracking_uri"):
         self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        self.uri_name = uri_name
         self.params, self.log_best_checkpoint = params, log_best_checkpoint
         self.client = None
         self.run_id: str | None = None
@@ -81,6 +132,7 @@ class MLflowLogger(Callback):
         except ImportError:
             raise ConfigError("log.mlflow=true needs MLflow: pip install 'trainval[mlflow]'.") from None
         uri = self.tracking_uri or default_mlflow_uri(trainer.out_dir)
+        check_reachable(uri, self.uri_name, f"start the MLflow server, or fix {self.uri_name}")
         try:
             self.client = MlflowClient(uri)
             found = self.client.get_experiment_by_name(self.experiment)
@@ -158,6 +210,7 @@ class WandbLogger(Callback):
             import wandb
         except ImportError:
             raise ConfigError("log.wandb=true needs Weights & Biases: pip install 'trainval[wandb]'.") from None
+        self._check_server()
         config = self.params if self.params is not None else (
             trainer.config if isinstance(trainer.config, dict) else None)
         if config is None:
@@ -172,6 +225,18 @@ class WandbLogger(Callback):
             raise ConfigError(f"Weights & Biases could not start a run ({type(e).__name__}: {e}); "
                               "log.wandb_mode=offline works without an account.") from None
         self.run_id = self.run.id
+
+    def _check_server(self) -> None:
+        """Online: the W&B server must accept a connection (else wandb.init retries for minutes)."""
+        from wandb.sdk import wandb_setup
+
+        try:
+            settings = wandb_setup.singleton().settings  # env vars and the settings file; starts nothing
+        except Exception:  # noqa: BLE001 - a bad WANDB_* value: wandb.init says what is wrong
+            return
+        if (self.mode or settings.mode) in ("online", "run"):
+            check_reachable(settings.base_url, "the W&B server", "check the network and WANDB_BASE_URL, or use "
+                            "log.wandb_mode=offline")
 
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
         if self.run is not None:
@@ -204,10 +269,10 @@ def from_config(cfg: dict) -> list[Callback]:
     found: list[Callback] = []
     if log["mlflow"]:
         found.append(MLflowLogger(log["mlflow_uri"], log["mlflow_experiment"], cfg["run"]["name"], params,
-                                  log["artifacts"]))
+                                  log["artifacts"], uri_name="log.mlflow_uri"))
     if log["wandb"]:
         found.append(WandbLogger(log["wandb_project"], cfg["run"]["name"], log["wandb_mode"], params, log["artifacts"]))
     return found
 
 
-__all__ = ["MLflowLogger", "WandbLogger", "from_config"]
+__all__ = ["MLflowLogger", "WandbLogger", "from_config", "check_reachable"]

@@ -15,10 +15,13 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 import re
+import socket
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +31,7 @@ from trainval import config
 from trainval.callbacks import Callback
 from trainval.checkpoint import atomic_write
 from trainval.errors import ConfigError
+from trainval.untrusted import shown
 
 if TYPE_CHECKING:
     from trainval.trainer import Trainer
@@ -35,6 +39,14 @@ if TYPE_CHECKING:
 MARKER = ".trainval-tune"  # a tuning folder trainval made (it is not a run folder itself)
 _DIST = re.compile(r"^(loguniform|uniform|int|choice)\((.*)\)$", re.DOTALL)
 _SCALAR = (type(None), bool, int, float, str)
+# Keys tune sets itself for every trial: a search on them would be silently overwritten.
+_SET_PER_TRIAL = {
+    "run.name": "it names the tuning folder <run.out_dir>/<run.name>, and each trial is trials/<number> in it",
+    "run.out_dir": "it holds the tuning folder <run.out_dir>/<run.name>, and each trial is trials/<number> in it",
+    "run.overwrite": "each trial is a new run folder",
+    "train.progress": "trials print no progress bar",
+}
+HEARTBEAT_SECONDS = 60  # a running trial's heartbeat in the study; after 3 missed, Optuna marks it failed
 
 
 def _say(message: str) -> None:
@@ -115,6 +127,9 @@ def split_arguments(items: Sequence[str]) -> tuple[str | None, list[str], dict[s
         key, eq, value = item.partition("=")
         if eq and not item.endswith((".yaml", ".yml")):
             if _DIST.match(value.strip()):
+                if key.strip() in spaces:
+                    raise ConfigError(f"{shown(key.strip())} is searched twice ({shown(key.strip())}="
+                                      f"{shown(spaces[key.strip()])} and {shown(item)}); keep one.")
                 spaces[key.strip()] = value
             elif re.match(r"^[A-Za-z_]\w*\(.*\)$", value.strip()):
                 raise ConfigError(f"{item}: unknown search space {value.strip().split('(')[0]}(...); use "
@@ -170,11 +185,88 @@ def _study_folder(folder: str) -> None:
 
 
 def _storage(url: str | None, folder: str):
+    """The study's database: ``url`` (``--storage``) or ``study.db`` in the tuning folder.
+
+    Running trials send Optuna's heartbeat, so that a trial whose worker died (SIGKILL, a lost machine)
+    is marked failed by the next worker after :data:`HEARTBEAT_SECONDS` x 3. A bad URL, a missing
+    driver or a database that cannot be opened is one ConfigError naming the URL.
+    """
     optuna = _optuna()
+    import sqlalchemy.exc
+
+    given = url is not None
     url = url or "sqlite:///" + os.path.abspath(os.path.join(folder, "study.db"))
-    if url.startswith("sqlite:"):  # several workers on one file: wait for its lock instead of failing
-        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-    return url
+    # several workers on one SQLite file: wait for its lock instead of failing
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {}
+    what = f"--storage {_shown_url(url)}" if given else f"the study database {_shown_url(url)}"
+    try:
+        for attempt in itertools.count():
+            try:
+                with warnings.catch_warnings():  # the heartbeat is marked experimental
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
+                                                      grace_period=3 * HEARTBEAT_SECONDS)
+            except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as e:
+                # two workers making the tables at the same moment: the other's are there by now
+                racing = isinstance(e, sqlalchemy.exc.IntegrityError) or any(
+                    word in str(e) for word in ("already exists", "locked"))
+                if not racing or attempt >= 5:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+    except sqlalchemy.exc.NoSuchModuleError:
+        kind = url.partition(":")[0]
+        raise ConfigError(f"{what}: unknown database kind {shown(kind)!r}; use sqlite:///PATH, postgresql://... or "
+                          "mysql+pymysql://... (SQLAlchemy URLs).") from None
+    except sqlalchemy.exc.ArgumentError:
+        raise ConfigError(f"{what}: not a database URL; write KIND://USER:PASSWORD@HOST/DATABASE, e.g. "
+                          "sqlite:////shared/study.db or postgresql://user@host/optuna.") from None
+    except ImportError as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"{what}: the database driver is not installed ({shown(cause)}); install that "
+                          "package, or name an installed driver in the URL (e.g. postgresql+psycopg2://...).") from None
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        reason = shown(str(getattr(e, "orig", None) or e).splitlines()[0] if str(e) else type(e).__name__)
+        if url.startswith("sqlite:"):
+            raise ConfigError(f"{what}: cannot open the database ({reason}); its folder must exist and be "
+                              "writable, and the file must be an SQLite database.") from None
+        raise ConfigError(f"{what}: cannot connect to the database ({reason}); check the host, port, user and "
+                          "database name, and that the server is running.") from None
+    except RuntimeError as e:  # a database made by another Optuna version
+        if "storage upgrade" not in str(e):
+            raise
+        raise ConfigError(f"{what}: {shown(str(e).splitlines()[0])}") from None
+
+
+def _shown_url(url: str) -> str:
+    """The URL as it may be printed: its password hidden, terminal-safe and bounded."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return shown(make_url(url).render_as_string(hide_password=True))
+    except Exception:  # noqa: BLE001 - not parseable: it has no password field SQLAlchemy knows of
+        return shown(re.sub(r"(://[^/:@]*:)[^/@]*@", r"\1***@", url))
+
+
+def fail_abandoned_trials(study) -> list[int]:
+    """Mark failed the running trials of this machine whose worker is gone; return their numbers.
+
+    A trial's worker holds the writer lock of the trial's run folder for the whole trial (the kernel
+    releases it when the worker dies, SIGKILL included), so a running trial whose folder is not locked
+    has no worker. Trials of other machines are left to Optuna's heartbeat (see :func:`_storage`).
+    """
+    from trainval import runfolder
+
+    optuna = _optuna()
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        folder = t.user_attrs.get("run_folder")
+        if t.user_attrs.get("host") != socket.gethostname() or not isinstance(folder, str):
+            continue
+        if os.path.isdir(folder) and not runfolder.is_locked(folder):
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            _say(f"trial {t.number}: its worker is gone (nothing holds {shown(folder)}); marked failed")
+            failed.append(t.number)
+    return failed
 
 
 def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: Mapping[str, str] | None = None, *,
@@ -205,6 +297,14 @@ def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: M
         raise ConfigError(f"--trials must be a positive integer, got {trials!r}.")
     if pruner not in ("median", "none"):
         raise ConfigError(f"pruner must be 'median' or 'none', got {pruner!r}.")
+    for key, text in (space or {}).items():
+        if key in _SET_PER_TRIAL:
+            raise ConfigError(f"cannot search {key}: trainval tune sets it for every trial ({_SET_PER_TRIAL[key]}); "
+                              "give it as a fixed value or leave it out.")
+        for item in overrides:
+            if item.partition("=")[0].strip() == key:
+                raise ConfigError(f"{key} is given both as a fixed value ({shown(item)}) and as a search "
+                                  f"({key}={shown(text)}); keep one of them.")
     base = config.load(config_path, list(overrides))
     spaces = [Space(k, v) for k, v in (space or {}).items()]
     if not spaces:
@@ -217,9 +317,10 @@ def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: M
                             f"search space {s.key}={s.text}")
 
     optuna = _optuna()
-    from trainval import runs, workflow
+    from trainval import runfolder, runs, workflow
 
     folder = workflow.run_folder(base)
+    shared = _storage(storage, folder) if storage is not None else None  # a bad URL before any folder is made
     _study_folder(folder)
     direction = "maximize" if (base["train"]["mode"] or workflow.monitor_direction(base)) == "max" else "minimize"
     name = study_name or base["run"]["name"]
@@ -229,7 +330,7 @@ def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: M
                      else optuna.pruners.NopPruner())
     for attempt in range(6):
         try:
-            study = optuna.create_study(study_name=name, storage=_storage(storage, folder), direction=direction,
+            study = optuna.create_study(study_name=name, storage=shared or _storage(None, folder), direction=direction,
                                         pruner=chosen_pruner, load_if_exists=True)
             break
         except ValueError as e:  # e.g. an existing study with the other direction
@@ -253,11 +354,15 @@ def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: M
         cfg["run"]["overwrite"] = True  # trial numbers are unique in the study
         cfg["train"]["progress"] = False
         config.validate(cfg, f"trial {trial.number}")
-        trial.set_user_attr("run_folder", workflow.run_folder(cfg))
-        trial.set_user_attr("config", json.loads(json.dumps(cfg)))
-        _say(f"trial {trial.number}: " + " ".join(f"{k}={v}" for k, v in params.items()))
-        pruning = PruningCallback(trial)
-        summary = workflow.fit(cfg, callbacks=[pruning], test_if=lambda: not pruning.pruned)
+        # the trial holds its run folder's lock from before it names the folder in the study: a running
+        # trial whose folder is not locked has lost its worker (fail_abandoned_trials)
+        with runfolder.locked(workflow.run_folder(cfg), "trial"):
+            trial.set_user_attr("run_folder", workflow.run_folder(cfg))
+            trial.set_user_attr("host", socket.gethostname())
+            trial.set_user_attr("config", json.loads(json.dumps(cfg)))
+            _say(f"trial {trial.number}: " + " ".join(f"{k}={v}" for k, v in params.items()))
+            pruning = PruningCallback(trial)
+            summary = workflow.fit(cfg, callbacks=[pruning], test_if=lambda: not pruning.pruned)
         trial.set_user_attr("best_epoch", summary.get("best_epoch"))
         trial.set_user_attr("epochs", summary.get("epochs"))
         if summary.get("test"):
@@ -269,7 +374,9 @@ def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: M
             raise ConfigError(f"trial {trial.number} has no best value of {summary.get('monitor')}.")
         return float(summary["best_value"])
 
+    fail_abandoned_trials(study)
     study.optimize(objective, n_trials=trials, catch=())
+    fail_abandoned_trials(study)
     rows = trial_rows(study)
     best_yaml = write_best(study, folder)
     _say(format_trials(rows, study))
@@ -324,4 +431,4 @@ def write_best(study, folder: str) -> str | None:
     return path
 
 
-__all__ = ["tune", "PruningCallback", "split_arguments", "trial_rows"]
+__all__ = ["tune", "PruningCallback", "split_arguments", "trial_rows", "fail_abandoned_trials"]
