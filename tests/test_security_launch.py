@@ -28,20 +28,42 @@ TORCHRUN = {"TORCHELASTIC_RUN_ID": "trainval", "TORCHELASTIC_RESTART_COUNT": "0"
 # L1-L5, L8: one line naming the variable
 
 
-@pytest.mark.parametrize("env, named", [
-    ({"LOCAL_RANK": "0", "WORLD_SIZE": "abc"}, "WORLD_SIZE='abc'"),
-    ({**TWO, "LOCAL_RANK": "abc"}, "LOCAL_RANK='abc'"),
-    ({**TWO, "TRAINVAL_DIST_TIMEOUT": "abc"}, "TRAINVAL_DIST_TIMEOUT='abc'"),
-    ({**TWO, "TRAINVAL_DIST_TIMEOUT": "nan"}, "TRAINVAL_DIST_TIMEOUT='nan'"),
-    ({**TWO, "TRAINVAL_DIST_TIMEOUT": "-1"}, "TRAINVAL_DIST_TIMEOUT='-1'"),
-    ({**TWO, "MASTER_ADDR": ""}, "MASTER_ADDR"),
-    ({**TWO, "MASTER_PORT": "abc"}, "MASTER_PORT='abc'"),
-    ({**TWO, "RANK": "2"}, "RANK=2 is not below WORLD_SIZE=2"),
-    ({"RANK": "abc", "WORLD_SIZE": "1"}, "RANK='abc'"),
-    ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", **TORCHRUN, "TORCHELASTIC_RESTART_COUNT": "abc"},
-     "TORCHELASTIC_RESTART_COUNT='abc'"),
-], ids=["world_size", "local_rank", "timeout_abc", "timeout_nan", "timeout_negative", "no_master_addr",
-        "master_port", "rank_too_big", "rank_abc", "restart_count"])
+@pytest.mark.parametrize(
+    "env, named",
+    [
+        ({"LOCAL_RANK": "0", "WORLD_SIZE": "abc"}, "WORLD_SIZE='abc'"),
+        ({**TWO, "LOCAL_RANK": "abc"}, "LOCAL_RANK='abc'"),
+        ({**TWO, "TRAINVAL_DIST_TIMEOUT": "abc"}, "TRAINVAL_DIST_TIMEOUT='abc'"),
+        ({**TWO, "TRAINVAL_DIST_TIMEOUT": "nan"}, "TRAINVAL_DIST_TIMEOUT='nan'"),
+        ({**TWO, "TRAINVAL_DIST_TIMEOUT": "-1"}, "TRAINVAL_DIST_TIMEOUT='-1'"),
+        ({**TWO, "MASTER_ADDR": ""}, "MASTER_ADDR"),
+        ({**TWO, "MASTER_PORT": "abc"}, "MASTER_PORT='abc'"),
+        ({**TWO, "RANK": "2"}, "RANK=2 is not below WORLD_SIZE=2"),
+        ({"RANK": "abc", "WORLD_SIZE": "1"}, "RANK='abc'"),
+        (
+            {
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "1",
+                **TORCHRUN,
+                "TORCHELASTIC_RESTART_COUNT": "abc",
+            },
+            "TORCHELASTIC_RESTART_COUNT='abc'",
+        ),
+    ],
+    ids=[
+        "world_size",
+        "local_rank",
+        "timeout_abc",
+        "timeout_nan",
+        "timeout_negative",
+        "no_master_addr",
+        "master_port",
+        "rank_too_big",
+        "rank_abc",
+        "restart_count",
+    ],
+)
 def test_a_bad_launcher_variable_is_one_line_naming_it(tmp_path, env, named):
     proc = run_cli("fit", *csv_args(tmp_path), env=env, timeout=60)
     err = one_error_line(proc, 2)
@@ -67,8 +89,15 @@ def test_the_reader_itself():
     assert launch.read({**TWO, **TORCHRUN, "TORCHELASTIC_RESTART_COUNT": "2"}).restart_count == 2
     assert launch.read({**TWO, "TORCHELASTIC_RESTART_COUNT": "2"}).restart_count == 0  # not torchrun's worker
     assert launch.read({"TRAINVAL_DIST_TIMEOUT": "30.5"}).timeout_s == 30.5
-    for bad in ({"WORLD_SIZE": "0"}, {"RANK": "99999999999999999999"}, {"RANK": "+1"}, {"RANK": "\u00b2"},
-                {"TRAINVAL_DIST_TIMEOUT": "inf"}, {"TRAINVAL_DIST_TIMEOUT": "1e300"}, {**TWO, "MASTER_PORT": "70000"}):
+    for bad in (
+        {"WORLD_SIZE": "0"},
+        {"RANK": "99999999999999999999"},
+        {"RANK": "+1"},
+        {"RANK": "\u00b2"},
+        {"TRAINVAL_DIST_TIMEOUT": "inf"},
+        {"TRAINVAL_DIST_TIMEOUT": "1e300"},
+        {**TWO, "MASTER_PORT": "70000"},
+    ):
         with pytest.raises(ConfigError):
             launch.read(bad)
 
@@ -81,15 +110,23 @@ def test_a_stray_rank_is_refused_by_the_folder_lock(tmp_path):
     args = csv_args(tmp_path, name="lk")
     folder = str(tmp_path / "runs" / "lk")
     with runfolder.locked(folder, "fit"):  # a fit holding runs/lk (this process)
-        proc = run_cli("fit", *args, "run.overwrite=true", env={"RANK": "1", "WORLD_SIZE": "1", "LOCAL_RANK": "0"},
-                       timeout=120)
+        proc = run_cli(
+            "fit",
+            *args,
+            "run.overwrite=true",
+            env={"RANK": "1", "WORLD_SIZE": "1", "LOCAL_RANK": "0"},
+            timeout=120,
+        )
     err = one_error_line(proc, 2)
     assert "is in use by another trainval process" in err and f"pid {os.getpid()}" in err
     assert sorted(os.listdir(folder)) == [runfolder.MARKER]
 
 
-@pytest.mark.parametrize("env", [{"RANK": "1", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}, {"RANK": "1"}],
-                         ids=["world_size_1", "no_world_size"])
+@pytest.mark.parametrize(
+    "env",
+    [{"RANK": "1", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}, {"RANK": "1"}],
+    ids=["world_size_1", "no_world_size"],
+)
 def test_a_stray_rank_alone_is_a_single_process(tmp_path, env):
     proc = run_cli("fit", *csv_args(tmp_path), env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -106,8 +143,9 @@ def test_an_outcome_folder_outside_the_launcher_is_not_written(tmp_path):
     target.write_text("precious\n")
     (tmp_path / "o").mkdir()
     os.symlink(target, tmp_path / "o" / "0")
-    proc = run_cli("test", str(tmp_path / "nosuch.yaml"), env={"TRAINVAL_RANK_ERRORS": str(tmp_path / "o")},
-                   timeout=60)
+    proc = run_cli(
+        "test", str(tmp_path / "nosuch.yaml"), env={"TRAINVAL_RANK_ERRORS": str(tmp_path / "o")}, timeout=60
+    )
     assert "nosuch.yaml" in one_error_line(proc, 2)
     assert target.read_text() == "precious\n"
 
@@ -115,8 +153,12 @@ def test_an_outcome_folder_outside_the_launcher_is_not_written(tmp_path):
 def test_a_fifo_in_an_outcome_folder_never_blocks(tmp_path):
     (tmp_path / "o").mkdir()
     os.mkfifo(tmp_path / "o" / "3")
-    proc = run_cli("test", str(tmp_path / "nosuch.yaml"), env={"TRAINVAL_RANK_ERRORS": str(tmp_path / "o"),
-                                                               "RANK": "3"}, timeout=30)
+    proc = run_cli(
+        "test",
+        str(tmp_path / "nosuch.yaml"),
+        env={"TRAINVAL_RANK_ERRORS": str(tmp_path / "o"), "RANK": "3"},
+        timeout=30,
+    )
     assert "nosuch.yaml" in one_error_line(proc, 2)
 
 
@@ -191,7 +233,11 @@ def test_the_launcher_reads_only_regular_rank_files(tmp_path):
 
 
 def test_a_planted_outcome_folder_with_a_huge_pid_is_skipped(tmp_path):
-    for name in ("trainval-ranks-99999999999999999999-x", "trainval-ranks-0-x", "trainval-ranks-4294967296-x"):
+    for name in (
+        "trainval-ranks-99999999999999999999-x",
+        "trainval-ranks-0-x",
+        "trainval-ranks-4294967296-x",
+    ):
         (tmp_path / name).mkdir()
     assert remove_stale_outcome_folders(str(tmp_path)) == []
     assert len(os.listdir(tmp_path)) == 3
@@ -200,10 +246,17 @@ def test_a_planted_outcome_folder_with_a_huge_pid_is_skipped(tmp_path):
 def test_a_planted_outcome_folder_does_not_break_nproc(tmp_path):
     temp = tmp_path / "tmp"
     (temp / "trainval-ranks-99999999999999999999-x").mkdir(parents=True)
-    code = ("import sys, tempfile; from trainval import cli; "
-            "cli.remove_stale_outcome_folders(tempfile.gettempdir()); print('ok')")
-    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TMPDIR": str(temp)},
-                          capture_output=True, text=True, timeout=60)
+    code = (
+        "import sys, tempfile; from trainval import cli; "
+        "cli.remove_stale_outcome_folders(tempfile.gettempdir()); print('ok')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "TMPDIR": str(temp)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
@@ -214,8 +267,14 @@ def test_a_planted_outcome_folder_does_not_break_nproc(tmp_path):
 def test_a_stray_restart_count_does_not_resume(tmp_path):
     args = csv_args(tmp_path)
     run_cli("fit", *args, check=True, timeout=120)
-    proc = run_cli("fit", *args, "run.overwrite=true", "train.seed=9", env={"TORCHELASTIC_RESTART_COUNT": "1"},
-                   timeout=120)
+    proc = run_cli(
+        "fit",
+        *args,
+        "run.overwrite=true",
+        "train.seed=9",
+        env={"TORCHELASTIC_RESTART_COUNT": "1"},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resuming from" not in proc.stdout
 
@@ -223,11 +282,19 @@ def test_a_stray_restart_count_does_not_resume(tmp_path):
 def test_an_elastic_restart_checks_the_config_like_resume(tmp_path):
     args = csv_args(tmp_path)
     run_cli("fit", *args, check=True, timeout=120)
-    restarted = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", **TORCHRUN, "TORCHELASTIC_RESTART_COUNT": "1"}
+    restarted = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        **TORCHRUN,
+        "TORCHELASTIC_RESTART_COUNT": "1",
+    }
     proc = run_cli("fit", *args, "train.seed=9", env=restarted, timeout=120)
     err = one_error_line(proc, 2)
     assert "cannot resume" in err and "train.seed" in err
-    proc = run_cli("fit", *args, "train.epochs=2", env=restarted, timeout=120)  # the control: same run, resumed
+    proc = run_cli(
+        "fit", *args, "train.epochs=2", env=restarted, timeout=120
+    )  # the control: same run, resumed
     assert proc.returncode == 0 and "resuming from" in proc.stdout, proc.stdout + proc.stderr
 
 

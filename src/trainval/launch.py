@@ -85,14 +85,18 @@ def read(environ: Mapping[str, str] | None = None) -> Launch:
     numbers = {name: _whole(name, value) for name, value in given.items()}
     world = numbers.get("WORLD_SIZE", 1)
     if "WORLD_SIZE" in numbers and world < 1:
-        raise ConfigError("the environment variable WORLD_SIZE=0 is not a number of processes; unset it to run one "
-                          "process, or start several with `trainval fit --nproc N`.")
+        raise ConfigError(
+            "the environment variable WORLD_SIZE=0 is not a number of processes; unset it to run one "
+            "process, or start several with `trainval fit --nproc N`."
+        )
     by_torchrun = len(numbers) == len(_LAUNCHER)
     rank = numbers.get("RANK", 0)
     if by_torchrun and world > 1:
         if rank >= world:
-            raise ConfigError(f"the environment variable RANK={rank} is not below WORLD_SIZE={world}; a process's rank "
-                              "is 0 to WORLD_SIZE-1: start the processes with `trainval fit --nproc N` (or torchrun).")
+            raise ConfigError(
+                f"the environment variable RANK={rank} is not below WORLD_SIZE={world}; a process's rank "
+                "is 0 to WORLD_SIZE-1: start the processes with `trainval fit --nproc N` (or torchrun)."
+            )
         _check_rendezvous(env, world)
     elastic_run = by_torchrun and bool(env.get("TORCHELASTIC_RUN_ID"))
     restarts = env.get("TORCHELASTIC_RESTART_COUNT")
@@ -111,11 +115,17 @@ def read(environ: Mapping[str, str] | None = None) -> Launch:
 def _check_rendezvous(env: Mapping[str, str], world: int) -> None:
     """Where the processes meet (torch's env:// rendezvous): MASTER_ADDR and a port number."""
     address, port = env.get("MASTER_ADDR"), env.get("MASTER_PORT")
-    launch = "start the processes with `trainval fit --nproc N` (or torchrun), which sets it, or unset WORLD_SIZE "
+    launch = (
+        "start the processes with `trainval fit --nproc N` (or torchrun), which sets it, or unset WORLD_SIZE "
+    )
     if not address:
-        raise ConfigError(f"WORLD_SIZE={world} asks for {world} processes, but the environment variable MASTER_ADDR "
-                          f"(where they meet) is not set; {launch}to run one process.")
+        raise ConfigError(
+            f"WORLD_SIZE={world} asks for {world} processes, but the environment variable MASTER_ADDR "
+            f"(where they meet) is not set; {launch}to run one process."
+        )
     number = int(port) if port and _WHOLE.fullmatch(port) else 0
     if not 1 <= number <= 65535:
-        raise ConfigError(f"WORLD_SIZE={world} asks for {world} processes, but the environment variable MASTER_PORT="
-                          f"{shown_repr(port)} is not a port number (1 to 65535); {launch}to run one process.")
+        raise ConfigError(
+            f"WORLD_SIZE={world} asks for {world} processes, but the environment variable MASTER_PORT="
+            f"{shown_repr(port)} is not a port number (1 to 65535); {launch}to run one process."
+        )
