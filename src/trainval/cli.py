@@ -304,7 +304,8 @@ def remove_stale_outcome_folders(temp: str) -> list[str]:
     """Removes the outcome folders of launchers that were SIGKILLed (so they could not remove their own).
 
     Only folders named ``trainval-ranks-<pid>-*`` that this user owns, whose launcher ``pid`` is gone,
-    and that hold nothing but rank outcome files (named by a rank number); anything else is left alone.
+    and that hold nothing but rank outcome files (named by a rank number); anything else is left alone
+    (another user's folder is not even looked into, and a name whose pid cannot be one is skipped).
     Returns the removed paths.
     """
     import re
@@ -316,13 +317,13 @@ def remove_stale_outcome_folders(temp: str) -> list[str]:
     except OSError:
         return removed
     for name in names:
-        match = re.fullmatch(re.escape(_OUTCOMES_PREFIX) + r"(\d+)-[A-Za-z0-9_]+", name)
-        if not match or _process_exists(int(match.group(1))):
+        match = re.fullmatch(re.escape(_OUTCOMES_PREFIX) + r"([0-9]{1,10})-[A-Za-z0-9_]+", name)
+        if not match or not 0 < int(match.group(1)) < 2**31:
             continue
         path = os.path.join(temp, name)
         try:
             info = os.lstat(path)
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or _process_exists(int(match.group(1))):
                 continue
             entries = os.listdir(path)
             if not all(e.isdigit() and stat.S_ISREG(os.lstat(os.path.join(path, e)).st_mode) for e in entries):
@@ -343,17 +344,35 @@ def _process_exists(pid: int) -> bool:
         return False
     except PermissionError:  # another user's process
         return True
+    except (OverflowError, ValueError):  # not a pid at all
+        return False
     return True
+
+
+_OUTCOME_LIMIT = 64 * 1024  # one exit code and one error line
 
 
 def _rank_outcomes(folder: str) -> dict[int, tuple[int, str]]:
     """rank -> (exit code, message) of each worker of this node that ended through ``main``: 0 when
-    its work was done, else the error it printed."""
+    its work was done, else the error it printed. Only regular files named by a rank number, of the
+    form a worker writes, are read (never through a link, never a FIFO); anything else is ignored."""
+    import re
+
+    from trainval.errors import TrainvalError
+    from trainval.untrusted import read_bytes, shown_line
+
     found = {}
     for name in os.listdir(folder):
-        with open(os.path.join(folder, name)) as f:
-            code, _, message = f.read().partition("\n")
-        found[int(name)] = (int(code), message.strip())
+        if not re.fullmatch(r"[0-9]{1,10}", name):
+            continue
+        try:
+            raw = read_bytes(os.path.join(folder, name), "rank outcome", limit=_OUTCOME_LIMIT, follow=False)
+        except (TrainvalError, OSError):
+            continue
+        code, _, message = raw.decode("utf-8", errors="replace").partition("\n")
+        if not re.fullmatch(r"-?[0-9]{1,3}", code.strip()):
+            continue
+        found[int(name)] = (int(code), shown_line(message.strip()))
     return found
 
 
@@ -406,8 +425,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainval.errors import TrainvalError
 
-    in_torchrun = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    in_torchrun = False
     try:
+        from trainval import launch
+
+        in_torchrun = launch.read().distributed  # the launcher's variables checked: a bad one is one line
         if args.command == "fit" and (args.nproc is not None or args.nnodes != 1):
             problem = _launch_problem(args)
             if problem:
@@ -501,24 +523,63 @@ def _dispatch(args) -> int:
 
 
 def _error(message: str, code: int) -> int:
-    from trainval.untrusted import shown_line
+    from trainval.untrusted import shown, shown_line
 
     message = shown_line(message)  # it may quote a file's text: no escape sequence reaches the terminal
     if not _record_outcome(code, message):  # every failing rank says so, the others prefixed with their rank
-        rank = os.environ.get("RANK", "0")
-        print(f"trainval: error: {'' if rank == '0' else f'[rank {rank}] '}{message}", file=sys.stderr, flush=True)
+        rank = _launch().rank
+        prefix = f"[rank {shown(rank)}] " if rank else ""
+        print(f"trainval: error: {prefix}{message}", file=sys.stderr, flush=True)
     return code
+
+
+def _launch():
+    """The launcher's variables (:func:`trainval.launch.read`); one process when they are not valid (that
+    error is the one being reported)."""
+    from trainval import launch
+    from trainval.errors import ConfigError
+
+    try:
+        return launch.read()
+    except ConfigError:
+        return launch.Launch()
 
 
 def _record_outcome(code: int, message: str) -> bool:
     """A worker of --nproc leaves its exit code and message for the launcher, which prints them; False
-    elsewhere."""
-    rank = os.environ.get("RANK", "0")
+    elsewhere, and whenever the file cannot be written safely (the caller prints the message then).
+
+    Only a worker that torchrun started (several processes), into the folder its launcher made: a real
+    folder of this user named ``trainval-ranks-*``; the file is created anew, never through a link, and
+    never opened if it is a FIFO.
+    """
+    import stat
+
+    env = _launch()
     folder = os.environ.get(_RANK_OUTCOMES)
-    if not (folder and os.path.isdir(folder) and rank.isdigit()):
+    if not (env.distributed and env.elastic_run and folder
+            and os.path.basename(os.path.normpath(folder)).startswith(_OUTCOMES_PREFIX)):
         return False
-    with open(os.path.join(folder, rank), "w") as f:
-        f.write(f"{code}\n{message}\n")
+    path = os.path.join(folder, str(env.rank))
+    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.lstat(folder)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            return False
+        if env.restart_count > 0:  # a worker restarted by torchrun (--max-restarts) replaces its earlier outcome
+            try:
+                os.unlink(path)  # (a link is removed, never what it points to)
+            except FileNotFoundError:
+                pass
+        fd = os.open(path, flags, 0o600)
+    except OSError:
+        return False
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"{code}\n{message}\n")
+    except OSError:
+        return False
     return True
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-DEFAULT_TIMEOUT_S = 300
+from trainval import launch
 
 
 @dataclass(frozen=True)
@@ -38,39 +38,46 @@ class DistInfo:
 
 
 def launched_by_torchrun() -> bool:
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
+    """``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` are set (checked by :func:`trainval.launch.read`)."""
+    return launch.read().by_torchrun
 
 
 def elastic_restart_count() -> int:
-    """How often torchrun has restarted this worker group (``--max-restarts``); 0 on the first run."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    """How often torchrun has restarted this worker group (``--max-restarts``); 0 on the first run, and
+    0 in a process torchrun did not start (a stray ``TORCHELASTIC_RESTART_COUNT`` is ignored)."""
+    return launch.read().restart_count
 
 
 def timeout_seconds() -> float:
-    return float(os.environ.get("TRAINVAL_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+    """``TRAINVAL_DIST_TIMEOUT`` (checked), or 300."""
+    return launch.read().timeout_s
 
 
 def setup(device: torch.device | None = None, timeout_s: float | None = None) -> DistInfo:
     """Join the process group if torchrun launched us (idempotent); return rank information.
 
     ``timeout_s``: how long a collective waits for its peers (default: :func:`timeout_seconds`).
+    The launcher's variables are checked first (:func:`trainval.launch.read`): a bad one is one
+    ``ConfigError``.
     """
     if dist.is_available() and dist.is_initialized():
         return info()
-    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
+    env = launch.read()
+    if not env.distributed:
         return DistInfo()
     use_cuda = (device.type == "cuda") if device is not None else torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
-    local_rank = int(os.environ["LOCAL_RANK"])
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s or timeout_seconds()))
+        torch.cuda.set_device(env.local_rank)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s or env.timeout_s))
     return info()
 
 
 def info() -> DistInfo:
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", dist.get_rank())), dist.get_world_size())
+        env = launch.read()
+        local_rank = env.local_rank if env.distributed else dist.get_rank()
+        return DistInfo(dist.get_rank(), local_rank, dist.get_world_size())
     return DistInfo()
 
 

@@ -24,6 +24,7 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 
+from trainval import launch
 from trainval.errors import ConfigError, RunFolderError, TrainvalError
 from trainval.untrusted import check_replaceable, open_regular, read_bytes, shown
 
@@ -137,13 +138,23 @@ def locked(folder: str, command: str, create: bool = True) -> Iterator[None]:
         finally:
             _held[key][1] -= 1
         return
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as e:
+        raise RunFolderError(f"cannot open the run folder {shown(folder)} to lock it: {e.strerror or e}; "
+                             "check its permissions, or choose another run.out_dir/run.name.") from None
     try:
         _flock_exclusive(fd)
     except OSError as e:
         os.close(fd)
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise
+            # ENOLCK (NFS without a lock daemon), EBADF, EINVAL...: this file system does not lock
+            name = errno.errorcode.get(e.errno or 0, str(e.errno))
+            raise RunFolderError(
+                f"cannot lock the run folder {shown(folder)} ({name}: {e.strerror or e}): file locks do not work "
+                "on its file system, and trainval keeps one writer per run folder with them; put the run folder "
+                "on a local disk or a file system with working locks (run.out_dir)."
+            ) from None
         pid = _holder_pid(folder)
         raise RunFolderError(
             f"{folder} is in use by another trainval process"
@@ -217,8 +228,9 @@ def is_locked(folder: str) -> bool:
 
 
 def is_main_process() -> bool:
-    """Rank 0, or no torchrun: the process that holds run-folder locks (before any process group exists)."""
-    return os.environ.get("RANK", "0") == "0"
+    """Rank 0 of several processes, or the only one (``WORLD_SIZE`` 1 or unset, whatever ``RANK`` says):
+    the process that holds run-folder locks (asked before any process group exists)."""
+    return launch.read().is_main
 
 
 def holds_run_folder(method: Callable) -> Callable:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainval import config, preprocess, runfolder, runs, trackers
+from trainval import config, launch, preprocess, runfolder, runs, trackers
 from trainval.callbacks import EarlyStopping, TensorBoardLogger
 from trainval.checkpoint import atomic_write, check_recorded_model, load_checkpoint
 from trainval.config import require_trusted_code
@@ -343,7 +343,9 @@ def _fit(cfg: dict, resume: bool, callbacks: list | tuple, test_if: Callable[[],
     resolved = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
     if cfg["data"]["source"] == "csv":  # test/predict then take these columns by name, in this order
         resolved["features"] = csv_feature_columns(cfg["data"]["train"], cfg["data"]["label"], cfg["data"]["features"])
-    notes = _resume_changes(cfg, resolved) if resume else []  # a refusal comes before anything is built
+    # torchrun restarting its workers (--max-restarts) makes Trainer.fit resume from last.pt: the same check
+    restarted = launch.read().restart_count > 0
+    notes = _resume_changes(cfg, resolved) if resume or restarted else []  # a refusal comes before anything is built
     model = build_model(cfg["model"], in_shape, num_outputs)
     loss = build_loss(cfg, splits, num_outputs)
     trainer = build_trainer(cfg, model, _num_samples(splits.train), resolved, loss, callbacks,
