@@ -202,3 +202,43 @@ def test_wandb_online_with_an_unreachable_server_is_refused_fast(tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.count("\n") == 1
     assert "the W&B server http://127.0.0.1:9: cannot connect" in bad.stderr and "offline" in bad.stderr
     assert not (tmp_path / "digits" / "best.pt").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs")
+@pytest.mark.parametrize("store", ["fifo", "not a database"])
+def test_an_mlflow_store_that_is_a_fifo_or_no_database_is_one_line(tmp_path, store):
+    """The attacker round's T3/T4: a FIFO runs/mlflow.db stalled SQLite for minutes, then a traceback;
+    a file that is no database gave sqlalchemy's traceback."""
+    pytest.importorskip("mlflow")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    if store == "fifo":
+        os.mkfifo(runs / "mlflow.db")
+    else:
+        (runs / "mlflow.db").write_bytes(b"this is no SQLite database\n" * 100)
+    proc = run_cli("fit", "model.name=mlp", "model.hidden=[8]", "train.epochs=1", "train.progress=false",
+                   "log.plot=false", f"run.out_dir={runs}", "run.name=m", "log.mlflow=true", cwd=str(tmp_path),
+                   timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "mlflow.db" in err and "Traceback" not in err, err
+    assert ("FIFO" in err) == (store == "fifo"), err
+    assert not (runs / "m" / "best.pt").exists()  # refused before training
+
+
+def test_a_wandb_folder_linked_out_of_the_run_folder_is_refused(tmp_path):
+    """The attacker round's T7: wandb.init(dir=run folder) wrote through a linked <run>/wandb."""
+    pytest.importorskip("wandb")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    run = tmp_path / "runs" / "w"
+    run.mkdir(parents=True)
+    (run / ".trainval-run").write_text("{}")
+    os.symlink(outside, run / "wandb")
+    proc = run_cli("fit", "model.name=mlp", "model.hidden=[8]", "train.epochs=1", "train.progress=false",
+                   "log.plot=false", f"run.out_dir={tmp_path / 'runs'}", "run.name=w", "log.wandb=true",
+                   "log.wandb_mode=offline", cwd=str(tmp_path), timeout=120, env={"WANDB_SILENT": "true"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "wandb" in err and "symbolic link" in err, err
+    assert os.listdir(outside) == []

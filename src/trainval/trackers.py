@@ -15,9 +15,10 @@ import urllib.parse
 import urllib.request
 from typing import TYPE_CHECKING, Any
 
+from trainval import runfolder
 from trainval.callbacks import Callback
 from trainval.errors import ConfigError
-from trainval.untrusted import shown
+from trainval.untrusted import check_regular, shown
 
 if TYPE_CHECKING:
     from trainval.trainer import Trainer
@@ -133,6 +134,10 @@ class MLflowLogger(Callback):
             raise ConfigError("log.mlflow=true needs MLflow: pip install 'trainval[mlflow]'.") from None
         uri = self.tracking_uri or default_mlflow_uri(trainer.out_dir)
         check_reachable(uri, self.uri_name, f"start the MLflow server, or fix {self.uri_name}")
+        if uri.startswith("sqlite:///"):  # a FIFO there would stall SQLite's open for minutes
+            database = uri[len("sqlite:///"):]
+            if os.path.lexists(database):
+                check_regular(database, f"the MLflow database of {self.uri_name}", ConfigError)
         try:
             self.client = MlflowClient(uri)
             found = self.client.get_experiment_by_name(self.experiment)
@@ -155,7 +160,11 @@ class MLflowLogger(Callback):
             for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
                 self.client.log_batch(self.run_id, params=params[i:i + 100])
         except MlflowException as e:
-            raise ConfigError(f"MLflow ({uri}): {e.message}") from None
+            raise ConfigError(f"MLflow ({shown(uri)}): {shown(e.message)}") from None
+        except Exception as e:  # noqa: BLE001 - its store's own errors (a file that is no database, ...): one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ConfigError(f"MLflow could not open its store {shown(uri)} ({self.uri_name}): {type(e).__name__}: "
+                              f"{shown(first)}; fix or move that store, or set {self.uri_name} to another one.") from None
 
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
         if self.client is None or self.run_id is None:
@@ -211,6 +220,8 @@ class WandbLogger(Callback):
         except ImportError:
             raise ConfigError("log.wandb=true needs Weights & Biases: pip install 'trainval[wandb]'.") from None
         self._check_server()
+        # wandb.init(dir=...) writes into <run folder>/wandb: the run folder's own, never a link out of it
+        runfolder.own_subfolder(trainer.out_dir, "wandb", "cannot log to Weights & Biases", "writes W&B's run files")
         config = self.params if self.params is not None else (
             trainer.config if isinstance(trainer.config, dict) else None)
         if config is None:
