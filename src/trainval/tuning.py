@@ -31,7 +31,7 @@ from trainval import config
 from trainval.callbacks import Callback
 from trainval.checkpoint import atomic_write
 from trainval.errors import ConfigError
-from trainval.untrusted import shown
+from trainval.untrusted import load_yaml, shown
 
 if TYPE_CHECKING:
     from trainval.trainer import Trainer
@@ -72,8 +72,8 @@ class Space:
                               "choice(x,y,...).")
         self.key, self.kind, self.text = key, match.group(1), text.strip()
         try:
-            args = yaml.safe_load(f"[{match.group(2)}]")
-        except yaml.YAMLError:
+            args = load_yaml(f"[{match.group(2)}]", f"{key}={shown(text, 120)}")
+        except ConfigError:
             raise ConfigError(f"{key}={text}: cannot read the arguments of {self.kind}(...).") from None
         args = [_number(a) for a in args]
         if self.kind == "choice":

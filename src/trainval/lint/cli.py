@@ -20,7 +20,8 @@ import sys
 import tokenize
 import warnings
 
-from trainval.untrusted import shown, shown_line, shown_repr
+from trainval.errors import TrainvalError
+from trainval.untrusted import read_bytes, shown, shown_line, shown_repr
 
 DEFAULT_EXCLUDES = [".venv", "venv", ".env", "env", "build", "dist", ".git", "__pycache__", ".tox", ".nox",
                     ".mypy_cache", ".ruff_cache", ".pytest_cache", "node_modules", "site-packages", "*.egg-info"]
@@ -162,10 +163,10 @@ def _regular(path: str) -> bool:
 
 def read_source(path: str) -> str:
     """A file's text decoded as Python does: a coding cookie or a BOM, else UTF-8."""
-    if not _regular(path):
-        raise OSError(f"not a regular file: {path}")
-    with open(path, "rb") as f:
-        data = f.read()
+    try:  # a FIFO named x.py would block a plain open forever
+        data = read_bytes(path, "source file")
+    except TrainvalError as e:
+        raise OSError(str(e)) from None
     encoding, _ = tokenize.detect_encoding(io.BytesIO(data).readline)
     return data.decode(encoding)
 
