@@ -233,3 +233,18 @@ def test_a_training_csv_of_one_class_says_so(tmp_path, task):
     err = one_error_line(run_cli(*args, cwd=str(tmp_path), timeout=CLI_TIMEOUT))
     assert "one.csv: every label in label column 'label' is the same class (1, 40 rows)" in err, err
     assert "regression" in err and ("both classes" in err if task == "binary" else "at least two classes" in err)
+
+
+def test_config_features_messages_quote_one_bounded_name(tmp_path):
+    from trainval import config
+
+    name = ESCAPES + "D" * 100_000
+    path = tmp_path / "c.yaml"
+    for features, label, words in (([name, "f1", name], "label", "names the column '\\x1b]0;pwned"),
+                                   (["f1", name], name, "includes the label column '\\x1b]0;pwned")):
+        path.write_text(yaml.safe_dump({"data": {"source": "csv", "train": "d.csv", "features": features,
+                                                  "label": label}}))
+        with pytest.raises(ConfigError) as caught:
+            config.load(str(path))
+        message = str(caught.value)
+        assert words in message and "\x1b" not in message and len(message) < 1000, message[:300]
