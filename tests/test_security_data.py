@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 import threading
 import time
 import zipfile
@@ -161,6 +162,18 @@ def test_npz_with_0d_arrays_or_a_header_claiming_1e12_rows_is_one_line(tmp_path)
     with pytest.raises(DataError, match=r"huge\.npz: array 'x' declares shape \(1000000000000, 4\) of float32 "
                                         r"\(16000000000000 bytes\) but holds 32 bytes"):
         load_npz(str(crafted))
+    # the zip directory may lie about the member's size too: believed only as far as the archive allows
+    with zipfile.ZipFile(tmp_path / "lying.npz", "w") as z:
+        z.writestr("x.npy", _npy_bytes((200_000_000, 4)))  # 3.2 GB declared, 32 bytes held
+        z.writestr("y.npy", _npy_bytes((2,), "<i8", b"\0" * 16))
+    raw = bytearray((tmp_path / "lying.npz").read_bytes())
+    entry = raw.index(b"PK\x01\x02")  # x.npy's central directory entry: uncompressed size at +24
+    struct.pack_into("<I", raw, entry + 24, 3_200_000_000 + 128)
+    (tmp_path / "lying.npz").write_bytes(bytes(raw))
+    assert zipfile.ZipFile(tmp_path / "lying.npz").getinfo("x.npy").file_size == 3_200_000_128
+    with pytest.raises(DataError, match=r"lying\.npz: array 'x' declares shape \(200000000, 4\) of float32 "
+                                        r"\(3200000000 bytes\) but holds"):
+        load_npz(str(tmp_path / "lying.npz"))
     for name in ("scalar.npz", "huge.npz"):
         proc = run_cli("fit", "data.source=npz", f"data.train={tmp_path / name}", "model.name=mlp",
                        f"run.out_dir={tmp_path}/runs", cwd=str(tmp_path), timeout=CLI_TIMEOUT)

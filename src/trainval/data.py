@@ -903,12 +903,17 @@ def open_data_file(path: str) -> Any:
 _NPZ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
-def _npz_array(archive: Any, key: str, path: str) -> np.ndarray:
+_DEFLATE_RATIO = 1032  # deflate's largest expansion: a member cannot hold more than this times its archive
+
+
+def _npz_array(archive: Any, key: str, path: str, archive_bytes: int) -> np.ndarray:
     """``archive[key]``, after checking the shape its ``.npy`` header declares against the bytes the member
-    holds: a crafted header claiming 10^12 rows is refused before anything that size is allocated."""
+    holds: a crafted header claiming 10^12 rows is refused before anything that size is allocated. (The
+    member's size is the zip directory's word, so it is believed only as far as ``archive_bytes`` allows.)"""
     names = set(archive.zip.namelist())
     member = f"{key}.npy" if f"{key}.npy" in names else key
     info = archive.zip.getinfo(member)
+    ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _DEFLATE_RATIO
     with archive.zip.open(member) as m:
         if m.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX:
             m.seek(0)
@@ -917,7 +922,7 @@ def _npz_array(archive: Any, key: str, path: str) -> np.ndarray:
                 np.lib.format.read_array_header_2_0
             shape, _, dtype = read_header(m)
             declared = math.prod(shape) * dtype.itemsize
-            held = info.file_size - m.tell()
+            held = min(info.file_size, archive_bytes * ratio) - m.tell()
             if not dtype.hasobject and declared > held:
                 raise DataError(f"{shown(path)}: array {shown_repr(key)} declares shape {shown(shape)} of {dtype} "
                                 f"({declared} bytes) but holds {held} bytes; the file is damaged or was not written "
@@ -935,6 +940,7 @@ def _npz_array(archive: Any, key: str, path: str) -> np.ndarray:
 def load_npz(path: str, x_key: str = "x", y_key: str = "y", require_labels: bool = True) -> Split:
     """The arrays ``x_key`` (features) and ``y_key`` (labels) of a ``.npz`` archive (no pickled objects)."""
     with open_data_file(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
         try:
             f = np.load(fh, allow_pickle=False)
             if not isinstance(f, np.lib.npyio.NpzFile):
@@ -945,9 +951,9 @@ def load_npz(path: str, x_key: str = "x", y_key: str = "y", require_labels: bool
                 if x_key not in f:
                     raise DataError(f"{shown(path)}: no array named {shown_repr(x_key)} (it holds {keys}); "
                                     "set data.x_key.")
-                X = _npz_array(f, x_key, path)
+                X = _npz_array(f, x_key, path, size)
                 if y_key in f:
-                    y = _npz_array(f, y_key, path)
+                    y = _npz_array(f, y_key, path, size)
                 elif require_labels:
                     raise DataError(f"{shown(path)}: no label array named {shown_repr(y_key)} (it holds {keys}); "
                                     "set data.y_key.")
