@@ -719,8 +719,8 @@ def test_nproc_prints_a_failing_ranks_own_error(tmp_path):
     )
     err = one_error_line(proc, 2)
     assert err in (
-        "trainval: error: data file not found: nope.csv",
-        "trainval: error: [rank 1] data file not found: nope.csv",
+        "trainval: error: data file not found: nope.csv.",
+        "trainval: error: [rank 1] data file not found: nope.csv.",
     ), err
 
 

@@ -279,9 +279,12 @@ def validate(cfg: dict, source: str) -> dict:
         raise ConfigError(f"{source}: data.features is empty; list the feature columns, or leave it unset "
                           "for all columns but the label.")
     if d["features"] is not None and d["label"] in d["features"]:
-        raise ConfigError(f"{source}: data.features includes the label column '{d['label']}'; remove it.")
+        raise ConfigError(f"{source}: data.features includes the label column {shown_repr(d['label'])}; remove it.")
     if d["features"] is not None and len(set(d["features"])) != len(d["features"]):
-        raise ConfigError(f"{source}: data.features names a column more than once: {d['features']}.")
+        seen: set = set()
+        twice = next(c for c in d["features"] if c in seen or seen.add(c))
+        raise ConfigError(f"{source}: data.features names the column {shown_repr(twice)} more than once; list each "
+                          "column once.")
     betas = cfg["optim"]["betas"]
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"{source}: optim.betas must be two numbers in [0, 1), like [0.9, 0.999], got {betas}.")

@@ -24,6 +24,8 @@ import itertools
 import math
 import os
 import sys
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -36,6 +38,7 @@ from torch.utils.data.dataloader import default_collate
 from trainval import distributed
 from trainval.errors import ConfigError, DataError
 from trainval.state import rng_state, set_rng_state
+from trainval.untrusted import open_regular, shown, shown_repr
 
 Inputs = Any  # a tensor, a tuple/list of tensors, or a dict of tensors
 Batch = tuple[Inputs, "torch.Tensor | None"]
@@ -891,25 +894,75 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return X, d.target.astype(np.int64)
 
 
+def open_data_file(path: str) -> Any:
+    """A data file (``data.train``/``val``/``test``) opened for reading, only if it is a regular file: a
+    folder, FIFO or device is one clear error (and never a read that blocks or never ends)."""
+    return open_regular(path, "data file", ConfigError)
+
+
+_NPZ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+_DEFLATE_RATIO = 1032  # deflate's largest expansion: a member cannot hold more than this times its archive
+
+
+def _npz_array(archive: Any, key: str, path: str, archive_bytes: int) -> np.ndarray:
+    """``archive[key]``, after checking the shape its ``.npy`` header declares against the bytes the member
+    holds: a crafted header claiming 10^12 rows is refused before anything that size is allocated. (The
+    member's size is the zip directory's word, so it is believed only as far as ``archive_bytes`` allows.)"""
+    names = set(archive.zip.namelist())
+    member = f"{key}.npy" if f"{key}.npy" in names else key
+    info = archive.zip.getinfo(member)
+    ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _DEFLATE_RATIO
+    with archive.zip.open(member) as m:
+        if m.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX:
+            m.seek(0)
+            version = np.lib.format.read_magic(m)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(m)
+            declared = math.prod(shape) * dtype.itemsize
+            held = min(info.file_size, archive_bytes * ratio) - m.tell()
+            if not dtype.hasobject and declared > held:
+                raise DataError(f"{shown(path)}: array {shown_repr(key)} declares shape {shown(shape)} of {dtype} "
+                                f"({declared} bytes) but holds {held} bytes; the file is damaged or was not written "
+                                "by NumPy: save it again with numpy.savez.")
+    array = archive[key]
+    if not isinstance(array, np.ndarray):
+        raise DataError(f"{shown(path)}: {shown_repr(key)} is not a NumPy array (.npy) inside the archive; save the "
+                        "file with numpy.savez.")
+    if array.ndim == 0:
+        raise DataError(f"{shown(path)}: array {shown_repr(key)} is a single value (shape ()), not one row per "
+                        "sample; save arrays whose first dimension is the sample.")
+    return array
+
+
 def load_npz(path: str, x_key: str = "x", y_key: str = "y", require_labels: bool = True) -> Split:
-    if not os.path.isfile(path):
-        raise ConfigError(f"data file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            keys = list(f.keys())
-            if x_key not in f:
-                raise DataError(f"{path}: no array named '{x_key}' (it holds {keys}); set data.x_key.")
-            X = f[x_key]
-            if y_key in f:
-                y = f[y_key]
-            elif require_labels:
-                raise DataError(f"{path}: no label array named '{y_key}' (it holds {keys}); set data.y_key.")
-            else:
-                y = None
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path}: not a readable .npz file ({e}).") from None
+    """The arrays ``x_key`` (features) and ``y_key`` (labels) of a ``.npz`` archive (no pickled objects)."""
+    with open_data_file(path) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        try:
+            f = np.load(fh, allow_pickle=False)
+            if not isinstance(f, np.lib.npyio.NpzFile):
+                raise DataError(f"{shown(path)}: not an .npz archive (a single .npy array?); save the features and "
+                                f"labels with numpy.savez(path, {shown(x_key)}=X, {shown(y_key)}=y).")
+            with f:
+                keys = shown(", ".join(f.files))
+                if x_key not in f:
+                    raise DataError(f"{shown(path)}: no array named {shown_repr(x_key)} (it holds {keys}); "
+                                    "set data.x_key.")
+                X = _npz_array(f, x_key, path, size)
+                if y_key in f:
+                    y = _npz_array(f, y_key, path, size)
+                elif require_labels:
+                    raise DataError(f"{shown(path)}: no label array named {shown_repr(y_key)} (it holds {keys}); "
+                                    "set data.y_key.")
+                else:
+                    y = None
+        except _NPZ_ERRORS as e:
+            raise DataError(f"{shown(path)}: not a readable .npz file ({shown(e)}).") from None
     if y is not None and len(X) != len(y):
-        raise DataError(f"{path}: '{x_key}' has {len(X)} rows but '{y_key}' has {len(y)}.")
+        raise DataError(f"{shown(path)}: {shown_repr(x_key)} has {len(X)} rows but {shown_repr(y_key)} has {len(y)}.")
     return Split(X, y)
 
 
@@ -924,15 +977,14 @@ def load_csv(path: str, label: str | list[str] | None = "label", features: list[
     the row as the file numbers it (the header is row 1) and the column by name. NaN/Inf features are
     refused here, where their row is known, unless ``allow_nonfinite``.
     """
-    if not os.path.isfile(path):
-        raise ConfigError(f"data file not found: {path}")
-    with open(path, "rb") as f:
+    with open_data_file(path) as f:
         raw = f.read()
+    where = shown(path)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         row = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}: row {row} is not UTF-8 text (byte {raw[e.start]:#x}); save the file as UTF-8 "
+        raise DataError(f"{where}: row {row} is not UTF-8 text (byte {raw[e.start]:#x}); save the file as UTF-8 "
                         "(for example from a spreadsheet: CSV UTF-8).") from None
     reader = csv.reader(io.StringIO(text, newline=""))
     header: list[str] | None = None
@@ -949,64 +1001,82 @@ def load_csv(path: str, label: str | list[str] | None = "label", features: list[
                 rows.append(row)
                 data_rows.append(start)
     except csv.Error as e:
-        raise DataError(f"{path}: row {reader.line_num}: {e}.") from None
+        raise DataError(f"{where}: row {reader.line_num}: {shown(e)}.") from None
     if header is None:
-        raise DataError(f"{path}: the file is empty (a header row is needed).")
+        raise DataError(f"{where}: the file is empty (a header row is needed).")
     if not rows:
-        raise DataError(f"{path}: there are no data rows below the header.")
-    duplicates = sorted({h for h in header if header.count(h) > 1})
+        raise DataError(f"{where}: there are no data rows below the header.")
+    # Every check below is linear in the number of columns (a header may have 100,000 of them).
+    col: dict[str, int] = {}
+    duplicates: dict[str, None] = {}  # in header order
+    for i, h in enumerate(header):
+        if col.setdefault(h, i) != i:
+            duplicates[h] = None
     if duplicates:
-        raise DataError(f"{path}: the header names column(s) {', '.join(map(repr, duplicates))} more than once; "
+        raise DataError(f"{where}: the header names column(s) {_names(duplicates, quoted=True)} more than once; "
                         "give every column its own name.")
     if features is not None and not features:
         raise ConfigError("data.features is empty: list the feature columns, or leave it unset for all but the label.")
     labels = [] if label is None else ([label] if isinstance(label, str) else list(label))
-    if features is not None and set(labels) & set(features):
-        both = ", ".join(repr(c) for c in labels if c in features)
-        raise ConfigError(f"data.features includes the label column {both}; remove it from data.features.")
-    absent = [c for c in labels if c not in header]
+    if features is not None:
+        feature_set = set(features)
+        both = [c for c in labels if c in feature_set]
+        if both:
+            raise ConfigError(f"data.features includes the label column {_names(both, quoted=True)}; remove it from "
+                              "data.features.")
+    absent = [c for c in labels if c not in col]
     has_label = bool(labels) and not absent
     if labels and absent and require_labels:
-        raise DataError(f"{path}: no label column {', '.join(repr(c) for c in absent)} (columns: {', '.join(header)}); "
+        raise DataError(f"{where}: no label column {_names(absent, quoted=True)} (columns: {_names(header)}); "
                         "set data.label.")
     if features is None:
-        feat_cols = [h for h in header if h not in labels]
+        label_set = set(labels)
+        feat_cols = [h for h in header if h not in label_set]
         if not feat_cols:
-            raise DataError(f"{path}: there are no feature columns besides the label {', '.join(map(repr, labels))}.")
+            raise DataError(f"{where}: there are no feature columns besides the label {_names(labels, quoted=True)}.")
     else:
-        missing = [c for c in features if c not in header]
+        missing = [c for c in features if c not in col]
         if missing:
-            raise DataError(f"{path}: feature columns not found: {', '.join(missing)} (columns: {', '.join(header)}).")
+            raise DataError(f"{where}: feature columns not found: {_names(missing)} (columns: {_names(header)}).")
         feat_cols = list(features)
-    col = {h: i for i, h in enumerate(header)}
     X = np.empty((len(rows), len(feat_cols)), dtype=np.float32)
     y = np.empty((len(rows), len(labels)), dtype=np.float64) if has_label else None
+    feat_at = [col[c] for c in feat_cols]
+    label_at = [col[c] for c in labels] if has_label else []
     for r, row in enumerate(rows):
         at = data_rows[r]
         if len(row) != len(header):
-            raise DataError(f"{path}: row {at} has {len(row)} cells, the header has {len(header)}.")
-        for j, c in enumerate(feat_cols):
-            try:
-                X[r, j] = float(row[col[c]])
-            except ValueError:
-                raise DataError(f"{path}: row {at}, column '{c}': {row[col[c]]!r} is not a number.") from None
-            if not allow_nonfinite and not np.isfinite(X[r, j]):
-                raise DataError(f"{path}: row {at}, column '{c}': {row[col[c]].strip()!r} is not a finite number; "
-                                "clean the data (or set data.check_inputs=false to train on it anyway).")
+            raise DataError(f"{where}: row {at} has {len(row)} cells, the header has {len(header)}.")
+        try:
+            with np.errstate(over="ignore"):  # 1e39 is inf as float32: refused below, as not finite
+                X[r] = [float(row[i]) for i in feat_at]
+        except ValueError:
+            i = next(i for i in feat_at if not _is_float(row[i]))
+            raise DataError(f"{where}: row {at}, column {shown_repr(header[i])}: {shown_repr(row[i])} is not a "
+                            "number.") from None
+        if not allow_nonfinite and not np.isfinite(X[r]).all():
+            i = feat_at[int(np.argmin(np.isfinite(X[r])))]
+            raise DataError(f"{where}: row {at}, column {shown_repr(header[i])}: {shown_repr(row[i].strip())} is "
+                            "not a finite number; clean the data (or set data.check_inputs=false to train on it "
+                            "anyway).")
         if y is not None:
-            for k, c in enumerate(labels):
+            for k, i in enumerate(label_at):
                 try:
-                    y[r, k] = float(row[col[c]])
+                    y[r, k] = float(row[i])
                 except ValueError:
                     what = "a class id" if integer_labels else "a number"
-                    raise DataError(f"{path}: row {at}, label column '{c}': {row[col[c]]!r} is not {what}.") from None
+                    raise DataError(f"{where}: row {at}, label column {shown_repr(header[i])}: {shown_repr(row[i])} "
+                                    f"is not {what}.") from None
     if y is not None:
-        bad = ~np.isfinite(y) | ((y != np.round(y)) if integer_labels else False)
+        # A class id is an integer a float64 holds exactly (beyond 2**53, 1e30 would become -2**63 as int64).
+        bad = ~np.isfinite(y) | (((y != np.round(y)) | (np.abs(y) > 2**53)) if integer_labels else False)
         if bad.any():
             r, k = (int(i) for i in np.argwhere(bad)[0])
-            what = ("an integer class id (for real-valued targets set task.name: regression)" if integer_labels
-                    else "a finite number")
-            raise DataError(f"{path}: row {data_rows[r]}, label column '{labels[k]}': {float(y[r, k])!r} is not {what}.")
+            what = ("an integer class id (for real-valued targets set task.name: regression; labels must be the "
+                    "class ids 0, 1, 2..., or -100 for a sample to ignore)" if integer_labels else "a finite number")
+            cell = rows[r][label_at[k]].strip()  # the value as written: 1e30, not 1e+30 or -9223372036854775808
+            raise DataError(f"{where}: row {data_rows[r]}, label column {shown_repr(labels[k])}: {shown(cell)} "
+                            f"is not {what}.")
         if integer_labels:
             y = y.astype(np.int64)
         if isinstance(label, str):
@@ -1014,16 +1084,46 @@ def load_csv(path: str, label: str | list[str] | None = "label", features: list[
     return Split(X, y)
 
 
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _names(names: Any, quoted: bool = False) -> str:
+    """Column names from a file or a config, comma-separated, for a message: terminal-safe and bounded."""
+    return shown(", ".join(shown_repr(n) if quoted else n for n in itertools.islice(names, 1000)))
+
+
 def csv_feature_columns(path: str, label: str | list[str] | None, features: list[str] | None) -> list[str]:
     """The feature columns ``load_csv`` takes from ``path``, in order: ``features``, or all but the label."""
     if features is not None:
         return list(features)
-    labels = [] if label is None else ([label] if isinstance(label, str) else list(label))
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    labels = {label} if isinstance(label, str) else set(label or [])
+    with open_data_file(path) as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
         for row in csv.reader(f):
             if any(cell.strip() for cell in row):
-                return [h.strip() for h in row if h.strip() not in labels]
+                return [h for h in (cell.strip() for cell in row) if h not in labels]
     return []
+
+
+def check_classes(y: np.ndarray | None, path: str, column: str, task: str, ignore_index: int | None = None) -> None:
+    """Refuse a training file whose labels (a multiclass/binary task's 1-D class ids) are all one class.
+
+    ``column`` says where the labels are (``label column 'label'``, ``array 'y'``). Said here, naming the
+    file, before a model is built: a classifier cannot learn from a single class.
+    """
+    if y is None or task not in ("multiclass", "binary") or y.ndim != 1:
+        return
+    counted = y[y != (-100 if ignore_index is None else ignore_index)] if task == "multiclass" else y
+    classes = np.unique(counted)
+    if len(classes) == 1 and len(counted) > 1:  # (one row: too few to split, said where it is split)
+        needs = "rows of both classes (0 and 1)" if task == "binary" else "rows of at least two classes"
+        raise DataError(f"{shown(path)}: every label in {column} is the same class ({shown(classes[0].item())}, "
+                        f"{len(counted)} rows), and a {task} classifier needs {needs} to learn from; check the "
+                        "labels (or set task.name: regression for real-valued targets).")
 
 
 def import_object(spec: str, what: str) -> Any:
@@ -1082,6 +1182,7 @@ def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[n
 __all__ = [
     "Loader", "Step", "TensorLoader", "ShardSampler", "DataLoaderAdapter", "StreamLoader", "RankSplit", "split_by_rank",
     "is_stream", "make_loader", "epoch_indices", "as_tensors",
-    "check_finite", "split_batch", "tree_map", "Split", "load_digits_arrays", "load_npz", "load_csv", "import_object",
+    "check_finite", "split_batch", "tree_map", "Split", "load_digits_arrays", "load_npz", "load_csv", "check_classes",
+    "import_object",
     "stratified_split",
 ]

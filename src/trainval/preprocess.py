@@ -8,6 +8,7 @@ never as a pickle, so that a run folder from elsewhere cannot run code when it i
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -15,6 +16,9 @@ import numpy as np
 from trainval.callbacks import Callback
 from trainval.checkpoint import atomic_write
 from trainval.errors import ConfigError, DataError
+from trainval.untrusted import read_bytes, shown
+
+MAX_BYTES = 2**30  # two numbers per feature: even a large image's statistics are far below this
 
 FILE = "standardize.json"
 
@@ -62,15 +66,23 @@ def save(folder: str, stats: dict) -> str:
 
 
 def load(folder: str) -> dict:
+    """The statistics ``save`` wrote (a regular file of JSON), checked for their shape before any use."""
     path = os.path.join(folder, FILE)
+    if not os.path.lexists(path):
+        raise ConfigError(f"data.standardize is on but {shown(path)} does not exist (the run was trained without it, "
+                          "or the file was removed); use the run's own config.")
+    raw = read_bytes(path, "the standardisation file", DataError, limit=MAX_BYTES)
     try:
-        with open(path, encoding="utf-8") as f:
-            stats = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"data.standardize is on but {path} does not exist (the run was trained without it, "
-                          "or the file was removed); use the run's own config.") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
+        stats = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"cannot read {shown(path)}: {shown(e)}") from None
     if not (isinstance(stats, dict) and all(k in stats for k in ("shape", "mean", "std"))):
-        raise DataError(f"{path} is not a standardisation file trainval wrote (shape, mean, std).")
+        raise DataError(f"{shown(path)} is not a standardisation file trainval wrote (shape, mean, std).")
+    shape, size = stats["shape"], None
+    if isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape):
+        size = math.prod(shape)
+    if size is None or not all(isinstance(stats[k], list) and len(stats[k]) == size and
+                               all(type(v) in (int, float) for v in stats[k]) for k in ("mean", "std")):
+        raise DataError(f"{shown(path)}: 'mean' and 'std' must be lists of numbers, one per feature of 'shape' (a list "
+                        "of sizes); the file was not written by trainval or was changed. Train the run again.")
     return stats

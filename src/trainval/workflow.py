@@ -29,6 +29,7 @@ from trainval.checkpoint import atomic_write, check_recorded_model, load_checkpo
 from trainval.config import require_trusted_code
 from trainval.data import (
     Split,
+    check_classes,
     csv_feature_columns,
     import_object,
     is_stream,
@@ -91,6 +92,9 @@ def load_splits(cfg: dict) -> Splits:
         full = Split(X, y)
     else:
         full = _load_file(cfg, d["train"], require_labels=True)
+        column = (f"array {shown_repr(d['y_key'])}" if d["source"] == "npz" else
+                  f"label column {shown_repr(d['label'])}")
+        check_classes(full.y, d["train"], column, task_name(cfg), cfg["task"]["ignore_index"])
     val_frac = 0.0 if d["val"] else d["val_split"]
     test_frac = 0.0 if d["test"] else d["test_split"]
     train_idx, val_idx, test_idx = stratified_split(full.y, [val_frac, test_frac], d["split_seed"])
