@@ -301,7 +301,7 @@ def test_fsdp_async_save_matches_sync(tmp_path):
 
 
 def test_fsdp_async_save_failure_is_an_error_of_fit(tmp_path):
-    """A file named last.shards: the background shard writes fail on both ranks; fit raises, nothing hides it."""
+    """A full disk under the background shard writes (both ranks): fit raises, nothing hides it."""
     opts = {"batch": 8, "epochs": 3, "blocks": True, "strategy": "fsdp", "async": True, "block_shards": True}
     proc = torchrun([CHILD, str(tmp_path), json.dumps(opts)])
     assert proc.returncode != 0

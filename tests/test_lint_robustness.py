@@ -127,8 +127,8 @@ def test_fifo_named_py_does_not_hang_the_walk(tmp_path):
     assert named.returncode == 2
     assert (
         named.stderr.strip()
-        == f"trainval lint: error: {tmp_path / 'pipe.py'}:0:0: cannot read: not a regular file: "
-        f"{tmp_path / 'pipe.py'}"
+        == f"trainval lint: error: {tmp_path / 'pipe.py'}:0:0: cannot read: source file {tmp_path / 'pipe.py'} is "
+        "a FIFO (named pipe), not a regular file; give the path of a file."
     )
 
 

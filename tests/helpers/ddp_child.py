@@ -7,8 +7,8 @@ on "is the class id even"), dropout (p of a Dropout on the inputs; its first mas
 then resume to ``epochs`` in a second Trainer of the same process), async (async_save), die_before_commit
 resume_strategy (the
 strategy of the resuming Trainer), die_before_commit (SIGKILL rank 0 on the first attempt when its N-th sharded last.pt has every shard written but is not yet
-pointed to; the shard folder's name goes to OUT_DIR/stray.txt), block_shards (rank 0 puts a file named
-last.shards in OUT_DIR after epoch 1, so that the shard folders cannot be made), term_rank + term_epoch
+pointed to; the shard folder's name goes to OUT_DIR/stray.txt), block_shards (from the end of epoch 1 on,
+DCP's shard file writes fail with ENOSPC), term_rank + term_epoch
 (that rank alone sends itself SIGTERM at the end of that epoch).
 Rank 0 writes OUT_DIR/predictions.pt; every rank writes OUT_DIR/done.<rank> when its work is done.
 """
@@ -80,10 +80,20 @@ class KillOnce(Callback):
 
 
 class BlockShards(Callback):
+    """From the end of epoch 1 on, every shard file write fails with ENOSPC (a full disk), inside DCP's
+    own writer, which async_save runs in the background. (A file named last.shards no longer reaches the
+    background write: it is refused before the save starts.)"""
+
     def on_epoch_end(self, trainer, row):
-        if trainer.dist.rank == 0 and trainer.epoch == 1:
-            with open(os.path.join(trainer.out_dir, "last.shards"), "w") as f:
-                f.write("not a folder\n")
+        if trainer.epoch == 1:
+            import errno
+
+            from torch.distributed.checkpoint import FileSystemWriter
+
+            def full_disk(self, plan, planner):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+            FileSystemWriter.write_data = full_disk
 
 
 class TermOnce(Callback):
