@@ -42,15 +42,40 @@ def blobs():
     return make_blobs()
 
 
+_zygote = None
+
+
+def _cli_zygote():
+    """This test worker's CLI zygote (tests/helpers/cli_zygote.py), started on first use."""
+    global _zygote
+    if _zygote is None:
+        import atexit
+        import tempfile
+
+        sys.path.insert(0, os.path.join(REPO, "tests", "helpers"))
+        from cli_zygote import CliZygote
+
+        _zygote = CliZygote()
+        _zygote.logs = tempfile.mkdtemp(prefix="trainval-cli-")
+        atexit.register(_zygote.close)
+    return _zygote
+
+
 def run_cli(*args: str, cwd: str | None = None, env: dict | None = None, timeout: float = 600,
-            check: bool = False) -> subprocess.CompletedProcess:
-    """The real ``trainval`` executable (``python -m trainval``) in a subprocess."""
+            check: bool = False, fresh: bool = False) -> subprocess.CompletedProcess:
+    """The real ``trainval`` command in a process of its own: forked from a zygote that imported torch
+    once (tests/helpers/cli_zygote.py), or with ``fresh`` (or TRAINVAL_TEST_FRESH_CLI=1) a new
+    ``python -m trainval`` interpreter."""
     full_env = dict(os.environ)
     full_env.setdefault("PYTHONUNBUFFERED", "1")
     if env:
         full_env.update(env)
-    proc = subprocess.run([sys.executable, "-m", "trainval", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    if fresh or os.environ.get("TRAINVAL_TEST_FRESH_CLI") == "1":
+        proc = subprocess.run([sys.executable, "-m", "trainval", *args], cwd=cwd, env=full_env, capture_output=True,
+                              text=True, timeout=timeout)
+    else:
+        zygote = _cli_zygote()
+        proc = zygote.run(list(args), os.path.abspath(cwd or os.getcwd()), full_env, timeout, zygote.logs)
     if check and proc.returncode != 0:
         raise AssertionError(f"trainval {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -98,7 +98,8 @@ def test_cli_runs_table_sort_plot_and_running_then_killed(tmp_path):
                              f"run.out_dir={out}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while not (out / "live" / "metrics.csv").exists():
+        metrics = out / "live" / "metrics.csv"  # more epochs than "big" (2), for the sort by epochs below
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 4):
             assert proc.poll() is None and time.time() < deadline
             time.sleep(0.2)
         listed = _runs_json(out)

@@ -13,6 +13,11 @@ from conftest import run_cli
 from trainval.errors import ConfigError
 from trainval.untrusted import MAX_YAML_DEPTH, load_yaml, shown
 
+
+def run_cli_fresh(*args, **kwargs):
+    """A new interpreter: what it imports from the current folder is what these tests are about."""
+    return run_cli(*args, fresh=True, **kwargs)
+
 SHADOWS = ("tqdm", "sklearn", "matplotlib", "yaml", "numpy")
 
 
@@ -34,7 +39,7 @@ FIT = ["train.epochs=1", "train.progress=false", "log.plot=false", "run.name=r"]
 def digits_run(tmp_path_factory):
     """A finished 1-epoch run of the default digits job, made in a clean folder."""
     base = tmp_path_factory.mktemp("clean")
-    run_cli("fit", *FIT, cwd=str(base), check=True)
+    run_cli_fresh("fit", *FIT, cwd=str(base), check=True)
     return base / "runs" / "r"
 
 
@@ -42,7 +47,7 @@ def test_modules_in_the_current_folder_never_run_without_being_named(tmp_path, d
     shutil.copytree(digits_run, tmp_path / "r")
     plant_shadow_modules(tmp_path)
     for args in (("predict", "r"), ("test", "r"), ("runs", ".", "--plot"), ("test", "r", "--ckpt", "last")):
-        proc = run_cli(*args, cwd=str(tmp_path), timeout=300)
+        proc = run_cli_fresh(*args, cwd=str(tmp_path), timeout=300)
         assert proc.returncode == 0, (args, proc.stdout + proc.stderr)
         assert imported(tmp_path) == [], (args, imported(tmp_path))
     # fit too, and the console script as well as `python -m trainval`
@@ -66,12 +71,12 @@ def test_a_module_the_config_names_is_imported_from_the_current_folder_after_ins
         "        self.lin = torch.nn.Linear(in_features, num_classes)\n"
         "    def forward(self, x):\n"
         "        return self.lin(x.flatten(1))\n")
-    proc = run_cli("fit", *FIT, "model.name=mynet:Net", cwd=str(tmp_path), env={"PYTHONPATH": ""}, timeout=300)
+    proc = run_cli_fresh("fit", *FIT, "model.name=mynet:Net", cwd=str(tmp_path), env={"PYTHONPATH": ""}, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert imported(tmp_path) == []  # its own imports (torch) and trainval's still come from the installed packages
-    refused = run_cli("predict", "runs/r", cwd=str(tmp_path), env={"PYTHONPATH": ""})
+    refused = run_cli_fresh("predict", "runs/r", cwd=str(tmp_path), env={"PYTHONPATH": ""})
     assert refused.returncode == 2 and "--trust-code" in refused.stderr, refused.stderr
-    trusted = run_cli("predict", "runs/r", "--trust-code", "--out", "p.csv", cwd=str(tmp_path), env={"PYTHONPATH": ""})
+    trusted = run_cli_fresh("predict", "runs/r", "--trust-code", "--out", "p.csv", cwd=str(tmp_path), env={"PYTHONPATH": ""})
     assert trusted.returncode == 0 and (tmp_path / "p.csv").exists(), trusted.stderr
     assert imported(tmp_path) == []
 
@@ -79,7 +84,7 @@ def test_a_module_the_config_names_is_imported_from_the_current_folder_after_ins
 @pytest.mark.slow
 def test_nproc_workers_import_nothing_from_the_current_folder(tmp_path):
     plant_shadow_modules(tmp_path)
-    proc = run_cli("fit", *FIT, "train.batch_size=128", "--nproc", "2", cwd=str(tmp_path), timeout=300)
+    proc = run_cli_fresh("fit", *FIT, "train.batch_size=128", "--nproc", "2", cwd=str(tmp_path), timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert imported(tmp_path) == []
 
@@ -117,7 +122,7 @@ def test_a_run_folders_billion_laughs_config_is_one_line_not_a_hang(tmp_path, di
     (run / "config.yaml").write_text(recorded.replace("  kwargs: {}\n", bomb))
     assert len(bomb.encode()) < 1000
     for command in ("predict", "test"):
-        proc = run_cli(command, str(run), cwd=str(tmp_path), timeout=60)
+        proc = run_cli_fresh(command, str(run), cwd=str(tmp_path), timeout=60)
         assert proc.returncode == 2, proc.stdout + proc.stderr
         err = proc.stderr.strip()
         assert len(err.splitlines()) == 1 and "billion laughs" in err and "config.yaml" in err, err
@@ -126,15 +131,15 @@ def test_a_run_folders_billion_laughs_config_is_one_line_not_a_hang(tmp_path, di
 def test_deep_yaml_anywhere_is_one_line(tmp_path, digits_run):
     deep = tmp_path / "deep.yaml"
     deep.write_text("model:\n  kwargs: " + "[" * 50_000 + "]" * 50_000 + "\n")
-    proc = run_cli("fit", str(deep), cwd=str(tmp_path), timeout=60)
+    proc = run_cli_fresh("fit", str(deep), cwd=str(tmp_path), timeout=60)
     assert proc.returncode == 2 and "nested deeper" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     run = tmp_path / "r"
     shutil.copytree(digits_run, run)
     (run / "config.yaml").write_text((run / "config.yaml").read_text() + "deep: " + "[" * 50_000 + "\n")
-    proc = run_cli("predict", str(run), cwd=str(tmp_path), timeout=60)
+    proc = run_cli_fresh("predict", str(run), cwd=str(tmp_path), timeout=60)
     assert proc.returncode == 2 and "nested deeper" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     # an override is YAML too: a bomb there is a string the key then refuses, bounded in the message
-    proc = run_cli("fit", "model.kwargs=" + billion_laughs().replace("\n", " "), cwd=str(tmp_path), timeout=60)
+    proc = run_cli_fresh("fit", "model.kwargs=" + billion_laughs().replace("\n", " "), cwd=str(tmp_path), timeout=60)
     assert proc.returncode == 2 and "model.kwargs must be a mapping" in proc.stderr and len(proc.stderr) < 600, proc.stderr
 
 
@@ -143,7 +148,7 @@ def test_a_config_that_is_a_fifo_or_device_is_one_line_not_a_hang(tmp_path, digi
     fifo = tmp_path / "cfg.yaml"
     os.mkfifo(fifo)
     for path in (str(fifo), "/dev/zero", str(tmp_path)):
-        proc = run_cli("fit", path, cwd=str(tmp_path), timeout=60)
+        proc = run_cli_fresh("fit", path, cwd=str(tmp_path), timeout=60)
         assert proc.returncode == 2, proc.stdout + proc.stderr
         err = proc.stderr.strip()
         assert len(err.splitlines()) == 1 and "not a regular file" in err, err
@@ -151,7 +156,7 @@ def test_a_config_that_is_a_fifo_or_device_is_one_line_not_a_hang(tmp_path, digi
     shutil.copytree(digits_run, run)
     os.unlink(run / "config.yaml")
     os.mkfifo(run / "config.yaml")
-    proc = run_cli("predict", str(run), cwd=str(tmp_path), timeout=60)
+    proc = run_cli_fresh("predict", str(run), cwd=str(tmp_path), timeout=60)
     assert proc.returncode == 2 and "is a FIFO" in proc.stderr, proc.stderr
 
 
@@ -159,7 +164,7 @@ def test_error_lines_carry_no_terminal_escapes(tmp_path):
     """The CLI's last gate: whatever a message quotes is printed with its control characters escaped."""
     evil = tmp_path / "cfg\x1b]0;pwned\x07\x1b[2J.yaml"
     evil.write_text("train:\n  epochz: 1\n")
-    proc = run_cli("fit", str(evil), cwd=str(tmp_path), timeout=60)
+    proc = run_cli_fresh("fit", str(evil), cwd=str(tmp_path), timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "\x1b" not in proc.stderr and "\x07" not in proc.stderr and "\\x1b]0;pwned" in proc.stderr, proc.stderr
     assert shown("a\x1b[31mb\r\n\u202e", limit=0) == "a\\x1b[31mb\\x0d\\x0a\\u202e"

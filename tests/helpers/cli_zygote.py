@@ -1,0 +1,151 @@
+"""``trainval`` CLI runs forked from a process that imported torch and trainval once (for ``run_cli``).
+
+A CLI test spends about 2.5 s of its ~3 s starting a fresh interpreter and importing torch, NumPy and
+scikit-learn. The zygote pays that once per test worker; each ``run_cli`` forks a child that sets up
+what a fresh ``python -m trainval`` would have (current folder, environment, ``PYTHONPATH`` on
+``sys.path``, default signal handlers, temp folder, thread count), runs ``trainval.cli.main`` and exits
+with its code. Each child is a real process writing real files; its stdout and stderr are real files.
+
+What a fork cannot show, a test asks a fresh interpreter for (``run_cli(..., fresh=True)``): which
+modules the interpreter imports from the current folder or ``sys.path`` (``tests/test_security_paths.py``),
+and anything read when torch is imported. ``TRAINVAL_TEST_FRESH_CLI=1`` makes every ``run_cli`` fresh.
+
+Protocol: one JSON line per request on stdin ``{"args", "cwd", "env", "out", "err"}``; the zygote answers
+``PID <pid>`` at once and ``EXIT <code>`` when the child ends (``-N`` after signal N).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+
+def _serve() -> None:
+    import numpy  # noqa: F401
+    import sklearn.model_selection  # noqa: F401
+    import torch
+    import torch._dynamo  # noqa: F401  # what the first optimizer would import
+    import tqdm  # noqa: F401
+    import yaml  # noqa: F401
+
+    import trainval.cli
+    import trainval.workflow  # noqa: F401  # the trainer, data, metrics, checkpoints...
+
+    base_path = list(sys.path)
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(request, base_path, trainval.cli, torch)  # never returns
+        print(f"PID {pid}", flush=True)
+        _, status = os.waitpid(pid, 0)
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        print(f"EXIT {code}", flush=True)
+
+
+def _child(request: dict, base_path: list[str], cli, torch) -> None:
+    code = 1
+    try:
+        os.setsid()  # a group of its own, as the timeout below kills it with anything it started
+        for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                (2, request["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+            new = os.open(path, flags, 0o644)
+            os.dup2(new, fd)
+            os.close(new)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        # `python -m trainval` puts PYTHONPATH's folders first (the current folder it adds, __main__ removes)
+        extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+        sys.path[:] = [os.path.abspath(p) for p in extra] + base_path
+        import tempfile
+
+        tempfile.tempdir = None  # TMPDIR as the request's environment says
+        if request["env"].get("OMP_NUM_THREADS", "").isdigit():
+            torch.set_num_threads(int(request["env"]["OMP_NUM_THREADS"]))
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        sys.argv = ["trainval", *request["args"]]
+        code = cli.main(list(request["args"]))
+    except SystemExit as e:  # argparse's usage errors and --help
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:  # a traceback, as the interpreter prints it
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        try:
+            import atexit
+
+            atexit._run_exitfuncs()  # what a normal interpreter exit runs (trackers' own clean-up)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code if isinstance(code, int) else 1)
+
+
+class CliZygote:
+    """The zygote process of this test worker; :meth:`run` is ``subprocess.run`` of ``python -m trainval``."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-P", os.path.abspath(__file__)], cwd="/",
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.buffer = b""
+
+    def run(self, args: list[str], cwd: str, env: dict, timeout: float, logs: str) -> subprocess.CompletedProcess:
+        out, err = os.path.join(logs, "stdout"), os.path.join(logs, "stderr")
+        request = {"args": list(args), "cwd": cwd, "env": env, "out": out, "err": err}
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        line = self._line(60)
+        assert line is not None and line.startswith("PID "), line
+        pid = int(line.split()[1])
+        line = self._line(timeout)
+        if line is None:  # like subprocess.run: kill it, then say so
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._line(60)
+            raise subprocess.TimeoutExpired(["trainval", *args], timeout, output=_read(out), stderr=_read(err))
+        assert line.startswith("EXIT "), line
+        return subprocess.CompletedProcess(["trainval", *args], int(line.split()[1]), _read(out), _read(err))
+
+    def _line(self, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            if not select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                return None
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise AssertionError(f"the CLI zygote exited ({self.proc.wait()})")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode().strip()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+if __name__ == "__main__":
+    _serve()
