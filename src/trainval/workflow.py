@@ -42,7 +42,7 @@ from trainval.errors import CheckpointError, ConfigError, DataError, RunFolderEr
 from trainval.models import CNN, MLP
 from trainval.state import check_last
 from trainval.trainer import Trainer, seed_everything
-from trainval.untrusted import check_replaceable, read_bytes, shown_repr
+from trainval.untrusted import check_replaceable, shown_repr
 
 
 @dataclass
@@ -528,7 +528,9 @@ def _test(cfg: dict, ckpt: str | None) -> dict:
         trainer.log(f"(test.json not written: {folder} is not a run folder that trainval made)")
     elif trainer.dist.is_main:
         summary_path = os.path.join(folder, "summary.json")
-        summary = _read_summary(summary_path)  # before test.json: a FIFO there is refused before any write
+        # before test.json is written: a link, a FIFO or a device there is refused (never opened)
+        check_replaceable(summary_path, "the run's summary.json", RunFolderError, hint="remove it from the run folder")
+        summary = runs.read_summary(folder)  # None when there is none, or it is no JSON trainval wrote
         write_json(os.path.join(folder, "test.json"), result, "test results")
         if summary is not None:
             summary["test"] = metrics
@@ -537,20 +539,6 @@ def _test(cfg: dict, ckpt: str | None) -> dict:
     return result
 
 
-def _read_summary(path: str) -> dict | None:
-    """The run's ``summary.json`` to update, None when there is none or it is not JSON trainval wrote;
-    a link, a FIFO or a device there is one clear error (it is never opened)."""
-    if check_replaceable(path, "the run's summary.json", RunFolderError, hint="remove it from the run folder") is None:
-        return None
-    raw = read_bytes(path, "the run's summary.json", RunFolderError, limit=_SUMMARY_LIMIT, follow=False)
-    try:
-        summary = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        return None
-    return summary if isinstance(summary, dict) else None
-
-
-_SUMMARY_LIMIT = 16 * 2**20  # a summary.json trainval writes is a few kB
 
 
 def predict(cfg: dict, ckpt: str | None = "best", out: str | None = None, proba: bool = False,
