@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(VENV)/bin/trainval fit run.overwrite=true
 
-## make test: the whole test suite, on 2 worker processes (about 8.5 minutes on 2 cores)
+## make test: the whole test suite, on 2 worker processes (about 6.5 minutes on 2 cores)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
 
