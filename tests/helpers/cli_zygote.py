@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when run as the zygote (python -P)
+from zygote import ZygoteProcess  # noqa: E402
+
+del sys.path[0]  # nothing of this folder stays on the zygote's (and so its children's) sys.path
 
 
 def _serve() -> None:
@@ -91,14 +94,12 @@ def _child(request: dict, base_path: list[str], cli, torch) -> None:
             os._exit(code if isinstance(code, int) else 1)
 
 
-class CliZygote:
+class CliZygote(ZygoteProcess):
     """The zygote process of this test worker; :meth:`run` is ``subprocess.run`` of ``python -m trainval``."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-P", os.path.abspath(__file__)], cwd="/",
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.buffer = b""
+        # -P: nothing of this folder on the zygote's sys.path (a child sees what `python -m trainval` would)
+        super().__init__([sys.executable, "-P", os.path.abspath(__file__)], cwd="/")
 
     def run(self, args: list[str], cwd: str, env: dict, timeout: float, logs: str) -> subprocess.CompletedProcess:
         out, err = os.path.join(logs, "stdout"), os.path.join(logs, "stderr")
@@ -117,26 +118,6 @@ class CliZygote:
             raise subprocess.TimeoutExpired(["trainval", *args], timeout, output=_read(out), stderr=_read(err))
         assert line.startswith("EXIT "), line
         return subprocess.CompletedProcess(["trainval", *args], int(line.split()[1]), _read(out), _read(err))
-
-    def _line(self, timeout: float) -> str | None:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buffer:
-            if not select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
-                return None
-            chunk = os.read(self.proc.stdout.fileno(), 4096)
-            if not chunk:
-                raise AssertionError(f"the CLI zygote exited ({self.proc.wait()})")
-            self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line.decode().strip()
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 def _read(path: str) -> str:

@@ -116,33 +116,13 @@ class ForkedChild:
             time.sleep(0.005)
 
 
-class Zygote:
-    """Starts the zygote process; ``start()`` forks one child (one at a time), ``run()`` also waits for it."""
+class ZygoteProcess:
+    """A zygote server process (``argv``) spoken to by JSON lines on its stdin; it answers in lines."""
 
-    def __init__(self, log_dir: str):
-        self.log_dir, self.count, self.buffer = log_dir, 0, b""
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], cwd=HERE, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, bufsize=0, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-    def start(self, out_dir, **opts) -> ForkedChild:
-        self.count += 1
-        log = os.path.join(self.log_dir, f"child-{self.count}.log")
-        self.proc.stdin.write((json.dumps({"out_dir": str(out_dir), "opts": opts, "log": log}) + "\n").encode())
-        line = self._line(timeout=120)
-        assert line is not None and line.startswith("PID "), line
-        return ForkedChild(self, int(line.split()[1]), log)
-
-    def run(self, out_dir, timeout: float = 120, **opts) -> ForkedChild:
-        child = self.start(out_dir, **opts)
-        child.wait(timeout)
-        return child
-
-    def _exit_code(self, timeout: float) -> int | None:
-        line = self._line(timeout)
-        if line is None:
-            return None
-        assert line.startswith("EXIT "), line
-        return int(line.split()[1])
+    def __init__(self, argv: list[str], cwd: str):
+        self.buffer = b""
+        self.proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def _line(self, timeout: float) -> str | None:
         """The zygote's next line, or None when none came within ``timeout`` seconds."""
@@ -164,6 +144,34 @@ class Zygote:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class Zygote(ZygoteProcess):
+    """Starts the zygote process; ``start()`` forks one child (one at a time), ``run()`` also waits for it."""
+
+    def __init__(self, log_dir: str):
+        super().__init__([sys.executable, os.path.abspath(__file__)], cwd=HERE)
+        self.log_dir, self.count = log_dir, 0
+
+    def start(self, out_dir, **opts) -> ForkedChild:
+        self.count += 1
+        log = os.path.join(self.log_dir, f"child-{self.count}.log")
+        self.proc.stdin.write((json.dumps({"out_dir": str(out_dir), "opts": opts, "log": log}) + "\n").encode())
+        line = self._line(timeout=120)
+        assert line is not None and line.startswith("PID "), line
+        return ForkedChild(self, int(line.split()[1]), log)
+
+    def run(self, out_dir, timeout: float = 120, **opts) -> ForkedChild:
+        child = self.start(out_dir, **opts)
+        child.wait(timeout)
+        return child
+
+    def _exit_code(self, timeout: float) -> int | None:
+        line = self._line(timeout)
+        if line is None:
+            return None
+        assert line.startswith("EXIT "), line
+        return int(line.split()[1])
 
 
 if __name__ == "__main__":
