@@ -80,7 +80,24 @@ CRAFTED = {
     "task": (_set("task", ["multiclass"]), "its task is ['multiclass']"),
     "ranks": (_set("ranks", 3), "its ranks is 3"),
     "callbacks": (_set("callbacks", {"a": 1}), "its callbacks is {'a': 1}"),
+    "optimizer a string": (_set("optimizer", "abc"), "its optimizer is 'abc'"),
+    "scheduler a list": (_set("scheduler", [1]), "its scheduler is [1]"),
+    "rng a string": (_set("rng", "abc"), "its rng is 'abc'"),
+    "generator of floats": (_set("generator", torch.zeros(3)), "its generator is tensor"),
+    "train_metrics a number": (_set("train_metrics", 3), "its train_metrics is 3"),
 }
+
+
+def test_random_generator_states_of_the_right_type_but_not_trainvals_are_one_checkpoint_error(tmp_path):
+    """check_last checks the types; a uint8 tensor that is no generator state, or an rng dict without its
+    streams, fails where it is set: one CheckpointError there too (was torch's TypeError/RuntimeError)."""
+    for edit in (_set("generator", torch.zeros(3, dtype=torch.uint8)),
+                 lambda state: state["ranks"][0].__setitem__("rng", {"python": 1})):
+        folder = tmp_path / str(len(os.listdir(tmp_path)))
+        _fit(folder, epochs=2)
+        _edit_last(folder, edit)
+        with pytest.raises(CheckpointError, match="its random generators' states are not ones trainval saved"):
+            _fit(folder, epochs=4, resume=True)
 
 
 @pytest.mark.parametrize("name", list(CRAFTED))

@@ -131,7 +131,8 @@ def _finite_seconds(value: object) -> bool:
 
 def check_last(state: dict, path: str) -> dict:
     """A loaded ``last.pt`` whose loop fields are all checked: its ``epoch``, its ``loop`` (:func:`check_loop`),
-    that the two agree, and the containers resuming reads (``task``, ``ranks``, ``callbacks``).
+    that the two agree, and the containers resuming reads (``task``, ``ranks``, ``callbacks``, the optimizer's,
+    scheduler's, scaler's and random generators' states, by their types).
 
     A ``loop`` that is absent is left to the caller, which names what the checkpoint lacks.
     """
@@ -150,6 +151,16 @@ def check_last(state: dict, path: str) -> dict:
         raise _bad(path, "ranks", state["ranks"], "a list of each process's state")
     if "callbacks" in state and not (isinstance(state["callbacks"], list)):
         raise _bad(path, "callbacks", state["callbacks"], "a list of the callbacks' states")
+    for name, expected in (("optimizer", "the optimizer's state_dict"), ("rng", "the random generators' states")):
+        if name in state and not isinstance(state[name], dict):
+            raise _bad(path, name, state[name], expected)
+    for name in ("scheduler", "scaler", "train_metrics"):
+        if state.get(name) is not None and not isinstance(state[name], dict):
+            raise _bad(path, name, state[name], "a state_dict or None")
+    generator = state.get("generator")
+    if "generator" in state and not (isinstance(generator, torch.Tensor) and generator.dtype == torch.uint8
+                                     and generator.dim() == 1):
+        raise _bad(path, "generator", generator, "the shuffling generator's state (a uint8 tensor)")
     return state
 
 

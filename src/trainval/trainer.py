@@ -1153,9 +1153,14 @@ class Trainer:
         self.state.load_state_dict(saved, self.last_path)
         for cb, cb_state in zip(self.callbacks, state.get("callbacks", [])):
             cb.load_state_dict(cb_state)
-        self.generator.set_state(state["generator"])
-        own = self._own_state(state)
-        set_rng_state(own["rng"])
+        try:
+            self.generator.set_state(state["generator"])
+            own = self._own_state(state)
+            set_rng_state(own["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # check_last saw their types only
+            raise CheckpointError(f"{self.last_path} cannot be resumed from: its random generators' states are not "
+                                  f"ones trainval saved ({type(e).__name__}: {shown(str(e))}); start a new run, or "
+                                  "resume from a last.pt that trainval wrote.") from None
         if self.batch_in_epoch > 0:
             self.state.epoch_start["rng"] = own["epoch_start_rng"]
             self._pending_rng = own["rng"]
