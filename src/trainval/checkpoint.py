@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from trainval.errors import CheckpointError
-from trainval.untrusted import check_replaceable, open_regular, shown, shown_repr
+from trainval.untrusted import check_replaceable, open_regular, shown, shown_names, shown_repr
 
 
 def _current_umask() -> int:
@@ -232,7 +232,7 @@ def check_archive(f: Any, path: str) -> None:
                               f"checkpoint (not a zip archive as torch.save writes: {e or type(e).__name__}).") from None
     compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
     if compressed:
-        raise CheckpointError(f"refusing to load {path}: it holds compressed entries ({_short(compressed, 3)}), which "
+        raise CheckpointError(f"refusing to load {path}: it holds compressed entries ({shown_names(compressed, 3)}), which "
                               "torch.save never writes (a zip bomb?). Re-save it with torch.save.")
     declared = sum(e.file_size for e in entries)
     lying = [e.filename for e in entries if e.file_size != e.compress_size]
@@ -256,11 +256,11 @@ def load_model_weights(model: nn.Module, state_dict: dict, path: str = "checkpoi
     if missing or unexpected or shapes:
         parts = []
         if missing:
-            parts.append(f"missing keys: {_short(missing)}")
+            parts.append(f"missing keys: {shown_names(missing, 8)}")
         if unexpected:
-            parts.append(f"unexpected keys: {_short(unexpected)}")
+            parts.append(f"unexpected keys: {shown_names(unexpected, 8)}")
         if shapes:
-            parts.append(f"shape mismatches: {_short(shapes)}")
+            parts.append(f"shape mismatches: {shown_names(shapes, 8)}")
         raise CheckpointError(
             f"{path} does not fit this model (a different architecture?): " + "; ".join(parts) + "."
         )
@@ -275,7 +275,7 @@ def check_fits(own: dict[str, torch.Size], state: dict, path: str) -> None:
     shapes = [f"{k}: checkpoint {list(v.shape)} vs model {list(own[k])}" for k, v in keys.items()
               if k in own and isinstance(v, torch.Tensor) and v.shape != own[k]]
     if missing or unexpected or shapes:
-        parts = [f"{what}: {_short(items)}" for what, items in
+        parts = [f"{what}: {shown_names(items, 8)}" for what, items in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
         raise CheckpointError(f"{path} does not fit this model (a different architecture?): " + "; ".join(parts) + ".")
 
@@ -286,11 +286,6 @@ def _strip_prefixes(key: str) -> str:
         while key.startswith(prefix):
             key = key[len(prefix):]
     return key.replace("._orig_mod.", ".")
-
-
-def _short(items: list[str], limit: int = 8) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
 
 
 # Model keys that change no parameter name or shape (dropout only acts in training).

@@ -38,7 +38,7 @@ from torch.utils.data.dataloader import default_collate
 from trainval import distributed
 from trainval.errors import ConfigError, DataError
 from trainval.state import rng_state, set_rng_state
-from trainval.untrusted import open_regular, shown, shown_repr
+from trainval.untrusted import open_regular, shown, shown_names, shown_repr
 
 Inputs = Any  # a tensor, a tuple/list of tensors, or a dict of tensors
 Batch = tuple[Inputs, "torch.Tensor | None"]
@@ -1013,7 +1013,7 @@ def load_csv(path: str, label: str | list[str] | None = "label", features: list[
         if col.setdefault(h, i) != i:
             duplicates[h] = None
     if duplicates:
-        raise DataError(f"{where}: the header names column(s) {_names(duplicates, quoted=True)} more than once; "
+        raise DataError(f"{where}: the header names column(s) {shown_names(duplicates, quoted=True)} more than once; "
                         "give every column its own name.")
     if features is not None and not features:
         raise ConfigError("data.features is empty: list the feature columns, or leave it unset for all but the label.")
@@ -1022,22 +1022,22 @@ def load_csv(path: str, label: str | list[str] | None = "label", features: list[
         feature_set = set(features)
         both = [c for c in labels if c in feature_set]
         if both:
-            raise ConfigError(f"data.features includes the label column {_names(both, quoted=True)}; remove it from "
+            raise ConfigError(f"data.features includes the label column {shown_names(both, quoted=True)}; remove it from "
                               "data.features.")
     absent = [c for c in labels if c not in col]
     has_label = bool(labels) and not absent
     if labels and absent and require_labels:
-        raise DataError(f"{where}: no label column {_names(absent, quoted=True)} (columns: {_names(header)}); "
+        raise DataError(f"{where}: no label column {shown_names(absent, quoted=True)} (columns: {shown_names(header)}); "
                         "set data.label.")
     if features is None:
         label_set = set(labels)
         feat_cols = [h for h in header if h not in label_set]
         if not feat_cols:
-            raise DataError(f"{where}: there are no feature columns besides the label {_names(labels, quoted=True)}.")
+            raise DataError(f"{where}: there are no feature columns besides the label {shown_names(labels, quoted=True)}.")
     else:
         missing = [c for c in features if c not in col]
         if missing:
-            raise DataError(f"{where}: feature columns not found: {_names(missing)} (columns: {_names(header)}).")
+            raise DataError(f"{where}: feature columns not found: {shown_names(missing)} (columns: {shown_names(header)}).")
         feat_cols = list(features)
     X = np.empty((len(rows), len(feat_cols)), dtype=np.float32)
     y = np.empty((len(rows), len(labels)), dtype=np.float64) if has_label else None
@@ -1090,11 +1090,6 @@ def _is_float(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _names(names: Any, quoted: bool = False) -> str:
-    """Column names from a file or a config, comma-separated, for a message: terminal-safe and bounded."""
-    return shown(", ".join(shown_repr(n) if quoted else n for n in itertools.islice(names, 1000)))
 
 
 def csv_feature_columns(path: str, label: str | list[str] | None, features: list[str] | None) -> list[str]:

@@ -33,6 +33,7 @@ from trainval.untrusted import (
     read_bytes,
     read_yaml,
     shown,
+    shown_names,
     shown_repr,
 )
 
@@ -387,19 +388,13 @@ def _sort_key(value: Any) -> tuple:
     return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))
 
 
-def _names(names: list[str], most: int = 30) -> str:
-    """A bounded list of names read from files, for a message."""
-    listed = ", ".join(shown(n, 40) for n in names[:most])
-    return listed + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
 def sort_runs(records: list[dict], key: str, reverse: bool = False) -> list[dict]:
     """Sorted by ``key``: ``best`` (each run's best value, best first), ``name``, ``status``, ``epochs``,
     ``time``, or any column of the runs' summaries (``test_acc``, ``val_loss``...); runs without it last."""
     if not any(_sort_value(r, key) is not None for r in records) and records:
         columns = sorted({"best", "name", "status", "epochs", "time", *(k for r in records for k in r["test"]),
                           *(k for r in records for k in r["final"])})
-        raise ConfigError(f"--sort {key}: no run has that column; choose one of {_names(columns)}.")
+        raise ConfigError(f"--sort {key}: no run has that column; choose one of {shown_names(columns)}.")
     present = [r for r in records if _sort_value(r, key) is not None]
     missing = [r for r in records if _sort_value(r, key) is None]
     present.sort(key=lambda r: _sort_key(_sort_value(r, key)), reverse=reverse)

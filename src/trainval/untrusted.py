@@ -66,6 +66,14 @@ def shown_repr(value: Any) -> str:
     return shown(_REPR.repr(value))
 
 
+def shown_names(names: Any, most: int = 30, quoted: bool = False) -> str:
+    """Names read from a file (columns, keys, metrics) for a message: ``a, b, c (and 7 more)``, each one
+    terminal-safe and cut at 120 characters, at most ``most`` of them; ``quoted`` writes each as ``'a'``."""
+    names = list(names)
+    listed = ", ".join(shown_repr(n) if quoted else shown(n, 120) for n in names[:most])
+    return listed + (f" (and {len(names) - most} more)" if len(names) > most else "")
+
+
 def shown_line(message: str) -> str:
     """A whole message (an error line) terminal-safe, its length unbounded: what the CLI prints last."""
     return shown(message, limit=0)
