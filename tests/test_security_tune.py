@@ -242,3 +242,25 @@ def test_a_wandb_folder_linked_out_of_the_run_folder_is_refused(tmp_path):
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and "wandb" in err and "symbolic link" in err, err
     assert os.listdir(outside) == []
+
+
+def test_a_trial_between_its_fit_and_its_result_is_not_taken_for_abandoned(tmp_path):
+    """A worker's fit releases the trial folder's lock a moment before Optuna records the result; another
+    worker checking then must not mark the trial failed (its tell() would then fail: exit 1). Its live pid
+    says it is not abandoned; a dead one (the control) does."""
+    optuna = pytest.importorskip("optuna")
+    import socket
+
+    from trainval.tuning import fail_abandoned_trials
+
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="s")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for number, pid in ((0, os.getpid()), (1, int(dead.stdout))):
+        folder = tmp_path / f"trial{number}"
+        folder.mkdir()  # not locked: the fit has ended, or its worker died
+        trial = study.ask()
+        for key, value in (("run_folder", str(folder)), ("host", socket.gethostname()), ("pid", pid)):
+            trial.set_user_attr(key, value)
+    assert fail_abandoned_trials(study) == [1]
+    states = [t.state for t in study.get_trials()]
+    assert states == [optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.FAIL]

@@ -250,9 +250,10 @@ def _shown_url(url: str) -> str:
 def fail_abandoned_trials(study) -> list[int]:
     """Mark failed the running trials of this machine whose worker is gone; return their numbers.
 
-    A trial's worker holds the writer lock of the trial's run folder for the whole trial (the kernel
+    A trial's worker holds the writer lock of the trial's run folder for the whole fit (the kernel
     releases it when the worker dies, SIGKILL included), so a running trial whose folder is not locked
-    has no worker. Trials of other machines are left to Optuna's heartbeat (see :func:`_storage`).
+    and whose worker's pid is no running process has no worker. (The pid alone covers the moment after
+    the fit, when the lock is released and Optuna has not yet recorded the result.) Trials of other machines are left to Optuna's heartbeat (see :func:`_storage`).
     """
     from trainval import runfolder
 
@@ -262,11 +263,26 @@ def fail_abandoned_trials(study) -> list[int]:
         folder = t.user_attrs.get("run_folder")
         if t.user_attrs.get("host") != socket.gethostname() or not isinstance(folder, str):
             continue
+        if _alive(t.user_attrs.get("pid")):  # between the fit's end (lock released) and Optuna's tell
+            continue
         if os.path.isdir(folder) and not runfolder.is_locked(folder):
             study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             _say(f"trial {t.number}: its worker is gone (nothing holds {shown(folder)}); marked failed")
             failed.append(t.number)
     return failed
+
+
+def _alive(pid: object) -> bool:
+    """Whether ``pid`` (a worker's, recorded on this machine) is a running process."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: Mapping[str, str] | None = None, *,
@@ -359,6 +375,7 @@ def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: M
         with runfolder.locked(workflow.run_folder(cfg), "trial"):
             trial.set_user_attr("run_folder", workflow.run_folder(cfg))
             trial.set_user_attr("host", socket.gethostname())
+            trial.set_user_attr("pid", os.getpid())
             trial.set_user_attr("config", json.loads(json.dumps(cfg)))
             _say(f"trial {trial.number}: " + " ".join(f"{k}={v}" for k, v in params.items()))
             pruning = PruningCallback(trial)
