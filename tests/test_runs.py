@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import make_blobs, run_cli, tiny_mlp
-from trainval import Trainer, preprocess, runs
+from trainval import Trainer, load_model, preprocess, runs
 from trainval.errors import ConfigError
 
 COMMON = ["model.name=mlp", "model.hidden=[32]", "train.progress=false", "train.batch_size=128"]
@@ -58,8 +58,8 @@ def test_api_run_writes_summary_lr_of_every_group_and_test_metrics(tmp_path):
     assert record["name"] == "api" and record["status"] == "finished" and record["test"] == metrics
 
     with pytest.raises(ConfigError, match="records no model config"):
-        runs.load_model(str(folder))  # a Python API run: no config to rebuild the model from
-    reloaded = runs.load_model(str(folder), model=tiny_mlp(seed=99))
+        load_model(str(folder))  # a Python API run: no config to rebuild the model from
+    reloaded = load_model(str(folder), model=tiny_mlp(seed=99))
     assert not reloaded.training
     with torch.no_grad():
         assert torch.equal(reloaded(X[60:]).argmax(1), trainer.predict(X[60:]))
@@ -173,7 +173,7 @@ def test_predict_from_the_run_folder_alone_with_standardisation_equals_load_mode
     classes = np.array([int(r["Class"]) for r in read_csv(preds)])
     assert len(classes) == len(X) - 1500
 
-    model = runs.load_model(str(folder))
+    model = load_model(str(folder))
     assert not model.training and next(model.parameters()).device.type == "cpu"
     with torch.no_grad():
         logits = model(torch.from_numpy(preprocess.apply(stats, X[1500:])))
@@ -210,9 +210,9 @@ def test_load_model_imports_code_only_when_trusted(tmp_path):
     sys.path.insert(0, str(tmp_path))
     try:
         with pytest.raises(ConfigError, match="trust_code=True"):
-            runs.load_model(str(folder))
+            load_model(str(folder))
         assert not flag.exists()
-        model = runs.load_model(str(folder), trust_code=True)
+        model = load_model(str(folder), trust_code=True)
         assert flag.exists() and type(model).__name__ == "Net" and not model.training  # control: trusted, it runs
     finally:
         sys.path.remove(str(tmp_path))
@@ -225,5 +225,5 @@ def test_load_model_imports_code_only_when_trusted(tmp_path):
     text = (folder / "config.yaml").read_text().replace("planted_module:Net", "planted_module:Other")
     (folder / "config.yaml").write_text(text)
     with pytest.raises(Exception, match="another model"):
-        runs.load_model(str(folder), trust_code=True)
+        load_model(str(folder), trust_code=True)
     assert not flag.exists()

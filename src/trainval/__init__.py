@@ -23,7 +23,7 @@ _PUBLIC = {
     "load_checkpoint": "trainval.checkpoint",
     "load_model_weights": "trainval.checkpoint",
     "save_checkpoint": "trainval.checkpoint",
-    "load_model": "trainval.runs",
+    "load_model": "trainval.workflow",
     "find_runs": "trainval.runs",
     "RunSummary": "trainval.runs",
     "tune": "trainval.tuning",
@@ -50,6 +50,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from trainval.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
     from trainval.data import TensorLoader
     from trainval.errors import TrainvalError
-    from trainval.runs import RunSummary, find_runs, load_model
+    from trainval.runs import RunSummary, find_runs
     from trainval.trainer import Trainer, seed_everything
     from trainval.tuning import tune
+    from trainval.workflow import load_model

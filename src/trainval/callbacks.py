@@ -24,8 +24,8 @@ import time
 from typing import TYPE_CHECKING
 
 from trainval import runfolder
-from trainval.checkpoint import atomic_write
 from trainval.errors import ConfigError
+from trainval.fsio import atomic_write
 from trainval.untrusted import shown
 
 if TYPE_CHECKING:

@@ -6,8 +6,8 @@ scheduler, grad scaler, RNG states, the trainer's shuffling generator, step, bes
 state and the history of epoch metrics. Only tensors and plain containers: nothing executes on load.
 
 A sharded ``last.pt`` (FSDP, see :mod:`trainval.sharded`) holds ``"shards"`` instead of ``"model"`` and
-``"optimizer"``: a pointer to the folder where every rank wrote its own part. :func:`model_weights`
-gives the full model state_dict of either kind.
+``"optimizer"``: a pointer to the folder where every rank wrote its own part.
+:func:`trainval.sharded.model_weights` gives the full model state_dict of either kind.
 
 :class:`BackgroundWriter` runs at most one checkpoint write in a background thread (``async_save``),
 and raises its error in the training thread.
@@ -16,10 +16,8 @@ and raises its error in the training thread.
 from __future__ import annotations
 
 import copy
-import errno
 import os
 import pickle
-import tempfile
 import threading
 import zipfile
 from collections.abc import Callable
@@ -28,17 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from trainval import __version__
 from trainval.errors import CheckpointError
-from trainval.untrusted import check_replaceable, open_regular, shown, shown_names, shown_repr
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_current_umask()  # what open() would give; mkstemp's own files are 0600
+from trainval.fsio import atomic_write
+from trainval.untrusted import open_regular, shown_names, shown_repr
 
 # A test hook: called with the temp path after part of the bytes are written, before the file is
 # complete. Fault-injection tests set it to pause or die right inside a write.
@@ -54,86 +45,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform (e.g. Windows)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, write: Callable[[Any], None], what: str = "file") -> None:
-    """Write ``path`` whole or not at all: temp file in the same folder, flush, fsync, ``os.replace``.
-
-    ``write`` receives a binary file object. On any failure the temp file is removed, whatever was at
-    ``path`` before is untouched, and a :class:`CheckpointError` names the path and the cause.
-
-    Only a regular file is ever replaced: a symbolic link (``/dev/stdout`` is one), a FIFO, a device, a
-    socket or a folder at ``path`` is a :class:`CheckpointError`, checked before writing and again just
-    before the rename (``os.replace`` would otherwise put a regular file in its place).
-    """
-    check_replaceable(path, what, CheckpointError)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".trainval-{os.path.basename(path)}.",
-                                    suffix=".tmp")  # runfolder.remove_own_temp_files deletes only these
-        os.fchmod(fd, _FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        check_replaceable(path, what, CheckpointError)  # swapped for a link or a FIFO while we wrote?
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(folder)
-    except (OSError, RuntimeError) as e:
-        reason = write_failure(e)
-        if reason is None:
-            raise  # a RuntimeError that is no write failure: a bug, with its traceback
-        raise CheckpointError(
-            f"could not write {what} {path}: {reason} The previous {os.path.basename(path)}, if any, is intact."
-        ) from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-_HINTS = {errno.ENOSPC: "Free some disk space.", errno.EDQUOT: "Free some space within your disk quota.",
-          errno.EACCES: "Check the folder's permissions.",
-          errno.EROFS: "The file system is read-only; choose another output folder."}
-
-
-def write_failure(e: BaseException) -> str | None:
-    """Why a write failed, as ``"<reason>. <what to do>."``; ``None`` when ``e`` is no write failure.
-
-    An ``OSError`` anywhere in ``e``'s chain gives its errno's reason. ``torch.save`` turns an error of
-    the file it writes into its zip writer's ``RuntimeError: [enforce fail at inline_container.cc...]``
-    (keeping the ``OSError`` as its context): that is a write failure too, named as such when no errno is left.
-    """
-    chain, seen = e, set()
-    while chain is not None and id(chain) not in seen:
-        if isinstance(chain, OSError):
-            reason = os.strerror(chain.errno) if chain.errno else (str(chain) or type(chain).__name__)
-            hint = _HINTS.get(chain.errno or 0, "")
-            return f"{shown(reason)}.{' ' + hint if hint else ''}"
-        seen.add(id(chain))
-        chain = chain.__cause__ or chain.__context__
-    text = str(e).strip()
-    if isinstance(e, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
-        return (f"the file could not be written ({shown(text.splitlines()[0])}); check that the disk has free "
-                "space and the folder is writable.")
-    return None
 
 
 class _HookedFile:
@@ -204,15 +115,6 @@ def _weights_only_load(f: Any, path: str, map_location: Any) -> Any:
         raise CheckpointError(
             f"cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch checkpoint ({first})."
         ) from None
-
-
-def model_weights(state: dict, path: str) -> dict:
-    """The plain, full model state_dict of a loaded checkpoint; a sharded last.pt's shards put together."""
-    if "model" in state:
-        return state["model"]
-    from trainval import sharded
-
-    return sharded.consolidate(state["shards"], path)
 
 
 def check_archive(f: Any, path: str) -> None:
@@ -386,3 +288,8 @@ class BackgroundWriter:
             raise error
         raise CheckpointError(f"writing {self._path} in the background failed: {type(error).__name__}: {error}. "
                               f"The previous {os.path.basename(self._path)}, if any, is intact.") from error
+
+
+def versions() -> dict:
+    """The versions that wrote a checkpoint or a run folder's files."""
+    return {"trainval": __version__, "torch": str(torch.__version__)}

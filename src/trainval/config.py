@@ -12,29 +12,14 @@ import difflib
 import math
 import os
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from trainval import options
 from trainval.errors import ConfigError
+from trainval.options import Key
 from trainval.untrusted import load_yaml, read_yaml, shown, shown_repr
-
-
-@dataclass(frozen=True)
-class Key:
-    """One config key: ``kind`` is int, float, bool, str, list[int], list[str] or dict."""
-
-    kind: str
-    default: Any
-    doc: str
-    choices: tuple | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-    nullable: bool = False
-    open_choices: bool = False  # besides ``choices``, a 'module:Name' import string is allowed
-    extra: dict = field(default_factory=dict)
-
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "data": {
@@ -50,9 +35,6 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "y_key": Key("str", "y", "npz array of labels"),
         "factory": Key("str", None, "`module:function` returning {'train', 'val', 'test'} data (source: factory)", nullable=True),
         "split_seed": Key("int", 0, "seed of the stratified splits", minimum=0, maximum=2**32 - 1),  # scikit-learn's range
-        "on_device": Key("bool", None, "keep in-memory data on the GPU (default: when it fits)", nullable=True),
-        "check_inputs": Key("bool", True, "refuse NaN/Inf features before training"),
-        "num_workers": Key("int", 0, "DataLoader workers for Dataset inputs", minimum=0),
         "standardize": Key("bool", False, "standardise features with the training split's per-feature mean and std "
                            "(saved as `standardize.json` in the run folder; applied at test and predict)"),
     },
@@ -71,8 +53,6 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "loss": Key("str", None, "loss (default per task: cross_entropy; bce_with_logits for binary/multilabel; mse)", nullable=True,
                     choices=("cross_entropy", "bce_with_logits", "mse", "l1", "smooth_l1", "huber")),
         "class_weights": Key("list[float]|balanced", None, "multiclass: a weight per class, or `balanced` (n / (C * count))", nullable=True),
-        "ignore_index": Key("int", None, "multiclass: targets with this value count in no loss and no metric (default -100)", nullable=True),
-        "threshold": Key("float", 0.5, "binary/multilabel: probability above which a prediction is 1", minimum=0.0, maximum=1.0),
     },
     "optim": {
         "name": Key("str", "adam", "optimizer", choices=("sgd", "adam", "adamw")),
@@ -94,33 +74,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "patience": Key("int", 5, "plateau: epochs without improvement before decaying", minimum=0),
     },
     "train": {
-        "epochs": Key("int", 30, "epochs to train", minimum=1),
-        "batch_size": Key("int", 64, "batch size per process", minimum=1),
-        "eval_batch_size": Key("int", None, "evaluation batch size (default: batch_size)", nullable=True, minimum=1),
-        "seed": Key("int", 0, "seed of Python, NumPy, torch and the shuffling", minimum=-(2**63), maximum=2**63 - 1),  # state.check_seed's
-        "device": Key("str", None, "`cpu`, `cuda`, `cuda:1`... (default: CUDA if available)", nullable=True),
-        "monitor": Key("str", None, "metric that picks best.pt: `val_<metric>`, `train_<metric>` or `*_loss` (default: val_ + the first metric)", nullable=True),
-        "mode": Key("str", None, "`max` or `min` (default: the metric's direction; min for losses)", nullable=True, choices=("max", "min")),
         "patience": Key("int", None, "early stopping: epochs without improvement (default: off)", nullable=True, minimum=1),
-        "grad_clip": Key("float", None, "clip the gradient norm to this value", nullable=True, minimum=0.0),
-        "accumulate_steps": Key("int", 1, "batches per optimizer step (gradient accumulation)", minimum=1),
-        "precision": Key("str", "fp32", "`fp32`, `bf16` (autocast) or `fp16` (autocast + grad scaler, CUDA)", choices=("fp32", "bf16", "fp16")),
-        "compile": Key("bool", False, "run the model through torch.compile"),
-        "checkpoint_every_steps": Key("int", None, "also write last.pt every N optimizer steps", nullable=True, minimum=1),
-        "async_save": Key("bool", False, "write last.pt in a background thread from a CPU copy of the state (training goes on meanwhile)"),
-        "progress": Key("bool", True, "progress bar (terminal) or bounded-rate progress lines"),
-        "strategy": Key("str", "auto", "several processes: `ddp` (a replica per process), `fsdp` (FSDP2: weights, gradients and optimizer state sharded), `auto` (ddp)", choices=("auto", "ddp", "fsdp")),
-        "dist_timeout": Key("float", None, "seconds a collective waits for the other processes before the run fails (default: env TRAINVAL_DIST_TIMEOUT, or 300)", nullable=True, minimum=1.0),
-        "sync_batchnorm": Key("bool", False, "BatchNorm statistics over every process's batch (SyncBatchNorm; DDP on CUDA)"),
     },
     "run": {
         "name": Key("str", "digits", "run name: the run folder is `<out_dir>/<name>`"),
         "out_dir": Key("str", "runs", "parent folder of run folders"),
-        "overwrite": Key("bool", False, "allow a new fit into a folder that holds a run"),
     },
     "log": {
         "tensorboard": Key("bool", False, "TensorBoard scalars in `<run folder>/tb` (needs the tensorboard extra)"),
-        "plot": Key("bool", True, "write curves.png"),
         "mlflow": Key("bool", False, "log to MLflow (the mlflow extra): scalars, the config as parameters"),
         "mlflow_uri": Key("str", None, "MLflow tracking URI (default: `sqlite:///<run.out_dir>/mlflow.db`)", nullable=True),
         "mlflow_experiment": Key("str", "trainval", "MLflow experiment name"),
@@ -131,6 +92,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "artifacts": Key("bool", False, "trackers: also log best.pt as an artifact at the end"),
     },
 }
+
+# The Trainer's own options are declared once, in trainval.options (type, default, bounds, meaning):
+# their config keys are added to the sections they name.
+for _path, _key in options.cli_keys().items():
+    _section, _, _name = _path.partition(".")
+    SCHEMA[_section][_name] = _key
 
 
 def defaults() -> dict:
@@ -333,20 +300,9 @@ def require_trusted_code(cfg: dict, trust_code: bool, command: str) -> None:
 # must continue exactly as the recorded config says, and config.yaml must never claim a value that
 # was not used.
 RESUME_MAY_CHANGE = {
-    "train.epochs": "train for more (or as many) epochs; refused with a cosine or onecycle schedule, "
-                    "whose shape depends on the number of epochs",
-    "train.progress": "display only",
-    "train.checkpoint_every_steps": "how often last.pt is written",
-    "train.async_save": "how last.pt is written, not what it holds",
-    "train.strategy": "any strategy reads last.pt, whole or sharded (fsdp's shards are put together or re-split on load)",
-    "train.dist_timeout": "how long collectives wait only",
-    "data.num_workers": "loading only",
-    "data.on_device": "placement only",
     "run.out_dir": "the run folder's location",
     "run.name": "the run folder's location",
-    "run.overwrite": "not used by resume",
     "log.tensorboard": "logging only",
-    "log.plot": "logging only",
     "log.mlflow": "logging only",
     "log.mlflow_uri": "logging only",
     "log.mlflow_experiment": "logging only",
@@ -354,6 +310,7 @@ RESUME_MAY_CHANGE = {
     "log.wandb_project": "logging only",
     "log.wandb_mode": "logging only",
     "log.artifacts": "logging only",
+    **options.resume_may_change(),  # the Trainer's options say it where they are declared
 }
 
 

@@ -14,8 +14,8 @@ import os
 import numpy as np
 
 from trainval.callbacks import Callback
-from trainval.checkpoint import atomic_write
 from trainval.errors import ConfigError, DataError
+from trainval.fsio import atomic_write
 from trainval.untrusted import read_bytes, shown
 
 MAX_BYTES = 2**30  # two numbers per feature: even a large image's statistics are far below this

@@ -1,4 +1,4 @@
-"""Runs people can find, compare and reload: ``summary.json``, the runs table, ``load_model``.
+"""Runs people can find and compare: ``summary.json``, the runs table (``load_model`` is in :mod:`trainval.workflow`).
 
 - Every fit (Python API or CLI) writes ``summary.json`` into its run folder through :class:`RunSummary`,
   a callback the Trainer always adds on rank 0: at the start with ``"status": "running"``, after every
@@ -7,8 +7,8 @@
   folder's writer lock, which the kernel releases when its holder dies in any way.
 - :func:`find_runs` lists the run folders (those with trainval's marker) below a folder, and
   :func:`format_table` / :func:`plot_runs` show them side by side (``trainval runs``).
-- :func:`load_model` rebuilds a built-in model from the run folder's ``config.yaml`` (no code is
-  imported unless the caller trusts it) and loads a checkpoint's weights.
+- :func:`run_config`, :func:`recorded_sizes` and :func:`checkpoint_path` read what
+  :func:`trainval.workflow.load_model` needs to rebuild a run's model.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from trainval import runfolder
 from trainval.callbacks import Callback
-from trainval.checkpoint import atomic_write
-from trainval.errors import CheckpointError, ConfigError, RunFolderError, TrainvalError
+from trainval.errors import ConfigError, RunFolderError, TrainvalError
+from trainval.fsio import atomic_write
 from trainval.untrusted import (
     check_regular,
     check_replaceable,
@@ -38,7 +38,6 @@ from trainval.untrusted import (
 )
 
 if TYPE_CHECKING:
-    from torch import nn
 
     from trainval.trainer import Trainer
 
@@ -90,7 +89,8 @@ def trainer_arguments(trainer: Trainer) -> dict:
     }
     for name in ("max_epochs", "seed", "batch_size", "eval_batch_size", "grad_clip", "accumulate_steps",
                  "precision", "compile", "checkpoint_every_steps", "async_save", "on_device", "num_workers", "overwrite", "plot"):
-        args[name] = _plain(getattr(trainer, name, None))
+        args[name] = _plain(getattr(trainer.options, name, None))
+    args["eval_batch_size"] = args["eval_batch_size"] or args["batch_size"]
     return args
 
 
@@ -157,7 +157,7 @@ class RunSummary(Callback):
         self._write(trainer, "finished")
 
     def _write(self, trainer: Trainer, status: str) -> None:
-        from trainval.trainer import _versions
+        from trainval.checkpoint import versions  # torch is loaded: a Trainer is running
 
         history = trainer.history
         train_loader, val_loader = trainer.train_loader, trainer.val_loader
@@ -176,7 +176,7 @@ class RunSummary(Callback):
             "train_samples": getattr(train_loader, "dataset_size", None),
             "val_samples": getattr(val_loader, "dataset_size", None) if val_loader is not None else None,
             "seconds": round(sum(r.get("seconds", 0.0) for r in history), 3),
-            "versions": _versions(),
+            "versions": versions(),
             "trainer": trainer_arguments(trainer),
         }
         write_summary(trainer.out_dir, summary)
@@ -561,50 +561,5 @@ def checkpoint_path(folder: str, ckpt: str | None) -> str:
     return {"best": os.path.join(folder, "best.pt"), "last": os.path.join(folder, "last.pt")}.get(ckpt or "best", ckpt)
 
 
-def load_model(run_folder: str, ckpt: str = "best", model: nn.Module | None = None, device: Any = None,
-               trust_code: bool = False) -> nn.Module:
-    """A trained model from a run folder, in eval mode on ``device`` (default: CPU).
-
-    Args:
-        run_folder: a folder written by ``fit``.
-        ckpt: ``best`` (default), ``last``, or a checkpoint path.
-        model: load the weights into this module; without it, the built-in model (``mlp``/``cnn``)
-            that the run's ``config.yaml`` describes is built again, at the sizes fit recorded.
-        trust_code: allow importing the ``module:Class`` model the run's config names (its code runs).
-
-    The checkpoint is data only: the config recorded inside it is compared with config.yaml, never used
-    to decide what is built or imported.
-    """
-    import torch
-
-    from trainval.checkpoint import check_recorded_model, load_checkpoint, load_model_weights, model_weights
-
-    path = checkpoint_path(run_folder, ckpt)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint {path}: run fit first, or choose ckpt='best', 'last' or a path.")
-    state = load_checkpoint(path, map_location="cpu")
-    if model is None:
-        recorded = recorded_config(run_folder)
-        sizes = recorded_sizes(run_folder)
-        if recorded is None or sizes is None:
-            why = ("a run of the Python API" if recorded is None else
-                   "its data came from a data.factory, so fit did not record the model's input and output sizes")
-            raise ConfigError(f"{run_folder} records no model config to rebuild ({why}): build the model "
-                              "yourself and pass it as load_model(..., model=my_model).")
-        cfg = run_config(run_folder)
-        name = cfg["model"]["name"]
-        if ":" in name and not trust_code:
-            raise ConfigError(f"model.name={name} would import Python code; load_model imports code only with "
-                              "trust_code=True (CLI: --trust-code). Add it if you trust that code, or pass model=.")
-        check_recorded_model(state, cfg["model"], sizes, path)
-        from trainval.workflow import build_model
-
-        model = build_model(cfg["model"], sizes["in_shape"], sizes["num_outputs"])
-    load_model_weights(model, model_weights(state, path), path)  # a sharded last.pt: its shards put together
-    model.to(torch.device(device) if device is not None else torch.device("cpu"))
-    model.eval()
-    return model
-
-
-__all__ = ["RunSummary", "find_runs", "format_table", "load_model", "plot_runs", "read_summary", "run_config",
+__all__ = ["RunSummary", "find_runs", "format_table", "plot_runs", "read_summary", "run_config",
            "sort_runs", "update_summary"]

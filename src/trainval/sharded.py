@@ -44,8 +44,9 @@ import torch
 import torch.distributed as dist
 
 from trainval import distributed, runfolder
-from trainval.checkpoint import _fsync_dir, load_checkpoint, save_checkpoint, write_failure
+from trainval.checkpoint import check_fits, load_checkpoint, save_checkpoint
 from trainval.errors import CheckpointError
+from trainval.fsio import fsync_dir, write_failure
 from trainval.untrusted import check_regular, open_regular, shown, shown_repr
 
 SHARDS_DIR = "last.shards"
@@ -92,7 +93,7 @@ def write(shards: dict, loop_state: dict | None, out_dir: str, *, background: bo
             metadata = wait()  # every rank's files are written once rank 0's .metadata is (DCP gathers first)
         except _dcp_errors() as e:
             raise _write_error(folder, e) from None
-        _fsync_dir(folder)
+        fsync_dir(folder)
         if loop_state is not None:  # rank 0
             if _before_commit_hook is not None:
                 _before_commit_hook(folder)
@@ -155,7 +156,7 @@ def _commit(out_dir: str, name: str, metadata: Any, loop_state: dict) -> None:
               "metadata_sha256": hashes[_METADATA],
               "files": {f: os.path.getsize(os.path.join(folder, f)) for f in files},
               "sha256": hashes}  # every file of this save: a file of another save is refused at load
-    _fsync_dir(os.path.join(out_dir, SHARDS_DIR))
+    fsync_dir(os.path.join(out_dir, SHARDS_DIR))
     save_checkpoint({**loop_state, "shards": record}, os.path.join(out_dir, "last.pt"), "last checkpoint")
     remove_stale(out_dir, keep=name)
 
@@ -356,8 +357,6 @@ def _quiet_single_process():
 def _check_model_fits(model_target: dict, metadata: Any, path: str) -> None:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from trainval.checkpoint import check_fits
-
     saved = {key[len("model."):]: torch.empty(md.size, device="meta")
              for key, md in metadata.state_dict_metadata.items()
              if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
@@ -501,3 +500,10 @@ def async_group() -> Any:
     if dist.is_available() and dist.is_initialized():
         return dist.new_group(backend="gloo")
     return None
+
+
+def model_weights(state: dict, path: str) -> dict:
+    """The plain, full model state_dict of a loaded checkpoint; a sharded last.pt's shards put together."""
+    if "model" in state:
+        return state["model"]
+    return consolidate(state["shards"], path)

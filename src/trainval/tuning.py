@@ -29,8 +29,8 @@ import yaml
 
 from trainval import config
 from trainval.callbacks import Callback
-from trainval.checkpoint import atomic_write
 from trainval.errors import ConfigError
+from trainval.fsio import atomic_write
 from trainval.untrusted import load_yaml, shown
 
 if TYPE_CHECKING:

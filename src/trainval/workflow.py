@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainval import config, launch, preprocess, runfolder, runs, trackers
+from trainval import config, launch, options, preprocess, runfolder, runs, sharded, trackers
 from trainval.callbacks import EarlyStopping, TensorBoardLogger
-from trainval.checkpoint import atomic_write, check_recorded_model, load_checkpoint
+from trainval.checkpoint import check_recorded_model, load_checkpoint, load_model_weights
 from trainval.config import require_trusted_code
 from trainval.data import (
     Split,
@@ -39,6 +39,7 @@ from trainval.data import (
     stratified_split,
 )
 from trainval.errors import CheckpointError, ConfigError, DataError, RunFolderError
+from trainval.fsio import atomic_write
 from trainval.models import CNN, MLP
 from trainval.state import check_last
 from trainval.trainer import Trainer, seed_everything
@@ -304,16 +305,8 @@ def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, los
     saved["resolved"] = resolved
     return Trainer(
         model, optimizer, loss if loss is not None else build_loss(cfg, None, resolved.get("num_outputs")),
-        task=task_name(cfg), metrics=cfg["task"]["metrics"], threshold=cfg["task"]["threshold"],
-        ignore_index=cfg["task"]["ignore_index"], max_epochs=t["epochs"], out_dir=folder, seed=t["seed"],
-        monitor=t["monitor"], mode=t["mode"], batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"],
-        progress=t["progress"], callbacks=callbacks, device=t["device"], scheduler=scheduler,
-        grad_clip=t["grad_clip"], accumulate_steps=t["accumulate_steps"], precision=t["precision"],
-        compile=t["compile"], checkpoint_every_steps=t["checkpoint_every_steps"], async_save=t["async_save"],
-        strategy=t["strategy"], sync_batchnorm=t["sync_batchnorm"], dist_timeout=t["dist_timeout"],
-        check_inputs=cfg["data"]["check_inputs"], on_device=cfg["data"]["on_device"],
-        num_workers=cfg["data"]["num_workers"], overwrite=cfg["run"]["overwrite"], plot=cfg["log"]["plot"],
-        config=saved,
+        task=task_name(cfg), metrics=cfg["task"]["metrics"], callbacks=callbacks, scheduler=scheduler,
+        config=saved, out_dir=folder, **options.from_config(cfg),
     )
 
 
@@ -660,3 +653,46 @@ def write_json(path: str, obj: dict, what: str = "summary") -> None:
 
 
 __all__ = ["fit", "test", "predict", "load_splits", "build_model", "build_trainer", "run_folder"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Reloading a run's model
+
+
+def load_model(run_folder: str, ckpt: str = "best", model: nn.Module | None = None, device: Any = None,
+               trust_code: bool = False) -> nn.Module:
+    """A trained model from a run folder, in eval mode on ``device`` (default: CPU).
+
+    Args:
+        run_folder: a folder written by ``fit``.
+        ckpt: ``best`` (default), ``last``, or a checkpoint path.
+        model: load the weights into this module; without it, the built-in model (``mlp``/``cnn``)
+            that the run's ``config.yaml`` describes is built again, at the sizes fit recorded.
+        trust_code: allow importing the ``module:Class`` model the run's config names (its code runs).
+
+    The checkpoint is data only: the config recorded inside it is compared with config.yaml, never used
+    to decide what is built or imported.
+    """
+    path = runs.checkpoint_path(run_folder, ckpt)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint {path}: run fit first, or choose ckpt='best', 'last' or a path.")
+    state = load_checkpoint(path, map_location="cpu")
+    if model is None:
+        recorded = runs.recorded_config(run_folder)
+        sizes = runs.recorded_sizes(run_folder)
+        if recorded is None or sizes is None:
+            why = ("a run of the Python API" if recorded is None else
+                   "its data came from a data.factory, so fit did not record the model's input and output sizes")
+            raise ConfigError(f"{run_folder} records no model config to rebuild ({why}): build the model "
+                              "yourself and pass it as load_model(..., model=my_model).")
+        cfg = runs.run_config(run_folder)
+        name = cfg["model"]["name"]
+        if ":" in name and not trust_code:
+            raise ConfigError(f"model.name={name} would import Python code; load_model imports code only with "
+                              "trust_code=True (CLI: --trust-code). Add it if you trust that code, or pass model=.")
+        check_recorded_model(state, cfg["model"], sizes, path)
+        model = build_model(cfg["model"], sizes["in_shape"], sizes["num_outputs"])
+    load_model_weights(model, sharded.model_weights(state, path), path)  # a sharded last.pt: its shards put together
+    model.to(torch.device(device) if device is not None else torch.device("cpu"))
+    model.eval()
+    return model

@@ -1,0 +1,282 @@
+"""Checkpoints of a fit: the run folder's claim, best.pt, last.pt (whole or sharded, in the background), resume.
+
+:class:`Checkpoints` is the loop's one owner of what is saved and restored:
+
+- :meth:`Checkpoints.app_state` is the one list of what ``last.pt`` holds (model, optimizer, scheduler, scaler,
+  random generators per rank, the loop state, the training metrics' running sums mid-epoch, callbacks' states);
+  :meth:`Checkpoints.restore` is its inverse, with the checks that make a resume exact or refuse it clearly;
+- :meth:`Checkpoints.save_best` writes ``best.pt`` (weights only, synchronously), :meth:`Checkpoints.save_last`
+  writes ``last.pt`` and ``metrics.csv`` after it (at most one write in flight with ``async_save``);
+- :meth:`Checkpoints.load_weights` reloads ``best``/``last``/a path for test and predict.
+
+The file formats and their safe reading live in :mod:`trainval.checkpoint` and :mod:`trainval.sharded`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from trainval import distributed, runfolder, sharded
+from trainval.callbacks import write_metrics_csv
+from trainval.checkpoint import BackgroundWriter, load_checkpoint, save_checkpoint, snapshot, versions
+from trainval.errors import CheckpointError, ConfigError, RunFolderError
+from trainval.fsio import atomic_write
+from trainval.state import check_last, rng_state, seed_everything, set_rng_state
+from trainval.untrusted import shown
+
+if TYPE_CHECKING:
+    from trainval.trainer import Trainer
+
+
+class Checkpoints:
+    def __init__(self, trainer: Trainer):
+        self.t = trainer
+        self.writes = BackgroundWriter()  # last.pt writes: at most one in flight (async_save)
+        self.save_group: Any = None  # the process group of background sharded saves, made on first use
+
+    def save_best(self, value: float) -> None:
+        """best.pt of the current weights: under FSDP a collective (every rank takes part), rank 0 writes."""
+        t = self.t
+        best = self.best_state()
+        if t.dist.is_main:
+            save_checkpoint(best, t.best_path, "best checkpoint")
+        t.log(f"saving best model ({t.monitor} {value:.4f}) -> {t.best_path}")
+
+    def prepare_run_folder(self, resume: bool) -> dict | None:
+        """Claim the run folder and check it; with ``resume``, the last.pt every rank agreed on."""
+        t = self.t
+        if t.dist.is_main:  # under the run folder's lock (see fit)
+            runfolder.claim(t.out_dir, resume)
+            runfolder.remove_own_temp_files(t.out_dir)  # temp files of writes cut short by a kill
+            sharded.remove_stale(t.out_dir)  # shard folders no last.pt points to (a save cut short)
+        distributed.barrier()
+        last = self.agree_on_last() if resume else None  # first: a stale copy on one node is named as such
+        if t.dist.enabled:
+            runfolder.check_shared(t.out_dir, t.dist.rank)
+        # A run exists once its first last.pt does. best.pt is written just before last.pt, so a
+        # best.pt alone is a fit stopped inside its first epoch's saves: nothing to resume, and
+        # starting over loses nothing.
+        if resume:
+            pass  # last.pt was read and agreed on above
+        elif not t.options.overwrite and os.path.exists(t.last_path):
+            raise RunFolderError(f"{t.out_dir} already holds a run (last.pt); resume it, "
+                                 "choose another folder, or allow overwriting it (run.overwrite=true, "
+                                 "Trainer(overwrite=True)).")
+        elif os.path.exists(t.best_path) and not os.path.exists(t.last_path):
+            t.log(f"{t.best_path} has no last.pt beside it (a fit stopped before its first epoch was "
+                     "saved): starting over.")
+        if t.config is not None and t.dist.is_main:
+            text = yaml.safe_dump({**t.config, "versions": versions()}, sort_keys=False).encode()
+            atomic_write(os.path.join(t.out_dir, "config.yaml"), lambda f: f.write(text), "config")
+        return last
+
+    def agree_on_last(self) -> dict:
+        """last.pt, read by every rank, after all of them agree it is the same file (a collective).
+
+        Epoch, step and a content hash per rank are compared on every rank, so that a disagreement (a
+        missing or stale copy on one node) is one clear error everywhere instead of ranks training from
+        different states.
+        """
+        t = self.t
+        state, seen, refused = None, "no last.pt", None
+        if os.path.exists(t.last_path):
+            try:
+                state = load_checkpoint(t.last_path, map_location="cpu")  # not N full copies on the GPUs (FSDP)
+                try:
+                    check_last(state, t.last_path)  # its fields are data from a file, checked before any use
+                except CheckpointError as e:
+                    state, refused = None, e
+                    raise
+                loop = state.get("loop") or {}
+                seen = f"epoch {state.get('epoch')}, step {loop.get('global_step')}, sha256 {sharded.sha256_file(t.last_path)[:12]}"
+                if "shards" in state:  # every rank must see the complete folder last.pt points to
+                    sharded.verify(state["shards"], t.last_path)
+                    seen += f", shards {sharded.pointed_folder(state)}"
+            except CheckpointError as e:
+                seen = f"unreadable ({e})"
+        views = distributed.all_gather_objects(seen)
+        if len(set(views)) > 1:
+            each = "; ".join(f"rank {r}: {v}" for r, v in enumerate(views))
+            raise CheckpointError(f"cannot resume: the processes see different last.pt files in {t.out_dir} ({each}). "
+                                  "Every process must resume from the same checkpoint: put the run folder on a file "
+                                  "system every node mounts.")
+        if refused is not None:
+            raise refused
+        if state is None:
+            if seen != "no last.pt":
+                raise CheckpointError(f"cannot resume from {t.last_path}: {seen}.")
+            raise CheckpointError(f"cannot resume: no last.pt in {t.out_dir} (no epoch was saved there); "
+                                  "start without resume to train from the beginning.")
+        return state
+
+    def best_state(self) -> dict:
+        t = self.t
+        return {"model": t.strategy.model_state_dict(t.model), "epoch": t.epoch, "task": t.task.name,
+                "monitor": t.monitor, "value": t.best_value, "config": t.config, "versions": versions()}
+
+    def app_state(self) -> dict:
+        """Everything a resumed run needs to continue bit for bit."""
+        t = self.t
+        mid = t.batch_in_epoch > 0
+        # Each rank's own random streams and running sums; rank 0 gets every rank's (a collective).
+        own = {"rng": rng_state(), "epoch_start_rng": (t.state.epoch_start or {}).get("rng"),
+               "train_metrics": t.train_metrics.state_dict() if mid else None}
+        whole = not t.strategy.sharded_checkpoint  # sharded: model and optimizer go to the shards
+        return {
+            **({"model": t.strategy.model_state_dict(t.model)} if whole else {}),
+            "epoch": t.epoch,
+            "task": t.task.name,
+            "loop": t.state.state_dict(),
+            **({"optimizer": t.strategy.optimizer_state_dict(t.model, t.optimizer)} if whole else {}),
+            "scheduler": t.scheduler.state_dict() if t.scheduler is not None else None,
+            "scaler": t.amp.state_dict(),
+            "rng": own["rng"],
+            "generator": t.generator.get_state(),
+            "train_metrics": own["train_metrics"],
+            "ranks": distributed.gather_objects(own),
+            "callbacks": [cb.state_dict() for cb in t.callbacks],
+            "config": t.config,
+            "versions": versions(),
+        }
+
+    def restore(self, state: dict) -> None:
+        t = self.t
+        needed = ("optimizer" if "shards" not in state else "shards", "rng", "generator", "loop")
+        missing = [k for k in needed if k not in state]
+        if missing:
+            raise CheckpointError(f"{t.last_path} cannot be resumed from: it lacks {', '.join(missing)} "
+                                  "(a weights-only checkpoint, or one written by an older trainval).")
+        saved = state["loop"]
+        if (saved["monitor"], saved["mode"]) != (t.monitor, t.mode):
+            raise ConfigError(f"{t.last_path} was monitoring {shown(saved['monitor'])} ({saved['mode']}); this run monitors "
+                              f"{t.monitor} ({t.mode}). Its best value cannot be compared: resume with the same "
+                              "monitor, or start a new run.")
+        if state.get("task", t.task.name) != t.task.name:
+            raise ConfigError(f"{t.last_path} was a {shown(state['task'])} run; this one is {t.task.name}.")
+        written_by = len(state.get("ranks") or []) or None
+        if saved.get("batch_in_epoch", 0) > 0 and written_by and written_by != t.dist.world_size:
+            # each rank's shard of the epoch, and so what was done, depends on the number of processes
+            raise CheckpointError(
+                f"{t.last_path} was saved in the middle of epoch {state.get('epoch', 0) + 1} by {written_by} "
+                f"process{'es' if written_by > 1 else ''}; this run has {t.dist.world_size}. The samples already "
+                f"trained in that epoch are known only for {written_by}: resume with {written_by} "
+                f"(--nproc {written_by}), then change the number of processes at an epoch's end.")
+        if "shards" in state:  # each rank reads the pieces of its own shards (a collective)
+            shards = t.strategy.sharded_state_dict(t.model, t.optimizer)
+            sharded.load(shards, state["shards"], t.last_path)
+            t.strategy.load_sharded_state_dict(t.model, t.optimizer, shards)
+        else:
+            t.strategy.load_model_state_dict(t.model, state["model"], t.last_path)
+        saved_keys = {k for g in state.get("optimizer", {}).get("param_groups", []) for k in g}
+        foreign = sorted(saved_keys - {k for g in t.optimizer.param_groups for k in g})
+        try:
+            if foreign:  # loading would succeed, then the first step fail (e.g. Adam's state into SGD)
+                raise ValueError(f"it has settings this optimizer lacks: {', '.join(foreign)}")
+            if "shards" not in state:
+                t.strategy.load_optimizer_state_dict(t.model, t.optimizer, state["optimizer"])
+            if t.scheduler is not None and state.get("scheduler") is not None:
+                t.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, TypeError) as e:  # another optimizer or scheduler than last.pt's
+            raise CheckpointError(f"{t.last_path} cannot be resumed with this optimizer/scheduler: its saved "
+                                  f"state does not fit ({type(e).__name__}: {e}). Resume with the ones it was "
+                                  "trained with.") from None
+        t.amp.load_state_dict(state.get("scaler"))
+        t.state.load_state_dict(saved, t.last_path)
+        for cb, cb_state in zip(t.callbacks, state.get("callbacks", [])):
+            cb.load_state_dict(cb_state)
+        try:
+            t.generator.set_state(state["generator"])
+            own = self.own_state(state)
+            set_rng_state(own["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # check_last saw their types only
+            raise CheckpointError(f"{t.last_path} cannot be resumed from: its random generators' states are not "
+                                  f"ones trainval saved ({type(e).__name__}: {shown(str(e))}); start a new run, or "
+                                  "resume from a last.pt that trainval wrote.") from None
+        if t.batch_in_epoch > 0:
+            t.state.epoch_start["rng"] = own["epoch_start_rng"]
+            t.pending_rng = own["rng"]
+            t.train_metrics.load_state_dict(own["train_metrics"], t.train_loader.num_batches)
+
+    def own_state(self, state: dict) -> dict:
+        """This rank's random streams and running sums from last.pt (``ranks``, one entry per rank)."""
+        t = self.t
+        ranks = state.get("ranks")
+        if ranks and len(ranks) == t.dist.world_size:
+            return ranks[t.dist.rank]
+        # Written by another number of processes (or a trainval before per-rank state): rank 0's, and on
+        # the other ranks fresh streams of their own.
+        if t.dist.rank > 0:
+            seed_everything(hash((t.options.seed, t.dist.rank, t.global_step)) % 2**31)
+            return {"rng": rng_state(), "epoch_start_rng": rng_state(), "train_metrics": state.get("train_metrics")}
+        start = (state["loop"].get("epoch_start") or {}).get("rng")
+        return {"rng": state["rng"], "epoch_start_rng": start, "train_metrics": state.get("train_metrics")}
+
+    def load_weights(self, ckpt: str | None) -> None:
+        t = self.t
+        if ckpt is None:
+            return
+        path = {"best": t.best_path, "last": t.last_path}.get(ckpt, ckpt)
+        self.writes.wait()  # a background write of last.pt ends first
+        distributed.barrier()  # rank 0 may still be writing it
+        if ckpt == "best" and not os.path.exists(path):
+            raise CheckpointError(f"no best.pt in {t.out_dir}: run fit first, or pass ckpt=None to use the "
+                                  "current weights.")
+        state = load_checkpoint(path, map_location="cpu")
+        t.strategy.load_model_state_dict(t.model, sharded.model_weights(state, path), path)  # shards: put together
+
+    def save_mid_epoch(self, epoch: int) -> None:
+        """last.pt inside an epoch: never from non-finite weights; with the seconds run so far."""
+        t = self.t
+        t.guard.raise_if_nonfinite(epoch)
+        t.guard.raise_if_weights_nonfinite(epoch)
+        t.state.epoch_start["seconds"] = time.perf_counter() - t.epoch_started
+        self.save_last()
+
+    def save_last(self, with_metrics: bool = False) -> None:
+        """Write last.pt (and metrics.csv after it): whole from rank 0, or sharded by every rank.
+
+        A sharded save (FSDP) writes each rank's shards into a fresh folder, then rank 0 points last.pt at
+        it (see :mod:`trainval.sharded`). With ``async_save`` the state is copied now and written by a
+        background thread; the previous write is waited for first (at most one in flight).
+        """
+        t = self.t
+        self.writes.wait()  # a failed background write raises here, before anything new is written
+        state = self.app_state()  # a collective under FSDP and on several processes
+        if t.strategy.sharded_checkpoint:
+            if t.options.async_save and self.save_group is None:
+                self.save_group = sharded.async_group()  # a collective, once: saves leave training's group alone
+            shards = t.strategy.sharded_state_dict(t.model, t.optimizer)
+            write = sharded.write(shards, state if t.dist.is_main else None, t.out_dir,
+                                  background=t.options.async_save, group=self.save_group)
+        elif t.dist.is_main:
+            if t.options.async_save:
+                state = snapshot(state)  # copies: the next optimizer steps must not change what is written
+
+            def write() -> None:
+                save_checkpoint(state, t.last_path, "last checkpoint")
+                sharded.remove_stale(t.out_dir, keep="")  # a sharded last.pt's folders, once it is replaced
+        else:
+            return
+        if with_metrics and t.dist.is_main:
+            rows, whole = [dict(row) for row in t.history], write
+
+            def write() -> None:
+                whole()
+                write_metrics_csv(os.path.join(t.out_dir, "metrics.csv"), rows)  # never ahead of last.pt
+        self.writes.run(write, t.last_path, background=t.options.async_save)
+
+    def wait(self) -> None:
+        """The write in flight, if any, is on disk (its error raises here)."""
+        self.writes.wait()
+
+    def wait_quietly(self) -> None:
+        t = self.t
+        try:
+            self.writes.wait()
+        except CheckpointError as e:
+            t.log(f"error: {e}")  # another error is on its way out; this one is reported, not lost
+
