@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "src"
@@ -58,7 +59,7 @@ def main() -> None:
     # package __init__ re-exports are not layers of their own
     cycles = _cycles(edges)
     layers = _layers(edges) if not cycles else None
-    trainer = next(p for p in files if "class Trainer" in p.read_text())
+    trainer = next(p for p in files if re.search(r"^class Trainer\b", p.read_text(), re.M))
     print(f"module holding Trainer: {trainer.relative_to(ROOT.parent)}, {len(trainer.read_text().splitlines())} lines")
     print("longest functions:", ", ".join(f"{n} ({k} lines)" for k, n in sorted(functions, reverse=True)[:5]))
     print(f"core modules: {len(modules)}, import edges: {sum(len(v) for v in edges.values())}, "

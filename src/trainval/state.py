@@ -14,12 +14,9 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
-from trainval.errors import CheckpointError, ConfigError
+from trainval.errors import CheckpointError
+from trainval.options import SEED_MAX, SEED_MIN, check_seed  # noqa: F401 - re-exported: the seed's range
 from trainval.untrusted import shown_repr
-
-# The seeds every generator takes: torch's take a 64-bit integer (signed or not); a signed one leaves room
-# for the ``seed + rank`` of each process. NumPy's is taken modulo 2**32.
-SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 @dataclass
@@ -162,14 +159,6 @@ def check_last(state: dict, path: str) -> dict:
                                      and generator.dim() == 1):
         raise _bad(path, "generator", generator, "the shuffling generator's state (a uint8 tensor)")
     return state
-
-
-def check_seed(seed: object, name: str = "seed") -> int:
-    """``seed`` as a plain int, or a ConfigError naming the range every generator accepts."""
-    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and SEED_MIN <= int(seed) <= SEED_MAX:
-        return int(seed)  # a NumPy integer too (torch's generators take only a Python int)
-    raise ConfigError(f"{name} must be an integer from -2**63 to 2**63 - 1, got {shown_repr(seed)}; pick a seed in that range "
-                      "(e.g. 0).")
 
 
 def seed_everything(seed: int) -> None:

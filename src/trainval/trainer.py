@@ -41,11 +41,12 @@ from trainval.errors import ConfigError, DataError, TrainvalError
 from trainval.fsio import atomic_write
 from trainval.guard import Guard
 from trainval.metrics import MetricSet, confusion_metric, metric_direction, resolve_metrics
-from trainval.options import TrainerOptions
+from trainval.options import docs as option_docs
+from trainval.options import make_options, signature_with_options
 from trainval.precision import Precision
 from trainval.runfolder import holds_run_folder, is_main_process
 from trainval.runs import RunSummary, record_test
-from trainval.state import LoopState, check_seed, rng_state, seed_everything, set_rng_state
+from trainval.state import LoopState, rng_state, seed_everything, set_rng_state
 from trainval.strategies import SingleProcess, make_strategy
 from trainval.tasks import Task, check_loss, loss_weight_fn, make_task, task_for_output
 from trainval.untrusted import shown_line
@@ -65,53 +66,13 @@ class Trainer:
             the output's width, MSE/L1/SmoothL1/Huber -> regression).
         metrics: metric names (see :mod:`trainval.metrics`), metric objects, or ``{name: metric}``; default
             per task: ``acc`` (multiclass, binary), ``f1_micro`` (multilabel), ``mse`` and ``mae`` (regression).
-        max_epochs: epochs to train (a resumed run continues up to this number).
-        out_dir: run folder for ``best.pt``, ``last.pt``, ``metrics.csv``, ``curves.png`` and ``summary.json``
-            (see :class:`~trainval.runs.RunSummary`).
-        seed: seeds the trainer's shuffling generator (the same on every process: one shared permutation)
-            and, at the start of ``fit``, Python/NumPy/torch with ``seed + rank`` (each process draws its
-            own dropout masks and DataLoader worker seeds).
-        monitor: the metric that picks ``best.pt``: ``val_<metric>``, ``train_<metric>`` or ``*_loss``
-            (default: ``val_`` + the first metric, ``train_`` without validation data); ``mode``
-            (``"max"``/``"min"``) overrides the direction the metric implies.
-        batch_size: samples per batch, per process; ``eval_batch_size`` for evaluation (default: same).
-        ignore_index: targets with this value are left out of the loss's mean and every metric
-            (multiclass; default: the loss's own ``ignore_index``, -100 for cross-entropy).
-        threshold: probability above which binary/multilabel predictions are 1 (default 0.5).
-        target_key: the target's key in dict batches (default ``"labels"``); ``output_key``: the prediction's
-            key in dict model outputs (default ``"logits"``). A tuple output's first element is the prediction.
-        eval_frozen_batchnorm: run BatchNorm layers whose parameters are all frozen in eval mode while
-            training, so their running statistics stay as loaded (Keras' rule; default True).
-        progress: show a progress bar (a terminal) or bounded-rate progress lines (otherwise), rank 0.
         callbacks: :class:`~trainval.callbacks.Callback` objects.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default CUDA if available (``LOCAL_RANK`` under torchrun).
-        scheduler: a learning-rate scheduler; ``scheduler_interval`` ``"step"`` or ``"epoch"`` (default:
-            per step for OneCycleLR/CyclicLR, per epoch otherwise; ReduceLROnPlateau gets the monitored value).
-        grad_clip: clip the global gradient norm to this value (> 0).
-        accumulate_steps: micro-batches per optimizer step (gradient accumulation).
-        precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast + grad scaler, CUDA).
-        compile: run the model through ``torch.compile`` (checkpoints stay loadable into a plain model).
-        checkpoint_every_steps: also write ``last.pt`` every this many optimizer steps inside an epoch.
-        async_save: write ``last.pt`` in the background: its state is copied to CPU memory, then training goes
-            on while a thread writes it (DCP's ``async_save`` for a sharded last.pt). At most one write is
-            in flight; ``fit`` waits for it before the next one, at its end, on a stop and on errors, and
-            a failed write raises :class:`~trainval.errors.CheckpointError` from ``fit``. ``best.pt`` is
-            always written synchronously.
-        check_inputs: refuse NaN/Inf in in-memory features before training.
-        on_device: keep in-memory data wholly on the GPU (default: when it takes under 1/4 of free memory).
-        num_workers: DataLoader workers for Datasets (map-style or streams) given without a DataLoader.
-        overwrite: allow ``fit`` into an ``out_dir`` that already holds a run.
-        plot: write ``curves.png`` at the end of ``fit``.
+        scheduler: a learning-rate scheduler built on ``optimizer`` (see ``scheduler_interval``).
         config: a plain dict describing the run, saved in every checkpoint.
-        strategy: ``"auto"`` (DDP on several processes), ``"ddp"``, ``"fsdp"`` (FSDP2: parameters, gradients
-            and optimizer state sharded over the processes), or a :mod:`trainval.strategies` object
-            (e.g. ``FSDPStrategy(param_dtype=torch.bfloat16, cpu_offload=True)``).
-        sync_batchnorm: BatchNorm statistics over every process's batch (``SyncBatchNorm``; DDP on CUDA).
-        dist_timeout: seconds a collective waits for the other processes before the run fails (default:
-            the ``TRAINVAL_DIST_TIMEOUT`` environment variable, or 300).
+        **options: keyword options, each declared once in :class:`~trainval.options.TrainerOptions` (its type,
+            default and check) and kept as ``trainer.options``:
 
-    The plain-valued options are declared once, in :class:`~trainval.options.TrainerOptions` (type, default,
-    check, CLI key); the Trainer keeps them as ``trainer.options``.
+{options}
     """
 
     # On one process the host checks the running loss for NaN/Inf at most this often (a sync point).
@@ -125,50 +86,16 @@ class Trainer:
         *,
         task: str | Task | None = None,
         metrics: Iterable | dict | None = None,
-        max_epochs: int = 20,
-        out_dir: str = "runs/exp",
-        seed: int = 0,
-        monitor: str | None = None,
-        mode: str | None = None,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        ignore_index: int | None = None,
-        threshold: float = 0.5,
-        target_key: str = "labels",
-        output_key: str = "logits",
-        eval_frozen_batchnorm: bool = True,
-        progress: bool = True,
         callbacks: Iterable[Callback] = (),
-        device: str | torch.device | None = None,
         scheduler: Any = None,
-        scheduler_interval: str | None = None,
-        grad_clip: float | None = None,
-        accumulate_steps: int = 1,
-        precision: str = "fp32",
-        compile: bool = False,
-        checkpoint_every_steps: int | None = None,
-        async_save: bool = False,
-        check_inputs: bool = True,
-        on_device: bool | None = None,
-        num_workers: int = 0,
-        overwrite: bool = False,
-        plot: bool = True,
         config: dict | None = None,
-        strategy: str | SingleProcess = "auto",
-        sync_batchnorm: bool = False,
-        dist_timeout: float | None = None,
+        **options: Any,
     ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        self.options = TrainerOptions(
-            max_epochs=max_epochs, out_dir=str(out_dir), seed=check_seed(seed), monitor=monitor, mode=mode,
-            batch_size=batch_size, eval_batch_size=eval_batch_size, ignore_index=ignore_index, threshold=threshold,
-            target_key=target_key, output_key=output_key, eval_frozen_batchnorm=eval_frozen_batchnorm,
-            progress=progress, device=device, scheduler_interval=scheduler_interval, grad_clip=grad_clip,
-            accumulate_steps=accumulate_steps, precision=precision, compile=compile,
-            checkpoint_every_steps=checkpoint_every_steps, async_save=bool(async_save), check_inputs=check_inputs,
-            on_device=on_device, num_workers=num_workers, overwrite=overwrite, plot=plot, strategy=strategy,
-            sync_batchnorm=sync_batchnorm, dist_timeout=dist_timeout)
+        self.options = make_options(options)  # each checked as TrainerOptions declares it
+        o = self.options
+        device, strategy = o.device, o.strategy
         try:
             self.device: torch.device = torch.device(device) if device is not None else distributed.default_device()
         except (RuntimeError, TypeError):
@@ -182,14 +109,14 @@ class Trainer:
         check_optimizer_and_scheduler(self.model, self.optimizer, loss_fn, scheduler, default_optimizer=optimizer is None)
         # The task may wait for the model's output width (a BCE loss: binary or multilabel), and the
         # default loss for the task: both are settled in the first pre-flight check.
-        self.task: Task | None = make_task(task, loss_fn, ignore_index=ignore_index, threshold=threshold)
+        self.task: Task | None = make_task(task, loss_fn, ignore_index=o.ignore_index, threshold=o.threshold)
         self.loss_fn = loss_fn  # None: the task's default, chosen once the output's width is known
         self._metrics_spec = metrics
         # {name: metric}; settled with the task (now, or in the first pre-flight check for a BCE loss)
         self.metrics: dict[str, Any] = resolve_metrics(metrics, self.task) if self.task is not None else {}
         self.callbacks = list(callbacks)
         self.scheduler = scheduler
-        self.scheduler_interval = scheduler_interval or _default_interval(scheduler)
+        self.scheduler_interval = o.scheduler_interval or _default_interval(scheduler)
         self.config = config
 
         # Settled in _setup, once the process count and the device are known
@@ -201,7 +128,7 @@ class Trainer:
         self._set_up = False
 
         self.generator = torch.Generator().manual_seed(self.options.seed)
-        self.state = LoopState(monitor=monitor or "", mode=mode or "max")  # saved in last.pt
+        self.state = LoopState(monitor=o.monitor or "", mode=o.mode or "max")  # saved in last.pt
         self.checkpoints = Checkpoints(self)  # the run folder's files: best.pt, last.pt, resume
         self.guard = Guard(self)  # non-finite losses and weights, signals
         self.train_loader: Loader | None = None
@@ -821,6 +748,11 @@ class Trainer:
         self.state.monitor = monitor
         self.state.mode = self.options.mode or metric_direction(monitor, self.metrics)
 
+
+
+# help(Trainer) and IDEs list every option with its default and meaning
+Trainer.__init__.__signature__ = signature_with_options(Trainer.__init__)  # type: ignore[attr-defined]
+Trainer.__doc__ = (Trainer.__doc__ or "").replace("{options}", option_docs())
 
 
 # ----------------------------------------------------------------------------------------------

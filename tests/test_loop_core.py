@@ -1,0 +1,120 @@
+"""The loop core's structure: options declared once, layers without import cycles, a light CLI start.
+
+These guard the redesign of issue 19: each can fail (a second declaration of an option that drifts, an
+import that closes a cycle, a torch import on the CLI's error path).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import trainval
+from trainval import config, options
+from trainval.errors import ConfigError
+
+SRC = pathlib.Path(trainval.__file__).parent
+
+
+def test_every_option_is_a_keyword_of_trainer_with_its_default():
+    params = inspect.signature(trainval.Trainer).parameters
+    for f in options.fields():
+        assert f.name in params, f.name
+        assert params[f.name].default == f.default and params[f.name].kind is inspect.Parameter.KEYWORD_ONLY
+        assert f"{f.name}:" in trainval.Trainer.__doc__  # its meaning in help(Trainer)
+
+
+def test_an_unknown_option_is_one_clear_error_with_the_closest_name():
+    with pytest.raises(ConfigError, match=r"unknown option 'accumulate_step' \(did you mean 'accumulate_steps'\?\)"):
+        trainval.Trainer(torch.nn.Linear(2, 2), accumulate_step=2)
+
+
+@pytest.mark.parametrize("name,value,words", [
+    ("max_epochs", 0, "max_epochs must be a positive integer, got 0"),
+    ("grad_clip", float("nan"), "grad_clip must be a positive number, got nan"),
+    ("precision", "fp8", "precision must be one of fp32, bf16, fp16, got 'fp8'"),
+    ("progress", "yes", "progress must be True or False, got 'yes'"),
+])
+def test_an_option_is_checked_where_it_is_declared(name, value, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        trainval.Trainer(torch.nn.Linear(2, 2), **{name: value})
+
+
+def test_the_config_schema_and_the_resume_rules_derive_from_the_options():
+    for f in options.fields():
+        path = f.metadata["cli"]
+        if path is None:
+            continue
+        section, _, key = path.partition(".")
+        declared = config.SCHEMA[section][key]
+        assert (declared.kind, declared.choices, declared.doc) == (f.metadata["kind"], f.metadata["choices"],
+                                                                   f.metadata["cli_doc"])
+        assert (path in config.RESUME_MAY_CHANGE) == (f.metadata["resume"] is not None)
+    # the default config gives the Trainer options it accepts
+    made = options.make_options(options.from_config(config.defaults()))
+    assert made.max_epochs == config.SCHEMA["train"]["epochs"].default
+
+
+def _imports(path: pathlib.Path, package: str) -> set[str]:
+    """Every module ``path`` imports when run, inside functions too (``if TYPE_CHECKING:`` blocks are not run)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            node.body = []
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            found |= {f"{base}.{a.name}" for a in node.names} | {base}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found
+
+
+def test_the_core_has_no_import_cycle_even_through_imports_inside_functions():
+    modules = {}
+    for path in SRC.rglob("*.py"):
+        parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+        if "lint" in parts:
+            continue
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    edges = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for target in _imports(path, package):
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target not in (name, "trainval"):
+                targets.add(target)
+        edges[name] = targets
+    state: dict[str, int] = {}
+
+    def visit(v: str, trail: list[str]) -> None:
+        state[v] = 1
+        for w in edges[v]:
+            if state.get(w) == 1:
+                pytest.fail("import cycle: " + " -> ".join(trail[trail.index(w):] + [v, w]) if w in trail
+                            else f"import cycle through {v} -> {w}")
+            if w not in state:
+                visit(w, trail + [v])
+        state[v] = 2
+
+    for v in sorted(edges):
+        if v not in state:
+            visit(v, [])
+
+
+def test_config_errors_answer_without_importing_torch():
+    code = "import sys, trainval.config, trainval.options; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
