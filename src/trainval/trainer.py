@@ -527,10 +527,13 @@ class Trainer:
             start = self.state.epoch_start
             set_rng_state(start["rng"])
             self.generator.set_state(start["generator"])
+            if start.get("loader") is not None:  # a user sampler's own generators (absent: an older last.pt)
+                loader.load_state_dict(start["loader"])
             batches = loader.steps(self.batch_in_epoch, lockstep)
             set_rng_state(self._pending_rng)
         else:
-            self.state.epoch_start = {"rng": rng_state(), "generator": self.generator.get_state()}
+            self.state.epoch_start = {"rng": rng_state(), "generator": self.generator.get_state(),
+                                      "loader": loader.state_dict()}
             batches = loader.steps(0, lockstep)
             metrics.reset(loader.num_batches or 64)
         self._pending_rng = None
@@ -1101,6 +1104,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": own["rng"],
             "generator": self.generator.get_state(),
+            "loader": self.train_loader.state_dict(),  # a user sampler's own generators
             "train_metrics": own["train_metrics"],
             "ranks": distributed.gather_objects(own),
             "callbacks": [cb.state_dict() for cb in self.callbacks],
@@ -1155,6 +1159,8 @@ class Trainer:
             cb.load_state_dict(cb_state)
         try:
             self.generator.set_state(state["generator"])
+            if state.get("loader") is not None:  # (absent: a last.pt from before samplers were honoured)
+                self.train_loader.load_state_dict(state["loader"])
             own = self._own_state(state)
             set_rng_state(own["rng"])
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # check_last saw their types only
