@@ -162,8 +162,8 @@ def check_last(state: dict, path: str) -> dict:
         raise _bad(path, "generator", generator, "the shuffling generator's state (a uint8 tensor)")
     for name, loader in (("loader", state.get("loader")),
                          ("loop.epoch_start.loader", ((state.get("loop") or {}).get("epoch_start") or {}).get("loader"))):
-        if loader is not None and not (isinstance(loader, dict) and isinstance(loader.get("generators"), list)
-                                       and all(_is_generator_state(g) for g in loader["generators"])):
+        generators = loader.get("generators", []) if isinstance(loader, dict) else None
+        if loader is not None and not (isinstance(generators, list) and all(map(_is_generator_state, generators))):
             raise _bad(path, name, loader, "the training sampler's generator states (a dict of uint8 tensors)")
     return state
 
