@@ -217,6 +217,10 @@ def test_two_ranks_split_one_draw_list_and_resume_exactly(tmp_path, batches):
             assert Counter(union) == Counter(flat + drawn[0])
     history = torch.load(ref / "result.pt", weights_only=True)["history"]
     assert len(history) == 3
+    # the training metrics count each drawn sample once: accuracy over 21 samples (or the batches' samples)
+    total = 21 if batches == "sampler" else sum(len(b) for b in draws[0][0])
+    k = round(history[0]["train_acc"] * total)
+    assert history[0]["train_acc"] == pytest.approx(k / total, abs=1e-12) and 0 < k < total
     # a stop after epoch 1 and a resume in a fresh Trainer; then a kill mid-epoch and torchrun's restart
     stopped = tmp_path / "stopped"
     torchrun(stopped, {**opts, "stop_after": 1})
