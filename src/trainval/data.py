@@ -499,6 +499,8 @@ class DataLoaderAdapter:
 
     def load_state_dict(self, state: dict) -> None:
         states = state.get("generators", [])
+        if not states or not self.generators:
+            return  # saved by several processes (whose draws are seeded per epoch), or resumed by several
         if len(states) != len(self.generators):
             raise ValueError(f"it holds the states of {len(states)} sampler generators, this DataLoader draws from "
                              f"{len(self.generators)}")
