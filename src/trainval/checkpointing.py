@@ -136,6 +136,7 @@ class Checkpoints:
             "scaler": t.amp.state_dict(),
             "rng": own["rng"],
             "generator": t.generator.get_state(),
+            "loader": t.train_loader.state_dict(),  # a user sampler's own generators
             "train_metrics": own["train_metrics"],
             "ranks": distributed.gather_objects(own),
             "callbacks": [cb.state_dict() for cb in t.callbacks],
@@ -190,6 +191,8 @@ class Checkpoints:
             cb.load_state_dict(cb_state)
         try:
             t.generator.set_state(state["generator"])
+            if state.get("loader") is not None:  # (absent: a last.pt from before samplers were honoured)
+                t.train_loader.load_state_dict(state["loader"])
             own = self.own_state(state)
             set_rng_state(own["rng"])
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # check_last saw their types only

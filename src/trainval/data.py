@@ -37,7 +37,7 @@ from torch.utils.data.dataloader import default_collate
 
 from trainval import distributed
 from trainval.errors import ConfigError, DataError
-from trainval.state import rng_state, set_rng_state
+from trainval.state import rng_state, seed_everything, set_rng_state
 from trainval.untrusted import open_regular, shown, shown_names, shown_repr
 
 Inputs = Any  # a tensor, a tuple/list of tensors, or a dict of tensors
@@ -125,6 +125,8 @@ class Loader(Protocol):
     def steps(self, start_batch: int = 0, lockstep: bool = False) -> Iterator[Step]: ...  # the same, as Steps
     def sample_batch(self) -> Batch: ...  # one or two samples, read without touching any RNG
     def unpadded(self, batch_index: int, size: int) -> int: ...  # samples of that batch that are not padding
+    def state_dict(self) -> dict: ...  # random state of the user's own sampler objects (exact resume)
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 class Step:
@@ -272,6 +274,12 @@ class TensorLoader:
     def set_epoch(self, epoch: int) -> None:
         """Nothing to do: the order is drawn from the trainer's generator."""
 
+    def state_dict(self) -> dict:
+        return {}  # the order is drawn from the trainer's generator, which the trainer saves
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore (see :meth:`state_dict`)."""
+
     def steps(self, start_batch: int = 0, lockstep: bool = False) -> Iterator[Step]:
         """The epoch as :class:`Step` objects; with ``lockstep``, as many as the rank with the most batches runs."""
         total = len(self)
@@ -354,17 +362,107 @@ class ShardSampler(Sampler[int]):
             return math.ceil(self.n / self.world_size)
         return len(range(self.rank, self.n, self.world_size))
 
+    def unpadded(self, batch_index: int, size: int, batch_size: int) -> int:
+        return unpadded_in_batch(self.n, self.rank, self.world_size, self.pad, batch_index * batch_size, size)
+
+
+def own_generators(*objects: Any) -> list[torch.Generator]:
+    """The ``torch.Generator`` objects a DataLoader, sampler or batch_sampler draws from (its ``generator``, and
+    its inner ``sampler``'s), each once: the random state of a user's sampler that is not the global RNG's."""
+    found: list[torch.Generator] = []
+    for obj in objects:
+        for holder in (obj, getattr(obj, "sampler", None)):
+            g = getattr(holder, "generator", None)
+            if isinstance(g, torch.Generator) and all(g is not h for h in found):
+                found.append(g)
+    return found
+
+
+class DrawnShare(Sampler[Any]):
+    """This rank's share of the epoch's draws of a user's ``sampler`` (indices) or ``batch_sampler`` (batches).
+
+    Under several processes every rank must train on its part of ONE draw list. So every rank draws the
+    whole list the same way: each epoch takes a seed from the trainer's shuffling generator (the same state
+    on every rank, saved in last.pt with the epoch's start, so a resume redraws the same list), and the user's
+    sampler is iterated with the global generators (Python, NumPy, torch) and its own ``generator``, if any,
+    seeded from it; their states are put back after. The list is then split as :func:`epoch_indices` splits a
+    permutation: every ``world_size``-th draw from position ``rank``, padded (training) by repeating the
+    list's start so that every rank holds as many; :meth:`unpadded` tells the repeats apart.
+    """
+
+    def __init__(self, sampler: Any, generator: torch.Generator, rank: int, world_size: int, pad: bool = True,
+                 batches: bool = False, name: str = "train"):
+        try:
+            self.n = len(sampler)  # draws per epoch: indices, or batches of a batch_sampler
+        except TypeError:
+            raise DataError(f"{name}: the DataLoader's {'batch_sampler' if batches else 'sampler'} "
+                            f"({type(sampler).__name__}) has no len(); under several processes its draws are split "
+                            "between the ranks, which needs their number per epoch: give it a __len__.") from None
+        self.sampler, self.generator, self.batches, self.name = sampler, generator, batches, name
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+
+    def draws(self) -> list[Any]:
+        """The epoch's whole draw list, the same on every rank (consumes one number of the trainer's generator)."""
+        seed = int(torch.randint(0, 2**62, (), generator=self.generator))  # (CPU, once per epoch)
+        saved = rng_state()
+        own = own_generators(self.sampler)
+        own_saved = [g.get_state() for g in own]
+        try:
+            seed_everything(seed)
+            for k, g in enumerate(own):
+                g.manual_seed(seed + 1 + k)
+            drawn = list(self.sampler)
+        finally:
+            set_rng_state(saved)
+            for g, state in zip(own, own_saved):
+                g.set_state(state)
+        if len(drawn) != self.n:
+            what = "batch_sampler" if self.batches else "sampler"
+            raise DataError(f"{self.name}: the DataLoader's {what} ({type(self.sampler).__name__}) yielded "
+                            f"{len(drawn)} items in an epoch but its len() is {self.n}; make them agree.")
+        return drawn
+
+    def __iter__(self) -> Iterator[Any]:
+        drawn = self.draws()
+        positions = epoch_indices(self.n, shuffle=False, generator=None, rank=self.rank,
+                                  world_size=self.world_size, pad=self.pad)
+        return iter(drawn if positions is None else [drawn[p] for p in positions.tolist()])
+
+    def __len__(self) -> int:
+        if self.world_size == 1:
+            return self.n
+        if self.pad:
+            return math.ceil(self.n / self.world_size)
+        return len(range(self.rank, self.n, self.world_size))
+
+    def unpadded(self, batch_index: int, size: int, batch_size: int | None) -> int:
+        if self.batches:  # a whole batch is real or a repeat
+            return size if unpadded_in_batch(self.n, self.rank, self.world_size, self.pad, batch_index, 1) else 0
+        return unpadded_in_batch(self.n, self.rank, self.world_size, self.pad, batch_index * (batch_size or 1), size)
+
 
 class DataLoaderAdapter:
     """Wraps a ``DataLoader``: splits each batch into ``(inputs, target)`` and moves it to the device.
 
     ``target_transform`` (set by the trainer) casts each batch's target to what the task's loss wants.
+    ``generators``: the user's own ``torch.Generator`` objects the loader draws from (a training DataLoader
+    used as given, see :func:`make_loader`): their states are what :meth:`state_dict` saves for exact resume.
     """
 
-    def __init__(self, loader: DataLoader, device: torch.device, labelled: bool = True, target_key: str = "labels"):
+    def __init__(self, loader: DataLoader, device: torch.device, labelled: bool = True, target_key: str = "labels",
+                 generators: list[torch.Generator] | None = None):
         self.loader, self.device, self.labelled, self.target_key = loader, device, labelled, target_key
         self._non_blocking = device.type == "cuda"
         self.target_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.generators = generators or []
+
+    def _share(self) -> ShardSampler | DrawnShare | None:
+        """Our sharding sampler (or batch sampler) inside the loader; ``None``: the user's own, as given."""
+        batch_sampler = self.loader.batch_sampler
+        for s in (batch_sampler, getattr(batch_sampler, "sampler", None)):
+            if isinstance(s, (ShardSampler, DrawnShare)):
+                return s
+        return None
 
     @property
     def dataset_size(self) -> int | None:
@@ -391,13 +489,29 @@ class DataLoaderAdapter:
         return self.iter_from(0)
 
     def set_epoch(self, epoch: int) -> None:
-        """Nothing to do: the order is drawn by :class:`ShardSampler` from the trainer's generator."""
+        """Nothing to do: the order is drawn from the trainer's generator (or, on one process, by the user's
+        own sampler from the global generators, whose epoch-start state the trainer saves)."""
+
+    def state_dict(self) -> dict:
+        """The states of the user's own generators (:attr:`generators`): with the global RNG state, which the
+        trainer saves, what a resumed run needs to redraw the same order."""
+        return {"generators": [g.get_state() for g in self.generators]}
+
+    def load_state_dict(self, state: dict) -> None:
+        states = state.get("generators", [])
+        if not states or not self.generators:
+            return  # saved by several processes (whose draws are seeded per epoch), or resumed by several
+        if len(states) != len(self.generators):
+            raise ValueError(f"it holds the states of {len(states)} sampler generators, this DataLoader draws from "
+                             f"{len(self.generators)}")
+        for g, s in zip(self.generators, states):
+            g.set_state(s)
 
     def steps(self, start_batch: int = 0, lockstep: bool = False) -> Iterator[Step]:
         """The epoch as :class:`Step` objects; with ``lockstep``, as many as the rank with the most batches runs."""
-        sampler = self.loader.batch_sampler.sampler if self.loader.batch_sampler is not None else None
-        total, world = len(self), getattr(sampler, "world_size", 1)
-        if lockstep and not getattr(sampler, "pad", False):
+        share = self._share()
+        total, world = len(self), (share.world_size if share is not None else 1)
+        if lockstep and not (share is not None and share.pad):
             total = distributed.all_reduce_max(total)
         return known_steps(self.iter_from(start_batch), start_batch, total, world)
 
@@ -409,11 +523,10 @@ class DataLoaderAdapter:
         return x, (None if y is None else torch.as_tensor(y))
 
     def unpadded(self, batch_index: int, size: int) -> int:
-        sampler = self.loader.batch_sampler.sampler if self.loader.batch_sampler is not None else None
-        if not isinstance(sampler, ShardSampler):  # the user's own sampler: nothing known about padding
+        share = self._share()
+        if share is None:  # the user's own sampler on one process: never padded
             return size
-        return unpadded_in_batch(sampler.n, sampler.rank, sampler.world_size, sampler.pad,
-                                 batch_index * self.loader.batch_size, size)
+        return share.unpadded(batch_index, size, self.loader.batch_size)
 
     def iter_from(self, start_batch: int) -> Iterator[Batch]:
         """The epoch's batches from ``start_batch`` on; the skipped ones are fetched now and dropped."""
@@ -720,6 +833,11 @@ def make_loader(
     ``DataLoader`` -> a ``DataLoader`` drawing from our sharded, seeded order (:class:`ShardSampler`);
     an ``IterableDataset`` (or a DataLoader over one) -> a :class:`StreamLoader` over this rank's share.
 
+    A training DataLoader with its own ``sampler`` (e.g. ``WeightedRandomSampler``) or ``batch_sampler`` keeps
+    it: on one process it is iterated as given (its draws come from the global generators, seeded like a hand
+    loop's, or its own ``generator``); on several, each rank takes its share of one draw list per epoch
+    (:class:`DrawnShare`).
+
     Training shuffles from ``generator`` (the trainer's, for exact resume) and pads shards to equal
     length; evaluation and prediction visit each sample once, in dataset order. A stream is read in its
     own order (shuffling it is the dataset's business) and never padded. ``positions``: record each
@@ -743,8 +861,18 @@ def make_loader(
                             rank=rank, world_size=world_size, pad=train, device=device)
     if isinstance(data, DataLoader):
         _check_map_style(data.dataset, name)
-        # Re-sample through our sharded order: seeded (and resumable) shuffling for training; in
-        # dataset order, each sample once, for evaluation and prediction.
+        if train and not _default_sampling(data):
+            # The user's own sampler or batch_sampler: its draws, as given on one process, split per rank on several.
+            if world_size == 1:
+                return DataLoaderAdapter(data, device, labelled, target_key,
+                                         generators=own_generators(data, data.batch_sampler))
+            if data.batch_size is None:  # a custom batch_sampler: its batches are split
+                share = DrawnShare(data.batch_sampler, generator, rank, world_size, pad=True, batches=True, name=name)
+                return DataLoaderAdapter(rebuild_loader(data, batch_sampler=share), device, labelled, target_key)
+            share = DrawnShare(data.sampler, generator, rank, world_size, pad=True, name=name)
+            return DataLoaderAdapter(rebuild_loader(data, share, drop_last=data.drop_last), device, labelled, target_key)
+        # Re-sample through our sharded order: seeded (and resumable) shuffling for training (a DataLoader
+        # made with shuffle=True/False); in dataset order, each sample once, for evaluation and prediction.
         if train or world_size > 1 or not isinstance(data.sampler, torch.utils.data.SequentialSampler):
             if data.batch_size is None:
                 raise DataError(f"{name}: a DataLoader with a custom batch_sampler cannot be sharded; "
@@ -774,10 +902,30 @@ def _check_map_style(dataset: Any, name: str) -> None:
         raise DataError(f"{name} data is empty (0 samples).")
 
 
-def rebuild_loader(loader: DataLoader, sampler: Sampler, drop_last: bool) -> DataLoader:
-    """The same DataLoader, drawing indices from ``sampler`` (our sharded, seeded order)."""
-    kwargs = dict(batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
-                  collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=drop_last,
+def _default_sampling(loader: DataLoader) -> bool:
+    """Did the DataLoader get its sampler from ``shuffle=False``/``shuffle=True`` (a ``SequentialSampler``,
+    or a ``RandomSampler`` without replacement over the whole dataset) and its batches from ``batch_size``?
+
+    Those trainval replaces by its own seeded, sharded order (:class:`ShardSampler`); anything else is the
+    user's sampling, which is honoured.
+    """
+    if loader.batch_size is None and loader.batch_sampler is not None:
+        return False  # a custom batch_sampler
+    sampler = loader.sampler
+    if type(sampler) is torch.utils.data.SequentialSampler:
+        return sampler.data_source is loader.dataset
+    if type(sampler) is torch.utils.data.RandomSampler:
+        return sampler.data_source is loader.dataset and not sampler.replacement and sampler._num_samples is None
+    return False
+
+
+def rebuild_loader(loader: DataLoader, sampler: Sampler | None = None, drop_last: bool = False,
+                   batch_sampler: Sampler | None = None) -> DataLoader:
+    """The same DataLoader, drawing indices from ``sampler`` (or batches from ``batch_sampler``)."""
+    batching: dict[str, Any] = (dict(batch_sampler=batch_sampler) if batch_sampler is not None else
+                                dict(batch_size=loader.batch_size, sampler=sampler, drop_last=drop_last))
+    kwargs = dict(**batching, num_workers=loader.num_workers,
+                  collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
                   timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
                   persistent_workers=loader.persistent_workers)
     if loader.num_workers > 0:
@@ -1175,7 +1323,7 @@ def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[n
 
 
 __all__ = [
-    "Loader", "Step", "TensorLoader", "ShardSampler", "DataLoaderAdapter", "StreamLoader", "RankSplit", "split_by_rank",
+    "Loader", "Step", "TensorLoader", "ShardSampler", "DrawnShare", "DataLoaderAdapter", "StreamLoader", "RankSplit", "split_by_rank",
     "is_stream", "make_loader", "epoch_indices", "as_tensors",
     "check_finite", "split_batch", "tree_map", "Split", "load_digits_arrays", "load_npz", "load_csv", "check_classes",
     "import_object",

@@ -155,10 +155,18 @@ def check_last(state: dict, path: str) -> dict:
         if state.get(name) is not None and not isinstance(state[name], dict):
             raise _bad(path, name, state[name], "a state_dict or None")
     generator = state.get("generator")
-    if "generator" in state and not (isinstance(generator, torch.Tensor) and generator.dtype == torch.uint8
-                                     and generator.dim() == 1):
+    if "generator" in state and not _is_generator_state(generator):
         raise _bad(path, "generator", generator, "the shuffling generator's state (a uint8 tensor)")
+    for name, loader in (("loader", state.get("loader")),
+                         ("loop.epoch_start.loader", ((state.get("loop") or {}).get("epoch_start") or {}).get("loader"))):
+        generators = loader.get("generators", []) if isinstance(loader, dict) else None
+        if loader is not None and not (isinstance(generators, list) and all(map(_is_generator_state, generators))):
+            raise _bad(path, name, loader, "the training sampler's generator states (a dict of uint8 tensors)")
     return state
+
+
+def _is_generator_state(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
 
 
 def seed_everything(seed: int) -> None:

@@ -428,10 +428,13 @@ class Trainer:
             start = self.state.epoch_start
             set_rng_state(start["rng"])
             self.generator.set_state(start["generator"])
+            if start.get("loader") is not None:  # a user sampler's own generators (absent: an older last.pt)
+                loader.load_state_dict(start["loader"])
             batches = loader.steps(self.batch_in_epoch, lockstep)
             set_rng_state(self.pending_rng)
         else:
-            self.state.epoch_start = {"rng": rng_state(), "generator": self.generator.get_state()}
+            self.state.epoch_start = {"rng": rng_state(), "generator": self.generator.get_state(),
+                                      "loader": loader.state_dict()}
             batches = loader.steps(0, lockstep)
             metrics.reset(loader.num_batches or 64)
         self.pending_rng = None
