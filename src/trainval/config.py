@@ -108,6 +108,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "compile": Key("bool", False, "run the model through torch.compile"),
         "checkpoint_every_steps": Key("int", None, "also write last.pt every N optimizer steps", nullable=True, minimum=1),
         "async_save": Key("bool", False, "write last.pt in a background thread from a CPU copy of the state (training goes on meanwhile)"),
+        "save_top_k": Key("int", None, "also keep the k best evaluations as `epoch003-step120-val_acc_0.9312.pt` files (default: best.pt only)", nullable=True, minimum=1),
+        "ema_decay": Key("float", None, "validate and save best.pt with an exponential moving average of the weights, updated after every optimizer step with this decay, in (0, 1) (e.g. 0.999; default: off)", nullable=True),
         "progress": Key("bool", True, "progress bar (terminal) or bounded-rate progress lines"),
         "strategy": Key("str", "auto", "several processes: `ddp` (a replica per process), `fsdp` (FSDP2: weights, gradients and optimizer state sharded), `auto` (ddp)", choices=("auto", "ddp", "fsdp")),
         "dist_timeout": Key("float", None, "seconds a collective waits for the other processes before the run fails (default: env TRAINVAL_DIST_TIMEOUT, or 300)", nullable=True, minimum=1.0),
@@ -285,6 +287,10 @@ def validate(cfg: dict, source: str) -> dict:
         twice = next(c for c in d["features"] if c in seen or seen.add(c))
         raise ConfigError(f"{source}: data.features names the column {shown_repr(twice)} more than once; list each "
                           "column once.")
+    decay = cfg["train"]["ema_decay"]
+    if decay is not None and not 0.0 < decay < 1.0:
+        raise ConfigError(f"{source}: train.ema_decay must be a number strictly between 0 and 1 (e.g. 0.999), got "
+                          f"{shown_repr(decay)}.")
     betas = cfg["optim"]["betas"]
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"{source}: optim.betas must be two numbers in [0, 1), like [0.9, 0.999], got {betas}.")

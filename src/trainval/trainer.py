@@ -44,8 +44,10 @@ from trainval.checkpoint import (
     atomic_write,
     load_checkpoint,
     model_weights,
+    remove_top_k_files,
     save_checkpoint,
     snapshot,
+    stray_top_k_files,
 )
 from trainval.data import Loader, Step, TensorLoader, describe, make_loader, tree_map
 from trainval.errors import (
@@ -120,6 +122,13 @@ class Trainer:
         overwrite: allow ``fit`` into an ``out_dir`` that already holds a run.
         plot: write ``curves.png`` at the end of ``fit``.
         config: a plain dict describing the run, saved in every checkpoint.
+        save_top_k: also keep the ``k`` best evaluations (by ``monitor``) as plain checkpoints in ``out_dir``,
+            named ``epoch003-step120-val_acc_0.9312.pt`` (``torch.load(..., weights_only=True)["model"]``, like
+            best.pt, which stays the best). A new one is written atomically before the one it pushes out is
+            removed, and that removal waits until last.pt records the new set, so a crash at any point leaves at
+            least ``k`` of them; a resumed run continues the set of its last.pt (files of that form which the set
+            does not list are removed: written after last.pt, their evaluation runs again), and a new fit into the
+            folder (``overwrite``) removes the replaced run's.
         strategy: ``"auto"`` (DDP on several processes), ``"ddp"``, ``"fsdp"`` (FSDP2: parameters, gradients
             and optimizer state sharded over the processes), or a :mod:`trainval.strategies` object
             (e.g. ``FSDPStrategy(param_dtype=torch.bfloat16, cpu_offload=True)``).
@@ -168,6 +177,7 @@ class Trainer:
         overwrite: bool = False,
         plot: bool = True,
         config: dict | None = None,
+        save_top_k: int | None = None,
         strategy: str | SingleProcess = "auto",
         sync_batchnorm: bool = False,
         dist_timeout: float | None = None,
@@ -184,6 +194,9 @@ class Trainer:
         for name, value in (("max_epochs", max_epochs), ("batch_size", batch_size), ("accumulate_steps", accumulate_steps)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        if save_top_k is not None and (not isinstance(save_top_k, int) or isinstance(save_top_k, bool) or save_top_k < 1):
+            raise ConfigError(f"save_top_k must be a positive integer (the number of best checkpoints to keep) or None, "
+                              f"got {save_top_k!r}.")
         if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1):
             raise ConfigError(f"eval_batch_size must be a positive integer, got {eval_batch_size!r}.")
         seed = check_seed(seed)  # a plain int in the range every generator takes
@@ -223,6 +236,8 @@ class Trainer:
         self.async_save = bool(async_save)
         self.check_inputs, self.on_device, self.num_workers = check_inputs, on_device, num_workers
         self.overwrite, self.plot, self.config = overwrite, plot, config
+        self.save_top_k = save_top_k
+        self._top_k_fallen: list[str] = []  # top-k files pushed out: removed once last.pt records the new set
         make_strategy(strategy, distributed_on=False)  # a wrong name fails here, before any process group
         self._strategy_arg, self.sync_batchnorm = strategy, sync_batchnorm
         if dist_timeout is not None and not (isinstance(dist_timeout, (int, float)) and dist_timeout > 0):
@@ -353,6 +368,7 @@ class Trainer:
         else:
             seed_everything(self.seed + self.dist.rank)  # model randomness (dropout, workers): per rank
             self.generator.manual_seed(self.seed)  # the shuffling permutation: shared by every rank
+        self._tidy_top_k_files()
 
         modes = _module_modes(self.model)
         try:
@@ -473,23 +489,17 @@ class Trainer:
         self._train_epoch(epoch, callbacks, started)
         train, _ = self.train_metrics.compute()  # a sync point: once per epoch
         row: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}}
-        if self.val_loader is not None:
-            val, count = self._evaluate(self.val_loader, self._val_metrics)
-            self._check_count(count, self.val_loader, "validation")
-            row.update({f"val_{k}": v for k, v in val.items()})
-        row["lr"] = lrs[0]  # param group 0; lr_1, lr_2... for the others
-        row.update({f"lr_{i}": lr for i, lr in enumerate(lrs[1:], start=1)})
-        self._step_scheduler_per_epoch(row)
-        self.state.epoch, self.state.batch_in_epoch, self.state.epoch_start = epoch, 0, None
-        self.log(self._epoch_line(epoch, row))
-
-        value = row[self.monitor]
-        if self.state.improved(value):  # the weights are finite: checked at the end of _train_epoch
-            self.state.best_value, self.state.best_epoch = value, epoch
-            best = self._best_state()  # under FSDP a collective: every rank takes part, rank 0 writes
-            if self.dist.is_main:
-                save_checkpoint(best, self.best_path, "best checkpoint")
-            self.log(f"saving best model ({self.monitor} {value:.4f}) -> {self.best_path}")
+        with self._evaluation_weights(callbacks):  # e.g. EMA's averaged weights, for validation and best.pt
+            if self.val_loader is not None:
+                val, count = self._evaluate(self.val_loader, self._val_metrics)
+                self._check_count(count, self.val_loader, "validation")
+                row.update({f"val_{k}": v for k, v in val.items()})
+            row["lr"] = lrs[0]  # param group 0; lr_1, lr_2... for the others
+            row.update({f"lr_{i}": lr for i, lr in enumerate(lrs[1:], start=1)})
+            self._step_scheduler_per_epoch(row)
+            self.state.epoch, self.state.batch_in_epoch, self.state.epoch_start = epoch, 0, None
+            self.log(self._epoch_line(epoch, row))
+            self._save_best_and_top_k(row[self.monitor], epoch)
         row["seconds"] = round(time.perf_counter() - started, 4)
         self.history.append(row)
         for cb in callbacks:
@@ -503,6 +513,56 @@ class Trainer:
         if stop is not None:
             self._stop_signal = stop
             self._interrupt(epoch, mid_epoch=False)
+
+    def _save_best_and_top_k(self, value: float | None, epoch: int) -> None:
+        """best.pt when ``value`` improved; a top-k file when it is among the ``save_top_k`` best.
+
+        The weights are finite (checked at the end of _train_epoch). Under FSDP the state dict is a collective:
+        every rank takes the same decisions (``value`` is all-reduced) and takes part; rank 0 writes.
+        """
+        improved = self.state.improved(value)
+        keep = self.save_top_k is not None and self.state.enters_top_k(value, self.save_top_k)
+        if not (improved or keep):
+            return
+        if improved:
+            self.state.best_value, self.state.best_epoch = value, epoch
+        state = {**self._best_state(), "value": value}
+        if improved:
+            if self.dist.is_main:
+                save_checkpoint(state, self.best_path, "best checkpoint")
+            self.log(f"saving best model ({self.monitor} {value:.4f}) -> {self.best_path}")
+        if keep:
+            name, fallen = self.state.add_top_k(epoch, self.global_step, value, self.save_top_k)
+            if self.dist.is_main:
+                save_checkpoint({**state, "step": self.global_step}, os.path.join(self.out_dir, name), "top-k checkpoint")
+            self._top_k_fallen += fallen  # removed after last.pt lists the new set (_save_last)
+
+    @contextlib.contextmanager
+    def _evaluation_weights(self, callbacks: list[Callback]) -> Iterator[None]:
+        """The weights validation and best.pt see: callbacks may swap theirs in (EMA) and back after."""
+        entered: list[Callback] = []
+        try:
+            for cb in callbacks:
+                cb.on_validation_start(self)
+                entered.append(cb)
+            yield
+        finally:
+            for cb in reversed(entered):
+                cb.on_validation_end(self)
+
+    def _tidy_top_k_files(self) -> None:
+        """Top-k files that this run's set does not list are removed (rank 0): after a resume, files written
+        after last.pt (their evaluation runs again) or pushed out just before a crash; in a new fit, a replaced
+        run's. Every rank then holds rank 0's set of the files that exist (they decide the same saves)."""
+        if self.dist.is_main and os.path.isdir(self.out_dir):
+            kept = {e["file"] for e in self.state.top_k}
+            remove_top_k_files(self.out_dir, stray_top_k_files(self.out_dir, kept))
+            gone = [e["file"] for e in self.state.top_k if not os.path.isfile(os.path.join(self.out_dir, e["file"]))]
+            if gone:
+                self.log(f"top-k checkpoints missing from {self.out_dir} (no longer kept): {', '.join(gone)}")
+                self.state.top_k = [e for e in self.state.top_k if e["file"] not in gone]
+        if self.dist.enabled:
+            self.state.top_k = distributed.broadcast_object(self.state.top_k)
 
     def _epoch_line(self, epoch: int, row: dict) -> str:
         """``[003/020] Train Acc: ... Loss: ... | Val Acc: ... loss: ...`` (the notes' line, every metric)."""
@@ -539,6 +599,7 @@ class Trainer:
         steps, acc, world = (None if loader.is_stream else loader.num_batches), self.accumulate_steps, self.dist.world_size
         per_step_scheduler = self.scheduler if self.scheduler_interval == "step" else None
         batch_callbacks = [cb for cb in callbacks if type(cb).on_train_batch_end is not Callback.on_train_batch_end]
+        step_callbacks = [cb for cb in callbacks if type(cb).on_optimizer_step is not Callback.on_optimizer_step]
         every = self.checkpoint_every_steps
         next_poll = time.monotonic() + self.poll_interval_s
         in_group, stand_in = 0, None  # real batches (every rank's) in this accumulation group so far
@@ -566,6 +627,8 @@ class Trainer:
                 if per_step_scheduler is not None:
                     self._step_scheduler(per_step_scheduler)
                 self.state.global_step += 1
+                for cb in step_callbacks:  # e.g. EMA's update: device work only
+                    cb.on_optimizer_step(self)
             if x is not None:
                 real = loader.unpadded(i, y.shape[0])
                 if real < y.shape[0]:  # the padding that evens out the ranks' shards repeats samples: not counted
@@ -643,6 +706,7 @@ class Trainer:
         background thread; the previous write is waited for first (at most one in flight).
         """
         self._writes.wait()  # a failed background write raises here, before anything new is written
+        fallen, self._top_k_fallen = self._top_k_fallen, []
         state = self._state()  # a collective under FSDP and on several processes
         if self.strategy.sharded_checkpoint:
             if self.async_save and self._save_group is None:
@@ -659,6 +723,12 @@ class Trainer:
                 sharded.remove_stale(self.out_dir, keep="")  # a sharded last.pt's folders, once it is replaced
         else:
             return
+        if fallen and self.dist.is_main:
+            saved = write
+
+            def write() -> None:
+                saved()
+                remove_top_k_files(self.out_dir, fallen)  # only now: last.pt lists the new set
         if with_metrics and self.dist.is_main:
             rows, whole = [dict(row) for row in self.history], write
 

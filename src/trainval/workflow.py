@@ -38,6 +38,7 @@ from trainval.data import (
     load_npz,
     stratified_split,
 )
+from trainval.ema import EMA
 from trainval.errors import CheckpointError, ConfigError, DataError, RunFolderError
 from trainval.models import CNN, MLP
 from trainval.state import check_last
@@ -297,6 +298,8 @@ def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, los
     callbacks = list(callbacks)
     if t["patience"]:
         callbacks.append(EarlyStopping(t["patience"]))
+    if t["ema_decay"] is not None:
+        callbacks.append(EMA(t["ema_decay"]))
     if cfg["log"]["tensorboard"]:
         callbacks.append(TensorBoardLogger())  # the run folder's own tb folder
     callbacks += trackers.from_config(cfg)
@@ -310,6 +313,7 @@ def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, los
         progress=t["progress"], callbacks=callbacks, device=t["device"], scheduler=scheduler,
         grad_clip=t["grad_clip"], accumulate_steps=t["accumulate_steps"], precision=t["precision"],
         compile=t["compile"], checkpoint_every_steps=t["checkpoint_every_steps"], async_save=t["async_save"],
+        save_top_k=t["save_top_k"],
         strategy=t["strategy"], sync_batchnorm=t["sync_batchnorm"], dist_timeout=t["dist_timeout"],
         check_inputs=cfg["data"]["check_inputs"], on_device=cfg["data"]["on_device"],
         num_workers=cfg["data"]["num_workers"], overwrite=cfg["run"]["overwrite"], plot=cfg["log"]["plot"],
