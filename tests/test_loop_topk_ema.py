@@ -384,3 +384,22 @@ def test_cli_invalid_top_k_and_decay_are_one_clear_line(tmp_path, override, key)
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and key in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_ema_under_fsdp_resumes_bit_identical_and_equals_ddp(tmp_path):
+    from test_distributed import run_child
+
+    opts = dict(batch=8, epochs=2, blocks=True, ema=0.9, top_k=2)
+    run_child(tmp_path / "fsdp", 2, strategy="fsdp", **opts)
+    run_child(tmp_path / "cut", 2, strategy="fsdp", stop_after=1, **opts)  # a fresh model and Trainer resume
+    run_child(tmp_path / "ddp", 2, strategy="ddp", **opts)
+    fsdp = [torch.load(tmp_path / "fsdp" / f"ema.{r}.pt", weights_only=True) for r in range(2)]
+    cut = torch.load(tmp_path / "cut" / "ema.0.pt", weights_only=True)
+    ddp = torch.load(tmp_path / "ddp" / "ema.0.pt", weights_only=True)
+    assert fsdp[0]["updates"] == cut["updates"] == 12
+    for name, t in fsdp[0]["averaged"].items():  # each rank averaged its shards; gathered, they are the whole
+        assert torch.equal(t, fsdp[1]["averaged"][name]) and torch.equal(t, cut["averaged"][name]), name
+        assert torch.allclose(t, ddp["averaged"][name], rtol=0, atol=1e-6), name
+    assert fsdp[0]["val_loss"] == cut["val_loss"]
+    assert _top_k_files(tmp_path / "fsdp") == _top_k_files(tmp_path / "cut") and len(_top_k_files(tmp_path / "cut")) == 2
