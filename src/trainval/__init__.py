@@ -18,6 +18,7 @@ _PUBLIC = {
     "EarlyStopping": "trainval.callbacks",
     "ProgressBar": "trainval.callbacks",
     "TensorBoardLogger": "trainval.callbacks",
+    "EMA": "trainval.ema",
     "TensorLoader": "trainval.data",
     "TrainvalError": "trainval.errors",
     "load_checkpoint": "trainval.checkpoint",
@@ -30,7 +31,7 @@ _PUBLIC = {
 }
 
 __all__ = [
-    "Trainer", "seed_everything", "Callback", "EarlyStopping", "ProgressBar", "TensorBoardLogger",
+    "Trainer", "seed_everything", "Callback", "EarlyStopping", "ProgressBar", "TensorBoardLogger", "EMA",
     "TensorLoader", "TrainvalError", "load_checkpoint", "load_model_weights", "save_checkpoint",
     "load_model", "find_runs", "RunSummary", "tune",
     "__version__",
@@ -49,6 +50,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from trainval.callbacks import Callback, EarlyStopping, ProgressBar, TensorBoardLogger
     from trainval.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
     from trainval.data import TensorLoader
+    from trainval.ema import EMA
     from trainval.errors import TrainvalError
     from trainval.runs import RunSummary, find_runs
     from trainval.trainer import Trainer, seed_everything

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import re
 import threading
 import zipfile
 from collections.abc import Callable
@@ -73,6 +74,41 @@ def save_checkpoint(state: dict, path: str, what: str = "checkpoint") -> None:
         torch.save(state, _HookedFile(f, _write_hook) if _write_hook else f)
 
     atomic_write(path, write, what)
+
+
+# ----------------------------------------------------------------------------------------------
+# Top-k checkpoints (save_top_k): their file names, and the files of a run that no last.pt keeps
+
+# ``epoch003-step120-val_acc_0.9312.pt``: no '=' or ':' (awkward in shells, config overrides and on Windows),
+# sorted by epoch in a listing. Only names of this form are ever removed by trainval.
+TOP_K_FILE = re.compile(r"epoch\d{3,}-step\d+-(?:train|val)_\w+_[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?)\.pt")
+
+
+def top_k_name(epoch: int, step: int, monitor: str, value: float) -> str:
+    """The file name of a top-k checkpoint: epoch, optimizer step, and the monitored value (6 significant digits)."""
+    return f"epoch{epoch:03d}-step{step}-{monitor}_{value:.6g}.pt"
+
+
+def remove_top_k_files(folder: str, names: list[str] | set[str]) -> None:
+    """Remove top-k files of ``folder`` by name (one that is gone already is fine); only names of the
+    top-k form (:data:`TOP_K_FILE`), so nothing else can be named for removal."""
+    for name in names:
+        if TOP_K_FILE.fullmatch(name):
+            try:
+                os.remove(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
+
+
+def stray_top_k_files(folder: str, kept: set[str]) -> list[str]:
+    """Top-k files in ``folder`` that ``kept`` does not list: written after the last last.pt (its evaluation
+    runs again on resume), dropped from the set before a crash cut their removal short, or a replaced run's."""
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return []
+    return sorted(e for e in entries if e not in kept and TOP_K_FILE.fullmatch(e)
+                  and os.path.isfile(os.path.join(folder, e)) and not os.path.islink(os.path.join(folder, e)))
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu", follow: bool = True) -> dict:

@@ -5,7 +5,8 @@
 - :meth:`Checkpoints.app_state` is the one list of what ``last.pt`` holds (model, optimizer, scheduler, scaler,
   random generators per rank, the loop state, the training metrics' running sums mid-epoch, callbacks' states);
   :meth:`Checkpoints.restore` is its inverse, with the checks that make a resume exact or refuse it clearly;
-- :meth:`Checkpoints.save_best` writes ``best.pt`` (weights only, synchronously), :meth:`Checkpoints.save_last`
+- :meth:`Checkpoints.save_best_and_top_k` writes ``best.pt`` and the ``save_top_k`` best files (weights only,
+  synchronously), :meth:`Checkpoints.save_last`
   writes ``last.pt`` and ``metrics.csv`` after it (at most one write in flight with ``async_save``);
 - :meth:`Checkpoints.load_weights` reloads ``best``/``last``/a path for test and predict.
 
@@ -22,7 +23,15 @@ import yaml
 
 from trainval import distributed, runfolder, sharded
 from trainval.callbacks import write_metrics_csv
-from trainval.checkpoint import BackgroundWriter, load_checkpoint, save_checkpoint, snapshot, versions
+from trainval.checkpoint import (
+    BackgroundWriter,
+    load_checkpoint,
+    remove_top_k_files,
+    save_checkpoint,
+    snapshot,
+    stray_top_k_files,
+    versions,
+)
 from trainval.errors import CheckpointError, ConfigError, RunFolderError
 from trainval.fsio import atomic_write
 from trainval.state import check_last, rng_state, seed_everything, set_rng_state
@@ -37,14 +46,47 @@ class Checkpoints:
         self.t = trainer
         self.writes = BackgroundWriter()  # last.pt writes: at most one in flight (async_save)
         self.save_group: Any = None  # the process group of background sharded saves, made on first use
+        self.fallen: list[str] = []  # top-k files pushed out: removed once last.pt records the new set
 
-    def save_best(self, value: float) -> None:
-        """best.pt of the current weights: under FSDP a collective (every rank takes part), rank 0 writes."""
+    def save_best_and_top_k(self, value: float | None, epoch: int) -> None:
+        """best.pt when ``value`` improved; a top-k file when it is among the ``save_top_k`` best.
+
+        The weights are finite (checked at the end of the training epoch). Under FSDP the state dict is a
+        collective: every rank takes the same decisions (``value`` is all-reduced) and takes part; rank 0 writes.
+        """
         t = self.t
-        best = self.best_state()
-        if t.dist.is_main:
-            save_checkpoint(best, t.best_path, "best checkpoint")
-        t.log(f"saving best model ({t.monitor} {value:.4f}) -> {t.best_path}")
+        k = t.options.save_top_k
+        improved = t.state.improved(value)
+        keep = k is not None and t.state.enters_top_k(value, k)
+        if not (improved or keep):
+            return
+        if improved:
+            t.state.best_value, t.state.best_epoch = value, epoch
+        state = {**self.best_state(), "value": value}
+        if improved:
+            if t.dist.is_main:
+                save_checkpoint(state, t.best_path, "best checkpoint")
+            t.log(f"saving best model ({t.monitor} {value:.4f}) -> {t.best_path}")
+        if keep:
+            name, fallen = t.state.add_top_k(epoch, t.global_step, value, k)
+            if t.dist.is_main:
+                save_checkpoint({**state, "step": t.global_step}, os.path.join(t.out_dir, name), "top-k checkpoint")
+            self.fallen += fallen  # removed after last.pt lists the new set (save_last)
+
+    def tidy_top_k(self) -> None:
+        """Top-k files that this run's set does not list are removed (rank 0): after a resume, files written
+        after last.pt (their evaluation runs again) or pushed out just before a crash; in a new fit, a replaced
+        run's. Every rank then holds rank 0's set of the files that exist (they decide the same saves)."""
+        t = self.t
+        if t.dist.is_main and os.path.isdir(t.out_dir):
+            kept = {e["file"] for e in t.state.top_k}
+            remove_top_k_files(t.out_dir, stray_top_k_files(t.out_dir, kept))
+            gone = [e["file"] for e in t.state.top_k if not os.path.isfile(os.path.join(t.out_dir, e["file"]))]
+            if gone:
+                t.log(f"top-k checkpoints missing from {t.out_dir} (no longer kept): {', '.join(gone)}")
+                t.state.top_k = [e for e in t.state.top_k if e["file"] not in gone]
+        if t.dist.enabled:
+            t.state.top_k = distributed.broadcast_object(t.state.top_k)
 
     def prepare_run_folder(self, resume: bool) -> dict | None:
         """Claim the run folder and check it; with ``resume``, the last.pt every rank agreed on."""
@@ -248,6 +290,7 @@ class Checkpoints:
         """
         t = self.t
         self.writes.wait()  # a failed background write raises here, before anything new is written
+        fallen, self.fallen = self.fallen, []
         state = self.app_state()  # a collective under FSDP and on several processes
         if t.strategy.sharded_checkpoint:
             if t.options.async_save and self.save_group is None:
@@ -264,6 +307,12 @@ class Checkpoints:
                 sharded.remove_stale(t.out_dir, keep="")  # a sharded last.pt's folders, once it is replaced
         else:
             return
+        if fallen and t.dist.is_main:
+            saved = write
+
+            def write() -> None:
+                saved()
+                remove_top_k_files(t.out_dir, fallen)  # only now: last.pt lists the new set
         if with_metrics and t.dist.is_main:
             rows, whole = [dict(row) for row in t.history], write
 

@@ -75,6 +75,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "train": {
         "patience": Key("int", None, "early stopping: epochs without improvement (default: off)", nullable=True, minimum=1),
+        "ema_decay": Key("float", None, "validate and save best.pt with an exponential moving average of the weights, updated after every optimizer step with this decay, in (0, 1) (e.g. 0.999; default: off)", nullable=True),
     },
     "run": {
         "name": Key("str", "digits", "run name: the run folder is `<out_dir>/<name>`"),
@@ -252,6 +253,10 @@ def validate(cfg: dict, source: str) -> dict:
         twice = next(c for c in d["features"] if c in seen or seen.add(c))
         raise ConfigError(f"{source}: data.features names the column {shown_repr(twice)} more than once; list each "
                           "column once.")
+    decay = cfg["train"]["ema_decay"]
+    if decay is not None and not 0.0 < decay < 1.0:
+        raise ConfigError(f"{source}: train.ema_decay must be a number strictly between 0 and 1 (e.g. 0.999), got "
+                          f"{shown_repr(decay)}.")
     betas = cfg["optim"]["betas"]
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(f"{source}: optim.betas must be two numbers in [0, 1), like [0.9, 0.999], got {betas}.")

@@ -151,6 +151,16 @@ class TrainerOptions:
         "bool", cli="train.async_save",
         cli_doc="write last.pt in a background thread from a CPU copy of the state (training goes on meanwhile)",
         resume="how last.pt is written, not what it holds")
+    save_top_k: int | None = option(
+        None, "also keep the ``k`` best evaluations (by ``monitor``) as plain checkpoints in ``out_dir``, named "
+              "``epoch003-step120-val_acc_0.9312.pt`` (``torch.load(..., weights_only=True)[\"model\"]``, like best.pt, "
+              "which stays the best). A new one is written atomically before the one it pushes out is removed, and "
+              "that removal waits until last.pt records the new set, so a crash at any point leaves at least ``k`` of "
+              "them; a resumed run continues the set of its last.pt (files of that form which the set does not list "
+              "are removed: written after last.pt, their evaluation runs again), and a new fit into the folder "
+              "(``overwrite``) removes the replaced run's", "int", cli="train.save_top_k",
+        cli_doc="also keep the k best evaluations as `epoch003-step120-val_acc_0.9312.pt` files (default: best.pt only)",
+        minimum=1, positive=True)
     check_inputs: bool = option(True, "refuse NaN/Inf in in-memory features before training", "bool",
                                 cli="data.check_inputs", cli_doc="refuse NaN/Inf features before training")
     on_device: bool | None = option(

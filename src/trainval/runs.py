@@ -88,7 +88,7 @@ def trainer_arguments(trainer: Trainer) -> dict:
         "device": str(trainer.device),
     }
     for name in ("max_epochs", "seed", "batch_size", "eval_batch_size", "grad_clip", "accumulate_steps",
-                 "precision", "compile", "checkpoint_every_steps", "async_save", "on_device", "num_workers", "overwrite", "plot"):
+                 "precision", "compile", "checkpoint_every_steps", "async_save", "save_top_k", "on_device", "num_workers", "overwrite", "plot"):
         args[name] = _plain(getattr(trainer.options, name, None))
     args["eval_batch_size"] = args["eval_batch_size"] or args["batch_size"]
     return args

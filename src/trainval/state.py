@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
+from trainval.checkpoint import top_k_name
 from trainval.errors import CheckpointError
 from trainval.options import SEED_MAX, SEED_MIN, check_seed  # noqa: F401 - re-exported: the seed's range
 from trainval.untrusted import shown_repr
@@ -33,6 +34,9 @@ class LoopState:
     mode: str = "max"
     should_stop: bool = False
     epoch_start: dict | None = None     # RNG states at the start of the epoch in progress (mid-epoch resume)
+    # save_top_k: the kept files, best first: {"file", "epoch", "step", "value"} (the file name follows from
+    # the other three, see checkpoint.top_k_name). Ties: the earlier evaluation stays ahead.
+    top_k: list[dict] = field(default_factory=list)
 
     def improved(self, value: float | None) -> bool:
         """Is ``value`` of the monitored metric better than the best so far (NaN never is)?"""
@@ -40,7 +44,26 @@ class LoopState:
             return False
         if self.best_value is None:
             return True
-        return value > self.best_value if self.mode == "max" else value < self.best_value
+        return self._better(value, self.best_value)
+
+    def _better(self, value: float, than: float) -> bool:
+        return value > than if self.mode == "max" else value < than
+
+    def enters_top_k(self, value: float | None, k: int) -> bool:
+        """Would ``value`` be among the ``k`` best evaluations kept (a finite value strictly better than the
+        k-th kept one, or fewer than k kept)?"""
+        if value is None or value != value or value in (float("inf"), float("-inf")):
+            return False
+        return len(self.top_k) < k or self._better(value, self.top_k[k - 1]["value"])
+
+    def add_top_k(self, epoch: int, step: int, value: float, k: int) -> tuple[str, list[str]]:
+        """Keep the evaluation ``(epoch, step, value)``: its file name, and the names of the files that fell out."""
+        entry = {"file": top_k_name(epoch, step, self.monitor, value), "epoch": epoch, "step": step, "value": value}
+        at = next((i for i, e in enumerate(self.top_k) if self._better(value, e["value"])), len(self.top_k))
+        kept = [e for e in self.top_k if e["file"] != entry["file"]]  # the same evaluation again: replaced
+        kept.insert(min(at, len(kept)), entry)
+        self.top_k, fallen = kept[:k], kept[k:]
+        return entry["file"], [e["file"] for e in fallen]
 
     def state_dict(self) -> dict:
         state = asdict(self)
@@ -54,6 +77,7 @@ class LoopState:
             if f.name in checked:
                 setattr(self, f.name, checked[f.name])
         self.history = [dict(row) for row in self.history]
+        self.top_k = [dict(e) for e in self.top_k]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,6 +140,17 @@ def check_loop(loop: object, path: str) -> dict:
     start = loop.get("epoch_start")
     if start is not None and not (isinstance(start, dict) and _finite_seconds(start.get("seconds", 0.0))):
         raise _bad(path, "loop.epoch_start", start, "None or a dict of the epoch in progress (its seconds >= 0)")
+    top_k = loop.get("top_k", [])
+    if not isinstance(top_k, list):
+        raise _bad(path, "loop.top_k", top_k, "a list of the kept top-k checkpoints")
+    for i, e in enumerate(top_k):  # the file names are removed later: each must be the one its fields give
+        ok = (isinstance(e, dict) and _is_count(e.get("epoch")) and _is_count(e.get("step"))
+              and isinstance(e.get("value"), numbers.Real) and not isinstance(e.get("value"), bool)
+              and math.isfinite(e["value"]) and isinstance(loop["monitor"], str)
+              and e.get("file") == top_k_name(e["epoch"], e["step"], loop["monitor"], float(e["value"])))
+        if not ok:
+            raise _bad(path, f"loop.top_k[{i}]", e, "a kept top-k checkpoint ({'file', 'epoch', 'step', 'value'}, its "
+                       "file named after the other three)")
     checked = dict(loop)
     if best_value is not None:
         checked["best_value"] = float(best_value)

@@ -252,6 +252,7 @@ class Trainer:
         else:
             seed_everything(self.options.seed + self.dist.rank)  # model randomness (dropout, workers): per rank
             self.generator.manual_seed(self.options.seed)  # the shuffling permutation: shared by every rank
+        self.checkpoints.tidy_top_k()
 
         modes = _module_modes(self.model)
         try:
@@ -381,20 +382,18 @@ class Trainer:
         self._train_epoch(epoch, callbacks)
         train, _ = self.train_metrics.compute()  # a sync point: once per epoch
         row: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}}
-        if self.val_loader is not None:
-            val, count = self._evaluate(self.val_loader, self._val_metrics)
-            self._check_count(count, self.val_loader, "validation")
-            row.update({f"val_{k}": v for k, v in val.items()})
-        row["lr"] = lrs[0]  # param group 0; lr_1, lr_2... for the others
-        row.update({f"lr_{i}": lr for i, lr in enumerate(lrs[1:], start=1)})
-        self._step_scheduler_per_epoch(row)
-        self.state.epoch, self.state.batch_in_epoch, self.state.epoch_start = epoch, 0, None
-        self.log(self._epoch_line(epoch, row))
-
-        value = row[self.monitor]
-        if self.state.improved(value):  # the weights are finite: checked at the end of _train_epoch
-            self.state.best_value, self.state.best_epoch = value, epoch
-            self.checkpoints.save_best(value)
+        with self._evaluation_weights(callbacks):  # e.g. EMA's averaged weights, for validation and best.pt
+            if self.val_loader is not None:
+                val, count = self._evaluate(self.val_loader, self._val_metrics)
+                self._check_count(count, self.val_loader, "validation")
+                row.update({f"val_{k}": v for k, v in val.items()})
+            row["lr"] = lrs[0]  # param group 0; lr_1, lr_2... for the others
+            row.update({f"lr_{i}": lr for i, lr in enumerate(lrs[1:], start=1)})
+            self._step_scheduler_per_epoch(row)
+            self.state.epoch, self.state.batch_in_epoch, self.state.epoch_start = epoch, 0, None
+            self.log(self._epoch_line(epoch, row))
+            # the weights are finite: checked at the end of _train_epoch
+            self.checkpoints.save_best_and_top_k(row[self.monitor], epoch)
         row["seconds"] = round(time.perf_counter() - self.epoch_started, 4)
         self.history.append(row)
         for cb in callbacks:
@@ -403,6 +402,19 @@ class Trainer:
             self.should_stop = bool(distributed.all_reduce_max(int(self.should_stop)))
         self.checkpoints.save_last(with_metrics=True)
         self.guard.end_of_epoch(epoch)
+
+    @contextlib.contextmanager
+    def _evaluation_weights(self, callbacks: list[Callback]) -> Iterator[None]:
+        """The weights validation and best.pt see: callbacks may swap theirs in (EMA) and back after."""
+        entered: list[Callback] = []
+        try:
+            for cb in callbacks:
+                cb.on_validation_start(self)
+                entered.append(cb)
+            yield
+        finally:
+            for cb in reversed(entered):
+                cb.on_validation_end(self)
 
     def _epoch_line(self, epoch: int, row: dict) -> str:
         """``[003/020] Train Acc: ... Loss: ... | Val Acc: ... loss: ...`` (the notes' line, every metric)."""
@@ -443,6 +455,7 @@ class Trainer:
         steps, acc, world = (None if loader.is_stream else loader.num_batches), self.options.accumulate_steps, self.dist.world_size
         per_step_scheduler = self.scheduler if self.scheduler_interval == "step" else None
         batch_callbacks = [cb for cb in callbacks if type(cb).on_train_batch_end is not Callback.on_train_batch_end]
+        step_callbacks = [cb for cb in callbacks if type(cb).on_optimizer_step is not Callback.on_optimizer_step]
         every = self.options.checkpoint_every_steps
         self.guard.start_epoch()
         in_group, stand_in = 0, None  # real batches (every rank's) in this accumulation group so far
@@ -470,6 +483,8 @@ class Trainer:
                 if per_step_scheduler is not None:
                     self._step_scheduler(per_step_scheduler)
                 self.state.global_step += 1
+                for cb in step_callbacks:  # e.g. EMA's update: device work only
+                    cb.on_optimizer_step(self)
             if x is not None:
                 real = loader.unpadded(i, y.shape[0])
                 if real < y.shape[0]:  # the padding that evens out the ranks' shards repeats samples: not counted

@@ -38,6 +38,7 @@ from trainval.data import (
     load_npz,
     stratified_split,
 )
+from trainval.ema import EMA
 from trainval.errors import CheckpointError, ConfigError, DataError, RunFolderError
 from trainval.fsio import atomic_write
 from trainval.models import CNN, MLP
@@ -298,6 +299,8 @@ def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, los
     callbacks = list(callbacks)
     if t["patience"]:
         callbacks.append(EarlyStopping(t["patience"]))
+    if t["ema_decay"] is not None:
+        callbacks.append(EMA(t["ema_decay"]))
     if cfg["log"]["tensorboard"]:
         callbacks.append(TensorBoardLogger())  # the run folder's own tb folder
     callbacks += trackers.from_config(cfg)

@@ -9,7 +9,9 @@ resume_strategy (the
 strategy of the resuming Trainer), die_before_commit (SIGKILL rank 0 on the first attempt when its N-th sharded last.pt has every shard written but is not yet
 pointed to; the shard folder's name goes to OUT_DIR/stray.txt), block_shards (from the end of epoch 1 on,
 DCP's shard file writes fail with ENOSPC), term_rank + term_epoch
-(that rank alone sends itself SIGTERM at the end of that epoch).
+(that rank alone sends itself SIGTERM at the end of that epoch), ema (an EMA decay: every rank writes
+OUT_DIR/ema.<rank>.pt with its average, a hand AveragedModel's and, on rank 0, the last epoch's val_loss and the
+hand average's), top_k (save_top_k).
 Rank 0 writes OUT_DIR/predictions.pt; every rank writes OUT_DIR/done.<rank> when its work is done.
 """
 
@@ -23,7 +25,7 @@ import sys
 import torch
 from torch import nn
 
-from trainval import Callback, Trainer, distributed, seed_everything
+from trainval import EMA, Callback, Trainer, distributed, seed_everything
 
 
 def data(n, seed):
@@ -77,6 +79,18 @@ class KillOnce(Callback):
         if (trainer.dist.rank == self.rank and trainer.global_step == self.step
                 and distributed.elastic_restart_count() == 0):
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class HandEMA(Callback):
+    """A hand ``AveragedModel`` with torch's EMA rule, updated from this rank's model after each optimizer step."""
+
+    def __init__(self, model, decay):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        self.swa = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+    def on_optimizer_step(self, trainer):
+        self.swa.update_parameters(trainer.model)
 
 
 class BlockShards(Callback):
@@ -135,6 +149,11 @@ def main():
         callbacks.append(TermOnce(opts["term_rank"], opts["term_epoch"]))
     if opts.get("block_shards"):
         callbacks.append(BlockShards())
+    ema = hand = None
+    if "ema" in opts:
+        ema = EMA(opts["ema"])  # a hand AveragedModel cannot follow FSDP's sharded parameters
+        hand = HandEMA(model, opts["ema"]) if opts.get("strategy") != "fsdp" else None
+        callbacks += [hand, ema] if hand else [ema]
     if "die_before_commit" in opts:
         die_before_commit(out_dir, opts["die_before_commit"])
 
@@ -145,7 +164,7 @@ def main():
                        accumulate_steps=opts.get("accumulate", 1), async_save=opts.get("async", False),
                        out_dir=out_dir, seed=1, batch_size=opts["batch"], eval_batch_size=opts.get("eval_batch", 8),
                        progress=False, plot=False, callbacks=callbacks, checkpoint_every_steps=opts.get("every"),
-                       overwrite=distributed.elastic_restart_count() == 0)
+                       overwrite=distributed.elastic_restart_count() == 0, save_top_k=opts.get("top_k"))
 
     Xv, yv = data(opts.get("n_val", 45), 2)  # 45: divisible neither by 2 nor by the batch sizes
     Xt, yt = data(opts.get("n_train", 96), 1)
@@ -161,10 +180,20 @@ def main():
     else:
         trainer = make_trainer(model, epochs)
         trainer.fit((Xt, yt), (Xv, yv), resume=opts.get("resume", False))
+    rank = trainer.dist.rank
+    if ema is not None:
+        hand_model, hand_val_loss = (hand.swa.module, None) if hand else (None, None)
+        if hand_model is not None:
+            hand_model.eval()
+            with torch.no_grad():
+                hand_val_loss = nn.functional.cross_entropy(hand_model(Xv), yv).item()
+        torch.save({"averaged": ema.state_dict()["averaged"],  # full tensors (gathered under FSDP: a collective)
+                    "hand": {n: p.detach().cpu() for n, p in hand_model.named_parameters()} if hand_model else {},
+                    "updates": ema.updates, "val_loss": trainer.history[-1]["val_loss"], "hand_val_loss": hand_val_loss},
+                   os.path.join(out_dir, f"ema.{rank}.pt"))
     metrics = trainer.test((Xv, yv))
     preds = trainer.predict(Xv)
     probs = trainer.predict_proba(Xv)
-    rank = trainer.dist.rank
     if rank == 0:
         torch.save({"preds": preds, "probs": probs, "test": metrics, "history": trainer.history, "y": yv,
                     "strategy": trainer.strategy.name},
