@@ -83,6 +83,13 @@ class Trainer:
         metrics: metric names (see :mod:`trainval.metrics`), metric objects, or ``{name: metric}``; default
             per task: ``acc`` (multiclass, binary), ``f1_micro`` (multilabel), ``mse`` and ``mae`` (regression).
         max_epochs: epochs to train (a resumed run continues up to this number).
+        max_steps: stop after this many optimizer steps (with ``max_epochs``, whichever comes first); a run
+            that reaches it inside an epoch ends with a validation row at that step and a ``last.pt``.
+        val_every_steps: validate, log a row, choose ``best.pt`` and let callbacks (early stopping) decide every
+            this many optimizer steps, and once more at the run's end, instead of at each epoch's end. A row
+            reports the training metrics of the batches since the previous row. ``EarlyStopping``'s and
+            ReduceLROnPlateau's patience then count evaluations; other epoch-interval schedulers still step per
+            epoch. Every row carries ``step``, the optimizer steps done at that row.
         out_dir: run folder for ``best.pt``, ``last.pt``, ``metrics.csv``, ``curves.png`` and ``summary.json``
             (see :class:`~trainval.runs.RunSummary`).
         seed: seeds the trainer's shuffling generator (the same on every process: one shared permutation)
@@ -140,6 +147,8 @@ class Trainer:
         task: str | Task | None = None,
         metrics: Iterable | dict | None = None,
         max_epochs: int = 20,
+        max_steps: int | None = None,
+        val_every_steps: int | None = None,
         out_dir: str = "runs/exp",
         seed: int = 0,
         monitor: str | None = None,
@@ -184,6 +193,9 @@ class Trainer:
         for name, value in (("max_epochs", max_epochs), ("batch_size", batch_size), ("accumulate_steps", accumulate_steps)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        for name, value in (("max_steps", max_steps), ("val_every_steps", val_every_steps)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer (optimizer steps) or None, got {shown_repr(value)}.")
         if eval_batch_size is not None and (not isinstance(eval_batch_size, int) or eval_batch_size < 1):
             raise ConfigError(f"eval_batch_size must be a positive integer, got {eval_batch_size!r}.")
         seed = check_seed(seed)  # a plain int in the range every generator takes
@@ -210,6 +222,7 @@ class Trainer:
         # {name: metric}; settled with the task (now, or in the first pre-flight check for a BCE loss)
         self.metrics: dict[str, Any] = resolve_metrics(metrics, self.task) if self.task is not None else {}
         self.max_epochs, self.out_dir, self.seed = max_epochs, str(out_dir), seed
+        self.max_steps, self.val_every_steps = max_steps, val_every_steps
         self._monitor_arg, self._mode_arg = monitor, mode
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.target_key, self.output_key = target_key, output_key
@@ -246,6 +259,7 @@ class Trainer:
         self._pending_rng: dict | None = None
         self._stop_signal: int | None = None
         self._bar: ProgressBar | None = None
+        self._row_started = 0.0  # perf_counter at the previous row (val_every_steps: a row's seconds)
         self._writes = BackgroundWriter()  # last.pt writes: at most one in flight (async_save)
         self._save_group: Any = None  # the process group of background sharded saves, made on first use
 
@@ -275,6 +289,10 @@ class Trainer:
     @property
     def best_epoch(self) -> int | None:
         return self.state.best_epoch
+
+    @property
+    def best_step(self) -> int | None:
+        return self.state.best_step
 
     @property
     def monitor(self) -> str:
@@ -362,13 +380,16 @@ class Trainer:
                 callbacks = ([self._bar] if self._bar else []) + self.callbacks + ([RunSummary()] if self.dist.is_main else [])
                 for cb in callbacks:
                     cb.on_fit_start(self)
-                while self.epoch < self.max_epochs and not self.should_stop:
+                self._row_started = time.perf_counter() - self.state.row_seconds
+                while self.epoch < self.max_epochs and not self.should_stop and not self._steps_done():
                     self._run_epoch(callbacks)
                 self._writes.wait()  # the last save is on disk before the run ends (its error raises here)
                 for cb in callbacks:
                     cb.on_fit_end(self)
                 if self.plot and self.dist.is_main and self.history:
-                    plot_curves(os.path.join(self.out_dir, "curves.png"), self.history, self.monitor, self.best_epoch)
+                    by_step = self.val_every_steps is not None  # x: the step of each row, else its epoch
+                    plot_curves(os.path.join(self.out_dir, "curves.png"), self.history, self.monitor,
+                                self.best_step if by_step else self.best_epoch, x="step" if by_step else "epoch")
         except BaseException:
             self._wait_for_writes_quietly()  # no write left running behind the error; the first error wins
             raise
@@ -470,39 +491,93 @@ class Trainer:
             cb.on_epoch_start(self, epoch)
         if self.eval_frozen_batchnorm:
             _eval_frozen_batchnorm(self.model)
-        self._train_epoch(epoch, callbacks, started)
-        train, _ = self.train_metrics.compute()  # a sync point: once per epoch
-        row: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}}
-        if self.val_loader is not None:
-            val, count = self._evaluate(self.val_loader, self._val_metrics)
-            self._check_count(count, self.val_loader, "validation")
-            row.update({f"val_{k}": v for k, v in val.items()})
-        row["lr"] = lrs[0]  # param group 0; lr_1, lr_2... for the others
-        row.update({f"lr_{i}": lr for i, lr in enumerate(lrs[1:], start=1)})
-        self._step_scheduler_per_epoch(row)
-        self.state.epoch, self.state.batch_in_epoch, self.state.epoch_start = epoch, 0, None
-        self.log(self._epoch_line(epoch, row))
-
-        value = row[self.monitor]
-        if self.state.improved(value):  # the weights are finite: checked at the end of _train_epoch
-            self.state.best_value, self.state.best_epoch = value, epoch
-            best = self._best_state()  # under FSDP a collective: every rank takes part, rank 0 writes
-            if self.dist.is_main:
-                save_checkpoint(best, self.best_path, "best checkpoint")
-            self.log(f"saving best model ({self.monitor} {value:.4f}) -> {self.best_path}")
-        row["seconds"] = round(time.perf_counter() - started, 4)
-        self.history.append(row)
-        for cb in callbacks:
-            cb.on_epoch_end(self, row)  # may add columns to the row: metrics.csv and the plot show them
-        if self.dist.enabled:  # every rank must agree, or the next collective hangs
-            self.should_stop = bool(distributed.all_reduce_max(int(self.should_stop)))
-        self._save_last(with_metrics=True)
+        if not self._train_epoch(epoch, callbacks, started):
+            return  # max_steps reached (or a stop decided at a row) inside the epoch: its row and last.pt are written
+        if self._row_due(at_epoch_end=True):
+            self._end_interval(epoch, callbacks, started, lrs if self.val_every_steps is None else None, epoch_end=True)
+        else:  # val_every_steps: no row at this epoch's end; last.pt holds the train metrics since the last one
+            self._step_scheduler_at(None, epoch_end=True)
+            self.state.epoch, self.state.batch_in_epoch, self.state.epoch_start = epoch, 0, None
+            if self.dist.enabled:  # every rank must agree, or the next collective hangs
+                self.should_stop = bool(distributed.all_reduce_max(int(self.should_stop)))
+            self._save_last(with_metrics=True)
         stop = self._stop_signal
         if self.dist.enabled:  # a signal may reach one rank an instant before the others: stop together
             stop = distributed.all_reduce_max(stop or 0) or None
         if stop is not None:
             self._stop_signal = stop
             self._interrupt(epoch, mid_epoch=False)
+
+    def _steps_done(self) -> bool:
+        return self.max_steps is not None and self.global_step >= self.max_steps
+
+    def _row_due(self, at_epoch_end: bool) -> bool:
+        """Is a row (validation, best.pt, callbacks) due after this optimizer step? Host-side counters only.
+
+        Without ``val_every_steps``: at each epoch's end, and where ``max_steps`` ends the run inside an epoch.
+        With it: every ``val_every_steps`` steps, and at the run's end (``max_steps`` or the last epoch).
+        """
+        if self._steps_done():
+            return True
+        if self.val_every_steps is None:
+            return at_epoch_end
+        return self.global_step % self.val_every_steps == 0 or (at_epoch_end and self.epoch + 1 >= self.max_epochs)
+
+    def _end_interval(self, epoch: int, callbacks: list[Callback], started: float, lrs: list[float] | None,
+                      epoch_end: bool) -> None:
+        """The end of an evaluation interval (an epoch, or ``val_every_steps`` optimizer steps): one row.
+
+        The train metrics since the previous row (then reset), validation, the scheduler, the log line,
+        best.pt, the callbacks' ``on_epoch_end`` (which may stop the run: every rank agrees), and last.pt with
+        metrics.csv. ``epoch_end``: the epoch is over (else the row is inside it, at ``global_step``);
+        ``lrs``: the learning rates the row shows (default: the current ones).
+        """
+        if not epoch_end:  # (the epoch's end checked these at the end of _train_epoch)
+            self._raise_if_nonfinite(epoch)
+            self._raise_if_weights_nonfinite(epoch)
+        train, _ = self.train_metrics.compute()  # a sync point: once per row
+        self.train_metrics.reset(self.train_loader.num_batches or 64)  # the next row's batches start here
+        row: dict[str, Any] = {"epoch": epoch, "step": self.global_step, **{f"train_{k}": v for k, v in train.items()}}
+        if self.val_loader is not None:
+            val, count = self._evaluate(self.val_loader, self._val_metrics)
+            self._check_count(count, self.val_loader, "validation")
+            row.update({f"val_{k}": v for k, v in val.items()})
+        lrs = lrs if lrs is not None else [group["lr"] for group in self.optimizer.param_groups]
+        row["lr"] = lrs[0]  # param group 0; lr_1, lr_2... for the others
+        row.update({f"lr_{i}": lr for i, lr in enumerate(lrs[1:], start=1)})
+        self._step_scheduler_at(row, epoch_end)
+        if epoch_end:
+            self.state.epoch, self.state.batch_in_epoch, self.state.epoch_start = epoch, 0, None
+        else:
+            self.state.epoch_start["seconds"] = time.perf_counter() - started
+        self.log(self._epoch_line(epoch, row) if epoch_end and self.val_every_steps is None else self._step_line(row))
+
+        value = row[self.monitor]
+        if self.state.improved(value):  # the weights are finite: checked at the end of _train_epoch or above
+            self.state.best_value, self.state.best_epoch, self.state.best_step = value, epoch, self.global_step
+            best = self._best_state(epoch)  # under FSDP a collective: every rank takes part, rank 0 writes
+            if self.dist.is_main:
+                save_checkpoint(best, self.best_path, "best checkpoint")
+            self.log(f"saving best model ({self.monitor} {value:.4f}) -> {self.best_path}")
+        now = time.perf_counter()
+        row["seconds"] = round(now - (started if self.val_every_steps is None else self._row_started), 4)
+        self._row_started = now
+        self.history.append(row)
+        for cb in callbacks:
+            cb.on_epoch_end(self, row)  # may add columns to the row: metrics.csv and the plot show them
+        if self.dist.enabled:  # every rank must agree, or the next collective hangs
+            self.should_stop = bool(distributed.all_reduce_max(int(self.should_stop)))
+        self._save_last(with_metrics=True)
+
+    def _step_line(self, row: dict) -> str:
+        """``[step 000200/001000] Train ... | Val ...``: a row at an optimizer step (val_every_steps, max_steps)."""
+        total = self.max_steps
+        per_epoch = self.train_loader.num_batches
+        if per_epoch:  # a stream's may be unknown
+            planned = math.ceil(per_epoch / self.accumulate_steps) * self.max_epochs
+            total = planned if total is None else min(total, planned)
+        of = f"/{total:06d}" if total else ""
+        return f"[step {row['step']:06d}{of}]" + self._epoch_line(row["epoch"], row).split("]", 1)[1]
 
     def _epoch_line(self, epoch: int, row: dict) -> str:
         """``[003/020] Train Acc: ... Loss: ... | Val Acc: ... loss: ...`` (the notes' line, every metric)."""
@@ -516,7 +591,12 @@ class Trainer:
             line += f" | Val {part('val', 'loss')}"
         return line
 
-    def _train_epoch(self, epoch: int, callbacks: list[Callback], started: float) -> None:
+    def _train_epoch(self, epoch: int, callbacks: list[Callback], started: float) -> bool:
+        """One pass over the training data (from ``batch_in_epoch`` on a resume); rows at ``val_every_steps``.
+
+        Returns False where the run ends inside the epoch (``max_steps``, or a stop decided at a row),
+        True once the epoch is done.
+        """
         loader, opt, metrics, task = self.train_loader, self.optimizer, self.train_metrics, self.task
         weigh = loss_weight_fn(self.loss_fn, task)  # what each batch's mean loss was divided by
         loader.set_epoch(epoch - 1)  # a stream's own shuffling, like DistributedSampler.set_epoch (from 0)
@@ -532,8 +612,7 @@ class Trainer:
         else:
             self.state.epoch_start = {"rng": rng_state(), "generator": self.generator.get_state()}
             batches = loader.steps(0, lockstep)
-            metrics.reset(loader.num_batches or 64)
-        self._pending_rng = None
+        self._pending_rng = None  # (the train metrics are reset after each row: they may span epochs)
 
         # A stream's length is learnt by reading it: its last accumulation group is rescaled once it ends.
         steps, acc, world = (None if loader.is_stream else loader.num_batches), self.accumulate_steps, self.dist.world_size
@@ -586,10 +665,17 @@ class Trainer:
                 next_poll = time.monotonic() + self.poll_interval_s
             if self._stop_signal is not None and not self.dist.enabled:
                 self._interrupt(epoch, mid_epoch=not step.last, started=started)
-            if every and self.global_step % every == 0 and not step.last:
+            if step.last:
+                continue  # the epoch's end (in _run_epoch) writes its row and last.pt
+            if self._row_due(at_epoch_end=False):  # val_every_steps or max_steps: a row at this step
+                self._end_interval(epoch, callbacks, started, None, epoch_end=False)
+                if self._steps_done() or self.should_stop:
+                    return False
+            elif every and self.global_step % every == 0:
                 self._save_mid_epoch(epoch, started)
         self._raise_if_nonfinite(epoch)
         self._raise_if_weights_nonfinite(epoch)  # the last step's update, which no loss has seen yet
+        return True
 
     def _step_scheduler(self, scheduler: Any) -> None:
         try:
@@ -705,13 +791,16 @@ class Trainer:
             opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def _step_scheduler_per_epoch(self, row: dict) -> None:
+    def _step_scheduler_at(self, row: dict | None, epoch_end: bool) -> None:
+        """An epoch-interval scheduler steps at each epoch's end; ReduceLROnPlateau at each row instead
+        (with val_every_steps: every evaluation, its patience counting evaluations), with the monitored value."""
         if self.scheduler is None or self.scheduler_interval != "epoch":
             return
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            value = row.get(self.monitor)
-            self.scheduler.step(value if value is not None else row["train_loss"])
-        else:
+            if row is not None:
+                value = row.get(self.monitor)
+                self.scheduler.step(value if value is not None else row["train_loss"])
+        elif epoch_end:
             self.scheduler.step()
 
     @staticmethod
@@ -1080,16 +1169,18 @@ class Trainer:
                                   "start without resume to train from the beginning.")
         return state
 
-    def _best_state(self) -> dict:
-        return {"model": self.strategy.model_state_dict(self.model), "epoch": self.epoch, "task": self.task.name,
-                "monitor": self.monitor, "value": self.best_value, "config": self.config, "versions": _versions()}
+    def _best_state(self, epoch: int) -> dict:
+        return {"model": self.strategy.model_state_dict(self.model), "epoch": epoch, "step": self.global_step,
+                "task": self.task.name, "monitor": self.monitor, "value": self.best_value, "config": self.config,
+                "versions": _versions()}
 
     def _state(self) -> dict:
         """Everything a resumed run needs to continue bit for bit."""
-        mid = self.batch_in_epoch > 0
+        pending = bool(self.train_metrics.sizes)  # batches since the last row (mid-epoch, or val_every_steps)
+        self.state.row_seconds = max(0.0, time.perf_counter() - self._row_started) if self.val_every_steps else 0.0
         # Each rank's own random streams and running sums; rank 0 gets every rank's (a collective).
         own = {"rng": rng_state(), "epoch_start_rng": (self.state.epoch_start or {}).get("rng"),
-               "train_metrics": self.train_metrics.state_dict() if mid else None}
+               "train_metrics": self.train_metrics.state_dict() if pending else None}
         whole = not self.strategy.sharded_checkpoint  # sharded: model and optimizer go to the shards
         return {
             **({"model": self.strategy.model_state_dict(self.model)} if whole else {}),
@@ -1122,7 +1213,8 @@ class Trainer:
         if state.get("task", self.task.name) != self.task.name:
             raise ConfigError(f"{self.last_path} was a {shown(state['task'])} run; this one is {self.task.name}.")
         written_by = len(state.get("ranks") or []) or None
-        if saved.get("batch_in_epoch", 0) > 0 and written_by and written_by != self.dist.world_size:
+        pending = any(r.get("train_metrics") is not None for r in state.get("ranks") or [])  # since the last row
+        if (saved.get("batch_in_epoch", 0) > 0 or pending) and written_by and written_by != self.dist.world_size:
             # each rank's shard of the epoch, and so what was done, depends on the number of processes
             raise CheckpointError(
                 f"{self.last_path} was saved in the middle of epoch {state.get('epoch', 0) + 1} by {written_by} "
@@ -1164,6 +1256,7 @@ class Trainer:
         if self.batch_in_epoch > 0:
             self.state.epoch_start["rng"] = own["epoch_start_rng"]
             self._pending_rng = own["rng"]
+        if own.get("train_metrics") is not None:  # the batches since the last row (mid-epoch, val_every_steps)
             self.train_metrics.load_state_dict(own["train_metrics"], self.train_loader.num_batches)
 
     def _own_state(self, state: dict) -> dict:
