@@ -95,13 +95,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "train": {
         "epochs": Key("int", 30, "epochs to train", minimum=1),
+        "max_steps": Key("int", None, "stop after this many optimizer steps (with epochs, whichever comes first)", nullable=True, minimum=1),
+        "val_every_steps": Key("int", None, "validate, log a row, pick best.pt and early-stop every N optimizer steps (and at the end) instead of per epoch", nullable=True, minimum=1),
         "batch_size": Key("int", 64, "batch size per process", minimum=1),
         "eval_batch_size": Key("int", None, "evaluation batch size (default: batch_size)", nullable=True, minimum=1),
         "seed": Key("int", 0, "seed of Python, NumPy, torch and the shuffling", minimum=-(2**63), maximum=2**63 - 1),  # state.check_seed's
         "device": Key("str", None, "`cpu`, `cuda`, `cuda:1`... (default: CUDA if available)", nullable=True),
         "monitor": Key("str", None, "metric that picks best.pt: `val_<metric>`, `train_<metric>` or `*_loss` (default: val_ + the first metric)", nullable=True),
         "mode": Key("str", None, "`max` or `min` (default: the metric's direction; min for losses)", nullable=True, choices=("max", "min")),
-        "patience": Key("int", None, "early stopping: epochs without improvement (default: off)", nullable=True, minimum=1),
+        "patience": Key("int", None, "early stopping: evaluations (epochs, or val_every_steps rows) without improvement (default: off)", nullable=True, minimum=1),
         "grad_clip": Key("float", None, "clip the gradient norm to this value", nullable=True, minimum=0.0),
         "accumulate_steps": Key("int", 1, "batches per optimizer step (gradient accumulation)", minimum=1),
         "precision": Key("str", "fp32", "`fp32`, `bf16` (autocast) or `fp16` (autocast + grad scaler, CUDA)", choices=("fp32", "bf16", "fp16")),
@@ -335,6 +337,7 @@ def require_trusted_code(cfg: dict, trust_code: bool, command: str) -> None:
 RESUME_MAY_CHANGE = {
     "train.epochs": "train for more (or as many) epochs; refused with a cosine or onecycle schedule, "
                     "whose shape depends on the number of epochs",
+    "train.max_steps": "train for more (or as many) steps; refused with a onecycle schedule, whose shape depends on it",
     "train.progress": "display only",
     "train.checkpoint_every_steps": "how often last.pt is written",
     "train.async_save": "how last.pt is written, not what it holds",
@@ -376,6 +379,8 @@ def resume_changes(saved: dict, cfg: dict, resolved: dict, epochs_done: int, whe
                 refused.append(change)
             elif path == "train.epochs" and cfg["scheduler"]["name"] in ("cosine", "onecycle"):
                 refused.append(change + f" (the {cfg['scheduler']['name']} schedule was laid out for {old} epochs)")
+            elif path == "train.max_steps" and cfg["scheduler"]["name"] == "onecycle":
+                refused.append(change + f" (the onecycle schedule was laid out for max_steps {shown_repr(old)})")
             elif path == "train.epochs" and new < epochs_done:
                 refused.append(change + f" ({epochs_done} epochs are already done)")
             else:

@@ -225,7 +225,8 @@ def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, n_train: int, s
         if stream and cfg["data"]["num_workers"] > 1:  # a stream's workers each end on a partial batch
             batches += cfg["data"]["num_workers"] - 1
         per_epoch = math.ceil(batches / t["accumulate_steps"])
-    return sched.OneCycleLR(optimizer, max_lr=s["max_lr"] or 10 * cfg["optim"]["lr"], total_steps=per_epoch * t["epochs"])
+    total = per_epoch * t["epochs"] if t["max_steps"] is None else min(per_epoch * t["epochs"], t["max_steps"])
+    return sched.OneCycleLR(optimizer, max_lr=s["max_lr"] or 10 * cfg["optim"]["lr"], total_steps=total)
 
 
 def monitor_direction(cfg: dict) -> str:
@@ -305,7 +306,8 @@ def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, los
     return Trainer(
         model, optimizer, loss if loss is not None else build_loss(cfg, None, resolved.get("num_outputs")),
         task=task_name(cfg), metrics=cfg["task"]["metrics"], threshold=cfg["task"]["threshold"],
-        ignore_index=cfg["task"]["ignore_index"], max_epochs=t["epochs"], out_dir=folder, seed=t["seed"],
+        ignore_index=cfg["task"]["ignore_index"], max_epochs=t["epochs"], max_steps=t["max_steps"],
+        val_every_steps=t["val_every_steps"], out_dir=folder, seed=t["seed"],
         monitor=t["monitor"], mode=t["mode"], batch_size=t["batch_size"], eval_batch_size=t["eval_batch_size"],
         progress=t["progress"], callbacks=callbacks, device=t["device"], scheduler=scheduler,
         grad_clip=t["grad_clip"], accumulate_steps=t["accumulate_steps"], precision=t["precision"],
