@@ -262,7 +262,7 @@ class TensorBoardLogger(Callback):
             return
         at = row["step"] if trainer.val_every_steps else row["epoch"]
         for key, value in row.items():
-            if key not in ("epoch", "step") and isinstance(value, (int, float)) and value is not None:
+            if key != "epoch" and isinstance(value, (int, float)) and value is not None:
                 self.writer.add_scalar(key, value, at)
         self.writer.flush()
 

@@ -37,9 +37,9 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, str]:
 
 
 def scalars(row: dict) -> dict[str, float]:
-    """The numeric columns of a row (``epoch`` and ``step`` say where it is: not scalars)."""
+    """The numeric columns of a row (``epoch`` is where it is, not a scalar; ``step`` is one, as in metrics.csv)."""
     return {k: float(v) for k, v in row.items()
-            if k not in ("epoch", "step") and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 def _at(trainer: Trainer, row: dict) -> int:

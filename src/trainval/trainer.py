@@ -1216,10 +1216,12 @@ class Trainer:
         pending = any(r.get("train_metrics") is not None for r in state.get("ranks") or [])  # since the last row
         if (saved.get("batch_in_epoch", 0) > 0 or pending) and written_by and written_by != self.dist.world_size:
             # each rank's shard of the epoch, and so what was done, depends on the number of processes
+            where = (f"in the middle of epoch {state.get('epoch', 0) + 1}" if saved.get("batch_in_epoch", 0) > 0
+                     else "between two validations (val_every_steps)")
             raise CheckpointError(
-                f"{self.last_path} was saved in the middle of epoch {state.get('epoch', 0) + 1} by {written_by} "
+                f"{self.last_path} was saved {where} by {written_by} "
                 f"process{'es' if written_by > 1 else ''}; this run has {self.dist.world_size}. The samples already "
-                f"trained in that epoch are known only for {written_by}: resume with {written_by} "
+                f"trained since are known only for {written_by}: resume with {written_by} "
                 f"(--nproc {written_by}), then change the number of processes at an epoch's end.")
         if "shards" in state:  # each rank reads the pieces of its own shards (a collective)
             shards = self.strategy.sharded_state_dict(self.model, self.optimizer)
