@@ -67,7 +67,7 @@ def test_npz_fit_predict_and_unlabelled_test(tmp_path):
     for name in ("config.yaml", "best.pt", "last.pt", "metrics.csv", "curves.png", "summary.json", "predictions.csv"):
         assert (run / name).exists(), name
     rows = read_csv(run / "metrics.csv")
-    assert list(rows[0]) == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+    assert list(rows[0]) == ["epoch", "step", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
     resolved = config.load(str(run / "config.yaml"))
     assert resolved["model"]["hidden"] == [64]
     assert "versions:" in (run / "config.yaml").read_text() and "torch:" in (run / "config.yaml").read_text()

@@ -37,7 +37,7 @@ def test_an_unknown_option_is_one_clear_error_with_the_closest_name():
 
 @pytest.mark.parametrize("name,value,words", [
     ("max_epochs", 0, "max_epochs must be a positive integer, got 0"),
-    ("grad_clip", float("nan"), "grad_clip must be a positive number, got nan"),
+    ("grad_clip", float("nan"), "grad_clip must be a positive number or None, got nan"),
     ("precision", "fp8", "precision must be one of fp32, bf16, fp16, got 'fp8'"),
     ("progress", "yes", "progress must be True or False, got 'yes'"),
 ])

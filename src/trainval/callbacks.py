@@ -14,6 +14,10 @@ Hooks, in the order the loop calls them::
         on_epoch_end(trainer, row)        # row: the epoch's dict of metrics, as in trainer.history
     on_fit_end(trainer)
 
+``on_epoch_end`` is called once per row, i.e. per evaluation: at each epoch's end by default; with
+``Trainer(val_every_steps=K)`` every K optimizer steps (inside an epoch) and at the run's end instead
+(``row["step"]`` says where; ``trainer.batch_in_epoch`` is 0 only at an epoch's end).
+
 Callbacks that keep state across epochs implement ``state_dict``/``load_state_dict``; it travels in
 ``last.pt`` so that a resumed run continues exactly.
 """
@@ -57,10 +61,11 @@ class Callback:
 
 
 class EarlyStopping(Callback):
-    """Stop when the monitored metric has not improved for ``patience`` epochs.
+    """Stop when the monitored metric has not improved for ``patience`` evaluations (rows): epochs, or
+    with ``val_every_steps`` validations every that many steps.
 
-    Its state is derived from the trainer's best epoch, which every checkpoint holds, so a resumed
-    run stops exactly where an uninterrupted one would.
+    Its state is derived from the trainer's best row (its step, or its epoch), which every checkpoint
+    holds with the history, so a resumed run stops exactly where an uninterrupted one would.
     """
 
     def __init__(self, patience: int):
@@ -69,9 +74,20 @@ class EarlyStopping(Callback):
         self.patience = patience
 
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
-        if trainer.best_epoch is not None and row["epoch"] - trainer.best_epoch >= self.patience:
-            trainer.log(f"early stopping: {trainer.monitor} has not improved for {self.patience} epochs "
-                        f"(best {trainer.best_value:.4f} at epoch {trainer.best_epoch})")
+        if trainer.best_epoch is None:
+            return
+        best_step = trainer.best_step
+        if best_step is not None:  # the rows after the best one (every row has its step)
+            waited = sum(1 for r in trainer.history if isinstance(r.get("step"), int) and r["step"] > best_step)
+        else:  # a run resumed from a last.pt that recorded no best step: one row per epoch
+            waited = row["epoch"] - trainer.best_epoch
+        if waited >= self.patience:
+            if trainer.options.val_every_steps:
+                trainer.log(f"early stopping: {trainer.monitor} has not improved for {self.patience} evaluations "
+                            f"(best {trainer.best_value:.4f} at step {best_step})")
+            else:
+                trainer.log(f"early stopping: {trainer.monitor} has not improved for {self.patience} epochs "
+                            f"(best {trainer.best_value:.4f} at epoch {trainer.best_epoch})")
             trainer.should_stop = True
 
 
@@ -95,6 +111,7 @@ class ProgressBar(Callback):
         return hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        self.close()  # (with val_every_steps an epoch may end without a row)
         self._total, self._epoch = trainer.train_loader.num_batches, epoch  # None: a stream without len
         self._next = time.monotonic() + (self.refresh_s if self.is_terminal else self.line_s)
         if self.is_terminal:
@@ -122,7 +139,8 @@ class ProgressBar(Callback):
             self._next = now + self.line_s
 
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
-        self.close()
+        if trainer.batch_in_epoch == 0:  # a row inside the epoch (val_every_steps) keeps the bar
+            self.close()
 
     def on_fit_end(self, trainer: Trainer) -> None:
         self.close()
@@ -159,9 +177,11 @@ def write_metrics_csv(path: str, history: list[dict]) -> None:
     atomic_write(path, lambda f: f.write(data), "metrics file")
 
 
-def plot_curves(path: str, history: list[dict], monitor: str | None = None, best_epoch: int | None = None) -> None:
-    """One panel per metric (loss first), train vs val per epoch, the best epoch marked, and a panel of
-    every param group's learning rate; one PNG, written atomically."""
+def plot_curves(path: str, history: list[dict], monitor: str | None = None, best_epoch: int | None = None,
+                x: str = "epoch") -> None:
+    """One panel per metric (loss first), train vs val per row, the best row marked, and a panel of
+    every param group's learning rate; one PNG, written atomically. ``x``: ``"epoch"`` or ``"step"`` (the
+    rows' column on the x axis; ``best_epoch`` is then the best row's value of it)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -174,7 +194,7 @@ def plot_curves(path: str, history: list[dict], monitor: str | None = None, best
             names.append(name)
     names.sort(key=lambda n: n != "loss")
     lr_columns = [c for c in metric_columns(history) if _is_lr_column(c)]
-    epochs = [r["epoch"] for r in history]
+    epochs = [r.get(x) for r in history]
     panels = len(names) + bool(lr_columns)
     cols = min(3, panels) or 1
     rows = math.ceil(panels / cols) or 1
@@ -187,7 +207,7 @@ def plot_curves(path: str, history: list[dict], monitor: str | None = None, best
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"best ({monitor})" if monitor else "best")
         ax.set_title("Loss" if name == "loss" else ("Accuracy" if name == "acc" else name))
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(x)
         ax.grid(alpha=0.3)
         ax.legend()
     if lr_columns:
@@ -200,8 +220,8 @@ def plot_curves(path: str, history: list[dict], monitor: str | None = None, best
             ax.axvline(best_epoch, color="grey", ls="--", lw=1, label="best")
         if all(isinstance(r.get(c), (int, float)) and r.get(c) > 0 for r in history for c in lr_columns):
             ax.set_yscale("log")
-        ax.set_title("Learning rate (at the epoch's start)")
-        ax.set_xlabel("epoch")
+        ax.set_title("Learning rate (at the epoch's start)" if x == "epoch" else "Learning rate (at the row's step)")
+        ax.set_xlabel(x)
         ax.grid(alpha=0.3)
         ax.legend()
     for ax in list(axes.flat)[panels:]:
@@ -248,9 +268,10 @@ class TensorBoardLogger(Callback):
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
         if self.writer is None:
             return
+        at = row["step"] if trainer.options.val_every_steps else row["epoch"]
         for key, value in row.items():
             if key != "epoch" and isinstance(value, (int, float)) and value is not None:
-                self.writer.add_scalar(key, value, row["epoch"])
+                self.writer.add_scalar(key, value, at)
         self.writer.flush()
 
     def on_fit_end(self, trainer: Trainer) -> None:

@@ -61,8 +61,8 @@ class Checkpoints:
         if not (improved or keep):
             return
         if improved:
-            t.state.best_value, t.state.best_epoch = value, epoch
-        state = {**self.best_state(), "value": value}
+            t.state.best_value, t.state.best_epoch, t.state.best_step = value, epoch, t.global_step
+        state = {**self.best_state(epoch), "value": value}
         if improved:
             if t.dist.is_main:
                 save_checkpoint(state, t.best_path, "best checkpoint")
@@ -155,18 +155,21 @@ class Checkpoints:
                                   "start without resume to train from the beginning.")
         return state
 
-    def best_state(self) -> dict:
+    def best_state(self, epoch: int) -> dict:
+        """best.pt (and a top-k file): the weights, and the row they were chosen at (under FSDP a collective)."""
         t = self.t
-        return {"model": t.strategy.model_state_dict(t.model), "epoch": t.epoch, "task": t.task.name,
-                "monitor": t.monitor, "value": t.best_value, "config": t.config, "versions": versions()}
+        return {"model": t.strategy.model_state_dict(t.model), "epoch": epoch, "step": t.global_step,
+                "task": t.task.name, "monitor": t.monitor, "value": t.best_value, "config": t.config,
+                "versions": versions()}
 
     def app_state(self) -> dict:
         """Everything a resumed run needs to continue bit for bit."""
         t = self.t
-        mid = t.batch_in_epoch > 0
+        pending = bool(t.train_metrics.sizes)  # batches since the last row (mid-epoch, or val_every_steps)
+        t.state.row_seconds = max(0.0, time.perf_counter() - t.row_started) if t.options.val_every_steps else 0.0
         # Each rank's own random streams and running sums; rank 0 gets every rank's (a collective).
         own = {"rng": rng_state(), "epoch_start_rng": (t.state.epoch_start or {}).get("rng"),
-               "train_metrics": t.train_metrics.state_dict() if mid else None}
+               "train_metrics": t.train_metrics.state_dict() if pending else None}
         whole = not t.strategy.sharded_checkpoint  # sharded: model and optimizer go to the shards
         return {
             **({"model": t.strategy.model_state_dict(t.model)} if whole else {}),
@@ -201,12 +204,15 @@ class Checkpoints:
         if state.get("task", t.task.name) != t.task.name:
             raise ConfigError(f"{t.last_path} was a {shown(state['task'])} run; this one is {t.task.name}.")
         written_by = len(state.get("ranks") or []) or None
-        if saved.get("batch_in_epoch", 0) > 0 and written_by and written_by != t.dist.world_size:
+        pending = any(r.get("train_metrics") is not None for r in state.get("ranks") or [])  # since the last row
+        if (saved.get("batch_in_epoch", 0) > 0 or pending) and written_by and written_by != t.dist.world_size:
             # each rank's shard of the epoch, and so what was done, depends on the number of processes
+            where = (f"in the middle of epoch {state.get('epoch', 0) + 1}" if saved.get("batch_in_epoch", 0) > 0
+                     else "between two validations (val_every_steps)")
             raise CheckpointError(
-                f"{t.last_path} was saved in the middle of epoch {state.get('epoch', 0) + 1} by {written_by} "
+                f"{t.last_path} was saved {where} by {written_by} "
                 f"process{'es' if written_by > 1 else ''}; this run has {t.dist.world_size}. The samples already "
-                f"trained in that epoch are known only for {written_by}: resume with {written_by} "
+                f"trained since are known only for {written_by}: resume with {written_by} "
                 f"(--nproc {written_by}), then change the number of processes at an epoch's end.")
         if "shards" in state:  # each rank reads the pieces of its own shards (a collective)
             shards = t.strategy.sharded_state_dict(t.model, t.optimizer)
@@ -244,6 +250,7 @@ class Checkpoints:
         if t.batch_in_epoch > 0:
             t.state.epoch_start["rng"] = own["epoch_start_rng"]
             t.pending_rng = own["rng"]
+        if own.get("train_metrics") is not None:  # the batches since the last row (mid-epoch, val_every_steps)
             t.train_metrics.load_state_dict(own["train_metrics"], t.train_loader.num_batches)
 
     def own_state(self, state: dict) -> dict:

@@ -74,7 +74,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "patience": Key("int", 5, "plateau: epochs without improvement before decaying", minimum=0),
     },
     "train": {
-        "patience": Key("int", None, "early stopping: epochs without improvement (default: off)", nullable=True, minimum=1),
+        "patience": Key("int", None, "early stopping: evaluations (epochs, or val_every_steps rows) without improvement (default: off)", nullable=True, minimum=1),
         "ema_decay": Key("float", None, "validate and save best.pt with an exponential moving average of the weights, updated after every optimizer step with this decay, in (0, 1) (e.g. 0.999; default: off)", nullable=True),
     },
     "run": {
@@ -338,6 +338,8 @@ def resume_changes(saved: dict, cfg: dict, resolved: dict, epochs_done: int, whe
                 refused.append(change)
             elif path == "train.epochs" and cfg["scheduler"]["name"] in ("cosine", "onecycle"):
                 refused.append(change + f" (the {cfg['scheduler']['name']} schedule was laid out for {old} epochs)")
+            elif path == "train.max_steps" and cfg["scheduler"]["name"] == "onecycle":
+                refused.append(change + f" (the onecycle schedule was laid out for max_steps {shown_repr(old)})")
             elif path == "train.epochs" and new < epochs_done:
                 refused.append(change + f" ({epochs_done} epochs are already done)")
             else:

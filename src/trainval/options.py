@@ -59,17 +59,19 @@ class Key:
 
 def option(default: Any, doc: str, kind: str, *, cli: str | None = None, cli_doc: str | None = None,
            cli_default: Any = ..., minimum: float | None = None, maximum: float | None = None,
-           choices: tuple | None = None, positive: bool = False, resume: str | None = None) -> Any:
+           choices: tuple | None = None, positive: bool = False, resume: str | None = None,
+           unit: str | None = None) -> Any:
     """A :class:`TrainerOptions` field: its default, its meaning (``doc``), its check and its CLI key.
 
     ``kind``: int, float, bool or str (``Optional`` when the default is None); ``positive``: > 0 (the
     Trainer's check; ``minimum`` is the CLI's bound where they differ); ``cli``: ``section.key`` of the
     config file, ``cli_doc`` its line in the README's table (default: ``doc``), ``cli_default`` its default
-    where it is not the Trainer's; ``resume``: why ``fit --resume`` may change the key (absent: it may not).
+    where it is not the Trainer's; ``resume``: why ``fit --resume`` may change the key (absent: it may not);
+    ``unit``: what the number counts, in the message of a wrong value.
     """
     meta = {"doc": doc, "kind": kind, "cli": cli, "cli_doc": cli_doc or doc,
             "cli_default": default if cli_default is ... else cli_default, "minimum": minimum, "maximum": maximum,
-            "choices": choices, "positive": positive, "resume": resume}
+            "choices": choices, "positive": positive, "resume": resume, "unit": unit}
     return field(default=default, metadata=meta)
 
 
@@ -82,6 +84,21 @@ class TrainerOptions:
         cli_doc="epochs to train", cli_default=30, minimum=1, positive=True,
         resume="train for more (or as many) epochs; refused with a cosine or onecycle schedule, whose shape "
                "depends on the number of epochs")
+    max_steps: int | None = option(
+        None, "stop after this many optimizer steps (with ``max_epochs``, whichever comes first); a run that reaches "
+              "it inside an epoch ends with a validation row at that step and a ``last.pt``", "int",
+        cli="train.max_steps",
+        cli_doc="stop after this many optimizer steps (with epochs, whichever comes first)", minimum=1, positive=True,
+        unit="optimizer steps",
+        resume="train for more (or as many) steps; refused with a onecycle schedule, whose shape depends on it")
+    val_every_steps: int | None = option(
+        None, "validate, log a row, choose ``best.pt`` and let callbacks (early stopping) decide every this many "
+              "optimizer steps, and once more at the run's end, instead of at each epoch's end. A row reports the "
+              "training metrics of the batches since the previous row. ``EarlyStopping``'s and ReduceLROnPlateau's "
+              "patience then count evaluations; other epoch-interval schedulers still step per epoch. Every row "
+              "carries ``step``, the optimizer steps done at that row", "int", cli="train.val_every_steps",
+        cli_doc="validate, log a row, pick best.pt and early-stop every N optimizer steps (and at the end) instead of "
+                "per epoch", minimum=1, positive=True, unit="optimizer steps")
     out_dir: str = option(
         "runs/exp", "run folder for ``best.pt``, ``last.pt``, ``metrics.csv``, ``curves.png`` and ``summary.json`` "
                     "(see :class:`~trainval.runs.RunSummary`)", "str")
@@ -160,7 +177,7 @@ class TrainerOptions:
               "are removed: written after last.pt, their evaluation runs again), and a new fit into the folder "
               "(``overwrite``) removes the replaced run's", "int", cli="train.save_top_k",
         cli_doc="also keep the k best evaluations as `epoch003-step120-val_acc_0.9312.pt` files (default: best.pt only)",
-        minimum=1, positive=True)
+        minimum=1, positive=True, unit="the number of best checkpoints to keep")
     check_inputs: bool = option(True, "refuse NaN/Inf in in-memory features before training", "bool",
                                 cli="data.check_inputs", cli_doc="refuse NaN/Inf features before training")
     on_device: bool | None = option(
@@ -206,25 +223,27 @@ def _check(name: str, value: Any, f: dataclasses.Field) -> None:
     meta = f.metadata
     if value is None and f.default is None:
         return
-    kind, objects = meta["kind"], name in ("device", "strategy")  # these two also take objects
-    if objects:
-        return  # checked where they are used: torch.device(...), make_strategy(...)
-    if kind == "int":
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ConfigError(f"{name} must be {'a positive integer' if meta['positive'] else 'an integer'}, "
-                              f"got {value!r}.")
-    elif kind == "float":
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ConfigError(f"{name} must be {'a positive number' if meta['positive'] else 'a finite number'}, "
-                              f"got {value!r}.")
-    elif kind == "bool" and not isinstance(value, bool):
-        raise ConfigError(f"{name} must be True or False, got {value!r}.")
-    elif kind == "str" and not isinstance(value, str):
-        raise ConfigError(f"{name} must be a string, got {value!r}.")
+    if name in ("device", "strategy"):  # these two also take objects: checked where they are used
+        return
+    kind = meta["kind"]
+    expected = {"int": "an integer", "float": "a finite number", "bool": "True or False", "str": "a string"}[kind]
+    if meta["positive"]:
+        expected = "a positive integer" if kind == "int" else "a positive number"
+    if meta["unit"]:
+        expected += f" ({meta['unit']})"
+    if f.default is None:
+        expected += " or None"
+    wrong = ConfigError(f"{name} must be {expected}, got {shown_repr(value)}.")
+    if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
+        raise wrong
+    if kind == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
+        raise wrong
+    if (kind == "bool" and not isinstance(value, bool)) or (kind == "str" and not isinstance(value, str)):
+        raise wrong
     if meta["positive"] and value <= 0:
-        raise ConfigError(f"{name} must be a positive {'integer' if kind == 'int' else 'number'}, got {value!r}.")
+        raise wrong
     if meta["choices"] is not None and value not in meta["choices"]:
-        raise ConfigError(f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {value!r}.")
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {shown_repr(value)}.")
 
 
 def make_options(given: dict[str, Any]) -> TrainerOptions:

@@ -87,7 +87,7 @@ def trainer_arguments(trainer: Trainer) -> dict:
         "callbacks": [type(cb).__name__ for cb in trainer.callbacks],
         "device": str(trainer.device),
     }
-    for name in ("max_epochs", "seed", "batch_size", "eval_batch_size", "grad_clip", "accumulate_steps",
+    for name in ("max_epochs", "max_steps", "val_every_steps", "seed", "batch_size", "eval_batch_size", "grad_clip", "accumulate_steps",
                  "precision", "compile", "checkpoint_every_steps", "async_save", "save_top_k", "on_device", "num_workers", "overwrite", "plot"):
         args[name] = _plain(getattr(trainer.options, name, None))
     args["eval_batch_size"] = args["eval_batch_size"] or args["batch_size"]
@@ -171,6 +171,10 @@ class RunSummary(Callback):
             "monitor": trainer.monitor,
             "mode": trainer.mode,
             "best_epoch": trainer.best_epoch,
+            "steps": trainer.global_step,
+            "max_steps": trainer.options.max_steps,
+            "val_every_steps": trainer.options.val_every_steps,
+            "best_step": trainer.best_step,
             "best_value": _plain(trainer.best_value),
             "final": {k: _plain(v) for k, v in history[-1].items()} if history else {},
             "train_samples": getattr(train_loader, "dataset_size", None),

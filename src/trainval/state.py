@@ -27,9 +27,10 @@ class LoopState:
     epoch: int = 0                      # completed epochs
     batch_in_epoch: int = 0             # batches done in the epoch in progress
     global_step: int = 0                # optimizer steps
-    history: list[dict] = field(default_factory=list)  # one row of metrics per completed epoch
+    history: list[dict] = field(default_factory=list)  # one row of metrics per evaluation (epoch, or val_every_steps)
     best_value: float | None = None     # of the monitored metric
-    best_epoch: int | None = None
+    best_epoch: int | None = None       # the epoch of the best row (the one in progress, for a row inside it)
+    best_step: int | None = None        # the optimizer steps done at the best row
     monitor: str = ""                   # e.g. "val_acc"; its direction in ``mode``
     mode: str = "max"
     should_stop: bool = False
@@ -37,6 +38,7 @@ class LoopState:
     # save_top_k: the kept files, best first: {"file", "epoch", "step", "value"} (the file name follows from
     # the other three, see checkpoint.top_k_name). Ties: the earlier evaluation stays ahead.
     top_k: list[dict] = field(default_factory=list)
+    row_seconds: float = 0.0            # seconds since the previous row at the save (val_every_steps rows' time)
 
     def improved(self, value: float | None) -> bool:
         """Is ``value`` of the monitored metric better than the best so far (NaN never is)?"""
@@ -119,8 +121,13 @@ def check_loop(loop: object, path: str) -> dict:
         if name in loop and not _is_count(loop[name]):
             raise _bad(path, f"loop.{name}", loop[name], "a whole number >= 0")
     best_epoch = loop.get("best_epoch")
-    if best_epoch is not None and not (_is_count(best_epoch) and best_epoch <= loop.get("epoch", 0)):
-        raise _bad(path, "loop.best_epoch", best_epoch, "None or a completed epoch (0 to loop.epoch)")
+    if best_epoch is not None and not (_is_count(best_epoch) and best_epoch <= loop.get("epoch", 0) + 1):
+        raise _bad(path, "loop.best_epoch", best_epoch, "None or an epoch done or in progress (0 to loop.epoch + 1)")
+    best_step = loop.get("best_step")
+    if best_step is not None and not (_is_count(best_step) and best_step <= loop.get("global_step", 0)):
+        raise _bad(path, "loop.best_step", best_step, "None or an optimizer step done (0 to loop.global_step)")
+    if not _finite_seconds(loop.get("row_seconds", 0.0)):
+        raise _bad(path, "loop.row_seconds", loop["row_seconds"], "a number of seconds >= 0")
     best_value = loop.get("best_value")
     if best_value is not None and not (isinstance(best_value, numbers.Real) and not isinstance(best_value, bool)
                                        and math.isfinite(best_value)):
@@ -135,8 +142,9 @@ def check_loop(loop: object, path: str) -> dict:
     if not isinstance(history, list):
         raise _bad(path, "loop.history", history, "a list of rows of metrics")
     for i, row in enumerate(history):
-        if not isinstance(row, dict) or not (_is_count(row.get("epoch")) and row["epoch"] >= 1):
-            raise _bad(path, f"loop.history[{i}]", row, "a dict of one epoch's metrics with its epoch (>= 1)")
+        if not isinstance(row, dict) or not (_is_count(row.get("epoch")) and row["epoch"] >= 1) \
+                or not (row.get("step") is None or _is_count(row["step"])):
+            raise _bad(path, f"loop.history[{i}]", row, "a dict of one row's metrics with its epoch (>= 1) and step")
     start = loop.get("epoch_start")
     if start is not None and not (isinstance(start, dict) and _finite_seconds(start.get("seconds", 0.0))):
         raise _bad(path, "loop.epoch_start", start, "None or a dict of the epoch in progress (its seconds >= 0)")

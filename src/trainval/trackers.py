@@ -37,9 +37,14 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, str]:
 
 
 def scalars(row: dict) -> dict[str, float]:
-    """The numeric columns of an epoch's row (``epoch`` is the step, not a scalar)."""
+    """The numeric columns of a row (``epoch`` is where it is, not a scalar; ``step`` is one, as in metrics.csv)."""
     return {k: float(v) for k, v in row.items()
             if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _at(trainer: Trainer, row: dict) -> int:
+    """A row's step for a tracker: its optimizer step with ``val_every_steps``, else its epoch."""
+    return int(row["step"] if trainer.options.val_every_steps else row["epoch"])
 
 
 def _params(trainer: Trainer, given: dict | None) -> dict[str, str]:
@@ -172,7 +177,7 @@ class MLflowLogger(Callback):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, int(row["epoch"])) for k, v in scalars(row).items()]
+        metrics = [Metric(k, v, now, _at(trainer, row)) for k, v in scalars(row).items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def on_fit_end(self, trainer: Trainer) -> None:
@@ -251,7 +256,7 @@ class WandbLogger(Callback):
 
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
         if self.run is not None:
-            self.run.log(scalars(row), step=int(row["epoch"]))
+            self.run.log(scalars(row), step=_at(trainer, row))
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if self.run is None:

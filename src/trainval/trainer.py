@@ -43,6 +43,7 @@ from trainval.guard import Guard
 from trainval.metrics import MetricSet, confusion_metric, metric_direction, resolve_metrics
 from trainval.options import docs as option_docs
 from trainval.options import make_options, signature_with_options
+from trainval.plan import StepPlan
 from trainval.precision import Precision
 from trainval.runfolder import holds_run_folder, is_main_process
 from trainval.runs import RunSummary, record_test
@@ -137,6 +138,8 @@ class Trainer:
         self._val_metrics: MetricSet | None = None
         self.pending_rng: dict | None = None  # a mid-epoch resume's RNG state, set once the epoch is redrawn
         self.epoch_started = 0.0  # perf_counter at the epoch's start (less the seconds run before a resume)
+        self.row_started = 0.0  # perf_counter at the previous row (val_every_steps: a row's seconds)
+        self.plan = StepPlan(self.options)  # when steps, rows, saves and the end are due
         self._bar: ProgressBar | None = None
 
     # ------------------------------------------------------------------------------------------
@@ -165,6 +168,10 @@ class Trainer:
     @property
     def best_epoch(self) -> int | None:
         return self.state.best_epoch
+
+    @property
+    def best_step(self) -> int | None:
+        return self.state.best_step
 
     @property
     def monitor(self) -> str:
@@ -262,13 +269,16 @@ class Trainer:
                 callbacks = ([self._bar] if self._bar else []) + self.callbacks + ([RunSummary()] if self.dist.is_main else [])
                 for cb in callbacks:
                     cb.on_fit_start(self)
-                while self.epoch < self.max_epochs and not self.should_stop:
+                self.row_started = time.perf_counter() - self.state.row_seconds
+                while self.epoch < self.max_epochs and not self.should_stop and not self.plan.steps_done(self.global_step):
                     self._run_epoch(callbacks)
                 self.checkpoints.wait()  # the last save is on disk before the run ends (its error raises here)
                 for cb in callbacks:
                     cb.on_fit_end(self)
                 if self.options.plot and self.dist.is_main and self.history:
-                    plot_curves(os.path.join(self.out_dir, "curves.png"), self.history, self.monitor, self.best_epoch)
+                    by_step = self.options.val_every_steps is not None  # x: the step of each row, else its epoch
+                    plot_curves(os.path.join(self.out_dir, "curves.png"), self.history, self.monitor,
+                                self.best_step if by_step else self.best_epoch, x="step" if by_step else "epoch")
         except BaseException:
             self.checkpoints.wait_quietly()  # no write left running behind the error; the first error wins
             raise
@@ -379,29 +389,64 @@ class Trainer:
             cb.on_epoch_start(self, epoch)
         if self.options.eval_frozen_batchnorm:
             _eval_frozen_batchnorm(self.model)
-        self._train_epoch(epoch, callbacks)
-        train, _ = self.train_metrics.compute()  # a sync point: once per epoch
-        row: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()}}
+        if not self._train_epoch(epoch, callbacks):
+            return  # max_steps reached (or a stop decided at a row) inside the epoch: its row and last.pt are written
+        if self.plan.row_due(self.global_step, self.epoch, at_epoch_end=True):
+            self._end_interval(epoch, callbacks, lrs if self.options.val_every_steps is None else None, epoch_end=True)
+        else:  # val_every_steps: no row at this epoch's end; last.pt holds the train metrics since the last one
+            self._step_scheduler_at(None, epoch_end=True)
+            self.state.epoch, self.state.batch_in_epoch, self.state.epoch_start = epoch, 0, None
+            if self.dist.enabled:  # every rank must agree, or the next collective hangs
+                self.should_stop = bool(distributed.all_reduce_max(int(self.should_stop)))
+            self.checkpoints.save_last(with_metrics=True)
+        self.guard.end_of_epoch(epoch)
+
+    def _end_interval(self, epoch: int, callbacks: list[Callback], lrs: list[float] | None, epoch_end: bool) -> None:
+        """The end of an evaluation interval (an epoch, or ``val_every_steps`` optimizer steps): one row.
+
+        The train metrics since the previous row (then reset), validation, the scheduler, the log line,
+        best.pt and top-k files, the callbacks' ``on_epoch_end`` (which may stop the run: every rank agrees),
+        and last.pt with metrics.csv. ``epoch_end``: the epoch is over (else the row is inside it, at
+        ``global_step``); ``lrs``: the learning rates the row shows (default: the current ones).
+        """
+        if not epoch_end:  # (the epoch's end checked these at the end of _train_epoch)
+            self.guard.raise_if_nonfinite(epoch)
+            self.guard.raise_if_weights_nonfinite(epoch)
+        train, _ = self.train_metrics.compute()  # a sync point: once per row
+        self.train_metrics.reset(self.train_loader.num_batches or 64)  # the next row's batches start here
+        row: dict[str, Any] = {"epoch": epoch, "step": self.global_step, **{f"train_{k}": v for k, v in train.items()}}
         with self._evaluation_weights(callbacks):  # e.g. EMA's averaged weights, for validation and best.pt
             if self.val_loader is not None:
                 val, count = self._evaluate(self.val_loader, self._val_metrics)
                 self._check_count(count, self.val_loader, "validation")
                 row.update({f"val_{k}": v for k, v in val.items()})
+            lrs = lrs if lrs is not None else [group["lr"] for group in self.optimizer.param_groups]
             row["lr"] = lrs[0]  # param group 0; lr_1, lr_2... for the others
             row.update({f"lr_{i}": lr for i, lr in enumerate(lrs[1:], start=1)})
-            self._step_scheduler_per_epoch(row)
-            self.state.epoch, self.state.batch_in_epoch, self.state.epoch_start = epoch, 0, None
-            self.log(self._epoch_line(epoch, row))
-            # the weights are finite: checked at the end of _train_epoch
+            self._step_scheduler_at(row, epoch_end)
+            if epoch_end:
+                self.state.epoch, self.state.batch_in_epoch, self.state.epoch_start = epoch, 0, None
+            else:
+                self.state.epoch_start["seconds"] = time.perf_counter() - self.epoch_started
+            by_epoch = epoch_end and self.options.val_every_steps is None
+            self.log(self._epoch_line(epoch, row) if by_epoch else self._step_line(row))
+            # the weights are finite: checked at the end of _train_epoch or above
             self.checkpoints.save_best_and_top_k(row[self.monitor], epoch)
-        row["seconds"] = round(time.perf_counter() - self.epoch_started, 4)
+        now = time.perf_counter()
+        row["seconds"] = round(now - (self.epoch_started if self.options.val_every_steps is None else self.row_started), 4)
+        self.row_started = now
         self.history.append(row)
         for cb in callbacks:
             cb.on_epoch_end(self, row)  # may add columns to the row: metrics.csv and the plot show them
         if self.dist.enabled:  # every rank must agree, or the next collective hangs
             self.should_stop = bool(distributed.all_reduce_max(int(self.should_stop)))
         self.checkpoints.save_last(with_metrics=True)
-        self.guard.end_of_epoch(epoch)
+
+    def _step_line(self, row: dict) -> str:
+        """``[step 000200/001000] Train ... | Val ...``: a row at an optimizer step (val_every_steps, max_steps)."""
+        total = self.plan.total_steps(self.train_loader.num_batches)
+        of = f"/{total:06d}" if total else ""
+        return f"[step {row['step']:06d}{of}]" + self._epoch_line(row["epoch"], row).split("]", 1)[1]
 
     @contextlib.contextmanager
     def _evaluation_weights(self, callbacks: list[Callback]) -> Iterator[None]:
@@ -429,8 +474,13 @@ class Trainer:
         return line
 
 
-    def _train_epoch(self, epoch: int, callbacks: list[Callback]) -> None:
-        loader, opt, metrics, task = self.train_loader, self.optimizer, self.train_metrics, self.task
+    def _train_epoch(self, epoch: int, callbacks: list[Callback]) -> bool:
+        """One pass over the training data (from ``batch_in_epoch`` on a resume); rows at ``val_every_steps``.
+
+        Returns False where the run ends inside the epoch (``max_steps``, or a stop decided at a row),
+        True once the epoch is done.
+        """
+        loader, opt, metrics, task, plan = self.train_loader, self.optimizer, self.train_metrics, self.task, self.plan
         weigh = loss_weight_fn(self.loss_fn, task)  # what each batch's mean loss was divided by
         loader.set_epoch(epoch - 1)  # a stream's own shuffling, like DistributedSampler.set_epoch (from 0)
         lockstep = self.dist.enabled  # a stream's shares may differ by a batch or more: count per step
@@ -448,22 +498,20 @@ class Trainer:
             self.state.epoch_start = {"rng": rng_state(), "generator": self.generator.get_state(),
                                       "loader": loader.state_dict()}
             batches = loader.steps(0, lockstep)
-            metrics.reset(loader.num_batches or 64)
-        self.pending_rng = None
+        self.pending_rng = None  # (the train metrics are reset after each row: they may span epochs)
 
         # A stream's length is learnt by reading it: its last accumulation group is rescaled once it ends.
-        steps, acc, world = (None if loader.is_stream else loader.num_batches), self.options.accumulate_steps, self.dist.world_size
+        num_batches, world = (None if loader.is_stream else loader.num_batches), self.dist.world_size
         per_step_scheduler = self.scheduler if self.scheduler_interval == "step" else None
         batch_callbacks = [cb for cb in callbacks if type(cb).on_train_batch_end is not Callback.on_train_batch_end]
         step_callbacks = [cb for cb in callbacks if type(cb).on_optimizer_step is not Callback.on_optimizer_step]
-        every = self.options.checkpoint_every_steps
         self.guard.start_epoch()
         in_group, stand_in = 0, None  # real batches (every rank's) in this accumulation group so far
         first = True  # the first batch's loss is checked (free: no host sync), after on_epoch_start's freezing
         for step in batches:
             i, x, y = self.batch_in_epoch, step.x, step.y
-            boundary = acc == 1 or (i + 1) % acc == 0 or step.last
-            group = acc if steps is None else min(acc, steps - (i // acc) * acc)  # the last group may be short
+            boundary = plan.boundary(i, step.last)
+            group = plan.group_size(i, num_batches)
             with self.strategy.no_sync(self._train_model, sync=boundary):
                 if x is None:  # this rank's stream share ran out before the others'
                     stand_in = stand_in or self._stand_in(loader)
@@ -473,7 +521,7 @@ class Trainer:
                     if first:
                         check_loss_value(loss, True, self.model, self.optimizer)
                         first = False
-                    self.amp.backward(loss / group if acc > 1 else loss)  # mean over the accumulation group
+                    self.amp.backward(loss / group if group > 1 else loss)  # mean over the accumulation group
             in_group += step.batches
             if boundary:
                 if in_group != world * group:  # a stream's last steps held fewer batches than a full step
@@ -496,10 +544,17 @@ class Trainer:
             if not boundary:
                 continue
             self.guard.after_step(epoch, step.last)  # rate-limited host reads; a signal stops here
-            if every and self.global_step % every == 0 and not step.last:
+            if step.last:
+                continue  # the epoch's end (in _run_epoch) writes its row and last.pt
+            if plan.row_due(self.global_step, self.epoch, at_epoch_end=False):  # val_every_steps or max_steps
+                self._end_interval(epoch, callbacks, None, epoch_end=False)
+                if plan.steps_done(self.global_step) or self.should_stop:
+                    return False
+            elif plan.checkpoint_due(self.global_step):
                 self.checkpoints.save_mid_epoch(epoch)
         self.guard.raise_if_nonfinite(epoch)
         self.guard.raise_if_weights_nonfinite(epoch)  # the last step's update, which no loss has seen yet
+        return True
 
     def _step_scheduler(self, scheduler: Any) -> None:
         try:
@@ -555,13 +610,16 @@ class Trainer:
             return self.loss_fn(*self.task.loss_inputs(output, y)), output, y
 
 
-    def _step_scheduler_per_epoch(self, row: dict) -> None:
+    def _step_scheduler_at(self, row: dict | None, epoch_end: bool) -> None:
+        """An epoch-interval scheduler steps at each epoch's end; ReduceLROnPlateau at each row instead
+        (with val_every_steps: every evaluation, its patience counting evaluations), with the monitored value."""
         if self.scheduler is None or self.scheduler_interval != "epoch":
             return
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            value = row.get(self.monitor)
-            self.scheduler.step(value if value is not None else row["train_loss"])
-        else:
+            if row is not None:
+                value = row.get(self.monitor)
+                self.scheduler.step(value if value is not None else row["train_loss"])
+        elif epoch_end:
             self.scheduler.step()
 
     # ------------------------------------------------------------------------------------------

@@ -227,7 +227,8 @@ def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, n_train: int, s
         if stream and cfg["data"]["num_workers"] > 1:  # a stream's workers each end on a partial batch
             batches += cfg["data"]["num_workers"] - 1
         per_epoch = math.ceil(batches / t["accumulate_steps"])
-    return sched.OneCycleLR(optimizer, max_lr=s["max_lr"] or 10 * cfg["optim"]["lr"], total_steps=per_epoch * t["epochs"])
+    total = per_epoch * t["epochs"] if t["max_steps"] is None else min(per_epoch * t["epochs"], t["max_steps"])
+    return sched.OneCycleLR(optimizer, max_lr=s["max_lr"] or 10 * cfg["optim"]["lr"], total_steps=total)
 
 
 def monitor_direction(cfg: dict) -> str:
