@@ -437,7 +437,7 @@ class Walker:
         if isinstance(stmt, ast.Match):
             state = self.expr(stmt.subject, state, frame)
             out = state
-            for case in stmt.match_cases:
+            for case in stmt.cases:
                 out = join(out, self.block(case.body, state.copy(), frame))
             return out
         # simple statements
