@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint bench gpu-check constraints clean
+.PHONY: run test test-fast lint typecheck bench gpu-check constraints clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ lint: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt ruff
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/trainval lint src examples
+
+## make typecheck: mypy on src/trainval, configured in pyproject.toml [tool.mypy]
+typecheck: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt mypy types-PyYAML types-tqdm
+	$(PY) -m mypy
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt "$(TORCH_PIN)" -e ".[bench]"

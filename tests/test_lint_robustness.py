@@ -62,6 +62,30 @@ def test_recursive_helpers_are_analysed_not_crashed():
     assert [f.code for f in findings if f.code == "TVL005"] == []
 
 
+MATCH = """
+import torch
+
+model = torch.nn.Linear(2, 2)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for epoch in range(3):
+    match epoch:
+        case 1:
+            model.eval()
+        case _:
+            pass
+    loss = model(torch.zeros(2)).sum()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+"""
+
+
+def test_match_statement_cases_are_walked():
+    # flow.py read ast.Match.match_cases (no such field: it is .cases): an internal error on any match (found by mypy)
+    findings = lint_source(MATCH, "match.py")
+    assert [(f.line, f.code) for f in findings] == [(9, "TVL005")]  # the eval() in a case, never undone
+
+
 def test_recursive_file_does_not_hide_other_files(tmp_path):
     (tmp_path / "a_recursive.py").write_text(RECURSIVE)
     (tmp_path / "b_bad.py").write_text(MISTAKE)

@@ -220,11 +220,13 @@ class _SignalForwarder:
 
     def wait(self) -> int:
         """torchrun's exit code (the handler runs meanwhile; waitpid resumes after it)."""
+        assert self._torchrun is not None, "start() first"
         return self._torchrun.wait()
 
     def _forward(self, signum: int) -> None:
         # torchrun passes a signal on to its workers and waits for them; during that wait a second one
         # would only end torchrun, so it goes to the workers directly (the Trainer's "exit at once").
+        assert self._torchrun is not None  # __call__ and start forward only once torchrun is known
         workers = _child_pids(self._torchrun.pid) if len(self.signals) > 1 else []
         if not workers:
             self._torchrun.send_signal(signum)
@@ -311,7 +313,7 @@ def remove_stale_outcome_folders(temp: str) -> list[str]:
     import re
     import stat
 
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(temp)
     except OSError:

@@ -191,6 +191,7 @@ def gather_in_order(local: torch.Tensor, n_total: int) -> torch.Tensor | None:
         dist.gather(buf, gathered, dst=0)
     if rank != 0:
         return None
+    assert gathered is not None  # rank 0 holds the gathered parts
     out = torch.empty((n_total, *local.shape[1:]), dtype=local.dtype)
     for r, part in enumerate(gathered):
         count = len(range(r, n_total, world))

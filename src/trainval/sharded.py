@@ -38,6 +38,7 @@ import re
 import uuid
 import warnings
 from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -83,7 +84,8 @@ def write(shards: dict, loop_state: dict | None, out_dir: str, *, background: bo
             future = dcp.async_save(shards, storage_writer=writer, process_group=group)
         except _dcp_errors() as e:  # staging failed: one clear error
             raise _write_error(folder, e) from None
-        wait = future.result
+        assert isinstance(future, Future)  # FileSystemWriter stages blocking: async_save returns the write's future
+        wait: Callable[[], Any] = future.result
     else:
         def wait():
             return dcp.save(shards, storage_writer=writer)
@@ -245,7 +247,7 @@ def verify(record: dict, path: str) -> str:
     if sha != record.get("metadata_sha256"):
         raise CheckpointError(f"the shards in {folder} are not the ones {path} recorded (their {_METADATA} "
                               "differs): a folder from another run or another save; refusing to mix them.")
-    files = record.get("files") if isinstance(record.get("files"), dict) else {}
+    files = found if isinstance(found := record.get("files"), dict) else {}
     for name, size in files.items():
         file = os.path.join(folder, str(name))
         if not _SHARD_FILE.match(str(name)):
@@ -391,8 +393,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if _MetadataUnpickler._allowed is None:
             _MetadataUnpickler._allowed = _allowed_globals()
-        if (module, name) in self._allowed:
-            return self._allowed[(module, name)]
+        if (module, name) in _MetadataUnpickler._allowed:
+            return _MetadataUnpickler._allowed[(module, name)]
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in shard metadata")
@@ -438,9 +440,10 @@ def _reader_class():
             if bad:
                 raise CheckpointError(f"refusing to read the shard metadata {path}: it names files outside its "
                                       f"folder or not DCP's ({bad[0]!r}).")
-            if getattr(metadata, "storage_meta", None) is None:
-                metadata.storage_meta = StorageMeta()
-            metadata.storage_meta.load_id = self.load_id
+            storage_meta = getattr(metadata, "storage_meta", None)
+            if storage_meta is None:
+                storage_meta = metadata.storage_meta = StorageMeta()
+            storage_meta.load_id = self.load_id
             return metadata
 
     return SafeReader

@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,9 @@ from torch import nn
 from trainval import distributed
 from trainval.checkpoint import _strip_prefixes, check_fits, load_model_weights, unwrap_model
 from trainval.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 
@@ -194,7 +197,7 @@ class FSDPStrategy(SingleProcess):
         return net, net
 
     def no_sync(self, model, sync):
-        return _gradient_sync(unwrap_model(model), sync)
+        return _gradient_sync(cast("FSDPModule", unwrap_model(model)), sync)  # fully_shard made it one
 
     def clip_grad_norm(self, model, max_norm):
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # DTensor norms: over every shard
@@ -249,7 +252,7 @@ def _convert_sync_batchnorm(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def _gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+def _gradient_sync(model: FSDPModule, sync: bool) -> Iterator[None]:
     if sync:
         yield
         return

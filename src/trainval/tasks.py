@@ -56,7 +56,8 @@ class BatchOutputs:
 
     def __init__(self, task: Task, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None):
         self.task, self.output, self.target, self.mask = task, output, target, mask
-        self._pred = self._scores = None
+        self._pred: torch.Tensor | None = None
+        self._scores: torch.Tensor | None = None
 
     @property
     def pred(self) -> torch.Tensor:  # (a plain lazy property: functools.cached_property takes a lock)
@@ -436,7 +437,9 @@ def infer_task(loss_fn: nn.Module | None) -> str | None:
 def task_for_output(loss_fn: nn.Module, output: torch.Tensor, ignore_index, threshold) -> Task:
     """A BCE loss: one logit per sample is binary, several are multilabel."""
     width = 1 if output.dim() == 1 else math.prod(output.shape[1:])
-    return make_task("binary" if width == 1 else "multilabel", loss_fn, ignore_index=ignore_index, threshold=threshold)
+    task = make_task("binary" if width == 1 else "multilabel", loss_fn, ignore_index=ignore_index, threshold=threshold)
+    assert task is not None  # a named task is never deferred
+    return task
 
 
 def check_loss(loss_fn: nn.Module) -> None:

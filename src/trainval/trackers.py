@@ -13,7 +13,7 @@ import socket
 import time
 import urllib.parse
 import urllib.request
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from trainval import runfolder
 from trainval.callbacks import Callback
@@ -21,6 +21,8 @@ from trainval.errors import ConfigError
 from trainval.untrusted import check_regular, shown
 
 if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
     from trainval.trainer import Trainer
 
 
@@ -126,7 +128,7 @@ class MLflowLogger(Callback):
         self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
         self.uri_name = uri_name
         self.params, self.log_best_checkpoint = params, log_best_checkpoint
-        self.client = None
+        self.client: MlflowClient | None = None
         self.run_id: str | None = None
 
     def on_fit_start(self, trainer: Trainer) -> None:
@@ -210,7 +212,8 @@ class WandbLogger(Callback):
         log_best_checkpoint: log ``best.pt`` as a model artifact at the end of the fit.
     """
 
-    def __init__(self, project: str = "trainval", run_name: str | None = None, mode: str | None = None,
+    def __init__(self, project: str = "trainval", run_name: str | None = None,
+                 mode: Literal["online", "offline", "disabled"] | None = None,
                  params: dict | None = None, log_best_checkpoint: bool = False):
         self.project, self.run_name, self.mode = project, run_name, mode
         self.params, self.log_best_checkpoint = params, log_best_checkpoint

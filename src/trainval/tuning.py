@@ -122,6 +122,7 @@ def _number(value: Any) -> Any:
 
 def split_arguments(items: Sequence[str]) -> tuple[str | None, list[str], dict[str, str]]:
     """``[CONFIG] [key=value ...] [key=dist(...) ...]`` -> (config file, fixed overrides, search spaces)."""
+    spaces: dict[str, str]
     path, fixed, spaces = None, [], {}
     for item in items:
         key, eq, value = item.partition("=")

@@ -211,6 +211,7 @@ def _check_yaml_shape(text: str, source: str) -> None:
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             stack.append([event.anchor, 0])
             if len(stack) - 1 > MAX_YAML_DEPTH:
+                assert event.start_mark is not None  # the parser marks every event
                 raise ConfigError(f"{source}: nested deeper than {MAX_YAML_DEPTH} levels (line "
                                   f"{event.start_mark.line + 1}); a trainval config is a few levels deep.")
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
@@ -224,6 +225,7 @@ def _check_yaml_shape(text: str, source: str) -> None:
                 sizes[event.anchor] = 1
             stack[-1][1] += 1
         elif isinstance(event, yaml.AliasEvent):
+            assert event.anchor is not None  # an alias always names its anchor
             stack[-1][1] += sizes.get(event.anchor, 1)
         else:
             continue

@@ -11,22 +11,29 @@ import ast
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from trainval.lint.flow import Frame
 
 MODEL_WORD = re.compile(r"^(model|net|network|classifier|encoder|decoder|backbone|generator|discriminator|"
                         r"net_?[gd]|critic|student|teacher)(_?[a-z0-9]*)?$", re.I)
 NO_GRAD = {"torch.no_grad", "no_grad", "torch.inference_mode", "inference_mode", "torch.set_grad_enabled",
            "set_grad_enabled", "torch.autograd.no_grad", "torch.autograd.grad_mode.no_grad"}
 LOOPS = (ast.For, ast.While, ast.AsyncFor)
+Loop = ast.For | ast.While | ast.AsyncFor
 PLAIN_HELPERS = {"range", "len", "int", "float", "list", "tuple", "zip", "enumerate", "min", "max", "sum", "dict",
                  "super", "getattr", "math.sqrt", "np.sqrt"}
 SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+Function = ast.FunctionDef | ast.AsyncFunctionDef  # a def of the file (its events, helpers, locals)
+_Node = TypeVar("_Node", bound=ast.AST)
 
 
 @dataclass
 class Event:
     kind: str            # backward | step | zero | eval | train | call | model_call | load_state
     receiver: str        # source text of the receiver ("" when none)
-    node: ast.AST
+    node: ast.stmt | ast.expr  # the call (a statement for a zeroing ``p.grad = None``)
     order: tuple[int, int]
     in_if: bool = False  # inside an if/else (conditional) relative to the walked block
     has_args: bool = False
@@ -125,6 +132,13 @@ def _ordered_calls(node: ast.AST) -> list[ast.Call]:
 class FileInfo:
     """Facts about one module: optimizers, schedulers, models, local functions, parents."""
 
+    # per-file results that flow.py and rules.py compute on first use (absent until then)
+    _frames: list[Frame]
+    _used_for_training: set[str]
+    _training_keys: set[str]
+    _training_forwards: set[int]
+    _backwarded: set[str]
+
     def __init__(self, tree: ast.Module, source: str):
         _TEXT.clear()
         self.tree, self.source = tree, source
@@ -135,7 +149,7 @@ class FileInfo:
         for parent in self.nodes:
             for child in ast.iter_child_nodes(parent):
                 self.parents[child] = parent
-        self.functions: dict[str, list[ast.FunctionDef]] = {}
+        self.functions: dict[str, list[Function]] = {}
         for node in self.nodes:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 self.functions.setdefault(node.name, []).append(node)
@@ -197,13 +211,13 @@ class FileInfo:
         last = last.split("[")[0]
         return bool(MODEL_WORD.match(last)) and not re.search(r"optim|sched|loss|scaler", base, re.I)
 
-    def locals_of(self, fn: ast.AST) -> set[str]:
+    def locals_of(self, fn: Function | ast.Lambda) -> set[str]:
         """Parameters and names a function binds (not its nested functions'), memoised."""
         cache = self.__dict__.setdefault("_locals", {})
         if fn not in cache:
             names = {a.arg for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs}
             names |= {a.arg for a in (fn.args.vararg, fn.args.kwarg) if a is not None}
-            todo = list(fn.body)
+            todo: list[ast.AST] = list(fn.body) if isinstance(fn.body, list) else [fn.body]  # a lambda's: one expression
             while todo:
                 n = todo.pop()
                 if isinstance(n, SCOPES):
@@ -406,13 +420,13 @@ class FileInfo:
         # Generator(...) builds a module, it does not run one; self.G(x) runs the G it calls .eval() on
         return base in self.models or not base.split(".")[-1][:1].isupper()
 
-    def enclosing(self, node: ast.AST, kinds) -> ast.AST | None:
-        node = self.parents.get(node)
-        while node is not None and not isinstance(node, kinds):
-            node = self.parents.get(node)
-        return node
+    def enclosing(self, node: ast.AST, kinds: type[_Node] | tuple[type[_Node], ...]) -> _Node | None:
+        parent = self.parents.get(node)
+        while parent is not None and not isinstance(parent, kinds):
+            parent = self.parents.get(parent)
+        return parent
 
-    def local_functions(self, call: ast.Call) -> list[ast.FunctionDef]:
+    def local_functions(self, call: ast.Call) -> list[Function]:
         """Functions of this file a call may reach: ``f(...)`` or ``self.f(...)``."""
         func = call.func
         if isinstance(func, ast.Name):
@@ -484,7 +498,7 @@ class FileInfo:
                 if name in ("eval", "train") and not call.keywords:
                     if name == "train" and call.args and not (isinstance(call.args[0], ast.Constant)):
                         continue
-                    mode = "eval" if name == "eval" or (call.args and call.args[0].value is False) else "train"
+                    mode = "eval" if name == "eval" or (call.args and isinstance(call.args[0], ast.Constant) and call.args[0].value is False) else "train"
                     yield Event(mode, recv, call, order, in_if)
                     continue
                 if name == "load_state_dict":
@@ -508,7 +522,7 @@ class FileInfo:
 
     # -- summaries of local helper functions (followed a few calls deep)
 
-    def fn_events(self, fn: ast.AST) -> list[Event]:
+    def fn_events(self, fn: Function) -> list[Event]:
         """:meth:`events` of a function's body, computed once."""
         if fn not in self._fn_events:
             self._fn_events[fn] = list(self.events(fn.body))
@@ -528,11 +542,12 @@ class FileInfo:
             for ev in self.fn_events(fn):
                 if ev.kind == kind and (receiver is None or ev.receiver == receiver or not ev.receiver):
                     return True
-                if ev.kind == "call" and depth > 0 and self.reaches(ev.node, kind, receiver, depth - 1, seen):
+                if ev.kind == "call" and isinstance(ev.node, ast.Call) and depth > 0 \
+                        and self.reaches(ev.node, kind, receiver, depth - 1, seen):
                     return True
         return False
 
-    def mode_effects(self, fn: ast.AST) -> dict[str, str]:
+    def mode_effects(self, fn: Function) -> dict[str, str]:
         """The mode a local function leaves each model in (by model key), following its helpers.
 
         Memoised, and guarded against recursion in the analysed code (a helper that calls itself).
@@ -544,7 +559,7 @@ class FileInfo:
         for ev in self.fn_events(fn):
             if ev.kind in ("eval", "train") and ev.receiver:
                 effects[model_key(ev.receiver)] = ev.kind
-            elif ev.kind == "call":
+            elif ev.kind == "call" and isinstance(ev.node, ast.Call):
                 effects.update(self.call_effects(ev.node))
         self._mode_effects[fn] = effects
         return effects

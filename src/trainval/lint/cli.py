@@ -75,11 +75,11 @@ def load_pyproject(start: str) -> tuple[dict, str | None]:
     while True:
         path = os.path.join(folder, "pyproject.toml")
         if os.path.isfile(path):
-            try:
+            if sys.version_info >= (3, 11):
                 import tomllib
-            except ImportError:  # Python 3.10
-                return {}, None
-            return _lint_table(path, tomllib), path
+
+                return _lint_table(path, tomllib), path
+            return {}, None  # Python 3.10: no tomllib
         parent = os.path.dirname(folder)
         if parent == folder:
             return {}, None

@@ -26,10 +26,20 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
-from trainval.lint.analysis import SCOPES, FileInfo, call_name, method, model_key, text, wraps_no_grad
+from trainval.lint.analysis import (
+    SCOPES,
+    FileInfo,
+    Function,
+    call_name,
+    method,
+    model_key,
+    text,
+    wraps_no_grad,
+)
 
 MAX_DEPTH = 8
 MAX_STATEMENTS = 60_000
@@ -59,10 +69,10 @@ class State:
 
 
 def join(a: State, b: State) -> State:
-    modes = {}
+    modes: dict[str, str] = {}
     for k in a.modes.keys() | b.modes.keys():
         ma, mb = a.modes.get(k), b.modes.get(k)
-        if ma == mb:
+        if ma == mb and ma is not None:  # (never both None: k is a key of one of them)
             modes[k] = ma
         elif {ma, mb} <= {None, "train"}:
             continue  # not in eval mode on either path: unknown (reported like never set)
@@ -102,12 +112,13 @@ class Frame:
     has_step: bool = False
     yielded: State | None = None  # a context manager's state at its ``yield``
     truncated: bool = False  # the statement budget ran out inside this walk: its forwards are not judged
-    _reach: set[str] | None = None
+    _reach: list[bool] | None = None
     _escape: set[str] | None = None
     _opaque: set[str] | None = None
 
     def root_key(self, key: str) -> str:
-        frame, k = self, key
+        frame: Frame | None = self
+        k = key
         while frame is not None and k in frame.aliases:
             k = frame.aliases[k]
             frame = frame.caller
@@ -117,7 +128,7 @@ class Frame:
         self.assigns.append((targets, value))
         self.seq.append(("assign", targets, value, stmt, kills, tuple(self.path)))
 
-    def sink(self, exprs: list[ast.AST]) -> None:
+    def sink(self, exprs: Sequence[ast.AST]) -> None:
         self.sinks += exprs
         self.seq += [("sink", e, tuple(self.path)) for e in exprs]
 
@@ -314,7 +325,7 @@ class Walker:
                 self.walk_scope(fn, _defaults(fn, {}), State(grad=_decorated_grad(fn, True, info)), None, None, {})
         return self.frames
 
-    def _entry_state(self, fn: ast.AST, module: State, sites: list[State] | None = None) -> State:
+    def _entry_state(self, fn: Function, module: State, sites: list[State] | None = None) -> State:
         """The state a function nothing in the file calls starts in: the models' modes the module body leaves
         (a web handler runs after `model.eval()` at module level), or the join of its call sites' states."""
         local = self.info.locals_of(fn)
@@ -387,11 +398,11 @@ class Walker:
                 and all(isinstance(e, ast.Constant) for e in stmt.iter.elts)
                 and 0 < len(stmt.iter.elts) <= 4
             ):
-                values = [e.value for e in stmt.iter.elts]
-            if values is not None:  # for phase in ["train", "val"]: walk the body once per phase
+                values = [e.value for e in stmt.iter.elts if isinstance(e, ast.Constant)]  # (every one is: checked above)
+            if values is not None and isinstance(stmt.target, ast.Name):  # for phase in ["train", "val"]: walk the body once per phase
                 saved = env.get(stmt.target.id, UNKNOWN)
-                for v in values:
-                    env[stmt.target.id] = v
+                for value in values:
+                    env[stmt.target.id] = value
                     state = self.block(stmt.body, state, frame)
                 if saved is UNKNOWN:
                     env.pop(stmt.target.id, None)
@@ -406,7 +417,7 @@ class Walker:
                 cm = item.context_expr
                 fns = self.info.local_functions(cm) if isinstance(cm, ast.Call) else []
                 fns = [f for f in fns if any("contextmanager" in text(d) for d in f.decorator_list)]
-                if fns:  # a local @contextmanager: the block runs in the state at its yield
+                if fns and isinstance(cm, ast.Call):  # a local @contextmanager: the block runs in the state at its yield
                     inner = self._enter(cm, fns, inner, frame, at_yield=True)
                     continue
                 inner = self.expr(cm, inner, frame)
@@ -429,6 +440,7 @@ class Walker:
             after.grad = state.grad
             return after
         if isinstance(stmt, ast.Try) or type(stmt).__name__ == "TryStar":
+            stmt = cast(ast.Try, stmt)  # or a TryStar (3.11), which has the same fields
             state = self.block(stmt.body, state, frame)
             for h in stmt.handlers:
                 state = join(state, self.block(h.body, state.copy(), frame))
@@ -437,7 +449,7 @@ class Walker:
         if isinstance(stmt, ast.Match):
             state = self.expr(stmt.subject, state, frame)
             out = state
-            for case in stmt.match_cases:
+            for case in stmt.cases:
                 out = join(out, self.block(case.body, state.copy(), frame))
             return out
         # simple statements
@@ -467,7 +479,8 @@ class Walker:
                 if v.value is not None:
                     frame.escapes.append(v.value)
             state = self.expr(v, state, frame)
-            if isinstance(v, ast.Call) and (m := method(v)) and m[1] in COLLECTORS and (v.args or v.keywords):
+            if isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute) and (m := method(v)) and m[1] in COLLECTORS \
+                    and (v.args or v.keywords):
                 names = _target_names(v.func.value)  # outputs.append(model(x)): outputs now holds it
                 frame.assign(names, v, stmt, False)
                 if any("." in n for n in names) or not _all_local(frame, names, self.info):
@@ -503,7 +516,8 @@ class Walker:
                 text(inner.args[0])
             )  # DDP(model), torch.compile(model): the same module's mode
         if source is not None and source != key:
-            for table in (state.modes, state.loaded):
+            tables: tuple[dict, dict] = (state.modes, state.loaded)  # a value is copied as it is
+            for table in tables:
                 if source in table:
                     table[key] = table[source]
                 else:
@@ -558,7 +572,7 @@ class Walker:
                 state.loaded[model_key(m[0])] = call.lineno
                 continue
             args = list(call.args) + [k.value for k in call.keywords]
-            if m and m[1] in ("backward", "manual_backward"):
+            if m and m[1] in ("backward", "manual_backward") and isinstance(call.func, ast.Attribute):
                 # loss.backward(): the receiver; accelerator.backward(loss), self.manual_backward(loss): the argument
                 frame.sink(list(call.args) if call.args else [call.func.value])
                 continue
@@ -715,16 +729,16 @@ def _calls_in_order(node: ast.AST) -> list[ast.Call]:
     return sorted(calls, key=lambda c: (c.end_lineno or c.lineno, c.end_col_offset or c.col_offset))
 
 
-def _defaults(fn: ast.AST, env: dict) -> dict:
+def _defaults(fn: Function, env: dict) -> dict:
     env = dict(env)
     args = fn.args
     positional = args.posonlyargs + args.args
     for a, d in zip(positional[len(positional) - len(args.defaults) :], args.defaults):
         if isinstance(d, ast.Constant):
             env[a.arg] = d.value
-    for a, d in zip(args.kwonlyargs, args.kw_defaults):
-        if isinstance(d, ast.Constant):
-            env[a.arg] = d.value
+    for a, default in zip(args.kwonlyargs, args.kw_defaults):
+        if isinstance(default, ast.Constant):
+            env[a.arg] = default.value
     return env
 
 
@@ -734,7 +748,7 @@ COMMON_METHODS = {"train", "eval", "step", "forward", "zero_grad", "backward", "
 ROUTES = {"route", "get", "post", "put", "delete", "patch", "websocket", "api_route"}
 
 
-def _is_method(fn: ast.AST) -> bool:
+def _is_method(fn: Function) -> bool:
     args = fn.args.posonlyargs + fn.args.args
     return bool(args) and args[0].arg == "self"
 
@@ -751,7 +765,7 @@ def _is_handler(fn: ast.AST) -> bool:
 def _not_module_arm(test: ast.AST) -> tuple[str, int] | None:
     """``if isinstance(net, nn.Module):`` -> (``net``, 1): the arm (0 body, 1 else) where it is no module."""
     negated = isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not)
-    t = test.operand if negated else test
+    t = test.operand if negated and isinstance(test, ast.UnaryOp) else test
     if isinstance(t, ast.Call) and text(t.func) == "isinstance" and len(t.args) == 2 \
             and "Module" in text(t.args[1]) and isinstance(t.args[0], (ast.Name, ast.Attribute)):
         return model_key(text(t.args[0])), 0 if negated else 1
@@ -783,7 +797,7 @@ def _detaching(expr: ast.AST) -> bool:
     return False
 
 
-def _pairs(fn: ast.AST, call: ast.Call) -> list[tuple[str, ast.AST]]:
+def _pairs(fn: Function, call: ast.Call) -> list[tuple[str, ast.expr]]:
     params = [a.arg for a in fn.args.posonlyargs + fn.args.args]
     if params and params[0] in ("self", "cls") and isinstance(call.func, ast.Attribute):
         params = params[1:]
@@ -791,7 +805,7 @@ def _pairs(fn: ast.AST, call: ast.Call) -> list[tuple[str, ast.AST]]:
     return pairs + [(k.arg, k.value) for k in call.keywords if k.arg]
 
 
-def _bind(fn: ast.AST, call: ast.Call, caller_env: dict) -> tuple[dict, dict]:
+def _bind(fn: Function, call: ast.Call, caller_env: dict) -> tuple[dict, dict]:
     """Constants and model aliases a call passes to a local function's parameters."""
     env = _defaults(fn, {})
     aliases = {}
@@ -851,7 +865,7 @@ def status(frame: Frame, node: ast.AST, info: FileInfo, pos: int = 0, depth: int
             return "unused"
         if isinstance(v, (ast.Yield, ast.YieldFrom)):
             return _escaped(frame, info, depth)
-        if isinstance(v, ast.Call) and (m := method(v)) and m[1] in COLLECTORS:
+        if isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute) and (m := method(v)) and m[1] in COLLECTORS:
             targets = _target_names(v.func.value)
         else:
             return "eval"  # print(model(x)), plot(...): an output
@@ -889,7 +903,7 @@ def used_for_training(info: FileInfo) -> set[str]:
         while changed:
             changed = False
             for f in callees:
-                if _result_read(f.caller, f.call, cached, info):
+                if f.caller is not None and f.call is not None and _result_read(f.caller, f.call, cached, info):
                     new = _closure(f.escapes, f.assigns) - cached
                     if new:
                         cached |= new
@@ -991,7 +1005,7 @@ def training_keys(info: FileInfo) -> set[str]:
     cached = getattr(info, "_training_keys", None)
     if cached is not None:
         return cached
-    keys = set()
+    keys: set[str] = set()
     info._training_keys = keys
     info._training_forwards = set()
     for frame in frames(info):

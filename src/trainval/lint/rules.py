@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from trainval.lint.analysis import LOOPS, Event, FileInfo, call_name, method, model_key, text
+from trainval.lint.analysis import LOOPS, Event, FileInfo, Function, Loop, call_name, method, model_key, text
 from trainval.lint.flow import evaluation_forwards, frames, status, training_forward, training_keys
 
 
@@ -137,7 +137,7 @@ class Finding:
         return RULES[self.code].level
 
 
-def _at(node: ast.AST, code: str, message: str | None = None) -> tuple[int, int, str, str]:
+def _at(node: ast.stmt | ast.expr, code: str, message: str | None = None) -> tuple[int, int, str, str]:
     rule = RULES[code]
     return node.lineno, node.col_offset + 1, code, f"{message or rule.summary} (fix: {rule.hint})"
 
@@ -162,7 +162,7 @@ def check(info: FileInfo) -> Iterator[tuple[int, int, str, str]]:
 # TVL001-003: optimizer order inside a loop
 
 
-def _own_events(info: FileInfo, loop: ast.AST) -> list[Event]:
+def _own_events(info: FileInfo, loop: Loop | Function) -> list[Event]:
     cache = info.__dict__.setdefault("_loop_events", {})
     if loop not in cache:
         cache[loop] = list(info.events(loop.body))
@@ -173,7 +173,7 @@ def _innermost_loop(info: FileInfo, node: ast.AST) -> ast.AST | None:
     return info.enclosing(node, LOOPS + (ast.FunctionDef, ast.AsyncFunctionDef))
 
 
-def _optimizer_order(info: FileInfo, loop: ast.AST, only_order: bool = False) -> Iterator:
+def _optimizer_order(info: FileInfo, loop: Loop | Function, only_order: bool = False) -> Iterator:
     events = _own_events(info, loop)
     steps = [e for e in events if e.kind == "step" and _innermost_loop(info, e.node) is loop]
     if not steps:
@@ -203,8 +203,8 @@ def _optimizer_order(info: FileInfo, loop: ast.AST, only_order: bool = False) ->
                                             "gradients pile up across iterations")
 
 
-def _top_level_calls(loop: ast.AST) -> set[ast.AST]:
-    out = set()
+def _top_level_calls(loop: Loop | Function) -> set[ast.AST]:
+    out: set[ast.AST] = set()
     for stmt in loop.body:
         if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call):
             out.add(stmt.value)
@@ -216,7 +216,7 @@ def _zeroes(info: FileInfo, events: list[Event], receiver: str) -> bool:
         if e.kind == "zero" and (e.receiver == receiver or not e.receiver or not info.is_optimizer(e.receiver)
                                  or e.receiver not in info.optimizers):
             return True
-        if e.kind == "call" and info.reaches(e.node, "zero"):
+        if e.kind == "call" and isinstance(e.node, ast.Call) and info.reaches(e.node, "zero"):
             return True
     return False
 
@@ -226,10 +226,10 @@ def _zeroes(info: FileInfo, events: list[Event], receiver: str) -> bool:
 
 
 def _trains(info: FileInfo, events: list[Event]) -> bool:
-    return any(e.kind == "backward" or (e.kind == "call" and info.reaches(e.node, "backward")) for e in events)
+    return any(e.kind == "backward" or (e.kind == "call" and isinstance(e.node, ast.Call) and info.reaches(e.node, "backward")) for e in events)
 
 
-def _epoch_modes(info: FileInfo, loop: ast.AST) -> Iterator:
+def _epoch_modes(info: FileInfo, loop: Loop) -> Iterator:
     events = _own_events(info, loop)
     if not _trains(info, events):
         return
@@ -238,11 +238,11 @@ def _epoch_modes(info: FileInfo, loop: ast.AST) -> Iterator:
     for e in events:
         if e.kind == "eval" and info.is_model(e.receiver) and model_key(e.receiver) in trained:
             evals.append(e)
-        elif e.kind == "call" and any(mode == "eval" and key in trained for key, mode in info.call_effects(e.node).items()):
+        elif e.kind == "call" and isinstance(e.node, ast.Call) and any(mode == "eval" and key in trained for key, mode in info.call_effects(e.node).items()):
             evals.append(e)
     if not evals:
         return
-    restores = [e for e in events if e.kind == "train" or (e.kind == "call" and info.reaches(e.node, "train"))]
+    restores = [e for e in events if e.kind == "train" or (e.kind == "call" and isinstance(e.node, ast.Call) and info.reaches(e.node, "train"))]
     if not restores:
         e = evals[0]
         yield _at(e.node, "TVL005")
@@ -302,7 +302,8 @@ def _optimized_models(info: FileInfo) -> set[str] | None:
         for arg in given:
             covered, lambda_args = set(), set()
             for n in ast.walk(arg):
-                if isinstance(n, ast.Call) and (m := method(n)) and m[1] in PARAMETER_METHODS:
+                if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and (m := method(n)) \
+                        and m[1] in PARAMETER_METHODS:
                     held.add(m[0])
                     covered |= {id(x) for x in ast.walk(n.func.value)}
                 elif isinstance(n, ast.Call):
@@ -331,6 +332,7 @@ def _shares_with(info: FileInfo, model: str, held: set[str]) -> bool:
     for node in info.nodes:
         if not isinstance(node, ast.Assign):
             continue
+        value: ast.expr | None
         value, read = node.value, set()
         if isinstance(value, ast.Call) and call_name(value).split(".")[-1] in WRAPPERS:
             inner = [value.func.value] if isinstance(value.func, ast.Attribute) else []
@@ -499,8 +501,9 @@ def _loss_accumulation(info: FileInfo, loop: ast.AST) -> Iterator:
         elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.value, ast.BinOp) \
                 and isinstance(node.value.op, ast.Add) and text(node.value.left) == text(node.targets[0]):
             target, value = text(node.targets[0]), node.value.right
-        if target is None or target in losses or target in backwarded:
+        if target is None or value is None or target in losses or target in backwarded:
             continue
+        assert isinstance(node, ast.stmt)  # the AugAssign or Assign matched above
         if _assigned_before_in_body(info, loop, target, node):
             continue  # reset every iteration: a per-iteration sum, not an accumulation
         used = {text(n) for n in ast.walk(value) if isinstance(n, (ast.Name, ast.Attribute))}
@@ -524,7 +527,7 @@ def _flat_targets(target: ast.AST) -> set[str]:
     return {text(target)}
 
 
-def _assigned_before_in_body(info: FileInfo, loop: ast.AST, name: str, node: ast.AST) -> bool:
+def _assigned_before_in_body(info: FileInfo, loop: ast.AST, name: str, node: ast.stmt) -> bool:
     for stmt in ast.walk(loop):
         if isinstance(stmt, ast.Assign) and stmt is not node and (stmt.lineno, stmt.col_offset) < (node.lineno, node.col_offset):
             if name in {text(t) for t in stmt.targets} and _innermost_loop(info, stmt) is _innermost_loop(info, node):
@@ -568,7 +571,7 @@ def _torch_load(info: FileInfo) -> Iterator:
 # TVL010 / TVL011: performance and metric hints (off by default)
 
 
-def _host_syncs(info: FileInfo, loop: ast.AST) -> Iterator:
+def _host_syncs(info: FileInfo, loop: Loop) -> Iterator:
     events = _own_events(info, loop)
     if not any(e.kind == "backward" and _innermost_loop(info, e.node) is loop for e in events):
         return
