@@ -219,7 +219,7 @@ def run_trainval(w, train, val, model, out, bar=False, metrics=None):
     import torch
 
     from trainval import Trainer
-    from trainval.callbacks import ProgressBar
+    from trainval.loop.callbacks import ProgressBar
 
     callbacks = [ProgressBar(stream=_FakeTerminal())] if bar else []
     Trainer(model, torch.optim.Adam(model.parameters(), lr=1e-3), max_epochs=w["epochs"], out_dir=out,
@@ -312,7 +312,7 @@ RUNNERS = {
     "lightning_off": run_lightning, "lightning": lambda *a: run_lightning(*a, defaults=True),
 }
 # what each contender imports: importing is start-up, for every contender, not part of the timed epochs
-LIBRARY = {"trainval": "trainval.trainer", "trainval_bar": "trainval.trainer", "trainval_f1": "trainval.trainer",
+LIBRARY = {"trainval": "trainval.loop.trainer", "trainval_bar": "trainval.loop.trainer", "trainval_f1": "trainval.loop.trainer",
            "lightning_off": "pytorch_lightning",
            "lightning": "pytorch_lightning", "accelerate": "accelerate"}
 

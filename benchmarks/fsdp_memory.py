@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from trainval import Trainer, distributed
-from trainval.strategies import FSDPStrategy
+from trainval.loop.strategies import FSDPStrategy
 
 
 class Blocks(nn.Module):

@@ -1,4 +1,4 @@
-"""Regenerate the README's config reference table from trainval.config.SCHEMA (a test checks they match)."""
+"""Regenerate the README's config reference table from trainval.app.config.SCHEMA (a test checks they match)."""
 
 import os
 import re

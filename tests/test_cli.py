@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import REPO, run_cli
 
-from trainval import config
+from trainval.app import config
 
 HELPERS = os.path.join(REPO, "tests", "helpers")
 
@@ -236,7 +236,7 @@ def test_tensorboard_scalars(tmp_path):
 def test_progress_is_plain_lines_when_not_a_terminal():
     from conftest import make_blobs, tiny_mlp
 
-    from trainval.callbacks import ProgressBar
+    from trainval.loop.callbacks import ProgressBar
 
     X, y = make_blobs(n=64)
     stream = io.StringIO()
@@ -281,8 +281,8 @@ def test_regression_example_fit_test_predict(tmp_path):
     test = run_cli("test", *common, cwd=str(tmp_path), check=True)
     result = json.loads((run / "test.json").read_text())
     # the test split is the seeded split of the same file: rebuild it and score predictions.csv with sklearn
-    from trainval import config as cfg_mod
-    from trainval.workflow import load_splits
+    from trainval.app import config as cfg_mod
+    from trainval.app.workflow import load_splits
 
     cfg = cfg_mod.load(common[0], [f"data.train={csv_path}"])
     truth = load_splits(cfg).test.y
@@ -372,7 +372,7 @@ def test_launcher_flags_are_checked_in_one_line(tmp_path):
 def test_flags_and_overrides_in_any_order(tmp_path, capsys):
     """`test CONFIG k=v --trust-code --ckpt last k2=v`: overrides after a flag count (argparse alone refused
     them: "unrecognized arguments: k2=v"), in the order given; unknown flags are still refused."""
-    from trainval.cli import build_parser, parse_arguments
+    from trainval.app.cli import build_parser, parse_arguments
 
     args = parse_arguments(build_parser(), ["test", "cfg.yaml", "a=1", "--trust-code", "--ckpt", "last", "b=2"])
     assert (args.args, args.ckpt, args.trust_code) == (["cfg.yaml", "a=1", "b=2"], "last", True)

@@ -182,7 +182,7 @@ def test_fsdp_trains_like_ddp_and_best_pt_reloads_into_a_plain_model(tmp_path):
 
 def _full_last(folder):
     """A sharded last.pt's loop state, and its shards put together: (state, model weights, optimizer tensors)."""
-    from trainval import sharded
+    from trainval.checkpoint import sharded
 
     path = os.path.join(folder, "last.pt")
     state = torch.load(path, weights_only=True)
@@ -192,7 +192,7 @@ def _full_last(folder):
 
 def _assert_sharded_by_each_rank(folder, nproc=2):
     """last.pt holds no weights; every rank wrote its own shard file, holding its own rows of each weight."""
-    from trainval import sharded
+    from trainval.checkpoint import sharded
 
     path = os.path.join(folder, "last.pt")
     state = torch.load(path, weights_only=True)

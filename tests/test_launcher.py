@@ -216,7 +216,7 @@ def test_sigkill_to_the_launcher_stops_torchrun_and_the_workers(tmp_path, reap):
 
 
 def test_only_a_dead_launchers_outcome_folder_of_rank_files_is_removed(tmp_path):
-    from trainval.cli import remove_stale_outcome_folders
+    from trainval.app.cli import remove_stale_outcome_folders
 
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead, live = int(done.stdout), os.getpid()

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import trainval
-from trainval import config, options
+from trainval import options
+from trainval.app import config
 from trainval.errors import ConfigError
 
 SRC = pathlib.Path(trainval.__file__).parent
@@ -115,6 +116,6 @@ def test_the_core_has_no_import_cycle_even_through_imports_inside_functions():
 
 
 def test_config_errors_answer_without_importing_torch():
-    code = "import sys, trainval.config, trainval.options; print('torch' in sys.modules)"
+    code = "import sys, trainval.app.config, trainval.options; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from tests.conftest import make_blobs, run_cli, tiny_mlp
-from trainval import Trainer, load_model, preprocess, runs
+from trainval import Trainer, load_model
+from trainval.app import preprocess, runs
 from trainval.errors import ConfigError
 
 COMMON = ["model.name=mlp", "model.hidden=[32]", "train.progress=false", "train.batch_size=128"]
@@ -66,7 +67,7 @@ def test_api_run_writes_summary_lr_of_every_group_and_test_metrics(tmp_path):
 
 
 def test_plot_curves_lr_panel_is_drawn(tmp_path):
-    from trainval.callbacks import plot_curves
+    from trainval.loop.callbacks import plot_curves
 
     history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "lr": 0.1 / e, "lr_1": 0.01} for e in (1, 2, 3)]
     with_lr, without = tmp_path / "a.png", tmp_path / "b.png"

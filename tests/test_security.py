@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import run_cli
 
+from trainval.app.models import MLP
 from trainval.errors import ConfigError
-from trainval.models import MLP
 
 
 def write_csv(path, rows: int = 60, features: int = 4, classes: int = 2, seed: int = 0) -> str:
@@ -341,8 +341,8 @@ def test_a_listing_probe_does_not_refuse_a_starting_writer(tmp_path, probe_secon
     import fcntl
     import threading
 
-    from trainval import runfolder
     from trainval.errors import RunFolderError
+    from trainval.run import runfolder
 
     folder = tmp_path / "r"
     folder.mkdir()
@@ -422,8 +422,8 @@ def test_unusable_run_folder_paths(tmp_path):
 def test_read_only_file_system_is_one_clear_error(tmp_path, monkeypatch):
     import errno
 
-    from trainval import runfolder
     from trainval.errors import ConfigError
+    from trainval.run import runfolder
 
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
@@ -735,8 +735,8 @@ def test_csv_without_data_rows_or_too_few_to_split_is_one_line(tmp_path):
 
 def test_predictions_files_trainval_wrote_are_told_from_other_files(tmp_path):
     """predict replaces, without --force, only what write_predictions writes (every task's layout)."""
-    from trainval import runfolder
-    from trainval.workflow import write_predictions
+    from trainval.app.workflow import write_predictions
+    from trainval.run import runfolder
 
     made = {
         "multiclass": (torch.tensor([1, 0]), torch.tensor([[0.2, 0.8], [0.9, 0.1]])),

@@ -20,7 +20,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from trainval import Trainer
-from trainval.config import SCHEMA
+from trainval.app.config import SCHEMA
 from trainval.errors import ConfigError, NonFiniteLossError
 from trainval.state import SEED_MAX, SEED_MIN
 

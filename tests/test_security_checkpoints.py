@@ -19,8 +19,8 @@ import pytest
 import torch
 from conftest import tiny_mlp
 
-from trainval import load_model, sharded
-from trainval.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from trainval import load_model
+from trainval.checkpoint import atomic_write, load_checkpoint, save_checkpoint, sharded
 from trainval.errors import CheckpointError
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import run_cli
 
-from trainval import preprocess
+from trainval.app import preprocess
 from trainval.data import csv_feature_columns, load_csv, load_npz
 from trainval.errors import ConfigError, DataError
 
@@ -249,7 +249,7 @@ def test_a_training_csv_of_one_class_says_so(tmp_path, task):
 
 
 def test_config_features_messages_quote_one_bounded_name(tmp_path):
-    from trainval import config
+    from trainval.app import config
 
     name = ESCAPES + "D" * 100_000
     path = tmp_path / "c.yaml"

@@ -15,7 +15,7 @@ from conftest import run_cli
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from trainval.config import SCHEMA
+from trainval.app.config import SCHEMA
 
 SETTINGS = settings(
     max_examples=8, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)

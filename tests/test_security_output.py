@@ -111,7 +111,7 @@ def test_predict_out_dash_writes_the_csv_to_stdout_and_the_rest_to_stderr(fitted
 
 
 def test_dense_predictions_never_go_to_a_stream_or_onto_a_fifo(tmp_path):
-    from trainval.workflow import write_predictions
+    from trainval.app.workflow import write_predictions
 
     stream = io.StringIO()
     write_predictions(stream, "binary", torch.tensor([1, 0]), torch.tensor([0.8, 0.1]))

@@ -13,8 +13,8 @@ from conftest import make_blobs, run_cli, tiny_mlp
 from test_security import csv_args, one_error_line
 
 from trainval import Trainer
-from trainval.callbacks import TensorBoardLogger
 from trainval.errors import CheckpointError, RunFolderError
+from trainval.loop.callbacks import TensorBoardLogger
 
 
 def _fit(folder, epochs: int = 2, resume: bool = False, **kwargs) -> Trainer:
@@ -232,7 +232,7 @@ def test_the_cli_refuses_a_linked_tb_in_one_line(tmp_path):
 
 def test_a_file_named_last_shards_is_refused_where_shards_are_written(tmp_path):
     """The same check for last.shards (sharded.py): a file in its place is one clear error, not DCP's."""
-    from trainval import sharded
+    from trainval.checkpoint import sharded
 
     (tmp_path / "last.shards").write_text("mine\n")
     with pytest.raises(CheckpointError, match=r"cannot be written: .*last\.shards is not a folder"):

@@ -14,8 +14,8 @@ import subprocess
 import pytest
 from conftest import run_cli
 
-from trainval import runs
-from trainval.cli import build_parser, parse_arguments
+from trainval.app import runs
+from trainval.app.cli import build_parser, parse_arguments
 from trainval.errors import TrainvalError
 from trainval.untrusted import shown_line
 

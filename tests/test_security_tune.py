@@ -94,7 +94,7 @@ def test_a_fixed_value_and_a_search_on_one_key_are_refused(tmp_path):
 
 
 def test_the_same_key_searched_twice_is_refused():
-    from trainval.tuning import split_arguments
+    from trainval.app.tuning import split_arguments
 
     with pytest.raises(ConfigError, match=r"optim\.lr is searched twice"):
         split_arguments(["optim.lr=uniform(0.1,0.2)", "optim.lr=loguniform(1e-4,1e-2)"])
@@ -123,7 +123,7 @@ class Slow(nn.Module):  # a trial that stays in its first epochs long enough to 
 
 
 def test_a_sigkilled_trial_is_marked_failed_and_the_study_continues(tmp_path):
-    from trainval.tuning import fail_abandoned_trials
+    from trainval.app.tuning import fail_abandoned_trials
 
     storage = "sqlite:///" + str(tmp_path / "s" / "study.db")
     (tmp_path / "slow_flat.py").write_text(SLOW_MODEL)
@@ -173,7 +173,7 @@ def test_an_unreachable_mlflow_server_is_refused_fast_naming_the_key(tmp_path):
 def test_the_mlflow_check_refuses_only_what_does_not_answer():
     import socket
 
-    from trainval.trackers import check_reachable
+    from trainval.loop.trackers import check_reachable
 
     hint = "start the MLflow server"
     with pytest.raises(ConfigError, match="log.mlflow_uri http://127.0.0.1:9: cannot connect .*; start the"):
@@ -251,7 +251,7 @@ def test_a_trial_between_its_fit_and_its_result_is_not_taken_for_abandoned(tmp_p
     optuna = pytest.importorskip("optuna")
     import socket
 
-    from trainval.tuning import fail_abandoned_trials
+    from trainval.app.tuning import fail_abandoned_trials
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="s")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

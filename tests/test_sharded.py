@@ -1,4 +1,4 @@
-"""Sharded last.pt (trainval.sharded) read and cleaned in one process, and async_save on one process.
+"""Sharded last.pt (trainval.checkpoint.sharded) read and cleaned in one process, and async_save on one process.
 
 The multi-process halves (FSDP writing shards on 2 gloo ranks, a crash between the shards and the
 pointer, async FSDP saves) are in test_distributed.py.
@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import make_blobs, tiny_mlp
 
-from trainval import Trainer, load_model, sharded
-from trainval.checkpoint import load_checkpoint, save_checkpoint, snapshot
+from trainval import Trainer, load_model
+from trainval.checkpoint import load_checkpoint, save_checkpoint, sharded, snapshot
 from trainval.errors import CheckpointError
 
 

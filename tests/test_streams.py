@@ -167,7 +167,7 @@ def test_mid_epoch_resume_of_a_stream_rereads_what_was_consumed_and_is_exact(tmp
 def test_the_progress_bar_shows_a_total_only_when_the_stream_has_a_length(tmp_path, capsys):
     import io
 
-    from trainval.callbacks import ProgressBar
+    from trainval.loop.callbacks import ProgressBar
 
     class Sized(Stream):
         def __len__(self):

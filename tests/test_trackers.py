@@ -51,7 +51,7 @@ def test_mlflow_run_has_the_scalars_of_metrics_csv_the_config_and_best_pt(tmp_pa
 
 def test_mlflow_logger_with_the_python_api(tmp_path):
     pytest.importorskip("mlflow")
-    from trainval.trackers import MLflowLogger
+    from trainval.loop.trackers import MLflowLogger
 
     X, y = make_blobs(n=60)
     uri = "sqlite:///" + str(tmp_path / "elsewhere.db")
@@ -76,7 +76,7 @@ def test_missing_tracker_package_is_one_clear_error(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_trackers)
-    from trainval.trackers import MLflowLogger, WandbLogger
+    from trainval.loop.trackers import MLflowLogger, WandbLogger
 
     X, y = make_blobs(n=60)
     for logger, words in ((MLflowLogger(), "trainval[mlflow]"), (WandbLogger(), "trainval[wandb]")):

@@ -14,7 +14,7 @@ from conftest import DEVICE, make_blobs, tiny_mlp
 from torch import nn
 
 from trainval import Callback, Trainer
-from trainval.callbacks import EarlyStopping
+from trainval.loop.callbacks import EarlyStopping
 
 
 def hand_loop(model, X, y, *, epochs, batch_size, seed, lr, accumulate=1, clip=None, divide_by=None):

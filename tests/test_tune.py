@@ -122,7 +122,7 @@ def test_cli_tune_errors_are_one_line(tmp_path):
 def test_pruning_callback_stops_the_fit_when_the_pruner_says_so(tmp_path, pruner, epochs, max_epochs):
     from tests.conftest import make_blobs, tiny_mlp
     from trainval import Trainer
-    from trainval.tuning import PruningCallback
+    from trainval.app.tuning import PruningCallback
 
     # a threshold no accuracy reaches prunes at the first report; the control never prunes
     chosen = optuna.pruners.ThresholdPruner(lower=1.5) if pruner == "threshold" else optuna.pruners.NopPruner()
@@ -141,8 +141,8 @@ def test_pruning_callback_stops_the_fit_when_the_pruner_says_so(tmp_path, pruner
 
 @pytest.mark.parametrize("prune", [True, False])
 def test_a_pruned_trial_skips_its_test_and_predictions(tmp_path, prune):
-    from trainval import config, workflow
-    from trainval.tuning import PruningCallback
+    from trainval.app import config, workflow
+    from trainval.app.tuning import PruningCallback
 
     chosen = optuna.pruners.ThresholdPruner(lower=1.5) if prune else optuna.pruners.NopPruner()
     trial = optuna.create_study(direction="maximize", pruner=chosen).ask()

@@ -12,22 +12,22 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "Trainer": "trainval.trainer",
-    "seed_everything": "trainval.trainer",
-    "Callback": "trainval.callbacks",
-    "EarlyStopping": "trainval.callbacks",
-    "ProgressBar": "trainval.callbacks",
-    "TensorBoardLogger": "trainval.callbacks",
-    "EMA": "trainval.ema",
+    "Trainer": "trainval.loop.trainer",
+    "seed_everything": "trainval.loop.trainer",
+    "Callback": "trainval.loop.callbacks",
+    "EarlyStopping": "trainval.loop.callbacks",
+    "ProgressBar": "trainval.loop.callbacks",
+    "TensorBoardLogger": "trainval.loop.callbacks",
+    "EMA": "trainval.loop.ema",
     "TensorLoader": "trainval.data",
     "TrainvalError": "trainval.errors",
     "load_checkpoint": "trainval.checkpoint",
     "load_model_weights": "trainval.checkpoint",
     "save_checkpoint": "trainval.checkpoint",
-    "load_model": "trainval.workflow",
-    "find_runs": "trainval.runs",
-    "RunSummary": "trainval.runs",
-    "tune": "trainval.tuning",
+    "load_model": "trainval.app.workflow",
+    "find_runs": "trainval.app.runs",
+    "RunSummary": "trainval.loop.summary",
+    "tune": "trainval.app.tuning",
 }
 
 __all__ = [
@@ -47,12 +47,13 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from trainval.callbacks import Callback, EarlyStopping, ProgressBar, TensorBoardLogger
+    from trainval.app.runs import find_runs
+    from trainval.app.tuning import tune
+    from trainval.app.workflow import load_model
     from trainval.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
     from trainval.data import TensorLoader
-    from trainval.ema import EMA
     from trainval.errors import TrainvalError
-    from trainval.runs import RunSummary, find_runs
-    from trainval.trainer import Trainer, seed_everything
-    from trainval.tuning import tune
-    from trainval.workflow import load_model
+    from trainval.loop.callbacks import Callback, EarlyStopping, ProgressBar, TensorBoardLogger
+    from trainval.loop.ema import EMA
+    from trainval.loop.summary import RunSummary
+    from trainval.loop.trainer import Trainer, seed_everything

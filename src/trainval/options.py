@@ -3,10 +3,10 @@
 :class:`TrainerOptions` is the one declaration. Everything else derives from it:
 
 - ``Trainer(...)`` passes its keyword arguments through it (the checks run in ``__post_init__``);
-- the config schema (:data:`trainval.config.SCHEMA`) takes the keys named by ``cli`` from it, with their
+- the config schema (:data:`trainval.app.config.SCHEMA`) takes the keys named by ``cli`` from it, with their
   type, bounds, choices and description, so the README's reference table follows;
 - ``trainval fit`` builds the Trainer with :func:`from_config`;
-- ``fit --resume`` reads what may change from ``resume`` (see :data:`trainval.config.RESUME_MAY_CHANGE`);
+- ``fit --resume`` reads what may change from ``resume`` (see :data:`trainval.app.config.RESUME_MAY_CHANGE`);
 - the run summary records :func:`plain` of them.
 
 Objects (the model, optimizer, loss, task, metrics, callbacks, scheduler, strategy, config) are
@@ -77,7 +77,7 @@ def option(default: Any, doc: str, kind: str, *, cli: str | None = None, cli_doc
 
 @dataclass(frozen=True)
 class TrainerOptions:
-    """The plain-valued options of :class:`~trainval.trainer.Trainer`, each declared once."""
+    """The plain-valued options of :class:`~trainval.loop.trainer.Trainer`, each declared once."""
 
     max_epochs: int = option(
         20, "epochs to train (a resumed run continues up to this number)", "int", cli="train.epochs",
@@ -101,7 +101,7 @@ class TrainerOptions:
                 "per epoch", minimum=1, positive=True, unit="optimizer steps")
     out_dir: str = option(
         "runs/exp", "run folder for ``best.pt``, ``last.pt``, ``metrics.csv``, ``curves.png`` and ``summary.json`` "
-                    "(see :class:`~trainval.runs.RunSummary`)", "str")
+                    "(see :class:`~trainval.app.runs.RunSummary`)", "str")
     seed: int = option(
         0, "seeds the trainer's shuffling generator (the same on every process: one shared permutation) and, at the "
            "start of ``fit``, Python/NumPy/torch with ``seed + rank`` (each process draws its own dropout masks and "
@@ -194,7 +194,7 @@ class TrainerOptions:
                         cli_doc="write curves.png", resume="logging only")
     strategy: Any = option(
         "auto", "``auto`` (DDP on several processes), ``ddp``, ``fsdp`` (FSDP2: parameters, gradients and optimizer "
-                "state sharded over the processes), or a :mod:`trainval.strategies` object (e.g. "
+                "state sharded over the processes), or a :mod:`trainval.loop.strategies` object (e.g. "
                 "``FSDPStrategy(param_dtype=torch.bfloat16, cpu_offload=True)``)", "str", cli="train.strategy",
         cli_doc="several processes: `ddp` (a replica per process), `fsdp` (FSDP2: weights, gradients and optimizer "
                 "state sharded), `auto` (ddp)", choices=("auto", "ddp", "fsdp"),

@@ -3,7 +3,7 @@
 A CLI test spends about 2.5 s of its ~3 s starting a fresh interpreter and importing torch, NumPy and
 scikit-learn. The zygote pays that once per test worker; each ``run_cli`` forks a child that sets up
 what a fresh ``python -m trainval`` would have (current folder, environment, ``PYTHONPATH`` on
-``sys.path``, default signal handlers, temp folder, thread count), runs ``trainval.cli.main`` and exits
+``sys.path``, default signal handlers, temp folder, thread count), runs ``trainval.app.cli.main`` and exits
 with its code. Each child is a real process writing real files; its stdout and stderr are real files.
 
 What a fork cannot show, a test asks a fresh interpreter for (``run_cli(..., fresh=True)``): which
@@ -36,8 +36,8 @@ def _serve() -> None:
     import tqdm  # noqa: F401
     import yaml  # noqa: F401
 
-    import trainval.cli
-    import trainval.workflow  # noqa: F401  # the trainer, data, metrics, checkpoints...
+    import trainval.app.cli
+    import trainval.app.workflow  # noqa: F401  # the trainer, data, metrics, checkpoints...
 
     base_path = list(sys.path)
     for line in sys.stdin:
@@ -45,7 +45,7 @@ def _serve() -> None:
         sys.stdout.flush()
         pid = os.fork()
         if pid == 0:
-            _child(request, base_path, trainval.cli, torch)  # never returns
+            _child(request, base_path, trainval.app.cli, torch)  # never returns
         print(f"PID {pid}", flush=True)
         _, status = os.waitpid(pid, 0)
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)

@@ -122,7 +122,7 @@ class TermOnce(Callback):
 
 
 def die_before_commit(out_dir, n):
-    from trainval import sharded
+    from trainval.checkpoint import sharded
 
     seen = []
 

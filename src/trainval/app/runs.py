@@ -1,4 +1,4 @@
-"""Runs people can find and compare: ``summary.json``, the runs table (``load_model`` is in :mod:`trainval.workflow`).
+"""Runs people can find and compare: ``summary.json``, the runs table (``load_model`` is in :mod:`trainval.app.workflow`).
 
 - Every fit (Python API or CLI) writes ``summary.json`` into its run folder through :class:`RunSummary`,
   a callback the Trainer always adds on rank 0: at the start with ``"status": "running"``, after every
@@ -8,13 +8,12 @@
 - :func:`find_runs` lists the run folders (those with trainval's marker) below a folder, and
   :func:`format_table` / :func:`plot_runs` show them side by side (``trainval runs``).
 - :func:`run_config`, :func:`recorded_sizes` and :func:`checkpoint_path` read what
-  :func:`trainval.workflow.load_model` needs to rebuild a run's model.
+  :func:`trainval.app.workflow.load_model` needs to rebuild a run's model.
 """
 
 from __future__ import annotations
 
 import csv
-import datetime
 import io
 import json
 import math
@@ -22,10 +21,16 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from trainval import runfolder
-from trainval.callbacks import Callback
 from trainval.errors import ConfigError, RunFolderError, TrainvalError
 from trainval.fsio import atomic_write
+from trainval.run import runfolder
+from trainval.run.summary import (
+    SUMMARY,
+    json_kind,
+    load_summary,
+    read_summary,
+    update_summary,
+)
 from trainval.untrusted import (
     check_regular,
     check_replaceable,
@@ -39,157 +44,11 @@ from trainval.untrusted import (
 
 if TYPE_CHECKING:
 
-    from trainval.trainer import Trainer
+    pass
 
-SUMMARY = "summary.json"
 PLOT_SOFTWARE = "trainval runs"  # the PNG metadata that marks a plot `trainval runs --plot` wrote
-MAX_SUMMARY_BYTES = 4 * 2**20  # a summary.json trainval writes is a few KB
 MAX_METRICS_BYTES = 64 * 2**20  # a metrics.csv row per epoch: a few hundred bytes each
 MAX_RUN_DEPTH = 32  # folders below the listed one; a tuning trial is 3 deep (out_dir/name/trials/0000)
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _plain(value: Any) -> Any:
-    """``value`` if it can be written as JSON without loss (numbers, strings, lists, dicts of them), else None."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (list, tuple)):
-        items = [_plain(v) for v in value]
-        return items if all(i is not None or v is None for i, v in zip(items, value)) else None
-    if isinstance(value, dict):
-        out = {str(k): _plain(v) for k, v in value.items()}
-        return out if all(out[str(k)] is not None or v is None for k, v in value.items()) else None
-    return None
-
-
-def trainer_arguments(trainer: Trainer) -> dict:
-    """The Trainer's arguments that can be written as plain values; objects by their class name."""
-    from trainval.checkpoint import unwrap_model
-
-    model = unwrap_model(trainer.model)
-    opt = trainer.optimizer
-    args = {
-        "model": type(model).__name__,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "optimizer": type(opt).__name__,
-        "optimizer_args": {k: v for k, v in ((k, _plain(v)) for k, v in opt.defaults.items()) if v is not None},
-        "param_groups": len(opt.param_groups),
-        "loss_fn": type(trainer.loss_fn).__name__ if trainer.loss_fn is not None else None,
-        "scheduler": type(trainer.scheduler).__name__ if trainer.scheduler is not None else None,
-        "scheduler_interval": trainer.scheduler_interval,
-        "task": trainer.task.name if trainer.task is not None else None,
-        "metrics": list(trainer.metrics),
-        "callbacks": [type(cb).__name__ for cb in trainer.callbacks],
-        "device": str(trainer.device),
-    }
-    for name in ("max_epochs", "max_steps", "val_every_steps", "seed", "batch_size", "eval_batch_size", "grad_clip", "accumulate_steps",
-                 "precision", "compile", "checkpoint_every_steps", "async_save", "save_top_k", "on_device", "num_workers", "overwrite", "plot"):
-        args[name] = _plain(getattr(trainer.options, name, None))
-    args["eval_batch_size"] = args["eval_batch_size"] or args["batch_size"]
-    return args
-
-
-def _load_summary(folder: str) -> dict | None:
-    """The run's ``summary.json`` as parsed JSON, None when there is none; a :class:`RunFolderError`
-    saying what is wrong with one that cannot be read (not a regular file, too big, not JSON)."""
-    path = os.path.join(folder, SUMMARY)
-    if not os.path.lexists(path):
-        return None
-    raw = read_bytes(path, SUMMARY, RunFolderError, limit=MAX_SUMMARY_BYTES)
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise RunFolderError(f"{SUMMARY} is not UTF-8 text (an invalid byte at offset {e.start}).") from None
-    except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
-        raise RunFolderError(f"{SUMMARY} is not valid JSON ({shown(e)}).") from None
-    except RecursionError:
-        raise RunFolderError(f"{SUMMARY} is nested too deeply to read; trainval writes a flat summary.") from None
-    if not isinstance(data, dict):
-        raise RunFolderError(f"{SUMMARY} holds {_json_kind(data)}, not an object.")
-    return data
-
-
-def read_summary(folder: str) -> dict | None:
-    """The run's ``summary.json`` as written, or None (no file, or one that cannot be read)."""
-    try:
-        return _load_summary(folder)
-    except RunFolderError:
-        return None
-
-
-def write_summary(folder: str, summary: dict) -> None:
-    data = (json.dumps(summary, indent=2, default=str) + "\n").encode()
-    atomic_write(os.path.join(folder, SUMMARY), lambda f: f.write(data), "summary")
-
-
-def update_summary(folder: str, **fields: Any) -> dict:
-    """Merge ``fields`` into the run's ``summary.json`` (made by :class:`RunSummary`), atomically."""
-    summary = read_summary(folder) or {}
-    summary.update(fields)
-    write_summary(folder, summary)
-    return summary
-
-
-class RunSummary(Callback):
-    """Keeps ``summary.json`` current: written at the start of ``fit``, after each epoch and at the end.
-
-    The Trainer adds it on rank 0 after the user's callbacks, so that the columns they add to a row
-    are in ``final`` too.
-    """
-
-    def __init__(self) -> None:
-        self.started: str | None = None
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        previous = read_summary(trainer.out_dir) if trainer.epoch > 0 else None  # a resumed run keeps its start
-        self.started = (previous or {}).get("started") or _now()
-        self._write(trainer, "running")
-
-    def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
-        self._write(trainer, "running")
-
-    def on_fit_end(self, trainer: Trainer) -> None:
-        self._write(trainer, "finished")
-
-    def _write(self, trainer: Trainer, status: str) -> None:
-        from trainval.checkpoint import versions  # torch is loaded: a Trainer is running
-
-        history = trainer.history
-        train_loader, val_loader = trainer.train_loader, trainer.val_loader
-        summary = {
-            "made_by": "trainval",
-            "status": status,
-            "started": self.started,
-            "updated": _now(),
-            "epochs": len(history),
-            "max_epochs": trainer.max_epochs,
-            "monitor": trainer.monitor,
-            "mode": trainer.mode,
-            "best_epoch": trainer.best_epoch,
-            "steps": trainer.global_step,
-            "max_steps": trainer.options.max_steps,
-            "val_every_steps": trainer.options.val_every_steps,
-            "best_step": trainer.best_step,
-            "best_value": _plain(trainer.best_value),
-            "final": {k: _plain(v) for k, v in history[-1].items()} if history else {},
-            "train_samples": getattr(train_loader, "dataset_size", None),
-            "val_samples": getattr(val_loader, "dataset_size", None) if val_loader is not None else None,
-            "seconds": round(sum(r.get("seconds", 0.0) for r in history), 3),
-            "versions": versions(),
-            "trainer": trainer_arguments(trainer),
-        }
-        write_summary(trainer.out_dir, summary)
-
-
-def record_test(folder: str, metrics: dict) -> None:
-    """Add test metrics to the run's ``summary.json``, if trainval wrote one there."""
-    if runfolder.is_run_folder(folder) and read_summary(folder) is not None:
-        update_summary(folder, test={k: _plain(v) for k, v in metrics.items() if not k.startswith("test_confusion")})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,17 +67,6 @@ def run_status(folder: str, summary: dict | None) -> str:
     return "interrupted" if recorded == "running" or os.path.exists(os.path.join(folder, "last.pt")) else "empty"
 
 
-def _json_kind(value: Any) -> str:
-    """What a JSON value is, in words (for a message)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {str: "text", list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
-
-
 def _finite(value: Any) -> bool:
     """A JSON number (not true/false) that is a finite float (JSON's NaN, Infinity and 1e400 are not)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -230,7 +78,7 @@ def _finite(value: Any) -> bool:
 
 
 def _wrong(key: str, value: Any, expected: str) -> RunFolderError:
-    return RunFolderError(f'{SUMMARY}: "{shown(key, 40)}" is {_json_kind(value)} ({shown_repr(value)}), '
+    return RunFolderError(f'{SUMMARY}: "{shown(key, 40)}" is {json_kind(value)} ({shown_repr(value)}), '
                           f"not {expected}.")
 
 
@@ -331,7 +179,7 @@ def _read_run(folder: str) -> dict:
     """:func:`summary_record` of the run's ``summary.json``, or for an older run folder without one,
     of what its ``metrics.csv`` tells; a :class:`RunFolderError` for a folder that cannot be read."""
     check_regular(os.path.join(folder, runfolder.MARKER), f"its marker {runfolder.MARKER}", RunFolderError)
-    summary = _load_summary(folder)
+    summary = load_summary(folder)
     if summary is None:
         rows = _load_metrics_csv(folder)
         summary = {"epochs": len(rows), "final": rows[-1] if rows else {}}
@@ -538,7 +386,7 @@ def run_config(folder: str, overrides: list[str] = ()) -> dict:
     What the run recorded beyond the schema (``resolved``, ``versions``) is left out; the data it was
     trained on need not exist any more for ``test``/``predict`` with ``data.test=...``.
     """
-    from trainval import config
+    from trainval.app import config
 
     recorded = recorded_config(folder)
     if recorded is None:
@@ -565,5 +413,5 @@ def checkpoint_path(folder: str, ckpt: str | None) -> str:
     return {"best": os.path.join(folder, "best.pt"), "last": os.path.join(folder, "last.pt")}.get(ckpt or "best", ckpt)
 
 
-__all__ = ["RunSummary", "find_runs", "format_table", "plot_runs", "read_summary", "run_config",
+__all__ = ["find_runs", "format_table", "plot_runs", "read_summary", "run_config",
            "sort_runs", "update_summary"]

@@ -1,7 +1,7 @@
 """From a resolved config to the Python API: data splits, model, optimizer, scheduler, Trainer.
 
 The CLI only parses arguments and calls :func:`fit`, :func:`test` or :func:`predict` here; each of
-them is a few calls on :class:`~trainval.trainer.Trainer`, so that the command line and the Python API
+them is a few calls on :class:`~trainval.loop.trainer.Trainer`, so that the command line and the Python API
 cannot drift apart.
 """
 
@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainval import config, launch, options, preprocess, runfolder, runs, sharded, trackers
-from trainval.callbacks import EarlyStopping, TensorBoardLogger
-from trainval.checkpoint import check_recorded_model, load_checkpoint, load_model_weights
-from trainval.config import require_trusted_code
+from trainval import options
+from trainval.app import config, preprocess, runs
+from trainval.app.config import require_trusted_code
+from trainval.app.models import CNN, MLP
+from trainval.checkpoint import check_recorded_model, load_checkpoint, load_model_weights, sharded
 from trainval.data import (
     Split,
     check_classes,
@@ -38,12 +39,15 @@ from trainval.data import (
     load_npz,
     stratified_split,
 )
-from trainval.ema import EMA
+from trainval.distributed import launch
 from trainval.errors import CheckpointError, ConfigError, DataError, RunFolderError
 from trainval.fsio import atomic_write
-from trainval.models import CNN, MLP
+from trainval.loop import trackers
+from trainval.loop.callbacks import EarlyStopping, TensorBoardLogger
+from trainval.loop.ema import EMA
+from trainval.loop.trainer import Trainer, seed_everything
+from trainval.run import runfolder
 from trainval.state import check_last
-from trainval.trainer import Trainer, seed_everything
 from trainval.untrusted import check_replaceable, shown_repr
 
 

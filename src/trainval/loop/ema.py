@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trainval.callbacks import Callback
 from trainval.checkpoint import unwrap_model
 from trainval.errors import CheckpointError, ConfigError
+from trainval.loop.callbacks import Callback
 from trainval.untrusted import shown_names, shown_repr
 
 if TYPE_CHECKING:
-    from trainval.trainer import Trainer
+    from trainval.loop.trainer import Trainer
 
 __all__ = ["EMA"]
 

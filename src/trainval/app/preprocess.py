@@ -13,9 +13,9 @@ import os
 
 import numpy as np
 
-from trainval.callbacks import Callback
 from trainval.errors import ConfigError, DataError
 from trainval.fsio import atomic_write
+from trainval.loop.callbacks import Callback
 from trainval.untrusted import read_bytes, shown
 
 MAX_BYTES = 2**30  # two numbers per feature: even a large image's statistics are far below this

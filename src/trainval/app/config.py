@@ -236,7 +236,7 @@ def apply_overrides(cfg: dict, overrides: list[str] = ()) -> dict:
 
 def validate(cfg: dict, source: str) -> dict:
     """Checks that involve several keys."""
-    from trainval.runfolder import check_run_name
+    from trainval.run.runfolder import check_run_name
 
     check_run_name(cfg["run"]["name"], source)
     d = cfg["data"]

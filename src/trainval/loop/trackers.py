@@ -15,15 +15,16 @@ import urllib.parse
 import urllib.request
 from typing import TYPE_CHECKING, Any, Literal
 
-from trainval import runfolder
-from trainval.callbacks import Callback
 from trainval.errors import ConfigError
+from trainval.loop.callbacks import Callback
+from trainval.loop.summary import trainer_arguments
+from trainval.run import runfolder
 from trainval.untrusted import check_regular, shown
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-    from trainval.trainer import Trainer
+    from trainval.loop.trainer import Trainer
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict[str, str]:
@@ -54,8 +55,6 @@ def _params(trainer: Trainer, given: dict | None) -> dict[str, str]:
         return flatten(given)
     if isinstance(trainer.config, dict):
         return flatten(trainer.config)
-    from trainval.runs import trainer_arguments
-
     return flatten(trainer_arguments(trainer))
 
 
@@ -233,9 +232,7 @@ class WandbLogger(Callback):
         config = self.params if self.params is not None else (
             trainer.config if isinstance(trainer.config, dict) else None)
         if config is None:
-            from trainval.runs import trainer_arguments
-
-            config = trainer_arguments(trainer)
+                    config = trainer_arguments(trainer)
         try:
             self.run = wandb.init(project=self.project, name=self.run_name or os.path.basename(trainer.out_dir),
                                   dir=trainer.out_dir, mode=self.mode, config=config, id=self.run_id,

@@ -33,22 +33,28 @@ import torch
 from torch import nn
 
 from trainval import distributed
-from trainval.callbacks import Callback, ProgressBar, plot_curves, write_metrics_csv
-from trainval.checkpointing import Checkpoints
-from trainval.checks import BATCHNORM, check_loss_value, check_optimizer_and_scheduler, check_training_data
 from trainval.data import Loader, TensorLoader, describe, make_loader, tree_map
 from trainval.errors import ConfigError, DataError, TrainvalError
 from trainval.fsio import atomic_write
-from trainval.guard import Guard
+from trainval.loop.callbacks import Callback, ProgressBar, plot_curves, write_metrics_csv
+from trainval.loop.checkpointing import Checkpoints
+from trainval.loop.checks import (
+    BATCHNORM,
+    check_loss_value,
+    check_optimizer_and_scheduler,
+    check_training_data,
+)
+from trainval.loop.guard import Guard
+from trainval.loop.plan import StepPlan
+from trainval.loop.precision import Precision
+from trainval.loop.strategies import SingleProcess, make_strategy
+from trainval.loop.summary import RunSummary
 from trainval.metrics import MetricSet, confusion_metric, metric_direction, resolve_metrics
 from trainval.options import docs as option_docs
 from trainval.options import make_options, signature_with_options
-from trainval.plan import StepPlan
-from trainval.precision import Precision
-from trainval.runfolder import holds_run_folder, is_main_process
-from trainval.runs import RunSummary, record_test
+from trainval.run.runfolder import holds_run_folder, is_main_process
+from trainval.run.summary import record_test
 from trainval.state import LoopState, rng_state, seed_everything, set_rng_state
-from trainval.strategies import SingleProcess, make_strategy
 from trainval.tasks import Task, check_loss, loss_weight_fn, make_task, task_for_output
 from trainval.untrusted import shown_line
 
@@ -67,7 +73,7 @@ class Trainer:
             the output's width, MSE/L1/SmoothL1/Huber -> regression).
         metrics: metric names (see :mod:`trainval.metrics`), metric objects, or ``{name: metric}``; default
             per task: ``acc`` (multiclass, binary), ``f1_micro`` (multilabel), ``mse`` and ``mae`` (regression).
-        callbacks: :class:`~trainval.callbacks.Callback` objects.
+        callbacks: :class:`~trainval.loop.callbacks.Callback` objects.
         scheduler: a learning-rate scheduler built on ``optimizer`` (see ``scheduler_interval``).
         config: a plain dict describing the run, saved in every checkpoint.
         **options: keyword options, each declared once in :class:`~trainval.options.TrainerOptions` (its type,

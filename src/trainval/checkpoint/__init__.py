@@ -5,9 +5,9 @@ A checkpoint is a plain dict that ``torch.load(path, weights_only=True)`` reads 
 scheduler, grad scaler, RNG states, the trainer's shuffling generator, step, best metric, callback
 state and the history of epoch metrics. Only tensors and plain containers: nothing executes on load.
 
-A sharded ``last.pt`` (FSDP, see :mod:`trainval.sharded`) holds ``"shards"`` instead of ``"model"`` and
+A sharded ``last.pt`` (FSDP, see :mod:`trainval.checkpoint.sharded`) holds ``"shards"`` instead of ``"model"`` and
 ``"optimizer"``: a pointer to the folder where every rank wrote its own part.
-:func:`trainval.sharded.model_weights` gives the full model state_dict of either kind.
+:func:`trainval.checkpoint.sharded.model_weights` gives the full model state_dict of either kind.
 
 :class:`BackgroundWriter` runs at most one checkpoint write in a background thread (``async_save``),
 and raises its error in the training thread.

@@ -23,7 +23,7 @@ from trainval import distributed
 from trainval.errors import Interrupted, NonFiniteLossError
 
 if TYPE_CHECKING:
-    from trainval.trainer import Trainer
+    from trainval.loop.trainer import Trainer
 
 POLL_EVERY_STEPS = 32  # on several processes: a collective, at the same step on every rank
 

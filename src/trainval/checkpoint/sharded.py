@@ -44,10 +44,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainval import distributed, runfolder
+from trainval import distributed
 from trainval.checkpoint import check_fits, load_checkpoint, save_checkpoint
 from trainval.errors import CheckpointError
 from trainval.fsio import fsync_dir, write_failure
+from trainval.run import runfolder
 from trainval.untrusted import check_regular, open_regular, shown, shown_repr
 
 SHARDS_DIR = "last.shards"

@@ -10,7 +10,7 @@
   writes ``last.pt`` and ``metrics.csv`` after it (at most one write in flight with ``async_save``);
 - :meth:`Checkpoints.load_weights` reloads ``best``/``last``/a path for test and predict.
 
-The file formats and their safe reading live in :mod:`trainval.checkpoint` and :mod:`trainval.sharded`.
+The file formats and their safe reading live in :mod:`trainval.checkpoint` and :mod:`trainval.checkpoint.sharded`.
 """
 
 from __future__ import annotations
@@ -21,24 +21,26 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from trainval import distributed, runfolder, sharded
-from trainval.callbacks import write_metrics_csv
+from trainval import distributed
 from trainval.checkpoint import (
     BackgroundWriter,
     load_checkpoint,
     remove_top_k_files,
     save_checkpoint,
+    sharded,
     snapshot,
     stray_top_k_files,
     versions,
 )
 from trainval.errors import CheckpointError, ConfigError, RunFolderError
 from trainval.fsio import atomic_write
+from trainval.loop.callbacks import write_metrics_csv
+from trainval.run import runfolder
 from trainval.state import check_last, rng_state, seed_everything, set_rng_state
 from trainval.untrusted import shown
 
 if TYPE_CHECKING:
-    from trainval.trainer import Trainer
+    from trainval.loop.trainer import Trainer
 
 
 class Checkpoints:
@@ -292,7 +294,7 @@ class Checkpoints:
         """Write last.pt (and metrics.csv after it): whole from rank 0, or sharded by every rank.
 
         A sharded save (FSDP) writes each rank's shards into a fresh folder, then rank 0 points last.pt at
-        it (see :mod:`trainval.sharded`). With ``async_save`` the state is copied now and written by a
+        it (see :mod:`trainval.checkpoint.sharded`). With ``async_save`` the state is copied now and written by a
         background thread; the previous write is waited for first (at most one in flight).
         """
         t = self.t

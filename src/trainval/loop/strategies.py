@@ -1,6 +1,6 @@
 """How the model is spread over processes: one process, DDP, or FSDP2 — behind one small interface.
 
-The loop in :mod:`trainval.trainer` never asks which strategy runs; it calls these methods:
+The loop in :mod:`trainval.loop.trainer` never asks which strategy runs; it calls these methods:
 
 =====================  =======================  ===========================  ==================================
                        :class:`SingleProcess`   :class:`DDPStrategy`          :class:`FSDPStrategy`
@@ -21,7 +21,7 @@ eval forwards          local                    local (the plain module)      co
 Under FSDP it and ``optimizer_state_dict`` are collectives: every rank calls them, rank 0 gets the data.
 
 ``sharded_state_dict`` is this rank's part of the model and optimizer (DTensor shards under FSDP, full
-tensors otherwise) for :mod:`trainval.sharded`; every strategy can load one (``load_sharded_state_dict``),
+tensors otherwise) for :mod:`trainval.checkpoint.sharded`; every strategy can load one (``load_sharded_state_dict``),
 so a sharded last.pt resumes under any strategy and any number of processes.
 """
 
@@ -281,7 +281,7 @@ def make_strategy(spec: str | SingleProcess, *, distributed_on: bool, sync_batch
     if isinstance(spec, SingleProcess):
         return spec
     if spec not in STRATEGIES:
-        raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)} (or a trainval.strategies object), "
+        raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)} (or a trainval.loop.strategies object), "
                           f"got {spec!r}.")
     if spec == "fsdp":
         if sync_batchnorm:

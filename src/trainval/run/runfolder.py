@@ -24,7 +24,7 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 
-from trainval import launch
+from trainval.distributed import launch
 from trainval.errors import ConfigError, RunFolderError, TrainvalError
 from trainval.untrusted import check_replaceable, open_regular, read_bytes, shown
 

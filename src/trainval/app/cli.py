@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
 
     in_torchrun = False
     try:
-        from trainval import launch
+        from trainval.distributed import launch
 
         in_torchrun = launch.read().distributed  # the launcher's variables checked: a bad one is one line
         if args.command == "fit" and (args.nproc is not None or args.nnodes != 1):
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             if problem:
                 return _error(problem, 2)
             if ((args.nproc or 1) > 1 or args.nnodes > 1) and not in_torchrun:
-                from trainval import config
+                from trainval.app import config
 
                 config.load(*_split_positionals(args.args))  # a config error: one line, before torchrun
                 return _run_torchrun(args, argv)
@@ -488,17 +488,17 @@ def _launch_problem(args) -> str | None:
 
 
 def _dispatch(args) -> int:
-    from trainval import config
+    from trainval.app import config
 
     # The current folder is not on sys.path (see __main__): a module there is imported only when the
     # config names it as a `module:Class` model or `module:function` factory (data.import_object).
     if args.command == "runs":
-        from trainval import runs
+        from trainval.app import runs
 
         print(runs.report(args.folder, sort=args.sort, reverse=args.reverse, fmt=args.format, plot=args.plot))
         return 0
     if args.command == "tune":
-        from trainval import tuning
+        from trainval.app import tuning
 
         cfg_path, overrides, space = tuning.split_arguments(args.args)
         tuning.tune(cfg_path, overrides, space, trials=args.trials, storage=args.storage, study_name=args.study,
@@ -506,13 +506,13 @@ def _dispatch(args) -> int:
         return 0
     cfg_path, overrides = _split_positionals(args.args)
     if args.command in ("test", "predict") and cfg_path is not None and os.path.isdir(cfg_path):
-        from trainval import runs
+        from trainval.app import runs
 
         cfg = runs.run_config(cfg_path, overrides)  # a run folder: the config it was trained with
         cfg_path = None
     else:
         cfg = config.load(cfg_path, overrides)  # config errors come before torch is imported
-    from trainval import workflow
+    from trainval.app import workflow
 
     if args.command == "fit":
         workflow.fit(cfg, resume=args.resume)
@@ -536,9 +536,9 @@ def _error(message: str, code: int) -> int:
 
 
 def _launch():
-    """The launcher's variables (:func:`trainval.launch.read`); one process when they are not valid (that
+    """The launcher's variables (:func:`trainval.distributed.launch.read`); one process when they are not valid (that
     error is the one being reported)."""
-    from trainval import launch
+    from trainval.distributed import launch
     from trainval.errors import ConfigError
 
     try:

@@ -32,13 +32,13 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from trainval import runfolder
 from trainval.errors import ConfigError
 from trainval.fsio import atomic_write
+from trainval.run import runfolder
 from trainval.untrusted import shown
 
 if TYPE_CHECKING:
-    from trainval.trainer import Trainer
+    from trainval.loop.trainer import Trainer
 
 
 class Callback:

@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from trainval import config
-from trainval.callbacks import Callback
+from trainval.app import config
 from trainval.errors import ConfigError
 from trainval.fsio import atomic_write
+from trainval.loop.callbacks import Callback
 from trainval.untrusted import load_yaml, shown
 
 if TYPE_CHECKING:
-    from trainval.trainer import Trainer
+    from trainval.loop.trainer import Trainer
 
 MARKER = ".trainval-tune"  # a tuning folder trainval made (it is not a run folder itself)
 _DIST = re.compile(r"^(loguniform|uniform|int|choice)\((.*)\)$", re.DOTALL)
@@ -173,7 +173,7 @@ class PruningCallback(Callback):
 
 def _study_folder(folder: str) -> None:
     """Make or adopt the tuning folder: refuse a folder trainval did not make that holds other files."""
-    from trainval import runfolder
+    from trainval.run import runfolder
 
     runfolder.make_folder(folder)
     marker = os.path.join(folder, MARKER)
@@ -256,7 +256,7 @@ def fail_abandoned_trials(study) -> list[int]:
     and whose worker's pid is no running process has no worker. (The pid alone covers the moment after
     the fit, when the lock is released and Optuna has not yet recorded the result.) Trials of other machines are left to Optuna's heartbeat (see :func:`_storage`).
     """
-    from trainval import runfolder
+    from trainval.run import runfolder
 
     optuna = _optuna()
     failed = []
@@ -334,7 +334,8 @@ def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: M
                             f"search space {s.key}={s.text}")
 
     optuna = _optuna()
-    from trainval import runfolder, runs, workflow
+    from trainval.app import runs, workflow
+    from trainval.run import runfolder
 
     folder = workflow.run_folder(base)
     shared = _storage(storage, folder) if storage is not None else None  # a bad URL before any folder is made

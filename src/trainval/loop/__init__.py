@@ -1,0 +1,1 @@
+"""The loop: the Trainer and what it calls (options, plan, precision, guard, checkpointing, callbacks)."""
