@@ -61,7 +61,7 @@ from trainval.metrics import MetricSet, confusion_metric, metric_direction, reso
 from trainval.runs import RunSummary, record_test
 from trainval.state import LoopState, check_last, check_seed, rng_state, seed_everything, set_rng_state
 from trainval.strategies import SingleProcess, make_strategy
-from trainval.tasks import Task, check_loss, loss_weight_fn, make_task, task_for_output
+from trainval.tasks import Task, check_loss, exact_weight_fn, loss_weight_fn, make_task, task_for_output
 from trainval.untrusted import shown, shown_line, shown_repr
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -537,6 +537,11 @@ class Trainer:
 
         # A stream's length is learnt by reading it: its last accumulation group is rescaled once it ends.
         steps, acc, world = (None if loader.is_stream else loader.num_batches), self.accumulate_steps, self.dist.world_size
+        # Exact accumulation (a loss whose denominator is known): each batch's loss is weighted by its share
+        # of the group's weight, read ahead; None: one process without accumulation, or the user's own loss.
+        exact = self._exact_weighting(loader)
+        if exact is not None:
+            batches = self._weighted_steps(batches, self.batch_in_epoch, *exact)
         per_step_scheduler = self.scheduler if self.scheduler_interval == "step" else None
         batch_callbacks = [cb for cb in callbacks if type(cb).on_train_batch_end is not Callback.on_train_batch_end]
         every = self.checkpoint_every_steps
@@ -544,6 +549,7 @@ class Trainer:
         in_group, stand_in = 0, None  # real batches (every rank's) in this accumulation group so far
         first = True  # the first batch's loss is checked (free: no host sync), after on_epoch_start's freezing
         for step in batches:
+            step, scale, weight = step if exact is not None else (step, None, None)
             i, x, y = self.batch_in_epoch, step.x, step.y
             boundary = acc == 1 or (i + 1) % acc == 0 or step.last
             group = acc if steps is None else min(acc, steps - (i // acc) * acc)  # the last group may be short
@@ -556,10 +562,13 @@ class Trainer:
                     if first:
                         self._check_loss_value(loss, training=True)
                         first = False
-                    self._backward(loss / group if acc > 1 else loss)  # mean over the accumulation group
+                    if exact is not None:  # summed loss / the group's weight (times the ranks DDP/FSDP divide by)
+                        self._backward(loss * (scale.to(loss.dtype) if isinstance(scale, torch.Tensor) else scale))
+                    else:
+                        self._backward(loss / group if acc > 1 else loss)  # mean of the group's batch means
             in_group += step.batches
             if boundary:
-                if in_group != world * group:  # a stream's last steps held fewer batches than a full step
+                if exact is None and in_group != world * group:  # a stream's last steps held fewer batches
                     self._scale_gradients(world * group / in_group)
                 in_group = 0
                 self._optimizer_step(opt)
@@ -570,7 +579,8 @@ class Trainer:
                 real = loader.unpadded(i, y.shape[0])
                 if real < y.shape[0]:  # the padding that evens out the ranks' shards repeats samples: not counted
                     loss, output, y = self._unpadded_part(output, y, real)
-                metrics.update(loss, weigh(y), task.outputs(output.detach(), y), real)
+                metrics.update(loss, weigh(y) if weight is None or real < step.y.shape[0] else weight,
+                               task.outputs(output.detach(), y), real)
             self.state.batch_in_epoch = i + 1
             for cb in batch_callbacks:
                 cb.on_train_batch_end(self, i)
@@ -590,6 +600,60 @@ class Trainer:
                 self._save_mid_epoch(epoch, started)
         self._raise_if_nonfinite(epoch)
         self._raise_if_weights_nonfinite(epoch)  # the last step's update, which no loss has seen yet
+
+    def _exact_weighting(self, loader: Loader) -> tuple[Any, bool] | None:
+        """``(weigh, across_ranks)`` when this epoch's batches are weighted exactly, else ``None``.
+
+        ``None`` for a loss whose denominator trainval cannot know (the mean of micro-batch means, as
+        documented), and where weighting changes nothing: one process without accumulation, or several
+        whose batches weigh the same on every rank (a shape-only weight over in-memory data, whose padded
+        shards give every rank batches of one size), where DDP's mean over ranks is exact already. A
+        DataLoader's or a stream's batches (a collate may pad to each batch's longest sequence; a stream's
+        last ones are short) and value-dependent weights (``ignore_index``, class weights) are all-reduced.
+        """
+        weigh, by_value = exact_weight_fn(self.loss_fn, self.task)
+        if weigh is None:
+            return None
+        several = self.dist.world_size > 1
+        across_ranks = several and (self.accumulate_steps > 1 or by_value or not isinstance(loader, TensorLoader))
+        if self.accumulate_steps == 1 and not across_ranks:
+            return None
+        return weigh, across_ranks
+
+    def _weighted_steps(self, steps: Iterator[Step], start: int, weigh: Any,
+                        across_ranks: bool) -> Iterator[tuple[Step, Any, Any]]:
+        """``(step, scale, weight)``: the epoch's steps, an accumulation group read ahead at a time.
+
+        ``weight`` is what the batch's mean loss was divided by (:func:`~trainval.tasks.loss_weight_fn`);
+        ``scale = weight * world / W`` with ``W`` the group's weight over all its batches and, with
+        ``across_ranks``, all ranks (one all-reduce of one number per optimizer step, on the device: no
+        host sync). Backpropagating ``loss * scale`` gives, after DDP/FSDP's mean over the ranks, the
+        gradient of the group's summed loss over ``W``: the large batch's. A group is read whole before its
+        first backward (at most ``accumulate_steps`` batches held on the device), so a short last group and
+        a stream's, whose end is known only once read, need no rescaling; a rank whose stream share ran
+        out weighs 0 there. Groups end where the loop's boundaries are, so a save at a boundary leaves no
+        batch read ahead, and resume is exact.
+        """
+        acc, world, i = self.accumulate_steps, self.dist.world_size, start
+        while True:
+            group = []
+            for step in steps:
+                group.append(step)
+                i += 1
+                if i % acc == 0 or step.last:
+                    break
+            if not group:
+                return
+            weights = [0 if step.x is None else weigh(step.y) for step in group]
+            total = sum(weights)  # a device tensor (ignore_index, class weights) or an int (shapes only)
+            if across_ranks or isinstance(total, torch.Tensor):  # (ints alone: host arithmetic, no device op)
+                dtype = torch.float32 if self.device.type == "mps" else torch.float64
+                total = (total.to(dtype) if isinstance(total, torch.Tensor)
+                         else torch.full((), float(total), dtype=dtype, device=self.device))
+                if across_ranks:
+                    total = distributed.all_reduce_sum(total)
+            for step, weight in zip(group, weights):
+                yield step, weight * world / total, weight
 
     def _step_scheduler(self, scheduler: Any) -> None:
         try:
