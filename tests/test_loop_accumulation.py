@@ -213,13 +213,13 @@ def test_a_stop_inside_a_group_saves_at_its_end_and_resumes_bit_identical(tmp_pa
 @pytest.mark.slow
 def test_two_processes_with_uneven_counts_equal_one_process_with_the_global_batch(tmp_path):
     # 16 sequences, global batch 8 per optimizer step, 2 epochs. Two ranks each take every other sample
-    # of the shared permutation, so their counted tags differ; with batch 2 x accumulate 2 and with batch 4
-    # (no accumulation) the weights equal one process's at batch 8.
-    one = child.run(str(tmp_path / "one"), batch=8, device="cpu")
-    one = {k: v.detach() for k, v in one.state_dict().items()}
+    # of the shared permutation, so their counted tags differ; with batch 2 x accumulate 2 (DDP and FSDP)
+    # and with batch 4 (no accumulation) the weights equal one process's at batch 8.
+    one = {k: v.detach() for k, v in child.run(str(tmp_path / "one"), batch=8, device="cpu").items()}
     results = {}
-    for name, opts in {"accumulate": dict(batch=2, accumulate=2), "plain": dict(batch=4),
-                       "user_loss": dict(batch=4, user_loss=True)}.items():
+    runs = {"accumulate": dict(batch=2, accumulate=2), "plain": dict(batch=4),
+            "fsdp": dict(batch=2, accumulate=2, strategy="fsdp"), "user_loss": dict(batch=4, user_loss=True)}
+    for name, opts in runs.items():
         out = tmp_path / name
         out.mkdir()
         proc = torchrun([CHILD, str(out), json.dumps(opts)], env={"TRAINVAL_DIST_TIMEOUT": "60"})
@@ -227,6 +227,7 @@ def test_two_processes_with_uneven_counts_equal_one_process_with_the_global_batc
         results[name] = torch.load(out / "weights.pt", weights_only=True)
     assert max_diff(results["accumulate"], one) < TOL
     assert max_diff(results["plain"], one) < TOL
+    assert max_diff(results["fsdp"], one) < TOL  # FSDP2 averages the ranks' gradients as DDP does
     # the control: the ranks' counts do differ, so averaging the ranks' means (a loss whose denominator
     # trainval cannot know) lands elsewhere
     assert max_diff(results["user_loss"], one) > 1e-3

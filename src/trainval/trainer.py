@@ -6,7 +6,8 @@
         model.train(); callbacks.on_epoch_start()      # a callback may freeze modules here
         for inputs, target in train_loader:            # in-memory slicing, a DataLoader or a stream
             loss, output = train_step(inputs, target)  # model(x) / model(*x) / model(**x), then the loss
-            loss.backward()                            # no_sync() on non-final accumulation steps
+            loss.backward()                            # accumulating: loss * its share of the group's count,
+                                                       # no_sync() on non-final accumulation steps
             optimizer.step(); optimizer.zero_grad(set_to_none=True)
             metrics.update(loss, output, target)       # device tensors only: no host sync
         val = evaluate(val_loader)                     # eval mode + no_grad, modes restored after
@@ -105,7 +106,12 @@ class Trainer:
         scheduler: a learning-rate scheduler; ``scheduler_interval`` ``"step"`` or ``"epoch"`` (default:
             per step for OneCycleLR/CyclicLR, per epoch otherwise; ReduceLROnPlateau gets the monitored value).
         grad_clip: clip the global gradient norm to this value (> 0).
-        accumulate_steps: micro-batches per optimizer step (gradient accumulation).
+        accumulate_steps: micro-batches per optimizer step (gradient accumulation), equal to one batch that
+            many times larger: each micro-batch's mean loss is weighted by its share of the group's count
+            (samples; non-ignored targets or their class weights for cross-entropy/NLL; elements for BCE,
+            MSE, L1, SmoothL1, Huber) over the whole group and every rank, a short last group and a stream's
+            included (the group is read ahead: up to this many batches held on the device). A ``loss_fn``
+            of your own (not one of those) keeps the mean of the micro-batch means: its denominator is unknown.
         precision: ``"fp32"``, ``"bf16"`` (autocast) or ``"fp16"`` (autocast + grad scaler, CUDA).
         compile: run the model through ``torch.compile`` (checkpoints stay loadable into a plain model).
         checkpoint_every_steps: also write ``last.pt`` every this many optimizer steps inside an epoch.
@@ -535,7 +541,8 @@ class Trainer:
             metrics.reset(loader.num_batches or 64)
         self._pending_rng = None
 
-        # A stream's length is learnt by reading it: its last accumulation group is rescaled once it ends.
+        # A stream's length is learnt by reading it: with the mean of batch means (a loss of unknown
+        # denominator) its last accumulation group is rescaled once it ends.
         steps, acc, world = (None if loader.is_stream else loader.num_batches), self.accumulate_steps, self.dist.world_size
         # Exact accumulation (a loss whose denominator is known): each batch's loss is weighted by its share
         # of the group's weight, read ahead; None: one process without accumulation, or the user's own loss.

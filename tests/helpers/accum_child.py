@@ -1,7 +1,7 @@
 """Exact accumulation across ranks: a float64 token tagger trained with ignore_index targets.
 
 Usage: [torchrun --nproc_per_node=N] accum_child.py OUT_DIR JSON_OPTIONS
-Options: batch (per process), accumulate (accumulate_steps), epochs, n (samples), user_loss (a loss trainval
+Options: batch (per process), accumulate (accumulate_steps), epochs, n (samples), strategy, user_loss (a loss trainval
 cannot see the denominator of: cross-entropy wrapped in a plain module, so the mean of micro-batch means).
 Rank 0 writes OUT_DIR/weights.pt (the final weights); every rank writes OUT_DIR/done.<rank>.
 The test imports ``data``, ``Tagger`` and ``run`` to train the 1-process reference in its own process.
@@ -45,7 +45,7 @@ class Tagger(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
 
     def forward(self, x):
-        return self.head(torch.tanh(self.embed(x))).transpose(1, 2)
+        return self.head(torch.tanh(self.embed(x))).transpose(1, 2).contiguous()  # (FSDP2 warns of a view)
 
 
 class UserLoss(nn.Module):
@@ -60,23 +60,25 @@ class UserLoss(nn.Module):
 
 
 def run(out_dir: str, *, batch: int, accumulate: int = 1, epochs: int = 2, n: int = 16, user_loss: bool = False,
-        device: str = "cpu") -> nn.Module:
+        strategy: str = "auto", device: str = "cpu") -> dict:
+    """The final weights (a collective under FSDP: every rank calls it; rank 0 gets them whole)."""
     model = Tagger()
     X, y = data(n)
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9),
                       UserLoss() if user_loss else None, task="multiclass" if user_loss else None,
                       max_epochs=epochs, batch_size=batch, accumulate_steps=accumulate, seed=7, out_dir=out_dir,
-                      monitor="train_loss", metrics=["acc"], progress=False, plot=False, device=device)
+                      monitor="train_loss", metrics=["acc"], progress=False, plot=False, device=device,
+                      strategy=strategy)
     trainer.fit((X, y))
-    return model
+    return trainer.strategy.model_state_dict(trainer.model)
 
 
 def main():
     out_dir, opts = sys.argv[1], json.loads(sys.argv[2])
-    model = run(out_dir, **opts)
+    weights = run(out_dir, **opts)
     rank = int(os.environ.get("RANK", 0))
     if rank == 0:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, os.path.join(out_dir, "weights.pt"))
+        torch.save({k: v.detach().cpu() for k, v in weights.items()}, os.path.join(out_dir, "weights.pt"))
     with open(os.path.join(out_dir, f"done.{rank}"), "w") as f:
         f.write("done")
 
