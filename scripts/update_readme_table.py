@@ -5,7 +5,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from trainval import config  # noqa: E402
+from trainval.app import config  # noqa: E402
 
 path = os.path.join(os.path.dirname(__file__), "..", "README.md")
 text = open(path).read()

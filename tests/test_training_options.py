@@ -21,9 +21,10 @@ def hand_loop(model, X, y, *, epochs, batch_size, seed, lr, accumulate=1, clip=N
     """The notes' loop in plain PyTorch, with gradient accumulation and clipping written out.
 
     Batches come from one seeded permutation per epoch (as the Trainer draws them); ``accumulate``
-    consecutive batches make one optimizer step, each batch's loss divided by the size of its group
-    (the last group of an epoch may be short), so that every step follows the mean over its group.
-    ``divide_by`` forces another divisor: the control that shows the comparison can fail.
+    consecutive batches make one optimizer step, each batch's mean loss weighted by its share of the
+    group's samples (the last group of an epoch may be short, its last batch too), so that every step
+    follows the mean over the group's samples: the large batch's. ``divide_by`` forces the batch means
+    to be divided by another number: the control that shows the comparison can fail.
     """
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -36,9 +37,10 @@ def hand_loop(model, X, y, *, epochs, batch_size, seed, lr, accumulate=1, clip=N
         batches = [perm[i : i + batch_size] for i in range(0, len(X), batch_size)]
         for start in range(0, len(batches), accumulate):
             group = batches[start : start + accumulate]
+            samples = sum(len(idx) for idx in group)
             for idx in group:
                 loss = loss_fn(model(X.index_select(0, idx)), y.index_select(0, idx))
-                (loss / (divide_by or len(group))).backward()
+                (loss / divide_by if divide_by else loss * (len(idx) / samples)).backward()
             if clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
@@ -87,7 +89,8 @@ def differs(a: nn.Module, b: nn.Module) -> bool:
 
 def test_accumulation_with_a_short_last_group_equals_the_hand_loop(tmp_path):
     # 95 samples in batches of 10: 10 batches per epoch (the last one of 5 samples); accumulate_steps=4
-    # groups them 4, 4, 2, so each epoch takes 3 optimizer steps and the last one averages 2 batches.
+    # groups them 4, 4, 2, so each epoch takes 3 optimizer steps and the last one averages the 15 samples
+    # of its 2 batches (10 and 5: not the mean of the two batch means).
     X, y = make_blobs(n=95)
     X, y = X.to(DEVICE), y.to(DEVICE)
     init = tiny_mlp(dropout=0.2)

@@ -145,7 +145,13 @@ class TrainerOptions:
     grad_clip: float | None = option(None, "clip the global gradient norm to this value (> 0)", "float",
                                      cli="train.grad_clip", cli_doc="clip the gradient norm to this value",
                                      minimum=0.0, positive=True)
-    accumulate_steps: int = option(1, "micro-batches per optimizer step (gradient accumulation)", "int",
+    accumulate_steps: int = option(
+        1, "micro-batches per optimizer step (gradient accumulation), equal to one batch that many times larger: "
+           "each micro-batch's mean loss is weighted by its share of the group's count (samples; non-ignored "
+           "targets or their class weights for cross-entropy/NLL; elements for BCE, MSE, L1, SmoothL1, Huber) over "
+           "the whole group and every rank, a short last group and a stream's included (the group is read ahead: "
+           "up to this many batches held on the device). A ``loss_fn`` of your own (not one of those) keeps the "
+           "mean of the micro-batch means: its denominator is unknown", "int",
                                    cli="train.accumulate_steps",
                                    cli_doc="batches per optimizer step (gradient accumulation)", minimum=1,
                                    positive=True)

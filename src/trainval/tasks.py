@@ -475,3 +475,20 @@ def loss_weight_fn(loss_fn: nn.Module, task: Task) -> Callable[[torch.Tensor], t
     if isinstance(loss_fn, _ELEMENTWISE_LOSSES):
         return torch.Tensor.numel
     return lambda target: target.shape[0]
+
+
+def exact_weight_fn(loss_fn: nn.Module, task: Task) -> tuple[Callable[[torch.Tensor], torch.Tensor | int] | None, bool]:
+    """``(weigh, by_value)`` for exact gradient accumulation: a micro-batch's mean loss times its weight is
+    its summed loss, which the loop divides by the whole group's weight (every micro-batch, every rank).
+
+    ``weigh`` is :func:`loss_weight_fn`'s for torch's built-in losses, whose denominator trainval knows
+    (cross-entropy/NLL: the summed class weights of the non-ignored targets; BCE, MSE, L1, SmoothL1,
+    Huber: the elements); ``None`` for any other loss (its denominator is unknown: the loop keeps the mean
+    of the micro-batch means). ``by_value``: a batch's weight depends on its targets' values
+    (``ignore_index``, class weights), not only on its shape, so ranks' weights differ even for equal shapes.
+    """
+    if isinstance(loss_fn, _CLASS_LOSSES):
+        return loss_weight_fn(loss_fn, task), loss_fn.weight is not None or task.masking
+    if isinstance(loss_fn, _ELEMENTWISE_LOSSES):
+        return loss_weight_fn(loss_fn, task), False
+    return None, False

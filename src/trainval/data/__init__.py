@@ -136,13 +136,17 @@ class Step:
     has not (the rank then joins the step's collectives with a stand-in). ``batches``: real batches in
     this step over all ranks. ``last``: is this the epoch's last step on every rank? For a stream it is
     known only once the next batch has been read and counted over the ranks, so it is resolved when first
-    read (the count runs while the step computes).
+    read (the count runs while the step computes). ``scale`` and ``weight`` are set by the loop's step plan
+    (exact accumulation, see :meth:`trainval.loop.plan.StepPlan.weighted`): what the batch's mean loss is
+    multiplied by before its backward, and what it was divided by; ``None`` where the plan leaves them.
     """
 
-    __slots__ = ("x", "y", "batches", "_last")
+    __slots__ = ("x", "y", "batches", "_last", "scale", "weight")
 
     def __init__(self, x: Inputs | None, y: torch.Tensor | None, batches: int, last: bool | Callable[[], bool]):
         self.x, self.y, self.batches, self._last = x, y, batches, last
+        self.scale: torch.Tensor | float | None = None
+        self.weight: torch.Tensor | int | None = None
 
     @property
     def last(self) -> bool:

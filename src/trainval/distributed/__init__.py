@@ -293,3 +293,13 @@ def ignore_stop_signals() -> None:
     if threading.current_thread() is threading.main_thread():  # (signal.signal works there only)
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks, on ``t``'s device. No host sync where the backend runs on that device
+    (NCCL on CUDA, gloo on the CPU): the exact accumulation's one small all-reduce per optimizer step."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    out = t.to(_collective_device())  # a copy only for gloo with CUDA tensors (a sync; no default set-up does it)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)

@@ -6,7 +6,8 @@
         model.train(); callbacks.on_epoch_start()      # a callback may freeze modules here
         for inputs, target in train_loader:            # in-memory slicing, a DataLoader or a stream
             loss, output = train_step(inputs, target)  # model(x) / model(*x) / model(**x), then the loss
-            loss.backward()                            # no_sync() on non-final accumulation steps
+            loss.backward()                            # accumulating: loss * its share of the group's count,
+                                                       # no_sync() on non-final accumulation steps
             optimizer.step(); optimizer.zero_grad(set_to_none=True)
             metrics.update(loss, output, target)       # device tensors only: no host sync
         val = evaluate(val_loader)                     # eval mode + no_grad, modes restored after
@@ -506,8 +507,14 @@ class Trainer:
             batches = loader.steps(0, lockstep)
         self.pending_rng = None  # (the train metrics are reset after each row: they may span epochs)
 
-        # A stream's length is learnt by reading it: its last accumulation group is rescaled once it ends.
+        # Exact accumulation (a loss whose denominator is known): each batch's loss is weighted by its share of
+        # the group's weight, read ahead (step.scale). Otherwise (one process without accumulation, or the
+        # user's own loss) the mean of the group's batch means, and a stream's last group, whose length is
+        # learnt by reading it, is rescaled once it ends.
         num_batches, world = (None if loader.is_stream else loader.num_batches), self.dist.world_size
+        exact = plan.exact_weighting(self.loss_fn, task, loader, world)
+        if exact is not None:
+            batches = plan.weighted(batches, self.batch_in_epoch, *exact, world, self.device)
         per_step_scheduler = self.scheduler if self.scheduler_interval == "step" else None
         batch_callbacks = [cb for cb in callbacks if type(cb).on_train_batch_end is not Callback.on_train_batch_end]
         step_callbacks = [cb for cb in callbacks if type(cb).on_optimizer_step is not Callback.on_optimizer_step]
@@ -527,10 +534,14 @@ class Trainer:
                     if first:
                         check_loss_value(loss, True, self.model, self.optimizer)
                         first = False
-                    self.amp.backward(loss / group if group > 1 else loss)  # mean over the accumulation group
+                    if step.scale is not None:  # summed loss / the group's weight (times the ranks DDP/FSDP divide by)
+                        self.amp.backward(loss * (step.scale.to(loss.dtype) if isinstance(step.scale, torch.Tensor)
+                                                  else step.scale))
+                    else:
+                        self.amp.backward(loss / group if group > 1 else loss)  # mean of the group's batch means
             in_group += step.batches
             if boundary:
-                if in_group != world * group:  # a stream's last steps held fewer batches than a full step
+                if exact is None and in_group != world * group:  # a stream's last steps held fewer batches
                     self._scale_gradients(world * group / in_group)
                 in_group = 0
                 self.amp.step(opt, self.options.grad_clip, self.strategy.clip_grad_norm, self.model)
@@ -543,7 +554,8 @@ class Trainer:
                 real = loader.unpadded(i, y.shape[0])
                 if real < y.shape[0]:  # the padding that evens out the ranks' shards repeats samples: not counted
                     loss, output, y = self._unpadded_part(output, y, real)
-                metrics.update(loss, weigh(y), task.outputs(output.detach(), y), real)
+                weight = step.weight if step.weight is not None and real == step.y.shape[0] else weigh(y)
+                metrics.update(loss, weight, task.outputs(output.detach(), y), real)
             self.state.batch_in_epoch = i + 1
             for cb in batch_callbacks:
                 cb.on_train_batch_end(self, i)
