@@ -254,7 +254,7 @@ def test_progress_is_plain_lines_when_not_a_terminal():
 
 def test_readme_config_reference_matches_schema():
     readme = open(os.path.join(REPO, "README.md")).read()
-    assert config.reference_table() in readme, "regenerate the README table: python -c 'from trainval import config; print(config.reference_table())'"
+    assert config.reference_table() in readme, "regenerate the README table: python scripts/update_readme_table.py"
 
 
 def test_examples_are_valid_configs():

@@ -247,7 +247,7 @@ def test_a_planted_outcome_folder_does_not_break_nproc(tmp_path):
     temp = tmp_path / "tmp"
     (temp / "trainval-ranks-99999999999999999999-x").mkdir(parents=True)
     code = (
-        "import sys, tempfile; from trainval import cli; "
+        "import sys, tempfile; from trainval.app import cli; "
         "cli.remove_stale_outcome_folders(tempfile.gettempdir()); print('ok')"
     )
     proc = subprocess.run(

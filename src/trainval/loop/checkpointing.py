@@ -69,7 +69,7 @@ class Checkpoints:
             if t.dist.is_main:
                 save_checkpoint(state, t.best_path, "best checkpoint")
             t.log(f"saving best model ({t.monitor} {value:.4f}) -> {t.best_path}")
-        if keep:
+        if keep and k is not None and value is not None:
             name, fallen = t.state.add_top_k(epoch, t.global_step, value, k)
             if t.dist.is_main:
                 save_checkpoint({**state, "step": t.global_step}, os.path.join(t.out_dir, name), "top-k checkpoint")
@@ -250,7 +250,7 @@ class Checkpoints:
                                   f"ones trainval saved ({type(e).__name__}: {shown(str(e))}); start a new run, or "
                                   "resume from a last.pt that trainval wrote.") from None
         if t.batch_in_epoch > 0:
-            t.state.epoch_start["rng"] = own["epoch_start_rng"]
+            t.epoch_record()["rng"] = own["epoch_start_rng"]
             t.pending_rng = own["rng"]
         if own.get("train_metrics") is not None:  # the batches since the last row (mid-epoch, val_every_steps)
             t.train_metrics.load_state_dict(own["train_metrics"], t.train_loader.num_batches)
@@ -287,7 +287,7 @@ class Checkpoints:
         t = self.t
         t.guard.raise_if_nonfinite(epoch)
         t.guard.raise_if_weights_nonfinite(epoch)
-        t.state.epoch_start["seconds"] = time.perf_counter() - t.epoch_started
+        t.epoch_record()["seconds"] = time.perf_counter() - t.epoch_started
         self.save_last()
 
     def save_last(self, with_metrics: bool = False) -> None:

@@ -119,7 +119,9 @@ def check_loss_value(loss: Any, training: bool, model: nn.Module, optimizer: tor
 
 def check_training_data(loader: TensorLoader, task: Task, model: nn.Module, batch_size: int) -> None:
     y = loader.y
-    if task.name == "multiclass" and y.dim() == 1 and len(y) > 1 and bool((y == y[0]).all()):
+    if y is None:  # (fit's data is labelled: checked by the pre-flight before this)
+        return
+    if task.name == "multiclass" and y.dim() == 1 and len(y) > 1 and bool(torch.eq(y, y[0]).all()):
         raise DataError(f"the training targets hold a single class ({int(y[0])}) in {len(y)} samples: there is "
                         "nothing to tell apart. Check the labels (or the split).")
     has_batchnorm = any(isinstance(m, BATCHNORM) and m.training for m in model.modules())

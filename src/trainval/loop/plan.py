@@ -65,7 +65,7 @@ class StepPlan:
 
     def checkpoint_due(self, global_step: int) -> bool:
         """A mid-epoch ``last.pt`` (``checkpoint_every_steps``)."""
-        return bool(self.checkpoint_every) and global_step % self.checkpoint_every == 0
+        return self.checkpoint_every is not None and global_step % self.checkpoint_every == 0
 
     def total_steps(self, batches_per_epoch: int | None) -> int | None:
         """The run's optimizer steps, for the progress line: ``max_steps`` or the epochs' (a stream's may be
@@ -119,7 +119,7 @@ class StepPlan:
                     break
             if not group:
                 return
-            weights = [0 if step.x is None else weigh(step.y) for step in group]
+            weights = [0 if step.x is None or step.y is None else weigh(step.y) for step in group]
             total = sum(weights)  # a device tensor (ignore_index, class weights) or an int (shapes only)
             if across_ranks or isinstance(total, torch.Tensor):  # (ints alone: host arithmetic, no device op)
                 dtype = torch.float32 if device.type == "mps" else torch.float64

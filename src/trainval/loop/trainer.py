@@ -28,13 +28,21 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
 
 from trainval import distributed
-from trainval.data import Loader, TensorLoader, describe, make_loader, tree_map
+from trainval.data import (
+    DataLoaderAdapter,
+    Loader,
+    StreamLoader,
+    TensorLoader,
+    describe,
+    make_loader,
+    tree_map,
+)
 from trainval.errors import ConfigError, DataError, TrainvalError
 from trainval.fsio import atomic_write
 from trainval.loop.callbacks import Callback, ProgressBar, plot_curves, write_metrics_csv
@@ -60,6 +68,8 @@ from trainval.tasks import Task, check_loss, loss_weight_fn, make_task, task_for
 from trainval.untrusted import shown_line
 
 __all__ = ["Trainer", "seed_everything"]
+
+_T = TypeVar("_T")
 
 
 class Trainer:
@@ -117,11 +127,11 @@ class Trainer:
         check_optimizer_and_scheduler(self.model, self.optimizer, loss_fn, scheduler, default_optimizer=optimizer is None)
         # The task may wait for the model's output width (a BCE loss: binary or multilabel), and the
         # default loss for the task: both are settled in the first pre-flight check.
-        self.task: Task | None = make_task(task, loss_fn, ignore_index=o.ignore_index, threshold=o.threshold)
-        self.loss_fn = loss_fn  # None: the task's default, chosen once the output's width is known
+        self._task: Task | None = make_task(task, loss_fn, ignore_index=o.ignore_index, threshold=o.threshold)
+        self._loss_fn: nn.Module | None = loss_fn  # None: the task's default, chosen once the output's width is known
         self._metrics_spec = metrics
         # {name: metric}; settled with the task (now, or in the first pre-flight check for a BCE loss)
-        self.metrics: dict[str, Any] = resolve_metrics(metrics, self.task) if self.task is not None else {}
+        self.metrics: dict[str, Any] = resolve_metrics(metrics, self._task) if self._task is not None else {}
         self.callbacks = list(callbacks)
         self.scheduler = scheduler
         self.scheduler_interval = o.scheduler_interval or _default_interval(scheduler)
@@ -139,9 +149,9 @@ class Trainer:
         self.state = LoopState(monitor=o.monitor or "", mode=o.mode or "max")  # saved in last.pt
         self.checkpoints = Checkpoints(self)  # the run folder's files: best.pt, last.pt, resume
         self.guard = Guard(self)  # non-finite losses and weights, signals
-        self.train_loader: Loader | None = None
+        self._train_loader: Loader | None = None  # fit's, set before its first step
         self.val_loader: Loader | None = None
-        self.train_metrics: MetricSet | None = None
+        self._train_metrics: MetricSet | None = None
         self._val_metrics: MetricSet | None = None
         self.pending_rng: dict | None = None  # a mid-epoch resume's RNG state, set once the epoch is redrawn
         self.epoch_started = 0.0  # perf_counter at the epoch's start (less the seconds run before a resume)
@@ -196,6 +206,28 @@ class Trainer:
     def should_stop(self, value: bool) -> None:
         self.state.should_stop = bool(value)
 
+    # What the first batch settles (see _preflight) and what fit sets before its first step: read after that.
+
+    @property
+    def task(self) -> Task:
+        return _settled(self._task, "task", "the model's first output (a BCE loss: binary or multilabel)")
+
+    @property
+    def loss_fn(self) -> nn.Module:
+        return _settled(self._loss_fn, "loss_fn", "the task's default loss, once the model's output is known")
+
+    @property
+    def train_loader(self) -> Loader:
+        return _settled(self._train_loader, "train_loader", "fit")
+
+    @property
+    def train_metrics(self) -> MetricSet:
+        return _settled(self._train_metrics, "train_metrics", "fit")
+
+    @property
+    def val_metrics(self) -> MetricSet:
+        return _settled(self._val_metrics, "val_metrics", "fit")
+
     @property
     def max_epochs(self) -> int:
         return self.options.max_epochs
@@ -245,13 +277,13 @@ class Trainer:
         if val_data is None and (self.options.monitor or "").startswith("val_"):
             raise ConfigError(f"monitor={self.options.monitor!r} needs validation data: pass val_data, "
                               "or monitor a train metric (e.g. 'train_loss').")
-        self.train_loader = self._make_loader(train_data, train=True, name="train")
+        self._train_loader = self._make_loader(train_data, train=True, name="train")
         self.val_loader = self._make_loader(val_data, train=False, name="val") if val_data is not None else None
         self._preflight(self.train_loader, "train", labelled=True)
         if self.val_loader is not None:
             self._preflight(self.val_loader, "val", labelled=True)
         self._choose_monitor(has_val=self.val_loader is not None)
-        self.train_metrics = self._metric_set(self.train_loader.num_batches or 64)  # (a stream's may be unknown)
+        self._train_metrics = self._metric_set(self.train_loader.num_batches or 64)  # (a stream's may be unknown)
         self._val_metrics = self._metric_set((self.val_loader.num_batches or 64) if self.val_loader is not None else 1)
 
         if not resume and distributed.elastic_restart_count() > 0:
@@ -424,7 +456,7 @@ class Trainer:
         row: dict[str, Any] = {"epoch": epoch, "step": self.global_step, **{f"train_{k}": v for k, v in train.items()}}
         with self._evaluation_weights(callbacks):  # e.g. EMA's averaged weights, for validation and best.pt
             if self.val_loader is not None:
-                val, count = self._evaluate(self.val_loader, self._val_metrics)
+                val, count = self._evaluate(self.val_loader, self.val_metrics)
                 self._check_count(count, self.val_loader, "validation")
                 row.update({f"val_{k}": v for k, v in val.items()})
             lrs = lrs if lrs is not None else [group["lr"] for group in self.optimizer.param_groups]
@@ -434,7 +466,7 @@ class Trainer:
             if epoch_end:
                 self.state.epoch, self.state.batch_in_epoch, self.state.epoch_start = epoch, 0, None
             else:
-                self.state.epoch_start["seconds"] = time.perf_counter() - self.epoch_started
+                self.epoch_record()["seconds"] = time.perf_counter() - self.epoch_started
             by_epoch = epoch_end and self.options.val_every_steps is None
             self.log(self._epoch_line(epoch, row) if by_epoch else self._step_line(row))
             # the weights are finite: checked at the end of _train_epoch or above
@@ -494,12 +526,13 @@ class Trainer:
         if self.batch_in_epoch > 0:
             # Mid-epoch resume: redraw this epoch's order from its start state, skip what was done
             # (a stream re-reads it), then continue with the RNG state saved at the interruption.
-            start = self.state.epoch_start
+            start = self.epoch_record()
             set_rng_state(start["rng"])
             self.generator.set_state(start["generator"])
             if start.get("loader") is not None:  # a user sampler's own generators (absent: an older last.pt)
                 loader.load_state_dict(start["loader"])
             batches = loader.steps(self.batch_in_epoch, lockstep)
+            assert self.pending_rng is not None  # restored with the epoch's position (Checkpoints.restore)
             set_rng_state(self.pending_rng)
         else:
             self.state.epoch_start = {"rng": rng_state(), "generator": self.generator.get_state(),
@@ -526,7 +559,7 @@ class Trainer:
             boundary = plan.boundary(i, step.last)
             group = plan.group_size(i, num_batches)
             with self.strategy.no_sync(self._train_model, sync=boundary):
-                if x is None:  # this rank's stream share ran out before the others'
+                if x is None or y is None:  # this rank's stream share ran out before the others'
                     stand_in = stand_in or self._stand_in(loader)
                     self._stand_in_step(*stand_in)
                 else:
@@ -550,11 +583,12 @@ class Trainer:
                 self.state.global_step += 1
                 for cb in step_callbacks:  # e.g. EMA's update: device work only
                     cb.on_optimizer_step(self)
-            if x is not None:
-                real = loader.unpadded(i, y.shape[0])
-                if real < y.shape[0]:  # the padding that evens out the ranks' shards repeats samples: not counted
+            if y is not None:  # (None: a stand-in step; training batches are labelled, see _preflight)
+                size = y.shape[0]
+                real = loader.unpadded(i, size)
+                if real < size:  # the padding that evens out the ranks' shards repeats samples: not counted
                     loss, output, y = self._unpadded_part(output, y, real)
-                weight = step.weight if step.weight is not None and real == step.y.shape[0] else weigh(y)
+                weight = step.weight if step.weight is not None and real == size else weigh(y)
                 metrics.update(loss, weight, task.outputs(output.detach(), y), real)
             self.state.batch_in_epoch = i + 1
             for cb in batch_callbacks:
@@ -594,7 +628,7 @@ class Trainer:
         return x, (None if y is None else self.task.cast_target(y.to(self.device)))
 
 
-    def _stand_in_step(self, x: Any, y: torch.Tensor) -> None:
+    def _stand_in_step(self, x: Any, y: torch.Tensor | None) -> None:
         """A training step without a batch of this rank's own: the forward and backward of a zero loss.
 
         The other ranks' gradient collectives (DDP's all-reduce, FSDP's gathers and reduce-scatters) need
@@ -602,6 +636,7 @@ class Trainer:
         draws from samples that were trained on already), so nothing is counted twice; the gradients are
         rescaled to the mean over the real batches at the optimizer step.
         """
+        assert y is not None  # a training stream is labelled (checked by the pre-flight)
         with self._evaluating(grad=True):
             loss, _ = self.train_step(x, y)
             self.amp.backward(loss * 0.0)
@@ -669,7 +704,7 @@ class Trainer:
         stand_in, first = None, True
         with self._evaluating():
             for step in loader.steps(0, lockstep=self.strategy.forward_is_collective):
-                if step.x is None:
+                if step.x is None or step.y is None:  # (y: evaluation data is labelled, see _preflight)
                     stand_in = stand_in or self._stand_in(loader)
                     self.predict_step(stand_in[0])
                     continue
@@ -690,13 +725,12 @@ class Trainer:
         self._resolve_metrics()
         confusion = prefix == "test" and self.task.name == "multiclass"
         extra = {"__confusion": confusion_metric()} if confusion else {}
-        metric_set = MetricSet({**self.metrics, **extra}, self.task.num_outputs, self.device,
-                               loader.num_batches or 64)
+        metric_set = MetricSet({**self.metrics, **extra}, self._num_outputs(), self.device, loader.num_batches or 64)
         values, count = self._evaluate(loader, metric_set)
         self._check_count(count, loader, prefix)
         if confusion:
             cm = metric_set.state_of("confusion")  # summed over ranks: every rank takes part
-            if self.dist.is_main and os.path.isdir(self.out_dir):
+            if cm is not None and self.dist.is_main and os.path.isdir(self.out_dir):
                 _write_confusion(os.path.join(self.out_dir, "confusion_matrix.csv"), cm)
         return {f"{prefix}_{k}": v for k, v in values.items() if not k.startswith("__")}
 
@@ -717,12 +751,17 @@ class Trainer:
                 outputs.append(self.predict_step(step.x).float())
             if not outputs and none is None and not self.strategy.forward_is_collective:
                 none = self.predict_step(self._stand_in(loader)[0]).float()[:0]  # a rank with no rows: their shape
-        local = torch.cat(outputs).cpu() if outputs else none.cpu()  # one device-to-host copy
-        if loader.is_stream:  # rows back in stream order (see StreamLoader.positions), on every rank
+        if not outputs:
+            assert none is not None  # a stand-in forward gave the outputs' shape (above)
+            outputs = [none]
+        local = torch.cat(outputs).cpu()  # one device-to-host copy
+        if isinstance(loader, StreamLoader):  # rows back in stream order (see StreamLoader.positions), on every rank
             return distributed.gather_by_position(local, loader.positions())
-        result = distributed.gather_in_order(local, loader.dataset_size)
+        assert loader.dataset_size is not None  # a map-style data set's length is known
+        result = distributed.gather_in_order(local, loader.dataset_size)  # rank 0's; the others get None
         if self.dist.enabled:
             result = distributed.broadcast_object(result)
+        assert result is not None  # every rank holds rank 0's rows now
         return result
 
 
@@ -750,12 +789,12 @@ class Trainer:
             raise ConfigError(f"device {str(self.device)!r} was asked for but CUDA is not available; use 'cpu'.")
         self.amp = Precision(self.options.precision, self.device)
         self.model.to(self.device)
-        if isinstance(self.loss_fn, nn.Module):
-            self.loss_fn.to(self.device)  # class weights, pos_weight
+        if isinstance(self._loss_fn, nn.Module):
+            self._loss_fn.to(self.device)  # class weights, pos_weight
         self.strategy = make_strategy(self.options.strategy, distributed_on=self.dist.enabled,
                                       sync_batchnorm=self.options.sync_batchnorm)
         self._train_model, self._eval_model = self.strategy.wrap(
-            self.model, self.optimizer, self.device, torch.compile if self.options.compile else (lambda m: m))
+            self.model, self.optimizer, self.device, _compiled if self.options.compile else _as_is)
         self._set_up = True
 
 
@@ -798,21 +837,22 @@ class Trainer:
                                 f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
         if not isinstance(out, torch.Tensor):
             raise DataError(f"the model's output for a {name} batch is {describe(out)}; trainval needs a tensor.")
-        if self.task is None:  # a BCE loss: one logit per sample is binary, several are multilabel
-            self.task = task_for_output(self.loss_fn, out, self.options.ignore_index, self.options.threshold)
+        if self._task is None:  # a BCE loss: one logit per sample is binary, several are multilabel
+            assert self._loss_fn is not None  # (make_task leaves the task open only for a given BCE loss)
+            self._task = task_for_output(self._loss_fn, out, self.options.ignore_index, self.options.threshold)
         if labelled and y is None:
             raise DataError(f"{name} data has no targets; targets are needed to train, validate or test "
                             f"(use predict for unlabelled inputs; dict batches hold them under '{self.options.target_key}').")
         self.task.check_output(out, y, name)
-        if self.loss_fn is None:  # binary: BCE for one logit, cross-entropy for two
-            self.loss_fn = self.task.default_loss().to(self.device)
+        if self._loss_fn is None:  # binary: BCE for one logit, cross-entropy for two
+            self._loss_fn = self.task.default_loss().to(self.device)
         if not labelled:
             return
         if isinstance(loader, TensorLoader):
             loader.y = self.task.prepare_targets(loader.y, name)
             if name == "train":
                 check_training_data(loader, self.task, self.model, self.options.batch_size)
-        else:
+        elif isinstance(loader, DataLoaderAdapter):
             self.task.prepare_targets(torch.as_tensor(y), name)
             loader.target_transform = self.task.cast_target
             if self.task.ignore_index is not None:  # later batches may hold ignored targets: mask them
@@ -826,7 +866,19 @@ class Trainer:
 
     def _metric_set(self, capacity: int) -> MetricSet:
         self._resolve_metrics()
-        return MetricSet(self.metrics, self.task.num_outputs, self.device, capacity)
+        return MetricSet(self.metrics, self._num_outputs(), self.device, capacity)
+
+    def _num_outputs(self) -> int:
+        """The model's output width, learnt by the pre-flight check (``Task.check_output``)."""
+        width = self.task.num_outputs
+        assert width is not None  # set by the pre-flight check, which runs before any metric set is made
+        return width
+
+    def epoch_record(self) -> dict:
+        """The running epoch's start record (its RNG states, sampler state, seconds before a resume)."""
+        start = self.state.epoch_start
+        assert start is not None  # set when the epoch starts (_train_epoch), or restored by a resume
+        return start
 
 
     def _choose_monitor(self, has_val: bool) -> None:
@@ -851,6 +903,21 @@ Trainer.__doc__ = (Trainer.__doc__ or "").replace("{options}", option_docs())
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    return cast(nn.Module, torch.compile(model))  # an OptimizedModule: an nn.Module that runs the compiled graph
+
+
+def _as_is(model: nn.Module) -> nn.Module:
+    return model
+
+
+def _settled(value: _T | None, name: str, by: str) -> _T:
+    """``value``, once settled; before that, an AttributeError saying what settles it."""
+    if value is None:
+        raise AttributeError(f"Trainer.{name} is not known yet: it is settled by {by}.")
+    return value
 
 
 def _default_interval(scheduler: Any) -> str:
