@@ -757,10 +757,10 @@ class Trainer:
         local = torch.cat(outputs).cpu()  # one device-to-host copy
         if isinstance(loader, StreamLoader):  # rows back in stream order (see StreamLoader.positions), on every rank
             return distributed.gather_by_position(local, loader.positions())
-        assert loader.dataset_size is not None  # a map-style data set's length is known
-        result = distributed.gather_in_order(local, loader.dataset_size)  # rank 0's; the others get None
-        if self.dist.enabled:
-            result = distributed.broadcast_object(result)
+        if not self.dist.enabled:
+            return local
+        assert loader.dataset_size is not None  # sharded over ranks by position: a map-style data set's length
+        result = distributed.broadcast_object(distributed.gather_in_order(local, loader.dataset_size))
         assert result is not None  # every rank holds rank 0's rows now
         return result
 
