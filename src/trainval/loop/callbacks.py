@@ -223,7 +223,7 @@ def plot_curves(path: str, history: list[dict], monitor: str | None = None, best
             ax.plot(epochs, [math.nan if v is None else v for v in values], marker="o", ms=3, label=label)
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", ls="--", lw=1, label="best")
-        if all(isinstance(v := r.get(c), (int, float)) and v > 0 for r in history for c in lr_columns):
+        if all(isinstance(rate := r.get(c), (int, float)) and rate > 0 for r in history for c in lr_columns):
             ax.set_yscale("log")
         ax.set_title("Learning rate (at the epoch's start)" if x == "epoch" else "Learning rate (at the row's step)")
         ax.set_xlabel(x)
