@@ -89,7 +89,8 @@ def write_failure(e: BaseException) -> str | None:
     the file it writes into its zip writer's ``RuntimeError: [enforce fail at inline_container.cc...]``
     (keeping the ``OSError`` as its context): that is a write failure too, named as such when no errno is left.
     """
-    chain, seen = e, set()
+    chain: BaseException | None = e
+    seen: set[int] = set()
     while chain is not None and id(chain) not in seen:
         if isinstance(chain, OSError):
             reason = os.strerror(chain.errno) if chain.errno else (str(chain) or type(chain).__name__)

@@ -10,6 +10,7 @@ import math
 import numbers
 import random
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,7 @@ class LoopState:
 
     def add_top_k(self, epoch: int, step: int, value: float, k: int) -> tuple[str, list[str]]:
         """Keep the evaluation ``(epoch, step, value)``: its file name, and the names of the files that fell out."""
-        entry = {"file": top_k_name(epoch, step, self.monitor, value), "epoch": epoch, "step": step, "value": value}
+        entry: dict[str, Any] = {"file": top_k_name(epoch, step, self.monitor, value), "epoch": epoch, "step": step, "value": value}
         at = next((i for i, e in enumerate(self.top_k) if self._better(value, e["value"])), len(self.top_k))
         kept = [e for e in self.top_k if e["file"] != entry["file"]]  # the same evaluation again: replaced
         kept.insert(min(at, len(kept)), entry)
@@ -166,7 +167,7 @@ def check_loop(loop: object, path: str) -> dict:
 
 
 def _finite_seconds(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and float(value) >= 0
 
 
 def check_last(state: dict, path: str) -> dict:
@@ -221,7 +222,8 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict:
     """Global RNG states as tensors and plain containers (``weights_only``-loadable)."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)  # (the default; numpy's stub types the no-argument call as legacy=False)
+    assert isinstance(np_state, tuple)  # the global RandomState is an MT19937, whose legacy state is this tuple
     return {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),

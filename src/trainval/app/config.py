@@ -12,6 +12,7 @@ import difflib
 import math
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -215,7 +216,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     return path, value
 
 
-def load(path: str | None, overrides: list[str] = ()) -> dict:
+def load(path: str | None, overrides: Sequence[str] = ()) -> dict:
     """Defaults, then the YAML file (if any), then ``section.key=value`` overrides; validated."""
     cfg = defaults()
     if path is not None:
@@ -225,7 +226,7 @@ def load(path: str | None, overrides: list[str] = ()) -> dict:
     return validate(cfg, path or "default config")
 
 
-def apply_overrides(cfg: dict, overrides: list[str] = ()) -> dict:
+def apply_overrides(cfg: dict, overrides: Sequence[str] = ()) -> dict:
     """``cfg`` updated with ``section.key=value`` overrides, each value parsed as YAML and validated."""
     for text in overrides:
         key, value = parse_override(text)
@@ -250,7 +251,12 @@ def validate(cfg: dict, source: str) -> dict:
         raise ConfigError(f"{source}: data.features includes the label column {shown_repr(d['label'])}; remove it.")
     if d["features"] is not None and len(set(d["features"])) != len(d["features"]):
         seen: set = set()
-        twice = next(c for c in d["features"] if c in seen or seen.add(c))
+        twice = None
+        for c in d["features"]:  # the first column named a second time
+            if c in seen:
+                twice = c
+                break
+            seen.add(c)
         raise ConfigError(f"{source}: data.features names the column {shown_repr(twice)} more than once; list each "
                           "column once.")
     decay = cfg["train"]["ema_decay"]
@@ -327,7 +333,7 @@ def resume_changes(saved: dict, cfg: dict, resolved: dict, epochs_done: int, whe
     """
     refused, notes = [], []
     for section, keys in SCHEMA.items():
-        old_section = saved.get(section) if isinstance(saved.get(section), dict) else {}
+        old_section = found if isinstance(found := saved.get(section), dict) else {}
         for k, key in keys.items():
             path = f"{section}.{k}"
             old, new = old_section.get(k, key.default), cfg[section][k]
@@ -344,7 +350,7 @@ def resume_changes(saved: dict, cfg: dict, resolved: dict, epochs_done: int, whe
                 refused.append(change + f" ({epochs_done} epochs are already done)")
             else:
                 notes.append(change)
-    old_resolved = saved.get("resolved") if isinstance(saved.get("resolved"), dict) else {}
+    old_resolved = found if isinstance(found := saved.get("resolved"), dict) else {}
     for k, new in resolved.items():
         if k in old_resolved and old_resolved[k] != new:
             refused.append(f"the data's {k} {shown_repr(old_resolved[k])} -> {shown_repr(new)}")

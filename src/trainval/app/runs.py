@@ -18,7 +18,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from trainval.errors import ConfigError, RunFolderError, TrainvalError
@@ -190,6 +190,7 @@ def describe_run(folder: str, root: str) -> dict:
     """One run as a flat record: the table's columns, and the rest for ``--format json``. A run whose
     files cannot be read has the status ``unreadable`` and a ``problem`` saying why."""
     record: dict[str, Any] = {"name": os.path.relpath(folder, root), "path": folder}
+    problem: str | None
     try:
         summary = _read_run(folder)
     except RunFolderError as e:
@@ -380,7 +381,7 @@ def recorded_config(folder: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def run_config(folder: str, overrides: list[str] = ()) -> dict:
+def run_config(folder: str, overrides: Sequence[str] = ()) -> dict:
     """The config a run was trained with (its ``config.yaml``), placed where the folder is now, with overrides.
 
     What the run recorded beyond the schema (``resolved``, ``versions``) is left out; the data it was
@@ -410,7 +411,8 @@ def recorded_sizes(folder: str) -> dict | None:
 
 
 def checkpoint_path(folder: str, ckpt: str | None) -> str:
-    return {"best": os.path.join(folder, "best.pt"), "last": os.path.join(folder, "last.pt")}.get(ckpt or "best", ckpt)
+    name = ckpt or "best"  # a role (best, last) or a path
+    return {"best": os.path.join(folder, "best.pt"), "last": os.path.join(folder, "last.pt")}.get(name, name)
 
 
 __all__ = ["find_runs", "format_table", "plot_runs", "read_summary", "run_config",

@@ -15,9 +15,9 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 import numpy as np
 import torch
@@ -103,9 +103,12 @@ def load_splits(cfg: dict) -> Splits:
         check_classes(full.y, d["train"], column, task_name(cfg), cfg["task"]["ignore_index"])
     val_frac = 0.0 if d["val"] else d["val_split"]
     test_frac = 0.0 if d["test"] else d["test_split"]
+    # labelled: require_labels refuses a file without its labels, and the config an empty data.label
+    assert full.y is not None
     train_idx, val_idx, test_idx = stratified_split(full.y, [val_frac, test_frac], d["split_seed"])
     train = _take(full, train_idx)
     val = _load_file(cfg, d["val"], True) if d["val"] else (_take(full, val_idx) if len(val_idx) else None)
+    test: Split | None
     if d["test"]:
         test = _load_file(cfg, d["test"], require_labels=False)
     else:
@@ -168,15 +171,20 @@ def _shape_and_outputs(splits: Splits, task: str, model_name: str) -> tuple[list
 def build_model(model_cfg: dict, in_shape: list[int] | None, num_outputs: int | None) -> nn.Module:
     """A built-in model sized for the data (``num_outputs``: classes, labels or values), or ``module:Class``."""
     name = model_cfg["name"]
-    if name == "mlp":
-        return MLP(int(np.prod(in_shape)), num_outputs, model_cfg["hidden"], model_cfg["dropout"], model_cfg["batchnorm"])
-    if name == "cnn":
+    if name in ("mlp", "cnn"):
+        if in_shape is None or num_outputs is None:  # e.g. a config.yaml edited by hand
+            raise ConfigError(f"model.name {name} needs the data's sample shape and number of outputs to size itself; "
+                              "give in-memory training data (X, y), or use a 'module:Class' model.")
+        if name == "mlp":
+            return MLP(int(np.prod(in_shape)), num_outputs, model_cfg["hidden"], model_cfg["dropout"],
+                       model_cfg["batchnorm"])
         if len(in_shape) != 3:
             raise ConfigError(f"model.name cnn needs image inputs of shape [N, C, H, W]; the data has samples of shape "
                               f"{in_shape}. Use model.name=mlp for feature vectors.")
         return CNN(in_shape[0], num_outputs, model_cfg["channels"], model_cfg["dropout"])
     cls = import_object(name, "model.name")
     kwargs = dict(model_cfg["kwargs"])
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(cls).parameters
     except (TypeError, ValueError):
@@ -217,7 +225,7 @@ def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, n_train: int, s
     if s["name"] == "cosine":
         return sched.CosineAnnealingLR(optimizer, T_max=t["epochs"], eta_min=s["min_lr"])
     if s["name"] == "plateau":
-        mode = t["mode"] or monitor_direction(cfg)
+        mode: Literal["min", "max"] = t["mode"] or monitor_direction(cfg)  # the schema allows only min/max
         return sched.ReduceLROnPlateau(optimizer, mode=mode, factor=s["factor"], patience=s["patience"],
                                        min_lr=s["min_lr"])
     if s["steps_per_epoch"]:
@@ -235,13 +243,14 @@ def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, n_train: int, s
     return sched.OneCycleLR(optimizer, max_lr=s["max_lr"] or 10 * cfg["optim"]["lr"], total_steps=total)
 
 
-def monitor_direction(cfg: dict) -> str:
+def monitor_direction(cfg: dict) -> Literal["min", "max"]:
     """``max``/``min`` for the metric the Trainer will monitor (``train.monitor``, or its default: the
     first metric), as the Trainer decides it, for a ReduceLROnPlateau built before the Trainer."""
     from trainval.metrics import resolve_metrics
     from trainval.tasks import make_task
 
     task = make_task(task_name(cfg), None)
+    assert task is not None  # a task name always gives a Task (None only for a task a BCE loss leaves open)
     metrics = resolve_metrics(cfg["task"]["metrics"], task)
     name = (cfg["train"]["monitor"] or f"val_{next(iter(metrics))}").split("_", 1)[1]
     if name == "loss" or name not in metrics:
@@ -345,7 +354,7 @@ def _fit(cfg: dict, resume: bool, callbacks: list | tuple, test_if: Callable[[],
         splits, saver = _standardize_for_fit(splits)
         callbacks = [*callbacks, saver]
     in_shape, num_outputs = _shape_and_outputs(splits, task_name(cfg), cfg["model"]["name"])
-    resolved = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
+    resolved: dict[str, Any] = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
     if cfg["data"]["source"] == "csv":  # test/predict then take these columns by name, in this order
         resolved["features"] = csv_feature_columns(cfg["data"]["train"], cfg["data"]["label"], cfg["data"]["features"])
     # torchrun restarting its workers (--max-restarts) makes Trainer.fit resume from last.pt: the same check
@@ -361,6 +370,7 @@ def _fit(cfg: dict, resume: bool, callbacks: list | tuple, test_if: Callable[[],
     history = trainer.fit(_pair(splits.train), _pair(splits.val) if splits.val is not None else None, resume=resume)
     fit_seconds = time.perf_counter() - fit_started
     folder = run_folder(cfg)
+    assert trainer.train_loader is not None  # fit built it
     summary: dict[str, Any] = {
         "run_folder": folder, "epochs": len(history), "monitor": trainer.monitor,
         "best_epoch": trainer.best_epoch, "best_value": trainer.best_value,
@@ -408,10 +418,11 @@ def _test_data(cfg: dict) -> tuple[Splits, dict | None]:
     """
     d = cfg["data"]
     recorded = runs.recorded_sizes(run_folder(cfg)) if d["source"] in ("csv", "npz") else None
-    if d["source"] == "csv" and d["features"] is None and isinstance((recorded or {}).get("features"), list):
+    features = (recorded or {}).get("features")
+    if d["source"] == "csv" and d["features"] is None and isinstance(features, list):
         # the columns the model was trained on, by name: a test file with its columns in another
         # order is read right, one without them is refused naming them
-        cfg = {**cfg, "data": {**d, "features": [str(c) for c in recorded["features"]]}}
+        cfg = {**cfg, "data": {**d, "features": [str(c) for c in features]}}
         d = cfg["data"]
     sizes = recorded if d["test"] else None
     if sizes is not None and cfg["task"]["class_weights"] != "balanced" and sizes.get("task") == task_name(cfg):
@@ -470,6 +481,7 @@ def _write_predictions_for(trainer: Trainer, inputs: Any, ckpt: str, path: str |
                            cfg: dict | None, force: bool = False) -> int:
     """Predict ``inputs`` and write the task's predictions file (rank 0); returns the number of rows."""
     predictions = trainer.predict(inputs, ckpt=ckpt)
+    assert trainer.task is not None  # predict resolved it
     probs = trainer.predict_proba(inputs, ckpt=None) if (proba and trainer.task.is_classification) else None
     if trainer.dist.is_main:
         write_predictions(path, trainer.task.name, predictions, probs, _target_names(cfg, _width(predictions)),
@@ -585,7 +597,8 @@ def _protected_paths(cfg: dict, ckpt: str | None, config_path: str | None) -> di
     if d["source"] in ("csv", "npz"):
         for key in ("train", "val", "test"):
             protected[d[key]] = f"an input of the run (data.{key})"
-    protected[config_path] = "the config file"
+    if config_path:
+        protected[config_path] = "the config file"
     return protected
 
 

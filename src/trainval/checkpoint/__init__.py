@@ -22,7 +22,7 @@ import re
 import threading
 import zipfile
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     """The user's module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ == "DataParallel":
-            model = model.module
+            model = cast(nn.Module, model.module)  # (DDP and DataParallel hold the user's module there)
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
         else:
@@ -237,13 +237,13 @@ def check_recorded_model(state: dict, model_cfg: dict, resolved: dict, path: str
     gets built or imported. A checkpoint without a recorded config (a bare state_dict) is checked by
     its keys and shapes alone when the weights are loaded.
     """
-    recorded = state.get("config") if isinstance(state.get("config"), dict) else {}
+    recorded = found if isinstance(found := state.get("config"), dict) else {}
     differences = []
-    saved_model = recorded.get("model") if isinstance(recorded.get("model"), dict) else {}
+    saved_model = found if isinstance(found := recorded.get("model"), dict) else {}
     for key, value in model_cfg.items():
         if key in saved_model and key not in _NOT_ARCHITECTURE and saved_model[key] != value:
             differences.append(f"model.{key}: checkpoint {shown_repr(saved_model[key])}, config {shown_repr(value)}")
-    saved_resolved = recorded.get("resolved") if isinstance(recorded.get("resolved"), dict) else {}
+    saved_resolved = found if isinstance(found := recorded.get("resolved"), dict) else {}
     for key, value in resolved.items():
         if key in saved_resolved and saved_resolved[key] != value:
             differences.append(f"{key}: checkpoint {shown_repr(saved_resolved[key])}, this config's data {shown_repr(value)}")

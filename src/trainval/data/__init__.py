@@ -18,17 +18,19 @@ and the loop learns where the epoch ends by reading one batch ahead (:meth:`Stre
 from __future__ import annotations
 
 import csv
+import functools
 import importlib
 import io
 import itertools
 import math
+import operator
 import os
 import sys
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sized
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -116,9 +118,13 @@ def split_batch(batch: Any, target_key: str, labelled: bool) -> Batch:
 class Loader(Protocol):
     """What the loop needs of a loader: :class:`TensorLoader`, :class:`DataLoaderAdapter`, :class:`StreamLoader`."""
 
-    dataset_size: int | None  # samples in the whole data set (every rank together), if known
-    num_batches: int | None  # batches per epoch on this rank: exact for map-style data, a hint for a stream
-    is_stream: bool  # True: the epoch's length is learnt by reading it (never from num_batches)
+    # Read-only properties (the loaders compute them), so declared as properties, not settable attributes.
+    @property
+    def dataset_size(self) -> int | None: ...  # samples in the whole data set (every rank together), if known
+    @property
+    def num_batches(self) -> int | None: ...  # batches per epoch on this rank: exact for map-style data, a hint for a stream
+    @property
+    def is_stream(self) -> bool: ...  # True: the epoch's length is learnt by reading it (never from num_batches)
 
     def set_epoch(self, epoch: int) -> None: ...  # before an epoch's iterator is made (a stream's shuffling)
     def iter_from(self, start_batch: int) -> Iterator[Batch]: ...  # an epoch's batches from start_batch on
@@ -322,11 +328,11 @@ class TensorLoader:
         X, y, B, single = self.X, self.y, self.batch_size, self._single
         for i in range(start, stop, B):
             if order is None:  # contiguous views, no copy
-                xb = X[i : i + B] if single else tree_map(lambda t, i=i: t[i : i + B], X)
+                xb = X[i : i + B] if single else tree_map(operator.itemgetter(slice(i, i + B)), X)
                 yb = None if y is None else y[i : i + B]
             else:
                 idx = order[i : i + B]
-                xb = self._gather(X, idx) if single else tree_map(lambda t, idx=idx: self._gather(t, idx), X)
+                xb = self._gather(X, idx) if single else tree_map(functools.partial(self._gather, idx=idx), X)
                 yb = None if y is None else self._gather(y, idx)
             if self._copy:
                 xb = self._move(xb) if single else tree_map(self._move, xb)
@@ -470,15 +476,15 @@ class DataLoaderAdapter:
 
     @property
     def dataset_size(self) -> int | None:
-        return len(self.loader.dataset) if isinstance(self.loader.sampler, ShardSampler) else None
+        return _map_size(self.loader.dataset) if isinstance(self.loader.sampler, ShardSampler) else None
 
     @property
     def num_samples(self) -> int:
-        sampler = self.loader.batch_sampler.sampler if self.loader.batch_sampler is not None else None
+        sampler = getattr(self.loader.batch_sampler, "sampler", None)  # (torch types batch_sampler as an Iterable)
         try:
-            return len(sampler) if sampler is not None else len(self.loader.dataset)
+            return len(sampler) if sampler is not None else _map_size(self.loader.dataset)
         except TypeError:
-            return len(self.loader.dataset)
+            return _map_size(self.loader.dataset)
 
     is_stream = False
 
@@ -522,7 +528,7 @@ class DataLoaderAdapter:
     def sample_batch(self) -> Batch:
         dataset = self.loader.dataset
         collate = self.loader.collate_fn or default_collate
-        batch = collate([dataset[i] for i in range(min(2, len(dataset)))])
+        batch = collate([dataset[i] for i in range(min(2, _map_size(dataset)))])
         x, y = split_batch(batch, self.target_key, self.labelled)
         return x, (None if y is None else torch.as_tensor(y))
 
@@ -530,7 +536,11 @@ class DataLoaderAdapter:
         share = self._share()
         if share is None:  # the user's own sampler on one process: never padded
             return size
-        return share.unpadded(batch_index, size, self.loader.batch_size)
+        batch_size = self.loader.batch_size
+        if isinstance(share, ShardSampler):
+            assert batch_size is not None  # make_loader builds a ShardSampler's DataLoader with a batch_size
+            return share.unpadded(batch_index, size, batch_size)
+        return share.unpadded(batch_index, size, batch_size)
 
     def iter_from(self, start_batch: int) -> Iterator[Batch]:
         """The epoch's batches from ``start_batch`` on; the skipped ones are fetched now and dropped."""
@@ -774,12 +784,17 @@ class StreamLoader(DataLoaderAdapter):
             following = next(batches, None)
             pending = count(following is not None)  # runs while this step computes
             x, y = current if current is not None else (None, None)
-            yield Step(x, y, active, lambda pending=pending: pending() == 0)
+            yield Step(x, y, active, _none_left(pending))
             current, active = following, pending()
 
 
 def _local_count(flag: bool) -> Callable[[], int]:
     return lambda: int(flag)
+
+
+def _none_left(pending: Callable[[], int]) -> Callable[[], bool]:
+    """``Step.last`` for a step: true when no rank holds a next batch (``pending``: that count, resolved lazily)."""
+    return lambda: pending() == 0
 
 
 def _stream_loader(data: Any, *, train: bool, batch_size: int, device: torch.device, rank: int, world_size: int,
@@ -801,7 +816,7 @@ def _stream_loader(data: Any, *, train: bool, batch_size: int, device: torch.dev
         user_collate = given.collate_fn
         collate = StreamCollate(user_collate, name, check=user_collate is default_collate, positions=positions,
                                 batched=batched)
-        kwargs = dict(batch_size=given.batch_size, num_workers=given.num_workers, collate_fn=collate,
+        kwargs: dict[str, Any] = dict(batch_size=given.batch_size, num_workers=given.num_workers, collate_fn=collate,
                       pin_memory=given.pin_memory, drop_last=given.drop_last and train, timeout=given.timeout,
                       worker_init_fn=given.worker_init_fn, persistent_workers=given.persistent_workers)
         # (no generator: worker seeds come from the per-rank seeded global RNG, as for map-style data)
@@ -882,19 +897,25 @@ def make_loader(
                 raise DataError(f"{name}: a DataLoader with a custom batch_sampler cannot be sharded; "
                                 "give a Dataset or a DataLoader with batch_size.")
             shuffle = train and isinstance(data.sampler, torch.utils.data.RandomSampler)
-            sampler = ShardSampler(len(data.dataset), shuffle=shuffle, generator=generator if train else None,
+            sampler = ShardSampler(_map_size(data.dataset), shuffle=shuffle, generator=generator if train else None,
                                    rank=rank, world_size=world_size, pad=train)
             data = rebuild_loader(data, sampler, drop_last=data.drop_last and train)
         return DataLoaderAdapter(data, device, labelled, target_key)
     if isinstance(data, Dataset):
         _check_map_style(data, name)
-        sampler = ShardSampler(len(data), shuffle=train, generator=generator if train else None,
+        sampler = ShardSampler(_map_size(data), shuffle=train, generator=generator if train else None,
                                rank=rank, world_size=world_size, pad=train)
         loader = DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                             pin_memory=device.type == "cuda")
         return DataLoaderAdapter(loader, device, labelled, target_key)
     raise DataError(f"{name} data must be a DataLoader, a Dataset, or in-memory (X, y) with X a tensor/array, a "
                     f"tuple or a dict of them; got {type(data).__name__}.")
+
+
+def _map_size(dataset: Dataset) -> int:
+    """``len`` of a map-style dataset (torch types ``Dataset`` without ``__len__``; :func:`make_loader` has
+    checked with :func:`_check_map_style` that the dataset of every non-stream loader has one)."""
+    return len(cast(Sized, dataset))
 
 
 def _check_map_style(dataset: Any, name: str) -> None:
@@ -977,6 +998,8 @@ def as_tensors(data: Any, *, labelled: bool = True, what: str = "data",
     In-memory data is ``(X, y)`` with ``X`` a tensor/array, a tuple of them or a dict of them; ``X``
     alone (unlabelled); a ``TensorDataset``; or a dict of tensors with the target under ``target_key``.
     """
+    X: torch.Tensor | np.ndarray | Mapping | tuple | list  # as given; then as tensors (Inputs)
+    y: torch.Tensor | np.ndarray | None
     if isinstance(data, TensorDataset):
         tensors = data.tensors
         if len(tensors) not in (1, 2):

@@ -38,6 +38,9 @@ from trainval.run import runfolder
 from trainval.untrusted import shown
 
 if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
     from trainval.loop.trainer import Trainer
 
 
@@ -101,7 +104,7 @@ class ProgressBar(Callback):
     def __init__(self, refresh_s: float = 0.25, line_s: float = 10.0, stream=None):
         self.stream = stream if stream is not None else sys.stderr
         self.refresh_s, self.line_s = refresh_s, line_s
-        self.bar = None
+        self.bar: tqdm | None = None
         self._next = 0.0
         self._total: int | None = 0
         self._epoch = 0
@@ -112,6 +115,7 @@ class ProgressBar(Callback):
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         self.close()  # (with val_every_steps an epoch may end without a row)
+        assert trainer.train_loader is not None  # fit builds it before the first epoch
         self._total, self._epoch = trainer.train_loader.num_batches, epoch  # None: a stream without len
         self._next = time.monotonic() + (self.refresh_s if self.is_terminal else self.line_s)
         if self.is_terminal:
@@ -124,6 +128,7 @@ class ProgressBar(Callback):
         now = time.monotonic()
         if now < self._next:
             return
+        assert trainer.train_metrics is not None  # fit builds them before the first batch
         values, _ = trainer.train_metrics.compute(all_reduce=False)  # a sync point, rate-limited
         shown = {"loss": values["loss"], **{k: v for k, v in values.items() if k != "loss"}}
         text = {k: f"{v:.4f}" for k, v in list(shown.items())[:4]}
@@ -218,7 +223,7 @@ def plot_curves(path: str, history: list[dict], monitor: str | None = None, best
             ax.plot(epochs, [math.nan if v is None else v for v in values], marker="o", ms=3, label=label)
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", ls="--", lw=1, label="best")
-        if all(isinstance(r.get(c), (int, float)) and r.get(c) > 0 for r in history for c in lr_columns):
+        if all(isinstance(rate := r.get(c), (int, float)) and rate > 0 for r in history for c in lr_columns):
             ax.set_yscale("log")
         ax.set_title("Learning rate (at the epoch's start)" if x == "epoch" else "Learning rate (at the row's step)")
         ax.set_xlabel(x)
@@ -244,7 +249,7 @@ class TensorBoardLogger(Callback):
 
     def __init__(self, log_dir: str | None = None):
         self.log_dir = log_dir
-        self.writer = None
+        self.writer: SummaryWriter | None = None
 
     def on_fit_start(self, trainer: Trainer) -> None:
         if not trainer.dist.is_main:

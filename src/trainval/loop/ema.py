@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 
@@ -29,12 +29,14 @@ from trainval.loop.callbacks import Callback
 from trainval.untrusted import shown_names, shown_repr
 
 if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
     from trainval.loop.trainer import Trainer
 
 __all__ = ["EMA"]
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def _is_dtensor(t: torch.Tensor) -> TypeGuard[DTensor]:
     return hasattr(t, "to_local") and hasattr(t, "device_mesh")
 
 
@@ -56,8 +58,8 @@ class EMA(Callback):
                 and 0.0 < decay < 1.0):
             raise ConfigError(f"EMA decay must be a number strictly between 0 and 1 (e.g. 0.999), got "
                               f"{shown_repr(decay)}.")
-        self.decay = float(decay)
-        self.updates = 0  # AveragedModel's n_averaged
+        self.decay: float = float(decay)
+        self.updates: int = 0  # AveragedModel's n_averaged
         self.averaged: list[torch.Tensor] = []  # one per parameter, placed (and sharded) like it
         self._names: list[str] = []
         self._params: list[torch.Tensor] = []
