@@ -848,7 +848,7 @@ class Trainer:
             self._loss_fn = self.task.default_loss().to(self.device)
         if not labelled:
             return
-        if isinstance(loader, TensorLoader):
+        if isinstance(loader, TensorLoader) and loader.y is not None:  # (its sample batch had targets: above)
             loader.y = self.task.prepare_targets(loader.y, name)
             if name == "train":
                 check_training_data(loader, self.task, self.model, self.options.batch_size)
