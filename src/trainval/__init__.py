@@ -31,9 +31,22 @@ _PUBLIC = {
 }
 
 __all__ = [
-    "Trainer", "seed_everything", "Callback", "EarlyStopping", "ProgressBar", "TensorBoardLogger", "EMA",
-    "TensorLoader", "TrainvalError", "load_checkpoint", "load_model_weights", "save_checkpoint",
-    "load_model", "find_runs", "RunSummary", "tune",
+    "Trainer",
+    "seed_everything",
+    "Callback",
+    "EarlyStopping",
+    "ProgressBar",
+    "TensorBoardLogger",
+    "EMA",
+    "TensorLoader",
+    "TrainvalError",
+    "load_checkpoint",
+    "load_model_weights",
+    "save_checkpoint",
+    "load_model",
+    "find_runs",
+    "RunSummary",
+    "tune",
     "__version__",
 ]
 

@@ -24,6 +24,7 @@ def _current_umask() -> int:
 
 _FILE_MODE = 0o666 & ~_current_umask()  # what open() would give; mkstemp's own files are 0600
 
+
 def fsync_dir(folder: str) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -51,8 +52,9 @@ def atomic_write(path: str, write: Callable[[Any], None], what: str = "file") ->
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".trainval-{os.path.basename(path)}.",
-                                    suffix=".tmp")  # runfolder.remove_own_temp_files deletes only these
+        fd, tmp = tempfile.mkstemp(
+            dir=folder, prefix=f".trainval-{os.path.basename(path)}.", suffix=".tmp"
+        )  # runfolder.remove_own_temp_files deletes only these
         os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -77,9 +79,12 @@ def atomic_write(path: str, write: Callable[[Any], None], what: str = "file") ->
                 pass
 
 
-_HINTS = {errno.ENOSPC: "Free some disk space.", errno.EDQUOT: "Free some space within your disk quota.",
-          errno.EACCES: "Check the folder's permissions.",
-          errno.EROFS: "The file system is read-only; choose another output folder."}
+_HINTS = {
+    errno.ENOSPC: "Free some disk space.",
+    errno.EDQUOT: "Free some space within your disk quota.",
+    errno.EACCES: "Check the folder's permissions.",
+    errno.EROFS: "The file system is read-only; choose another output folder.",
+}
 
 
 def write_failure(e: BaseException) -> str | None:
@@ -100,8 +105,8 @@ def write_failure(e: BaseException) -> str | None:
         chain = chain.__cause__ or chain.__context__
     text = str(e).strip()
     if isinstance(e, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text):
-        return (f"the file could not be written ({shown(text.splitlines()[0])}); check that the disk has free "
-                "space and the folder is writable.")
+        return (
+            f"the file could not be written ({shown(text.splitlines()[0])}); check that the disk has free "
+            "space and the folder is writable."
+        )
     return None
-
-

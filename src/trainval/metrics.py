@@ -100,7 +100,9 @@ class _TopK(_Stat):
 
     def shape(self, num_outputs):
         if self.k > num_outputs:
-            raise ConfigError(f"metric top{self.k}_acc needs at least {self.k} classes; the model has {num_outputs}.")
+            raise ConfigError(
+                f"metric top{self.k}_acc needs at least {self.k} classes; the model has {num_outputs}."
+            )
         return (2,)
 
     def update(self, state, out):
@@ -210,7 +212,9 @@ class BuiltinMetric:
 
 def _div(a, b):
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return np.divide(a, b, out=np.zeros_like(a), where=b != 0)  # 0 where undefined, as scikit-learn's zero_division
+    return np.divide(
+        a, b, out=np.zeros_like(a), where=b != 0
+    )  # 0 where undefined, as scikit-learn's zero_division
 
 
 def _mean(values) -> float:
@@ -307,9 +311,13 @@ class AUROC:
 def _builtin(task: str, name: str) -> Any:
     correct, confusion = _Correct(), _Confusion()
     cm_metrics = {
-        "f1_macro": _cm_f1_macro, "f1_micro": _cm_acc, "f1_weighted": _cm_f1_weighted,
-        "precision_macro": _cm_precision_macro, "recall_macro": _cm_recall_macro,
-        "balanced_acc": _cm_balanced_acc, "miou": _cm_miou,
+        "f1_macro": _cm_f1_macro,
+        "f1_micro": _cm_acc,
+        "f1_weighted": _cm_f1_weighted,
+        "precision_macro": _cm_precision_macro,
+        "recall_macro": _cm_recall_macro,
+        "balanced_acc": _cm_balanced_acc,
+        "miou": _cm_miou,
     }
     if task == "multiclass":
         if name == "acc":
@@ -354,8 +362,17 @@ def _builtin(task: str, name: str) -> Any:
 
 
 BUILTIN_METRICS = {
-    "multiclass": ("acc", "top{k}_acc", "f1_macro", "f1_micro", "f1_weighted", "precision_macro", "recall_macro",
-                   "balanced_acc", "miou"),
+    "multiclass": (
+        "acc",
+        "top{k}_acc",
+        "f1_macro",
+        "f1_micro",
+        "f1_weighted",
+        "precision_macro",
+        "recall_macro",
+        "balanced_acc",
+        "miou",
+    ),
     "binary": ("acc", "f1", "precision", "recall", "auroc"),
     "multilabel": ("f1_micro", "f1_macro", "exact_match"),
     "regression": ("mse", "rmse", "mae", "r2"),
@@ -402,7 +419,9 @@ def resolve_metrics(spec: Iterable | dict | None, task: Task) -> dict[str, Any]:
     if isinstance(spec, dict):
         items = list(spec.items())
     elif isinstance(spec, (str, bytes)):
-        raise ConfigError(f"metrics must be a list of names or a dict, got the string {spec!r} (write [{spec!r}]).")
+        raise ConfigError(
+            f"metrics must be a list of names or a dict, got the string {spec!r} (write [{spec!r}])."
+        )
     else:
         items = [(None, m) for m in spec]
     out: dict[str, Any] = {}
@@ -410,8 +429,10 @@ def resolve_metrics(spec: Iterable | dict | None, task: Task) -> dict[str, Any]:
         if isinstance(m, str):
             metric = _builtin(task.name, m)
             if metric is None:
-                raise ConfigError(f"unknown metric {m!r} for task {task.name}; built-in metrics: "
-                                  f"{', '.join(BUILTIN_METRICS[task.name])}, or pass a metric object.")
+                raise ConfigError(
+                    f"unknown metric {m!r} for task {task.name}; built-in metrics: "
+                    f"{', '.join(BUILTIN_METRICS[task.name])}, or pass a metric object."
+                )
             name = name or m
         elif _is_torchmetrics(m):
             name = name or type(m).__name__.lower()
@@ -419,8 +440,10 @@ def resolve_metrics(spec: Iterable | dict | None, task: Task) -> dict[str, Any]:
         elif isinstance(m, Metric) or (hasattr(m, "rows") and getattr(m, "reduction", "") == "cat"):
             metric, name = m, name or m.name
         else:
-            raise ConfigError(f"metric {m!r} is neither a built-in name nor an object with name, higher_is_better, "
-                              "state_shape, update and compute (see trainval.metrics).")
+            raise ConfigError(
+                f"metric {m!r} is neither a built-in name nor an object with name, higher_is_better, "
+                "state_shape, update and compute (see trainval.metrics)."
+            )
         if not re.fullmatch(r"[A-Za-z0-9_]+", str(name)) or name == "loss":
             raise ConfigError(f"metric name {name!r} must be letters, digits and _ (and not 'loss').")
         if name in out:
@@ -445,7 +468,10 @@ class MetricSet:
 
     def __init__(self, metrics: dict[str, Any], num_outputs: int, device: torch.device, capacity: int = 64):
         # a metric that keeps its own state (torchmetrics) gets one copy per split
-        metrics = {name: copy.deepcopy(m) if getattr(m, "reduction", "sum") == "own" else m for name, m in metrics.items()}
+        metrics = {
+            name: copy.deepcopy(m) if getattr(m, "reduction", "sum") == "own" else m
+            for name, m in metrics.items()
+        }
         self.metrics, self.device, self.num_outputs = metrics, device, num_outputs
         self.dtype = _float_dtype(device)
         # one flat buffer for every summed state: one all-reduce and one host read per epoch
@@ -470,14 +496,21 @@ class MetricSet:
     def reset(self, capacity: int | None = None) -> None:
         capacity = max(1, capacity or 64)
         self.losses = torch.zeros(capacity, dtype=torch.float32, device=self.device)
-        self.weights = torch.zeros(capacity, dtype=self.dtype, device=self.device)  # the weights on the device
+        self.weights = torch.zeros(
+            capacity, dtype=self.dtype, device=self.device
+        )  # the weights on the device
         self._host_weights: list[int | None] = []  # ... and those the host knows (None: on the device)
         self.sizes: list[int] = []
         self._masked = False  # did a batch carry a mask (ignored targets)? then counts are on the device
         self.flat = torch.zeros(self._size, dtype=self.dtype, device=self.device)
         # (update function, state view) per shared state; the built-ins' statistics are called directly
-        self._states = [(getattr(m, "_stat", m).update, self.flat[off: off + (int(np.prod(shape)) if shape else 1)].view(shape))
-                        for _, m, off, shape in self._layout]
+        self._states = [
+            (
+                getattr(m, "_stat", m).update,
+                self.flat[off : off + (int(np.prod(shape)) if shape else 1)].view(shape),
+            )
+            for _, m, off, shape in self._layout
+        ]
         self._rows: dict[str, list[torch.Tensor]] = {name: [] for name in self._gathered}
         for m in self._own.values():
             m.reset()
@@ -532,8 +565,13 @@ class MetricSet:
     def state_tensor(self, all_reduce: bool) -> torch.Tensor:
         k = len(self.sizes)
         weights = self._batch_weights()
-        head = torch.stack([(self.losses[:k].to(self.dtype) * weights).sum(), weights.sum(),
-                            torch.tensor(float(self.count), dtype=self.dtype, device=self.device)])
+        head = torch.stack(
+            [
+                (self.losses[:k].to(self.dtype) * weights).sum(),
+                weights.sum(),
+                torch.tensor(float(self.count), dtype=self.dtype, device=self.device),
+            ]
+        )
         totals = torch.cat([head, self.flat])
         if all_reduce and _distributed():
             if dist.get_backend() != "nccl":
@@ -553,8 +591,10 @@ class MetricSet:
             for _, metric, off, _ in self._layout:
                 if getattr(metric, "count_slot", None) is not None:
                     flat[off + metric.count_slot] = count
-        states = {key: flat[off: off + (int(np.prod(shape)) if shape else 1)].view(shape)
-                  for key, _, off, shape in self._layout}
+        states = {
+            key: flat[off : off + (int(np.prod(shape)) if shape else 1)].view(shape)
+            for key, _, off, shape in self._layout
+        }
         values: dict[str, float] = {"loss": loss_sum / loss_weight if loss_weight else float("nan")}
         for name, metric in self.metrics.items():
             kind = getattr(metric, "reduction", "sum")
@@ -572,7 +612,7 @@ class MetricSet:
         for k, _, off, shape in self._layout:
             if k == key:
                 totals = self.state_tensor(True).cpu()[3:]
-                return totals[off: off + int(np.prod(shape))].view(shape)
+                return totals[off : off + int(np.prod(shape))].view(shape)
         return None
 
     def _gather_rows(self, name: str, all_reduce: bool) -> torch.Tensor:
@@ -592,9 +632,14 @@ class MetricSet:
 
     def state_dict(self) -> dict:
         k = len(self.sizes)
-        return {"losses": self.losses[:k].cpu().clone(), "weights": self._batch_weights().cpu().clone(),
-                "sizes": list(self.sizes), "masked": self._masked, "flat": self.flat.cpu().clone(),
-                "rows": {name: (torch.cat(r).cpu() if r else None) for name, r in self._rows.items()}}
+        return {
+            "losses": self.losses[:k].cpu().clone(),
+            "weights": self._batch_weights().cpu().clone(),
+            "sizes": list(self.sizes),
+            "masked": self._masked,
+            "flat": self.flat.cpu().clone(),
+            "rows": {name: (torch.cat(r).cpu() if r else None) for name, r in self._rows.items()},
+        }
 
     def load_state_dict(self, state: dict, capacity: int | None = None) -> None:
         k = len(state["sizes"])

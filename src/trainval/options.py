@@ -36,10 +36,16 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 def check_seed(seed: object, name: str = "seed") -> int:
     """``seed`` as a plain int, or a ConfigError naming the range every generator accepts."""
-    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and SEED_MIN <= int(seed) <= SEED_MAX:
+    if (
+        isinstance(seed, numbers.Integral)
+        and not isinstance(seed, bool)
+        and SEED_MIN <= int(seed) <= SEED_MAX
+    ):
         return int(seed)  # a NumPy integer too (torch's generators take only a Python int)
-    raise ConfigError(f"{name} must be an integer from -2**63 to 2**63 - 1, got {shown_repr(seed)}; pick a seed in that range "
-                      "(e.g. 0).")
+    raise ConfigError(
+        f"{name} must be an integer from -2**63 to 2**63 - 1, got {shown_repr(seed)}; pick a seed in that range "
+        "(e.g. 0)."
+    )
 
 
 @dataclass(frozen=True)
@@ -57,10 +63,21 @@ class Key:
     extra: dict = field(default_factory=dict)
 
 
-def option(default: Any, doc: str, kind: str, *, cli: str | None = None, cli_doc: str | None = None,
-           cli_default: Any = ..., minimum: float | None = None, maximum: float | None = None,
-           choices: tuple | None = None, positive: bool = False, resume: str | None = None,
-           unit: str | None = None) -> Any:
+def option(
+    default: Any,
+    doc: str,
+    kind: str,
+    *,
+    cli: str | None = None,
+    cli_doc: str | None = None,
+    cli_default: Any = ...,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple | None = None,
+    positive: bool = False,
+    resume: str | None = None,
+    unit: str | None = None,
+) -> Any:
     """A :class:`TrainerOptions` field: its default, its meaning (``doc``), its check and its CLI key.
 
     ``kind``: int, float, bool or str (``Optional`` when the default is None); ``positive``: > 0 (the
@@ -69,9 +86,19 @@ def option(default: Any, doc: str, kind: str, *, cli: str | None = None, cli_doc
     where it is not the Trainer's; ``resume``: why ``fit --resume`` may change the key (absent: it may not);
     ``unit``: what the number counts, in the message of a wrong value.
     """
-    meta = {"doc": doc, "kind": kind, "cli": cli, "cli_doc": cli_doc or doc,
-            "cli_default": default if cli_default is ... else cli_default, "minimum": minimum, "maximum": maximum,
-            "choices": choices, "positive": positive, "resume": resume, "unit": unit}
+    meta = {
+        "doc": doc,
+        "kind": kind,
+        "cli": cli,
+        "cli_doc": cli_doc or doc,
+        "cli_default": default if cli_default is ... else cli_default,
+        "minimum": minimum,
+        "maximum": maximum,
+        "choices": choices,
+        "positive": positive,
+        "resume": resume,
+        "unit": unit,
+    }
     return field(default=default, metadata=meta)
 
 
@@ -80,139 +107,292 @@ class TrainerOptions:
     """The plain-valued options of :class:`~trainval.loop.trainer.Trainer`, each declared once."""
 
     max_epochs: int = option(
-        20, "epochs to train (a resumed run continues up to this number)", "int", cli="train.epochs",
-        cli_doc="epochs to train", cli_default=30, minimum=1, positive=True,
+        20,
+        "epochs to train (a resumed run continues up to this number)",
+        "int",
+        cli="train.epochs",
+        cli_doc="epochs to train",
+        cli_default=30,
+        minimum=1,
+        positive=True,
         resume="train for more (or as many) epochs; refused with a cosine or onecycle schedule, whose shape "
-               "depends on the number of epochs")
+        "depends on the number of epochs",
+    )
     max_steps: int | None = option(
-        None, "stop after this many optimizer steps (with ``max_epochs``, whichever comes first); a run that reaches "
-              "it inside an epoch ends with a validation row at that step and a ``last.pt``", "int",
+        None,
+        "stop after this many optimizer steps (with ``max_epochs``, whichever comes first); a run that reaches "
+        "it inside an epoch ends with a validation row at that step and a ``last.pt``",
+        "int",
         cli="train.max_steps",
-        cli_doc="stop after this many optimizer steps (with epochs, whichever comes first)", minimum=1, positive=True,
+        cli_doc="stop after this many optimizer steps (with epochs, whichever comes first)",
+        minimum=1,
+        positive=True,
         unit="optimizer steps",
-        resume="train for more (or as many) steps; refused with a onecycle schedule, whose shape depends on it")
+        resume="train for more (or as many) steps; refused with a onecycle schedule, whose shape depends on it",
+    )
     val_every_steps: int | None = option(
-        None, "validate, log a row, choose ``best.pt`` and let callbacks (early stopping) decide every this many "
-              "optimizer steps, and once more at the run's end, instead of at each epoch's end. A row reports the "
-              "training metrics of the batches since the previous row. ``EarlyStopping``'s and ReduceLROnPlateau's "
-              "patience then count evaluations; other epoch-interval schedulers still step per epoch. Every row "
-              "carries ``step``, the optimizer steps done at that row", "int", cli="train.val_every_steps",
+        None,
+        "validate, log a row, choose ``best.pt`` and let callbacks (early stopping) decide every this many "
+        "optimizer steps, and once more at the run's end, instead of at each epoch's end. A row reports the "
+        "training metrics of the batches since the previous row. ``EarlyStopping``'s and ReduceLROnPlateau's "
+        "patience then count evaluations; other epoch-interval schedulers still step per epoch. Every row "
+        "carries ``step``, the optimizer steps done at that row",
+        "int",
+        cli="train.val_every_steps",
         cli_doc="validate, log a row, pick best.pt and early-stop every N optimizer steps (and at the end) instead of "
-                "per epoch", minimum=1, positive=True, unit="optimizer steps")
+        "per epoch",
+        minimum=1,
+        positive=True,
+        unit="optimizer steps",
+    )
     out_dir: str = option(
-        "runs/exp", "run folder for ``best.pt``, ``last.pt``, ``metrics.csv``, ``curves.png`` and ``summary.json`` "
-                    "(see :class:`~trainval.app.runs.RunSummary`)", "str")
+        "runs/exp",
+        "run folder for ``best.pt``, ``last.pt``, ``metrics.csv``, ``curves.png`` and ``summary.json`` "
+        "(see :class:`~trainval.app.runs.RunSummary`)",
+        "str",
+    )
     seed: int = option(
-        0, "seeds the trainer's shuffling generator (the same on every process: one shared permutation) and, at the "
-           "start of ``fit``, Python/NumPy/torch with ``seed + rank`` (each process draws its own dropout masks and "
-           "DataLoader worker seeds)", "int", cli="train.seed",
-        cli_doc="seed of Python, NumPy, torch and the shuffling", minimum=SEED_MIN, maximum=SEED_MAX)
+        0,
+        "seeds the trainer's shuffling generator (the same on every process: one shared permutation) and, at the "
+        "start of ``fit``, Python/NumPy/torch with ``seed + rank`` (each process draws its own dropout masks and "
+        "DataLoader worker seeds)",
+        "int",
+        cli="train.seed",
+        cli_doc="seed of Python, NumPy, torch and the shuffling",
+        minimum=SEED_MIN,
+        maximum=SEED_MAX,
+    )
     monitor: str | None = option(
-        None, "the metric that picks ``best.pt``: ``val_<metric>``, ``train_<metric>`` or ``*_loss`` (default: "
-              "``val_`` + the first metric, ``train_`` without validation data)", "str", cli="train.monitor",
+        None,
+        "the metric that picks ``best.pt``: ``val_<metric>``, ``train_<metric>`` or ``*_loss`` (default: "
+        "``val_`` + the first metric, ``train_`` without validation data)",
+        "str",
+        cli="train.monitor",
         cli_doc="metric that picks best.pt: `val_<metric>`, `train_<metric>` or `*_loss` (default: val_ + the first "
-                "metric)")
+        "metric)",
+    )
     mode: str | None = option(
-        None, "``max`` or ``min``: overrides the direction the monitored metric implies (min for losses)", "str",
-        cli="train.mode", cli_doc="`max` or `min` (default: the metric's direction; min for losses)",
-        choices=("max", "min"))
-    batch_size: int = option(64, "samples per batch, per process", "int", cli="train.batch_size",
-                             cli_doc="batch size per process", minimum=1, positive=True)
-    eval_batch_size: int | None = option(None, "samples per evaluation batch (default: ``batch_size``)", "int",
-                                         cli="train.eval_batch_size",
-                                         cli_doc="evaluation batch size (default: batch_size)", minimum=1, positive=True)
+        None,
+        "``max`` or ``min``: overrides the direction the monitored metric implies (min for losses)",
+        "str",
+        cli="train.mode",
+        cli_doc="`max` or `min` (default: the metric's direction; min for losses)",
+        choices=("max", "min"),
+    )
+    batch_size: int = option(
+        64,
+        "samples per batch, per process",
+        "int",
+        cli="train.batch_size",
+        cli_doc="batch size per process",
+        minimum=1,
+        positive=True,
+    )
+    eval_batch_size: int | None = option(
+        None,
+        "samples per evaluation batch (default: ``batch_size``)",
+        "int",
+        cli="train.eval_batch_size",
+        cli_doc="evaluation batch size (default: batch_size)",
+        minimum=1,
+        positive=True,
+    )
     ignore_index: int | None = option(
-        None, "multiclass: targets with this value are left out of the loss's mean and every metric (default: the "
-              "loss's own ``ignore_index``, -100 for cross-entropy)", "int", cli="task.ignore_index",
-        cli_doc="multiclass: targets with this value count in no loss and no metric (default -100)")
-    threshold: float = option(0.5, "binary/multilabel: probability above which a prediction is 1", "float",
-                              cli="task.threshold", minimum=0.0, maximum=1.0)
+        None,
+        "multiclass: targets with this value are left out of the loss's mean and every metric (default: the "
+        "loss's own ``ignore_index``, -100 for cross-entropy)",
+        "int",
+        cli="task.ignore_index",
+        cli_doc="multiclass: targets with this value count in no loss and no metric (default -100)",
+    )
+    threshold: float = option(
+        0.5,
+        "binary/multilabel: probability above which a prediction is 1",
+        "float",
+        cli="task.threshold",
+        minimum=0.0,
+        maximum=1.0,
+    )
     target_key: str = option("labels", "the target's key in dict batches", "str")
-    output_key: str = option("logits", "the prediction's key in dict model outputs (a tuple output's first element "
-                                       "is the prediction)", "str")
+    output_key: str = option(
+        "logits",
+        "the prediction's key in dict model outputs (a tuple output's first element is the prediction)",
+        "str",
+    )
     eval_frozen_batchnorm: bool = option(
-        True, "run BatchNorm layers whose parameters are all frozen in eval mode while training, so their running "
-              "statistics stay as loaded (Keras' rule)", "bool")
-    progress: bool = option(True, "a progress bar on a terminal, bounded-rate progress lines otherwise (rank 0)",
-                            "bool", cli="train.progress",
-                            cli_doc="progress bar (terminal) or bounded-rate progress lines", resume="display only")
-    device: Any = option(None, "``cpu``, ``cuda``, ``cuda:1``... (default: CUDA if available; ``LOCAL_RANK`` under "
-                               "torchrun)", "str", cli="train.device",
-                         cli_doc="`cpu`, `cuda`, `cuda:1`... (default: CUDA if available)")
+        True,
+        "run BatchNorm layers whose parameters are all frozen in eval mode while training, so their running "
+        "statistics stay as loaded (Keras' rule)",
+        "bool",
+    )
+    progress: bool = option(
+        True,
+        "a progress bar on a terminal, bounded-rate progress lines otherwise (rank 0)",
+        "bool",
+        cli="train.progress",
+        cli_doc="progress bar (terminal) or bounded-rate progress lines",
+        resume="display only",
+    )
+    device: Any = option(
+        None,
+        "``cpu``, ``cuda``, ``cuda:1``... (default: CUDA if available; ``LOCAL_RANK`` under torchrun)",
+        "str",
+        cli="train.device",
+        cli_doc="`cpu`, `cuda`, `cuda:1`... (default: CUDA if available)",
+    )
     scheduler_interval: str | None = option(
-        None, "``step`` or ``epoch``: when the scheduler steps (default: per step for OneCycleLR/CyclicLR, per epoch "
-              "otherwise; ReduceLROnPlateau gets the monitored value)", "str", choices=("step", "epoch"))
-    grad_clip: float | None = option(None, "clip the global gradient norm to this value (> 0)", "float",
-                                     cli="train.grad_clip", cli_doc="clip the gradient norm to this value",
-                                     minimum=0.0, positive=True)
+        None,
+        "``step`` or ``epoch``: when the scheduler steps (default: per step for OneCycleLR/CyclicLR, per epoch "
+        "otherwise; ReduceLROnPlateau gets the monitored value)",
+        "str",
+        choices=("step", "epoch"),
+    )
+    grad_clip: float | None = option(
+        None,
+        "clip the global gradient norm to this value (> 0)",
+        "float",
+        cli="train.grad_clip",
+        cli_doc="clip the gradient norm to this value",
+        minimum=0.0,
+        positive=True,
+    )
     accumulate_steps: int = option(
-        1, "micro-batches per optimizer step (gradient accumulation), equal to one batch that many times larger: "
-           "each micro-batch's mean loss is weighted by its share of the group's count (samples; non-ignored "
-           "targets or their class weights for cross-entropy/NLL; elements for BCE, MSE, L1, SmoothL1, Huber) over "
-           "the whole group and every rank, a short last group and a stream's included (the group is read ahead: "
-           "up to this many batches held on the device). A ``loss_fn`` of your own (not one of those) keeps the "
-           "mean of the micro-batch means: its denominator is unknown", "int",
-                                   cli="train.accumulate_steps",
-                                   cli_doc="batches per optimizer step (gradient accumulation)", minimum=1,
-                                   positive=True)
-    precision: str = option("fp32", "``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast + grad scaler, CUDA)",
-                            "str", cli="train.precision",
-                            cli_doc="`fp32`, `bf16` (autocast) or `fp16` (autocast + grad scaler, CUDA)",
-                            choices=PRECISIONS)
-    compile: bool = option(False, "run the model through ``torch.compile`` (checkpoints stay loadable into a plain "
-                                  "model)", "bool", cli="train.compile",
-                           cli_doc="run the model through torch.compile")
+        1,
+        "micro-batches per optimizer step (gradient accumulation), equal to one batch that many times larger: "
+        "each micro-batch's mean loss is weighted by its share of the group's count (samples; non-ignored "
+        "targets or their class weights for cross-entropy/NLL; elements for BCE, MSE, L1, SmoothL1, Huber) over "
+        "the whole group and every rank, a short last group and a stream's included (the group is read ahead: "
+        "up to this many batches held on the device). A ``loss_fn`` of your own (not one of those) keeps the "
+        "mean of the micro-batch means: its denominator is unknown",
+        "int",
+        cli="train.accumulate_steps",
+        cli_doc="batches per optimizer step (gradient accumulation)",
+        minimum=1,
+        positive=True,
+    )
+    precision: str = option(
+        "fp32",
+        "``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast + grad scaler, CUDA)",
+        "str",
+        cli="train.precision",
+        cli_doc="`fp32`, `bf16` (autocast) or `fp16` (autocast + grad scaler, CUDA)",
+        choices=PRECISIONS,
+    )
+    compile: bool = option(
+        False,
+        "run the model through ``torch.compile`` (checkpoints stay loadable into a plain model)",
+        "bool",
+        cli="train.compile",
+        cli_doc="run the model through torch.compile",
+    )
     checkpoint_every_steps: int | None = option(
-        None, "also write ``last.pt`` every this many optimizer steps inside an epoch", "int",
-        cli="train.checkpoint_every_steps", cli_doc="also write last.pt every N optimizer steps", minimum=1,
-        positive=True, resume="how often last.pt is written")
+        None,
+        "also write ``last.pt`` every this many optimizer steps inside an epoch",
+        "int",
+        cli="train.checkpoint_every_steps",
+        cli_doc="also write last.pt every N optimizer steps",
+        minimum=1,
+        positive=True,
+        resume="how often last.pt is written",
+    )
     async_save: bool = option(
-        False, "write ``last.pt`` in the background: its state is copied to CPU memory, then training goes on while a "
-               "thread writes it (DCP's ``async_save`` for a sharded last.pt). At most one write is in flight; ``fit`` "
-               "waits for it before the next one, at its end, on a stop and on errors, and a failed write raises "
-               ":class:`~trainval.errors.CheckpointError` from ``fit``. ``best.pt`` is always written synchronously",
-        "bool", cli="train.async_save",
+        False,
+        "write ``last.pt`` in the background: its state is copied to CPU memory, then training goes on while a "
+        "thread writes it (DCP's ``async_save`` for a sharded last.pt). At most one write is in flight; ``fit`` "
+        "waits for it before the next one, at its end, on a stop and on errors, and a failed write raises "
+        ":class:`~trainval.errors.CheckpointError` from ``fit``. ``best.pt`` is always written synchronously",
+        "bool",
+        cli="train.async_save",
         cli_doc="write last.pt in a background thread from a CPU copy of the state (training goes on meanwhile)",
-        resume="how last.pt is written, not what it holds")
+        resume="how last.pt is written, not what it holds",
+    )
     save_top_k: int | None = option(
-        None, "also keep the ``k`` best evaluations (by ``monitor``) as plain checkpoints in ``out_dir``, named "
-              "``epoch003-step120-val_acc_0.9312.pt`` (``torch.load(..., weights_only=True)[\"model\"]``, like best.pt, "
-              "which stays the best). A new one is written atomically before the one it pushes out is removed, and "
-              "that removal waits until last.pt records the new set, so a crash at any point leaves at least ``k`` of "
-              "them; a resumed run continues the set of its last.pt (files of that form which the set does not list "
-              "are removed: written after last.pt, their evaluation runs again), and a new fit into the folder "
-              "(``overwrite``) removes the replaced run's", "int", cli="train.save_top_k",
+        None,
+        "also keep the ``k`` best evaluations (by ``monitor``) as plain checkpoints in ``out_dir``, named "
+        '``epoch003-step120-val_acc_0.9312.pt`` (``torch.load(..., weights_only=True)["model"]``, like best.pt, '
+        "which stays the best). A new one is written atomically before the one it pushes out is removed, and "
+        "that removal waits until last.pt records the new set, so a crash at any point leaves at least ``k`` of "
+        "them; a resumed run continues the set of its last.pt (files of that form which the set does not list "
+        "are removed: written after last.pt, their evaluation runs again), and a new fit into the folder "
+        "(``overwrite``) removes the replaced run's",
+        "int",
+        cli="train.save_top_k",
         cli_doc="also keep the k best evaluations as `epoch003-step120-val_acc_0.9312.pt` files (default: best.pt only)",
-        minimum=1, positive=True, unit="the number of best checkpoints to keep")
-    check_inputs: bool = option(True, "refuse NaN/Inf in in-memory features before training", "bool",
-                                cli="data.check_inputs", cli_doc="refuse NaN/Inf features before training")
+        minimum=1,
+        positive=True,
+        unit="the number of best checkpoints to keep",
+    )
+    check_inputs: bool = option(
+        True,
+        "refuse NaN/Inf in in-memory features before training",
+        "bool",
+        cli="data.check_inputs",
+        cli_doc="refuse NaN/Inf features before training",
+    )
     on_device: bool | None = option(
-        None, "keep in-memory data wholly on the GPU (default: when it takes under 1/4 of free memory)", "bool",
-        cli="data.on_device", cli_doc="keep in-memory data on the GPU (default: when it fits)",
-        resume="placement only")
-    num_workers: int = option(0, "DataLoader workers for Datasets (map-style or streams) given without a DataLoader",
-                              "int", cli="data.num_workers", cli_doc="DataLoader workers for Dataset inputs",
-                              minimum=0, resume="loading only")
-    overwrite: bool = option(False, "allow ``fit`` into an ``out_dir`` that already holds a run", "bool",
-                             cli="run.overwrite", cli_doc="allow a new fit into a folder that holds a run",
-                             resume="not used by resume")
-    plot: bool = option(True, "write ``curves.png`` at the end of ``fit``", "bool", cli="log.plot",
-                        cli_doc="write curves.png", resume="logging only")
+        None,
+        "keep in-memory data wholly on the GPU (default: when it takes under 1/4 of free memory)",
+        "bool",
+        cli="data.on_device",
+        cli_doc="keep in-memory data on the GPU (default: when it fits)",
+        resume="placement only",
+    )
+    num_workers: int = option(
+        0,
+        "DataLoader workers for Datasets (map-style or streams) given without a DataLoader",
+        "int",
+        cli="data.num_workers",
+        cli_doc="DataLoader workers for Dataset inputs",
+        minimum=0,
+        resume="loading only",
+    )
+    overwrite: bool = option(
+        False,
+        "allow ``fit`` into an ``out_dir`` that already holds a run",
+        "bool",
+        cli="run.overwrite",
+        cli_doc="allow a new fit into a folder that holds a run",
+        resume="not used by resume",
+    )
+    plot: bool = option(
+        True,
+        "write ``curves.png`` at the end of ``fit``",
+        "bool",
+        cli="log.plot",
+        cli_doc="write curves.png",
+        resume="logging only",
+    )
     strategy: Any = option(
-        "auto", "``auto`` (DDP on several processes), ``ddp``, ``fsdp`` (FSDP2: parameters, gradients and optimizer "
-                "state sharded over the processes), or a :mod:`trainval.loop.strategies` object (e.g. "
-                "``FSDPStrategy(param_dtype=torch.bfloat16, cpu_offload=True)``)", "str", cli="train.strategy",
+        "auto",
+        "``auto`` (DDP on several processes), ``ddp``, ``fsdp`` (FSDP2: parameters, gradients and optimizer "
+        "state sharded over the processes), or a :mod:`trainval.loop.strategies` object (e.g. "
+        "``FSDPStrategy(param_dtype=torch.bfloat16, cpu_offload=True)``)",
+        "str",
+        cli="train.strategy",
         cli_doc="several processes: `ddp` (a replica per process), `fsdp` (FSDP2: weights, gradients and optimizer "
-                "state sharded), `auto` (ddp)", choices=("auto", "ddp", "fsdp"),
-        resume="any strategy reads last.pt, whole or sharded (fsdp's shards are put together or re-split on load)")
-    sync_batchnorm: bool = option(False, "BatchNorm statistics over every process's batch (``SyncBatchNorm``; DDP on "
-                                         "CUDA)", "bool", cli="train.sync_batchnorm",
-                                  cli_doc="BatchNorm statistics over every process's batch (SyncBatchNorm; DDP on CUDA)")
+        "state sharded), `auto` (ddp)",
+        choices=("auto", "ddp", "fsdp"),
+        resume="any strategy reads last.pt, whole or sharded (fsdp's shards are put together or re-split on load)",
+    )
+    sync_batchnorm: bool = option(
+        False,
+        "BatchNorm statistics over every process's batch (``SyncBatchNorm``; DDP on CUDA)",
+        "bool",
+        cli="train.sync_batchnorm",
+        cli_doc="BatchNorm statistics over every process's batch (SyncBatchNorm; DDP on CUDA)",
+    )
     dist_timeout: float | None = option(
-        None, "seconds a collective waits for the other processes before the run fails (default: the "
-              "``TRAINVAL_DIST_TIMEOUT`` environment variable, or 300)", "float", cli="train.dist_timeout",
+        None,
+        "seconds a collective waits for the other processes before the run fails (default: the "
+        "``TRAINVAL_DIST_TIMEOUT`` environment variable, or 300)",
+        "float",
+        cli="train.dist_timeout",
         cli_doc="seconds a collective waits for the other processes before the run fails (default: env "
-                "TRAINVAL_DIST_TIMEOUT, or 300)", minimum=1.0, positive=True, resume="how long collectives wait only")
+        "TRAINVAL_DIST_TIMEOUT, or 300)",
+        minimum=1.0,
+        positive=True,
+        resume="how long collectives wait only",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "seed", check_seed(self.seed))  # a NumPy integer becomes a plain int
@@ -220,8 +400,10 @@ class TrainerOptions:
         for f in dataclasses.fields(self):
             _check(f.name, getattr(self, f.name), f)
         if self.monitor is not None and not re.fullmatch(r"(train|val)_\w+", str(self.monitor)):
-            raise ConfigError(f"monitor must be 'val_<metric>', 'train_<metric>', 'val_loss' or 'train_loss', "
-                              f"got {self.monitor!r}.")
+            raise ConfigError(
+                f"monitor must be 'val_<metric>', 'train_<metric>', 'val_loss' or 'train_loss', "
+                f"got {self.monitor!r}."
+            )
 
 
 def _check(name: str, value: Any, f: dataclasses.Field) -> None:
@@ -232,7 +414,9 @@ def _check(name: str, value: Any, f: dataclasses.Field) -> None:
     if name in ("device", "strategy"):  # these two also take objects: checked where they are used
         return
     kind = meta["kind"]
-    expected = {"int": "an integer", "float": "a finite number", "bool": "True or False", "str": "a string"}[kind]
+    expected = {"int": "an integer", "float": "a finite number", "bool": "True or False", "str": "a string"}[
+        kind
+    ]
     if meta["positive"]:
         expected = "a positive integer" if kind == "int" else "a positive number"
     if meta["unit"]:
@@ -242,14 +426,18 @@ def _check(name: str, value: Any, f: dataclasses.Field) -> None:
     wrong = ConfigError(f"{name} must be {expected}, got {shown_repr(value)}.")
     if kind == "int" and (not isinstance(value, int) or isinstance(value, bool)):
         raise wrong
-    if kind == "float" and (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)):
+    if kind == "float" and (
+        not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+    ):
         raise wrong
     if (kind == "bool" and not isinstance(value, bool)) or (kind == "str" and not isinstance(value, str)):
         raise wrong
     if meta["positive"] and value <= 0:
         raise wrong
     if meta["choices"] is not None and value not in meta["choices"]:
-        raise ConfigError(f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {shown_repr(value)}.")
+        raise ConfigError(
+            f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {shown_repr(value)}."
+        )
 
 
 def make_options(given: dict[str, Any]) -> TrainerOptions:
@@ -267,8 +455,10 @@ def signature_with_options(init: Any) -> inspect.Signature:
     """``init``'s signature with ``**options`` spelled out: each option, keyword-only, with its default."""
     signature = inspect.signature(init)
     params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
-               for f in fields()]
+    params += [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+        for f in fields()
+    ]
     return signature.replace(parameters=params)
 
 
@@ -298,14 +488,25 @@ def cli_keys() -> dict[str, Key]:
         if m["cli"] is None:
             continue
         default = m["cli_default"]
-        keys[m["cli"]] = Key(m["kind"], default, m["cli_doc"], choices=m["choices"], minimum=m["minimum"],
-                             maximum=m["maximum"], nullable=default is None)
+        keys[m["cli"]] = Key(
+            m["kind"],
+            default,
+            m["cli_doc"],
+            choices=m["choices"],
+            minimum=m["minimum"],
+            maximum=m["maximum"],
+            nullable=default is None,
+        )
     return keys
 
 
 def resume_may_change() -> dict[str, str]:
     """``{"section.key": why}`` for the options a resumed run may change."""
-    return {f.metadata["cli"]: f.metadata["resume"] for f in fields() if f.metadata["cli"] and f.metadata["resume"]}
+    return {
+        f.metadata["cli"]: f.metadata["resume"]
+        for f in fields()
+        if f.metadata["cli"] and f.metadata["resume"]
+    }
 
 
 def from_config(cfg: dict) -> dict[str, Any]:
@@ -324,5 +525,7 @@ def plain(options: TrainerOptions) -> dict[str, Any]:
     out = {}
     for f in fields():
         value = getattr(options, f.name)
-        out[f.name] = value if value is None or isinstance(value, (bool, int, float, str)) else type(value).__name__
+        out[f.name] = (
+            value if value is None or isinstance(value, (bool, int, float, str)) else type(value).__name__
+        )
     return out

@@ -25,21 +25,23 @@ from trainval.untrusted import shown_repr
 class LoopState:
     """Where the loop is and what it has seen: everything here resumes exactly from ``last.pt``."""
 
-    epoch: int = 0                      # completed epochs
-    batch_in_epoch: int = 0             # batches done in the epoch in progress
-    global_step: int = 0                # optimizer steps
-    history: list[dict] = field(default_factory=list)  # one row of metrics per evaluation (epoch, or val_every_steps)
-    best_value: float | None = None     # of the monitored metric
-    best_epoch: int | None = None       # the epoch of the best row (the one in progress, for a row inside it)
-    best_step: int | None = None        # the optimizer steps done at the best row
-    monitor: str = ""                   # e.g. "val_acc"; its direction in ``mode``
+    epoch: int = 0  # completed epochs
+    batch_in_epoch: int = 0  # batches done in the epoch in progress
+    global_step: int = 0  # optimizer steps
+    history: list[dict] = field(
+        default_factory=list
+    )  # one row of metrics per evaluation (epoch, or val_every_steps)
+    best_value: float | None = None  # of the monitored metric
+    best_epoch: int | None = None  # the epoch of the best row (the one in progress, for a row inside it)
+    best_step: int | None = None  # the optimizer steps done at the best row
+    monitor: str = ""  # e.g. "val_acc"; its direction in ``mode``
     mode: str = "max"
     should_stop: bool = False
-    epoch_start: dict | None = None     # RNG states at the start of the epoch in progress (mid-epoch resume)
+    epoch_start: dict | None = None  # RNG states at the start of the epoch in progress (mid-epoch resume)
     # save_top_k: the kept files, best first: {"file", "epoch", "step", "value"} (the file name follows from
     # the other three, see checkpoint.top_k_name). Ties: the earlier evaluation stays ahead.
     top_k: list[dict] = field(default_factory=list)
-    row_seconds: float = 0.0            # seconds since the previous row at the save (val_every_steps rows' time)
+    row_seconds: float = 0.0  # seconds since the previous row at the save (val_every_steps rows' time)
 
     def improved(self, value: float | None) -> bool:
         """Is ``value`` of the monitored metric better than the best so far (NaN never is)?"""
@@ -61,7 +63,12 @@ class LoopState:
 
     def add_top_k(self, epoch: int, step: int, value: float, k: int) -> tuple[str, list[str]]:
         """Keep the evaluation ``(epoch, step, value)``: its file name, and the names of the files that fell out."""
-        entry: dict[str, Any] = {"file": top_k_name(epoch, step, self.monitor, value), "epoch": epoch, "step": step, "value": value}
+        entry: dict[str, Any] = {
+            "file": top_k_name(epoch, step, self.monitor, value),
+            "epoch": epoch,
+            "step": step,
+            "value": value,
+        }
         at = next((i for i, e in enumerate(self.top_k) if self._better(value, e["value"])), len(self.top_k))
         kept = [e for e in self.top_k if e["file"] != entry["file"]]  # the same evaluation again: replaced
         kept.insert(min(at, len(kept)), entry)
@@ -91,8 +98,10 @@ _REDO = "start a new run, or resume from a last.pt that trainval wrote"
 
 
 def _bad(path: str, name: str, value: object, expected: str) -> CheckpointError:
-    return CheckpointError(f"{path} is not a checkpoint trainval wrote: its {name} is {shown_repr(value)}, not "
-                           f"{expected}; {_REDO}.")
+    return CheckpointError(
+        f"{path} is not a checkpoint trainval wrote: its {name} is {shown_repr(value)}, not "
+        f"{expected}; {_REDO}."
+    )
 
 
 def _is_count(value: object) -> bool:
@@ -117,21 +126,30 @@ def check_loop(loop: object, path: str) -> dict:
         raise _bad(path, "loop", loop, "a dict of the loop's state")
     for name in ("monitor", "mode"):
         if name not in loop:
-            raise CheckpointError(f"{path} is not a checkpoint trainval wrote: it lacks loop.{name}; {_REDO}.")
+            raise CheckpointError(
+                f"{path} is not a checkpoint trainval wrote: it lacks loop.{name}; {_REDO}."
+            )
     for name in ("epoch", "batch_in_epoch", "global_step"):
         if name in loop and not _is_count(loop[name]):
             raise _bad(path, f"loop.{name}", loop[name], "a whole number >= 0")
     best_epoch = loop.get("best_epoch")
     if best_epoch is not None and not (_is_count(best_epoch) and best_epoch <= loop.get("epoch", 0) + 1):
-        raise _bad(path, "loop.best_epoch", best_epoch, "None or an epoch done or in progress (0 to loop.epoch + 1)")
+        raise _bad(
+            path, "loop.best_epoch", best_epoch, "None or an epoch done or in progress (0 to loop.epoch + 1)"
+        )
     best_step = loop.get("best_step")
     if best_step is not None and not (_is_count(best_step) and best_step <= loop.get("global_step", 0)):
-        raise _bad(path, "loop.best_step", best_step, "None or an optimizer step done (0 to loop.global_step)")
+        raise _bad(
+            path, "loop.best_step", best_step, "None or an optimizer step done (0 to loop.global_step)"
+        )
     if not _finite_seconds(loop.get("row_seconds", 0.0)):
         raise _bad(path, "loop.row_seconds", loop["row_seconds"], "a number of seconds >= 0")
     best_value = loop.get("best_value")
-    if best_value is not None and not (isinstance(best_value, numbers.Real) and not isinstance(best_value, bool)
-                                       and math.isfinite(best_value)):
+    if best_value is not None and not (
+        isinstance(best_value, numbers.Real)
+        and not isinstance(best_value, bool)
+        and math.isfinite(best_value)
+    ):
         raise _bad(path, "loop.best_value", best_value, "None or a finite number")
     if not isinstance(loop["monitor"], str):
         raise _bad(path, "loop.monitor", loop["monitor"], "a metric's name")
@@ -143,23 +161,41 @@ def check_loop(loop: object, path: str) -> dict:
     if not isinstance(history, list):
         raise _bad(path, "loop.history", history, "a list of rows of metrics")
     for i, row in enumerate(history):
-        if not isinstance(row, dict) or not (_is_count(row.get("epoch")) and row["epoch"] >= 1) \
-                or not (row.get("step") is None or _is_count(row["step"])):
-            raise _bad(path, f"loop.history[{i}]", row, "a dict of one row's metrics with its epoch (>= 1) and step")
+        if (
+            not isinstance(row, dict)
+            or not (_is_count(row.get("epoch")) and row["epoch"] >= 1)
+            or not (row.get("step") is None or _is_count(row["step"]))
+        ):
+            raise _bad(
+                path, f"loop.history[{i}]", row, "a dict of one row's metrics with its epoch (>= 1) and step"
+            )
     start = loop.get("epoch_start")
     if start is not None and not (isinstance(start, dict) and _finite_seconds(start.get("seconds", 0.0))):
-        raise _bad(path, "loop.epoch_start", start, "None or a dict of the epoch in progress (its seconds >= 0)")
+        raise _bad(
+            path, "loop.epoch_start", start, "None or a dict of the epoch in progress (its seconds >= 0)"
+        )
     top_k = loop.get("top_k", [])
     if not isinstance(top_k, list):
         raise _bad(path, "loop.top_k", top_k, "a list of the kept top-k checkpoints")
     for i, e in enumerate(top_k):  # the file names are removed later: each must be the one its fields give
-        ok = (isinstance(e, dict) and _is_count(e.get("epoch")) and _is_count(e.get("step"))
-              and isinstance(e.get("value"), numbers.Real) and not isinstance(e.get("value"), bool)
-              and math.isfinite(e["value"]) and isinstance(loop["monitor"], str)
-              and e.get("file") == top_k_name(e["epoch"], e["step"], loop["monitor"], float(e["value"])))
+        ok = (
+            isinstance(e, dict)
+            and _is_count(e.get("epoch"))
+            and _is_count(e.get("step"))
+            and isinstance(e.get("value"), numbers.Real)
+            and not isinstance(e.get("value"), bool)
+            and math.isfinite(e["value"])
+            and isinstance(loop["monitor"], str)
+            and e.get("file") == top_k_name(e["epoch"], e["step"], loop["monitor"], float(e["value"]))
+        )
         if not ok:
-            raise _bad(path, f"loop.top_k[{i}]", e, "a kept top-k checkpoint ({'file', 'epoch', 'step', 'value'}, its "
-                       "file named after the other three)")
+            raise _bad(
+                path,
+                f"loop.top_k[{i}]",
+                e,
+                "a kept top-k checkpoint ({'file', 'epoch', 'step', 'value'}, its "
+                "file named after the other three)",
+            )
     checked = dict(loop)
     if best_value is not None:
         checked["best_value"] = float(best_value)
@@ -167,7 +203,12 @@ def check_loop(loop: object, path: str) -> dict:
 
 
 def _finite_seconds(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and float(value) >= 0
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and float(value) >= 0
+    )
 
 
 def check_last(state: dict, path: str) -> dict:
@@ -183,16 +224,22 @@ def check_last(state: dict, path: str) -> dict:
         if epoch is None:
             raise _bad(path, "epoch", epoch, "a whole number >= 0")
         if loop.get("epoch", epoch) != epoch:
-            raise CheckpointError(f"{path} is not a checkpoint trainval wrote: its epoch ({epoch}) and loop.epoch "
-                                  f"({loop['epoch']}) differ; {_REDO}.")
+            raise CheckpointError(
+                f"{path} is not a checkpoint trainval wrote: its epoch ({epoch}) and loop.epoch "
+                f"({loop['epoch']}) differ; {_REDO}."
+            )
     if "task" in state and not isinstance(state["task"], str):
         raise _bad(path, "task", state["task"], "a task's name")
-    if state.get("ranks") is not None and not (isinstance(state["ranks"], list)
-                                               and all(isinstance(r, dict) for r in state["ranks"])):
+    if state.get("ranks") is not None and not (
+        isinstance(state["ranks"], list) and all(isinstance(r, dict) for r in state["ranks"])
+    ):
         raise _bad(path, "ranks", state["ranks"], "a list of each process's state")
     if "callbacks" in state and not (isinstance(state["callbacks"], list)):
         raise _bad(path, "callbacks", state["callbacks"], "a list of the callbacks' states")
-    for name, expected in (("optimizer", "the optimizer's state_dict"), ("rng", "the random generators' states")):
+    for name, expected in (
+        ("optimizer", "the optimizer's state_dict"),
+        ("rng", "the random generators' states"),
+    ):
         if name in state and not isinstance(state[name], dict):
             raise _bad(path, name, state[name], expected)
     for name in ("scheduler", "scaler", "train_metrics"):
@@ -201,11 +248,17 @@ def check_last(state: dict, path: str) -> dict:
     generator = state.get("generator")
     if "generator" in state and not _is_generator_state(generator):
         raise _bad(path, "generator", generator, "the shuffling generator's state (a uint8 tensor)")
-    for name, loader in (("loader", state.get("loader")),
-                         ("loop.epoch_start.loader", ((state.get("loop") or {}).get("epoch_start") or {}).get("loader"))):
+    for name, loader in (
+        ("loader", state.get("loader")),
+        ("loop.epoch_start.loader", ((state.get("loop") or {}).get("epoch_start") or {}).get("loader")),
+    ):
         generators = loader.get("generators", []) if isinstance(loader, dict) else None
-        if loader is not None and not (isinstance(generators, list) and all(map(_is_generator_state, generators))):
-            raise _bad(path, name, loader, "the training sampler's generator states (a dict of uint8 tensors)")
+        if loader is not None and not (
+            isinstance(generators, list) and all(map(_is_generator_state, generators))
+        ):
+            raise _bad(
+                path, name, loader, "the training sampler's generator states (a dict of uint8 tensors)"
+            )
     return state
 
 
@@ -222,12 +275,21 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict:
     """Global RNG states as tensors and plain containers (``weights_only``-loadable)."""
-    np_state = np.random.get_state(legacy=True)  # (the default; numpy's stub types the no-argument call as legacy=False)
-    assert isinstance(np_state, tuple)  # the global RandomState is an MT19937, whose legacy state is this tuple
+    np_state = np.random.get_state(
+        legacy=True
+    )  # (the default; numpy's stub types the no-argument call as legacy=False)
+    assert isinstance(
+        np_state, tuple
+    )  # the global RandomState is an MT19937, whose legacy state is this tuple
     return {
         "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }

@@ -38,8 +38,14 @@ _REGRESSION_LOSSES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
 # Losses whose mean is over every element of the target (so the weight of a batch is its numel).
 _ELEMENTWISE_LOSSES = _BCE_LOSSES + _REGRESSION_LOSSES
 # torch.nn.functional losses passed as plain functions
-_FUNCTIONAL_TASKS = {"cross_entropy": "multiclass", "nll_loss": "multiclass", "mse_loss": "regression",
-                     "l1_loss": "regression", "smooth_l1_loss": "regression", "huber_loss": "regression"}
+_FUNCTIONAL_TASKS = {
+    "cross_entropy": "multiclass",
+    "nll_loss": "multiclass",
+    "mse_loss": "regression",
+    "l1_loss": "regression",
+    "smooth_l1_loss": "regression",
+    "huber_loss": "regression",
+}
 
 
 class BatchOutputs:
@@ -144,15 +150,21 @@ class Multiclass(Task):
 
     def check_output(self, output, target, what):
         if output.dim() < 2 or output.shape[1] < 2:
-            raise DataError(f"the model's output for a {what} batch is {_shape(output)}; a multiclass model "
-                            "must output logits [B, C, *] with C >= 2 classes (for one logit, use task='binary').")
+            raise DataError(
+                f"the model's output for a {what} batch is {_shape(output)}; a multiclass model "
+                "must output logits [B, C, *] with C >= 2 classes (for one logit, use task='binary')."
+            )
         self.num_outputs = output.shape[1]
         if target is not None:
             expected = [output.shape[0], *output.shape[2:]]
-            if list(target.shape) != expected and not (target.dim() == 2 and target.shape[1] == 1 and output.dim() == 2):
-                raise DataError(f"{what} targets have shape {_shape(target)} but the model's logits {_shape(output)} "
-                                f"need class ids of shape {expected} (one per sample"
-                                f"{' and position' if output.dim() > 2 else ''}).")
+            if list(target.shape) != expected and not (
+                target.dim() == 2 and target.shape[1] == 1 and output.dim() == 2
+            ):
+                raise DataError(
+                    f"{what} targets have shape {_shape(target)} but the model's logits {_shape(output)} "
+                    f"need class ids of shape {expected} (one per sample"
+                    f"{' and position' if output.dim() > 2 else ''})."
+                )
 
     def prepare_targets(self, y, what):
         if y.dim() == 2 and y.shape[1] == 1:
@@ -161,20 +173,28 @@ class Multiclass(Task):
             bad = ~torch.isfinite(y) | (y != torch.round(y))
             if bool(bad.any()):
                 i = _first_bad(bad)
-                raise DataError(f"{what} targets must be integer class ids; sample {i} has label "
-                                f"{y[i].tolist()!r}. (Float targets? Use task='regression'.)")
+                raise DataError(
+                    f"{what} targets must be integer class ids; sample {i} has label "
+                    f"{y[i].tolist()!r}. (Float targets? Use task='regression'.)"
+                )
         elif y.dtype == torch.bool or y.is_complex():
             raise DataError(f"{what} targets must be integer class ids, got dtype {y.dtype}.")
         y = y.long()
         if self.num_outputs is not None and y.numel():
-            valid = y != self.ignore_index if self.ignore_index is not None else torch.ones_like(y, dtype=torch.bool)
+            valid = (
+                y != self.ignore_index
+                if self.ignore_index is not None
+                else torch.ones_like(y, dtype=torch.bool)
+            )
             bad = valid & ((y < 0) | (y >= self.num_outputs))
             if bool(bad.any()):
                 i = _first_bad(bad)
                 label = int(y.reshape(len(y), -1)[i][bad.reshape(len(y), -1)[i]][0])
                 ignored = f" (or {self.ignore_index}, ignored)" if self.ignore_index is not None else ""
-                raise DataError(f"{what} labels must lie in [0, {self.num_outputs}){ignored} for a model with "
-                                f"{self.num_outputs} outputs; sample {i} has label {label}.")
+                raise DataError(
+                    f"{what} labels must lie in [0, {self.num_outputs}){ignored} for a model with "
+                    f"{self.num_outputs} outputs; sample {i} has label {label}."
+                )
             if self.ignore_index is not None and bool((~valid).any()):
                 self.masking = True
         return y
@@ -219,26 +239,34 @@ class Binary(Task):
         elif output.dim() == 2 and output.shape[1] == 2:
             self.two_logits = True
         else:
-            raise DataError(f"the model's output for a {what} batch is {_shape(output)}; a binary model outputs "
-                            "one logit per sample ([B] or [B, 1]) or two ([B, 2]).")
+            raise DataError(
+                f"the model's output for a {what} batch is {_shape(output)}; a binary model outputs "
+                "one logit per sample ([B] or [B, 1]) or two ([B, 2])."
+            )
         self.num_outputs = 1
         if target is not None and target.numel() != B:
-            raise DataError(f"{what} targets have shape {_shape(target)}; a binary task needs one 0/1 target per "
-                            f"sample ([{B}] or [{B}, 1]).")
+            raise DataError(
+                f"{what} targets have shape {_shape(target)}; a binary task needs one 0/1 target per "
+                f"sample ([{B}] or [{B}, 1])."
+            )
 
     def prepare_targets(self, y, what):
         y = y.reshape(len(y), -1) if y.dim() > 1 else y
         if y.dim() == 2 and y.shape[1] != 1:
-            raise DataError(f"{what} targets have shape {_shape(y)}; a binary task needs one 0/1 target per sample. "
-                            "(Several 0/1 columns? Use task='multilabel'.)")
+            raise DataError(
+                f"{what} targets have shape {_shape(y)}; a binary task needs one 0/1 target per sample. "
+                "(Several 0/1 columns? Use task='multilabel'.)"
+            )
         if y.is_complex():
             raise DataError(f"{what} targets must be 0 or 1, got dtype {y.dtype}.")
         if y.numel():
             bad = (y != 0) & (y != 1)
             if bool(bad.any()):
                 i = _first_bad(bad)
-                raise DataError(f"{what} targets of a binary task must be 0 or 1; sample {i} has "
-                                f"{y.reshape(-1)[i].tolist()!r}.")
+                raise DataError(
+                    f"{what} targets of a binary task must be 0 or 1; sample {i} has "
+                    f"{y.reshape(-1)[i].tolist()!r}."
+                )
         return self.cast_target(y)
 
     def cast_target(self, y):
@@ -280,26 +308,36 @@ class Multilabel(Task):
 
     def check_output(self, output, target, what):
         if output.dim() != 2:
-            raise DataError(f"the model's output for a {what} batch is {_shape(output)}; a multilabel model "
-                            "outputs logits [B, K].")
+            raise DataError(
+                f"the model's output for a {what} batch is {_shape(output)}; a multilabel model "
+                "outputs logits [B, K]."
+            )
         self.num_outputs = output.shape[1]
         if target is not None and list(target.shape) != list(output.shape):
-            raise DataError(f"{what} targets have shape {_shape(target)} but the model's logits are {_shape(output)}; "
-                            "a multilabel task needs multi-hot targets of the logits' shape.")
+            raise DataError(
+                f"{what} targets have shape {_shape(target)} but the model's logits are {_shape(output)}; "
+                "a multilabel task needs multi-hot targets of the logits' shape."
+            )
 
     def prepare_targets(self, y, what):
         if y.dim() != 2:
-            raise DataError(f"{what} targets have shape {_shape(y)}; a multilabel task needs multi-hot rows [N, K].")
+            raise DataError(
+                f"{what} targets have shape {_shape(y)}; a multilabel task needs multi-hot rows [N, K]."
+            )
         if y.is_complex():
             raise DataError(f"{what} targets must be 0 or 1, got dtype {y.dtype}.")
         if self.num_outputs is not None and y.shape[1] != self.num_outputs:
-            raise DataError(f"{what} targets have {y.shape[1]} labels per sample but the model outputs "
-                            f"{self.num_outputs} logits.")
+            raise DataError(
+                f"{what} targets have {y.shape[1]} labels per sample but the model outputs "
+                f"{self.num_outputs} logits."
+            )
         if y.numel():
             bad = (y != 0) & (y != 1)
             if bool(bad.any()):
                 i = _first_bad(bad)
-                raise DataError(f"{what} multilabel targets must be 0 or 1; sample {i} has {y[i].tolist()!r}.")
+                raise DataError(
+                    f"{what} multilabel targets must be 0 or 1; sample {i} has {y[i].tolist()!r}."
+                )
         return y.float()
 
     def cast_target(self, y):
@@ -332,15 +370,21 @@ class Regression(Task):
 
     def check_output(self, output, target, what):
         if output.dim() == 0:
-            raise DataError(f"the model's output for a {what} batch is a scalar; a regression model outputs one "
-                            "value (or one row of values) per sample.")
+            raise DataError(
+                f"the model's output for a {what} batch is a scalar; a regression model outputs one "
+                "value (or one row of values) per sample."
+            )
         self.num_outputs = max(1, math.prod(output.shape[1:]))
         if target is not None and output.numel() != target.numel():
-            raise DataError(f"{what} targets have shape {_shape(target)} but the model's output is {_shape(output)}; "
-                            "a regression model must output one value per target value.")
+            raise DataError(
+                f"{what} targets have shape {_shape(target)} but the model's output is {_shape(output)}; "
+                "a regression model must output one value per target value."
+            )
         if target is not None and output.shape != target.shape and not _matched(output.shape, target.shape):
-            raise DataError(f"{what} targets have shape {_shape(target)} but the model's output is {_shape(output)}; "
-                            "give targets of the output's shape.")
+            raise DataError(
+                f"{what} targets have shape {_shape(target)} but the model's output is {_shape(output)}; "
+                "give targets of the output's shape."
+            )
 
     def prepare_targets(self, y, what):
         if y.is_complex() or y.dtype == torch.bool:
@@ -352,7 +396,11 @@ class Regression(Task):
         return y
 
     def cast_target(self, y):
-        return y.float() if y.dtype != torch.float32 and y.dtype in (torch.float64, torch.int64, torch.int32) else y
+        return (
+            y.float()
+            if y.dtype != torch.float32 and y.dtype in (torch.float64, torch.int64, torch.int32)
+            else y
+        )
 
     def loss_inputs(self, output, target):
         return (output if output.shape == target.shape else output.reshape(target.shape)), target
@@ -373,7 +421,9 @@ class Regression(Task):
 
 def _matched(a: torch.Size, b: torch.Size) -> bool:
     """``[B, 1]`` vs ``[B]`` (either way round): the one mismatch that is matched, not broadcast."""
-    return (len(a) == 2 and a[1] == 1 and list(b) == [a[0]]) or (len(b) == 2 and b[1] == 1 and list(a) == [b[0]])
+    return (len(a) == 2 and a[1] == 1 and list(b) == [a[0]]) or (
+        len(b) == 2 and b[1] == 1 and list(a) == [b[0]]
+    )
 
 
 def _logit(p: float) -> float:
@@ -383,8 +433,13 @@ def _logit(p: float) -> float:
 _CLASSES = {"multiclass": Multiclass, "binary": Binary, "multilabel": Multilabel, "regression": Regression}
 
 
-def make_task(task: str | Task | None, loss_fn: nn.Module | None, *, ignore_index: int | None = None,
-              threshold: float = 0.5) -> Task | None:
+def make_task(
+    task: str | Task | None,
+    loss_fn: nn.Module | None,
+    *,
+    ignore_index: int | None = None,
+    threshold: float = 0.5,
+) -> Task | None:
     """The Task for ``task`` (a name or an object), or the one the loss implies; ``None`` if that waits
     for the model's output width (a BCE loss: binary or multilabel)."""
     if not 0.0 < threshold < 1.0:
@@ -405,8 +460,12 @@ def make_task(task: str | Task | None, loss_fn: nn.Module | None, *, ignore_inde
     return _CLASSES[task](ignore_index=ignore_index if task == "multiclass" else None, threshold=threshold)
 
 
-_FITS = {"multiclass": _CLASS_LOSSES, "binary": _CLASS_LOSSES + _BCE_LOSSES, "multilabel": _BCE_LOSSES,
-         "regression": _REGRESSION_LOSSES}
+_FITS = {
+    "multiclass": _CLASS_LOSSES,
+    "binary": _CLASS_LOSSES + _BCE_LOSSES,
+    "multilabel": _BCE_LOSSES,
+    "regression": _REGRESSION_LOSSES,
+}
 
 
 def _check_loss_fits(task: str, loss_fn: nn.Module | None) -> None:
@@ -414,8 +473,10 @@ def _check_loss_fits(task: str, loss_fn: nn.Module | None) -> None:
     known = _CLASS_LOSSES + _BCE_LOSSES + _REGRESSION_LOSSES
     if isinstance(loss_fn, known) and not isinstance(loss_fn, _FITS[task]):
         fitting = ", ".join(c.__name__ for c in _FITS[task])
-        raise ConfigError(f"loss {type(loss_fn).__name__} does not fit task {task!r}; use {fitting} "
-                          f"(or the task the loss is made for).")
+        raise ConfigError(
+            f"loss {type(loss_fn).__name__} does not fit task {task!r}; use {fitting} "
+            f"(or the task the loss is made for)."
+        )
 
 
 def infer_task(loss_fn: nn.Module | None) -> str | None:
@@ -428,16 +489,23 @@ def infer_task(loss_fn: nn.Module | None) -> str | None:
         return "multiclass"
     if isinstance(loss_fn, _REGRESSION_LOSSES):
         return "regression"
-    if isinstance(loss_fn, _BCE_LOSSES) or functional in ("binary_cross_entropy", "binary_cross_entropy_with_logits"):
+    if isinstance(loss_fn, _BCE_LOSSES) or functional in (
+        "binary_cross_entropy",
+        "binary_cross_entropy_with_logits",
+    ):
         return None
-    raise ConfigError(f"cannot tell the task from the loss {type(loss_fn).__name__}; pass "
-                      f"task='multiclass', 'binary', 'multilabel' or 'regression' to the Trainer.")
+    raise ConfigError(
+        f"cannot tell the task from the loss {type(loss_fn).__name__}; pass "
+        f"task='multiclass', 'binary', 'multilabel' or 'regression' to the Trainer."
+    )
 
 
 def task_for_output(loss_fn: nn.Module, output: torch.Tensor, ignore_index, threshold) -> Task:
     """A BCE loss: one logit per sample is binary, several are multilabel."""
     width = 1 if output.dim() == 1 else math.prod(output.shape[1:])
-    task = make_task("binary" if width == 1 else "multilabel", loss_fn, ignore_index=ignore_index, threshold=threshold)
+    task = make_task(
+        "binary" if width == 1 else "multilabel", loss_fn, ignore_index=ignore_index, threshold=threshold
+    )
     assert task is not None  # a named task is never deferred
     return task
 
@@ -446,8 +514,10 @@ def check_loss(loss_fn: nn.Module) -> None:
     """The epoch loss is exact for mean-reduced losses; other reductions are refused up front."""
     reduction = getattr(loss_fn, "reduction", "mean")
     if reduction != "mean":
-        raise ConfigError(f"loss_fn {type(loss_fn).__name__} has reduction={reduction!r}; trainval needs a loss that "
-                          "returns the batch mean (reduction='mean'), from which it keeps exact epoch means.")
+        raise ConfigError(
+            f"loss_fn {type(loss_fn).__name__} has reduction={reduction!r}; trainval needs a loss that "
+            "returns the batch mean (reduction='mean'), from which it keeps exact epoch means."
+        )
 
 
 def loss_weight_fn(loss_fn: nn.Module, task: Task) -> Callable[[torch.Tensor], torch.Tensor | int]:
@@ -477,7 +547,9 @@ def loss_weight_fn(loss_fn: nn.Module, task: Task) -> Callable[[torch.Tensor], t
     return lambda target: target.shape[0]
 
 
-def exact_weight_fn(loss_fn: nn.Module, task: Task) -> tuple[Callable[[torch.Tensor], torch.Tensor | int] | None, bool]:
+def exact_weight_fn(
+    loss_fn: nn.Module, task: Task
+) -> tuple[Callable[[torch.Tensor], torch.Tensor | int] | None, bool]:
     """``(weigh, by_value)`` for exact gradient accumulation: a micro-batch's mean loss times its weight is
     its summed loss, which the loop divides by the whole group's weight (every micro-batch, every rank).
 

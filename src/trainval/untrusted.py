@@ -51,7 +51,9 @@ def shown(value: Any, limit: int = SHOWN_LIMIT) -> str:
     cut = len(text) - limit if limit and len(text) > limit else 0
     if cut:
         text = text[:limit]
-    out = "".join(_escape(ch) if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs") else ch for ch in text)
+    out = "".join(
+        _escape(ch) if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs") else ch for ch in text
+    )
     return out + (f"...({cut} more characters)" if cut else "")
 
 
@@ -95,7 +97,9 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def check_regular(path: str, what: str, error: type[TrainvalError] = TrainvalError, follow: bool = True) -> os.stat_result:
+def check_regular(
+    path: str, what: str, error: type[TrainvalError] = TrainvalError, follow: bool = True
+) -> os.stat_result:
     """``os.stat`` (``os.lstat`` when not ``follow``) of ``path``, refusing anything but a regular file."""
     try:
         info = os.stat(path) if follow else os.lstat(path)
@@ -106,12 +110,18 @@ def check_regular(path: str, what: str, error: type[TrainvalError] = TrainvalErr
     if not follow and stat.S_ISLNK(info.st_mode):
         raise error(f"{what} {shown(path)} is a symbolic link; trainval reads only the file it wrote there.")
     if not stat.S_ISREG(info.st_mode):
-        raise error(f"{what} {shown(path)} is {_kind(info.st_mode)}, not a regular file; give the path of a file.")
+        raise error(
+            f"{what} {shown(path)} is {_kind(info.st_mode)}, not a regular file; give the path of a file."
+        )
     return info
 
 
-def check_replaceable(path: str, what: str, error: type[TrainvalError] = TrainvalError,
-                      hint: str = "move it away, or write elsewhere") -> os.stat_result | None:
+def check_replaceable(
+    path: str,
+    what: str,
+    error: type[TrainvalError] = TrainvalError,
+    hint: str = "move it away, or write elsewhere",
+) -> os.stat_result | None:
     """Before a write replaces ``path``: None when nothing is there, its ``lstat`` when it is a regular file.
 
     Anything else is one clear error ending with ``hint``: a symbolic link (replacing it would change
@@ -129,16 +139,26 @@ def check_replaceable(path: str, what: str, error: type[TrainvalError] = Trainva
             to = f" (to {shown(os.readlink(path))})"
         except OSError:
             to = ""
-        raise error(f"{what} {shown(path)} is a symbolic link{to}, and trainval replaces only a regular file, "
-                    f"never a link; {hint}.")
+        raise error(
+            f"{what} {shown(path)} is a symbolic link{to}, and trainval replaces only a regular file, "
+            f"never a link; {hint}."
+        )
     if not stat.S_ISREG(info.st_mode):
-        raise error(f"{what} {shown(path)} is {_kind(info.st_mode)}, and trainval replaces only a regular file; "
-                    f"{hint}.")
+        raise error(
+            f"{what} {shown(path)} is {_kind(info.st_mode)}, and trainval replaces only a regular file; "
+            f"{hint}."
+        )
     return info
 
 
-def open_regular(path: str, what: str, error: type[TrainvalError] = TrainvalError, follow: bool = True,
-                 text: bool = False, **text_options: Any) -> IO:
+def open_regular(
+    path: str,
+    what: str,
+    error: type[TrainvalError] = TrainvalError,
+    follow: bool = True,
+    text: bool = False,
+    **text_options: Any,
+) -> IO:
     """``open(path, 'rb')`` (or text mode with ``text_options``) only if ``path`` is a regular file.
 
     The file is opened non-blocking (a FIFO's open would wait for a writer) and checked with ``fstat``
@@ -153,15 +173,21 @@ def open_regular(path: str, what: str, error: type[TrainvalError] = TrainvalErro
     except FileNotFoundError:
         raise error(f"{what} not found: {shown(path)}.") from None
     except IsADirectoryError:
-        raise error(f"{what} {shown(path)} is a folder, not a regular file; give the path of a file.") from None
+        raise error(
+            f"{what} {shown(path)} is a folder, not a regular file; give the path of a file."
+        ) from None
     except OSError as e:
         if not follow and os.path.islink(path):
-            raise error(f"{what} {shown(path)} is a symbolic link; trainval reads only the file it wrote there.") from None
+            raise error(
+                f"{what} {shown(path)} is a symbolic link; trainval reads only the file it wrote there."
+            ) from None
         raise error(f"cannot read {what} {shown(path)}: {e.strerror or e}.") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise error(f"{what} {shown(path)} is {_kind(mode)}, not a regular file; give the path of a file.")
+            raise error(
+                f"{what} {shown(path)} is {_kind(mode)}, not a regular file; give the path of a file."
+            )
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "r" if text else "rb", **text_options)
@@ -170,14 +196,21 @@ def open_regular(path: str, what: str, error: type[TrainvalError] = TrainvalErro
         raise
 
 
-def read_bytes(path: str, what: str, error: type[TrainvalError] = TrainvalError, limit: int | None = None,
-               follow: bool = True) -> bytes:
+def read_bytes(
+    path: str,
+    what: str,
+    error: type[TrainvalError] = TrainvalError,
+    limit: int | None = None,
+    follow: bool = True,
+) -> bytes:
     """The whole regular file at ``path``; one clear error if it holds more than ``limit`` bytes."""
     with open_regular(path, what, error, follow=follow) as f:
         data = f.read(limit + 1) if limit is not None else f.read()
     if limit is not None and len(data) > limit:
-        raise error(f"{what} {shown(path)} is larger than {limit} bytes; trainval does not read a file that big "
-                    "for this.")
+        raise error(
+            f"{what} {shown(path)} is larger than {limit} bytes; trainval does not read a file that big "
+            "for this."
+        )
     return data
 
 
@@ -198,7 +231,9 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 continue  # an unhashable key: PyYAML's own error names it
             if first != key_node.start_mark.line + 1:
                 raise yaml.constructor.ConstructorError(
-                    problem=f"duplicate key '{key}', first given at line {first}", problem_mark=key_node.start_mark)
+                    problem=f"duplicate key '{key}', first given at line {first}",
+                    problem_mark=key_node.start_mark,
+                )
         return super().construct_mapping(node, deep)
 
 
@@ -206,14 +241,18 @@ def _check_yaml_shape(text: str, source: str) -> None:
     """Refuse nesting deeper than MAX_YAML_DEPTH and aliases expanding past MAX_YAML_NODES, from PyYAML's
     event stream (no recursion, linear in the text): each anchor's expanded size is counted once."""
     sizes: dict[str, int] = {}
-    stack: list[list] = [[None, 0]]  # [anchor, nodes so far] per open collection; the bottom one is the document
+    stack: list[list] = [
+        [None, 0]
+    ]  # [anchor, nodes so far] per open collection; the bottom one is the document
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             stack.append([event.anchor, 0])
             if len(stack) - 1 > MAX_YAML_DEPTH:
                 assert event.start_mark is not None  # the parser marks every event
-                raise ConfigError(f"{source}: nested deeper than {MAX_YAML_DEPTH} levels (line "
-                                  f"{event.start_mark.line + 1}); a trainval config is a few levels deep.")
+                raise ConfigError(
+                    f"{source}: nested deeper than {MAX_YAML_DEPTH} levels (line "
+                    f"{event.start_mark.line + 1}); a trainval config is a few levels deep."
+                )
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             anchor, count = stack.pop()
             count += 1
@@ -230,8 +269,10 @@ def _check_yaml_shape(text: str, source: str) -> None:
         else:
             continue
         if stack[-1][1] > MAX_YAML_NODES:
-            raise ConfigError(f"{source}: its aliases (&anchor/*alias) expand to more than {MAX_YAML_NODES} values "
-                              "(a 'billion laughs'?); write the values out, or remove the aliases.")
+            raise ConfigError(
+                f"{source}: its aliases (&anchor/*alias) expand to more than {MAX_YAML_NODES} values "
+                "(a 'billion laughs'?); write the values out, or remove the aliases."
+            )
 
 
 def load_yaml(text: str, source: str) -> Any:
@@ -240,26 +281,36 @@ def load_yaml(text: str, source: str) -> Any:
     Raises a :class:`ConfigError` naming ``source`` (and the line, where PyYAML gives one).
     """
     if len(text) > MAX_YAML_BYTES:
-        raise ConfigError(f"{source} is larger than {MAX_YAML_BYTES // 2**20} MiB; a config is a small text file.")
+        raise ConfigError(
+            f"{source} is larger than {MAX_YAML_BYTES // 2**20} MiB; a config is a small text file."
+        )
     try:
         _check_yaml_shape(text, source)
         return yaml.load(text, Loader=UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{source}: not valid YAML{where} ({shown(getattr(e, 'problem', None) or e)}).") from None
+        raise ConfigError(
+            f"{source}: not valid YAML{where} ({shown(getattr(e, 'problem', None) or e)})."
+        ) from None
     except RecursionError:  # a limit above should prevent it; never a traceback
-        raise ConfigError(f"{source}: nested too deeply to read; a trainval config is a few levels deep.") from None
+        raise ConfigError(
+            f"{source}: nested too deeply to read; a trainval config is a few levels deep."
+        ) from None
 
 
 def read_yaml(path: str, what: str = "config file") -> Any:
     """The YAML file at ``path`` (a regular file of UTF-8 text, a BOM allowed) as plain data, by :func:`load_yaml`."""
     raw = read_bytes(path, what, ConfigError, limit=MAX_YAML_BYTES)
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
-        raise ConfigError(f"{shown(path)} is not a UTF-8 text file (binary or UTF-16); save it as UTF-8 YAML.")
+        raise ConfigError(
+            f"{shown(path)} is not a UTF-8 text file (binary or UTF-16); save it as UTF-8 YAML."
+        )
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise ConfigError(f"{shown(path)} is not UTF-8 text (an invalid byte at line {line}); save it as UTF-8 YAML.") from None
+        raise ConfigError(
+            f"{shown(path)} is not UTF-8 text (an invalid byte at line {line}); save it as UTF-8 YAML."
+        ) from None
     return load_yaml(text, shown(path))

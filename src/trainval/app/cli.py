@@ -56,63 +56,129 @@ def _split_positionals(items: list[str]) -> tuple[str | None, list[str]]:
         else:
             from trainval.errors import ConfigError
 
-            raise ConfigError(f"more than one config file given ({config}, {item}); overrides look like key=value.")
+            raise ConfigError(
+                f"more than one config file given ({config}, {item}); overrides look like key=value."
+            )
     return config, overrides
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="trainval", description="Train, validate, keep the best checkpoint, test and predict.")
+        prog="trainval", description="Train, validate, keep the best checkpoint, test and predict."
+    )
     parser.add_argument("--version", action="version", version=f"trainval {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     raw = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("fit", help="train (default: the embedded digits run)", epilog=FIT_EXAMPLES, formatter_class=raw)
-    p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value]", help="a YAML config and/or dotted overrides")
+    p = sub.add_parser(
+        "fit", help="train (default: the embedded digits run)", epilog=FIT_EXAMPLES, formatter_class=raw
+    )
+    p.add_argument(
+        "args", nargs="*", metavar="[CONFIG] [key=value]", help="a YAML config and/or dotted overrides"
+    )
     p.add_argument("--resume", action="store_true", help="continue from last.pt in the run folder")
-    p.add_argument("--nproc", type=int, default=None, metavar="N", help="start N processes with torchrun on this machine")
-    p.add_argument("--nnodes", type=int, default=1, metavar="N", help="machines taking part (each runs the same command)")
-    p.add_argument("--node-rank", type=int, default=None, metavar="R", help="this machine's rank, 0 to nnodes-1")
-    p.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
-                   help="where the machines meet (c10d rendezvous; node 0's address); needed with --nnodes > 1")
-    p.add_argument("--max-restarts", type=int, default=None, metavar="N",
-                   help="restart the workers up to N times after a failure (they resume from last.pt)")
+    p.add_argument(
+        "--nproc", type=int, default=None, metavar="N", help="start N processes with torchrun on this machine"
+    )
+    p.add_argument(
+        "--nnodes", type=int, default=1, metavar="N", help="machines taking part (each runs the same command)"
+    )
+    p.add_argument(
+        "--node-rank", type=int, default=None, metavar="R", help="this machine's rank, 0 to nnodes-1"
+    )
+    p.add_argument(
+        "--rdzv-endpoint",
+        default=None,
+        metavar="HOST:PORT",
+        help="where the machines meet (c10d rendezvous; node 0's address); needed with --nnodes > 1",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=None,
+        metavar="N",
+        help="restart the workers up to N times after a failure (they resume from last.pt)",
+    )
 
-    for name, examples, help_ in (("test", TEST_EXAMPLES, "metrics of a checkpoint on the test split"),
-                                  ("predict", PREDICT_EXAMPLES, "write a predictions file for the test split")):
+    for name, examples, help_ in (
+        ("test", TEST_EXAMPLES, "metrics of a checkpoint on the test split"),
+        ("predict", PREDICT_EXAMPLES, "write a predictions file for the test split"),
+    ):
         p = sub.add_parser(name, help=help_, epilog=examples, formatter_class=raw)
-        p.add_argument("args", nargs="+", metavar="CONFIG [key=value]",
-                       help="the run's YAML config, or its run folder (its config.yaml), and overrides")
+        p.add_argument(
+            "args",
+            nargs="+",
+            metavar="CONFIG [key=value]",
+            help="the run's YAML config, or its run folder (its config.yaml), and overrides",
+        )
         p.add_argument("--ckpt", default="best", help="best (default), last, or a checkpoint path")
-        p.add_argument("--trust-code", action="store_true",
-                       help="allow importing the 'module:name' model or data factory that the config names")
+        p.add_argument(
+            "--trust-code",
+            action="store_true",
+            help="allow importing the 'module:name' model or data factory that the config names",
+        )
         if name == "predict":
-            p.add_argument("--out", default=None, help="output CSV (default: <run folder>/predictions.csv; '-' for standard output)")
+            p.add_argument(
+                "--out",
+                default=None,
+                help="output CSV (default: <run folder>/predictions.csv; '-' for standard output)",
+            )
             p.add_argument("--proba", action="store_true", help="add one probability column per class")
-            p.add_argument("--force", action="store_true",
-                           help="replace an existing --out file that is not a predictions file trainval wrote")
+            p.add_argument(
+                "--force",
+                action="store_true",
+                help="replace an existing --out file that is not a predictions file trainval wrote",
+            )
 
-    p = sub.add_parser("runs", help="list and compare the runs below a folder", epilog=RUNS_EXAMPLES, formatter_class=raw)
+    p = sub.add_parser(
+        "runs", help="list and compare the runs below a folder", epilog=RUNS_EXAMPLES, formatter_class=raw
+    )
     p.add_argument("folder", nargs="?", default="runs", help="where to look for run folders (default: runs)")
-    p.add_argument("--sort", default=None, metavar="KEY",
-                   help="best (best monitored value first), name, status, epochs, time, or a column: test_acc, val_loss...")
+    p.add_argument(
+        "--sort",
+        default=None,
+        metavar="KEY",
+        help="best (best monitored value first), name, status, epochs, time, or a column: test_acc, val_loss...",
+    )
     p.add_argument("--reverse", action="store_true", help="reverse the order")
     p.add_argument("--format", choices=("table", "json"), default="table", help="table (default) or json")
-    p.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
-                   help="overlay the runs' validation curves in one PNG (default: FOLDER/runs.png)")
+    p.add_argument(
+        "--plot",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PNG",
+        help="overlay the runs' validation curves in one PNG (default: FOLDER/runs.png)",
+    )
 
-    p = sub.add_parser("tune", help="hyperparameter search with Optuna (each trial a run)", epilog=TUNE_EXAMPLES,
-                       formatter_class=raw)
-    p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value|key=dist(...)]",
-                   help="a YAML config, fixed overrides, and search spaces: loguniform(a,b), uniform(a,b), "
-                        "int(a,b), choice(x,y,...)")
+    p = sub.add_parser(
+        "tune",
+        help="hyperparameter search with Optuna (each trial a run)",
+        epilog=TUNE_EXAMPLES,
+        formatter_class=raw,
+    )
+    p.add_argument(
+        "args",
+        nargs="*",
+        metavar="[CONFIG] [key=value|key=dist(...)]",
+        help="a YAML config, fixed overrides, and search spaces: loguniform(a,b), uniform(a,b), "
+        "int(a,b), choice(x,y,...)",
+    )
     p.add_argument("--trials", type=int, required=True, metavar="N", help="trials this worker runs")
-    p.add_argument("--storage", default=None, metavar="URL",
-                   help="Optuna storage shared by several workers (default: sqlite study.db in the run folder)")
+    p.add_argument(
+        "--storage",
+        default=None,
+        metavar="URL",
+        help="Optuna storage shared by several workers (default: sqlite study.db in the run folder)",
+    )
     p.add_argument("--study", default=None, metavar="NAME", help="study name (default: run.name)")
-    p.add_argument("--pruner", choices=("median", "none"), default="median",
-                   help="stop unpromising trials early on the monitored metric (default: median)")
+    p.add_argument(
+        "--pruner",
+        choices=("median", "none"),
+        default="median",
+        help="stop unpromising trials early on the monitored metric (default: median)",
+    )
 
     p = sub.add_parser("lint", help="find training-loop mistakes in Python files")
     from trainval.lint.cli import add_arguments
@@ -144,8 +210,12 @@ def _run_torchrun(args, argv: list[str]) -> int:
         elif not a.startswith(tuple(f"{flag}=" for flag in _LAUNCHER_FLAGS)):
             rest.append(a)
     if args.nnodes > 1:  # every node meets at the endpoint (c10d rendezvous)
-        launch = [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}",
-                  "--rdzv-id=trainval"]
+        launch = [
+            f"--nnodes={args.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={args.rdzv_endpoint}",
+            "--rdzv-id=trainval",
+        ]
         if args.node_rank is not None:
             launch.append(f"--node-rank={args.node_rank}")
     else:
@@ -155,8 +225,17 @@ def _run_torchrun(args, argv: list[str]) -> int:
     nproc = args.nproc or 1
     # -P: torchrun and its workers import nothing from the current folder (a tqdm.py there, say)
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []
-    cmd = [sys.executable, *safe_path, "-m", "torch.distributed.run", *launch, f"--nproc-per-node={nproc}",
-           "-m", "trainval", *rest]
+    cmd = [
+        sys.executable,
+        *safe_path,
+        "-m",
+        "torch.distributed.run",
+        *launch,
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "trainval",
+        *rest,
+    ]
     import tempfile
 
     temp = tempfile.gettempdir()
@@ -169,11 +248,18 @@ def _run_torchrun(args, argv: list[str]) -> int:
             # attempt from torchrun's shared store (pytorch#135712). After a stop signal, torchrun waits
             # TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (torch's default: 30) for the workers to save last.pt
             # before it kills them; give a large model's save more time.
-            env = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120", **os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
-                   _RANK_OUTCOMES: outcomes}
+            env = {
+                "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "120",
+                **os.environ,
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+                _RANK_OUTCOMES: outcomes,
+            }
             with tempfile.TemporaryFile("w+") as launcher_log:
-                forward.start(subprocess.Popen(cmd, env=env, stderr=launcher_log,
-                                               preexec_fn=_torchrun_preexec(os.getpid())))
+                forward.start(
+                    subprocess.Popen(
+                        cmd, env=env, stderr=launcher_log, preexec_fn=_torchrun_preexec(os.getpid())
+                    )
+                )
                 code = forward.wait()
                 return _exit_code(code, _rank_outcomes(outcomes), nproc, forward.signals, launcher_log)
     finally:
@@ -181,12 +267,18 @@ def _run_torchrun(args, argv: list[str]) -> int:
             signal.signal(s, handler)
 
 
-def _exit_code(code: int, ranks: dict[int, tuple[int, str]], nproc: int, signals: list[int], launcher_log) -> int:
+def _exit_code(
+    code: int, ranks: dict[int, tuple[int, str]], nproc: int, signals: list[int], launcher_log
+) -> int:
     """The launcher's exit code from torchrun's and the workers' outcomes, each said once, on stderr."""
     if signals and len(ranks) == nproc and all(c == 0 for c, _ in ranks.values()):
         # every worker had finished its work; the signal only cut torchrun's own shutdown short
-        print(f"trainval: the run had finished when {signal.Signals(signals[0]).name} came; its results are "
-              "complete.", file=sys.stderr, flush=True)
+        print(
+            f"trainval: the run had finished when {signal.Signals(signals[0]).name} came; its results are "
+            "complete.",
+            file=sys.stderr,
+            flush=True,
+        )
         return 0
     failures = _failures(ranks)
     if failures or signals:
@@ -283,13 +375,19 @@ def _report_failures(failures: list[tuple[int, tuple[int, str]]], signals: list[
     for rank, (_, message) in failures:
         if message not in shown:
             shown.add(message)
-            print(f"trainval: error: {'' if rank == 0 else f'[rank {rank}] '}{message}", file=sys.stderr, flush=True)
+            print(
+                f"trainval: error: {'' if rank == 0 else f'[rank {rank}] '}{message}",
+                file=sys.stderr,
+                flush=True,
+            )
     if failures:
         return failures[0][1][0]
     name = signal.Signals(signals[-1]).name
     if len(signals) > 1:
-        message = (f"stopped at once by a second {name}; last.pt is the last checkpoint saved before it "
-                   "(`trainval fit CONFIG --resume`).")
+        message = (
+            f"stopped at once by a second {name}; last.pt is the last checkpoint saved before it "
+            "(`trainval fit CONFIG --resume`)."
+        )
     else:
         message = f"interrupted by {name}."
     print(f"trainval: error: {message}", file=sys.stderr, flush=True)
@@ -325,10 +423,16 @@ def remove_stale_outcome_folders(temp: str) -> list[str]:
         path = os.path.join(temp, name)
         try:
             info = os.lstat(path)
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or _process_exists(int(match.group(1))):
+            if (
+                not stat.S_ISDIR(info.st_mode)
+                or info.st_uid != os.getuid()
+                or _process_exists(int(match.group(1)))
+            ):
                 continue
             entries = os.listdir(path)
-            if not all(e.isdigit() and stat.S_ISREG(os.lstat(os.path.join(path, e)).st_mode) for e in entries):
+            if not all(
+                e.isdigit() and stat.S_ISREG(os.lstat(os.path.join(path, e)).st_mode) for e in entries
+            ):
                 continue
             for e in entries:
                 os.unlink(os.path.join(path, e))
@@ -501,8 +605,15 @@ def _dispatch(args) -> int:
         from trainval.app import tuning
 
         cfg_path, overrides, space = tuning.split_arguments(args.args)
-        tuning.tune(cfg_path, overrides, space, trials=args.trials, storage=args.storage, study_name=args.study,
-                  pruner=args.pruner)
+        tuning.tune(
+            cfg_path,
+            overrides,
+            space,
+            trials=args.trials,
+            storage=args.storage,
+            study_name=args.study,
+            pruner=args.pruner,
+        )
         return 0
     cfg_path, overrides = _split_positionals(args.args)
     if args.command in ("test", "predict") and cfg_path is not None and os.path.isdir(cfg_path):
@@ -519,8 +630,15 @@ def _dispatch(args) -> int:
     elif args.command == "test":
         workflow.test(cfg, ckpt=args.ckpt, trust_code=args.trust_code)
     elif args.command == "predict":
-        workflow.predict(cfg, ckpt=args.ckpt, out=args.out, proba=args.proba, trust_code=args.trust_code,
-                         force=args.force, config_path=cfg_path)
+        workflow.predict(
+            cfg,
+            ckpt=args.ckpt,
+            out=args.out,
+            proba=args.proba,
+            trust_code=args.trust_code,
+            force=args.force,
+            config_path=cfg_path,
+        )
     return 0
 
 
@@ -559,17 +677,29 @@ def _record_outcome(code: int, message: str) -> bool:
 
     env = _launch()
     folder = os.environ.get(_RANK_OUTCOMES)
-    if not (env.distributed and env.elastic_run and folder
-            and os.path.basename(os.path.normpath(folder)).startswith(_OUTCOMES_PREFIX)):
+    if not (
+        env.distributed
+        and env.elastic_run
+        and folder
+        and os.path.basename(os.path.normpath(folder)).startswith(_OUTCOMES_PREFIX)
+    ):
         return False
     path = os.path.join(folder, str(env.rank))
-    flags = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
-             | getattr(os, "O_CLOEXEC", 0))
+    flags = (
+        os.O_WRONLY
+        | os.O_CREAT
+        | os.O_EXCL
+        | getattr(os, "O_NOFOLLOW", 0)
+        | getattr(os, "O_NONBLOCK", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+    )
     try:
         info = os.lstat(folder)
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
             return False
-        if env.restart_count > 0:  # a worker restarted by torchrun (--max-restarts) replaces its earlier outcome
+        if (
+            env.restart_count > 0
+        ):  # a worker restarted by torchrun (--max-restarts) replaces its earlier outcome
             try:
                 os.unlink(path)  # (a link is removed, never what it points to)
             except FileNotFoundError:

@@ -24,23 +24,61 @@ from trainval.untrusted import load_yaml, read_yaml, shown, shown_repr
 
 SCHEMA: dict[str, dict[str, Key]] = {
     "data": {
-        "source": Key("str", "digits", "where the data comes from", choices=("digits", "npz", "csv", "factory")),
+        "source": Key(
+            "str", "digits", "where the data comes from", choices=("digits", "npz", "csv", "factory")
+        ),
         "train": Key("str", None, "training file (npz or csv)", nullable=True),
-        "val": Key("str", None, "validation file; without it, `val_split` of the training file", nullable=True),
-        "test": Key("str", None, "test file (labels optional); without it, `test_split` of the training file", nullable=True),
-        "val_split": Key("float", 0.15, "fraction held out for validation (stratified, seeded)", minimum=0.0, maximum=0.9),
-        "test_split": Key("float", 0.15, "fraction held out for testing when there is no test file", minimum=0.0, maximum=0.9),
-        "label": Key("str|list[str]", "label", "CSV target column, or a list of them (multilabel, multi-output regression)"),
+        "val": Key(
+            "str", None, "validation file; without it, `val_split` of the training file", nullable=True
+        ),
+        "test": Key(
+            "str",
+            None,
+            "test file (labels optional); without it, `test_split` of the training file",
+            nullable=True,
+        ),
+        "val_split": Key(
+            "float", 0.15, "fraction held out for validation (stratified, seeded)", minimum=0.0, maximum=0.9
+        ),
+        "test_split": Key(
+            "float",
+            0.15,
+            "fraction held out for testing when there is no test file",
+            minimum=0.0,
+            maximum=0.9,
+        ),
+        "label": Key(
+            "str|list[str]",
+            "label",
+            "CSV target column, or a list of them (multilabel, multi-output regression)",
+        ),
         "features": Key("list[str]", None, "CSV feature columns (default: all but the label)", nullable=True),
         "x_key": Key("str", "x", "npz array of features"),
         "y_key": Key("str", "y", "npz array of labels"),
-        "factory": Key("str", None, "`module:function` returning {'train', 'val', 'test'} data (source: factory)", nullable=True),
-        "split_seed": Key("int", 0, "seed of the stratified splits", minimum=0, maximum=2**32 - 1),  # scikit-learn's range
-        "standardize": Key("bool", False, "standardise features with the training split's per-feature mean and std "
-                           "(saved as `standardize.json` in the run folder; applied at test and predict)"),
+        "factory": Key(
+            "str",
+            None,
+            "`module:function` returning {'train', 'val', 'test'} data (source: factory)",
+            nullable=True,
+        ),
+        "split_seed": Key(
+            "int", 0, "seed of the stratified splits", minimum=0, maximum=2**32 - 1
+        ),  # scikit-learn's range
+        "standardize": Key(
+            "bool",
+            False,
+            "standardise features with the training split's per-feature mean and std "
+            "(saved as `standardize.json` in the run folder; applied at test and predict)",
+        ),
     },
     "model": {
-        "name": Key("str", "cnn", "built-in `mlp` or `cnn`, or `module:Class`", choices=("mlp", "cnn"), open_choices=True),
+        "name": Key(
+            "str",
+            "cnn",
+            "built-in `mlp` or `cnn`, or `module:Class`",
+            choices=("mlp", "cnn"),
+            open_choices=True,
+        ),
         "hidden": Key("list[int]", [256, 128], "MLP hidden layer sizes"),
         "channels": Key("list[int]", [32, 64], "CNN channels of its two conv blocks"),
         "dropout": Key("float", 0.25, "dropout probability", minimum=0.0, maximum=0.95),
@@ -48,12 +86,32 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "kwargs": Key("dict", {}, "keyword arguments for a `module:Class` model"),
     },
     "task": {
-        "name": Key("str", None, "what the model predicts (default: multiclass)", nullable=True,
-                    choices=("multiclass", "binary", "multilabel", "regression")),
-        "metrics": Key("list[str]", None, "metrics per split (default per task: acc; f1_micro for multilabel; mse, mae for regression)", nullable=True),
-        "loss": Key("str", None, "loss (default per task: cross_entropy; bce_with_logits for binary/multilabel; mse)", nullable=True,
-                    choices=("cross_entropy", "bce_with_logits", "mse", "l1", "smooth_l1", "huber")),
-        "class_weights": Key("list[float]|balanced", None, "multiclass: a weight per class, or `balanced` (n / (C * count))", nullable=True),
+        "name": Key(
+            "str",
+            None,
+            "what the model predicts (default: multiclass)",
+            nullable=True,
+            choices=("multiclass", "binary", "multilabel", "regression"),
+        ),
+        "metrics": Key(
+            "list[str]",
+            None,
+            "metrics per split (default per task: acc; f1_micro for multilabel; mse, mae for regression)",
+            nullable=True,
+        ),
+        "loss": Key(
+            "str",
+            None,
+            "loss (default per task: cross_entropy; bce_with_logits for binary/multilabel; mse)",
+            nullable=True,
+            choices=("cross_entropy", "bce_with_logits", "mse", "l1", "smooth_l1", "huber"),
+        ),
+        "class_weights": Key(
+            "list[float]|balanced",
+            None,
+            "multiclass: a weight per class, or `balanced` (n / (C * count))",
+            nullable=True,
+        ),
     },
     "optim": {
         "name": Key("str", "adam", "optimizer", choices=("sgd", "adam", "adamw")),
@@ -64,33 +122,65 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "betas": Key("list[float]", [0.9, 0.999], "Adam/AdamW betas"),
     },
     "scheduler": {
-        "name": Key("str", "none", "learning-rate schedule: per epoch (`step`, `cosine`, `plateau` on the monitored metric) or per batch (`onecycle`)",
-                    choices=("none", "step", "cosine", "onecycle", "plateau")),
+        "name": Key(
+            "str",
+            "none",
+            "learning-rate schedule: per epoch (`step`, `cosine`, `plateau` on the monitored metric) or per batch (`onecycle`)",
+            choices=("none", "step", "cosine", "onecycle", "plateau"),
+        ),
         "step_size": Key("int", 10, "step: epochs between decays", minimum=1),
         "gamma": Key("float", 0.1, "step: decay factor", minimum=0.0, maximum=1.0),
         "min_lr": Key("float", 0.0, "cosine: final learning rate; plateau: lower bound", minimum=0.0),
-        "max_lr": Key("float", None, "onecycle: peak learning rate (default 10 x optim.lr)", nullable=True, minimum=0.0),
-        "steps_per_epoch": Key("int", None, "onecycle: optimizer steps per epoch (default: from the training data's length; needed for a stream without one)", nullable=True, minimum=1),
+        "max_lr": Key(
+            "float", None, "onecycle: peak learning rate (default 10 x optim.lr)", nullable=True, minimum=0.0
+        ),
+        "steps_per_epoch": Key(
+            "int",
+            None,
+            "onecycle: optimizer steps per epoch (default: from the training data's length; needed for a stream without one)",
+            nullable=True,
+            minimum=1,
+        ),
         "factor": Key("float", 0.1, "plateau: decay factor", minimum=0.0, maximum=1.0),
         "patience": Key("int", 5, "plateau: epochs without improvement before decaying", minimum=0),
     },
     "train": {
-        "patience": Key("int", None, "early stopping: evaluations (epochs, or val_every_steps rows) without improvement (default: off)", nullable=True, minimum=1),
-        "ema_decay": Key("float", None, "validate and save best.pt with an exponential moving average of the weights, updated after every optimizer step with this decay, in (0, 1) (e.g. 0.999; default: off)", nullable=True),
+        "patience": Key(
+            "int",
+            None,
+            "early stopping: evaluations (epochs, or val_every_steps rows) without improvement (default: off)",
+            nullable=True,
+            minimum=1,
+        ),
+        "ema_decay": Key(
+            "float",
+            None,
+            "validate and save best.pt with an exponential moving average of the weights, updated after every optimizer step with this decay, in (0, 1) (e.g. 0.999; default: off)",
+            nullable=True,
+        ),
     },
     "run": {
         "name": Key("str", "digits", "run name: the run folder is `<out_dir>/<name>`"),
         "out_dir": Key("str", "runs", "parent folder of run folders"),
     },
     "log": {
-        "tensorboard": Key("bool", False, "TensorBoard scalars in `<run folder>/tb` (needs the tensorboard extra)"),
+        "tensorboard": Key(
+            "bool", False, "TensorBoard scalars in `<run folder>/tb` (needs the tensorboard extra)"
+        ),
         "mlflow": Key("bool", False, "log to MLflow (the mlflow extra): scalars, the config as parameters"),
-        "mlflow_uri": Key("str", None, "MLflow tracking URI (default: `sqlite:///<run.out_dir>/mlflow.db`)", nullable=True),
+        "mlflow_uri": Key(
+            "str", None, "MLflow tracking URI (default: `sqlite:///<run.out_dir>/mlflow.db`)", nullable=True
+        ),
         "mlflow_experiment": Key("str", "trainval", "MLflow experiment name"),
         "wandb": Key("bool", False, "log to Weights & Biases (the wandb extra)"),
         "wandb_project": Key("str", "trainval", "W&B project"),
-        "wandb_mode": Key("str", None, "W&B mode: `online`, `offline` (no account needed) or `disabled` (default: W&B's own)",
-                          nullable=True, choices=("online", "offline", "disabled")),
+        "wandb_mode": Key(
+            "str",
+            None,
+            "W&B mode: `online`, `offline` (no account needed) or `disabled` (default: W&B's own)",
+            nullable=True,
+            choices=("online", "offline", "disabled"),
+        ),
         "artifacts": Key("bool", False, "trackers: also log best.pt as an artifact at the end"),
     },
 }
@@ -146,20 +236,28 @@ def _check(path: str, key: Key, value: Any, source: str) -> Any:
         if not isinstance(value, str):
             raise bad("a string")
     elif kind == "str|list[str]":
-        if not (isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))):
+        if not (
+            isinstance(value, str)
+            or (isinstance(value, list) and value and all(isinstance(v, str) for v in value))
+        ):
             raise bad("a column name or a non-empty list of column names")
     elif kind == "list[float]|balanced":
         if value == "balanced":
             return value
-        if not (isinstance(value, list) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                          and v >= 0 for v in value)):
+        if not (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
+        ):
             raise bad("a list of non-negative numbers (one per class) or 'balanced'")
         value = [float(v) for v in value]
     elif kind.startswith("list["):
         inner = kind[5:-1]
-        ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-              "str": lambda v: isinstance(v, str)}[inner]
+        ok = {
+            "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+            "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            "str": lambda v: isinstance(v, str),
+        }[inner]
         if not isinstance(value, list) or not all(ok(v) for v in value):
             raise bad(f"a list of {inner}s, like [1, 2]" if inner != "str" else "a list of strings")
         if inner == "float" and not all(math.isfinite(v) for v in value):
@@ -171,7 +269,9 @@ def _check(path: str, key: Key, value: Any, source: str) -> Any:
             raise bad("a mapping of names to values")
     if key.choices is not None and value not in key.choices:
         if not (key.open_choices and isinstance(value, str) and ":" in value):
-            allowed = ", ".join(map(str, key.choices)) + (", or a 'module:Class' import string" if key.open_choices else "")
+            allowed = ", ".join(map(str, key.choices)) + (
+                ", or a 'module:Class' import string" if key.open_choices else ""
+            )
             raise bad(f"one of {allowed}")
     if key.minimum is not None and isinstance(value, (int, float)) and value < key.minimum:
         raise bad(f"at least {_bound(key.minimum)}")
@@ -193,7 +293,9 @@ def merge(cfg: dict, update: dict, source: str) -> dict:
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section '{shown(section)}' must be a mapping of keys to values, got {shown_repr(values)}.")
+            raise ConfigError(
+                f"{source}: section '{shown(section)}' must be a mapping of keys to values, got {shown_repr(values)}."
+            )
         for k, v in values.items():
             path = f"{section}.{k}"
             if k not in SCHEMA[section]:
@@ -245,10 +347,14 @@ def validate(cfg: dict, source: str) -> dict:
         if cfg[section][key]:  # '~/runs' means the home folder, never a folder named '~'
             cfg[section][key] = os.path.expanduser(cfg[section][key])
     if d["features"] is not None and not d["features"]:
-        raise ConfigError(f"{source}: data.features is empty; list the feature columns, or leave it unset "
-                          "for all columns but the label.")
+        raise ConfigError(
+            f"{source}: data.features is empty; list the feature columns, or leave it unset "
+            "for all columns but the label."
+        )
     if d["features"] is not None and d["label"] in d["features"]:
-        raise ConfigError(f"{source}: data.features includes the label column {shown_repr(d['label'])}; remove it.")
+        raise ConfigError(
+            f"{source}: data.features includes the label column {shown_repr(d['label'])}; remove it."
+        )
     if d["features"] is not None and len(set(d["features"])) != len(d["features"]):
         seen: set = set()
         twice = None
@@ -257,29 +363,50 @@ def validate(cfg: dict, source: str) -> dict:
                 twice = c
                 break
             seen.add(c)
-        raise ConfigError(f"{source}: data.features names the column {shown_repr(twice)} more than once; list each "
-                          "column once.")
+        raise ConfigError(
+            f"{source}: data.features names the column {shown_repr(twice)} more than once; list each "
+            "column once."
+        )
     decay = cfg["train"]["ema_decay"]
     if decay is not None and not 0.0 < decay < 1.0:
-        raise ConfigError(f"{source}: train.ema_decay must be a number strictly between 0 and 1 (e.g. 0.999), got "
-                          f"{shown_repr(decay)}.")
+        raise ConfigError(
+            f"{source}: train.ema_decay must be a number strictly between 0 and 1 (e.g. 0.999), got "
+            f"{shown_repr(decay)}."
+        )
     betas = cfg["optim"]["betas"]
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-        raise ConfigError(f"{source}: optim.betas must be two numbers in [0, 1), like [0.9, 0.999], got {betas}.")
+        raise ConfigError(
+            f"{source}: optim.betas must be two numbers in [0, 1), like [0.9, 0.999], got {betas}."
+        )
     if d["source"] in ("npz", "csv") and not d["train"]:
-        raise ConfigError(f"{source}: data.source is {d['source']} but data.train (the training file) is not set.")
+        raise ConfigError(
+            f"{source}: data.source is {d['source']} but data.train (the training file) is not set."
+        )
     if d["source"] == "factory" and not d["factory"]:
-        raise ConfigError(f"{source}: data.source is factory but data.factory ('module:function') is not set.")
+        raise ConfigError(
+            f"{source}: data.source is factory but data.factory ('module:function') is not set."
+        )
     if d["val_split"] + d["test_split"] >= 0.95:
-        raise ConfigError(f"{source}: data.val_split + data.test_split must leave data to train on, "
-                          f"got {d['val_split']} + {d['test_split']}.")
+        raise ConfigError(
+            f"{source}: data.val_split + data.test_split must leave data to train on, "
+            f"got {d['val_split']} + {d['test_split']}."
+        )
     monitor = cfg["train"]["monitor"]
     if monitor is not None and not re.fullmatch(r"(train|val)_[A-Za-z0-9_]+", monitor):
-        raise ConfigError(f"{source}: train.monitor must be val_<metric>, train_<metric>, val_loss or train_loss, "
-                          f"got {monitor!r}.")
-    if (monitor or "val_").startswith("val_") and not d["val"] and d["val_split"] == 0 and d["source"] != "factory":
-        raise ConfigError(f"{source}: train.monitor is {monitor or 'a val_ metric (the default)'} but there is no "
-                          "validation data (set data.val or data.val_split, or monitor a train_ metric such as train_loss).")
+        raise ConfigError(
+            f"{source}: train.monitor must be val_<metric>, train_<metric>, val_loss or train_loss, "
+            f"got {monitor!r}."
+        )
+    if (
+        (monitor or "val_").startswith("val_")
+        and not d["val"]
+        and d["val_split"] == 0
+        and d["source"] != "factory"
+    ):
+        raise ConfigError(
+            f"{source}: train.monitor is {monitor or 'a val_ metric (the default)'} but there is no "
+            "validation data (set data.val or data.val_split, or monitor a train_ metric such as train_loss)."
+        )
     return cfg
 
 
@@ -302,8 +429,10 @@ def require_trusted_code(cfg: dict, trust_code: bool, command: str) -> None:
     """
     imports = code_imports(cfg)
     if imports and not trust_code:
-        raise ConfigError(f"{' and '.join(imports)} would import Python code; `trainval {command}` imports code "
-                          "only with --trust-code (Python API: trust_code=True). Add it if you trust that code.")
+        raise ConfigError(
+            f"{' and '.join(imports)} would import Python code; `trainval {command}` imports code "
+            "only with --trust-code (Python API: trust_code=True). Add it if you trust that code."
+        )
 
 
 # What ``fit --resume`` may change relative to the config last.pt was trained with. A key not named
@@ -343,9 +472,13 @@ def resume_changes(saved: dict, cfg: dict, resolved: dict, epochs_done: int, whe
             if path not in RESUME_MAY_CHANGE:
                 refused.append(change)
             elif path == "train.epochs" and cfg["scheduler"]["name"] in ("cosine", "onecycle"):
-                refused.append(change + f" (the {cfg['scheduler']['name']} schedule was laid out for {old} epochs)")
+                refused.append(
+                    change + f" (the {cfg['scheduler']['name']} schedule was laid out for {old} epochs)"
+                )
             elif path == "train.max_steps" and cfg["scheduler"]["name"] == "onecycle":
-                refused.append(change + f" (the onecycle schedule was laid out for max_steps {shown_repr(old)})")
+                refused.append(
+                    change + f" (the onecycle schedule was laid out for max_steps {shown_repr(old)})"
+                )
             elif path == "train.epochs" and new < epochs_done:
                 refused.append(change + f" ({epochs_done} epochs are already done)")
             else:
@@ -355,9 +488,11 @@ def resume_changes(saved: dict, cfg: dict, resolved: dict, epochs_done: int, whe
         if k in old_resolved and old_resolved[k] != new:
             refused.append(f"the data's {k} {shown_repr(old_resolved[k])} -> {shown_repr(new)}")
     if refused:
-        raise ConfigError(f"cannot resume {where} with this config; it differs from the one the run was trained "
-                          f"with in: {'; '.join(refused)}. Resume with the recorded values (config.yaml in the "
-                          "run folder), or start a new run (another run.name).")
+        raise ConfigError(
+            f"cannot resume {where} with this config; it differs from the one the run was trained "
+            f"with in: {'; '.join(refused)}. Resume with the recorded values (config.yaml in the "
+            "run folder), or start a new run (another run.name)."
+        )
     return [f"resuming with {', '.join(notes)}"] if notes else []
 
 
@@ -373,7 +508,11 @@ def reference_table() -> str:
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for section, keys in SCHEMA.items():
         for k, key in keys.items():
-            default = "—" if key.default is None else yaml.safe_dump(key.default, default_flow_style=True).strip().removesuffix("...").strip()
+            default = (
+                "—"
+                if key.default is None
+                else yaml.safe_dump(key.default, default_flow_style=True).strip().removesuffix("...").strip()
+            )
             kind = key.kind.replace("|", " or ") + (" or null" if key.nullable else "")
             doc = key.doc
             if key.choices:

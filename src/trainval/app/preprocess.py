@@ -31,8 +31,12 @@ def fit_standardizer(X: np.ndarray) -> dict:
     mean = X.mean(axis=0)
     std = X.std(axis=0)
     std = np.where(std > 1e-12, std, 1.0)
-    return {"shape": list(X.shape[1:]), "mean": mean.reshape(-1).tolist(), "std": std.reshape(-1).tolist(),
-            "samples": int(len(X))}
+    return {
+        "shape": list(X.shape[1:]),
+        "mean": mean.reshape(-1).tolist(),
+        "std": std.reshape(-1).tolist(),
+        "samples": int(len(X)),
+    }
 
 
 def apply(stats: dict, X: np.ndarray, what: str = "data") -> np.ndarray:
@@ -40,7 +44,9 @@ def apply(stats: dict, X: np.ndarray, what: str = "data") -> np.ndarray:
     X = np.asarray(X)
     shape = tuple(stats["shape"])
     if tuple(X.shape[1:]) != shape:
-        raise DataError(f"the {what} has samples of shape {list(X.shape[1:])}; the run was standardised for {list(shape)}.")
+        raise DataError(
+            f"the {what} has samples of shape {list(X.shape[1:])}; the run was standardised for {list(shape)}."
+        )
     dtype = X.dtype if np.issubdtype(X.dtype, np.floating) else np.float32
     mean = np.asarray(stats["mean"], dtype=np.float64).reshape(shape)
     std = np.asarray(stats["std"], dtype=np.float64).reshape(shape)
@@ -69,8 +75,10 @@ def load(folder: str) -> dict:
     """The statistics ``save`` wrote (a regular file of JSON), checked for their shape before any use."""
     path = os.path.join(folder, FILE)
     if not os.path.lexists(path):
-        raise ConfigError(f"data.standardize is on but {shown(path)} does not exist (the run was trained without it, "
-                          "or the file was removed); use the run's own config.")
+        raise ConfigError(
+            f"data.standardize is on but {shown(path)} does not exist (the run was trained without it, "
+            "or the file was removed); use the run's own config."
+        )
     raw = read_bytes(path, "the standardisation file", DataError, limit=MAX_BYTES)
     try:
         stats = json.loads(raw)
@@ -81,8 +89,14 @@ def load(folder: str) -> dict:
     shape, size = stats["shape"], None
     if isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape):
         size = math.prod(shape)
-    if size is None or not all(isinstance(stats[k], list) and len(stats[k]) == size and
-                               all(type(v) in (int, float) for v in stats[k]) for k in ("mean", "std")):
-        raise DataError(f"{shown(path)}: 'mean' and 'std' must be lists of numbers, one per feature of 'shape' (a list "
-                        "of sizes); the file was not written by trainval or was changed. Train the run again.")
+    if size is None or not all(
+        isinstance(stats[k], list)
+        and len(stats[k]) == size
+        and all(type(v) in (int, float) for v in stats[k])
+        for k in ("mean", "std")
+    ):
+        raise DataError(
+            f"{shown(path)}: 'mean' and 'std' must be lists of numbers, one per feature of 'shape' (a list "
+            "of sizes); the file was not written by trainval or was changed. Train the run again."
+        )
     return stats

@@ -43,7 +43,6 @@ from trainval.untrusted import (
 )
 
 if TYPE_CHECKING:
-
     pass
 
 PLOT_SOFTWARE = "trainval runs"  # the PNG metadata that marks a plot `trainval runs --plot` wrote
@@ -64,7 +63,9 @@ def run_status(folder: str, summary: dict | None) -> str:
         return "pruned" if (summary or {}).get("pruned") else "finished"
     if runfolder.is_locked(folder):
         return "running"
-    return "interrupted" if recorded == "running" or os.path.exists(os.path.join(folder, "last.pt")) else "empty"
+    return (
+        "interrupted" if recorded == "running" or os.path.exists(os.path.join(folder, "last.pt")) else "empty"
+    )
 
 
 def _finite(value: Any) -> bool:
@@ -78,8 +79,9 @@ def _finite(value: Any) -> bool:
 
 
 def _wrong(key: str, value: Any, expected: str) -> RunFolderError:
-    return RunFolderError(f'{SUMMARY}: "{shown(key, 40)}" is {json_kind(value)} ({shown_repr(value)}), '
-                          f"not {expected}.")
+    return RunFolderError(
+        f'{SUMMARY}: "{shown(key, 40)}" is {json_kind(value)} ({shown_repr(value)}), not {expected}.'
+    )
 
 
 def _summary_field(raw: dict, key: str, expected: str, ok: Callable[[Any], bool]) -> Any:
@@ -199,8 +201,18 @@ def describe_run(folder: str, root: str) -> dict:
     else:
         problem = None
         record["status"] = run_status(folder, summary)
-    for key in ("epochs", "max_epochs", "monitor", "mode", "best_value", "best_epoch", "started", "seconds",
-                "test", "final"):
+    for key in (
+        "epochs",
+        "max_epochs",
+        "monitor",
+        "mode",
+        "best_value",
+        "best_epoch",
+        "started",
+        "seconds",
+        "test",
+        "final",
+    ):
         record[key] = summary[key]
     if problem is not None:
         record["problem"] = problem
@@ -217,7 +229,9 @@ def find_runs(root: str) -> list[dict]:
         # os.walk recurses (Python < 3.12): a folder nested a thousand deep would end the listing
         relative = os.path.relpath(folder, root)
         depth = 0 if relative == os.curdir else relative.count(os.sep) + 1
-        dirs[:] = [] if depth >= MAX_RUN_DEPTH else sorted(d for d in dirs if d != "tb" and not d.startswith("."))
+        dirs[:] = (
+            [] if depth >= MAX_RUN_DEPTH else sorted(d for d in dirs if d != "tb" and not d.startswith("."))
+        )
         if runfolder.MARKER in files:
             found.append(describe_run(folder, root))
     return found
@@ -245,8 +259,17 @@ def sort_runs(records: list[dict], key: str, reverse: bool = False) -> list[dict
     """Sorted by ``key``: ``best`` (each run's best value, best first), ``name``, ``status``, ``epochs``,
     ``time``, or any column of the runs' summaries (``test_acc``, ``val_loss``...); runs without it last."""
     if not any(_sort_value(r, key) is not None for r in records) and records:
-        columns = sorted({"best", "name", "status", "epochs", "time", *(k for r in records for k in r["test"]),
-                          *(k for r in records for k in r["final"])})
+        columns = sorted(
+            {
+                "best",
+                "name",
+                "status",
+                "epochs",
+                "time",
+                *(k for r in records for k in r["test"]),
+                *(k for r in records for k in r["final"]),
+            }
+        )
         raise ConfigError(f"--sort {key}: no run has that column; choose one of {shown_names(columns)}.")
     present = [r for r in records if _sort_value(r, key) is not None]
     missing = [r for r in records if _sort_value(r, key) is None]
@@ -280,8 +303,16 @@ def format_table(records: list[dict]) -> str:
     for r in records:
         epochs = _fmt(r["epochs"]) + (f"/{r['max_epochs']}" if r.get("max_epochs") else "")
         test = " ".join(f"{k.removeprefix('test_')}={_fmt(v)}" for k, v in r["test"].items()) or "-"
-        cells = [r["name"], r["status"], epochs, _fmt(r["monitor"]), _fmt(r["best_value"]), _fmt(r["best_epoch"]),
-                 test, _fmt_seconds(r["seconds"])]
+        cells = [
+            r["name"],
+            r["status"],
+            epochs,
+            _fmt(r["monitor"]),
+            _fmt(r["best_value"]),
+            _fmt(r["best_epoch"]),
+            test,
+            _fmt_seconds(r["seconds"]),
+        ]
         lines.append([shown(c) for c in cells])
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     table = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines]
@@ -301,10 +332,15 @@ def plot_runs(records: list[dict], path: str) -> str:
     """Every run's validation curves in one PNG: a panel per monitored column (and val_loss), a line per run,
     its best epoch marked. Refuses to replace a file that an earlier ``plot_runs`` did not write."""
     if os.path.isdir(path):
-        raise ConfigError(f"--plot {path} is a folder; give a file name such as {os.path.join(path, 'runs.png')}.")
-    if check_replaceable(path, "--plot", ConfigError, hint="give the path of a regular file") is not None \
-            and not _written_by_runs_plot(path):
-        raise ConfigError(f"--plot {path} exists and was not written by `trainval runs --plot`; choose another file.")
+        raise ConfigError(
+            f"--plot {path} is a folder; give a file name such as {os.path.join(path, 'runs.png')}."
+        )
+    if check_replaceable(
+        path, "--plot", ConfigError, hint="give the path of a regular file"
+    ) is not None and not _written_by_runs_plot(path):
+        raise ConfigError(
+            f"--plot {path} exists and was not written by `trainval runs --plot`; choose another file."
+        )
     curves = [(r, _read_metrics_csv(r["path"])) for r in records]
     curves = [(r, rows) for r, rows in curves if rows]
     if not curves:
@@ -332,7 +368,10 @@ def plot_runs(records: list[dict], path: str) -> str:
                 at = [v for e, v in points if e == best]
                 if at:
                     ax.plot([best], at, marker="*", ms=12, color=line.get_color())
-        ax.set_title(column + (" (* best epoch)" if any(c == column for c in (r.get("monitor") for r, _ in curves)) else ""))
+        ax.set_title(
+            column
+            + (" (* best epoch)" if any(c == column for c in (r.get("monitor") for r, _ in curves)) else "")
+        )
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -346,8 +385,9 @@ def plot_runs(records: list[dict], path: str) -> str:
     return path
 
 
-def report(folder: str, sort: str | None = None, reverse: bool = False, fmt: str = "table",
-           plot: str | None = None) -> str:
+def report(
+    folder: str, sort: str | None = None, reverse: bool = False, fmt: str = "table", plot: str | None = None
+) -> str:
     """``trainval runs``: the runs below ``folder`` as a table or JSON; with ``plot`` ('' for
     ``FOLDER/runs.png``), their validation curves in one PNG too."""
     records = find_runs(folder)
@@ -391,10 +431,14 @@ def run_config(folder: str, overrides: Sequence[str] = ()) -> dict:
 
     recorded = recorded_config(folder)
     if recorded is None:
-        raise ConfigError(f"{folder} has no config.yaml (a run of the Python API, or not a run folder); "
-                          "give the config file the run was trained with.")
+        raise ConfigError(
+            f"{folder} has no config.yaml (a run of the Python API, or not a run folder); "
+            "give the config file the run was trained with."
+        )
     cfg = config.defaults()
-    config.merge(cfg, {s: v for s, v in recorded.items() if s in config.SCHEMA}, os.path.join(folder, "config.yaml"))
+    config.merge(
+        cfg, {s: v for s, v in recorded.items() if s in config.SCHEMA}, os.path.join(folder, "config.yaml")
+    )
     folder = os.path.normpath(folder)
     cfg["run"]["out_dir"], cfg["run"]["name"] = os.path.dirname(folder) or ".", os.path.basename(folder)
     config.apply_overrides(cfg, overrides)
@@ -405,7 +449,11 @@ def recorded_sizes(folder: str) -> dict | None:
     """``{"in_shape", "num_outputs", "task"}`` (and, for CSV data, ``features``) that fit recorded in the run's
     config.yaml (plain data), or None."""
     resolved = (recorded_config(folder) or {}).get("resolved")
-    if isinstance(resolved, dict) and resolved.get("in_shape") is not None and resolved.get("num_outputs") is not None:
+    if (
+        isinstance(resolved, dict)
+        and resolved.get("in_shape") is not None
+        and resolved.get("num_outputs") is not None
+    ):
         return resolved
     return None
 
@@ -415,5 +463,12 @@ def checkpoint_path(folder: str, ckpt: str | None) -> str:
     return {"best": os.path.join(folder, "best.pt"), "last": os.path.join(folder, "last.pt")}.get(name, name)
 
 
-__all__ = ["find_runs", "format_table", "plot_runs", "read_summary", "run_config",
-           "sort_runs", "update_summary"]
+__all__ = [
+    "find_runs",
+    "format_table",
+    "plot_runs",
+    "read_summary",
+    "run_config",
+    "sort_runs",
+    "update_summary",
+]

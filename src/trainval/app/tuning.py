@@ -68,8 +68,9 @@ class Space:
     def __init__(self, key: str, text: str):
         match = _DIST.match(text.strip())
         if not match:
-            raise ConfigError(f"{key}={text}: a search space is loguniform(a,b), uniform(a,b), int(a,b) or "
-                              "choice(x,y,...).")
+            raise ConfigError(
+                f"{key}={text}: a search space is loguniform(a,b), uniform(a,b), int(a,b) or choice(x,y,...)."
+            )
         self.key, self.kind, self.text = key, match.group(1), text.strip()
         try:
             args = load_yaml(f"[{match.group(2)}]", f"{key}={shown(text, 120)}")
@@ -104,7 +105,10 @@ class Space:
         if all(isinstance(c, _SCALAR) for c in self.choices):
             return trial.suggest_categorical(self.key, self.choices)
         # Optuna's categories are scalars: lists and mappings travel as their YAML text
-        texts = [yaml.safe_dump(c, default_flow_style=True).strip().removesuffix("...").strip() for c in self.choices]
+        texts = [
+            yaml.safe_dump(c, default_flow_style=True).strip().removesuffix("...").strip()
+            for c in self.choices
+        ]
         picked = trial.suggest_categorical(self.key, texts)
         return self.choices[texts.index(picked)]
 
@@ -129,18 +133,24 @@ def split_arguments(items: Sequence[str]) -> tuple[str | None, list[str], dict[s
         if eq and not item.endswith((".yaml", ".yml")):
             if _DIST.match(value.strip()):
                 if key.strip() in spaces:
-                    raise ConfigError(f"{shown(key.strip())} is searched twice ({shown(key.strip())}="
-                                      f"{shown(spaces[key.strip()])} and {shown(item)}); keep one.")
+                    raise ConfigError(
+                        f"{shown(key.strip())} is searched twice ({shown(key.strip())}="
+                        f"{shown(spaces[key.strip()])} and {shown(item)}); keep one."
+                    )
                 spaces[key.strip()] = value
             elif re.match(r"^[A-Za-z_]\w*\(.*\)$", value.strip()):
-                raise ConfigError(f"{item}: unknown search space {value.strip().split('(')[0]}(...); use "
-                                  "loguniform(a,b), uniform(a,b), int(a,b) or choice(x,y,...).")
+                raise ConfigError(
+                    f"{item}: unknown search space {value.strip().split('(')[0]}(...); use "
+                    "loguniform(a,b), uniform(a,b), int(a,b) or choice(x,y,...)."
+                )
             else:
                 fixed.append(item)
         elif path is None:
             path = item
         else:
-            raise ConfigError(f"more than one config file given ({path}, {item}); overrides look like key=value.")
+            raise ConfigError(
+                f"more than one config file given ({path}, {item}); overrides look like key=value."
+            )
     return path, fixed, spaces
 
 
@@ -168,7 +178,9 @@ class PruningCallback(Callback):
         if row["epoch"] < trainer.max_epochs and self.trial.should_prune():
             self.pruned = True
             trainer.should_stop = True
-            trainer.log(f"trial {self.trial.number} pruned at epoch {row['epoch']} ({trainer.monitor} {value:.4f})")
+            trainer.log(
+                f"trial {self.trial.number} pruned at epoch {row['epoch']} ({trainer.monitor} {value:.4f})"
+            )
 
 
 def _study_folder(folder: str) -> None:
@@ -180,8 +192,10 @@ def _study_folder(folder: str) -> None:
     if not os.path.exists(marker):
         # another worker's marker may be half-written (its temp file): that is not a user's file
         if [e for e in os.listdir(folder) if not e.startswith(runfolder.TEMP_PREFIX)]:
-            raise ConfigError(f"{folder} already exists and was not made by `trainval tune` (no {MARKER}); "
-                              "choose another run.name or run.out_dir for the search.")
+            raise ConfigError(
+                f"{folder} already exists and was not made by `trainval tune` (no {MARKER}); "
+                "choose another run.name or run.out_dir for the search."
+            )
         atomic_write(marker, lambda f: f.write(b'{"made_by": "trainval tune"}\n'), "tuning marker")
 
 
@@ -205,33 +219,48 @@ def _storage(url: str | None, folder: str):
             try:
                 with warnings.catch_warnings():  # the heartbeat is marked experimental
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_SECONDS,
-                                                      grace_period=3 * HEARTBEAT_SECONDS)
+                    return optuna.storages.RDBStorage(
+                        url,
+                        engine_kwargs=engine,
+                        heartbeat_interval=HEARTBEAT_SECONDS,
+                        grace_period=3 * HEARTBEAT_SECONDS,
+                    )
             except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError) as e:
                 # two workers making the tables at the same moment: the other's are there by now
                 racing = isinstance(e, sqlalchemy.exc.IntegrityError) or any(
-                    word in str(e) for word in ("already exists", "locked"))
+                    word in str(e) for word in ("already exists", "locked")
+                )
                 if not racing or attempt >= 5:
                     raise
                 time.sleep(0.2 * (attempt + 1))
     except sqlalchemy.exc.NoSuchModuleError:
         kind = url.partition(":")[0]
-        raise ConfigError(f"{what}: unknown database kind {shown(kind)!r}; use sqlite:///PATH, postgresql://... or "
-                          "mysql+pymysql://... (SQLAlchemy URLs).") from None
+        raise ConfigError(
+            f"{what}: unknown database kind {shown(kind)!r}; use sqlite:///PATH, postgresql://... or "
+            "mysql+pymysql://... (SQLAlchemy URLs)."
+        ) from None
     except sqlalchemy.exc.ArgumentError:
-        raise ConfigError(f"{what}: not a database URL; write KIND://USER:PASSWORD@HOST/DATABASE, e.g. "
-                          "sqlite:////shared/study.db or postgresql://user@host/optuna.") from None
+        raise ConfigError(
+            f"{what}: not a database URL; write KIND://USER:PASSWORD@HOST/DATABASE, e.g. "
+            "sqlite:////shared/study.db or postgresql://user@host/optuna."
+        ) from None
     except ImportError as e:
         cause = e.__cause__ or e
-        raise ConfigError(f"{what}: the database driver is not installed ({shown(cause)}); install that "
-                          "package, or name an installed driver in the URL (e.g. postgresql+psycopg2://...).") from None
+        raise ConfigError(
+            f"{what}: the database driver is not installed ({shown(cause)}); install that "
+            "package, or name an installed driver in the URL (e.g. postgresql+psycopg2://...)."
+        ) from None
     except sqlalchemy.exc.SQLAlchemyError as e:
         reason = shown(str(getattr(e, "orig", None) or e).splitlines()[0] if str(e) else type(e).__name__)
         if url.startswith("sqlite:"):
-            raise ConfigError(f"{what}: cannot open the database ({reason}); its folder must exist and be "
-                              "writable, and the file must be an SQLite database.") from None
-        raise ConfigError(f"{what}: cannot connect to the database ({reason}); check the host, port, user and "
-                          "database name, and that the server is running.") from None
+            raise ConfigError(
+                f"{what}: cannot open the database ({reason}); its folder must exist and be "
+                "writable, and the file must be an SQLite database."
+            ) from None
+        raise ConfigError(
+            f"{what}: cannot connect to the database ({reason}); check the host, port, user and "
+            "database name, and that the server is running."
+        ) from None
     except RuntimeError as e:  # a database made by another Optuna version
         if "storage upgrade" not in str(e):
             raise
@@ -286,8 +315,16 @@ def _alive(pid: object) -> bool:
     return True
 
 
-def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: Mapping[str, str] | None = None, *,
-         trials: int, storage: str | None = None, study_name: str | None = None, pruner: str = "median") -> dict:
+def tune(
+    config_path: str | None = None,
+    overrides: Sequence[str] = (),
+    space: Mapping[str, str] | None = None,
+    *,
+    trials: int,
+    storage: str | None = None,
+    study_name: str | None = None,
+    pruner: str = "median",
+) -> dict:
     """Search hyperparameters with Optuna; every trial is an ordinary ``fit`` into its own run folder.
 
     Args:
@@ -316,22 +353,32 @@ def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: M
         raise ConfigError(f"pruner must be 'median' or 'none', got {pruner!r}.")
     for key, text in (space or {}).items():
         if key in _SET_PER_TRIAL:
-            raise ConfigError(f"cannot search {key}: trainval tune sets it for every trial ({_SET_PER_TRIAL[key]}); "
-                              "give it as a fixed value or leave it out.")
+            raise ConfigError(
+                f"cannot search {key}: trainval tune sets it for every trial ({_SET_PER_TRIAL[key]}); "
+                "give it as a fixed value or leave it out."
+            )
         for item in overrides:
             if item.partition("=")[0].strip() == key:
-                raise ConfigError(f"{key} is given both as a fixed value ({shown(item)}) and as a search "
-                                  f"({key}={shown(text)}); keep one of them.")
+                raise ConfigError(
+                    f"{key} is given both as a fixed value ({shown(item)}) and as a search "
+                    f"({key}={shown(text)}); keep one of them."
+                )
     base = config.load(config_path, list(overrides))
     spaces = [Space(k, v) for k, v in (space or {}).items()]
     if not spaces:
-        raise ConfigError("nothing to search: give at least one key=dist(...), e.g. optim.lr=loguniform(1e-4,1e-2).")
+        raise ConfigError(
+            "nothing to search: give at least one key=dist(...), e.g. optim.lr=loguniform(1e-4,1e-2)."
+        )
     for s in spaces:
         if s.key not in config.all_paths():
-            _merge(copy.deepcopy(base), s.key, None, f"search space {s.key}")  # the unknown-key error, with a hint
+            _merge(
+                copy.deepcopy(base), s.key, None, f"search space {s.key}"
+            )  # the unknown-key error, with a hint
         for value in s.values_to_check():
-            config.validate(_merge(copy.deepcopy(base), s.key, value, f"search space {s.key}={s.text}"),
-                            f"search space {s.key}={s.text}")
+            config.validate(
+                _merge(copy.deepcopy(base), s.key, value, f"search space {s.key}={s.text}"),
+                f"search space {s.key}={s.text}",
+            )
 
     optuna = _optuna()
     from trainval.app import runs, workflow
@@ -340,27 +387,41 @@ def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: M
     folder = workflow.run_folder(base)
     shared = _storage(storage, folder) if storage is not None else None  # a bad URL before any folder is made
     _study_folder(folder)
-    direction = "maximize" if (base["train"]["mode"] or workflow.monitor_direction(base)) == "max" else "minimize"
+    direction = (
+        "maximize" if (base["train"]["mode"] or workflow.monitor_direction(base)) == "max" else "minimize"
+    )
     name = study_name or base["run"]["name"]
     # median: once two trials have finished, from the second epoch on (Optuna counts steps from 0; ours
     # are epochs from 1, so warm-up 2 spares the first epoch)
-    chosen_pruner = (optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2) if pruner == "median"
-                     else optuna.pruners.NopPruner())
+    chosen_pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
+        if pruner == "median"
+        else optuna.pruners.NopPruner()
+    )
     for attempt in range(6):
         try:
-            study = optuna.create_study(study_name=name, storage=shared or _storage(None, folder), direction=direction,
-                                        pruner=chosen_pruner, load_if_exists=True)
+            study = optuna.create_study(
+                study_name=name,
+                storage=shared or _storage(None, folder),
+                direction=direction,
+                pruner=chosen_pruner,
+                load_if_exists=True,
+            )
             break
         except ValueError as e:  # e.g. an existing study with the other direction
             raise ConfigError(f"study {name!r}: {e}") from None
         except Exception as e:  # noqa: BLE001 - two workers creating one study at the same moment
-            racing = any(word in type(e).__name__ for word in ("IntegrityError", "OperationalError", "Duplicated"))
+            racing = any(
+                word in type(e).__name__ for word in ("IntegrityError", "OperationalError", "Duplicated")
+            )
             if not racing or attempt == 5:
                 raise
             time.sleep(0.2 * (attempt + 1))  # the other worker's study is there by now: load it
     if study.direction.name.lower() != direction:
-        raise ConfigError(f"study {name!r} in that storage is {study.direction.name.lower()}d; this config's "
-                          f"monitor is {direction}d. Use another run.name or --study.")
+        raise ConfigError(
+            f"study {name!r} in that storage is {study.direction.name.lower()}d; this config's "
+            f"monitor is {direction}d. Use another run.name or --study."
+        )
 
     def objective(trial) -> float:
         cfg = copy.deepcopy(base)
@@ -407,9 +468,17 @@ def tune(config_path: str | None = None, overrides: Sequence[str] = (), space: M
 def trial_rows(study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
-        rows.append({"trial": t.number, "state": t.state.name.lower(), "value": t.value, "epochs": t.user_attrs.get("epochs"),
-                     "best_epoch": t.user_attrs.get("best_epoch"), "params": dict(t.params),
-                     "run_folder": t.user_attrs.get("run_folder")})
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name.lower(),
+                "value": t.value,
+                "epochs": t.user_attrs.get("epochs"),
+                "best_epoch": t.user_attrs.get("best_epoch"),
+                "params": dict(t.params),
+                "run_folder": t.user_attrs.get("run_folder"),
+            }
+        )
     return rows
 
 
@@ -419,7 +488,9 @@ def format_trials(rows: list[dict], study) -> str:
     for r in rows:
         mark = " *" if best is not None and r["trial"] == best.number else ""
         value = "-" if r["value"] is None else f"{r['value']:.4g}"
-        params = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+        params = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items()
+        )
         lines.append([f"{r['trial']}{mark}", r["state"], value, str(r["epochs"] or "-"), params])
     widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in lines)
@@ -442,8 +513,10 @@ def write_best(study, folder: str) -> str | None:
     cfg["run"]["name"] = f"{os.path.basename(os.path.abspath(folder))}-best"
     cfg["run"]["overwrite"] = False
     cfg["train"]["progress"] = True
-    header = (f"# trainval tune: trial {best.number} of study {study.study_name!r}, "
-              f"{study.direction.name.lower()} -> {best.value}\n")
+    header = (
+        f"# trainval tune: trial {best.number} of study {study.study_name!r}, "
+        f"{study.direction.name.lower()} -> {best.value}\n"
+    )
     text = (header + yaml.safe_dump(cfg, sort_keys=False)).encode()
     path = os.path.join(folder, "best.yaml")
     atomic_write(path, lambda f: f.write(text), "best config")

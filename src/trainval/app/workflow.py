@@ -70,8 +70,14 @@ def _load_file(cfg: dict, path: str, require_labels: bool) -> Split:
     d = cfg["data"]
     if d["source"] == "npz":
         return load_npz(path, d["x_key"], d["y_key"], require_labels=require_labels)
-    return load_csv(path, d["label"], d["features"], require_labels=require_labels,
-                    allow_nonfinite=not d["check_inputs"], integer_labels=task_name(cfg) != "regression")
+    return load_csv(
+        path,
+        d["label"],
+        d["features"],
+        require_labels=require_labels,
+        allow_nonfinite=not d["check_inputs"],
+        integer_labels=task_name(cfg) != "regression",
+    )
 
 
 def _take(split: Split, idx: np.ndarray) -> Split:
@@ -91,15 +97,20 @@ def load_splits(cfg: dict) -> Splits:
             return Splits(out.get("train"), out.get("val"), out.get("test"))
         if isinstance(out, (tuple, list)) and len(out) in (2, 3):
             return Splits(out[0], out[1], out[2] if len(out) == 3 else None)
-        raise ConfigError(f"data.factory '{d['factory']}' must return a dict with 'train', 'val' (and 'test') "
-                          f"or a tuple (train, val[, test]); got {type(out).__name__}.")
+        raise ConfigError(
+            f"data.factory '{d['factory']}' must return a dict with 'train', 'val' (and 'test') "
+            f"or a tuple (train, val[, test]); got {type(out).__name__}."
+        )
     if d["source"] == "digits":
         X, y = load_digits_arrays()
         full = Split(X, y)
     else:
         full = _load_file(cfg, d["train"], require_labels=True)
-        column = (f"array {shown_repr(d['y_key'])}" if d["source"] == "npz" else
-                  f"label column {shown_repr(d['label'])}")
+        column = (
+            f"array {shown_repr(d['y_key'])}"
+            if d["source"] == "npz"
+            else f"label column {shown_repr(d['label'])}"
+        )
         check_classes(full.y, d["train"], column, task_name(cfg), cfg["task"]["ignore_index"])
     val_frac = 0.0 if d["val"] else d["val_split"]
     test_frac = 0.0 if d["test"] else d["test_split"]
@@ -142,8 +153,10 @@ def _shape_and_outputs(splits: Splits, task: str, model_name: str) -> tuple[list
     X, y = _arrays(splits.train)
     if X is None or y is None:
         if model_name in ("mlp", "cnn"):
-            raise ConfigError(f"model.name {model_name} needs in-memory training data (X, y) to size itself; with a "
-                              "Dataset factory use a 'module:Class' model that knows its input and output sizes.")
+            raise ConfigError(
+                f"model.name {model_name} needs in-memory training data (X, y) to size itself; with a "
+                "Dataset factory use a 'module:Class' model that knows its input and output sizes."
+            )
         return None, None
     X, y = np.asarray(X) if not isinstance(X, torch.Tensor) else X, np.asarray(y)
     if len(X) == 0:
@@ -160,7 +173,9 @@ def _shape_and_outputs(splits: Splits, task: str, model_name: str) -> tuple[list
     try:
         top = max(int(np.max(lab)) for lab in labels if len(lab))
     except (TypeError, ValueError):
-        raise DataError("multiclass targets must be integer class ids (set task.name for other targets).") from None
+        raise DataError(
+            "multiclass targets must be integer class ids (set task.name for other targets)."
+        ) from None
     return in_shape, top + 1
 
 
@@ -173,14 +188,23 @@ def build_model(model_cfg: dict, in_shape: list[int] | None, num_outputs: int | 
     name = model_cfg["name"]
     if name in ("mlp", "cnn"):
         if in_shape is None or num_outputs is None:  # e.g. a config.yaml edited by hand
-            raise ConfigError(f"model.name {name} needs the data's sample shape and number of outputs to size itself; "
-                              "give in-memory training data (X, y), or use a 'module:Class' model.")
+            raise ConfigError(
+                f"model.name {name} needs the data's sample shape and number of outputs to size itself; "
+                "give in-memory training data (X, y), or use a 'module:Class' model."
+            )
         if name == "mlp":
-            return MLP(int(np.prod(in_shape)), num_outputs, model_cfg["hidden"], model_cfg["dropout"],
-                       model_cfg["batchnorm"])
+            return MLP(
+                int(np.prod(in_shape)),
+                num_outputs,
+                model_cfg["hidden"],
+                model_cfg["dropout"],
+                model_cfg["batchnorm"],
+            )
         if len(in_shape) != 3:
-            raise ConfigError(f"model.name cnn needs image inputs of shape [N, C, H, W]; the data has samples of shape "
-                              f"{in_shape}. Use model.name=mlp for feature vectors.")
+            raise ConfigError(
+                f"model.name cnn needs image inputs of shape [N, C, H, W]; the data has samples of shape "
+                f"{in_shape}. Use model.name=mlp for feature vectors."
+            )
         return CNN(in_shape[0], num_outputs, model_cfg["channels"], model_cfg["dropout"])
     cls = import_object(name, "model.name")
     kwargs = dict(model_cfg["kwargs"])
@@ -196,7 +220,9 @@ def build_model(model_cfg: dict, in_shape: list[int] | None, num_outputs: int | 
     try:
         model = cls(**kwargs)
     except TypeError as e:
-        raise ConfigError(f"model.name '{name}' could not be built with model.kwargs {shown_repr(kwargs)}: {e}") from None
+        raise ConfigError(
+            f"model.name '{name}' could not be built with model.kwargs {shown_repr(kwargs)}: {e}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name '{name}' built a {type(model).__name__}, not a torch.nn.Module.")
     return model
@@ -205,8 +231,13 @@ def build_model(model_cfg: dict, in_shape: list[int] | None, num_outputs: int | 
 def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
     o = cfg["optim"]
     if o["name"] == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=o["lr"], momentum=o["momentum"],
-                               weight_decay=o["weight_decay"], nesterov=o["nesterov"])
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=o["lr"],
+            momentum=o["momentum"],
+            weight_decay=o["weight_decay"],
+            nesterov=o["nesterov"],
+        )
     if len(o["betas"]) != 2:
         raise ConfigError(f"optim.betas must hold two numbers, got {o['betas']}.")
     cls = torch.optim.Adam if o["name"] == "adam" else torch.optim.AdamW
@@ -226,20 +257,25 @@ def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, n_train: int, s
         return sched.CosineAnnealingLR(optimizer, T_max=t["epochs"], eta_min=s["min_lr"])
     if s["name"] == "plateau":
         mode: Literal["min", "max"] = t["mode"] or monitor_direction(cfg)  # the schema allows only min/max
-        return sched.ReduceLROnPlateau(optimizer, mode=mode, factor=s["factor"], patience=s["patience"],
-                                       min_lr=s["min_lr"])
+        return sched.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=s["factor"], patience=s["patience"], min_lr=s["min_lr"]
+        )
     if s["steps_per_epoch"]:
         per_epoch = s["steps_per_epoch"]
     elif n_train < 1:
-        raise ConfigError("scheduler.name onecycle needs the number of optimizer steps per epoch, and the training data "
-                          "is a stream without a length: set scheduler.steps_per_epoch, or give the dataset a __len__.")
+        raise ConfigError(
+            "scheduler.name onecycle needs the number of optimizer steps per epoch, and the training data "
+            "is a stream without a length: set scheduler.steps_per_epoch, or give the dataset a __len__."
+        )
     else:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         batches = math.ceil(math.ceil(n_train / world) / t["batch_size"])
         if stream and cfg["data"]["num_workers"] > 1:  # a stream's workers each end on a partial batch
             batches += cfg["data"]["num_workers"] - 1
         per_epoch = math.ceil(batches / t["accumulate_steps"])
-    total = per_epoch * t["epochs"] if t["max_steps"] is None else min(per_epoch * t["epochs"], t["max_steps"])
+    total = (
+        per_epoch * t["epochs"] if t["max_steps"] is None else min(per_epoch * t["epochs"], t["max_steps"])
+    )
     return sched.OneCycleLR(optimizer, max_lr=s["max_lr"] or 10 * cfg["optim"]["lr"], total_steps=total)
 
 
@@ -269,10 +305,20 @@ def _num_samples(data: Any) -> int:
         return 0
 
 
-LOSSES = {"cross_entropy": nn.CrossEntropyLoss, "bce_with_logits": nn.BCEWithLogitsLoss, "mse": nn.MSELoss,
-          "l1": nn.L1Loss, "smooth_l1": nn.SmoothL1Loss, "huber": nn.HuberLoss}
-DEFAULT_LOSS = {"multiclass": "cross_entropy", "binary": "bce_with_logits", "multilabel": "bce_with_logits",
-                "regression": "mse"}
+LOSSES = {
+    "cross_entropy": nn.CrossEntropyLoss,
+    "bce_with_logits": nn.BCEWithLogitsLoss,
+    "mse": nn.MSELoss,
+    "l1": nn.L1Loss,
+    "smooth_l1": nn.SmoothL1Loss,
+    "huber": nn.HuberLoss,
+}
+DEFAULT_LOSS = {
+    "multiclass": "cross_entropy",
+    "binary": "bce_with_logits",
+    "multilabel": "bce_with_logits",
+    "regression": "mse",
+}
 
 
 def task_name(cfg: dict) -> str:
@@ -286,16 +332,24 @@ def build_loss(cfg: dict, splits: Splits | None, num_outputs: int | None) -> nn.
     kwargs: dict[str, Any] = {}
     if tk["class_weights"] is not None:
         if name != "cross_entropy":
-            raise ConfigError(f"task.class_weights weighs the classes of a cross_entropy loss; task.loss is {name}.")
+            raise ConfigError(
+                f"task.class_weights weighs the classes of a cross_entropy loss; task.loss is {name}."
+            )
         weights = tk["class_weights"]
         if weights == "balanced":
             _, y = _arrays(splits.train) if splits is not None else (None, None)
             if y is None or num_outputs is None:
-                raise ConfigError("task.class_weights: balanced needs in-memory training targets; give a list of weights.")
-            counts = np.bincount(np.asarray(y).reshape(-1).astype(np.int64).clip(min=0), minlength=num_outputs)
+                raise ConfigError(
+                    "task.class_weights: balanced needs in-memory training targets; give a list of weights."
+                )
+            counts = np.bincount(
+                np.asarray(y).reshape(-1).astype(np.int64).clip(min=0), minlength=num_outputs
+            )
             weights = (counts.sum() / (num_outputs * np.maximum(counts, 1))).tolist()
         elif num_outputs is not None and len(weights) != num_outputs:
-            raise ConfigError(f"task.class_weights has {len(weights)} weights but the model has {num_outputs} classes.")
+            raise ConfigError(
+                f"task.class_weights has {len(weights)} weights but the model has {num_outputs} classes."
+            )
         kwargs["weight"] = torch.tensor(weights, dtype=torch.float32)
     if tk["ignore_index"] is not None:
         if name != "cross_entropy":
@@ -304,8 +358,15 @@ def build_loss(cfg: dict, splits: Splits | None, num_outputs: int | None) -> nn.
     return LOSSES[name](**kwargs)
 
 
-def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, loss: nn.Module | None = None,
-                  callbacks: list | tuple = (), stream: bool = False) -> Trainer:
+def build_trainer(
+    cfg: dict,
+    model: nn.Module,
+    n_train: int,
+    resolved: dict,
+    loss: nn.Module | None = None,
+    callbacks: list | tuple = (),
+    stream: bool = False,
+) -> Trainer:
     t = cfg["train"]
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, n_train, stream)
@@ -321,9 +382,16 @@ def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, los
     saved = dict(cfg)
     saved["resolved"] = resolved
     return Trainer(
-        model, optimizer, loss if loss is not None else build_loss(cfg, None, resolved.get("num_outputs")),
-        task=task_name(cfg), metrics=cfg["task"]["metrics"], callbacks=callbacks, scheduler=scheduler,
-        config=saved, out_dir=folder, **options.from_config(cfg),
+        model,
+        optimizer,
+        loss if loss is not None else build_loss(cfg, None, resolved.get("num_outputs")),
+        task=task_name(cfg),
+        metrics=cfg["task"]["metrics"],
+        callbacks=callbacks,
+        scheduler=scheduler,
+        config=saved,
+        out_dir=folder,
+        **options.from_config(cfg),
     )
 
 
@@ -331,8 +399,9 @@ def build_trainer(cfg: dict, model: nn.Module, n_train: int, resolved: dict, los
 # The three workflows
 
 
-def fit(cfg: dict, resume: bool = False, callbacks: list | tuple = (),
-        test_if: Callable[[], bool] = lambda: True) -> dict:
+def fit(
+    cfg: dict, resume: bool = False, callbacks: list | tuple = (), test_if: Callable[[], bool] = lambda: True
+) -> dict:
     """Train; then, when there is a test split, reload best.pt, test and write predictions.csv.
 
     ``callbacks``: added to the ones the config asks for (``trainval tune``'s pruning, trackers).
@@ -356,24 +425,34 @@ def _fit(cfg: dict, resume: bool, callbacks: list | tuple, test_if: Callable[[],
     in_shape, num_outputs = _shape_and_outputs(splits, task_name(cfg), cfg["model"]["name"])
     resolved: dict[str, Any] = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
     if cfg["data"]["source"] == "csv":  # test/predict then take these columns by name, in this order
-        resolved["features"] = csv_feature_columns(cfg["data"]["train"], cfg["data"]["label"], cfg["data"]["features"])
+        resolved["features"] = csv_feature_columns(
+            cfg["data"]["train"], cfg["data"]["label"], cfg["data"]["features"]
+        )
     # torchrun restarting its workers (--max-restarts) makes Trainer.fit resume from last.pt: the same check
     restarted = launch.read().restart_count > 0
-    notes = _resume_changes(cfg, resolved) if resume or restarted else []  # a refusal comes before anything is built
+    notes = (
+        _resume_changes(cfg, resolved) if resume or restarted else []
+    )  # a refusal comes before anything is built
     model = build_model(cfg["model"], in_shape, num_outputs)
     loss = build_loss(cfg, splits, num_outputs)
-    trainer = build_trainer(cfg, model, _num_samples(splits.train), resolved, loss, callbacks,
-                            stream=is_stream(splits.train))
+    trainer = build_trainer(
+        cfg, model, _num_samples(splits.train), resolved, loss, callbacks, stream=is_stream(splits.train)
+    )
     for note in notes:
         trainer.log(note)
     fit_started = time.perf_counter()
-    history = trainer.fit(_pair(splits.train), _pair(splits.val) if splits.val is not None else None, resume=resume)
+    history = trainer.fit(
+        _pair(splits.train), _pair(splits.val) if splits.val is not None else None, resume=resume
+    )
     fit_seconds = time.perf_counter() - fit_started
     folder = run_folder(cfg)
     assert trainer.train_loader is not None  # fit built it
     summary: dict[str, Any] = {
-        "run_folder": folder, "epochs": len(history), "monitor": trainer.monitor,
-        "best_epoch": trainer.best_epoch, "best_value": trainer.best_value,
+        "run_folder": folder,
+        "epochs": len(history),
+        "monitor": trainer.monitor,
+        "best_epoch": trainer.best_epoch,
+        "best_value": trainer.best_value,
         "train_samples": trainer.train_loader.dataset_size or _num_samples(splits.train),
     }
     if splits.test is not None and test_if():
@@ -395,9 +474,16 @@ def _standardize_for_fit(splits: Splits) -> tuple[Splits, preprocess.SaveStandar
     if not isinstance(splits.train, Split):
         raise ConfigError("data.standardize needs in-memory features (data.source csv, npz or digits).")
     stats = preprocess.fit_standardizer(splits.train.X)
-    standardized = Splits(*(_standardized(s, stats, name) for s, name in ((splits.train, "training data"),
-                                                                          (splits.val, "validation data"),
-                                                                          (splits.test, "test data"))))
+    standardized = Splits(
+        *(
+            _standardized(s, stats, name)
+            for s, name in (
+                (splits.train, "training data"),
+                (splits.val, "validation data"),
+                (splits.test, "test data"),
+            )
+        )
+    )
     return standardized, preprocess.SaveStandardizer(stats)
 
 
@@ -425,7 +511,11 @@ def _test_data(cfg: dict) -> tuple[Splits, dict | None]:
         cfg = {**cfg, "data": {**d, "features": [str(c) for c in features]}}
         d = cfg["data"]
     sizes = recorded if d["test"] else None
-    if sizes is not None and cfg["task"]["class_weights"] != "balanced" and sizes.get("task") == task_name(cfg):
+    if (
+        sizes is not None
+        and cfg["task"]["class_weights"] != "balanced"
+        and sizes.get("task") == task_name(cfg)
+    ):
         splits = Splits(None, None, _load_file(cfg, d["test"], require_labels=False))
     else:
         splits, sizes = load_splits(cfg), None
@@ -464,7 +554,9 @@ def _test_and_predict(trainer: Trainer, test: Any, folder: str) -> dict:
 
 def test_line(metrics: dict) -> str:
     """``Test Acc: 0.98 f1_macro: 0.97 Loss: 0.05`` from ``{"test_loss", "test_<metric>"...}``."""
-    shown = [f"{'Acc' if k == 'test_acc' else k[5:]}: {v:.6f}" for k, v in metrics.items() if k != "test_loss"]
+    shown = [
+        f"{'Acc' if k == 'test_acc' else k[5:]}: {v:.6f}" for k, v in metrics.items() if k != "test_loss"
+    ]
     return " ".join(["Test", *shown, f"Loss: {metrics['test_loss']:.6f}"])
 
 
@@ -477,15 +569,23 @@ def _target_names(cfg: dict | None, width: int) -> list[str]:
     return ["Target"] if width == 1 else [f"target_{k}" for k in range(width)]
 
 
-def _write_predictions_for(trainer: Trainer, inputs: Any, ckpt: str, path: str | IO[str], proba: bool,
-                           cfg: dict | None, force: bool = False) -> int:
+def _write_predictions_for(
+    trainer: Trainer,
+    inputs: Any,
+    ckpt: str,
+    path: str | IO[str],
+    proba: bool,
+    cfg: dict | None,
+    force: bool = False,
+) -> int:
     """Predict ``inputs`` and write the task's predictions file (rank 0); returns the number of rows."""
     predictions = trainer.predict(inputs, ckpt=ckpt)
     assert trainer.task is not None  # predict resolved it
     probs = trainer.predict_proba(inputs, ckpt=None) if (proba and trainer.task.is_classification) else None
     if trainer.dist.is_main:
-        write_predictions(path, trainer.task.name, predictions, probs, _target_names(cfg, _width(predictions)),
-                          force=force)
+        write_predictions(
+            path, trainer.task.name, predictions, probs, _target_names(cfg, _width(predictions)), force=force
+        )
     return len(predictions)
 
 
@@ -493,7 +593,9 @@ def _width(t: torch.Tensor) -> int:
     return int(np.prod(t.shape[1:])) if t.dim() > 1 else 1
 
 
-def _trainer_from_run(cfg: dict, ckpt: str | None, splits: Splits, sizes: dict | None = None) -> tuple[Trainer, str]:
+def _trainer_from_run(
+    cfg: dict, ckpt: str | None, splits: Splits, sizes: dict | None = None
+) -> tuple[Trainer, str]:
     """The model built from the user's own config and data, then checked against the checkpoint.
 
     The checkpoint is data only: the config recorded in it is compared, never used to build anything.
@@ -501,15 +603,19 @@ def _trainer_from_run(cfg: dict, ckpt: str | None, splits: Splits, sizes: dict |
     folder = run_folder(cfg)
     path = runs.checkpoint_path(folder, ckpt)
     if ckpt not in (None, "best", "last") and not os.path.exists(path):
-        raise CheckpointError(f"checkpoint not found: {path} (--ckpt takes best, last or the path of a .pt file).")
+        raise CheckpointError(
+            f"checkpoint not found: {path} (--ckpt takes best, last or the path of a .pt file)."
+        )
     state = load_checkpoint(path, map_location="cpu")
     if sizes is not None:  # recorded by fit in the run folder's config.yaml
         in_shape, num_outputs = sizes["in_shape"], sizes["num_outputs"]
         test = splits.test
         if isinstance(test, Split) and hasattr(test.X, "shape") and list(test.X.shape[1:]) != list(in_shape):
-            raise DataError(f"the test data ({cfg['data']['test']}) has samples of shape {list(test.X.shape[1:])}, "
-                            f"but the run's model was trained on samples of shape {list(in_shape)} (config.yaml, "
-                            "resolved.in_shape); give data shaped like the training data.")
+            raise DataError(
+                f"the test data ({cfg['data']['test']}) has samples of shape {list(test.X.shape[1:])}, "
+                f"but the run's model was trained on samples of shape {list(in_shape)} (config.yaml, "
+                "resolved.in_shape); give data shaped like the training data."
+            )
     else:
         in_shape, num_outputs = _shape_and_outputs(splits, task_name(cfg), cfg["model"]["name"])
     resolved = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
@@ -531,8 +637,10 @@ def _test(cfg: dict, ckpt: str | None) -> dict:
     if splits.test is None:
         raise ConfigError("there is no test data: set data.test or data.test_split.")
     if isinstance(splits.test, Split) and splits.test.y is None:
-        raise DataError(f"the test data ({cfg['data']['test']}) has no labels, so it cannot be scored; "
-                        "use `trainval predict` to write predictions for it.")
+        raise DataError(
+            f"the test data ({cfg['data']['test']}) has no labels, so it cannot be scored; "
+            "use `trainval predict` to write predictions for it."
+        )
     trainer, path = _trainer_from_run(cfg, ckpt, splits, sizes)
     metrics = trainer.test(_pair(splits.test), ckpt=path)
     folder = run_folder(cfg)
@@ -542,7 +650,9 @@ def _test(cfg: dict, ckpt: str | None) -> dict:
     elif trainer.dist.is_main:
         summary_path = os.path.join(folder, "summary.json")
         # before test.json is written: a link, a FIFO or a device there is refused (never opened)
-        check_replaceable(summary_path, "the run's summary.json", RunFolderError, hint="remove it from the run folder")
+        check_replaceable(
+            summary_path, "the run's summary.json", RunFolderError, hint="remove it from the run folder"
+        )
         summary = runs.read_summary(folder)  # None when there is none, or it is no JSON trainval wrote
         write_json(os.path.join(folder, "test.json"), result, "test results")
         if summary is not None:
@@ -552,10 +662,15 @@ def _test(cfg: dict, ckpt: str | None) -> dict:
     return result
 
 
-
-
-def predict(cfg: dict, ckpt: str | None = "best", out: str | None = None, proba: bool = False,
-            trust_code: bool = False, force: bool = False, config_path: str | None = None) -> str:
+def predict(
+    cfg: dict,
+    ckpt: str | None = "best",
+    out: str | None = None,
+    proba: bool = False,
+    trust_code: bool = False,
+    force: bool = False,
+    config_path: str | None = None,
+) -> str:
     """Write predictions for the test split.
 
     Args:
@@ -580,8 +695,12 @@ def predict(cfg: dict, ckpt: str | None = "best", out: str | None = None, proba:
     into_folder = os.path.realpath(parent) == os.path.realpath(folder)
     with runfolder.locked(folder, "predict", create=False) if into_folder else contextlib.nullcontext():
         label = cfg["data"].get("label")
-        runfolder.check_output(out, _protected_paths(cfg, ckpt, config_path), force,
-                               target_names=label if isinstance(label, list) else [label] if label else [])
+        runfolder.check_output(
+            out,
+            _protected_paths(cfg, ckpt, config_path),
+            force,
+            target_names=label if isinstance(label, list) else [label] if label else [],
+        )
         _predict(cfg, ckpt, out, proba, force)
     return out
 
@@ -589,8 +708,11 @@ def predict(cfg: dict, ckpt: str | None = "best", out: str | None = None, proba:
 def _protected_paths(cfg: dict, ckpt: str | None, config_path: str | None) -> dict[str, str]:
     """The files of a run that ``predict --out`` must never replace, and what each one is."""
     folder, d = run_folder(cfg), cfg["data"]
-    protected = {os.path.join(folder, name): f"a file of the run folder ({name})" for name in runfolder.RUN_FILES
-                 if name != "predictions.csv"}
+    protected = {
+        os.path.join(folder, name): f"a file of the run folder ({name})"
+        for name in runfolder.RUN_FILES
+        if name != "predictions.csv"
+    }
     protected[os.path.join(folder, runfolder.MARKER)] = "the run folder's marker"
     if ckpt not in (None, "best", "last"):
         protected[ckpt] = "the checkpoint it reads (--ckpt)"
@@ -609,15 +731,23 @@ def _predict(cfg: dict, ckpt: str | None, out: str | IO[str], proba: bool, force
     trainer, path = _trainer_from_run(cfg, ckpt, splits, sizes)
     inputs = splits.test.X if isinstance(splits.test, Split) else splits.test
     written = _write_predictions_for(trainer, inputs, path, out, proba=proba, cfg=cfg, force=force)
-    trainer.log(f"wrote {written} predictions ({path}) -> {out if isinstance(out, str) else 'standard output'}")
+    trainer.log(
+        f"wrote {written} predictions ({path}) -> {out if isinstance(out, str) else 'standard output'}"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Files
 
 
-def write_predictions(path: str | IO[str], task: str, predictions: torch.Tensor, probs: torch.Tensor | None = None,
-                      target_names: list[str] | None = None, force: bool = False) -> None:
+def write_predictions(
+    path: str | IO[str],
+    task: str,
+    predictions: torch.Tensor,
+    probs: torch.Tensor | None = None,
+    target_names: list[str] | None = None,
+    force: bool = False,
+) -> None:
     """The predictions file, written atomically (or the CSV written to ``path``, a text stream such as
     ``sys.stdout``). Columns per task:
 
@@ -630,14 +760,18 @@ def write_predictions(path: str | IO[str], task: str, predictions: torch.Tensor,
     n = len(predictions)
     if predictions.dim() > 2 or (task == "multiclass" and predictions.dim() > 1):
         if not isinstance(path, str):
-            raise ConfigError(f"this model's predictions are arrays ({list(predictions.shape[1:])} per sample), "
-                              "written to a .npy file beside the predictions CSV, so they cannot go to standard "
-                              "output (`--out -`); give --out a file name such as predictions.csv.")
+            raise ConfigError(
+                f"this model's predictions are arrays ({list(predictions.shape[1:])} per sample), "
+                "written to a .npy file beside the predictions CSV, so they cannot go to standard "
+                "output (`--out -`); give --out a file name such as predictions.csv."
+            )
         npy = os.path.splitext(path)[0] + ".npy"
         if os.path.lexists(npy) and not force and runfolder.predictions_header(path) != ["Id", "Array"]:
-            raise ConfigError(f"the predictions of this dense output go to {npy} beside {path}, and {npy} "
-                              "exists but was not written with it; choose another --out, or pass --force "
-                              "to replace it.")
+            raise ConfigError(
+                f"the predictions of this dense output go to {npy} beside {path}, and {npy} "
+                "exists but was not written with it; choose another --out, or pass --force "
+                "to replace it."
+            )
         buf = io.BytesIO()
         np.save(buf, predictions.numpy())
         data = buf.getvalue()
@@ -680,8 +814,13 @@ __all__ = ["fit", "test", "predict", "load_splits", "build_model", "build_traine
 # Reloading a run's model
 
 
-def load_model(run_folder: str, ckpt: str = "best", model: nn.Module | None = None, device: Any = None,
-               trust_code: bool = False) -> nn.Module:
+def load_model(
+    run_folder: str,
+    ckpt: str = "best",
+    model: nn.Module | None = None,
+    device: Any = None,
+    trust_code: bool = False,
+) -> nn.Module:
     """A trained model from a run folder, in eval mode on ``device`` (default: CPU).
 
     Args:
@@ -696,24 +835,35 @@ def load_model(run_folder: str, ckpt: str = "best", model: nn.Module | None = No
     """
     path = runs.checkpoint_path(run_folder, ckpt)
     if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint {path}: run fit first, or choose ckpt='best', 'last' or a path.")
+        raise CheckpointError(
+            f"no checkpoint {path}: run fit first, or choose ckpt='best', 'last' or a path."
+        )
     state = load_checkpoint(path, map_location="cpu")
     if model is None:
         recorded = runs.recorded_config(run_folder)
         sizes = runs.recorded_sizes(run_folder)
         if recorded is None or sizes is None:
-            why = ("a run of the Python API" if recorded is None else
-                   "its data came from a data.factory, so fit did not record the model's input and output sizes")
-            raise ConfigError(f"{run_folder} records no model config to rebuild ({why}): build the model "
-                              "yourself and pass it as load_model(..., model=my_model).")
+            why = (
+                "a run of the Python API"
+                if recorded is None
+                else "its data came from a data.factory, so fit did not record the model's input and output sizes"
+            )
+            raise ConfigError(
+                f"{run_folder} records no model config to rebuild ({why}): build the model "
+                "yourself and pass it as load_model(..., model=my_model)."
+            )
         cfg = runs.run_config(run_folder)
         name = cfg["model"]["name"]
         if ":" in name and not trust_code:
-            raise ConfigError(f"model.name={name} would import Python code; load_model imports code only with "
-                              "trust_code=True (CLI: --trust-code). Add it if you trust that code, or pass model=.")
+            raise ConfigError(
+                f"model.name={name} would import Python code; load_model imports code only with "
+                "trust_code=True (CLI: --trust-code). Add it if you trust that code, or pass model=."
+            )
         check_recorded_model(state, cfg["model"], sizes, path)
         model = build_model(cfg["model"], sizes["in_shape"], sizes["num_outputs"])
-    load_model_weights(model, sharded.model_weights(state, path), path)  # a sharded last.pt: its shards put together
+    load_model_weights(
+        model, sharded.model_weights(state, path), path
+    )  # a sharded last.pt: its shards put together
     model.to(torch.device(device) if device is not None else torch.device("cpu"))
     model.eval()
     return model

@@ -107,8 +107,14 @@ def stray_top_k_files(folder: str, kept: set[str]) -> list[str]:
         entries = os.listdir(folder)
     except OSError:
         return []
-    return sorted(e for e in entries if e not in kept and TOP_K_FILE.fullmatch(e)
-                  and os.path.isfile(os.path.join(folder, e)) and not os.path.islink(os.path.join(folder, e)))
+    return sorted(
+        e
+        for e in entries
+        if e not in kept
+        and TOP_K_FILE.fullmatch(e)
+        and os.path.isfile(os.path.join(folder, e))
+        and not os.path.islink(os.path.join(folder, e))
+    )
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu", follow: bool = True) -> dict:
@@ -122,7 +128,11 @@ def load_checkpoint(path: str, map_location: Any = "cpu", follow: bool = True) -
         check_archive(f, path)  # before torch.load inflates or allocates anything
         f.seek(0)
         state = _weights_only_load(f, path, map_location)
-    if isinstance(state, dict) and "model" not in state and all(isinstance(v, torch.Tensor) for v in state.values()):
+    if (
+        isinstance(state, dict)
+        and "model" not in state
+        and all(isinstance(v, torch.Tensor) for v in state.values())
+    ):
         state = {"model": state, "epoch": None}  # a bare state_dict saved by hand
     if not isinstance(state, dict) or ("model" not in state and not isinstance(state.get("shards"), dict)):
         raise CheckpointError(f"{path} is not a trainval checkpoint or state_dict (no 'model' entry).")
@@ -134,19 +144,38 @@ def _weights_only_load(f: Any, path: str, map_location: Any) -> Any:
         return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
-        detail = next((line.split("error:", 1)[1].strip() for line in text.splitlines() if "WeightsUnpickler error:" in line
-                       and line.split("error:", 1)[1].strip()), "")
+        detail = next(
+            (
+                line.split("error:", 1)[1].strip()
+                for line in text.splitlines()
+                if "WeightsUnpickler error:" in line and line.split("error:", 1)[1].strip()
+            ),
+            "",
+        )
         if "Unsupported global" in text or "GLOBAL" in text or "Unsupported class" in text:
             raise CheckpointError(
                 f"refusing to load {path}: it holds Python objects other than tensors and plain containers, "
                 "which could run code when unpickled. Only load checkpoints you trust, and re-save them as "
                 "plain state_dicts."
             ) from None
-        detail = detail or next((ln.strip() for ln in text.splitlines()[1:] if ln.strip() and "Check the" not in ln), "")
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is corrupt or not a PyTorch checkpoint"
-                              f"{f' ({detail})' if detail else ''}.") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError,
-            AttributeError, TypeError) as e:
+        detail = detail or next(
+            (ln.strip() for ln in text.splitlines()[1:] if ln.strip() and "Check the" not in ln), ""
+        )
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is corrupt or not a PyTorch checkpoint"
+            f"{f' ({detail})' if detail else ''}."
+        ) from None
+    except (
+        RuntimeError,
+        EOFError,
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        TypeError,
+    ) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch checkpoint ({first})."
@@ -166,17 +195,23 @@ def check_archive(f: Any, path: str) -> None:
         with zipfile.ZipFile(f) as archive:
             entries = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch "
-                              f"checkpoint (not a zip archive as torch.save writes: {e or type(e).__name__}).") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: the file is truncated, corrupt or not a PyTorch "
+            f"checkpoint (not a zip archive as torch.save writes: {e or type(e).__name__})."
+        ) from None
     compressed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
     if compressed:
-        raise CheckpointError(f"refusing to load {path}: it holds compressed entries ({shown_names(compressed, 3)}), which "
-                              "torch.save never writes (a zip bomb?). Re-save it with torch.save.")
+        raise CheckpointError(
+            f"refusing to load {path}: it holds compressed entries ({shown_names(compressed, 3)}), which "
+            "torch.save never writes (a zip bomb?). Re-save it with torch.save."
+        )
     declared = sum(e.file_size for e in entries)
     lying = [e.filename for e in entries if e.file_size != e.compress_size]
     if lying or declared > size:
-        raise CheckpointError(f"refusing to load {path}: its entries claim {declared} bytes but the file holds "
-                              f"{size} (a zip bomb or a damaged file).")
+        raise CheckpointError(
+            f"refusing to load {path}: its entries claim {declared} bytes but the file holds "
+            f"{size} (a zip bomb or a damaged file)."
+        )
 
 
 def load_model_weights(model: nn.Module, state_dict: dict, path: str = "checkpoint") -> None:
@@ -210,19 +245,31 @@ def check_fits(own: dict[str, torch.Size], state: dict, path: str) -> None:
     keys = {_strip_prefixes(k): v for k, v in state.items()}
     missing = [k for k in own if k not in keys]
     unexpected = [k for k in keys if k not in own]
-    shapes = [f"{k}: checkpoint {list(v.shape)} vs model {list(own[k])}" for k, v in keys.items()
-              if k in own and isinstance(v, torch.Tensor) and v.shape != own[k]]
+    shapes = [
+        f"{k}: checkpoint {list(v.shape)} vs model {list(own[k])}"
+        for k, v in keys.items()
+        if k in own and isinstance(v, torch.Tensor) and v.shape != own[k]
+    ]
     if missing or unexpected or shapes:
-        parts = [f"{what}: {shown_names(items, 8)}" for what, items in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if items]
-        raise CheckpointError(f"{path} does not fit this model (a different architecture?): " + "; ".join(parts) + ".")
+        parts = [
+            f"{what}: {shown_names(items, 8)}"
+            for what, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", shapes),
+            )
+            if items
+        ]
+        raise CheckpointError(
+            f"{path} does not fit this model (a different architecture?): " + "; ".join(parts) + "."
+        )
 
 
 def _strip_prefixes(key: str) -> str:
     # Checkpoints written by other tools may carry DDP's or torch.compile's wrapper prefixes.
     for prefix in ("module.", "_orig_mod."):
         while key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     return key.replace("._orig_mod.", ".")
 
 
@@ -242,14 +289,21 @@ def check_recorded_model(state: dict, model_cfg: dict, resolved: dict, path: str
     saved_model = found if isinstance(found := recorded.get("model"), dict) else {}
     for key, value in model_cfg.items():
         if key in saved_model and key not in _NOT_ARCHITECTURE and saved_model[key] != value:
-            differences.append(f"model.{key}: checkpoint {shown_repr(saved_model[key])}, config {shown_repr(value)}")
+            differences.append(
+                f"model.{key}: checkpoint {shown_repr(saved_model[key])}, config {shown_repr(value)}"
+            )
     saved_resolved = found if isinstance(found := recorded.get("resolved"), dict) else {}
     for key, value in resolved.items():
         if key in saved_resolved and saved_resolved[key] != value:
-            differences.append(f"{key}: checkpoint {shown_repr(saved_resolved[key])}, this config's data {shown_repr(value)}")
+            differences.append(
+                f"{key}: checkpoint {shown_repr(saved_resolved[key])}, this config's data {shown_repr(value)}"
+            )
     if differences:
-        raise CheckpointError(f"{path} was trained with another model than this config builds ("
-                              + "; ".join(differences) + "); use the config the run was trained with.")
+        raise CheckpointError(
+            f"{path} was trained with another model than this config builds ("
+            + "; ".join(differences)
+            + "); use the config the run was trained with."
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,8 +376,10 @@ class BackgroundWriter:
             return
         if isinstance(error, CheckpointError):
             raise error
-        raise CheckpointError(f"writing {self._path} in the background failed: {type(error).__name__}: {error}. "
-                              f"The previous {os.path.basename(self._path)}, if any, is intact.") from error
+        raise CheckpointError(
+            f"writing {self._path} in the background failed: {type(error).__name__}: {error}. "
+            f"The previous {os.path.basename(self._path)}, if any, is intact."
+        ) from error
 
 
 def versions() -> dict:

@@ -56,15 +56,18 @@ FORMAT = "torch.distributed.checkpoint"
 _METADATA = ".metadata"
 _VERSION = re.compile(r"^e\d+-s\d+-[0-9a-f]{8}$")  # the folders trainval names (and only these are deleted)
 _SHARD_FILE = re.compile(r"^__\d+_\d+\.distcp$")  # DCP's data files
-_DCP_FILE = re.compile(r"^(__\d+_\d+\.distcp|\.metadata(\.tmp)?|__\d+\.metadata(\.tmp)?)$")  # every name DCP writes
+_DCP_FILE = re.compile(
+    r"^(__\d+_\d+\.distcp|\.metadata(\.tmp)?|__\d+\.metadata(\.tmp)?)$"
+)  # every name DCP writes
 
 # A test hook: called on rank 0 with the new shard folder after every shard is written and before last.pt
 # points to it. Fault-injection tests set it to die exactly there.
 _before_commit_hook: Callable[[str], None] | None = None
 
 
-def write(shards: dict, loop_state: dict | None, out_dir: str, *, background: bool = False,
-          group: Any = None) -> Callable[[], None]:
+def write(
+    shards: dict, loop_state: dict | None, out_dir: str, *, background: bool = False, group: Any = None
+) -> Callable[[], None]:
     """Start a sharded save of ``last.pt``; returns the call that finishes it (a collective on every rank).
 
     ``shards``: this rank's ``{"model": ..., "optimizer": ...}`` (DTensors under FSDP); ``loop_state``:
@@ -85,9 +88,12 @@ def write(shards: dict, loop_state: dict | None, out_dir: str, *, background: bo
             future = dcp.async_save(shards, storage_writer=writer, process_group=group)
         except _dcp_errors() as e:  # staging failed: one clear error
             raise _write_error(folder, e) from None
-        assert isinstance(future, Future)  # FileSystemWriter stages blocking: async_save returns the write's future
+        assert isinstance(
+            future, Future
+        )  # FileSystemWriter stages blocking: async_save returns the write's future
         wait: Callable[[], Any] = future.result
     else:
+
         def wait():
             return dcp.save(shards, storage_writer=writer)
 
@@ -146,19 +152,26 @@ def _own_error(e: BaseException) -> CheckpointError | None:
 
 
 def _write_error(folder: str, e: BaseException) -> CheckpointError:
-    return CheckpointError(f"could not write the shards of last.pt to {folder} ({_cause(e)}). "
-                           "The previous last.pt, if any, is intact.")
+    return CheckpointError(
+        f"could not write the shards of last.pt to {folder} ({_cause(e)}). "
+        "The previous last.pt, if any, is intact."
+    )
 
 
 def _commit(out_dir: str, name: str, metadata: Any, loop_state: dict) -> None:
     """Rank 0: point last.pt at the complete folder ``name`` (atomic), then delete the folders before it."""
     folder = os.path.join(out_dir, SHARDS_DIR, name)
     files = sorted({info.relative_path for info in metadata.storage_data.values()})
-    hashes = {f: sha256_file(os.path.join(folder, f), "shard file", follow=False) for f in [_METADATA, *files]}
-    record = {"format": FORMAT, "dir": f"{SHARDS_DIR}/{name}",
-              "metadata_sha256": hashes[_METADATA],
-              "files": {f: os.path.getsize(os.path.join(folder, f)) for f in files},
-              "sha256": hashes}  # every file of this save: a file of another save is refused at load
+    hashes = {
+        f: sha256_file(os.path.join(folder, f), "shard file", follow=False) for f in [_METADATA, *files]
+    }
+    record = {
+        "format": FORMAT,
+        "dir": f"{SHARDS_DIR}/{name}",
+        "metadata_sha256": hashes[_METADATA],
+        "files": {f: os.path.getsize(os.path.join(folder, f)) for f in files},
+        "sha256": hashes,
+    }  # every file of this save: a file of another save is refused at load
     fsync_dir(os.path.join(out_dir, SHARDS_DIR))
     save_checkpoint({**loop_state, "shards": record}, os.path.join(out_dir, "last.pt"), "last checkpoint")
     remove_stale(out_dir, keep=name)
@@ -180,7 +193,9 @@ def _sha256(f: Any) -> str:
 
 def _own_root(out_dir: str, doing: str, create: bool) -> None:
     """``last.shards`` must be the run folder's own folder: a link (out of the run folder) or a file is refused."""
-    runfolder.own_subfolder(out_dir, SHARDS_DIR, doing, "reads and writes shards", create=create, error=CheckpointError)
+    runfolder.own_subfolder(
+        out_dir, SHARDS_DIR, doing, "reads and writes shards", create=create, error=CheckpointError
+    )
 
 
 def remove_stale(out_dir: str, keep: str | None = None) -> None:
@@ -226,42 +241,57 @@ def pointed_folder(state: dict) -> str | None:
 def verify(record: dict, path: str) -> str:
     """The shard folder of the last.pt at ``path``, after checking it is the one last.pt recorded."""
     if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise CheckpointError(f"{path} points to shards in a format trainval does not read ({shown_repr(record)}).")
+        raise CheckpointError(
+            f"{path} points to shards in a format trainval does not read ({shown_repr(record)})."
+        )
     rel = str(record.get("dir", ""))
     parts = rel.split("/")
     if len(parts) != 2 or parts[0] != SHARDS_DIR or not _VERSION.match(parts[1]):
-        raise CheckpointError(f"{path} points to {_shown_name(rel)}, which is not a shard folder trainval writes "
-                              f"({SHARDS_DIR}/e<epoch>-s<step>-<id>); refusing to read it.")
+        raise CheckpointError(
+            f"{path} points to {_shown_name(rel)}, which is not a shard folder trainval writes "
+            f"({SHARDS_DIR}/e<epoch>-s<step>-<id>); refusing to read it."
+        )
     run = os.path.dirname(os.path.abspath(path))
     _own_root(run, f"the shards of {path} are refused", create=False)
     folder = os.path.join(run, SHARDS_DIR, parts[1])
     if os.path.islink(folder):
-        raise CheckpointError(f"the shards of {path} are refused: {folder} is a symbolic link; trainval reads "
-                              "only the shard folder it wrote there (copy the files, do not link them).")
+        raise CheckpointError(
+            f"the shards of {path} are refused: {folder} is a symbolic link; trainval reads "
+            "only the shard folder it wrote there (copy the files, do not link them)."
+        )
     if not os.path.isdir(folder):
-        raise CheckpointError(f"the shards of {path} are missing: no folder {folder} (last.pt and its "
-                              f"{SHARDS_DIR} folder must be copied together).")
+        raise CheckpointError(
+            f"the shards of {path} are missing: no folder {folder} (last.pt and its "
+            f"{SHARDS_DIR} folder must be copied together)."
+        )
     try:
         sha = sha256_file(os.path.join(folder, _METADATA), "shard metadata", follow=False)
     except CheckpointError as e:
         raise CheckpointError(f"the shards of {path} in {folder} are incomplete or refused: {e}") from None
     if sha != record.get("metadata_sha256"):
-        raise CheckpointError(f"the shards in {folder} are not the ones {path} recorded (their {_METADATA} "
-                              "differs): a folder from another run or another save; refusing to mix them.")
+        raise CheckpointError(
+            f"the shards in {folder} are not the ones {path} recorded (their {_METADATA} "
+            "differs): a folder from another run or another save; refusing to mix them."
+        )
     files = found if isinstance(found := record.get("files"), dict) else {}
     for name, size in files.items():
         file = os.path.join(folder, str(name))
         if not _SHARD_FILE.match(str(name)):
-            raise CheckpointError(f"{path} lists {_shown_name(name)}, which is not a shard file name trainval writes.")
+            raise CheckpointError(
+                f"{path} lists {_shown_name(name)}, which is not a shard file name trainval writes."
+            )
         if os.path.islink(file):
-            raise CheckpointError(f"the shards of {path} are refused: {file} is a symbolic link; trainval reads "
-                                  "only the shard files it wrote there (copy the files, do not link them).")
+            raise CheckpointError(
+                f"the shards of {path} are refused: {file} is a symbolic link; trainval reads "
+                "only the shard files it wrote there (copy the files, do not link them)."
+            )
         if not os.path.lexists(file):
             raise CheckpointError(f"the shards of {path} are incomplete: {file} is missing.")
         found = check_regular(file, "shard file", CheckpointError, follow=False).st_size
         if found != size:
-            raise CheckpointError(f"the shards of {path} are damaged: {file} holds {found} bytes, "
-                                  f"last.pt recorded {size}.")
+            raise CheckpointError(
+                f"the shards of {path} are damaged: {file} holds {found} bytes, last.pt recorded {size}."
+            )
     return folder
 
 
@@ -274,9 +304,12 @@ def _recorded_hashes(record: dict, path: str) -> dict[str, str] | None:
     hashes = record.get("sha256")
     if hashes is None:
         return None
-    if not isinstance(hashes, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()):
-        raise CheckpointError(f"{path} is damaged: its record of the shard files' SHA-256 is not a table of names "
-                              "and hashes.")
+    if not isinstance(hashes, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in hashes.items()
+    ):
+        raise CheckpointError(
+            f"{path} is damaged: its record of the shard files' SHA-256 is not a table of names and hashes."
+        )
     return hashes
 
 
@@ -294,14 +327,20 @@ def load(target: dict, record: dict, path: str) -> None:
     _check_model_fits(target.get("model", {}), metadata, path)
     try:
         with _quiet_single_process():
-            dcp.load(target, storage_reader=reader, planner=_safe_planner(),
-                     no_dist=not (dist.is_available() and dist.is_initialized()))
+            dcp.load(
+                target,
+                storage_reader=reader,
+                planner=_safe_planner(),
+                no_dist=not (dist.is_available() and dist.is_initialized()),
+            )
     except _dcp_errors() as e:
         own = _own_error(e)  # a refused file, raised inside DCP's read on some rank
         if own is not None:
             raise own from None
-        raise CheckpointError(f"{path} cannot be resumed with this model/optimizer: its shards in {folder} do not fit "
-                              f"({_cause(e)}). Resume with the model and optimizer it was trained with.") from None
+        raise CheckpointError(
+            f"{path} cannot be resumed with this model/optimizer: its shards in {folder} do not fit "
+            f"({_cause(e)}). Resume with the model and optimizer it was trained with."
+        ) from None
 
 
 def consolidate(record: dict, path: str, prefix: str = "model") -> dict[str, torch.Tensor]:
@@ -317,8 +356,11 @@ def consolidate(record: dict, path: str, prefix: str = "model") -> dict[str, tor
     reader = _safe_reader(folder, record, path)
     metadata = reader.read_metadata()
     head = prefix + "."
-    wanted = {key[len(head):]: md for key, md in metadata.state_dict_metadata.items()
-              if key.startswith(head) and isinstance(md, TensorStorageMetadata)}
+    wanted = {
+        key[len(head) :]: md
+        for key, md in metadata.state_dict_metadata.items()
+        if key.startswith(head) and isinstance(md, TensorStorageMetadata)
+    }
     _check_sizes_fit_files(wanted, folder, path)  # before allocating what the metadata claims
     out = {key: torch.empty(md.size, dtype=md.properties.dtype) for key, md in wanted.items()}
     if not out:
@@ -338,15 +380,21 @@ def _check_sizes_fit_files(wanted: dict, folder: str, path: str) -> None:
     """Every stored tensor's data lies in the shard files once, so the full tensors the metadata describes
     cannot hold more bytes than those files: a larger claim is a damaged or crafted folder."""
     try:
-        claimed = sum(math.prod(md.size) * torch.empty(0, dtype=md.properties.dtype).element_size()
-                      for md in wanted.values())
+        claimed = sum(
+            math.prod(md.size) * torch.empty(0, dtype=md.properties.dtype).element_size()
+            for md in wanted.values()
+        )
     except (TypeError, ValueError, AttributeError, RuntimeError):
-        raise CheckpointError(f"the shards of {path} in {folder} are damaged: their {_METADATA} describes "
-                              "tensors that cannot exist.") from None
+        raise CheckpointError(
+            f"the shards of {path} in {folder} are damaged: their {_METADATA} describes "
+            "tensors that cannot exist."
+        ) from None
     stored = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if _SHARD_FILE.match(f))
     if claimed > stored:
-        raise CheckpointError(f"the shards of {path} in {folder} are damaged: their {_METADATA} describes "
-                              f"{claimed} bytes of tensors, but the shard files hold {stored}.")
+        raise CheckpointError(
+            f"the shards of {path} in {folder} are damaged: their {_METADATA} describes "
+            f"{claimed} bytes of tensors, but the shard files hold {stored}."
+        )
 
 
 @contextlib.contextmanager
@@ -360,9 +408,11 @@ def _quiet_single_process():
 def _check_model_fits(model_target: dict, metadata: Any, path: str) -> None:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    saved = {key[len("model."):]: torch.empty(md.size, device="meta")
-             for key, md in metadata.state_dict_metadata.items()
-             if key.startswith("model.") and isinstance(md, TensorStorageMetadata)}
+    saved = {
+        key[len("model.") :]: torch.empty(md.size, device="meta")
+        for key, md in metadata.state_dict_metadata.items()
+        if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
+    }
     check_fits({k: v.shape for k, v in model_target.items() if isinstance(v, torch.Tensor)}, saved, path)
 
 
@@ -373,9 +423,18 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     import torch.distributed.checkpoint.metadata as md
 
     allowed: dict[tuple[str, str], Any] = {
-        (md.__name__, n): getattr(md, n) for n in (
-            "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-            "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")}
+        (md.__name__, n): getattr(md, n)
+        for n in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    }
     allowed[(fs.__name__, "_StorageInfo")] = fs._StorageInfo
     allowed[("torch", "Size")] = torch.Size
     allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
@@ -416,7 +475,9 @@ def _reader_class():
         @contextlib.contextmanager
         def create_stream(self, path: Any, mode: str):
             if mode != "rb":
-                raise CheckpointError(f"trainval reads shards, never writes them while reading ({shown(path)}).")
+                raise CheckpointError(
+                    f"trainval reads shards, never writes them while reading ({shown(path)})."
+                )
             with open_regular(os.fspath(path), "shard file", CheckpointError, follow=False) as f:
                 _check_recorded(f, os.fspath(path), self.hashes, self.complete, self.checkpoint)
                 yield f
@@ -432,15 +493,28 @@ def _reader_class():
                 raw = f.read()  # the bytes that were hashed
             try:
                 metadata = _MetadataUnpickler(io.BytesIO(raw)).load()
-            except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError, IndexError, OSError) as e:
+            except (
+                pickle.UnpicklingError,
+                EOFError,
+                AttributeError,
+                TypeError,
+                ValueError,
+                IndexError,
+                OSError,
+            ) as e:
                 raise CheckpointError(f"refusing to read the shard metadata {path}: {e}.") from None
             if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
                 raise CheckpointError(f"refusing to read the shard metadata {path}: not DCP metadata.")
-            bad = [i.relative_path for i in metadata.storage_data.values()
-                   if not _SHARD_FILE.match(str(getattr(i, "relative_path", "")))]
+            bad = [
+                i.relative_path
+                for i in metadata.storage_data.values()
+                if not _SHARD_FILE.match(str(getattr(i, "relative_path", "")))
+            ]
             if bad:
-                raise CheckpointError(f"refusing to read the shard metadata {path}: it names files outside its "
-                                      f"folder or not DCP's ({bad[0]!r}).")
+                raise CheckpointError(
+                    f"refusing to read the shard metadata {path}: it names files outside its "
+                    f"folder or not DCP's ({bad[0]!r})."
+                )
             storage_meta = getattr(metadata, "storage_meta", None)
             if storage_meta is None:
                 storage_meta = metadata.storage_meta = StorageMeta()
@@ -454,7 +528,9 @@ def _safe_reader(folder: str, record: dict, path: str) -> Any:
     """DCP's reader for the verified ``folder`` of the last.pt at ``path`` (the classes are built lazily:
     DCP is imported only when shards are read)."""
     hashes = _recorded_hashes(record, path)
-    if hashes is None:  # an older last.pt: only its .metadata was hashed (each file's size is checked by verify)
+    if (
+        hashes is None
+    ):  # an older last.pt: only its .metadata was hashed (each file's size is checked by verify)
         return _reader_class()(folder, {_METADATA: str(record.get("metadata_sha256"))}, False, path)
     return _reader_class()(folder, hashes, True, path)
 
@@ -468,12 +544,16 @@ def _check_recorded(f: Any, file: str, hashes: dict[str, str], complete: bool, c
     if expected is None and not complete:
         return  # an older last.pt recorded no hash of this shard file: verify checked its size
     if expected is None:
-        raise CheckpointError(f"the shards of {checkpoint} are refused: {shown(file)} is not one of the files "
-                              "last.pt recorded for this save.")
+        raise CheckpointError(
+            f"the shards of {checkpoint} are refused: {shown(file)} is not one of the files "
+            "last.pt recorded for this save."
+        )
     if _sha256(f) != expected:
-        raise CheckpointError(f"the shards of {checkpoint} are refused: {shown(file)} is not the file saved with "
-                              f"it (its SHA-256 differs; a shard file of another save or another run?); refusing "
-                              "to mix them. Copy last.pt and its last.shards folder together, from one save.")
+        raise CheckpointError(
+            f"the shards of {checkpoint} are refused: {shown(file)} is not the file saved with "
+            f"it (its SHA-256 differs; a shard file of another save or another run?); refusing "
+            "to mix them. Copy last.pt and its last.shards folder together, from one save."
+        )
     f.seek(0)
 
 
@@ -489,8 +569,10 @@ def _safe_planner() -> Any:
             try:
                 obj = torch.load(value, weights_only=True)
             except pickle.UnpicklingError as e:
-                raise CheckpointError(f"refusing a shard entry {read_item.dest_index.fqn}: it holds Python "
-                                      f"objects other than tensors and plain containers ({e}).") from None
+                raise CheckpointError(
+                    f"refusing a shard entry {read_item.dest_index.fqn}: it holds Python "
+                    f"objects other than tensors and plain containers ({e})."
+                ) from None
             if self.flatten_state_dict:
                 set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
             else:

@@ -57,7 +57,9 @@ def tree_map(fn: Callable[[torch.Tensor], torch.Tensor], x: Inputs) -> Inputs:
     if isinstance(x, Mapping):
         return {k: tree_map(fn, v) for k, v in x.items()}
     if isinstance(x, (tuple, list)):
-        return type(x)(tree_map(fn, v) for v in x) if type(x) in (tuple, list) else [tree_map(fn, v) for v in x]
+        return (
+            type(x)(tree_map(fn, v) for v in x) if type(x) in (tuple, list) else [tree_map(fn, v) for v in x]
+        )
     return x
 
 
@@ -89,7 +91,9 @@ def tree_len(x: Inputs, what: str) -> int:
         raise DataError(f"{what} holds no tensors ({describe(x)}).")
     lengths = {len(t) if t.dim() else 0 for t in tensors}
     if len(lengths) != 1:
-        raise DataError(f"{what}: its tensors differ in length ({describe(x)}); every input needs one row per sample.")
+        raise DataError(
+            f"{what}: its tensors differ in length ({describe(x)}); every input needs one row per sample."
+        )
     return lengths.pop()
 
 
@@ -103,9 +107,11 @@ def split_batch(batch: Any, target_key: str, labelled: bool) -> Batch:
             return batch[0], (batch[1] if labelled else None)
         if len(batch) == 1:
             return batch[0], None
-        raise DataError(f"a batch must be (inputs, target), inputs alone, or a dict with the target under "
-                        f"'{target_key}'; got a sequence of {len(batch)} items ({describe(batch)}). "
-                        "Several input tensors go in a tuple: ((x1, x2), y).")
+        raise DataError(
+            f"a batch must be (inputs, target), inputs alone, or a dict with the target under "
+            f"'{target_key}'; got a sequence of {len(batch)} items ({describe(batch)}). "
+            "Several input tensors go in a tuple: ((x1, x2), y)."
+        )
     if isinstance(batch, torch.Tensor):
         return batch, None
     raise DataError(f"a batch must be (inputs, target), a tensor, or a dict; got {type(batch).__name__}.")
@@ -122,9 +128,13 @@ class Loader(Protocol):
     @property
     def dataset_size(self) -> int | None: ...  # samples in the whole data set (every rank together), if known
     @property
-    def num_batches(self) -> int | None: ...  # batches per epoch on this rank: exact for map-style data, a hint for a stream
+    def num_batches(
+        self,
+    ) -> int | None: ...  # batches per epoch on this rank: exact for map-style data, a hint for a stream
     @property
-    def is_stream(self) -> bool: ...  # True: the epoch's length is learnt by reading it (never from num_batches)
+    def is_stream(
+        self,
+    ) -> bool: ...  # True: the epoch's length is learnt by reading it (never from num_batches)
 
     def set_epoch(self, epoch: int) -> None: ...  # before an epoch's iterator is made (a stream's shuffling)
     def iter_from(self, start_batch: int) -> Iterator[Batch]: ...  # an epoch's batches from start_batch on
@@ -149,7 +159,9 @@ class Step:
 
     __slots__ = ("x", "y", "batches", "_last", "scale", "weight")
 
-    def __init__(self, x: Inputs | None, y: torch.Tensor | None, batches: int, last: bool | Callable[[], bool]):
+    def __init__(
+        self, x: Inputs | None, y: torch.Tensor | None, batches: int, last: bool | Callable[[], bool]
+    ):
         self.x, self.y, self.batches, self._last = x, y, batches, last
         self.scale: torch.Tensor | float | None = None
         self.weight: torch.Tensor | int | None = None
@@ -309,13 +321,19 @@ class TensorLoader:
         return xb, (None if self.y is None else self.y[:k])
 
     def unpadded(self, batch_index: int, size: int) -> int:
-        return unpadded_in_batch(self.n, self.rank, self.world_size, self.pad, batch_index * self.batch_size, size)
+        return unpadded_in_batch(
+            self.n, self.rank, self.world_size, self.pad, batch_index * self.batch_size, size
+        )
 
     def iter_from(self, start_batch: int) -> Iterator[Batch]:
         """The epoch's batches from ``start_batch`` on; the permutation is drawn now, not lazily."""
         order = epoch_indices(
-            self.n, shuffle=self.shuffle, generator=self.generator,
-            rank=self.rank, world_size=self.world_size, pad=self.pad,
+            self.n,
+            shuffle=self.shuffle,
+            generator=self.generator,
+            rank=self.rank,
+            world_size=self.world_size,
+            pad=self.pad,
         )
         first = tree_tensors(self.X)[0]
         if order is not None and order.device != first.device:  # data resident on the GPU
@@ -355,14 +373,27 @@ class TensorLoader:
 class ShardSampler(Sampler[int]):
     """A sampler with the same epoch sharding as :class:`TensorLoader`, for map-style datasets."""
 
-    def __init__(self, n: int, shuffle: bool, generator: torch.Generator | None,
-                 rank: int = 0, world_size: int = 1, pad: bool = False):
+    def __init__(
+        self,
+        n: int,
+        shuffle: bool,
+        generator: torch.Generator | None,
+        rank: int = 0,
+        world_size: int = 1,
+        pad: bool = False,
+    ):
         self.n, self.shuffle, self.generator = n, shuffle, generator
         self.rank, self.world_size, self.pad = rank, world_size, pad
 
     def __iter__(self) -> Iterator[int]:
-        order = epoch_indices(self.n, shuffle=self.shuffle, generator=self.generator,
-                              rank=self.rank, world_size=self.world_size, pad=self.pad)
+        order = epoch_indices(
+            self.n,
+            shuffle=self.shuffle,
+            generator=self.generator,
+            rank=self.rank,
+            world_size=self.world_size,
+            pad=self.pad,
+        )
         return iter(range(self.n) if order is None else order.tolist())
 
     def __len__(self) -> int:
@@ -400,14 +431,24 @@ class DrawnShare(Sampler[Any]):
     list's start so that every rank holds as many; :meth:`unpadded` tells the repeats apart.
     """
 
-    def __init__(self, sampler: Any, generator: torch.Generator, rank: int, world_size: int, pad: bool = True,
-                 batches: bool = False, name: str = "train"):
+    def __init__(
+        self,
+        sampler: Any,
+        generator: torch.Generator,
+        rank: int,
+        world_size: int,
+        pad: bool = True,
+        batches: bool = False,
+        name: str = "train",
+    ):
         try:
             self.n = len(sampler)  # draws per epoch: indices, or batches of a batch_sampler
         except TypeError:
-            raise DataError(f"{name}: the DataLoader's {'batch_sampler' if batches else 'sampler'} "
-                            f"({type(sampler).__name__}) has no len(); under several processes its draws are split "
-                            "between the ranks, which needs their number per epoch: give it a __len__.") from None
+            raise DataError(
+                f"{name}: the DataLoader's {'batch_sampler' if batches else 'sampler'} "
+                f"({type(sampler).__name__}) has no len(); under several processes its draws are split "
+                "between the ranks, which needs their number per epoch: give it a __len__."
+            ) from None
         self.sampler, self.generator, self.batches, self.name = sampler, generator, batches, name
         self.rank, self.world_size, self.pad = rank, world_size, pad
 
@@ -428,14 +469,17 @@ class DrawnShare(Sampler[Any]):
                 g.set_state(state)
         if len(drawn) != self.n:
             what = "batch_sampler" if self.batches else "sampler"
-            raise DataError(f"{self.name}: the DataLoader's {what} ({type(self.sampler).__name__}) yielded "
-                            f"{len(drawn)} items in an epoch but its len() is {self.n}; make them agree.")
+            raise DataError(
+                f"{self.name}: the DataLoader's {what} ({type(self.sampler).__name__}) yielded "
+                f"{len(drawn)} items in an epoch but its len() is {self.n}; make them agree."
+            )
         return drawn
 
     def __iter__(self) -> Iterator[Any]:
         drawn = self.draws()
-        positions = epoch_indices(self.n, shuffle=False, generator=None, rank=self.rank,
-                                  world_size=self.world_size, pad=self.pad)
+        positions = epoch_indices(
+            self.n, shuffle=False, generator=None, rank=self.rank, world_size=self.world_size, pad=self.pad
+        )
         return iter(drawn if positions is None else [drawn[p] for p in positions.tolist()])
 
     def __len__(self) -> int:
@@ -447,8 +491,12 @@ class DrawnShare(Sampler[Any]):
 
     def unpadded(self, batch_index: int, size: int, batch_size: int | None) -> int:
         if self.batches:  # a whole batch is real or a repeat
-            return size if unpadded_in_batch(self.n, self.rank, self.world_size, self.pad, batch_index, 1) else 0
-        return unpadded_in_batch(self.n, self.rank, self.world_size, self.pad, batch_index * (batch_size or 1), size)
+            return (
+                size if unpadded_in_batch(self.n, self.rank, self.world_size, self.pad, batch_index, 1) else 0
+            )
+        return unpadded_in_batch(
+            self.n, self.rank, self.world_size, self.pad, batch_index * (batch_size or 1), size
+        )
 
 
 class DataLoaderAdapter:
@@ -459,8 +507,14 @@ class DataLoaderAdapter:
     used as given, see :func:`make_loader`): their states are what :meth:`state_dict` saves for exact resume.
     """
 
-    def __init__(self, loader: DataLoader, device: torch.device, labelled: bool = True, target_key: str = "labels",
-                 generators: list[torch.Generator] | None = None):
+    def __init__(
+        self,
+        loader: DataLoader,
+        device: torch.device,
+        labelled: bool = True,
+        target_key: str = "labels",
+        generators: list[torch.Generator] | None = None,
+    ):
         self.loader, self.device, self.labelled, self.target_key = loader, device, labelled, target_key
         self._non_blocking = device.type == "cuda"
         self.target_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -480,7 +534,9 @@ class DataLoaderAdapter:
 
     @property
     def num_samples(self) -> int:
-        sampler = getattr(self.loader.batch_sampler, "sampler", None)  # (torch types batch_sampler as an Iterable)
+        sampler = getattr(
+            self.loader.batch_sampler, "sampler", None
+        )  # (torch types batch_sampler as an Iterable)
         try:
             return len(sampler) if sampler is not None else _map_size(self.loader.dataset)
         except TypeError:
@@ -512,8 +568,10 @@ class DataLoaderAdapter:
         if not states or not self.generators:
             return  # saved by several processes (whose draws are seeded per epoch), or resumed by several
         if len(states) != len(self.generators):
-            raise ValueError(f"it holds the states of {len(states)} sampler generators, this DataLoader draws from "
-                             f"{len(self.generators)}")
+            raise ValueError(
+                f"it holds the states of {len(states)} sampler generators, this DataLoader draws from "
+                f"{len(self.generators)}"
+            )
         for g, s in zip(self.generators, states):
             g.set_state(s)
 
@@ -628,8 +686,10 @@ def _structure(x: Any, shapes: bool) -> Any:
 
 
 def _mismatch(what: str, name: str, first: Any, k: int, other: Any) -> DataError:
-    return DataError(f"the {name} stream yielded {what}{'es' if what == 'batch' else 's'} of different structures: {what} 0 is {describe(first)}, "
-                     f"{what} {k} is {describe(other)}; every {what} of a stream needs the same structure.")
+    return DataError(
+        f"the {name} stream yielded {what}{'es' if what == 'batch' else 's'} of different structures: {what} 0 is {describe(first)}, "
+        f"{what} {k} is {describe(other)}; every {what} of a stream needs the same structure."
+    )
 
 
 class StreamCollate:
@@ -637,8 +697,16 @@ class StreamCollate:
     included: the default collate stacks them). With ``positions``, samples come as ``(position, sample)``
     and batches go out as ``(positions, batch)``; ``batched``: the stream yields whole batches."""
 
-    def __init__(self, collate: Callable[[list], Any], name: str, check: bool, positions: bool, batched: bool):
-        self.collate, self.name, self.check, self.positions, self.batched = collate, name, check, positions, batched
+    def __init__(
+        self, collate: Callable[[list], Any], name: str, check: bool, positions: bool, batched: bool
+    ):
+        self.collate, self.name, self.check, self.positions, self.batched = (
+            collate,
+            name,
+            check,
+            positions,
+            batched,
+        )
 
     def __call__(self, samples: Any) -> Any:
         if self.batched:  # one element of the stream is one batch
@@ -675,8 +743,18 @@ class StreamLoader(DataLoaderAdapter):
 
     is_stream = True
 
-    def __init__(self, loader: DataLoader, dataset: Any, share: Any, device: torch.device, *, labelled: bool,
-                 target_key: str, name: str, positions: bool):
+    def __init__(
+        self,
+        loader: DataLoader,
+        dataset: Any,
+        share: Any,
+        device: torch.device,
+        *,
+        labelled: bool,
+        target_key: str,
+        name: str,
+        positions: bool,
+    ):
         super().__init__(loader, device, labelled, target_key)
         self.dataset, self.share, self.name, self.has_positions = dataset, share, name, positions
         self._positions: list[torch.Tensor] = []
@@ -721,8 +799,10 @@ class StreamLoader(DataLoaderAdapter):
         finally:
             set_rng_state(state)
         if not items:
-            raise DataError(f"the {self.name} stream yielded no samples; check the dataset's __iter__ "
-                            "(and the file or source it reads).")
+            raise DataError(
+                f"the {self.name} stream yielded no samples; check the dataset's __iter__ "
+                "(and the file or source it reads)."
+            )
         collate = self.loader.collate_fn
         if isinstance(collate, StreamCollate):
             collate = collate.collate
@@ -753,7 +833,9 @@ class StreamLoader(DataLoaderAdapter):
         for k, batch in enumerate(it):
             if self.has_positions:
                 position, batch = batch
-                self._positions.append(position if position.dim() else position.expand(tree_len(batch, self.name)))
+                self._positions.append(
+                    position if position.dim() else position.expand(tree_len(batch, self.name))
+                )
             shape = _structure(batch, shapes=False)
             if first is None:
                 first, first_batch = shape, batch
@@ -778,8 +860,10 @@ class StreamLoader(DataLoaderAdapter):
         active = count(current is not None)()
         if active == 0 and (lockstep or not distributed.info().enabled):  # the count is over every rank
             where = f"after the {start} batches read before the interruption" if start else "in this epoch"
-            raise DataError(f"the {self.name} stream yielded no batches {where}; its __iter__ must start a new "
-                            "pass over the data every time it is called.")
+            raise DataError(
+                f"the {self.name} stream yielded no batches {where}; its __iter__ must start a new "
+                "pass over the data every time it is called."
+            )
         while active:
             following = next(batches, None)
             pending = count(following is not None)  # runs while this step computes
@@ -797,8 +881,20 @@ def _none_left(pending: Callable[[], int]) -> Callable[[], bool]:
     return lambda: pending() == 0
 
 
-def _stream_loader(data: Any, *, train: bool, batch_size: int, device: torch.device, rank: int, world_size: int,
-                   labelled: bool, target_key: str, num_workers: int, positions: bool, name: str) -> StreamLoader:
+def _stream_loader(
+    data: Any,
+    *,
+    train: bool,
+    batch_size: int,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+    labelled: bool,
+    target_key: str,
+    num_workers: int,
+    positions: bool,
+    name: str,
+) -> StreamLoader:
     """A :class:`StreamLoader` for an IterableDataset or a DataLoader over one: this rank's share, through
     the dataset's own ``split_by_rank(rank, world_size)`` if it has one, else :func:`split_by_rank`."""
     given = data if isinstance(data, DataLoader) else None
@@ -807,28 +903,51 @@ def _stream_loader(data: Any, *, train: bool, batch_size: int, device: torch.dev
     if callable(hook) and not isinstance(dataset, RankSplit):
         share, positions = hook(rank, world_size), False  # the user's share: positions unknown
         if not isinstance(share, IterableDataset):
-            raise DataError(f"{name}: {type(dataset).__name__}.split_by_rank({rank}, {world_size}) returned "
-                            f"{type(share).__name__}; it must return an IterableDataset (this rank's share).")
+            raise DataError(
+                f"{name}: {type(dataset).__name__}.split_by_rank({rank}, {world_size}) returned "
+                f"{type(share).__name__}; it must return an IterableDataset (this rank's share)."
+            )
     else:
         share = RankSplit(dataset, rank, world_size, positions)
     if given is not None:
         batched = given.batch_size is None  # the stream yields whole batches
         user_collate = given.collate_fn
-        collate = StreamCollate(user_collate, name, check=user_collate is default_collate, positions=positions,
-                                batched=batched)
-        kwargs: dict[str, Any] = dict(batch_size=given.batch_size, num_workers=given.num_workers, collate_fn=collate,
-                      pin_memory=given.pin_memory, drop_last=given.drop_last and train, timeout=given.timeout,
-                      worker_init_fn=given.worker_init_fn, persistent_workers=given.persistent_workers)
+        collate = StreamCollate(
+            user_collate, name, check=user_collate is default_collate, positions=positions, batched=batched
+        )
+        kwargs: dict[str, Any] = dict(
+            batch_size=given.batch_size,
+            num_workers=given.num_workers,
+            collate_fn=collate,
+            pin_memory=given.pin_memory,
+            drop_last=given.drop_last and train,
+            timeout=given.timeout,
+            worker_init_fn=given.worker_init_fn,
+            persistent_workers=given.persistent_workers,
+        )
         # (no generator: worker seeds come from the per-rank seeded global RNG, as for map-style data)
         if given.num_workers > 0:
             kwargs["prefetch_factor"] = given.prefetch_factor
         loader = DataLoader(share, **kwargs)
     else:
         collate = StreamCollate(default_collate, name, check=True, positions=positions, batched=False)
-        loader = DataLoader(share, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                            pin_memory=device.type == "cuda")
-    return StreamLoader(loader, dataset, share, device, labelled=labelled, target_key=target_key, name=name,
-                        positions=positions)
+        loader = DataLoader(
+            share,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=collate,
+            pin_memory=device.type == "cuda",
+        )
+    return StreamLoader(
+        loader,
+        dataset,
+        share,
+        device,
+        labelled=labelled,
+        target_key=target_key,
+        name=name,
+        positions=positions,
+    )
 
 
 def make_loader(
@@ -863,9 +982,19 @@ def make_loader(
     stream sample's position (prediction, to restore the stream's order across ranks and workers).
     """
     if is_stream(data):
-        return _stream_loader(data, train=train, batch_size=batch_size, device=device, rank=rank,
-                              world_size=world_size, labelled=labelled, target_key=target_key,
-                              num_workers=num_workers, positions=positions, name=name)
+        return _stream_loader(
+            data,
+            train=train,
+            batch_size=batch_size,
+            device=device,
+            rank=rank,
+            world_size=world_size,
+            labelled=labelled,
+            target_key=target_key,
+            num_workers=num_workers,
+            positions=positions,
+            name=name,
+        )
     tensors = as_tensors(data, labelled=labelled, what=name, target_key=target_key)
     if tensors is not None:
         X, y = tensors
@@ -876,40 +1005,77 @@ def make_loader(
                 check_finite(t, name)
         if place is not None:
             X, y = tree_map(place, X), (None if y is None else place(y))
-        return TensorLoader(X, y, batch_size, shuffle=train, generator=generator if train else None,
-                            rank=rank, world_size=world_size, pad=train, device=device)
+        return TensorLoader(
+            X,
+            y,
+            batch_size,
+            shuffle=train,
+            generator=generator if train else None,
+            rank=rank,
+            world_size=world_size,
+            pad=train,
+            device=device,
+        )
     if isinstance(data, DataLoader):
         _check_map_style(data.dataset, name)
         if train and not _default_sampling(data):
             # The user's own sampler or batch_sampler: its draws, as given on one process, split per rank on several.
             if world_size == 1:
-                return DataLoaderAdapter(data, device, labelled, target_key,
-                                         generators=own_generators(data, data.batch_sampler))
+                return DataLoaderAdapter(
+                    data, device, labelled, target_key, generators=own_generators(data, data.batch_sampler)
+                )
             if data.batch_size is None:  # a custom batch_sampler: its batches are split
-                share = DrawnShare(data.batch_sampler, generator, rank, world_size, pad=True, batches=True, name=name)
-                return DataLoaderAdapter(rebuild_loader(data, batch_sampler=share), device, labelled, target_key)
+                share = DrawnShare(
+                    data.batch_sampler, generator, rank, world_size, pad=True, batches=True, name=name
+                )
+                return DataLoaderAdapter(
+                    rebuild_loader(data, batch_sampler=share), device, labelled, target_key
+                )
             share = DrawnShare(data.sampler, generator, rank, world_size, pad=True, name=name)
-            return DataLoaderAdapter(rebuild_loader(data, share, drop_last=data.drop_last), device, labelled, target_key)
+            return DataLoaderAdapter(
+                rebuild_loader(data, share, drop_last=data.drop_last), device, labelled, target_key
+            )
         # Re-sample through our sharded order: seeded (and resumable) shuffling for training (a DataLoader
         # made with shuffle=True/False); in dataset order, each sample once, for evaluation and prediction.
         if train or world_size > 1 or not isinstance(data.sampler, torch.utils.data.SequentialSampler):
             if data.batch_size is None:
-                raise DataError(f"{name}: a DataLoader with a custom batch_sampler cannot be sharded; "
-                                "give a Dataset or a DataLoader with batch_size.")
+                raise DataError(
+                    f"{name}: a DataLoader with a custom batch_sampler cannot be sharded; "
+                    "give a Dataset or a DataLoader with batch_size."
+                )
             shuffle = train and isinstance(data.sampler, torch.utils.data.RandomSampler)
-            sampler = ShardSampler(_map_size(data.dataset), shuffle=shuffle, generator=generator if train else None,
-                                   rank=rank, world_size=world_size, pad=train)
+            sampler = ShardSampler(
+                _map_size(data.dataset),
+                shuffle=shuffle,
+                generator=generator if train else None,
+                rank=rank,
+                world_size=world_size,
+                pad=train,
+            )
             data = rebuild_loader(data, sampler, drop_last=data.drop_last and train)
         return DataLoaderAdapter(data, device, labelled, target_key)
     if isinstance(data, Dataset):
         _check_map_style(data, name)
-        sampler = ShardSampler(_map_size(data), shuffle=train, generator=generator if train else None,
-                               rank=rank, world_size=world_size, pad=train)
-        loader = DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                            pin_memory=device.type == "cuda")
+        sampler = ShardSampler(
+            _map_size(data),
+            shuffle=train,
+            generator=generator if train else None,
+            rank=rank,
+            world_size=world_size,
+            pad=train,
+        )
+        loader = DataLoader(
+            data,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=num_workers,
+            pin_memory=device.type == "cuda",
+        )
         return DataLoaderAdapter(loader, device, labelled, target_key)
-    raise DataError(f"{name} data must be a DataLoader, a Dataset, or in-memory (X, y) with X a tensor/array, a "
-                    f"tuple or a dict of them; got {type(data).__name__}.")
+    raise DataError(
+        f"{name} data must be a DataLoader, a Dataset, or in-memory (X, y) with X a tensor/array, a "
+        f"tuple or a dict of them; got {type(data).__name__}."
+    )
 
 
 def _map_size(dataset: Dataset) -> int:
@@ -940,19 +1106,33 @@ def _default_sampling(loader: DataLoader) -> bool:
     if type(sampler) is torch.utils.data.SequentialSampler:
         return sampler.data_source is loader.dataset
     if type(sampler) is torch.utils.data.RandomSampler:
-        return sampler.data_source is loader.dataset and not sampler.replacement and sampler._num_samples is None
+        return (
+            sampler.data_source is loader.dataset and not sampler.replacement and sampler._num_samples is None
+        )
     return False
 
 
-def rebuild_loader(loader: DataLoader, sampler: Sampler | None = None, drop_last: bool = False,
-                   batch_sampler: Sampler | None = None) -> DataLoader:
+def rebuild_loader(
+    loader: DataLoader,
+    sampler: Sampler | None = None,
+    drop_last: bool = False,
+    batch_sampler: Sampler | None = None,
+) -> DataLoader:
     """The same DataLoader, drawing indices from ``sampler`` (or batches from ``batch_sampler``)."""
-    batching: dict[str, Any] = (dict(batch_sampler=batch_sampler) if batch_sampler is not None else
-                                dict(batch_size=loader.batch_size, sampler=sampler, drop_last=drop_last))
-    kwargs = dict(**batching, num_workers=loader.num_workers,
-                  collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                  timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-                  persistent_workers=loader.persistent_workers)
+    batching: dict[str, Any] = (
+        dict(batch_sampler=batch_sampler)
+        if batch_sampler is not None
+        else dict(batch_size=loader.batch_size, sampler=sampler, drop_last=drop_last)
+    )
+    kwargs = dict(
+        **batching,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        persistent_workers=loader.persistent_workers,
+    )
     if loader.num_workers > 0:
         kwargs["prefetch_factor"] = loader.prefetch_factor
     return DataLoader(loader.dataset, **kwargs)
@@ -967,7 +1147,9 @@ def _as_tensor(a: Any, what: str) -> torch.Tensor:
         t = a
     elif isinstance(a, np.ndarray):
         if a.dtype == object or a.dtype.kind in "USV":
-            raise DataError(f"{what} is a NumPy array of {a.dtype} (strings or Python objects); give numbers.")
+            raise DataError(
+                f"{what} is a NumPy array of {a.dtype} (strings or Python objects); give numbers."
+            )
         t = torch.from_numpy(np.ascontiguousarray(a))
     else:
         raise DataError(f"{what} must be a tensor or NumPy array, got {type(a).__name__}.")
@@ -991,8 +1173,9 @@ def _inputs(x: Any, what: str) -> Inputs:
     return prepare_features(_as_tensor(x, what))
 
 
-def as_tensors(data: Any, *, labelled: bool = True, what: str = "data",
-               target_key: str = "labels") -> tuple[Inputs, torch.Tensor | None] | None:
+def as_tensors(
+    data: Any, *, labelled: bool = True, what: str = "data", target_key: str = "labels"
+) -> tuple[Inputs, torch.Tensor | None] | None:
     """``(inputs, y)`` for in-memory data, else ``None`` (Datasets and DataLoaders).
 
     In-memory data is ``(X, y)`` with ``X`` a tensor/array, a tuple of them or a dict of them; ``X``
@@ -1003,15 +1186,21 @@ def as_tensors(data: Any, *, labelled: bool = True, what: str = "data",
     if isinstance(data, TensorDataset):
         tensors = data.tensors
         if len(tensors) not in (1, 2):
-            raise DataError(f"{what}: a TensorDataset must hold (X,) or (X, y), it holds {len(tensors)} tensors.")
+            raise DataError(
+                f"{what}: a TensorDataset must hold (X,) or (X, y), it holds {len(tensors)} tensors."
+            )
         X, y = tensors[0], (tensors[1] if len(tensors) == 2 else None)
     elif isinstance(data, Mapping):
         if not data or not all(isinstance(v, (torch.Tensor, np.ndarray)) for v in data.values()):
             return None
         X = {k: v for k, v in data.items() if k != target_key}
         y = data.get(target_key)
-    elif isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], (torch.Tensor, np.ndarray)) \
-            and isinstance(data[0], (torch.Tensor, np.ndarray, tuple, list, Mapping)):
+    elif (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and isinstance(data[1], (torch.Tensor, np.ndarray))
+        and isinstance(data[0], (torch.Tensor, np.ndarray, tuple, list, Mapping))
+    ):
         X, y = data
     elif isinstance(data, (tuple, list)) and len(data) == 2 and data[1] is None:
         X, y = data[0], None
@@ -1093,22 +1282,31 @@ def _npz_array(archive: Any, key: str, path: str, archive_bytes: int) -> np.ndar
         if m.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX:
             m.seek(0)
             version = np.lib.format.read_magic(m)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
             shape, _, dtype = read_header(m)
             declared = math.prod(shape) * dtype.itemsize
             held = min(info.file_size, archive_bytes * ratio) - m.tell()
             if not dtype.hasobject and declared > held:
-                raise DataError(f"{shown(path)}: array {shown_repr(key)} declares shape {shown(shape)} of {dtype} "
-                                f"({declared} bytes) but holds {held} bytes; the file is damaged or was not written "
-                                "by NumPy: save it again with numpy.savez.")
+                raise DataError(
+                    f"{shown(path)}: array {shown_repr(key)} declares shape {shown(shape)} of {dtype} "
+                    f"({declared} bytes) but holds {held} bytes; the file is damaged or was not written "
+                    "by NumPy: save it again with numpy.savez."
+                )
     array = archive[key]
     if not isinstance(array, np.ndarray):
-        raise DataError(f"{shown(path)}: {shown_repr(key)} is not a NumPy array (.npy) inside the archive; save the "
-                        "file with numpy.savez.")
+        raise DataError(
+            f"{shown(path)}: {shown_repr(key)} is not a NumPy array (.npy) inside the archive; save the "
+            "file with numpy.savez."
+        )
     if array.ndim == 0:
-        raise DataError(f"{shown(path)}: array {shown_repr(key)} is a single value (shape ()), not one row per "
-                        "sample; save arrays whose first dimension is the sample.")
+        raise DataError(
+            f"{shown(path)}: array {shown_repr(key)} is a single value (shape ()), not one row per "
+            "sample; save arrays whose first dimension is the sample."
+        )
     return array
 
 
@@ -1119,30 +1317,44 @@ def load_npz(path: str, x_key: str = "x", y_key: str = "y", require_labels: bool
         try:
             f = np.load(fh, allow_pickle=False)
             if not isinstance(f, np.lib.npyio.NpzFile):
-                raise DataError(f"{shown(path)}: not an .npz archive (a single .npy array?); save the features and "
-                                f"labels with numpy.savez(path, {shown(x_key)}=X, {shown(y_key)}=y).")
+                raise DataError(
+                    f"{shown(path)}: not an .npz archive (a single .npy array?); save the features and "
+                    f"labels with numpy.savez(path, {shown(x_key)}=X, {shown(y_key)}=y)."
+                )
             with f:
                 keys = shown(", ".join(f.files))
                 if x_key not in f:
-                    raise DataError(f"{shown(path)}: no array named {shown_repr(x_key)} (it holds {keys}); "
-                                    "set data.x_key.")
+                    raise DataError(
+                        f"{shown(path)}: no array named {shown_repr(x_key)} (it holds {keys}); "
+                        "set data.x_key."
+                    )
                 X = _npz_array(f, x_key, path, size)
                 if y_key in f:
                     y = _npz_array(f, y_key, path, size)
                 elif require_labels:
-                    raise DataError(f"{shown(path)}: no label array named {shown_repr(y_key)} (it holds {keys}); "
-                                    "set data.y_key.")
+                    raise DataError(
+                        f"{shown(path)}: no label array named {shown_repr(y_key)} (it holds {keys}); "
+                        "set data.y_key."
+                    )
                 else:
                     y = None
         except _NPZ_ERRORS as e:
             raise DataError(f"{shown(path)}: not a readable .npz file ({shown(e)}).") from None
     if y is not None and len(X) != len(y):
-        raise DataError(f"{shown(path)}: {shown_repr(x_key)} has {len(X)} rows but {shown_repr(y_key)} has {len(y)}.")
+        raise DataError(
+            f"{shown(path)}: {shown_repr(x_key)} has {len(X)} rows but {shown_repr(y_key)} has {len(y)}."
+        )
     return Split(X, y)
 
 
-def load_csv(path: str, label: str | list[str] | None = "label", features: list[str] | None = None,
-             require_labels: bool = True, allow_nonfinite: bool = False, integer_labels: bool = True) -> Split:
+def load_csv(
+    path: str,
+    label: str | list[str] | None = "label",
+    features: list[str] | None = None,
+    require_labels: bool = True,
+    allow_nonfinite: bool = False,
+    integer_labels: bool = True,
+) -> Split:
     """A CSV with a header row: the target column(s) by name, features all other columns (or a list).
 
     ``label`` may be a list of columns (multilabel, multi-output regression): ``y`` is then ``[N, K]``.
@@ -1159,8 +1371,10 @@ def load_csv(path: str, label: str | list[str] | None = "label", features: list[
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         row = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{where}: row {row} is not UTF-8 text (byte {raw[e.start]:#x}); save the file as UTF-8 "
-                        "(for example from a spreadsheet: CSV UTF-8).") from None
+        raise DataError(
+            f"{where}: row {row} is not UTF-8 text (byte {raw[e.start]:#x}); save the file as UTF-8 "
+            "(for example from a spreadsheet: CSV UTF-8)."
+        ) from None
     reader = csv.reader(io.StringIO(text, newline=""))
     header: list[str] | None = None
     rows, data_rows = [], []  # the cells of each data row, and the file row where it starts
@@ -1188,31 +1402,43 @@ def load_csv(path: str, label: str | list[str] | None = "label", features: list[
         if col.setdefault(h, i) != i:
             duplicates[h] = None
     if duplicates:
-        raise DataError(f"{where}: the header names column(s) {shown_names(duplicates, quoted=True)} more than once; "
-                        "give every column its own name.")
+        raise DataError(
+            f"{where}: the header names column(s) {shown_names(duplicates, quoted=True)} more than once; "
+            "give every column its own name."
+        )
     if features is not None and not features:
-        raise ConfigError("data.features is empty: list the feature columns, or leave it unset for all but the label.")
+        raise ConfigError(
+            "data.features is empty: list the feature columns, or leave it unset for all but the label."
+        )
     labels = [] if label is None else ([label] if isinstance(label, str) else list(label))
     if features is not None:
         feature_set = set(features)
         both = [c for c in labels if c in feature_set]
         if both:
-            raise ConfigError(f"data.features includes the label column {shown_names(both, quoted=True)}; remove it from "
-                              "data.features.")
+            raise ConfigError(
+                f"data.features includes the label column {shown_names(both, quoted=True)}; remove it from "
+                "data.features."
+            )
     absent = [c for c in labels if c not in col]
     has_label = bool(labels) and not absent
     if labels and absent and require_labels:
-        raise DataError(f"{where}: no label column {shown_names(absent, quoted=True)} (columns: {shown_names(header)}); "
-                        "set data.label.")
+        raise DataError(
+            f"{where}: no label column {shown_names(absent, quoted=True)} (columns: {shown_names(header)}); "
+            "set data.label."
+        )
     if features is None:
         label_set = set(labels)
         feat_cols = [h for h in header if h not in label_set]
         if not feat_cols:
-            raise DataError(f"{where}: there are no feature columns besides the label {shown_names(labels, quoted=True)}.")
+            raise DataError(
+                f"{where}: there are no feature columns besides the label {shown_names(labels, quoted=True)}."
+            )
     else:
         missing = [c for c in features if c not in col]
         if missing:
-            raise DataError(f"{where}: feature columns not found: {shown_names(missing)} (columns: {shown_names(header)}).")
+            raise DataError(
+                f"{where}: feature columns not found: {shown_names(missing)} (columns: {shown_names(header)})."
+            )
         feat_cols = list(features)
     X = np.empty((len(rows), len(feat_cols)), dtype=np.float32)
     y = np.empty((len(rows), len(labels)), dtype=np.float64) if has_label else None
@@ -1227,31 +1453,44 @@ def load_csv(path: str, label: str | list[str] | None = "label", features: list[
                 X[r] = [float(row[i]) for i in feat_at]
         except ValueError:
             i = next(i for i in feat_at if not _is_float(row[i]))
-            raise DataError(f"{where}: row {at}, column {shown_repr(header[i])}: {shown_repr(row[i])} is not a "
-                            "number.") from None
+            raise DataError(
+                f"{where}: row {at}, column {shown_repr(header[i])}: {shown_repr(row[i])} is not a number."
+            ) from None
         if not allow_nonfinite and not np.isfinite(X[r]).all():
             i = feat_at[int(np.argmin(np.isfinite(X[r])))]
-            raise DataError(f"{where}: row {at}, column {shown_repr(header[i])}: {shown_repr(row[i].strip())} is "
-                            "not a finite number; clean the data (or set data.check_inputs=false to train on it "
-                            "anyway).")
+            raise DataError(
+                f"{where}: row {at}, column {shown_repr(header[i])}: {shown_repr(row[i].strip())} is "
+                "not a finite number; clean the data (or set data.check_inputs=false to train on it "
+                "anyway)."
+            )
         if y is not None:
             for k, i in enumerate(label_at):
                 try:
                     y[r, k] = float(row[i])
                 except ValueError:
                     what = "a class id" if integer_labels else "a number"
-                    raise DataError(f"{where}: row {at}, label column {shown_repr(header[i])}: {shown_repr(row[i])} "
-                                    f"is not {what}.") from None
+                    raise DataError(
+                        f"{where}: row {at}, label column {shown_repr(header[i])}: {shown_repr(row[i])} "
+                        f"is not {what}."
+                    ) from None
     if y is not None:
         # A class id is an integer a float64 holds exactly (beyond 2**53, 1e30 would become -2**63 as int64).
         bad = ~np.isfinite(y) | (((y != np.round(y)) | (np.abs(y) > 2**53)) if integer_labels else False)
         if bad.any():
             r, k = (int(i) for i in np.argwhere(bad)[0])
-            what = ("an integer class id (for real-valued targets set task.name: regression; labels must be the "
-                    "class ids 0, 1, 2..., or -100 for a sample to ignore)" if integer_labels else "a finite number")
-            cell = rows[r][label_at[k]].strip()  # the value as written: 1e30, not 1e+30 or -9223372036854775808
-            raise DataError(f"{where}: row {data_rows[r]}, label column {shown_repr(labels[k])}: {shown(cell)} "
-                            f"is not {what}.")
+            what = (
+                "an integer class id (for real-valued targets set task.name: regression; labels must be the "
+                "class ids 0, 1, 2..., or -100 for a sample to ignore)"
+                if integer_labels
+                else "a finite number"
+            )
+            cell = rows[r][
+                label_at[k]
+            ].strip()  # the value as written: 1e30, not 1e+30 or -9223372036854775808
+            raise DataError(
+                f"{where}: row {data_rows[r]}, label column {shown_repr(labels[k])}: {shown(cell)} "
+                f"is not {what}."
+            )
         if integer_labels:
             y = y.astype(np.int64)
         if isinstance(label, str):
@@ -1279,7 +1518,9 @@ def csv_feature_columns(path: str, label: str | list[str] | None, features: list
     return []
 
 
-def check_classes(y: np.ndarray | None, path: str, column: str, task: str, ignore_index: int | None = None) -> None:
+def check_classes(
+    y: np.ndarray | None, path: str, column: str, task: str, ignore_index: int | None = None
+) -> None:
     """Refuse a training file whose labels (a multiclass/binary task's 1-D class ids) are all one class.
 
     ``column`` says where the labels are (``label column 'label'``, ``array 'y'``). Said here, naming the
@@ -1291,9 +1532,11 @@ def check_classes(y: np.ndarray | None, path: str, column: str, task: str, ignor
     classes = np.unique(counted)
     if len(classes) == 1 and len(counted) > 1:  # (one row: too few to split, said where it is split)
         needs = "rows of both classes (0 and 1)" if task == "binary" else "rows of at least two classes"
-        raise DataError(f"{shown(path)}: every label in {column} is the same class ({shown(classes[0].item())}, "
-                        f"{len(counted)} rows), and a {task} classifier needs {needs} to learn from; check the "
-                        "labels (or set task.name: regression for real-valued targets).")
+        raise DataError(
+            f"{shown(path)}: every label in {column} is the same class ({shown(classes[0].item())}, "
+            f"{len(counted)} rows), and a {task} classifier needs {needs} to learn from; check the "
+            "labels (or set task.name: regression for real-valued targets)."
+        )
 
 
 def import_object(spec: str, what: str) -> Any:
@@ -1308,15 +1551,19 @@ def import_object(spec: str, what: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
-        raise ConfigError(f"{what} '{spec}': cannot import module '{module_name}' ({type(e).__name__}: {e}).") from None
+        raise ConfigError(
+            f"{what} '{spec}': cannot import module '{module_name}' ({type(e).__name__}: {e})."
+        ) from None
     try:
         obj = module
         for part in attr.split("."):
             obj = getattr(obj, part)
     except AttributeError:
         where = getattr(module, "__file__", None)
-        raise ConfigError(f"{what} '{spec}': module '{module_name}' has no attribute '{attr}'"
-                          f"{f' (it was imported from {where})' if where else ''}.") from None
+        raise ConfigError(
+            f"{what} '{spec}': module '{module_name}' has no attribute '{attr}'"
+            f"{f' (it was imported from {where})' if where else ''}."
+        ) from None
     return obj
 
 
@@ -1336,23 +1583,44 @@ def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[n
             continue
         share = frac / remaining_frac
         try:
-            remaining, taken = train_test_split(remaining, test_size=share, random_state=seed,
-                                                stratify=y[remaining])
+            remaining, taken = train_test_split(
+                remaining, test_size=share, random_state=seed, stratify=y[remaining]
+            )
         except ValueError:  # too few samples of some class to stratify
             try:
                 remaining, taken = train_test_split(remaining, test_size=share, random_state=seed)
             except ValueError:
-                raise DataError(f"cannot hold out a {frac:g} split of {len(remaining)} samples and keep some to "
-                                "train on; use more data or set data.val_split/data.test_split to 0.") from None
+                raise DataError(
+                    f"cannot hold out a {frac:g} split of {len(remaining)} samples and keep some to "
+                    "train on; use more data or set data.val_split/data.test_split to 0."
+                ) from None
         parts.append(np.sort(taken))
         remaining_frac -= frac
     return [np.sort(remaining), *parts]
 
 
 __all__ = [
-    "Loader", "Step", "TensorLoader", "ShardSampler", "DrawnShare", "DataLoaderAdapter", "StreamLoader", "RankSplit", "split_by_rank",
-    "is_stream", "make_loader", "epoch_indices", "as_tensors",
-    "check_finite", "split_batch", "tree_map", "Split", "load_digits_arrays", "load_npz", "load_csv", "check_classes",
+    "Loader",
+    "Step",
+    "TensorLoader",
+    "ShardSampler",
+    "DrawnShare",
+    "DataLoaderAdapter",
+    "StreamLoader",
+    "RankSplit",
+    "split_by_rank",
+    "is_stream",
+    "make_loader",
+    "epoch_indices",
+    "as_tensors",
+    "check_finite",
+    "split_batch",
+    "tree_map",
+    "Split",
+    "load_digits_arrays",
+    "load_npz",
+    "load_csv",
+    "check_classes",
     "import_object",
     "stratified_split",
 ]

@@ -300,6 +300,8 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     (NCCL on CUDA, gloo on the CPU): the exact accumulation's one small all-reduce per optimizer step."""
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return t
-    out = t.to(_collective_device())  # a copy only for gloo with CUDA tensors (a sync; no default set-up does it)
+    out = t.to(
+        _collective_device()
+    )  # a copy only for gloo with CUDA tensors (a sync; no default set-up does it)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(t.device)

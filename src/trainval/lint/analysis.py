@@ -16,14 +16,41 @@ from typing import TYPE_CHECKING, TypeVar
 if TYPE_CHECKING:
     from trainval.lint.flow import Frame
 
-MODEL_WORD = re.compile(r"^(model|net|network|classifier|encoder|decoder|backbone|generator|discriminator|"
-                        r"net_?[gd]|critic|student|teacher)(_?[a-z0-9]*)?$", re.I)
-NO_GRAD = {"torch.no_grad", "no_grad", "torch.inference_mode", "inference_mode", "torch.set_grad_enabled",
-           "set_grad_enabled", "torch.autograd.no_grad", "torch.autograd.grad_mode.no_grad"}
+MODEL_WORD = re.compile(
+    r"^(model|net|network|classifier|encoder|decoder|backbone|generator|discriminator|"
+    r"net_?[gd]|critic|student|teacher)(_?[a-z0-9]*)?$",
+    re.I,
+)
+NO_GRAD = {
+    "torch.no_grad",
+    "no_grad",
+    "torch.inference_mode",
+    "inference_mode",
+    "torch.set_grad_enabled",
+    "set_grad_enabled",
+    "torch.autograd.no_grad",
+    "torch.autograd.grad_mode.no_grad",
+}
 LOOPS = (ast.For, ast.While, ast.AsyncFor)
 Loop = ast.For | ast.While | ast.AsyncFor
-PLAIN_HELPERS = {"range", "len", "int", "float", "list", "tuple", "zip", "enumerate", "min", "max", "sum", "dict",
-                 "super", "getattr", "math.sqrt", "np.sqrt"}
+PLAIN_HELPERS = {
+    "range",
+    "len",
+    "int",
+    "float",
+    "list",
+    "tuple",
+    "zip",
+    "enumerate",
+    "min",
+    "max",
+    "sum",
+    "dict",
+    "super",
+    "getattr",
+    "math.sqrt",
+    "np.sqrt",
+}
 SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 Function = ast.FunctionDef | ast.AsyncFunctionDef  # a def of the file (its events, helpers, locals)
 _Node = TypeVar("_Node", bound=ast.AST)
@@ -31,8 +58,8 @@ _Node = TypeVar("_Node", bound=ast.AST)
 
 @dataclass
 class Event:
-    kind: str            # backward | step | zero | eval | train | call | model_call | load_state
-    receiver: str        # source text of the receiver ("" when none)
+    kind: str  # backward | step | zero | eval | train | call | model_call | load_state
+    receiver: str  # source text of the receiver ("" when none)
     node: ast.stmt | ast.expr  # the call (a statement for a zeroing ``p.grad = None``)
     order: tuple[int, int]
     in_if: bool = False  # inside an if/else (conditional) relative to the walked block
@@ -162,8 +189,9 @@ class FileInfo:
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 self.imported |= {(a.asname or a.name).split(".")[0] for a in node.names}
                 for a in node.names:
-                    self.import_source[(a.asname or a.name).split(".")[0]] = \
+                    self.import_source[(a.asname or a.name).split(".")[0]] = (
                         (node.module or "") if isinstance(node, ast.ImportFrom) else a.name
+                    )
         self.classes: dict[str, ast.ClassDef] = {n.name: n for n in self.nodes if isinstance(n, ast.ClassDef)}
         # imported names the file rebinds (`import model` then `model = model.RNNModel(...)`): variables, not modules
         stored = {n.id for n in self.nodes if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
@@ -180,13 +208,22 @@ class FileInfo:
                     name = text(target)
                     if "lr_scheduler" in made or made.endswith(("LR", "Scheduler", "LROnPlateau")):
                         self.schedulers.add(name)
-                    elif re.search(r"(^|\.)optim\.|Optimizer$|^(SGD|Adam|AdamW|RMSprop|Adagrad|LBFGS)$", made):
+                    elif re.search(
+                        r"(^|\.)optim\.|Optimizer$|^(SGD|Adam|AdamW|RMSprop|Adagrad|LBFGS)$", made
+                    ):
                         self.optimizers.add(name)
             if isinstance(node, ast.Call) and (m := method(node)):
                 recv, name = m
                 if name == "zero_grad":
                     self.zeroed.add(recv)
-                if name in ("train", "eval", "parameters", "named_parameters", "load_state_dict", "state_dict"):
+                if name in (
+                    "train",
+                    "eval",
+                    "parameters",
+                    "named_parameters",
+                    "load_state_dict",
+                    "state_dict",
+                ):
                     if name != "train" or not node.args or isinstance(node.args[0], ast.Constant):
                         self.models.add(recv)
         self.optimizers |= {r for r in self.zeroed if self._looks_like_optimizer(r)}
@@ -217,7 +254,9 @@ class FileInfo:
         if fn not in cache:
             names = {a.arg for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs}
             names |= {a.arg for a in (fn.args.vararg, fn.args.kwarg) if a is not None}
-            todo: list[ast.AST] = list(fn.body) if isinstance(fn.body, list) else [fn.body]  # a lambda's: one expression
+            todo: list[ast.AST] = (
+                list(fn.body) if isinstance(fn.body, list) else [fn.body]
+            )  # a lambda's: one expression
             while todo:
                 n = todo.pop()
                 if isinstance(n, SCOPES):
@@ -233,7 +272,8 @@ class FileInfo:
         r"Sigmoid|Softmax|LogSoftmax|Identity|Flatten|Unflatten|Embedding|EmbeddingBag|LayerNorm|GroupNorm|RMSNorm|"
         r"LSTM|GRU|RNN|LSTMCell|GRUCell|RNNCell|Sequential|ModuleList|ModuleDict|ParameterList|Parameter|"
         r"MaxPool[123]d|AvgPool[123]d|AdaptiveAvgPool[123]d|AdaptiveMaxPool[123]d|Upsample|PixelShuffle|"
-        r"ZeroPad2d|ReflectionPad2d|ReplicationPad2d|ConstantPad[123]d|Hardtanh|Softplus|MultiheadAttention)$")
+        r"ZeroPad2d|ReflectionPad2d|ReplicationPad2d|ConstantPad[123]d|Hardtanh|Softplus|MultiheadAttention)$"
+    )
     MODE_DEPENDENT = re.compile(r"BatchNorm|InstanceNorm|Dropout|dropout|drop_path|DropPath|\.training|RReLU")
 
     def evaluates_in_init(self, call: ast.Call) -> bool:
@@ -241,9 +281,16 @@ class FileInfo:
         name = text(call.func)
         for cls in (n for n in self.nodes if isinstance(n, ast.ClassDef) and n.name == name):
             for fn in cls.body:
-                if isinstance(fn, ast.FunctionDef) and fn.name == "__init__" and any(
-                        isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute) and c.func.attr == "eval"
-                        for c in ast.walk(fn)):
+                if (
+                    isinstance(fn, ast.FunctionDef)
+                    and fn.name == "__init__"
+                    and any(
+                        isinstance(c, ast.Call)
+                        and isinstance(c.func, ast.Attribute)
+                        and c.func.attr == "eval"
+                        for c in ast.walk(fn)
+                    )
+                ):
                     return True
         return False
 
@@ -251,11 +298,17 @@ class FileInfo:
         """``AutoModel.from_pretrained(...)`` and friends from transformers/diffusers/peft/timm (eval mode)."""
         base = text(call).split(".")[0].split("(")[0]
         source = self.import_source.get(base, "")
-        return source.split(".")[0] in ("transformers", "diffusers", "peft", "sentence_transformers") or \
-            base.startswith("Auto")
+        return source.split(".")[0] in (
+            "transformers",
+            "diffusers",
+            "peft",
+            "sentence_transformers",
+        ) or base.startswith("Auto")
 
-    MODE_LAYER = re.compile(r"\b\w*(?:BatchNorm|InstanceNorm|Dropout|DropPath|drop_path|RReLU)\w*|\bF\.dropout\w*|"
-                            r"\bself\.training\b")
+    MODE_LAYER = re.compile(
+        r"\b\w*(?:BatchNorm|InstanceNorm|Dropout|DropPath|drop_path|RReLU)\w*|\bF\.dropout\w*|"
+        r"\bself\.training\b"
+    )
     LOSS_LIKE = re.compile(r"loss|criterion", re.I)
     UNSEEN = "likely", "most models hold Dropout or BatchNorm (its layers are not visible in this file)"
 
@@ -310,8 +363,11 @@ class FileInfo:
                 for t in n.targets:
                     if text(t) == name:
                         out.append(n.value)
-                    elif isinstance(t, (ast.Tuple, ast.List)) and isinstance(n.value, (ast.Tuple, ast.List)) \
-                            and len(t.elts) == len(n.value.elts):
+                    elif (
+                        isinstance(t, (ast.Tuple, ast.List))
+                        and isinstance(n.value, (ast.Tuple, ast.List))
+                        and len(t.elts) == len(n.value.elts)
+                    ):
                         out += [v for e, v in zip(t.elts, n.value.elts) if text(e) == name]
             elif isinstance(n, ast.AnnAssign) and n.value is not None and text(n.target) == name:
                 out.append(n.value)
@@ -320,8 +376,11 @@ class FileInfo:
     def _layer_verdict(self, callee: str, seen: set[str]) -> tuple[str, str]:
         if callee in self.classes:
             return self._class_verdict(callee, seen)
-        if self.MODE_FREE_LAYERS.match(callee) or callee in PLAIN_HELPERS or \
-                re.match(r"^torch\.(zeros|ones|randn|rand|empty|tensor|arange|full|eye)$", callee):
+        if (
+            self.MODE_FREE_LAYERS.match(callee)
+            or callee in PLAIN_HELPERS
+            or re.match(r"^torch\.(zeros|ones|randn|rand|empty|tensor|arange|full|eye)$", callee)
+        ):
             return "free", ""
         m = self.MODE_LAYER.search(callee)
         if m:
@@ -330,19 +389,30 @@ class FileInfo:
 
     def _built_by(self, call: ast.AST) -> tuple[str, str]:
         inner = call
-        while isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute) and \
-                inner.func.attr in ("to", "cuda", "cpu", "half", "float", "double", "bfloat16", "requires_grad_"):
+        while (
+            isinstance(inner, ast.Call)
+            and isinstance(inner.func, ast.Attribute)
+            and inner.func.attr
+            in ("to", "cuda", "cpu", "half", "float", "double", "bfloat16", "requires_grad_")
+        ):
             inner = inner.func.value
         if not isinstance(inner, ast.Call):
             return self.UNSEEN
         callee = text(inner.func)
-        if callee.endswith(".load") and (callee.split(".")[0] in ("torch", "t") or
-                                         self.import_source.get(callee.split(".")[0]) == "torch"):
+        if callee.endswith(".load") and (
+            callee.split(".")[0] in ("torch", "t") or self.import_source.get(callee.split(".")[0]) == "torch"
+        ):
             path = inner.args[0] if inner.args and isinstance(inner.args[0], ast.Constant) else None
             for n in self.nodes:  # torch.save(net1, "net.pkl") ... torch.load("net.pkl"): net1 again
-                if path is not None and isinstance(n, ast.Call) and call_name(n).endswith(".save") and \
-                        len(n.args) >= 2 and isinstance(n.args[1], ast.Constant) and n.args[1].value == path.value \
-                        and isinstance(n.args[0], (ast.Name, ast.Attribute)):
+                if (
+                    path is not None
+                    and isinstance(n, ast.Call)
+                    and call_name(n).endswith(".save")
+                    and len(n.args) >= 2
+                    and isinstance(n.args[1], ast.Constant)
+                    and n.args[1].value == path.value
+                    and isinstance(n.args[0], (ast.Name, ast.Attribute))
+                ):
                     return self.mode_layers(text(n.args[0]))
             return self._pickled()
         base = callee[: -len(".from_pretrained")] if callee.endswith(".from_pretrained") else None
@@ -350,8 +420,11 @@ class FileInfo:
             return "free", ""  # nn.Embedding.from_pretrained(weights): its arguments are data, not layers
         if self.MODE_FREE_LAYERS.match(callee):
             # nn.Sequential(...) and friends: the layers passed in decide
-            verdicts = [self._layer_verdict(text(c.func), set()) for c in _walk_outside_lambdas(inner)
-                        if isinstance(c, ast.Call) and c is not inner]
+            verdicts = [
+                self._layer_verdict(text(c.func), set())
+                for c in _walk_outside_lambdas(inner)
+                if isinstance(c, ast.Call) and c is not inner
+            ]
             return _combine(verdicts)
         if callee in self.classes:
             return self._class_verdict(callee, set())
@@ -360,18 +433,28 @@ class FileInfo:
         drop = [k.arg for k in inner.keywords if k.arg and re.search(r"drop|batch_?norm|\bbn\b", k.arg, re.I)]
         drop += [text(a) for a in inner.args if re.search(r"drop|batch_?norm", text(a), re.I)]
         if drop:
-            return "likely", f"it is built with {drop[0]}{'=...' if drop[0].isidentifier() and '.' not in drop[0] and any(k.arg == drop[0] for k in inner.keywords) else ''}: likely Dropout"
+            return (
+                "likely",
+                f"it is built with {drop[0]}{'=...' if drop[0].isidentifier() and '.' not in drop[0] and any(k.arg == drop[0] for k in inner.keywords) else ''}: likely Dropout",
+            )
         return "likely", f"most models hold Dropout or BatchNorm ({callee}(...) is not defined in this file)"
 
     def _pickled(self) -> tuple[str, str]:
         """A whole model unpickled by torch.load: its classes are those the file allows with safe_globals."""
         allowed = []
         for n in self.nodes:
-            if isinstance(n, ast.Call) and call_name(n).split(".")[-1] in ("add_safe_globals", "safe_globals") \
-                    and n.args and isinstance(n.args[0], (ast.List, ast.Tuple, ast.Set)):
+            if (
+                isinstance(n, ast.Call)
+                and call_name(n).split(".")[-1] in ("add_safe_globals", "safe_globals")
+                and n.args
+                and isinstance(n.args[0], (ast.List, ast.Tuple, ast.Set))
+            ):
                 allowed += [text(e) for e in n.args[0].elts]
         if not allowed:
-            return "likely", "most models hold Dropout or BatchNorm (a pickled model: its layers are not visible here)"
+            return (
+                "likely",
+                "most models hold Dropout or BatchNorm (a pickled model: its layers are not visible here)",
+            )
         return _combine([self._layer_verdict(a, set()) for a in allowed])
 
     def _class_verdict(self, cls_name: str, seen: set[str]) -> tuple[str, str]:
@@ -380,8 +463,12 @@ class FileInfo:
         seen.add(cls_name)
         cls = self.classes[cls_name]
         source = ast.get_source_segment(self.source, cls) or "Dropout"
-        found = sorted({m.group(0).split(".")[-1].replace("training", "self.training")
-                        for m in self.MODE_LAYER.finditer(source)})
+        found = sorted(
+            {
+                m.group(0).split(".")[-1].replace("training", "self.training")
+                for m in self.MODE_LAYER.finditer(source)
+            }
+        )
         found += [] if found or not re.search(r"dropout", source) else ["dropout"]
         if found:
             return "known", ", ".join(found)
@@ -392,14 +479,25 @@ class FileInfo:
             elif text(b) not in ("nn.Module", "torch.nn.Module", "Module"):
                 verdicts.append(("likely", f"it derives from {text(b)}, which is not defined in this file"))
         # what the module is built from: every call in a `self.x = ...` value
-        built = [n.value for n in ast.walk(cls) if isinstance(n, (ast.Assign, ast.AnnAssign)) and n.value is not None
-                 and any(text(t).startswith("self.") for t in (n.targets if isinstance(n, ast.Assign) else [n.target]))]
-        data: set[ast.AST] = set()  # the arguments of nn.Embedding.from_pretrained(...) are weights, not layers
+        built = [
+            n.value
+            for n in ast.walk(cls)
+            if isinstance(n, (ast.Assign, ast.AnnAssign))
+            and n.value is not None
+            and any(
+                text(t).startswith("self.") for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+            )
+        ]
+        data: set[ast.AST] = (
+            set()
+        )  # the arguments of nn.Embedding.from_pretrained(...) are weights, not layers
         for call in (c for v in built for c in _walk_outside_lambdas(v) if isinstance(c, ast.Call)):
             callee = text(call.func)
             if call in data:
                 continue
-            if callee.endswith(".from_pretrained") and self.MODE_FREE_LAYERS.match(callee[: -len(".from_pretrained")]):
+            if callee.endswith(".from_pretrained") and self.MODE_FREE_LAYERS.match(
+                callee[: -len(".from_pretrained")]
+            ):
                 data |= {c for a in call.args + [k.value for k in call.keywords] for c in ast.walk(a)}
                 continue
             if isinstance(call.func, ast.Attribute) and isinstance(call.func.value, ast.Call):
@@ -415,7 +513,11 @@ class FileInfo:
         if base in self.classes:
             return False  # discriminator(): a class of this file, whatever its case, is built here, not run
         head = base.split(".")[0]
-        if not self.is_model(base) or base in self.plain_callables or (head in self.imported and head not in self.rebound):
+        if (
+            not self.is_model(base)
+            or base in self.plain_callables
+            or (head in self.imported and head not in self.rebound)
+        ):
             return False
         # Generator(...) builds a module, it does not run one; self.G(x) runs the G it calls .eval() on
         return base in self.models or not base.split(".")[-1][:1].isupper()
@@ -431,7 +533,11 @@ class FileInfo:
         func = call.func
         if isinstance(func, ast.Name):
             return self.functions.get(func.id, [])
-        if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in ("self", "cls"):
+        if (
+            isinstance(func, ast.Attribute)
+            and isinstance(func.value, ast.Name)
+            and func.value.id in ("self", "cls")
+        ):
             return self.functions.get(func.attr, [])
         return []
 
@@ -471,8 +577,12 @@ class FileInfo:
             yield from self.events(stmt.finalbody, in_if)
             return
         yield from self._expr_events(stmt, in_if)
-        if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr == "grad" for t in stmt.targets) \
-                and isinstance(stmt.value, ast.Constant) and stmt.value.value is None:
+        if (
+            isinstance(stmt, ast.Assign)
+            and any(isinstance(t, ast.Attribute) and t.attr == "grad" for t in stmt.targets)
+            and isinstance(stmt.value, ast.Constant)
+            and stmt.value.value is None
+        ):
             yield Event("zero", "", stmt, (stmt.lineno, stmt.col_offset), in_if)
 
     def _expr_events(self, node: ast.AST, in_if: bool) -> Iterator[Event]:
@@ -488,7 +598,9 @@ class FileInfo:
                     continue
                 if name == "step":
                     if self.is_optimizer(recv) and "scaler" not in recv.lower():
-                        yield Event("step", recv, call, order, in_if, has_args=bool(call.args or call.keywords))
+                        yield Event(
+                            "step", recv, call, order, in_if, has_args=bool(call.args or call.keywords)
+                        )
                     elif "scaler" in recv.lower() and call.args:  # GradScaler.step(optimizer)
                         yield Event("step", text(call.args[0]), call, order, in_if)
                     continue
@@ -498,7 +610,16 @@ class FileInfo:
                 if name in ("eval", "train") and not call.keywords:
                     if name == "train" and call.args and not (isinstance(call.args[0], ast.Constant)):
                         continue
-                    mode = "eval" if name == "eval" or (call.args and isinstance(call.args[0], ast.Constant) and call.args[0].value is False) else "train"
+                    mode = (
+                        "eval"
+                        if name == "eval"
+                        or (
+                            call.args
+                            and isinstance(call.args[0], ast.Constant)
+                            and call.args[0].value is False
+                        )
+                        else "train"
+                    )
                     yield Event(mode, recv, call, order, in_if)
                     continue
                 if name == "load_state_dict":
@@ -507,7 +628,11 @@ class FileInfo:
             fname = call_name(call)
             if self.is_model(fname) and not m:
                 yield Event("model_call", fname, call, order, in_if)
-            elif isinstance(call.func, ast.Attribute) and call.func.attr == "forward" and self.is_model(text(call.func.value)):
+            elif (
+                isinstance(call.func, ast.Attribute)
+                and call.func.attr == "forward"
+                and self.is_model(text(call.func.value))
+            ):
                 yield Event("model_call", text(call.func.value), call, order, in_if)
             elif m and self.is_model(fname):  # self.model(x)
                 yield Event("model_call", fname, call, order, in_if)
@@ -528,7 +653,9 @@ class FileInfo:
             self._fn_events[fn] = list(self.events(fn.body))
         return self._fn_events[fn]
 
-    def reaches(self, call: ast.Call, kind: str, receiver: str | None = None, depth: int = 3, seen=None) -> bool:
+    def reaches(
+        self, call: ast.Call, kind: str, receiver: str | None = None, depth: int = 3, seen=None
+    ) -> bool:
         if receiver is None and seen is None:  # the common question, memoised
             key = (call, kind)
             if key not in self._reaches:
@@ -542,8 +669,12 @@ class FileInfo:
             for ev in self.fn_events(fn):
                 if ev.kind == kind and (receiver is None or ev.receiver == receiver or not ev.receiver):
                     return True
-                if ev.kind == "call" and isinstance(ev.node, ast.Call) and depth > 0 \
-                        and self.reaches(ev.node, kind, receiver, depth - 1, seen):
+                if (
+                    ev.kind == "call"
+                    and isinstance(ev.node, ast.Call)
+                    and depth > 0
+                    and self.reaches(ev.node, kind, receiver, depth - 1, seen)
+                ):
                     return True
         return False
 
@@ -571,10 +702,18 @@ class FileInfo:
             params = [a.arg for a in fn.args.posonlyargs + fn.args.args]
             if params and params[0] in ("self", "cls") and isinstance(call.func, ast.Attribute):
                 params = params[1:]
-            rename = {p: model_key(text(a)) for p, a in zip(params, call.args)
-                      if isinstance(a, (ast.Name, ast.Attribute))}
-            rename.update({k.arg: model_key(text(k.value)) for k in call.keywords
-                           if k.arg and isinstance(k.value, (ast.Name, ast.Attribute))})
+            rename = {
+                p: model_key(text(a))
+                for p, a in zip(params, call.args)
+                if isinstance(a, (ast.Name, ast.Attribute))
+            }
+            rename.update(
+                {
+                    k.arg: model_key(text(k.value))
+                    for k in call.keywords
+                    if k.arg and isinstance(k.value, (ast.Name, ast.Attribute))
+                }
+            )
             for key, mode in self.mode_effects(fn).items():
                 out[rename.get(key, key)] = mode
         return out
@@ -582,7 +721,9 @@ class FileInfo:
     def under_no_grad(self, node: ast.AST) -> bool:
         p = self.parents.get(node)
         while p is not None:
-            if isinstance(p, (ast.With, ast.AsyncWith)) and any(is_no_grad_ctx(i.context_expr) for i in p.items):
+            if isinstance(p, (ast.With, ast.AsyncWith)) and any(
+                is_no_grad_ctx(i.context_expr) for i in p.items
+            ):
                 return True
             if isinstance(p, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 return any(is_no_grad_ctx(d, self) for d in p.decorator_list)

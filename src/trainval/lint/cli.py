@@ -23,19 +23,43 @@ import warnings
 from trainval.errors import TrainvalError
 from trainval.untrusted import read_bytes, shown, shown_line, shown_repr
 
-DEFAULT_EXCLUDES = [".venv", "venv", ".env", "env", "build", "dist", ".git", "__pycache__", ".tox", ".nox",
-                    ".mypy_cache", ".ruff_cache", ".pytest_cache", "node_modules", "site-packages", "*.egg-info"]
+DEFAULT_EXCLUDES = [
+    ".venv",
+    "venv",
+    ".env",
+    "env",
+    "build",
+    "dist",
+    ".git",
+    "__pycache__",
+    ".tox",
+    ".nox",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    "node_modules",
+    "site-packages",
+    "*.egg-info",
+]
 NOQA = re.compile(r"#\s*noqa(?::\s*(?P<codes>[A-Z]+[0-9]+(?:\s*,\s*[A-Z]+[0-9]+)*))?", re.I)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="*", metavar="PATH", help="Python files or folders (folders are walked)")
-    p.add_argument("--explain", metavar="CODE", default=None, help="print a rule's rationale, examples and fix")
+    p.add_argument(
+        "--explain", metavar="CODE", default=None, help="print a rule's rationale, examples and fix"
+    )
     p.add_argument("--format", choices=("text", "json"), default="text")
-    p.add_argument("--select", default=None, help="comma-separated codes to check (default: all enabled rules)")
+    p.add_argument(
+        "--select", default=None, help="comma-separated codes to check (default: all enabled rules)"
+    )
     p.add_argument("--ignore", default=None, help="comma-separated codes to skip")
-    p.add_argument("--exclude", action="append", default=[], help="glob of files/folders to skip (repeatable)")
-    p.epilog = "rules: " + ", ".join(_rule_codes()) + ". Configure in pyproject.toml under [tool.trainval.lint]."
+    p.add_argument(
+        "--exclude", action="append", default=[], help="glob of files/folders to skip (repeatable)"
+    )
+    p.epilog = (
+        "rules: " + ", ".join(_rule_codes()) + ". Configure in pyproject.toml under [tool.trainval.lint]."
+    )
 
 
 def _rule_codes() -> list[str]:
@@ -55,7 +79,9 @@ def _strings(value, source: str) -> list[str]:
         return [v.strip() for v in value.split(",") if v.strip()]
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return [v.strip() for v in value if v.strip()]
-    raise ValueError(f"{source} must be a list of strings or one comma-separated string, not {shown_repr(value)}")
+    raise ValueError(
+        f"{source} must be a list of strings or one comma-separated string, not {shown_repr(value)}"
+    )
 
 
 def _codes(value, source: str) -> set[str]:
@@ -64,7 +90,9 @@ def _codes(value, source: str) -> set[str]:
     codes = {c.upper() for c in _strings(value, source)}
     unknown = sorted(c for c in codes if c not in RULES)
     if unknown:
-        raise ValueError(f"{source}: unknown rule code(s) {shown(', '.join(unknown))} (rules: {', '.join(RULES)})")
+        raise ValueError(
+            f"{source}: unknown rule code(s) {shown(', '.join(unknown))} (rules: {', '.join(RULES)})"
+        )
     return codes
 
 
@@ -96,7 +124,9 @@ def _lint_table(path: str, tomllib) -> dict:
     except TrainvalError as e:
         raise ValueError(str(e).rstrip(".")) from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not UTF-8 text (an invalid byte at offset {e.start}); save it as UTF-8") from None
+        raise ValueError(
+            f"{where}: not UTF-8 text (an invalid byte at offset {e.start}); save it as UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{where}: not valid TOML ({shown(e)})") from None
     except RecursionError:
@@ -109,8 +139,10 @@ def _lint_table(path: str, tomllib) -> dict:
             raise ValueError(f"{where}: [{name}] must be a table, not {shown_repr(table)}")
     unknown = sorted(set(table) - set(CONFIG_KEYS))
     if unknown:
-        raise ValueError(f"{where}: [tool.trainval.lint] has unknown key(s) {shown(', '.join(unknown))} "
-                         f"(keys: {', '.join(CONFIG_KEYS)})")
+        raise ValueError(
+            f"{where}: [tool.trainval.lint] has unknown key(s) {shown(', '.join(unknown))} "
+            f"(keys: {', '.join(CONFIG_KEYS)})"
+        )
     return table
 
 
@@ -119,15 +151,21 @@ def iter_files(paths: list[str], excludes: list[str]) -> tuple[list[str], list[s
 
     def excluded(path: str) -> bool:
         parts = os.path.normpath(path).split(os.sep)
-        return any(fnmatch.fnmatch(part, pat) for part in parts for pat in excludes) or \
-            any(fnmatch.fnmatch(path, pat) for pat in excludes)
+        return any(fnmatch.fnmatch(part, pat) for part in parts for pat in excludes) or any(
+            fnmatch.fnmatch(path, pat) for pat in excludes
+        )
 
     for p in paths:
         if os.path.isdir(p):
             for root, dirs, names in os.walk(p):
                 dirs[:] = sorted(d for d in dirs if not excluded(os.path.join(root, d)) and not excluded(d))
-                files += [os.path.join(root, n) for n in sorted(names)
-                          if n.endswith(".py") and not excluded(os.path.join(root, n)) and _regular(os.path.join(root, n))]
+                files += [
+                    os.path.join(root, n)
+                    for n in sorted(names)
+                    if n.endswith(".py")
+                    and not excluded(os.path.join(root, n))
+                    and _regular(os.path.join(root, n))
+                ]
         elif os.path.exists(p):
             files.append(p)  # named explicitly: always checked (read_source refuses a FIFO or device)
         else:
@@ -191,7 +229,9 @@ def lint_source(source: str, path: str = "<string>", enabled: set[str] | None = 
             continue
         text_line = lines[line - 1] if 0 < line <= len(lines) else ""
         m = NOQA.search(text_line)
-        if m and (m.group("codes") is None or code in {c.strip().upper() for c in m.group("codes").split(",")}):
+        if m and (
+            m.group("codes") is None or code in {c.strip().upper() for c in m.group("codes").split(",")}
+        ):
             continue
         found.setdefault((line, col, code), Finding(path, line, col, code, message))
     return sorted(found.values(), key=lambda f: (f.line, f.col, f.code))
@@ -226,7 +266,9 @@ def run(args) -> int:
         config_path = shown(config_path)
         select = _codes(args.select, "--select") or _codes(config.get("select"), f"{config_path}: select")
         ignore = _codes(args.ignore, "--ignore") | _codes(config.get("ignore"), f"{config_path}: ignore")
-        excludes = DEFAULT_EXCLUDES + _strings(config.get("exclude"), f"{config_path}: exclude") + args.exclude
+        excludes = (
+            DEFAULT_EXCLUDES + _strings(config.get("exclude"), f"{config_path}: exclude") + args.exclude
+        )
     except ValueError as e:
         _error(str(e))
         return 2
@@ -241,7 +283,14 @@ def run(args) -> int:
         try:
             source = read_source(path)
         except SyntaxError as e:  # a malformed coding cookie
-            broken.append({"path": path, "line": e.lineno or 0, "col": e.offset or 0, "message": f"cannot read: {e.msg}"})
+            broken.append(
+                {
+                    "path": path,
+                    "line": e.lineno or 0,
+                    "col": e.offset or 0,
+                    "message": f"cannot read: {e.msg}",
+                }
+            )
             continue
         except (UnicodeDecodeError, LookupError, OSError) as e:
             broken.append({"path": path, "line": 0, "col": 0, "message": f"cannot read: {e}"})
@@ -249,17 +298,47 @@ def run(args) -> int:
         try:
             findings += lint_source(source, path, enabled)
         except SyntaxError as e:
-            broken.append({"path": path, "line": e.lineno or 0, "col": e.offset or 0, "message": f"cannot parse: {e.msg}"})
+            broken.append(
+                {
+                    "path": path,
+                    "line": e.lineno or 0,
+                    "col": e.offset or 0,
+                    "message": f"cannot parse: {e.msg}",
+                }
+            )
         except (RecursionError, MemoryError) as e:
-            broken.append({"path": path, "line": 0, "col": 0,
-                           "message": f"cannot analyse: the code nests too deeply or is too large ({type(e).__name__})"})
+            broken.append(
+                {
+                    "path": path,
+                    "line": 0,
+                    "col": 0,
+                    "message": f"cannot analyse: the code nests too deeply or is too large ({type(e).__name__})",
+                }
+            )
         except Exception as e:  # noqa: BLE001 - one file's analysis bug must not hide the other files' findings
-            broken.append({"path": path, "line": 0, "col": 0,
-                           "message": f"internal error: {type(e).__name__}: {e} (please report this file)"})
+            broken.append(
+                {
+                    "path": path,
+                    "line": 0,
+                    "col": 0,
+                    "message": f"internal error: {type(e).__name__}: {e} (please report this file)",
+                }
+            )
     if args.format == "json":
-        print(json.dumps({"findings": [dict(path=f.path, line=f.line, col=f.col, code=f.code, level=f.level,
-                                             message=f.message) for f in findings],
-                          "errors": broken}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "findings": [
+                        dict(
+                            path=f.path, line=f.line, col=f.col, code=f.code, level=f.level, message=f.message
+                        )
+                        for f in findings
+                    ],
+                    "errors": broken,
+                },
+                indent=2,
+            )
+        )
     else:
         for f in findings:  # a file's name (and a message quoting the code) may hold terminal escapes
             print(shown_line(f"{f.path}:{f.line}:{f.col}: {f.code} {f.message}"))

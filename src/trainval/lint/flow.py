@@ -307,22 +307,37 @@ class Walker:
         everything = [fn for fns in info.functions.values() for fn in fns]
         # methods called on some object (`self.model.validation_step(batch)`): walked after every other scope,
         # in the state of their call sites (autograd, and the mode of the object they are called on)
-        attr_called = {n.func.attr for n in info.nodes if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
-                       and text(n.func.value) not in ("self", "cls")}
-        later = [fn for fn in everything if fn not in called and fn.name in attr_called and _is_method(fn)
-                 and fn.name not in COMMON_METHODS]
+        attr_called = {
+            n.func.attr
+            for n in info.nodes
+            if isinstance(n, ast.Call)
+            and isinstance(n.func, ast.Attribute)
+            and text(n.func.value) not in ("self", "cls")
+        }
+        later = [
+            fn
+            for fn in everything
+            if fn not in called
+            and fn.name in attr_called
+            and _is_method(fn)
+            and fn.name not in COMMON_METHODS
+        ]
         for fn in everything:
             if fn not in called and fn not in later:
                 self.walk_scope(fn, _defaults(fn, {}), self._entry_state(fn, module), None, None, {})
         for fn in later:
-            self.walk_scope(fn, _defaults(fn, {}), self._entry_state(fn, module, self.sites.get(fn.name)), None, None, {})
+            self.walk_scope(
+                fn, _defaults(fn, {}), self._entry_state(fn, module, self.sites.get(fn.name)), None, None, {}
+            )
         # functions the walks never reached (beyond the depth limit or the budget, or called only from
         # themselves): walked once on their own, with nothing known about their callers
         walked = {frame.scope for frame in self.frames}
         self.budget = max(self.budget, MAX_STATEMENTS // 3)
         for fn in everything:
             if fn not in walked:
-                self.walk_scope(fn, _defaults(fn, {}), State(grad=_decorated_grad(fn, True, info)), None, None, {})
+                self.walk_scope(
+                    fn, _defaults(fn, {}), State(grad=_decorated_grad(fn, True, info)), None, None, {}
+                )
         return self.frames
 
     def _entry_state(self, fn: Function, module: State, sites: list[State] | None = None) -> State:
@@ -379,7 +394,9 @@ class Walker:
                         try:
                             entry = state.copy()
                             if plain is not None and plain[1] == arm:
-                                entry.modes[plain[0]] = "plain"  # `if not isinstance(net, nn.Module):` no eval() to call
+                                entry.modes[plain[0]] = (
+                                    "plain"  # `if not isinstance(net, nn.Module):` no eval() to call
+                                )
                             arms.append(self.block(body, entry, frame))
                         finally:
                             frame.path.pop()
@@ -398,8 +415,12 @@ class Walker:
                 and all(isinstance(e, ast.Constant) for e in stmt.iter.elts)
                 and 0 < len(stmt.iter.elts) <= 4
             ):
-                values = [e.value for e in stmt.iter.elts if isinstance(e, ast.Constant)]  # (every one is: checked above)
-            if values is not None and isinstance(stmt.target, ast.Name):  # for phase in ["train", "val"]: walk the body once per phase
+                values = [
+                    e.value for e in stmt.iter.elts if isinstance(e, ast.Constant)
+                ]  # (every one is: checked above)
+            if values is not None and isinstance(
+                stmt.target, ast.Name
+            ):  # for phase in ["train", "val"]: walk the body once per phase
                 saved = env.get(stmt.target.id, UNKNOWN)
                 for value in values:
                     env[stmt.target.id] = value
@@ -417,7 +438,9 @@ class Walker:
                 cm = item.context_expr
                 fns = self.info.local_functions(cm) if isinstance(cm, ast.Call) else []
                 fns = [f for f in fns if any("contextmanager" in text(d) for d in f.decorator_list)]
-                if fns and isinstance(cm, ast.Call):  # a local @contextmanager: the block runs in the state at its yield
+                if fns and isinstance(
+                    cm, ast.Call
+                ):  # a local @contextmanager: the block runs in the state at its yield
                     inner = self._enter(cm, fns, inner, frame, at_yield=True)
                     continue
                 inner = self.expr(cm, inner, frame)
@@ -469,7 +492,9 @@ class Walker:
                     state = self._assign_model(text(t), stmt.value, state)
             return state
         if isinstance(stmt, ast.Return) and stmt.value is not None:
-            if not _detaching(stmt.value):  # `return acc.item()`, `return f"..."`: no caller can backpropagate
+            if not _detaching(
+                stmt.value
+            ):  # `return acc.item()`, `return f"..."`: no caller can backpropagate
                 frame.escapes.append(stmt.value)
             return self.expr(stmt.value, state, frame)
         if isinstance(stmt, ast.Expr):
@@ -479,8 +504,13 @@ class Walker:
                 if v.value is not None:
                     frame.escapes.append(v.value)
             state = self.expr(v, state, frame)
-            if isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute) and (m := method(v)) and m[1] in COLLECTORS \
-                    and (v.args or v.keywords):
+            if (
+                isinstance(v, ast.Call)
+                and isinstance(v.func, ast.Attribute)
+                and (m := method(v))
+                and m[1] in COLLECTORS
+                and (v.args or v.keywords)
+            ):
                 names = _target_names(v.func.value)  # outputs.append(model(x)): outputs now holds it
                 frame.assign(names, v, stmt, False)
                 if any("." in n for n in names) or not _all_local(frame, names, self.info):
@@ -583,8 +613,13 @@ class Walker:
                 frame.has_step = True
                 continue
             optimizers = [  # text(a) in info.optimizers, or named like one (made in another file)
-                a for a in args if isinstance(a, (ast.Name, ast.Attribute))
-                and (text(a) in info.optimizers or (re.search(r"optim", text(a), re.I) and info.is_optimizer(text(a))))
+                a
+                for a in args
+                if isinstance(a, (ast.Name, ast.Attribute))
+                and (
+                    text(a) in info.optimizers
+                    or (re.search(r"optim", text(a), re.I) and info.is_optimizer(text(a)))
+                )
             ]
             if (
                 optimizers
@@ -650,7 +685,10 @@ class Walker:
             passed = [arg for param, arg in pairs if param in used]
             if passed:  # update(loss) whose body gives loss to backward() (or to a call taking the optimizer)
                 frame.sink(passed)
-            for targets, value in callee.opaque:  # store(log_prob) whose body keeps it on self: so does the call
+            for (
+                targets,
+                value,
+            ) in callee.opaque:  # store(log_prob) whose body keeps it on self: so does the call
                 kept = _names(value)
                 frame.opaque += [(targets, arg) for param, arg in pairs if param in kept]
             if at_yield:
@@ -742,9 +780,36 @@ def _defaults(fn: Function, env: dict) -> dict:
     return env
 
 
-COMMON_METHODS = {"train", "eval", "step", "forward", "zero_grad", "backward", "parameters", "to", "cuda", "cpu",
-                  "update", "append", "get", "item", "save", "load", "load_state_dict", "state_dict", "reset",
-                  "add", "run", "close", "write", "log", "__call__", "__init__", "__enter__", "__exit__"}
+COMMON_METHODS = {
+    "train",
+    "eval",
+    "step",
+    "forward",
+    "zero_grad",
+    "backward",
+    "parameters",
+    "to",
+    "cuda",
+    "cpu",
+    "update",
+    "append",
+    "get",
+    "item",
+    "save",
+    "load",
+    "load_state_dict",
+    "state_dict",
+    "reset",
+    "add",
+    "run",
+    "close",
+    "write",
+    "log",
+    "__call__",
+    "__init__",
+    "__enter__",
+    "__exit__",
+}
 ROUTES = {"route", "get", "post", "put", "delete", "patch", "websocket", "api_route"}
 
 
@@ -766,8 +831,13 @@ def _not_module_arm(test: ast.AST) -> tuple[str, int] | None:
     """``if isinstance(net, nn.Module):`` -> (``net``, 1): the arm (0 body, 1 else) where it is no module."""
     negated = isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not)
     t = test.operand if negated and isinstance(test, ast.UnaryOp) else test
-    if isinstance(t, ast.Call) and text(t.func) == "isinstance" and len(t.args) == 2 \
-            and "Module" in text(t.args[1]) and isinstance(t.args[0], (ast.Name, ast.Attribute)):
+    if (
+        isinstance(t, ast.Call)
+        and text(t.func) == "isinstance"
+        and len(t.args) == 2
+        and "Module" in text(t.args[1])
+        and isinstance(t.args[0], (ast.Name, ast.Attribute))
+    ):
         return model_key(text(t.args[0])), 0 if negated else 1
     return None
 
@@ -786,7 +856,8 @@ def _detaching(expr: ast.AST) -> bool:
         if m is not None and m[1] in COLLECTORS:  # meters.update(loss=loss.item(), n=bs): numbers are kept
             args = list(expr.args) + [k.value for k in expr.keywords]
             return any(_detaching(a) for a in args) and all(
-                _detaching(a) or isinstance(a, (ast.Name, ast.Constant)) for a in args)
+                _detaching(a) or isinstance(a, (ast.Name, ast.Constant)) for a in args
+            )
         return (m is not None and m[1] in DETACHING_METHODS) or call_name(expr) in DETACHING_CALLS
     if isinstance(expr, (ast.Tuple, ast.List)):
         return bool(expr.elts) and all(_detaching(e) for e in expr.elts)
@@ -865,7 +936,12 @@ def status(frame: Frame, node: ast.AST, info: FileInfo, pos: int = 0, depth: int
             return "unused"
         if isinstance(v, (ast.Yield, ast.YieldFrom)):
             return _escaped(frame, info, depth)
-        if isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute) and (m := method(v)) and m[1] in COLLECTORS:
+        if (
+            isinstance(v, ast.Call)
+            and isinstance(v.func, ast.Attribute)
+            and (m := method(v))
+            and m[1] in COLLECTORS
+        ):
             targets = _target_names(v.func.value)
         else:
             return "eval"  # print(model(x)), plot(...): an output
@@ -903,7 +979,11 @@ def used_for_training(info: FileInfo) -> set[str]:
         while changed:
             changed = False
             for f in callees:
-                if f.caller is not None and f.call is not None and _result_read(f.caller, f.call, cached, info):
+                if (
+                    f.caller is not None
+                    and f.call is not None
+                    and _result_read(f.caller, f.call, cached, info)
+                ):
                     new = _closure(f.escapes, f.assigns) - cached
                     if new:
                         cached |= new
@@ -996,7 +1076,9 @@ def evaluation_forwards(info: FileInfo) -> Iterator[Forward]:
             s = status(frame, fw.node, info, fw.pos)
             if s == "eval":
                 yield fw
-            elif s == "escape" and (fw.mode == "eval" or fw.loaded or (fw.grad is False and not _passed_in(frame, fw.key))):
+            elif s == "escape" and (
+                fw.mode == "eval" or fw.loaded or (fw.grad is False and not _passed_in(frame, fw.key))
+            ):
                 yield fw
 
 

@@ -18,8 +18,8 @@ from trainval.lint.flow import evaluation_forwards, frames, status, training_for
 @dataclass(frozen=True)
 class Rule:
     code: str
-    level: str           # error | warning | info
-    default: bool        # enabled without --select
+    level: str  # error | warning | info
+    default: bool  # enabled without --select
     summary: str
     hint: str
     wrong: str
@@ -29,98 +29,172 @@ class Rule:
         """What ``trainval lint --explain CODE`` prints: rationale, how it decides, an example and the fix."""
         wrong = "\n".join("    " + line for line in self.wrong.replace("; ", "\n").splitlines())
         right = "\n".join("    " + line for line in self.right.replace("; ", "\n").splitlines())
-        return (f"{self.code} ({self.level}, {'on' if self.default else 'off'} by default): {self.summary}\n\n"
-                f"Why: {RATIONALE[self.code]}\n\nWrong:\n{wrong}\n\nRight:\n{right}\n\nFix: {self.hint}\n"
-                f"Silence one line with '# noqa: {self.code}'.")
+        return (
+            f"{self.code} ({self.level}, {'on' if self.default else 'off'} by default): {self.summary}\n\n"
+            f"Why: {RATIONALE[self.code]}\n\nWrong:\n{wrong}\n\nRight:\n{right}\n\nFix: {self.hint}\n"
+            f"Silence one line with '# noqa: {self.code}'."
+        )
 
 
-RULES = {r.code: r for r in [
-    Rule("TVL001", "error", True, "zero_grad() between backward() and step() of the same optimizer",
-         "zero the gradients before backward() or after step(), never between them",
-         "loss.backward(); opt.zero_grad(); opt.step()", "loss.backward(); opt.step(); opt.zero_grad()"),
-    Rule("TVL002", "error", True, "a loop calls backward() and step() but never zero_grad(): gradients pile up",
-         "call opt.zero_grad() once per optimizer step (with accumulation: after each step)",
-         "for x, y in loader: loss_fn(model(x), y).backward(); opt.step()",
-         "for x, y in loader: loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()"),
-    Rule("TVL003", "error", True, "step() before backward() in the loop body: each step applies the previous batch's gradients",
-         "call backward() first, then step()",
-         "for ...: opt.step(); loss = f(); loss.backward()", "for ...: loss = f(); loss.backward(); opt.step()"),
-    Rule("TVL004", "error", True, "model used for evaluation without model.eval(): BatchNorm and Dropout stay in training mode",
-         "call model.eval() before evaluating (and model.train() before training again)",
-         "with torch.no_grad(): out = model(x_val)", "model.eval()\nwith torch.no_grad(): out = model(x_val)"),
-    Rule("TVL005", "error", True, "training resumes after evaluation without model.train(): later epochs train in eval mode",
-         "call model.train() at the start of each training epoch",
-         "for epoch ...: train_one_epoch(); model.eval(); validate()",
-         "for epoch ...: model.train(); train_one_epoch(); model.eval(); validate()"),
-    Rule("TVL006", "warning", True, "evaluation forward passes with autograd on: memory and time spent on graphs never used",
-         "wrap evaluation in torch.no_grad() / torch.inference_mode(), or decorate the function",
-         "def evaluate(model, loader):\n    for x, y in loader: out = model(x)",
-         "@torch.no_grad()\ndef evaluate(model, loader):\n    for x, y in loader: out = model(x)"),
-    Rule("TVL007", "error", True, "a loss tensor is summed across iterations: every batch's autograd graph stays alive",
-         "accumulate loss.item() or loss.detach() instead",
-         "total += loss", "total += loss.item()"),
-    Rule("TVL008", "warning", True, "torch.load without weights_only=True: safe only where torch >= 2.6 makes it the default",
-         "pass weights_only=True (and map_location=...); for a pickled module or argparse Namespace save "
-         "model.state_dict() / vars(args) instead, or torch.serialization.add_safe_globals([...]) the classes you trust",
-         "torch.load(path)", "torch.load(path, map_location='cpu', weights_only=True)"),
-    Rule("TVL009", "error", True, "state dict loaded, then inference without model.eval()",
-         "call model.eval() after load_state_dict() and before predicting",
-         "model.load_state_dict(sd); preds = model(x)", "model.load_state_dict(sd); model.eval(); preds = model(x)"),
-    Rule("TVL010", "info", False, "host sync in the training loop every step (.item(), .cpu(), .numpy())",
-         "keep running sums on the device and read them once per epoch",
-         "running += loss.item()", "running += loss.detach()  # .item() once per epoch"),
-    Rule("TVL011", "info", False, "epoch loss as the mean of batch means (sum / len(loader)): a short last batch weighs too much",
-         "sum loss * batch_size and divide by the number of samples",
-         "total += loss.item()  ...  total / len(loader)", "total += loss.item() * len(y)  ...  total / len(loader.dataset)"),
-    Rule("TVL012", "error", True, "torch.load(..., weights_only=False) unpickles arbitrary code from the file",
-         "use weights_only=True and save plain state_dicts; keep False only for files you made yourself",
-         "torch.load(path, weights_only=False)", "torch.load(path, weights_only=True)"),
-]}
+RULES = {
+    r.code: r
+    for r in [
+        Rule(
+            "TVL001",
+            "error",
+            True,
+            "zero_grad() between backward() and step() of the same optimizer",
+            "zero the gradients before backward() or after step(), never between them",
+            "loss.backward(); opt.zero_grad(); opt.step()",
+            "loss.backward(); opt.step(); opt.zero_grad()",
+        ),
+        Rule(
+            "TVL002",
+            "error",
+            True,
+            "a loop calls backward() and step() but never zero_grad(): gradients pile up",
+            "call opt.zero_grad() once per optimizer step (with accumulation: after each step)",
+            "for x, y in loader: loss_fn(model(x), y).backward(); opt.step()",
+            "for x, y in loader: loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()",
+        ),
+        Rule(
+            "TVL003",
+            "error",
+            True,
+            "step() before backward() in the loop body: each step applies the previous batch's gradients",
+            "call backward() first, then step()",
+            "for ...: opt.step(); loss = f(); loss.backward()",
+            "for ...: loss = f(); loss.backward(); opt.step()",
+        ),
+        Rule(
+            "TVL004",
+            "error",
+            True,
+            "model used for evaluation without model.eval(): BatchNorm and Dropout stay in training mode",
+            "call model.eval() before evaluating (and model.train() before training again)",
+            "with torch.no_grad(): out = model(x_val)",
+            "model.eval()\nwith torch.no_grad(): out = model(x_val)",
+        ),
+        Rule(
+            "TVL005",
+            "error",
+            True,
+            "training resumes after evaluation without model.train(): later epochs train in eval mode",
+            "call model.train() at the start of each training epoch",
+            "for epoch ...: train_one_epoch(); model.eval(); validate()",
+            "for epoch ...: model.train(); train_one_epoch(); model.eval(); validate()",
+        ),
+        Rule(
+            "TVL006",
+            "warning",
+            True,
+            "evaluation forward passes with autograd on: memory and time spent on graphs never used",
+            "wrap evaluation in torch.no_grad() / torch.inference_mode(), or decorate the function",
+            "def evaluate(model, loader):\n    for x, y in loader: out = model(x)",
+            "@torch.no_grad()\ndef evaluate(model, loader):\n    for x, y in loader: out = model(x)",
+        ),
+        Rule(
+            "TVL007",
+            "error",
+            True,
+            "a loss tensor is summed across iterations: every batch's autograd graph stays alive",
+            "accumulate loss.item() or loss.detach() instead",
+            "total += loss",
+            "total += loss.item()",
+        ),
+        Rule(
+            "TVL008",
+            "warning",
+            True,
+            "torch.load without weights_only=True: safe only where torch >= 2.6 makes it the default",
+            "pass weights_only=True (and map_location=...); for a pickled module or argparse Namespace save "
+            "model.state_dict() / vars(args) instead, or torch.serialization.add_safe_globals([...]) the classes you trust",
+            "torch.load(path)",
+            "torch.load(path, map_location='cpu', weights_only=True)",
+        ),
+        Rule(
+            "TVL009",
+            "error",
+            True,
+            "state dict loaded, then inference without model.eval()",
+            "call model.eval() after load_state_dict() and before predicting",
+            "model.load_state_dict(sd); preds = model(x)",
+            "model.load_state_dict(sd); model.eval(); preds = model(x)",
+        ),
+        Rule(
+            "TVL010",
+            "info",
+            False,
+            "host sync in the training loop every step (.item(), .cpu(), .numpy())",
+            "keep running sums on the device and read them once per epoch",
+            "running += loss.item()",
+            "running += loss.detach()  # .item() once per epoch",
+        ),
+        Rule(
+            "TVL011",
+            "info",
+            False,
+            "epoch loss as the mean of batch means (sum / len(loader)): a short last batch weighs too much",
+            "sum loss * batch_size and divide by the number of samples",
+            "total += loss.item()  ...  total / len(loader)",
+            "total += loss.item() * len(y)  ...  total / len(loader.dataset)",
+        ),
+        Rule(
+            "TVL012",
+            "error",
+            True,
+            "torch.load(..., weights_only=False) unpickles arbitrary code from the file",
+            "use weights_only=True and save plain state_dicts; keep False only for files you made yourself",
+            "torch.load(path, weights_only=False)",
+            "torch.load(path, weights_only=True)",
+        ),
+    ]
+}
 
 
 RATIONALE = {
     "TVL001": "zero_grad() clears the gradients that backward() just computed, so the following step() applies "
-              "nothing (or only what a later backward adds). Found when, in one loop body, the optimizer's "
-              "zero_grad() (or the model's) comes after the last backward() and before that optimizer's step().",
+    "nothing (or only what a later backward adds). Found when, in one loop body, the optimizer's "
+    "zero_grad() (or the model's) comes after the last backward() and before that optimizer's step().",
     "TVL002": "backward() adds into .grad; without zeroing, every step applies the sum of all past gradients. "
-              "Found when a loop calls backward() and step() and neither the loop nor the helpers it calls ever "
-              "zero the gradients (zero_grad() or p.grad = None).",
+    "Found when a loop calls backward() and step() and neither the loop nor the helpers it calls ever "
+    "zero the gradients (zero_grad() or p.grad = None).",
     "TVL003": "An unconditional step() before the first backward() of the loop body applies the previous "
-              "iteration's gradients to this iteration's weights: the update lags one batch behind.",
+    "iteration's gradients to this iteration's weights: the update lags one batch behind.",
     "TVL004": "BatchNorm uses batch statistics and keeps updating its running averages, and Dropout drops units, "
-              "unless the module is in eval mode: metrics and predictions are noisy and wrong. An evaluation pass is "
-              "found by data flow: a forward whose result never reaches backward() (directly, through assignments, "
-              "through helpers of the same file, or with train=False-style flags) but is used (metrics, "
-              "predictions, printed, collected). The model's mode is followed along the paths that lead to it "
-              "(model.eval()/train(flag) here, in helpers, or at the call sites).",
+    "unless the module is in eval mode: metrics and predictions are noisy and wrong. An evaluation pass is "
+    "found by data flow: a forward whose result never reaches backward() (directly, through assignments, "
+    "through helpers of the same file, or with train=False-style flags) but is used (metrics, "
+    "predictions, printed, collected). The model's mode is followed along the paths that lead to it "
+    "(model.eval()/train(flag) here, in helpers, or at the call sites).",
     "TVL005": "model.eval() in an epoch loop that trains the same model, with no model.train() anywhere in the loop "
-              "or its helpers: from the second epoch on, training runs with eval-mode BatchNorm and no Dropout. "
-              "Models that are never trained with autograd on (a frozen backbone in a linear probe) may stay in "
-              "eval mode on purpose and are not reported.",
+    "or its helpers: from the second epoch on, training runs with eval-mode BatchNorm and no Dropout. "
+    "Models that are never trained with autograd on (a frozen backbone in a linear probe) may stay in "
+    "eval mode on purpose and are not reported.",
     "TVL006": "Without no_grad()/inference_mode() every evaluation forward records an autograd graph that nothing "
-              "will use: memory grows with the batch and time is wasted. Same data-flow definition of an evaluation "
-              "pass as TVL004; autograd is followed through with-blocks, decorators, set_grad_enabled(flag) with the "
-              "flag's value at the call site, and local @contextmanager helpers. It also reports a target network "
-              "run with autograd on (TD3/DQN's critic_target(next_state)): a model no optimizer of the file holds, "
-              "on inputs no trained model computed, whose value a loss reads: the graph reaches nothing trained.",
+    "will use: memory grows with the batch and time is wasted. Same data-flow definition of an evaluation "
+    "pass as TVL004; autograd is followed through with-blocks, decorators, set_grad_enabled(flag) with the "
+    "flag's value at the call site, and local @contextmanager helpers. It also reports a target network "
+    "run with autograd on (TD3/DQN's critic_target(next_state)): a model no optimizer of the file holds, "
+    "on inputs no trained model computed, whose value a loss reads: the graph reaches nothing trained.",
     "TVL007": "Adding a loss tensor that still requires grad to a running total keeps every batch's autograd graph "
-              "alive until the total is dropped: memory grows each iteration. Values read through .item(), "
-              ".detach(), .data, float(), .tolist() or .numpy() are detached and fine.",
+    "alive until the total is dropped: memory grows each iteration. Values read through .item(), "
+    ".detach(), .data, float(), .tolist() or .numpy() are detached and fine.",
     "TVL008": "torch.load unpickles the file; before torch 2.6 the default weights_only=False lets a crafted file "
-              "run code. Files holding whole pickled modules or argparse Namespaces do not load with "
-              "weights_only=True: save model.state_dict() and vars(args) instead, or allow the classes you trust "
-              "with torch.serialization.add_safe_globals([...]).",
+    "run code. Files holding whole pickled modules or argparse Namespaces do not load with "
+    "weights_only=True: save model.state_dict() and vars(args) instead, or allow the classes you trust "
+    "with torch.serialization.add_safe_globals([...]).",
     "TVL009": "load_state_dict() does not change the module's mode; a freshly built model is in training mode, so "
-              "inference right after loading runs with batch-statistics BatchNorm and active Dropout. Not reported "
-              "when the loaded model is then trained (its forward reaches backward()) or was put in eval mode "
-              "before loading.",
+    "inference right after loading runs with batch-statistics BatchNorm and active Dropout. Not reported "
+    "when the loaded model is then trained (its forward reaches backward()) or was put in eval mode "
+    "before loading.",
     "TVL010": "Each .item()/.cpu()/.numpy() of a device tensor waits for the device to finish: once per step this "
-              "stalls the pipeline. Reads inside a logging condition (if step % N == 0:) and moving a whole module "
-              "with model.cpu() are not reported.",
+    "stalls the pipeline. Reads inside a logging condition (if step % N == 0:) and moving a whole module "
+    "with model.cpu() are not reported.",
     "TVL011": "sum(batch means) / len(loader) gives the short last batch the weight of a full one; multiply by "
-              "the batch size and divide by the number of samples.",
+    "the batch size and divide by the number of samples.",
     "TVL012": "weights_only=False unpickles arbitrary objects: a checkpoint from someone else can run code on "
-              "your machine when you load it.",
+    "your machine when you load it.",
 }
 
 
@@ -150,7 +224,9 @@ def check(info: FileInfo) -> Iterator[tuple[int, int, str, str]]:
         yield from _loss_accumulation(info, loop)
         yield from _host_syncs(info, loop)
     for fns in info.functions.values():
-        for fn in fns:  # backward(); zero_grad(); step() in a function's own body: whoever calls it, once or per epoch
+        for fn in (
+            fns
+        ):  # backward(); zero_grad(); step() in a function's own body: whoever calls it, once or per epoch
             yield from _optimizer_order(info, fn, only_order=True)
     yield from _evaluation_passes(info)
     yield from _frozen_model_passes(info)
@@ -188,10 +264,17 @@ def _optimizer_order(info: FileInfo, loop: Loop | Function, only_order: bool = F
         if before:
             last_b = before[-1]
             for z in events:
-                if z.kind == "zero" and last_b.order < z.order < step.order and (
-                        z.receiver == step.receiver or (single_optimizer and info.is_model(z.receiver))):
-                    yield _at(z.node, "TVL001", f"{z.receiver}.zero_grad() between backward() (line {last_b.node.lineno}) "
-                                                 f"and {step.receiver}.step(): the gradients are discarded")
+                if (
+                    z.kind == "zero"
+                    and last_b.order < z.order < step.order
+                    and (z.receiver == step.receiver or (single_optimizer and info.is_model(z.receiver)))
+                ):
+                    yield _at(
+                        z.node,
+                        "TVL001",
+                        f"{z.receiver}.zero_grad() between backward() (line {last_b.node.lineno}) "
+                        f"and {step.receiver}.step(): the gradients are discarded",
+                    )
         if only_order:
             continue  # a function's body: its step() may come before a backward() of the caller's next iteration
         # TVL003: an unconditional step before any backward in the body
@@ -199,8 +282,12 @@ def _optimizer_order(info: FileInfo, loop: Loop | Function, only_order: bool = F
             yield _at(step.node, "TVL003")
         # TVL002: backward and step but no zeroing anywhere in the loop or its helpers
         if backwards and not _zeroes(info, events, step.receiver):
-            yield _at(step.node, "TVL002", f"{step.receiver}.step() in a loop with backward() but no zero_grad(): "
-                                            "gradients pile up across iterations")
+            yield _at(
+                step.node,
+                "TVL002",
+                f"{step.receiver}.step() in a loop with backward() but no zero_grad(): "
+                "gradients pile up across iterations",
+            )
 
 
 def _top_level_calls(loop: Loop | Function) -> set[ast.AST]:
@@ -213,8 +300,12 @@ def _top_level_calls(loop: Loop | Function) -> set[ast.AST]:
 
 def _zeroes(info: FileInfo, events: list[Event], receiver: str) -> bool:
     for e in events:
-        if e.kind == "zero" and (e.receiver == receiver or not e.receiver or not info.is_optimizer(e.receiver)
-                                 or e.receiver not in info.optimizers):
+        if e.kind == "zero" and (
+            e.receiver == receiver
+            or not e.receiver
+            or not info.is_optimizer(e.receiver)
+            or e.receiver not in info.optimizers
+        ):
             return True
         if e.kind == "call" and isinstance(e.node, ast.Call) and info.reaches(e.node, "zero"):
             return True
@@ -226,7 +317,11 @@ def _zeroes(info: FileInfo, events: list[Event], receiver: str) -> bool:
 
 
 def _trains(info: FileInfo, events: list[Event]) -> bool:
-    return any(e.kind == "backward" or (e.kind == "call" and isinstance(e.node, ast.Call) and info.reaches(e.node, "backward")) for e in events)
+    return any(
+        e.kind == "backward"
+        or (e.kind == "call" and isinstance(e.node, ast.Call) and info.reaches(e.node, "backward"))
+        for e in events
+    )
 
 
 def _epoch_modes(info: FileInfo, loop: Loop) -> Iterator:
@@ -238,11 +333,20 @@ def _epoch_modes(info: FileInfo, loop: Loop) -> Iterator:
     for e in events:
         if e.kind == "eval" and info.is_model(e.receiver) and model_key(e.receiver) in trained:
             evals.append(e)
-        elif e.kind == "call" and isinstance(e.node, ast.Call) and any(mode == "eval" and key in trained for key, mode in info.call_effects(e.node).items()):
+        elif (
+            e.kind == "call"
+            and isinstance(e.node, ast.Call)
+            and any(mode == "eval" and key in trained for key, mode in info.call_effects(e.node).items())
+        ):
             evals.append(e)
     if not evals:
         return
-    restores = [e for e in events if e.kind == "train" or (e.kind == "call" and isinstance(e.node, ast.Call) and info.reaches(e.node, "train"))]
+    restores = [
+        e
+        for e in events
+        if e.kind == "train"
+        or (e.kind == "call" and isinstance(e.node, ast.Call) and info.reaches(e.node, "train"))
+    ]
     if not restores:
         e = evals[0]
         yield _at(e.node, "TVL005")
@@ -265,24 +369,46 @@ def _evaluation_passes(info: FileInfo) -> Iterator:
         owner = model.rsplit(".", 1)[0] if "." in model and not model.startswith("self.") else model
         if fw.mode == "plain":
             continue  # the branch where it is not an nn.Module: a plain function has no mode and no parameters
-        layers = info.mode_layers(model, fw.frame.root_key(fw.key)) if fw.mode in (None, "train") else ("", "")
+        layers = (
+            info.mode_layers(model, fw.frame.root_key(fw.key)) if fw.mode in (None, "train") else ("", "")
+        )
         # a forward helper whose result a caller trains on, reached here with autograd still on, is the training
         # computation reused (SAC samples its actions with the actor's training forward): its mode is training
         # by design; where this path turned autograd off, it evaluates and the mode matters
         shared = fw.grad is not False and training_forward(info, fw.node)
-        if fw.mode in (None, "train") and ("mode", fw.node) not in seen and layers[0] != "free" and not shared:
+        if (
+            fw.mode in (None, "train")
+            and ("mode", fw.node) not in seen
+            and layers[0] != "free"
+            and not shared
+        ):
             seen.add(("mode", fw.node))
-            why = f"its {layers[1]} layers act differently in training mode" if layers[0] == "known" else layers[1]
+            why = (
+                f"its {layers[1]} layers act differently in training mode"
+                if layers[0] == "known"
+                else layers[1]
+            )
             if fw.loaded and fw.key not in trained:
-                yield _at(fw.node, "TVL009", f"{model}(...) after {owner}.load_state_dict() (line {fw.loaded}) "
-                                              f"without {owner}.eval(): {why}")
+                yield _at(
+                    fw.node,
+                    "TVL009",
+                    f"{model}(...) after {owner}.load_state_dict() (line {fw.loaded}) "
+                    f"without {owner}.eval(): {why}",
+                )
             else:
                 state = "in training mode" if fw.mode == "train" else f"without {owner}.eval() before it"
-                yield _at(fw.node, "TVL004", f"{model}(...) evaluates (its result never reaches backward()) {state}: "
-                                              f"{why}")
+                yield _at(
+                    fw.node,
+                    "TVL004",
+                    f"{model}(...) evaluates (its result never reaches backward()) {state}: {why}",
+                )
         if fw.grad is True and ("grad", fw.node) not in seen:
             seen.add(("grad", fw.node))
-            yield _at(fw.node, "TVL006", f"{model}(...) evaluates with autograd on (its result never reaches backward())")
+            yield _at(
+                fw.node,
+                "TVL006",
+                f"{model}(...) evaluates with autograd on (its result never reaches backward())",
+            )
 
 
 OPTIMIZER_CALL = re.compile(r"(^|\.)optim\.\w+$|Optimizer$|^(SGD|Adam|AdamW|RMSprop|Adagrad|LBFGS)$")
@@ -302,12 +428,18 @@ def _optimized_models(info: FileInfo) -> set[str] | None:
         for arg in given:
             covered, lambda_args = set(), set()
             for n in ast.walk(arg):
-                if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and (m := method(n)) \
-                        and m[1] in PARAMETER_METHODS:
+                if (
+                    isinstance(n, ast.Call)
+                    and isinstance(n.func, ast.Attribute)
+                    and (m := method(n))
+                    and m[1] in PARAMETER_METHODS
+                ):
                     held.add(m[0])
                     covered |= {id(x) for x in ast.walk(n.func.value)}
                 elif isinstance(n, ast.Call):
-                    covered |= {id(x) for x in ast.walk(n.func)}  # list(...), itertools.chain(...), filter(...)
+                    covered |= {
+                        id(x) for x in ast.walk(n.func)
+                    }  # list(...), itertools.chain(...), filter(...)
                 elif isinstance(n, ast.Lambda):
                     lambda_args |= {a.arg for a in n.args.args}
             for n in ast.walk(arg):
@@ -321,8 +453,24 @@ def _holds(held: set[str], key: str) -> bool:
     return any(h == key or key.startswith(h + ".") or h.startswith(key + ".") for h in map(model_key, held))
 
 
-WRAPPERS = {"DDP", "DistributedDataParallel", "DataParallel", "FSDP", "FullyShardedDataParallel", "compile",
-            "to", "cuda", "cpu", "half", "float", "double", "bfloat16", "train", "eval", "requires_grad_"}
+WRAPPERS = {
+    "DDP",
+    "DistributedDataParallel",
+    "DataParallel",
+    "FSDP",
+    "FullyShardedDataParallel",
+    "compile",
+    "to",
+    "cuda",
+    "cpu",
+    "half",
+    "float",
+    "double",
+    "bfloat16",
+    "train",
+    "eval",
+    "requires_grad_",
+}
 
 
 def _shares_with(info: FileInfo, model: str, held: set[str]) -> bool:
@@ -365,11 +513,14 @@ def _built_once(info: FileInfo, model: str) -> bool:
     key, built = model_key(model), False
     for node in info.nodes:
         if isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)) and key in {
-                model_key(text(n)) for n in ast.walk(node.target)}:
+            model_key(text(n)) for n in ast.walk(node.target)
+        }:
             return False
         if isinstance(node, ast.Assign) and any(model_key(text(t)) == key for t in node.targets):
             built = built or isinstance(node.value, ast.Call)
-        elif isinstance(node, ast.Assign) and any(key in {model_key(text(e)) for e in ast.walk(t)} for t in node.targets):
+        elif isinstance(node, ast.Assign) and any(
+            key in {model_key(text(e)) for e in ast.walk(t)} for t in node.targets
+        ):
             return False
     return built
 
@@ -390,17 +541,28 @@ def _frozen_model_passes(info: FileInfo) -> Iterator:
             model = fw.model.split("(")[0]
             if fw.grad is not True or _holds(held, model) or _inside_module_class(info, fw.node):
                 continue
-            if frame.root_key(fw.key) != fw.key or not _built_once(info, model) or _shares_with(info, model, held):
+            if (
+                frame.root_key(fw.key) != fw.key
+                or not _built_once(info, model)
+                or _shares_with(info, model, held)
+            ):
                 continue  # a model passed in under another name, one of several bound to it, or a wrapper
             if _is_parameter_of_walk(frame, fw.key) or _detached_in_statement(info, fw.node):
                 continue
-            if fw.node.lineno in lines or status(frame, fw.node, info, fw.pos) != "train" or \
-                    not _inputs_untrained(info, frame, fw.node, held):
+            if (
+                fw.node.lineno in lines
+                or status(frame, fw.node, info, fw.pos) != "train"
+                or not _inputs_untrained(info, frame, fw.node, held)
+            ):
                 continue
             lines.add(fw.node.lineno)
-            yield _at(fw.node, "TVL006", f"{model}(...) runs with autograd on, but no optimizer here holds its "
-                                          "parameters and its inputs come from no trained model: the graph built "
-                                          "through it reaches nothing backward() trains")
+            yield _at(
+                fw.node,
+                "TVL006",
+                f"{model}(...) runs with autograd on, but no optimizer here holds its "
+                "parameters and its inputs come from no trained model: the graph built "
+                "through it reaches nothing backward() trains",
+            )
 
 
 def _is_parameter_of_walk(frame, key: str) -> bool:
@@ -410,7 +572,9 @@ def _is_parameter_of_walk(frame, key: str) -> bool:
     fn = frame.scope
     if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
         return False
-    return key.split(".")[0] in {a.arg for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs} - {"self"}
+    return key.split(".")[0] in {a.arg for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs} - {
+        "self"
+    }
 
 
 def _detached_in_statement(info: FileInfo, node: ast.AST) -> bool:
@@ -442,7 +606,11 @@ def _inputs_untrained(info: FileInfo, frame, call: ast.Call, held: set[str]) -> 
             if not isinstance(n, ast.Call) or n is call:
                 continue
             callee = call_name(n)
-            if callee.split(".")[0] == "self" and callee.count(".") == 1 and callee.split(".")[1] in info.functions:
+            if (
+                callee.split(".")[0] == "self"
+                and callee.count(".") == 1
+                and callee.split(".")[1] in info.functions
+            ):
                 return False  # self.encode(x): a method of this file, not followed here
             if callee in info.functions or (info.is_model(callee) and _holds(held, callee)):
                 return False
@@ -492,14 +660,20 @@ def _loss_accumulation(info: FileInfo, loop: ast.AST) -> Iterator:
         return
     backwarded = info.__dict__.get("_backwarded")
     if backwarded is None:
-        backwarded = info._backwarded = {m[0] for n in info.nodes
-                                         if isinstance(n, ast.Call) and (m := method(n)) and m[1] == "backward"}
+        backwarded = info._backwarded = {
+            m[0] for n in info.nodes if isinstance(n, ast.Call) and (m := method(n)) and m[1] == "backward"
+        }
     for node in ast.walk(loop):
         target = value = None
         if isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Add):
             target, value = text(node.target), node.value
-        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.value, ast.BinOp) \
-                and isinstance(node.value.op, ast.Add) and text(node.value.left) == text(node.targets[0]):
+        elif (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.value, ast.BinOp)
+            and isinstance(node.value.op, ast.Add)
+            and text(node.value.left) == text(node.targets[0])
+        ):
             target, value = text(node.targets[0]), node.value.right
         if target is None or value is None or target in losses or target in backwarded:
             continue
@@ -510,14 +684,21 @@ def _loss_accumulation(info: FileInfo, loop: ast.AST) -> Iterator:
         if info.under_no_grad(node) or _computed_without_grad(info, loop, used & losses):
             continue  # a validation loss computed under no_grad has no graph to keep alive
         if used & losses and not _detached(value):
-            yield _at(node, "TVL007", f"'{target}' accumulates the loss tensor across iterations; every batch's "
-                                      "autograd graph stays alive")
+            yield _at(
+                node,
+                "TVL007",
+                f"'{target}' accumulates the loss tensor across iterations; every batch's "
+                "autograd graph stays alive",
+            )
 
 
 def _computed_without_grad(info: FileInfo, loop: ast.AST, names: set[str]) -> bool:
     """Every assignment of these names inside the loop happens under no_grad/inference_mode."""
-    sites = [n for n in ast.walk(loop) if isinstance(n, ast.Assign)
-             and names & {t for target in n.targets for t in _flat_targets(target)}]
+    sites = [
+        n
+        for n in ast.walk(loop)
+        if isinstance(n, ast.Assign) and names & {t for target in n.targets for t in _flat_targets(target)}
+    ]
     return bool(sites) and all(info.under_no_grad(n) for n in sites)
 
 
@@ -529,8 +710,14 @@ def _flat_targets(target: ast.AST) -> set[str]:
 
 def _assigned_before_in_body(info: FileInfo, loop: ast.AST, name: str, node: ast.stmt) -> bool:
     for stmt in ast.walk(loop):
-        if isinstance(stmt, ast.Assign) and stmt is not node and (stmt.lineno, stmt.col_offset) < (node.lineno, node.col_offset):
-            if name in {text(t) for t in stmt.targets} and _innermost_loop(info, stmt) is _innermost_loop(info, node):
+        if (
+            isinstance(stmt, ast.Assign)
+            and stmt is not node
+            and (stmt.lineno, stmt.col_offset) < (node.lineno, node.col_offset)
+        ):
+            if name in {text(t) for t in stmt.targets} and _innermost_loop(info, stmt) is _innermost_loop(
+                info, node
+            ):
                 return True
     return False
 
@@ -576,8 +763,13 @@ def _host_syncs(info: FileInfo, loop: Loop) -> Iterator:
     if not any(e.kind == "backward" and _innermost_loop(info, e.node) is loop for e in events):
         return
     for node in ast.walk(loop):
-        if isinstance(node, ast.Call) and (m := method(node)) and m[1] in ("item", "cpu", "numpy") \
-                and _innermost_loop(info, node) is loop and not _every_n_steps(info, node, loop):
+        if (
+            isinstance(node, ast.Call)
+            and (m := method(node))
+            and m[1] in ("item", "cpu", "numpy")
+            and _innermost_loop(info, node) is loop
+            and not _every_n_steps(info, node, loop)
+        ):
             if m[1] == "cpu" and (info.is_model(m[0]) or isinstance(info.parents.get(node), ast.Expr)):
                 continue  # model.cpu(): moves a module, not a per-step read of a tensor
             yield _at(node, "TVL010", f".{m[1]}() on every training step is a host sync")
@@ -599,8 +791,13 @@ def _every_n_steps(info: FileInfo, node: ast.AST, loop: ast.AST) -> bool:
 
 def _mean_of_batch_means(info: FileInfo) -> Iterator:
     for node in info.nodes:
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.Call) \
-                and call_name(node.right) == "len" and node.right.args:
+        if (
+            isinstance(node, ast.BinOp)
+            and isinstance(node.op, ast.Div)
+            and isinstance(node.right, ast.Call)
+            and call_name(node.right) == "len"
+            and node.right.args
+        ):
             loader = text(node.right.args[0])
             if "loader" in loader.lower() and "loss" in text(node.left).lower() and ".dataset" not in loader:
                 yield _at(node, "TVL011")
@@ -608,9 +805,14 @@ def _mean_of_batch_means(info: FileInfo) -> Iterator:
 
 def rules_table() -> str:
     """The README's rules table, generated from :data:`RULES`."""
-    lines = ["| code | level | default | what it finds | wrong | right |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| code | level | default | what it finds | wrong | right |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in RULES.values():
         wrong = r.wrong.replace("\n", "<br>").replace("|", "\\|")
         right = r.right.replace("\n", "<br>").replace("|", "\\|")
-        lines.append(f"| {r.code} | {r.level} | {'on' if r.default else 'off'} | {r.summary} | `{wrong}` | `{right}` |")
+        lines.append(
+            f"| {r.code} | {r.level} | {'on' if r.default else 'off'} | {r.summary} | `{wrong}` | `{right}` |"
+        )
     return "\n".join(lines)

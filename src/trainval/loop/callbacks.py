@@ -81,16 +81,22 @@ class EarlyStopping(Callback):
             return
         best_step = trainer.best_step
         if best_step is not None:  # the rows after the best one (every row has its step)
-            waited = sum(1 for r in trainer.history if isinstance(r.get("step"), int) and r["step"] > best_step)
+            waited = sum(
+                1 for r in trainer.history if isinstance(r.get("step"), int) and r["step"] > best_step
+            )
         else:  # a run resumed from a last.pt that recorded no best step: one row per epoch
             waited = row["epoch"] - trainer.best_epoch
         if waited >= self.patience:
             if trainer.options.val_every_steps:
-                trainer.log(f"early stopping: {trainer.monitor} has not improved for {self.patience} evaluations "
-                            f"(best {trainer.best_value:.4f} at step {best_step})")
+                trainer.log(
+                    f"early stopping: {trainer.monitor} has not improved for {self.patience} evaluations "
+                    f"(best {trainer.best_value:.4f} at step {best_step})"
+                )
             else:
-                trainer.log(f"early stopping: {trainer.monitor} has not improved for {self.patience} epochs "
-                            f"(best {trainer.best_value:.4f} at epoch {trainer.best_epoch})")
+                trainer.log(
+                    f"early stopping: {trainer.monitor} has not improved for {self.patience} epochs "
+                    f"(best {trainer.best_value:.4f} at epoch {trainer.best_epoch})"
+                )
             trainer.should_stop = True
 
 
@@ -121,8 +127,14 @@ class ProgressBar(Callback):
         if self.is_terminal:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self._total, initial=trainer.batch_in_epoch, file=self.stream, leave=False,
-                            desc=f"epoch {epoch}/{trainer.max_epochs}", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=self._total,
+                initial=trainer.batch_in_epoch,
+                file=self.stream,
+                leave=False,
+                desc=f"epoch {epoch}/{trainer.max_epochs}",
+                dynamic_ncols=True,
+            )
 
     def on_train_batch_end(self, trainer: Trainer, batch_index: int) -> None:
         now = time.monotonic()
@@ -139,7 +151,9 @@ class ProgressBar(Callback):
         else:
             metrics = " ".join(f"{k} {v}" for k, v in text.items())
             total = f"/{self._total}" if self._total else ""
-            self.stream.write(f"  epoch {self._epoch}/{trainer.max_epochs} batch {batch_index + 1}{total} {metrics}\n")
+            self.stream.write(
+                f"  epoch {self._epoch}/{trainer.max_epochs} batch {batch_index + 1}{total} {metrics}\n"
+            )
             self.stream.flush()
             self._next = now + self.line_s
 
@@ -182,8 +196,13 @@ def write_metrics_csv(path: str, history: list[dict]) -> None:
     atomic_write(path, lambda f: f.write(data), "metrics file")
 
 
-def plot_curves(path: str, history: list[dict], monitor: str | None = None, best_epoch: int | None = None,
-                x: str = "epoch") -> None:
+def plot_curves(
+    path: str,
+    history: list[dict],
+    monitor: str | None = None,
+    best_epoch: int | None = None,
+    x: str = "epoch",
+) -> None:
     """One panel per metric (loss first), train vs val per row, the best row marked, and a panel of
     every param group's learning rate; one PNG, written atomically. ``x``: ``"epoch"`` or ``"step"`` (the
     rows' column on the x axis; ``best_epoch`` is then the best row's value of it)."""
@@ -210,7 +229,9 @@ def plot_curves(path: str, history: list[dict], monitor: str | None = None, best
             if any(isinstance(v, (int, float)) and not math.isnan(v) for v in values):
                 ax.plot(epochs, [math.nan if v is None else v for v in values], marker="o", ms=3, label=split)
         if best_epoch is not None:
-            ax.axvline(best_epoch, color="grey", ls="--", lw=1, label=f"best ({monitor})" if monitor else "best")
+            ax.axvline(
+                best_epoch, color="grey", ls="--", lw=1, label=f"best ({monitor})" if monitor else "best"
+            )
         ax.set_title("Loss" if name == "loss" else ("Accuracy" if name == "acc" else name))
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
@@ -225,7 +246,9 @@ def plot_curves(path: str, history: list[dict], monitor: str | None = None, best
             ax.axvline(best_epoch, color="grey", ls="--", lw=1, label="best")
         if all(isinstance(rate := r.get(c), (int, float)) and rate > 0 for r in history for c in lr_columns):
             ax.set_yscale("log")
-        ax.set_title("Learning rate (at the epoch's start)" if x == "epoch" else "Learning rate (at the row's step)")
+        ax.set_title(
+            "Learning rate (at the epoch's start)" if x == "epoch" else "Learning rate (at the row's step)"
+        )
         ax.set_xlabel(x)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -257,17 +280,22 @@ class TensorBoardLogger(Callback):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("log.tensorboard=true needs TensorBoard: pip install 'trainval[tensorboard]'.") from None
+            raise ConfigError(
+                "log.tensorboard=true needs TensorBoard: pip install 'trainval[tensorboard]'."
+            ) from None
         if self.log_dir is None:
-            log_dir = runfolder.own_subfolder(trainer.out_dir, "tb", "cannot log to TensorBoard",
-                                              "writes TensorBoard's event files")
+            log_dir = runfolder.own_subfolder(
+                trainer.out_dir, "tb", "cannot log to TensorBoard", "writes TensorBoard's event files"
+            )
         else:  # the user's own choice of folder, anywhere
             log_dir = self.log_dir
             try:
                 os.makedirs(log_dir, exist_ok=True)
             except OSError as e:
-                raise ConfigError(f"cannot log to TensorBoard in {shown(log_dir)}: {os.strerror(e.errno or 0)}; "
-                                  "give TensorBoardLogger another log_dir.") from None
+                raise ConfigError(
+                    f"cannot log to TensorBoard in {shown(log_dir)}: {os.strerror(e.errno or 0)}; "
+                    "give TensorBoardLogger another log_dir."
+                ) from None
         self.writer = SummaryWriter(log_dir)
 
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:

@@ -72,7 +72,9 @@ class Checkpoints:
         if keep and k is not None and value is not None:
             name, fallen = t.state.add_top_k(epoch, t.global_step, value, k)
             if t.dist.is_main:
-                save_checkpoint({**state, "step": t.global_step}, os.path.join(t.out_dir, name), "top-k checkpoint")
+                save_checkpoint(
+                    {**state, "step": t.global_step}, os.path.join(t.out_dir, name), "top-k checkpoint"
+                )
             self.fallen += fallen  # removed after last.pt lists the new set (save_last)
 
     def tidy_top_k(self) -> None:
@@ -83,7 +85,9 @@ class Checkpoints:
         if t.dist.is_main and os.path.isdir(t.out_dir):
             kept = {e["file"] for e in t.state.top_k}
             remove_top_k_files(t.out_dir, stray_top_k_files(t.out_dir, kept))
-            gone = [e["file"] for e in t.state.top_k if not os.path.isfile(os.path.join(t.out_dir, e["file"]))]
+            gone = [
+                e["file"] for e in t.state.top_k if not os.path.isfile(os.path.join(t.out_dir, e["file"]))
+            ]
             if gone:
                 t.log(f"top-k checkpoints missing from {t.out_dir} (no longer kept): {', '.join(gone)}")
                 t.state.top_k = [e for e in t.state.top_k if e["file"] not in gone]
@@ -107,12 +111,16 @@ class Checkpoints:
         if resume:
             pass  # last.pt was read and agreed on above
         elif not t.options.overwrite and os.path.exists(t.last_path):
-            raise RunFolderError(f"{t.out_dir} already holds a run (last.pt); resume it, "
-                                 "choose another folder, or allow overwriting it (run.overwrite=true, "
-                                 "Trainer(overwrite=True)).")
+            raise RunFolderError(
+                f"{t.out_dir} already holds a run (last.pt); resume it, "
+                "choose another folder, or allow overwriting it (run.overwrite=true, "
+                "Trainer(overwrite=True))."
+            )
         elif os.path.exists(t.best_path) and not os.path.exists(t.last_path):
-            t.log(f"{t.best_path} has no last.pt beside it (a fit stopped before its first epoch was "
-                     "saved): starting over.")
+            t.log(
+                f"{t.best_path} has no last.pt beside it (a fit stopped before its first epoch was "
+                "saved): starting over."
+            )
         if t.config is not None and t.dist.is_main:
             text = yaml.safe_dump({**t.config, "versions": versions()}, sort_keys=False).encode()
             atomic_write(os.path.join(t.out_dir, "config.yaml"), lambda f: f.write(text), "config")
@@ -129,7 +137,9 @@ class Checkpoints:
         state, seen, refused = None, "no last.pt", None
         if os.path.exists(t.last_path):
             try:
-                state = load_checkpoint(t.last_path, map_location="cpu")  # not N full copies on the GPUs (FSDP)
+                state = load_checkpoint(
+                    t.last_path, map_location="cpu"
+                )  # not N full copies on the GPUs (FSDP)
                 try:
                     check_last(state, t.last_path)  # its fields are data from a file, checked before any use
                 except CheckpointError as e:
@@ -145,33 +155,49 @@ class Checkpoints:
         views = distributed.all_gather_objects(seen)
         if len(set(views)) > 1:
             each = "; ".join(f"rank {r}: {v}" for r, v in enumerate(views))
-            raise CheckpointError(f"cannot resume: the processes see different last.pt files in {t.out_dir} ({each}). "
-                                  "Every process must resume from the same checkpoint: put the run folder on a file "
-                                  "system every node mounts.")
+            raise CheckpointError(
+                f"cannot resume: the processes see different last.pt files in {t.out_dir} ({each}). "
+                "Every process must resume from the same checkpoint: put the run folder on a file "
+                "system every node mounts."
+            )
         if refused is not None:
             raise refused
         if state is None:
             if seen != "no last.pt":
                 raise CheckpointError(f"cannot resume from {t.last_path}: {seen}.")
-            raise CheckpointError(f"cannot resume: no last.pt in {t.out_dir} (no epoch was saved there); "
-                                  "start without resume to train from the beginning.")
+            raise CheckpointError(
+                f"cannot resume: no last.pt in {t.out_dir} (no epoch was saved there); "
+                "start without resume to train from the beginning."
+            )
         return state
 
     def best_state(self, epoch: int) -> dict:
         """best.pt (and a top-k file): the weights, and the row they were chosen at (under FSDP a collective)."""
         t = self.t
-        return {"model": t.strategy.model_state_dict(t.model), "epoch": epoch, "step": t.global_step,
-                "task": t.task.name, "monitor": t.monitor, "value": t.best_value, "config": t.config,
-                "versions": versions()}
+        return {
+            "model": t.strategy.model_state_dict(t.model),
+            "epoch": epoch,
+            "step": t.global_step,
+            "task": t.task.name,
+            "monitor": t.monitor,
+            "value": t.best_value,
+            "config": t.config,
+            "versions": versions(),
+        }
 
     def app_state(self) -> dict:
         """Everything a resumed run needs to continue bit for bit."""
         t = self.t
         pending = bool(t.train_metrics.sizes)  # batches since the last row (mid-epoch, or val_every_steps)
-        t.state.row_seconds = max(0.0, time.perf_counter() - t.row_started) if t.options.val_every_steps else 0.0
+        t.state.row_seconds = (
+            max(0.0, time.perf_counter() - t.row_started) if t.options.val_every_steps else 0.0
+        )
         # Each rank's own random streams and running sums; rank 0 gets every rank's (a collective).
-        own = {"rng": rng_state(), "epoch_start_rng": (t.state.epoch_start or {}).get("rng"),
-               "train_metrics": t.train_metrics.state_dict() if pending else None}
+        own = {
+            "rng": rng_state(),
+            "epoch_start_rng": (t.state.epoch_start or {}).get("rng"),
+            "train_metrics": t.train_metrics.state_dict() if pending else None,
+        }
         whole = not t.strategy.sharded_checkpoint  # sharded: model and optimizer go to the shards
         return {
             **({"model": t.strategy.model_state_dict(t.model)} if whole else {}),
@@ -196,26 +222,36 @@ class Checkpoints:
         needed = ("optimizer" if "shards" not in state else "shards", "rng", "generator", "loop")
         missing = [k for k in needed if k not in state]
         if missing:
-            raise CheckpointError(f"{t.last_path} cannot be resumed from: it lacks {', '.join(missing)} "
-                                  "(a weights-only checkpoint, or one written by an older trainval).")
+            raise CheckpointError(
+                f"{t.last_path} cannot be resumed from: it lacks {', '.join(missing)} "
+                "(a weights-only checkpoint, or one written by an older trainval)."
+            )
         saved = state["loop"]
         if (saved["monitor"], saved["mode"]) != (t.monitor, t.mode):
-            raise ConfigError(f"{t.last_path} was monitoring {shown(saved['monitor'])} ({saved['mode']}); this run monitors "
-                              f"{t.monitor} ({t.mode}). Its best value cannot be compared: resume with the same "
-                              "monitor, or start a new run.")
+            raise ConfigError(
+                f"{t.last_path} was monitoring {shown(saved['monitor'])} ({saved['mode']}); this run monitors "
+                f"{t.monitor} ({t.mode}). Its best value cannot be compared: resume with the same "
+                "monitor, or start a new run."
+            )
         if state.get("task", t.task.name) != t.task.name:
             raise ConfigError(f"{t.last_path} was a {shown(state['task'])} run; this one is {t.task.name}.")
         written_by = len(state.get("ranks") or []) or None
-        pending = any(r.get("train_metrics") is not None for r in state.get("ranks") or [])  # since the last row
+        pending = any(
+            r.get("train_metrics") is not None for r in state.get("ranks") or []
+        )  # since the last row
         if (saved.get("batch_in_epoch", 0) > 0 or pending) and written_by and written_by != t.dist.world_size:
             # each rank's shard of the epoch, and so what was done, depends on the number of processes
-            where = (f"in the middle of epoch {state.get('epoch', 0) + 1}" if saved.get("batch_in_epoch", 0) > 0
-                     else "between two validations (val_every_steps)")
+            where = (
+                f"in the middle of epoch {state.get('epoch', 0) + 1}"
+                if saved.get("batch_in_epoch", 0) > 0
+                else "between two validations (val_every_steps)"
+            )
             raise CheckpointError(
                 f"{t.last_path} was saved {where} by {written_by} "
                 f"process{'es' if written_by > 1 else ''}; this run has {t.dist.world_size}. The samples already "
                 f"trained since are known only for {written_by}: resume with {written_by} "
-                f"(--nproc {written_by}), then change the number of processes at an epoch's end.")
+                f"(--nproc {written_by}), then change the number of processes at an epoch's end."
+            )
         if "shards" in state:  # each rank reads the pieces of its own shards (a collective)
             shards = t.strategy.sharded_state_dict(t.model, t.optimizer)
             sharded.load(shards, state["shards"], t.last_path)
@@ -232,9 +268,11 @@ class Checkpoints:
             if t.scheduler is not None and state.get("scheduler") is not None:
                 t.scheduler.load_state_dict(state["scheduler"])
         except (KeyError, ValueError, TypeError) as e:  # another optimizer or scheduler than last.pt's
-            raise CheckpointError(f"{t.last_path} cannot be resumed with this optimizer/scheduler: its saved "
-                                  f"state does not fit ({type(e).__name__}: {e}). Resume with the ones it was "
-                                  "trained with.") from None
+            raise CheckpointError(
+                f"{t.last_path} cannot be resumed with this optimizer/scheduler: its saved "
+                f"state does not fit ({type(e).__name__}: {e}). Resume with the ones it was "
+                "trained with."
+            ) from None
         t.amp.load_state_dict(state.get("scaler"))
         t.state.load_state_dict(saved, t.last_path)
         for cb, cb_state in zip(t.callbacks, state.get("callbacks", [])):
@@ -245,14 +283,24 @@ class Checkpoints:
                 t.train_loader.load_state_dict(state["loader"])
             own = self.own_state(state)
             set_rng_state(own["rng"])
-        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # check_last saw their types only
-            raise CheckpointError(f"{t.last_path} cannot be resumed from: its random generators' states are not "
-                                  f"ones trainval saved ({type(e).__name__}: {shown(str(e))}); start a new run, or "
-                                  "resume from a last.pt that trainval wrote.") from None
+        except (
+            KeyError,
+            IndexError,
+            TypeError,
+            ValueError,
+            RuntimeError,
+        ) as e:  # check_last saw their types only
+            raise CheckpointError(
+                f"{t.last_path} cannot be resumed from: its random generators' states are not "
+                f"ones trainval saved ({type(e).__name__}: {shown(str(e))}); start a new run, or "
+                "resume from a last.pt that trainval wrote."
+            ) from None
         if t.batch_in_epoch > 0:
             t.epoch_record()["rng"] = own["epoch_start_rng"]
             t.pending_rng = own["rng"]
-        if own.get("train_metrics") is not None:  # the batches since the last row (mid-epoch, val_every_steps)
+        if (
+            own.get("train_metrics") is not None
+        ):  # the batches since the last row (mid-epoch, val_every_steps)
             t.train_metrics.load_state_dict(own["train_metrics"], t.train_loader.num_batches)
 
     def own_state(self, state: dict) -> dict:
@@ -265,7 +313,11 @@ class Checkpoints:
         # the other ranks fresh streams of their own.
         if t.dist.rank > 0:
             seed_everything(hash((t.options.seed, t.dist.rank, t.global_step)) % 2**31)
-            return {"rng": rng_state(), "epoch_start_rng": rng_state(), "train_metrics": state.get("train_metrics")}
+            return {
+                "rng": rng_state(),
+                "epoch_start_rng": rng_state(),
+                "train_metrics": state.get("train_metrics"),
+            }
         start = (state["loop"].get("epoch_start") or {}).get("rng")
         return {"rng": state["rng"], "epoch_start_rng": start, "train_metrics": state.get("train_metrics")}
 
@@ -277,10 +329,13 @@ class Checkpoints:
         self.writes.wait()  # a background write of last.pt ends first
         distributed.barrier()  # rank 0 may still be writing it
         if ckpt == "best" and not os.path.exists(path):
-            raise CheckpointError(f"no best.pt in {t.out_dir}: run fit first, or pass ckpt=None to use the "
-                                  "current weights.")
+            raise CheckpointError(
+                f"no best.pt in {t.out_dir}: run fit first, or pass ckpt=None to use the current weights."
+            )
         state = load_checkpoint(path, map_location="cpu")
-        t.strategy.load_model_state_dict(t.model, sharded.model_weights(state, path), path)  # shards: put together
+        t.strategy.load_model_state_dict(
+            t.model, sharded.model_weights(state, path), path
+        )  # shards: put together
 
     def save_mid_epoch(self, epoch: int) -> None:
         """last.pt inside an epoch: never from non-finite weights; with the seconds run so far."""
@@ -303,10 +358,17 @@ class Checkpoints:
         state = self.app_state()  # a collective under FSDP and on several processes
         if t.strategy.sharded_checkpoint:
             if t.options.async_save and self.save_group is None:
-                self.save_group = sharded.async_group()  # a collective, once: saves leave training's group alone
+                self.save_group = (
+                    sharded.async_group()
+                )  # a collective, once: saves leave training's group alone
             shards = t.strategy.sharded_state_dict(t.model, t.optimizer)
-            write = sharded.write(shards, state if t.dist.is_main else None, t.out_dir,
-                                  background=t.options.async_save, group=self.save_group)
+            write = sharded.write(
+                shards,
+                state if t.dist.is_main else None,
+                t.out_dir,
+                background=t.options.async_save,
+                group=self.save_group,
+            )
         elif t.dist.is_main:
             if t.options.async_save:
                 state = snapshot(state)  # copies: the next optimizer steps must not change what is written
@@ -322,12 +384,14 @@ class Checkpoints:
             def write() -> None:
                 saved()
                 remove_top_k_files(t.out_dir, fallen)  # only now: last.pt lists the new set
+
         if with_metrics and t.dist.is_main:
             rows, whole = [dict(row) for row in t.history], write
 
             def write() -> None:
                 whole()
                 write_metrics_csv(os.path.join(t.out_dir, "metrics.csv"), rows)  # never ahead of last.pt
+
         self.writes.run(write, t.last_path, background=t.options.async_save)
 
     def wait(self) -> None:
@@ -340,4 +404,3 @@ class Checkpoints:
             self.writes.wait()
         except CheckpointError as e:
             t.log(f"error: {e}")  # another error is on its way out; this one is reported, not lost
-

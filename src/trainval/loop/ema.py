@@ -54,10 +54,15 @@ class EMA(Callback):
     """
 
     def __init__(self, decay: float):
-        if not (isinstance(decay, numbers.Real) and not isinstance(decay, bool) and math.isfinite(decay)
-                and 0.0 < decay < 1.0):
-            raise ConfigError(f"EMA decay must be a number strictly between 0 and 1 (e.g. 0.999), got "
-                              f"{shown_repr(decay)}.")
+        if not (
+            isinstance(decay, numbers.Real)
+            and not isinstance(decay, bool)
+            and math.isfinite(decay)
+            and 0.0 < decay < 1.0
+        ):
+            raise ConfigError(
+                f"EMA decay must be a number strictly between 0 and 1 (e.g. 0.999), got {shown_repr(decay)}."
+            )
         self.decay: float = float(decay)
         self.updates: int = 0  # AveragedModel's n_averaged
         self.averaged: list[torch.Tensor] = []  # one per parameter, placed (and sharded) like it
@@ -76,9 +81,13 @@ class EMA(Callback):
         loaded, self._loaded = self._loaded, None
         if loaded:
             self._load(loaded, trainer.last_path)
-        elif trainer.global_step > 0:  # resumed from a last.pt without EMA weights: the average cannot continue
-            raise CheckpointError(f"{trainer.last_path} holds no EMA weights (it was trained without EMA), so the average "
-                                  "cannot continue exactly: resume without EMA, or start a new run with it.")
+        elif (
+            trainer.global_step > 0
+        ):  # resumed from a last.pt without EMA weights: the average cannot continue
+            raise CheckpointError(
+                f"{trainer.last_path} holds no EMA weights (it was trained without EMA), so the average "
+                "cannot continue exactly: resume without EMA, or start a new run with it."
+            )
         else:
             self.updates = 0
 
@@ -115,36 +124,58 @@ class EMA(Callback):
     def state_dict(self) -> dict:
         """``{"decay", "updates", "averaged": {name: full tensor on the CPU}}``; under FSDP a collective."""
         full = [a.full_tensor() if _is_dtensor(a) else a for a in self.averaged]
-        return {"decay": self.decay, "updates": self.updates,
-                "averaged": {n: t.detach().cpu() for n, t in zip(self._names, full)}}
+        return {
+            "decay": self.decay,
+            "updates": self.updates,
+            "averaged": {n: t.detach().cpu() for n, t in zip(self._names, full)},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self._loaded = state if isinstance(state, dict) else {"invalid": state}
 
     def _load(self, state: dict, path: str) -> None:
         updates, decay, averaged = state.get("updates"), state.get("decay"), state.get("averaged")
-        if not (isinstance(updates, int) and not isinstance(updates, bool) and updates >= 0
-                and isinstance(decay, float) and isinstance(averaged, dict)):
-            raise CheckpointError(f"{path} is not a checkpoint trainval wrote: its EMA state is {shown_repr(state)}; "
-                                  "start a new run, or resume from a last.pt that trainval wrote.")
+        if not (
+            isinstance(updates, int)
+            and not isinstance(updates, bool)
+            and updates >= 0
+            and isinstance(decay, float)
+            and isinstance(averaged, dict)
+        ):
+            raise CheckpointError(
+                f"{path} is not a checkpoint trainval wrote: its EMA state is {shown_repr(state)}; "
+                "start a new run, or resume from a last.pt that trainval wrote."
+            )
         if decay != self.decay:
-            raise ConfigError(f"{path} was averaged with EMA decay {decay!r}; this run's is {self.decay!r}: resume with "
-                              "the same decay, or start a new run.")
+            raise ConfigError(
+                f"{path} was averaged with EMA decay {decay!r}; this run's is {self.decay!r}: resume with "
+                "the same decay, or start a new run."
+            )
         names = set(self._names)
         wrong = sorted(set(averaged) ^ names) + [
-            n for n, p in zip(self._names, self._params)
-            if n in averaged and not (isinstance(averaged[n], torch.Tensor) and averaged[n].shape == p.shape
-                                      and averaged[n].dtype == p.dtype)]
+            n
+            for n, p in zip(self._names, self._params)
+            if n in averaged
+            and not (
+                isinstance(averaged[n], torch.Tensor)
+                and averaged[n].shape == p.shape
+                and averaged[n].dtype == p.dtype
+            )
+        ]
         if wrong:
-            raise CheckpointError(f"{path}'s EMA weights do not fit this model ({shown_names(wrong, 8)}): resume with "
-                                  "the model it was trained with.")
+            raise CheckpointError(
+                f"{path}'s EMA weights do not fit this model ({shown_names(wrong, 8)}): resume with "
+                "the model it was trained with."
+            )
         with torch.no_grad():
             for a, name in zip(self.averaged, self._names):
                 full = averaged[name]
                 if _is_dtensor(a):  # this rank's shard of the full tensor: no communication
                     from torch.distributed.tensor import distribute_tensor
 
-                    full = distribute_tensor(full.to(a.device), a.device_mesh, a.placements, src_data_rank=None).to_local()
+                    full = distribute_tensor(
+                        full.to(a.device), a.device_mesh, a.placements, src_data_rank=None
+                    ).to_local()
                 _local(a).copy_(full)
         self.updates = updates
 

@@ -116,15 +116,18 @@ class Guard:
                 "training loss was finite: an optimizer step (or a callback) made them NaN or Inf after the last loss "
                 "was computed (a non-finite learning rate from the scheduler, an overflow). Training stopped and "
                 f"nothing from this epoch was saved (the last good checkpoint is {t.last_path}). Check the "
-                "scheduler, lower the learning rate or clip gradients.")
+                "scheduler, lower the learning rate or clip gradients."
+            )
 
     def _poll_distributed(self, epoch: int, last: bool) -> None:
         metrics = self.trainer.train_metrics
         k = len(metrics.sizes)
-        flags = torch.stack([
-            (~torch.isfinite(metrics.losses[:k])).any().to(torch.int64),
-            torch.tensor(self.stop_signal or 0, device=metrics.losses.device),
-        ])
+        flags = torch.stack(
+            [
+                (~torch.isfinite(metrics.losses[:k])).any().to(torch.int64),
+                torch.tensor(self.stop_signal or 0, device=metrics.losses.device),
+            ]
+        )
         if dist.get_backend() != "nccl":
             flags = flags.cpu()
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
@@ -145,5 +148,8 @@ class Guard:
         assert self.stop_signal is not None  # set by the handler, or agreed on by the ranks
         name = signal.Signals(self.stop_signal).name
         where = f"epoch {epoch}, batch {t.batch_in_epoch}" if mid_epoch else f"the end of epoch {epoch}"
-        raise Interrupted(f"stopped by {name} at {where}; {t.last_path} is saved. Resume with "
-                          "`trainval fit CONFIG --resume` or Trainer.fit(..., resume=True).", self.stop_signal)
+        raise Interrupted(
+            f"stopped by {name} at {where}; {t.last_path} is saved. Resume with "
+            "`trainval fit CONFIG --resume` or Trainer.fit(..., resume=True).",
+            self.stop_signal,
+        )

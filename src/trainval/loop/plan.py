@@ -78,8 +78,9 @@ class StepPlan:
 
     # What each batch's loss weighs
 
-    def exact_weighting(self, loss_fn: nn.Module, task: Task, loader: Loader,
-                        world: int) -> tuple[Callable[[torch.Tensor], Any], bool] | None:
+    def exact_weighting(
+        self, loss_fn: nn.Module, task: Task, loader: Loader, world: int
+    ) -> tuple[Callable[[torch.Tensor], Any], bool] | None:
         """``(weigh, across_ranks)`` when this epoch's batches are weighted exactly, else ``None``.
 
         ``None`` for a loss whose denominator trainval cannot know (the mean of micro-batch means, as
@@ -97,8 +98,15 @@ class StepPlan:
             return None
         return weigh, across_ranks
 
-    def weighted(self, steps: Iterator[Step], start: int, weigh: Callable[[torch.Tensor], Any], across_ranks: bool,
-                 world: int, device: torch.device) -> Iterator[Step]:
+    def weighted(
+        self,
+        steps: Iterator[Step],
+        start: int,
+        weigh: Callable[[torch.Tensor], Any],
+        across_ranks: bool,
+        world: int,
+        device: torch.device,
+    ) -> Iterator[Step]:
         """The epoch's steps with ``scale`` and ``weight`` set, an accumulation group read ahead at a time.
 
         ``weight`` is what the batch's mean loss was divided by (:func:`~trainval.tasks.loss_weight_fn`);
@@ -123,11 +131,13 @@ class StepPlan:
             total = sum(weights)  # a device tensor (ignore_index, class weights) or an int (shapes only)
             if across_ranks or isinstance(total, torch.Tensor):  # (ints alone: host arithmetic, no device op)
                 dtype = torch.float32 if device.type == "mps" else torch.float64
-                total = (total.to(dtype) if isinstance(total, torch.Tensor)
-                         else torch.full((), float(total), dtype=dtype, device=device))
+                total = (
+                    total.to(dtype)
+                    if isinstance(total, torch.Tensor)
+                    else torch.full((), float(total), dtype=dtype, device=device)
+                )
                 if across_ranks:
                     total = distributed.all_reduce_sum(total)
             for step, weight in zip(group, weights):
                 step.scale, step.weight = weight * world / total, weight
                 yield step
-

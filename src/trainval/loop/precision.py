@@ -37,7 +37,9 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, clip: float | None, clip_fn: Any, model: nn.Module) -> None:
+    def step(
+        self, optimizer: torch.optim.Optimizer, clip: float | None, clip_fn: Any, model: nn.Module
+    ) -> None:
         """``optimizer.step()``, then ``zero_grad(set_to_none=True)``: never between backward and step.
 
         ``clip``: the largest global gradient norm, applied by ``clip_fn(model, clip)`` (the strategy's: under

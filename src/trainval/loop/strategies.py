@@ -54,8 +54,9 @@ class SingleProcess:
     name = "single"
     sharded_checkpoint = False  # last.pt: one whole file from rank 0 (True: every rank writes its shards)
 
-    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-             compile: Compile) -> tuple[nn.Module, nn.Module]:
+    def wrap(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, compile: Compile
+    ) -> tuple[nn.Module, nn.Module]:
         """``(train_model, eval_model)``: the modules the steps call."""
         net = compile(model)
         return net, net
@@ -76,7 +77,9 @@ class SingleProcess:
     def optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
         return optimizer.state_dict()
 
-    def load_optimizer_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    def load_optimizer_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict
+    ) -> None:
         optimizer.load_state_dict(state)
 
     def sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -86,11 +89,17 @@ class SingleProcess:
         model_state, optimizer_state = get_state_dict(unwrap_model(model), optimizer)
         return {"model": model_state, "optimizer": optimizer_state}
 
-    def load_sharded_state_dict(self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    def load_sharded_state_dict(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict
+    ) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        set_state_dict(unwrap_model(model), optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"])
+        set_state_dict(
+            unwrap_model(model),
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
 
     def all_finite(self, model: nn.Module) -> bool:
         """Are all weights finite? One host read (a sync point, once per epoch)."""
@@ -120,8 +129,10 @@ class DDPStrategy(SingleProcess):
     def wrap(self, model, optimizer, device, compile):
         if self.sync_batchnorm:
             if device.type != "cuda":
-                raise ConfigError("sync_batchnorm needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); "
-                                  "turn it off on the CPU.")
+                raise ConfigError(
+                    "sync_batchnorm needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); "
+                    "turn it off on the CPU."
+                )
             _convert_sync_batchnorm(model)
         net = compile(model)
         ids = [device.index] if device.type == "cuda" else None
@@ -149,9 +160,15 @@ class FSDPStrategy(SingleProcess):
     name = "fsdp"
     sharded_checkpoint = True  # no rank ever holds the whole model or optimizer state for last.pt
 
-    def __init__(self, wrap_modules: tuple[type, ...] | Callable[[nn.Module], bool] | None = None, *,
-                 param_dtype: torch.dtype | None = None, reduce_dtype: torch.dtype | None = None,
-                 cpu_offload: bool = False, reshard_after_forward: bool = True):
+    def __init__(
+        self,
+        wrap_modules: tuple[type, ...] | Callable[[nn.Module], bool] | None = None,
+        *,
+        param_dtype: torch.dtype | None = None,
+        reduce_dtype: torch.dtype | None = None,
+        cpu_offload: bool = False,
+        reshard_after_forward: bool = True,
+    ):
         self.wrap_modules, self.cpu_offload = wrap_modules, cpu_offload
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
         self.reshard_after_forward = reshard_after_forward
@@ -168,8 +185,10 @@ class FSDPStrategy(SingleProcess):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
         if self.cpu_offload and device.type == "cpu":
-            raise ConfigError("FSDP's cpu_offload moves GPU memory to the CPU; the model is on the CPU already: "
-                              "turn cpu_offload off, or train on CUDA.")
+            raise ConfigError(
+                "FSDP's cpu_offload moves GPU memory to the CPU; the model is on the CPU already: "
+                "turn cpu_offload off, or train on CUDA."
+            )
         _ensure_process_group(device)
         world = dist.get_world_size()
         # Every rank shards its own copy: start them all from rank 0's weights, as DDP does.
@@ -180,7 +199,9 @@ class FSDPStrategy(SingleProcess):
         mesh = init_device_mesh(device.type, (world,))
         kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": self.reshard_after_forward}
         if self.param_dtype is not None or self.reduce_dtype is not None:
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype)
+            kwargs["mp_policy"] = MixedPrecisionPolicy(
+                param_dtype=self.param_dtype, reduce_dtype=self.reduce_dtype
+            )
         if self.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
         parents = {id(child): parent for parent in model.modules() for child in parent.children()}
@@ -225,8 +246,9 @@ class FSDPStrategy(SingleProcess):
     def load_optimizer_state_dict(self, model, optimizer, state):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(unwrap_model(model), optimizer, state,
-                                 options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            unwrap_model(model), optimizer, state, options=StateDictOptions(full_state_dict=True)
+        )
 
     def all_finite(self, model):
         local = [p.to_local().detach() if hasattr(p, "to_local") else p.detach() for p in model.parameters()]
@@ -268,11 +290,18 @@ def _ensure_process_group(device: torch.device) -> None:
     if dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=distributed.timeout_seconds()))
+    dist.init_process_group(
+        backend,
+        store=dist.HashStore(),
+        rank=0,
+        world_size=1,
+        timeout=datetime.timedelta(seconds=distributed.timeout_seconds()),
+    )
 
 
-def make_strategy(spec: str | SingleProcess, *, distributed_on: bool, sync_batchnorm: bool = False) -> SingleProcess:
+def make_strategy(
+    spec: str | SingleProcess, *, distributed_on: bool, sync_batchnorm: bool = False
+) -> SingleProcess:
     """The strategy object for ``"auto"``/``"ddp"``/``"fsdp"`` (or one given as an object).
 
     ``"auto"``: DDP on several processes, the plain model on one. ``"ddp"`` on one process is the plain
@@ -281,8 +310,10 @@ def make_strategy(spec: str | SingleProcess, *, distributed_on: bool, sync_batch
     if isinstance(spec, SingleProcess):
         return spec
     if spec not in STRATEGIES:
-        raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)} (or a trainval.loop.strategies object), "
-                          f"got {spec!r}.")
+        raise ConfigError(
+            f"strategy must be one of {', '.join(STRATEGIES)} (or a trainval.loop.strategies object), "
+            f"got {spec!r}."
+        )
     if spec == "fsdp":
         if sync_batchnorm:
             raise ConfigError("sync_batchnorm works with strategy 'ddp' (or 'auto'), not with 'fsdp'.")

@@ -20,7 +20,9 @@ def trainer_arguments(trainer: Trainer) -> dict:
         "model": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
         "optimizer": type(opt).__name__,
-        "optimizer_args": {k: v for k, v in ((k, plain(v)) for k, v in opt.defaults.items()) if v is not None},
+        "optimizer_args": {
+            k: v for k, v in ((k, plain(v)) for k, v in opt.defaults.items()) if v is not None
+        },
         "param_groups": len(opt.param_groups),
         "loss_fn": type(trainer.loss_fn).__name__ if trainer.loss_fn is not None else None,
         "scheduler": type(trainer.scheduler).__name__ if trainer.scheduler is not None else None,
@@ -30,8 +32,25 @@ def trainer_arguments(trainer: Trainer) -> dict:
         "callbacks": [type(cb).__name__ for cb in trainer.callbacks],
         "device": str(trainer.device),
     }
-    for name in ("max_epochs", "max_steps", "val_every_steps", "seed", "batch_size", "eval_batch_size", "grad_clip", "accumulate_steps",
-                 "precision", "compile", "checkpoint_every_steps", "async_save", "save_top_k", "on_device", "num_workers", "overwrite", "plot"):
+    for name in (
+        "max_epochs",
+        "max_steps",
+        "val_every_steps",
+        "seed",
+        "batch_size",
+        "eval_batch_size",
+        "grad_clip",
+        "accumulate_steps",
+        "precision",
+        "compile",
+        "checkpoint_every_steps",
+        "async_save",
+        "save_top_k",
+        "on_device",
+        "num_workers",
+        "overwrite",
+        "plot",
+    ):
         args[name] = plain(getattr(trainer.options, name, None))
     args["eval_batch_size"] = args["eval_batch_size"] or args["batch_size"]
     return args
@@ -48,7 +67,9 @@ class RunSummary(Callback):
         self.started: str | None = None
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        previous = read_summary(trainer.out_dir) if trainer.epoch > 0 else None  # a resumed run keeps its start
+        previous = (
+            read_summary(trainer.out_dir) if trainer.epoch > 0 else None
+        )  # a resumed run keeps its start
         self.started = (previous or {}).get("started") or now()
         self._write(trainer, "running")
 

@@ -41,8 +41,11 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, str]:
 
 def scalars(row: dict) -> dict[str, float]:
     """The numeric columns of a row (``epoch`` is where it is, not a scalar; ``step`` is one, as in metrics.csv)."""
-    return {k: float(v) for k, v in row.items()
-            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in row.items()
+        if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def _at(trainer: Trainer, row: dict) -> int:
@@ -92,10 +95,15 @@ def check_reachable(uri: str, what: str, hint: str, timeout: float = REACH_SECON
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
-        reason = (f"no answer within {timeout:g} s" if isinstance(e, TimeoutError)
-                  else e.strerror or type(e).__name__)
+        reason = (
+            f"no answer within {timeout:g} s"
+            if isinstance(e, TimeoutError)
+            else e.strerror or type(e).__name__
+        )
         via = f" through the proxy {_shown_uri(proxy)}" if proxy and host != parts.hostname else ""
-        raise ConfigError(f"{what} {_shown_uri(uri)}: cannot connect{via} ({shown(reason)}); {hint}.") from None
+        raise ConfigError(
+            f"{what} {_shown_uri(uri)}: cannot connect{via} ({shown(reason)}); {hint}."
+        ) from None
 
 
 def _shown_uri(uri: str) -> str:
@@ -122,8 +130,16 @@ class MLflowLogger(Callback):
     A server (``http(s)://``) must accept a connection within a few seconds at the start of the fit.
     """
 
-    def __init__(self, tracking_uri: str | None = None, experiment: str = "trainval", run_name: str | None = None,
-                 params: dict | None = None, log_best_checkpoint: bool = False, *, uri_name: str = "tracking_uri"):
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment: str = "trainval",
+        run_name: str | None = None,
+        params: dict | None = None,
+        log_best_checkpoint: bool = False,
+        *,
+        uri_name: str = "tracking_uri",
+    ):
         self.tracking_uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
         self.uri_name = uri_name
         self.params, self.log_best_checkpoint = params, log_best_checkpoint
@@ -141,7 +157,7 @@ class MLflowLogger(Callback):
         uri = self.tracking_uri or default_mlflow_uri(trainer.out_dir)
         check_reachable(uri, self.uri_name, f"start the MLflow server, or fix {self.uri_name}")
         if uri.startswith("sqlite:///"):  # a FIFO there would stall SQLite's open for minutes
-            database = uri[len("sqlite:///"):]
+            database = uri[len("sqlite:///") :]
             if os.path.lexists(database):
                 check_regular(database, f"the MLflow database of {self.uri_name}", ConfigError)
         try:
@@ -152,25 +168,32 @@ class MLflowLogger(Callback):
             else:
                 artifacts = None
                 if self.tracking_uri is None:  # beside the database, not in the current folder
-                    artifacts = "file://" + os.path.join(os.path.dirname(os.path.abspath(trainer.out_dir)), "mlartifacts")
+                    artifacts = "file://" + os.path.join(
+                        os.path.dirname(os.path.abspath(trainer.out_dir)), "mlartifacts"
+                    )
                 experiment_id = self.client.create_experiment(self.experiment, artifact_location=artifacts)
             if self.run_id is not None:  # resumed: the same MLflow run
                 self.client.update_run(self.run_id, status="RUNNING")
                 return
-            run = self.client.create_run(experiment_id, run_name=self.run_name or os.path.basename(trainer.out_dir),
-                                         tags={"trainval.run_folder": os.path.abspath(trainer.out_dir)})
+            run = self.client.create_run(
+                experiment_id,
+                run_name=self.run_name or os.path.basename(trainer.out_dir),
+                tags={"trainval.run_folder": os.path.abspath(trainer.out_dir)},
+            )
             self.run_id = run.info.run_id
             from mlflow.entities import Param
 
             params = [Param(k, v) for k, v in _params(trainer, self.params).items()]
             for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per batch
-                self.client.log_batch(self.run_id, params=params[i:i + 100])
+                self.client.log_batch(self.run_id, params=params[i : i + 100])
         except MlflowException as e:
             raise ConfigError(f"MLflow ({shown(uri)}): {shown(e.message)}") from None
         except Exception as e:  # noqa: BLE001 - its store's own errors (a file that is no database, ...): one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise ConfigError(f"MLflow could not open its store {shown(uri)} ({self.uri_name}): {type(e).__name__}: "
-                              f"{shown(first)}; fix or move that store, or set {self.uri_name} to another one.") from None
+            raise ConfigError(
+                f"MLflow could not open its store {shown(uri)} ({self.uri_name}): {type(e).__name__}: "
+                f"{shown(first)}; fix or move that store, or set {self.uri_name} to another one."
+            ) from None
 
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
         if self.client is None or self.run_id is None:
@@ -211,9 +234,14 @@ class WandbLogger(Callback):
         log_best_checkpoint: log ``best.pt`` as a model artifact at the end of the fit.
     """
 
-    def __init__(self, project: str = "trainval", run_name: str | None = None,
-                 mode: Literal["online", "offline", "disabled"] | None = None,
-                 params: dict | None = None, log_best_checkpoint: bool = False):
+    def __init__(
+        self,
+        project: str = "trainval",
+        run_name: str | None = None,
+        mode: Literal["online", "offline", "disabled"] | None = None,
+        params: dict | None = None,
+        log_best_checkpoint: bool = False,
+    ):
         self.project, self.run_name, self.mode = project, run_name, mode
         self.params, self.log_best_checkpoint = params, log_best_checkpoint
         self.run: Any = None
@@ -225,21 +253,37 @@ class WandbLogger(Callback):
         try:
             import wandb
         except ImportError:
-            raise ConfigError("log.wandb=true needs Weights & Biases: pip install 'trainval[wandb]'.") from None
+            raise ConfigError(
+                "log.wandb=true needs Weights & Biases: pip install 'trainval[wandb]'."
+            ) from None
         self._check_server()
         # wandb.init(dir=...) writes into <run folder>/wandb: the run folder's own, never a link out of it
-        runfolder.own_subfolder(trainer.out_dir, "wandb", "cannot log to Weights & Biases", "writes W&B's run files")
-        config = self.params if self.params is not None else (
-            trainer.config if isinstance(trainer.config, dict) else None)
+        runfolder.own_subfolder(
+            trainer.out_dir, "wandb", "cannot log to Weights & Biases", "writes W&B's run files"
+        )
+        config = (
+            self.params
+            if self.params is not None
+            else (trainer.config if isinstance(trainer.config, dict) else None)
+        )
         if config is None:
-                    config = trainer_arguments(trainer)
+            config = trainer_arguments(trainer)
         try:
-            self.run = wandb.init(project=self.project, name=self.run_name or os.path.basename(trainer.out_dir),
-                                  dir=trainer.out_dir, mode=self.mode, config=config, id=self.run_id,
-                                  resume="allow" if self.run_id else None, reinit="finish_previous")
+            self.run = wandb.init(
+                project=self.project,
+                name=self.run_name or os.path.basename(trainer.out_dir),
+                dir=trainer.out_dir,
+                mode=self.mode,
+                config=config,
+                id=self.run_id,
+                resume="allow" if self.run_id else None,
+                reinit="finish_previous",
+            )
         except Exception as e:  # noqa: BLE001 - no account, no network...: one line, not a traceback
-            raise ConfigError(f"Weights & Biases could not start a run ({type(e).__name__}: {e}); "
-                              "log.wandb_mode=offline works without an account.") from None
+            raise ConfigError(
+                f"Weights & Biases could not start a run ({type(e).__name__}: {e}); "
+                "log.wandb_mode=offline works without an account."
+            ) from None
         self.run_id = self.run.id
 
     def _check_server(self) -> None:
@@ -251,8 +295,11 @@ class WandbLogger(Callback):
         except Exception:  # noqa: BLE001 - a bad WANDB_* value: wandb.init says what is wrong
             return
         if (self.mode or settings.mode) in ("online", "run"):
-            check_reachable(settings.base_url, "the W&B server", "check the network and WANDB_BASE_URL, or use "
-                            "log.wandb_mode=offline")
+            check_reachable(
+                settings.base_url,
+                "the W&B server",
+                "check the network and WANDB_BASE_URL, or use log.wandb_mode=offline",
+            )
 
     def on_epoch_end(self, trainer: Trainer, row: dict) -> None:
         if self.run is not None:
@@ -284,10 +331,20 @@ def from_config(cfg: dict) -> list[Callback]:
     log, params = cfg["log"], {k: v for k, v in cfg.items() if k != "resolved"}
     found: list[Callback] = []
     if log["mlflow"]:
-        found.append(MLflowLogger(log["mlflow_uri"], log["mlflow_experiment"], cfg["run"]["name"], params,
-                                  log["artifacts"], uri_name="log.mlflow_uri"))
+        found.append(
+            MLflowLogger(
+                log["mlflow_uri"],
+                log["mlflow_experiment"],
+                cfg["run"]["name"],
+                params,
+                log["artifacts"],
+                uri_name="log.mlflow_uri",
+            )
+        )
     if log["wandb"]:
-        found.append(WandbLogger(log["wandb_project"], cfg["run"]["name"], log["wandb_mode"], params, log["artifacts"]))
+        found.append(
+            WandbLogger(log["wandb_project"], cfg["run"]["name"], log["wandb_mode"], params, log["artifacts"])
+        )
     return found
 
 

@@ -75,22 +75,22 @@ _T = TypeVar("_T")
 class Trainer:
     """Train, validate, keep the best checkpoint, reload it, test and predict.
 
-    Args:
-        model: a module; called ``model(x)``, ``model(*x)`` for a tuple ``x`` or ``model(**x)`` for a dict.
-        optimizer: an optimizer over ``model``'s parameters (default: AdamW, lr 1e-3).
-        loss_fn: a loss with mean reduction (default: the task's: cross-entropy, BCE-with-logits or MSE).
-        task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"`` (see :mod:`trainval.tasks`);
-            default: inferred from the loss (cross-entropy/NLL -> multiclass, BCE -> binary or multilabel by
-            the output's width, MSE/L1/SmoothL1/Huber -> regression).
-        metrics: metric names (see :mod:`trainval.metrics`), metric objects, or ``{name: metric}``; default
-            per task: ``acc`` (multiclass, binary), ``f1_micro`` (multilabel), ``mse`` and ``mae`` (regression).
-        callbacks: :class:`~trainval.loop.callbacks.Callback` objects.
-        scheduler: a learning-rate scheduler built on ``optimizer`` (see ``scheduler_interval``).
-        config: a plain dict describing the run, saved in every checkpoint.
-        **options: keyword options, each declared once in :class:`~trainval.options.TrainerOptions` (its type,
-            default and check) and kept as ``trainer.options``:
+        Args:
+            model: a module; called ``model(x)``, ``model(*x)`` for a tuple ``x`` or ``model(**x)`` for a dict.
+            optimizer: an optimizer over ``model``'s parameters (default: AdamW, lr 1e-3).
+            loss_fn: a loss with mean reduction (default: the task's: cross-entropy, BCE-with-logits or MSE).
+            task: ``"multiclass"``, ``"binary"``, ``"multilabel"`` or ``"regression"`` (see :mod:`trainval.tasks`);
+                default: inferred from the loss (cross-entropy/NLL -> multiclass, BCE -> binary or multilabel by
+                the output's width, MSE/L1/SmoothL1/Huber -> regression).
+            metrics: metric names (see :mod:`trainval.metrics`), metric objects, or ``{name: metric}``; default
+                per task: ``acc`` (multiclass, binary), ``f1_micro`` (multilabel), ``mse`` and ``mae`` (regression).
+            callbacks: :class:`~trainval.loop.callbacks.Callback` objects.
+            scheduler: a learning-rate scheduler built on ``optimizer`` (see ``scheduler_interval``).
+            config: a plain dict describing the run, saved in every checkpoint.
+            **options: keyword options, each declared once in :class:`~trainval.options.TrainerOptions` (its type,
+                default and check) and kept as ``trainer.options``:
 
-{options}
+    {options}
     """
 
     # On one process the host checks the running loss for NaN/Inf at most this often (a sync point).
@@ -115,20 +115,30 @@ class Trainer:
         o = self.options
         device, strategy = o.device, o.strategy
         try:
-            self.device: torch.device = torch.device(device) if device is not None else distributed.default_device()
+            self.device: torch.device = (
+                torch.device(device) if device is not None else distributed.default_device()
+            )
         except (RuntimeError, TypeError):
-            raise ConfigError(f"device {device!r} is not a device torch knows; use 'cpu', 'cuda' or 'cuda:N'.") from None
+            raise ConfigError(
+                f"device {device!r} is not a device torch knows; use 'cpu', 'cuda' or 'cuda:N'."
+            ) from None
         make_strategy(strategy, distributed_on=False)  # a wrong name fails here, before any process group
 
         self.model = model
-        self.optimizer = optimizer if optimizer is not None else torch.optim.AdamW(model.parameters(), lr=1e-3)
+        self.optimizer = (
+            optimizer if optimizer is not None else torch.optim.AdamW(model.parameters(), lr=1e-3)
+        )
         if loss_fn is not None:
             check_loss(loss_fn)
-        check_optimizer_and_scheduler(self.model, self.optimizer, loss_fn, scheduler, default_optimizer=optimizer is None)
+        check_optimizer_and_scheduler(
+            self.model, self.optimizer, loss_fn, scheduler, default_optimizer=optimizer is None
+        )
         # The task may wait for the model's output width (a BCE loss: binary or multilabel), and the
         # default loss for the task: both are settled in the first pre-flight check.
         self._task: Task | None = make_task(task, loss_fn, ignore_index=o.ignore_index, threshold=o.threshold)
-        self._loss_fn: nn.Module | None = loss_fn  # None: the task's default, chosen once the output's width is known
+        self._loss_fn: nn.Module | None = (
+            loss_fn  # None: the task's default, chosen once the output's width is known
+        )
         self._metrics_spec = metrics
         # {name: metric}; settled with the task (now, or in the first pre-flight check for a BCE loss)
         self.metrics: dict[str, Any] = resolve_metrics(metrics, self._task) if self._task is not None else {}
@@ -258,7 +268,6 @@ class Trainer:
         else:
             print(message, flush=True)
 
-
     # ------------------------------------------------------------------------------------------
     # Public entry points
 
@@ -275,16 +284,24 @@ class Trainer:
         """
         self._setup()
         if val_data is None and (self.options.monitor or "").startswith("val_"):
-            raise ConfigError(f"monitor={self.options.monitor!r} needs validation data: pass val_data, "
-                              "or monitor a train metric (e.g. 'train_loss').")
+            raise ConfigError(
+                f"monitor={self.options.monitor!r} needs validation data: pass val_data, "
+                "or monitor a train metric (e.g. 'train_loss')."
+            )
         self._train_loader = self._make_loader(train_data, train=True, name="train")
-        self.val_loader = self._make_loader(val_data, train=False, name="val") if val_data is not None else None
+        self.val_loader = (
+            self._make_loader(val_data, train=False, name="val") if val_data is not None else None
+        )
         self._preflight(self.train_loader, "train", labelled=True)
         if self.val_loader is not None:
             self._preflight(self.val_loader, "val", labelled=True)
         self._choose_monitor(has_val=self.val_loader is not None)
-        self._train_metrics = self._metric_set(self.train_loader.num_batches or 64)  # (a stream's may be unknown)
-        self._val_metrics = self._metric_set((self.val_loader.num_batches or 64) if self.val_loader is not None else 1)
+        self._train_metrics = self._metric_set(
+            self.train_loader.num_batches or 64
+        )  # (a stream's may be unknown)
+        self._val_metrics = self._metric_set(
+            (self.val_loader.num_batches or 64) if self.val_loader is not None else 1
+        )
 
         if not resume and distributed.elastic_restart_count() > 0:
             # torchrun restarted the workers after a failure: continue from last.pt (rank 0's view decides)
@@ -296,7 +313,9 @@ class Trainer:
             if self.dist.is_main and self.history:  # a row a crash cut from metrics.csv comes back
                 write_metrics_csv(os.path.join(self.out_dir, "metrics.csv"), self.history)
         else:
-            seed_everything(self.options.seed + self.dist.rank)  # model randomness (dropout, workers): per rank
+            seed_everything(
+                self.options.seed + self.dist.rank
+            )  # model randomness (dropout, workers): per rank
             self.generator.manual_seed(self.options.seed)  # the shuffling permutation: shared by every rank
         self.checkpoints.tidy_top_k()
 
@@ -305,19 +324,34 @@ class Trainer:
             with self.guard.handlers():
                 self._bar = ProgressBar() if (self.options.progress and self.dist.is_main) else None
                 # summary.json last: it records the columns the user's callbacks add to a row
-                callbacks = ([self._bar] if self._bar else []) + self.callbacks + ([RunSummary()] if self.dist.is_main else [])
+                callbacks = (
+                    ([self._bar] if self._bar else [])
+                    + self.callbacks
+                    + ([RunSummary()] if self.dist.is_main else [])
+                )
                 for cb in callbacks:
                     cb.on_fit_start(self)
                 self.row_started = time.perf_counter() - self.state.row_seconds
-                while self.epoch < self.max_epochs and not self.should_stop and not self.plan.steps_done(self.global_step):
+                while (
+                    self.epoch < self.max_epochs
+                    and not self.should_stop
+                    and not self.plan.steps_done(self.global_step)
+                ):
                     self._run_epoch(callbacks)
                 self.checkpoints.wait()  # the last save is on disk before the run ends (its error raises here)
                 for cb in callbacks:
                     cb.on_fit_end(self)
                 if self.options.plot and self.dist.is_main and self.history:
-                    by_step = self.options.val_every_steps is not None  # x: the step of each row, else its epoch
-                    plot_curves(os.path.join(self.out_dir, "curves.png"), self.history, self.monitor,
-                                self.best_step if by_step else self.best_epoch, x="step" if by_step else "epoch")
+                    by_step = (
+                        self.options.val_every_steps is not None
+                    )  # x: the step of each row, else its epoch
+                    plot_curves(
+                        os.path.join(self.out_dir, "curves.png"),
+                        self.history,
+                        self.monitor,
+                        self.best_step if by_step else self.best_epoch,
+                        x="step" if by_step else "epoch",
+                    )
         except BaseException:
             self.checkpoints.wait_quietly()  # no write left running behind the error; the first error wins
             raise
@@ -329,11 +363,9 @@ class Trainer:
         distributed.barrier()
         return self.history
 
-
     def validate(self, val_data: Any, ckpt: str | None = None) -> dict:
         """``{"val_loss", "val_<metric>", ...}`` on ``val_data`` with the current weights (or ``ckpt``)."""
         return self._score(val_data, ckpt, "val")
-
 
     def test(self, test_data: Any, ckpt: str | None = "best") -> dict:
         """Reload ``best.pt`` (or ``ckpt``), then ``{"test_loss", "test_<metric>", ...}`` on ``test_data``.
@@ -347,7 +379,6 @@ class Trainer:
             record_test(self.out_dir, metrics)
         return metrics
 
-
     def predict(self, inputs: Any, ckpt: str | None = "best") -> torch.Tensor:
         """Predictions from ``best.pt`` (or ``ckpt``), input order, on the CPU; targets are ignored.
 
@@ -357,13 +388,11 @@ class Trainer:
         raw = self._predict_outputs(inputs, ckpt)
         return self.task.predict(raw)
 
-
     def predict_proba(self, inputs: Any, ckpt: str | None = "best") -> torch.Tensor:
         """Class probabilities: ``[N, C, *]`` (multiclass, softmax), ``[N]`` (binary, the positive class),
         ``[N, K]`` (multilabel, sigmoid); input order, on the CPU."""
         raw = self._predict_outputs(inputs, ckpt)
         return self.task.proba(raw)  # the regression task refuses, in one clear sentence
-
 
     # ------------------------------------------------------------------------------------------
     # Per-batch steps: override these in a subclass to change what one batch does
@@ -383,13 +412,16 @@ class Trainer:
         if isinstance(out, Mapping):
             if self.options.output_key in out:
                 return out[self.options.output_key]
-            raise DataError(f"the model returned a dict with keys {list(out)}; trainval takes the prediction from "
-                            f"'{self.options.output_key}' (set output_key= to one of them).")
+            raise DataError(
+                f"the model returned a dict with keys {list(out)}; trainval takes the prediction from "
+                f"'{self.options.output_key}' (set output_key= to one of them)."
+            )
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
             return out[0]
-        raise DataError(f"the model returned {describe(out)}; trainval needs a tensor, a tuple whose first "
-                        f"element is the prediction, or a dict with it under '{self.options.output_key}'.")
-
+        raise DataError(
+            f"the model returned {describe(out)}; trainval needs a tensor, a tuple whose first "
+            f"element is the prediction, or a dict with it under '{self.options.output_key}'."
+        )
 
     def train_step(self, x: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and loss for one training batch (training mode, autograd on): ``(loss, output)``."""
@@ -398,7 +430,6 @@ class Trainer:
             loss = self.loss_fn(*self.task.loss_inputs(output, y))
         return loss, output
 
-
     def eval_step(self, x: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and loss for one evaluation batch (eval mode, no autograd): ``(loss, output)``."""
         with self.amp.autocast():
@@ -406,12 +437,10 @@ class Trainer:
             loss = self.loss_fn(*self.task.loss_inputs(output, y))
         return loss, output
 
-
     def predict_step(self, x: Any) -> torch.Tensor:
         """The model's output for one batch of inputs (eval mode, no autograd)."""
         with self.amp.autocast():
             return self.forward(self._eval_model, x)
-
 
     # ------------------------------------------------------------------------------------------
     # One epoch
@@ -431,7 +460,9 @@ class Trainer:
         if not self._train_epoch(epoch, callbacks):
             return  # max_steps reached (or a stop decided at a row) inside the epoch: its row and last.pt are written
         if self.plan.row_due(self.global_step, self.epoch, at_epoch_end=True):
-            self._end_interval(epoch, callbacks, lrs if self.options.val_every_steps is None else None, epoch_end=True)
+            self._end_interval(
+                epoch, callbacks, lrs if self.options.val_every_steps is None else None, epoch_end=True
+            )
         else:  # val_every_steps: no row at this epoch's end; last.pt holds the train metrics since the last one
             self._step_scheduler_at(None, epoch_end=True)
             self.state.epoch, self.state.batch_in_epoch, self.state.epoch_start = epoch, 0, None
@@ -440,7 +471,9 @@ class Trainer:
             self.checkpoints.save_last(with_metrics=True)
         self.guard.end_of_epoch(epoch)
 
-    def _end_interval(self, epoch: int, callbacks: list[Callback], lrs: list[float] | None, epoch_end: bool) -> None:
+    def _end_interval(
+        self, epoch: int, callbacks: list[Callback], lrs: list[float] | None, epoch_end: bool
+    ) -> None:
         """The end of an evaluation interval (an epoch, or ``val_every_steps`` optimizer steps): one row.
 
         The train metrics since the previous row (then reset), validation, the scheduler, the log line,
@@ -453,7 +486,11 @@ class Trainer:
             self.guard.raise_if_weights_nonfinite(epoch)
         train, _ = self.train_metrics.compute()  # a sync point: once per row
         self.train_metrics.reset(self.train_loader.num_batches or 64)  # the next row's batches start here
-        row: dict[str, Any] = {"epoch": epoch, "step": self.global_step, **{f"train_{k}": v for k, v in train.items()}}
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "step": self.global_step,
+            **{f"train_{k}": v for k, v in train.items()},
+        }
         with self._evaluation_weights(callbacks):  # e.g. EMA's averaged weights, for validation and best.pt
             if self.val_loader is not None:
                 val, count = self._evaluate(self.val_loader, self.val_metrics)
@@ -472,7 +509,9 @@ class Trainer:
             # the weights are finite: checked at the end of _train_epoch or above
             self.checkpoints.save_best_and_top_k(row[self.monitor], epoch)
         now = time.perf_counter()
-        row["seconds"] = round(now - (self.epoch_started if self.options.val_every_steps is None else self.row_started), 4)
+        row["seconds"] = round(
+            now - (self.epoch_started if self.options.val_every_steps is None else self.row_started), 4
+        )
         self.row_started = now
         self.history.append(row)
         for cb in callbacks:
@@ -502,6 +541,7 @@ class Trainer:
 
     def _epoch_line(self, epoch: int, row: dict) -> str:
         """``[003/020] Train Acc: ... Loss: ... | Val Acc: ... loss: ...`` (the notes' line, every metric)."""
+
         def part(split: str, loss_label: str) -> str:
             names = [n for n in self.metrics if isinstance(row.get(f"{split}_{n}"), float)]
             shown = " ".join(f"{'Acc' if n == 'acc' else n}: {row[f'{split}_{n}']:3.6f}" for n in names)
@@ -512,14 +552,19 @@ class Trainer:
             line += f" | Val {part('val', 'loss')}"
         return line
 
-
     def _train_epoch(self, epoch: int, callbacks: list[Callback]) -> bool:
         """One pass over the training data (from ``batch_in_epoch`` on a resume); rows at ``val_every_steps``.
 
         Returns False where the run ends inside the epoch (``max_steps``, or a stop decided at a row),
         True once the epoch is done.
         """
-        loader, opt, metrics, task, plan = self.train_loader, self.optimizer, self.train_metrics, self.task, self.plan
+        loader, opt, metrics, task, plan = (
+            self.train_loader,
+            self.optimizer,
+            self.train_metrics,
+            self.task,
+            self.plan,
+        )
         weigh = loss_weight_fn(self.loss_fn, task)  # what each batch's mean loss was divided by
         loader.set_epoch(epoch - 1)  # a stream's own shuffling, like DistributedSampler.set_epoch (from 0)
         lockstep = self.dist.enabled  # a stream's shares may differ by a batch or more: count per step
@@ -535,8 +580,11 @@ class Trainer:
             assert self.pending_rng is not None  # restored with the epoch's position (Checkpoints.restore)
             set_rng_state(self.pending_rng)
         else:
-            self.state.epoch_start = {"rng": rng_state(), "generator": self.generator.get_state(),
-                                      "loader": loader.state_dict()}
+            self.state.epoch_start = {
+                "rng": rng_state(),
+                "generator": self.generator.get_state(),
+                "loader": loader.state_dict(),
+            }
             batches = loader.steps(0, lockstep)
         self.pending_rng = None  # (the train metrics are reset after each row: they may span epochs)
 
@@ -549,11 +597,17 @@ class Trainer:
         if exact is not None:
             batches = plan.weighted(batches, self.batch_in_epoch, *exact, world, self.device)
         per_step_scheduler = self.scheduler if self.scheduler_interval == "step" else None
-        batch_callbacks = [cb for cb in callbacks if type(cb).on_train_batch_end is not Callback.on_train_batch_end]
-        step_callbacks = [cb for cb in callbacks if type(cb).on_optimizer_step is not Callback.on_optimizer_step]
+        batch_callbacks = [
+            cb for cb in callbacks if type(cb).on_train_batch_end is not Callback.on_train_batch_end
+        ]
+        step_callbacks = [
+            cb for cb in callbacks if type(cb).on_optimizer_step is not Callback.on_optimizer_step
+        ]
         self.guard.start_epoch()
         in_group, stand_in = 0, None  # real batches (every rank's) in this accumulation group so far
-        first = True  # the first batch's loss is checked (free: no host sync), after on_epoch_start's freezing
+        first = (
+            True  # the first batch's loss is checked (free: no host sync), after on_epoch_start's freezing
+        )
         for step in batches:
             i, x, y = self.batch_in_epoch, step.x, step.y
             boundary = plan.boundary(i, step.last)
@@ -567,11 +621,21 @@ class Trainer:
                     if first:
                         check_loss_value(loss, True, self.model, self.optimizer)
                         first = False
-                    if step.scale is not None:  # summed loss / the group's weight (times the ranks DDP/FSDP divide by)
-                        self.amp.backward(loss * (step.scale.to(loss.dtype) if isinstance(step.scale, torch.Tensor)
-                                                  else step.scale))
+                    if (
+                        step.scale is not None
+                    ):  # summed loss / the group's weight (times the ranks DDP/FSDP divide by)
+                        self.amp.backward(
+                            loss
+                            * (
+                                step.scale.to(loss.dtype)
+                                if isinstance(step.scale, torch.Tensor)
+                                else step.scale
+                            )
+                        )
                     else:
-                        self.amp.backward(loss / group if group > 1 else loss)  # mean of the group's batch means
+                        self.amp.backward(
+                            loss / group if group > 1 else loss
+                        )  # mean of the group's batch means
             in_group += step.batches
             if boundary:
                 if exact is None and in_group != world * group:  # a stream's last steps held fewer batches
@@ -618,15 +682,14 @@ class Trainer:
                 f"the {type(scheduler).__name__} scheduler planned fewer optimizer steps than this run takes "
                 f"(step {self.global_step + 1}, epoch {self.epoch + 1}): build it with total_steps (or "
                 f"steps_per_epoch) of at least the run's optimizer steps; for a stream without a length, count "
-                f"its batches per epoch (CLI: scheduler.steps_per_epoch). ({e})") from None
-
+                f"its batches per epoch (CLI: scheduler.steps_per_epoch). ({e})"
+            ) from None
 
     def _stand_in(self, loader: Loader) -> tuple[Any, torch.Tensor | None]:
         """The stream's first samples on the device: what a rank whose share ran out computes on."""
         x, y = loader.sample_batch()
         x = tree_map(lambda t: t.to(self.device), x)
         return x, (None if y is None else self.task.cast_target(y.to(self.device)))
-
 
     def _stand_in_step(self, x: Any, y: torch.Tensor | None) -> None:
         """A training step without a batch of this rank's own: the forward and backward of a zero loss.
@@ -641,14 +704,12 @@ class Trainer:
             loss, _ = self.train_step(x, y)
             self.amp.backward(loss * 0.0)
 
-
     def _scale_gradients(self, factor: float) -> None:
         """Gradients times ``factor``: the mean over the step's real batches where some ranks had none
         (a stream's last steps; DDP and FSDP divide by the number of ranks). Once per epoch at most."""
         for p in self.model.parameters():
             if p.grad is not None:
                 p.grad.mul_(factor)
-
 
     def _unpadded_part(self, output: torch.Tensor, y: torch.Tensor, real: int) -> tuple[torch.Tensor, ...]:
         """The loss, output and target of a padded batch's first ``real`` samples (the rest are repeats).
@@ -661,7 +722,6 @@ class Trainer:
             return torch.zeros((), device=output.device), output, y
         with torch.no_grad():
             return self.loss_fn(*self.task.loss_inputs(output, y)), output, y
-
 
     def _step_scheduler_at(self, row: dict | None, epoch_end: bool) -> None:
         """An epoch-interval scheduler steps at each epoch's end; ReduceLROnPlateau at each row instead
@@ -690,7 +750,6 @@ class Trainer:
         finally:
             _restore_module_modes(self.model, modes)
 
-
     def _evaluate(self, loader: Loader, metrics: MetricSet) -> tuple[dict[str, float], int]:
         """Loss and metrics over every rank's shard, each sample once.
 
@@ -715,7 +774,6 @@ class Trainer:
                 metrics.update(loss, weigh(step.y), task.outputs(output, step.y), step.y.shape[0])
         return metrics.compute()  # all-reduced over ranks: each sample counted once
 
-
     def _score(self, data: Any, ckpt: str | None, prefix: str) -> dict:
         """validate/test: reload ``ckpt``, then the loss and every metric on ``data``."""
         self._setup()
@@ -725,7 +783,9 @@ class Trainer:
         self._resolve_metrics()
         confusion = prefix == "test" and self.task.name == "multiclass"
         extra = {"__confusion": confusion_metric()} if confusion else {}
-        metric_set = MetricSet({**self.metrics, **extra}, self._num_outputs(), self.device, loader.num_batches or 64)
+        metric_set = MetricSet(
+            {**self.metrics, **extra}, self._num_outputs(), self.device, loader.num_batches or 64
+        )
         values, count = self._evaluate(loader, metric_set)
         self._check_count(count, loader, prefix)
         if confusion:
@@ -733,7 +793,6 @@ class Trainer:
             if cm is not None and self.dist.is_main and os.path.isdir(self.out_dir):
                 _write_confusion(os.path.join(self.out_dir, "confusion_matrix.csv"), cm)
         return {f"{prefix}_{k}": v for k, v in values.items() if not k.startswith("__")}
-
 
     def _predict_outputs(self, inputs: Any, ckpt: str | None) -> torch.Tensor:
         """The model's outputs for every input, in input order, gathered on the CPU of every rank."""
@@ -750,29 +809,35 @@ class Trainer:
                     continue
                 outputs.append(self.predict_step(step.x).float())
             if not outputs and none is None and not self.strategy.forward_is_collective:
-                none = self.predict_step(self._stand_in(loader)[0]).float()[:0]  # a rank with no rows: their shape
+                none = self.predict_step(self._stand_in(loader)[0]).float()[
+                    :0
+                ]  # a rank with no rows: their shape
         if not outputs:
             assert none is not None  # a stand-in forward gave the outputs' shape (above)
             outputs = [none]
         local = torch.cat(outputs).cpu()  # one device-to-host copy
-        if isinstance(loader, StreamLoader):  # rows back in stream order (see StreamLoader.positions), on every rank
+        if isinstance(
+            loader, StreamLoader
+        ):  # rows back in stream order (see StreamLoader.positions), on every rank
             return distributed.gather_by_position(local, loader.positions())
         if not self.dist.enabled:
             return local
-        assert loader.dataset_size is not None  # sharded over ranks by position: a map-style data set's length
+        assert (
+            loader.dataset_size is not None
+        )  # sharded over ranks by position: a map-style data set's length
         result = distributed.broadcast_object(distributed.gather_in_order(local, loader.dataset_size))
         assert result is not None  # every rank holds rank 0's rows now
         return result
 
-
     def _check_count(self, count: int, loader: Loader, what: str) -> None:
         if loader.is_stream and count == 0:  # the count is over every rank: all of them raise
-            raise DataError(f"the {what} stream yielded no samples; its __iter__ must start a new pass over the "
-                            "data every time it is called.")
+            raise DataError(
+                f"the {what} stream yielded no samples; its __iter__ must start a new pass over the "
+                "data every time it is called."
+            )
         expected = loader.dataset_size
         if expected is not None and count != expected:
             raise RuntimeError(f"{what} counted {count} samples but the data set holds {expected}")
-
 
     # ------------------------------------------------------------------------------------------
     # Set-up: device, processes, data, task, metrics (all settled before the first step)
@@ -781,32 +846,50 @@ class Trainer:
         if self._set_up:
             return
         if distributed.launched_by_torchrun():
-            self.dist = distributed.setup(self.device if self.options.device is not None else None,
-                                          self.options.dist_timeout)
+            self.dist = distributed.setup(
+                self.device if self.options.device is not None else None, self.options.dist_timeout
+            )
             if self.options.device is None:
                 self.device = distributed.default_device(self.dist.local_rank)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {str(self.device)!r} was asked for but CUDA is not available; use 'cpu'.")
+            raise ConfigError(
+                f"device {str(self.device)!r} was asked for but CUDA is not available; use 'cpu'."
+            )
         self.amp = Precision(self.options.precision, self.device)
         self.model.to(self.device)
         if isinstance(self._loss_fn, nn.Module):
             self._loss_fn.to(self.device)  # class weights, pos_weight
-        self.strategy = make_strategy(self.options.strategy, distributed_on=self.dist.enabled,
-                                      sync_batchnorm=self.options.sync_batchnorm)
+        self.strategy = make_strategy(
+            self.options.strategy,
+            distributed_on=self.dist.enabled,
+            sync_batchnorm=self.options.sync_batchnorm,
+        )
         self._train_model, self._eval_model = self.strategy.wrap(
-            self.model, self.optimizer, self.device, _compiled if self.options.compile else _as_is)
+            self.model, self.optimizer, self.device, _compiled if self.options.compile else _as_is
+        )
         self._set_up = True
 
-
-    def _make_loader(self, data: Any, *, train: bool, name: str, labelled: bool = True,
-                     positions: bool = False) -> Loader:
+    def _make_loader(
+        self, data: Any, *, train: bool, name: str, labelled: bool = True, positions: bool = False
+    ) -> Loader:
         return make_loader(
-            data, train=train, batch_size=self.options.batch_size if train else (self.options.eval_batch_size or self.options.batch_size),
-            generator=self.generator, device=self.device, rank=self.dist.rank, world_size=self.dist.world_size,
-            labelled=labelled, target_key=self.options.target_key, num_workers=self.options.num_workers,
-            check_inputs=self.options.check_inputs, place=self._place, name=name, positions=positions,
+            data,
+            train=train,
+            batch_size=self.options.batch_size
+            if train
+            else (self.options.eval_batch_size or self.options.batch_size),
+            generator=self.generator,
+            device=self.device,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            labelled=labelled,
+            target_key=self.options.target_key,
+            num_workers=self.options.num_workers,
+            check_inputs=self.options.check_inputs,
+            place=self._place,
+            name=name,
+            positions=positions,
         )
-
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:
         """In-memory data on the GPU when it fits (or in pinned memory for non_blocking copies)."""
@@ -817,7 +900,6 @@ class Trainer:
             free, _ = torch.cuda.mem_get_info(self.device)
             keep = t.numel() * t.element_size() < free / 4
         return t.to(self.device) if keep else t.pin_memory()
-
 
     def _preflight(self, loader: Loader, name: str, labelled: bool) -> None:
         """Clear errors before the first step: the model's output and the targets, checked by the task.
@@ -833,16 +915,24 @@ class Trainer:
             except TrainvalError:
                 raise
             except Exception as e:  # noqa: BLE001 - the user's model or data; say which, in one line
-                raise DataError(f"the model failed on a {name} batch of inputs {describe(x)}: "
-                                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+                raise DataError(
+                    f"the model failed on a {name} batch of inputs {describe(x)}: "
+                    f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                ) from None
         if not isinstance(out, torch.Tensor):
-            raise DataError(f"the model's output for a {name} batch is {describe(out)}; trainval needs a tensor.")
+            raise DataError(
+                f"the model's output for a {name} batch is {describe(out)}; trainval needs a tensor."
+            )
         if self._task is None:  # a BCE loss: one logit per sample is binary, several are multilabel
             assert self._loss_fn is not None  # (make_task leaves the task open only for a given BCE loss)
-            self._task = task_for_output(self._loss_fn, out, self.options.ignore_index, self.options.threshold)
+            self._task = task_for_output(
+                self._loss_fn, out, self.options.ignore_index, self.options.threshold
+            )
         if labelled and y is None:
-            raise DataError(f"{name} data has no targets; targets are needed to train, validate or test "
-                            f"(use predict for unlabelled inputs; dict batches hold them under '{self.options.target_key}').")
+            raise DataError(
+                f"{name} data has no targets; targets are needed to train, validate or test "
+                f"(use predict for unlabelled inputs; dict batches hold them under '{self.options.target_key}')."
+            )
         self.task.check_output(out, y, name)
         if self._loss_fn is None:  # binary: BCE for one logit, cross-entropy for two
             self._loss_fn = self.task.default_loss().to(self.device)
@@ -858,11 +948,9 @@ class Trainer:
             if self.task.ignore_index is not None:  # later batches may hold ignored targets: mask them
                 self.task.masking = True
 
-
     def _resolve_metrics(self) -> None:
         if not self.metrics:
             self.metrics = resolve_metrics(self._metrics_spec, self.task)
-
 
     def _metric_set(self, capacity: int) -> MetricSet:
         self._resolve_metrics()
@@ -880,7 +968,6 @@ class Trainer:
         assert start is not None  # set when the epoch starts (_train_epoch), or restored by a resume
         return start
 
-
     def _choose_monitor(self, has_val: bool) -> None:
         """The monitored column, checked against the metrics; its direction from the metric."""
         self._resolve_metrics()
@@ -889,11 +976,12 @@ class Trainer:
         names = ["loss", *self.metrics]
         short = monitor.split("_", 1)[1]
         if short not in names:
-            raise ConfigError(f"monitor {monitor!r} is not a column of this run; choose one of "
-                              f"{', '.join(f'{s}_{n}' for s in (('val', 'train') if has_val else ('train',)) for n in names)}.")
+            raise ConfigError(
+                f"monitor {monitor!r} is not a column of this run; choose one of "
+                f"{', '.join(f'{s}_{n}' for s in (('val', 'train') if has_val else ('train',)) for n in names)}."
+            )
         self.state.monitor = monitor
         self.state.mode = self.options.mode or metric_direction(monitor, self.metrics)
-
 
 
 # help(Trainer) and IDEs list every option with its default and meaning
@@ -906,7 +994,9 @@ Trainer.__doc__ = (Trainer.__doc__ or "").replace("{options}", option_docs())
 
 
 def _compiled(model: nn.Module) -> nn.Module:
-    return cast(nn.Module, torch.compile(model))  # an OptimizedModule: an nn.Module that runs the compiled graph
+    return cast(
+        nn.Module, torch.compile(model)
+    )  # an OptimizedModule: an nn.Module that runs the compiled graph
 
 
 def _as_is(model: nn.Module) -> nn.Module:

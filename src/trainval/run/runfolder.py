@@ -34,9 +34,25 @@ TEMP_PREFIX = ".trainval-"
 # mkstemp's names: prefix + 8 characters from [a-z0-9_] + suffix.
 _OWN_TEMP = re.compile(r"^\.trainval-.+\.[a-z0-9_]{8}\.tmp$")
 # Every name a fit may write into its run folder (the Trainer's and the CLI workflow's).
-RUN_FILES = ("best.pt", "last.pt", "last.shards", "config.yaml", "metrics.csv", "curves.png", "summary.json",
-             "predictions.csv", "predictions.npy", "confusion_matrix.csv", "test.json", "tb", "standardize.json",
-             "trials", "study.db", "best.yaml", "wandb")
+RUN_FILES = (
+    "best.pt",
+    "last.pt",
+    "last.shards",
+    "config.yaml",
+    "metrics.csv",
+    "curves.png",
+    "summary.json",
+    "predictions.csv",
+    "predictions.npy",
+    "confusion_matrix.csv",
+    "test.json",
+    "tb",
+    "standardize.json",
+    "trials",
+    "study.db",
+    "best.yaml",
+    "wandb",
+)
 
 _held: dict[str, list] = {}  # realpath -> [fd, depth]: the lock is re-entrant within one process
 
@@ -87,8 +103,15 @@ def make_folder(folder: str) -> None:
         ) from None
 
 
-def own_subfolder(folder: str, name: str, doing: str, keeps: str, *, create: bool = True,
-                  error: type[TrainvalError] = RunFolderError) -> str | None:
+def own_subfolder(
+    folder: str,
+    name: str,
+    doing: str,
+    keeps: str,
+    *,
+    create: bool = True,
+    error: type[TrainvalError] = RunFolderError,
+) -> str | None:
     """The run folder's own subfolder ``folder/name`` (``tb``, ``last.shards``), made when missing (``create``).
 
     A symbolic link there (dangling or not) would lead trainval's reads and writes out of the run folder,
@@ -109,11 +132,15 @@ def own_subfolder(folder: str, name: str, doing: str, keeps: str, *, create: boo
             except FileExistsError:
                 continue
         if stat.S_ISLNK(mode):
-            raise error(f"{doing}: {shown(path)} is a symbolic link; trainval {keeps} only in the run folder's own "
-                        f"{name} folder (move the folder there, do not link it).")
+            raise error(
+                f"{doing}: {shown(path)} is a symbolic link; trainval {keeps} only in the run folder's own "
+                f"{name} folder (move the folder there, do not link it)."
+            )
         if not stat.S_ISDIR(mode):
-            raise error(f"{doing}: {shown(path)} is not a folder; trainval {keeps} only in the run folder's own "
-                        f"{name} folder: move or remove that file.")
+            raise error(
+                f"{doing}: {shown(path)} is not a folder; trainval {keeps} only in the run folder's own "
+                f"{name} folder: move or remove that file."
+            )
         return path
     raise error(f"{doing}: {shown(path)} keeps changing; make sure no other program writes there.")
 
@@ -141,8 +168,10 @@ def locked(folder: str, command: str, create: bool = True) -> Iterator[None]:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError as e:
-        raise RunFolderError(f"cannot open the run folder {shown(folder)} to lock it: {e.strerror or e}; "
-                             "check its permissions, or choose another run.out_dir/run.name.") from None
+        raise RunFolderError(
+            f"cannot open the run folder {shown(folder)} to lock it: {e.strerror or e}; "
+            "check its permissions, or choose another run.out_dir/run.name."
+        ) from None
     try:
         _flock_exclusive(fd)
     except OSError as e:
@@ -313,11 +342,14 @@ def _is_predictions_file(path: str, target_names: list[str] | tuple = ()) -> boo
     probs = rest[1:] if rest[:1] in (["Class"], ["Array"]) else rest[labels:] if labels else None
     if probs is not None:
         return all(h.startswith("prob_") for h in probs)
-    return bool(rest) and (rest == list(target_names) or rest == ["Target"]
-                           or rest == [f"target_{k}" for k in range(len(rest))])
+    return bool(rest) and (
+        rest == list(target_names) or rest == ["Target"] or rest == [f"target_{k}" for k in range(len(rest))]
+    )
 
 
-def check_output(out: str, protected: dict[str, str], force: bool, target_names: list[str] | tuple = ()) -> None:
+def check_output(
+    out: str, protected: dict[str, str], force: bool, target_names: list[str] | tuple = ()
+) -> None:
     """Refuse a ``predict --out`` that is a checkpoint or an input of the run, anything but a regular file
     (a symbolic link, a FIFO, a device: even with ``force``), or (without ``force``) an existing file that
     is not a predictions file trainval wrote. ``--out -`` (:data:`STDOUT`) is standard output: nothing to check.
@@ -336,8 +368,15 @@ def check_output(out: str, protected: dict[str, str], force: bool, target_names:
             f"--out {shown(out)} is a folder; give a file name such as {shown(os.path.join(out, 'predictions.csv'))}."
         )
     # /dev/stdout is a link to a pipe, a terminal or a file: replacing it (as root) or reading it (a pipe) is wrong
-    if check_replaceable(out, "--out", ConfigError, hint="give the path of a regular file, or `--out -` to "
-                         "write the predictions to standard output") is None:
+    if (
+        check_replaceable(
+            out,
+            "--out",
+            ConfigError,
+            hint="give the path of a regular file, or `--out -` to write the predictions to standard output",
+        )
+        is None
+    ):
         return
     if _is_checkpoint(out):
         raise ConfigError(f"--out {shown(out)} is a PyTorch checkpoint; predictions must go to another file.")
@@ -371,6 +410,8 @@ def check_shared(folder: str, rank: int) -> None:
         os.unlink(marker)
     blind = [f"rank {r} (host {host})" for r, (host, ok) in enumerate(seen) if not ok]
     if blind:
-        raise RunFolderError(f"the run folder {folder} is not shared by every process: {', '.join(blind)} cannot see "
-                             f"the file rank 0 (host {seen[0][0]}) wrote there. Put the run folder on a file system "
-                             "every node mounts (NFS, Lustre, ...).")
+        raise RunFolderError(
+            f"the run folder {folder} is not shared by every process: {', '.join(blind)} cannot see "
+            f"the file rank 0 (host {seen[0][0]}) wrote there. Put the run folder on a file system "
+            "every node mounts (NFS, Lustre, ...)."
+        )

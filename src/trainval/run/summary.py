@@ -67,7 +67,9 @@ def load_summary(folder: str) -> dict | None:
     except ValueError as e:  # JSONDecodeError, or an integer of more than 4300 digits
         raise RunFolderError(f"{SUMMARY} is not valid JSON ({shown(e)}).") from None
     except RecursionError:
-        raise RunFolderError(f"{SUMMARY} is nested too deeply to read; trainval writes a flat summary.") from None
+        raise RunFolderError(
+            f"{SUMMARY} is nested too deeply to read; trainval writes a flat summary."
+        ) from None
     if not isinstance(data, dict):
         raise RunFolderError(f"{SUMMARY} holds {json_kind(data)}, not an object.")
     return data
@@ -97,4 +99,6 @@ def update_summary(folder: str, **fields: Any) -> dict:
 def record_test(folder: str, metrics: dict) -> None:
     """Add test metrics to the run's ``summary.json``, if trainval wrote one there."""
     if runfolder.is_run_folder(folder) and read_summary(folder) is not None:
-        update_summary(folder, test={k: plain(v) for k, v in metrics.items() if not k.startswith("test_confusion")})
+        update_summary(
+            folder, test={k: plain(v) for k, v in metrics.items() if not k.startswith("test_confusion")}
+        )
