@@ -27,7 +27,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar, cast
 
 import torch
@@ -37,6 +37,7 @@ from trainval import distributed
 from trainval.data import (
     DataLoaderAdapter,
     Loader,
+    Step,
     StreamLoader,
     TensorLoader,
     describe,
@@ -167,6 +168,13 @@ class Trainer:
         self.epoch_started = 0.0  # perf_counter at the epoch's start (less the seconds run before a resume)
         self.row_started = 0.0  # perf_counter at the previous row (val_every_steps: a row's seconds)
         self.plan = StepPlan(self.options)  # when steps, rows, saves and the end are due
+        # one epoch's working state (see _train_epoch)
+        self._exact: tuple[Callable[[torch.Tensor], Any], bool] | None = (
+            None  # (weigh, across_ranks), or None
+        )
+        self._group_batches = 0  # real batches (every rank's) in this accumulation group so far
+        self._stand_in_batch: tuple[Any, torch.Tensor | None] | None = None
+        self._weigh: Any = None
         self._bar: ProgressBar | None = None
 
     # ------------------------------------------------------------------------------------------
@@ -298,7 +306,8 @@ class Trainer:
         self._choose_monitor(has_val=self.val_loader is not None)
         self._train_metrics = self._metric_set(
             self.train_loader.num_batches or 64
-        )  # (a stream's may be unknown)
+        )  # a stream's may be unknown
+        self._weigh = loss_weight_fn(self.loss_fn, self.task)  # what each batch's mean loss was divided by
         self._val_metrics = self._metric_set(
             (self.val_loader.num_batches or 64) if self.val_loader is not None else 1
         )
@@ -556,120 +565,135 @@ class Trainer:
         """One pass over the training data (from ``batch_in_epoch`` on a resume); rows at ``val_every_steps``.
 
         Returns False where the run ends inside the epoch (``max_steps``, or a stop decided at a row),
-        True once the epoch is done.
+        True once the epoch is done. No host sync per batch: the loss and metrics stay on the device.
         """
-        loader, opt, metrics, task, plan = (
-            self.train_loader,
-            self.optimizer,
-            self.train_metrics,
-            self.task,
-            self.plan,
-        )
-        weigh = loss_weight_fn(self.loss_fn, task)  # what each batch's mean loss was divided by
+        steps = self._epoch_steps(epoch)  # resume position, sampler state, each batch's weight (plan)
+        on_batch = [cb for cb in callbacks if type(cb).on_train_batch_end is not Callback.on_train_batch_end]
+        self.guard.start_epoch()
+        self._group_batches, self._stand_in_batch, first = 0, None, True
+        for step in steps:
+            i = self.batch_in_epoch
+            boundary = self.plan.boundary(i, step.last)
+            with self.strategy.no_sync(
+                self._train_model, sync=boundary
+            ):  # DDP: all-reduce on the boundary only
+                done = self._forward_backward(step, check=first)  # (loss, output), or None for a stand-in
+            first = first and done is None
+            self._group_batches += step.batches  # real batches (every rank's) in this accumulation group
+            if boundary:
+                self._optimizer_step(i, callbacks)
+            if done is not None:
+                self._record(step, i, *done)
+            self.state.batch_in_epoch = i + 1
+            for cb in on_batch:
+                cb.on_train_batch_end(self, i)
+            if boundary and not self._after_optimizer_step(epoch, step, callbacks):
+                return False
+        self.guard.raise_if_nonfinite(epoch)
+        self.guard.raise_if_weights_nonfinite(epoch)  # the last step's update, which no loss has seen yet
+        return True
+
+    def _epoch_steps(self, epoch: int) -> Iterator[Step]:
+        """The epoch's steps: from its start, or (a mid-epoch resume) redrawn from its start state with the
+        batches already done skipped (a stream re-reads them), then the RNG state saved at the interruption.
+
+        With exact accumulation (a loss whose denominator trainval knows) the plan reads each group ahead
+        and sets every step's ``scale``; otherwise (one process without accumulation, or the user's own loss)
+        the loop keeps the mean of the group's batch means.
+        """
+        loader = self.train_loader
         loader.set_epoch(epoch - 1)  # a stream's own shuffling, like DistributedSampler.set_epoch (from 0)
         lockstep = self.dist.enabled  # a stream's shares may differ by a batch or more: count per step
         if self.batch_in_epoch > 0:
-            # Mid-epoch resume: redraw this epoch's order from its start state, skip what was done
-            # (a stream re-reads it), then continue with the RNG state saved at the interruption.
             start = self.epoch_record()
             set_rng_state(start["rng"])
             self.generator.set_state(start["generator"])
             if start.get("loader") is not None:  # a user sampler's own generators (absent: an older last.pt)
                 loader.load_state_dict(start["loader"])
-            batches = loader.steps(self.batch_in_epoch, lockstep)
+            steps = loader.steps(self.batch_in_epoch, lockstep)
             assert self.pending_rng is not None  # restored with the epoch's position (Checkpoints.restore)
             set_rng_state(self.pending_rng)
         else:
-            self.state.epoch_start = {
+            start = {
                 "rng": rng_state(),
                 "generator": self.generator.get_state(),
                 "loader": loader.state_dict(),
             }
-            batches = loader.steps(0, lockstep)
+            self.state.epoch_start = start
+            steps = loader.steps(0, lockstep)
         self.pending_rng = None  # (the train metrics are reset after each row: they may span epochs)
+        self._exact = self.plan.exact_weighting(self.loss_fn, self.task, loader, self.dist.world_size)
+        if self._exact is not None:
+            weigh, across_ranks = self._exact
+            steps = self.plan.weighted(
+                steps, self.batch_in_epoch, weigh, across_ranks, self.dist.world_size, self.device
+            )
+        return steps
 
-        # Exact accumulation (a loss whose denominator is known): each batch's loss is weighted by its share of
-        # the group's weight, read ahead (step.scale). Otherwise (one process without accumulation, or the
-        # user's own loss) the mean of the group's batch means, and a stream's last group, whose length is
-        # learnt by reading it, is rescaled once it ends.
-        num_batches, world = (None if loader.is_stream else loader.num_batches), self.dist.world_size
-        exact = plan.exact_weighting(self.loss_fn, task, loader, world)
-        if exact is not None:
-            batches = plan.weighted(batches, self.batch_in_epoch, *exact, world, self.device)
-        per_step_scheduler = self.scheduler if self.scheduler_interval == "step" else None
-        batch_callbacks = [
-            cb for cb in callbacks if type(cb).on_train_batch_end is not Callback.on_train_batch_end
-        ]
-        step_callbacks = [
-            cb for cb in callbacks if type(cb).on_optimizer_step is not Callback.on_optimizer_step
-        ]
-        self.guard.start_epoch()
-        in_group, stand_in = 0, None  # real batches (every rank's) in this accumulation group so far
-        first = (
-            True  # the first batch's loss is checked (free: no host sync), after on_epoch_start's freezing
-        )
-        for step in batches:
-            i, x, y = self.batch_in_epoch, step.x, step.y
-            boundary = plan.boundary(i, step.last)
-            group = plan.group_size(i, num_batches)
-            with self.strategy.no_sync(self._train_model, sync=boundary):
-                if x is None or y is None:  # this rank's stream share ran out before the others'
-                    stand_in = stand_in or self._stand_in(loader)
-                    self._stand_in_step(*stand_in)
-                else:
-                    loss, output = self.train_step(x, y)
-                    if first:
-                        check_loss_value(loss, True, self.model, self.optimizer)
-                        first = False
-                    if (
-                        step.scale is not None
-                    ):  # summed loss / the group's weight (times the ranks DDP/FSDP divide by)
-                        self.amp.backward(
-                            loss
-                            * (
-                                step.scale.to(loss.dtype)
-                                if isinstance(step.scale, torch.Tensor)
-                                else step.scale
-                            )
-                        )
-                    else:
-                        self.amp.backward(
-                            loss / group if group > 1 else loss
-                        )  # mean of the group's batch means
-            in_group += step.batches
-            if boundary:
-                if exact is None and in_group != world * group:  # a stream's last steps held fewer batches
-                    self._scale_gradients(world * group / in_group)
-                in_group = 0
-                self.amp.step(opt, self.options.grad_clip, self.strategy.clip_grad_norm, self.model)
-                if per_step_scheduler is not None:
-                    self._step_scheduler(per_step_scheduler)
-                self.state.global_step += 1
-                for cb in step_callbacks:  # e.g. EMA's update: device work only
-                    cb.on_optimizer_step(self)
-            if y is not None:  # (None: a stand-in step; training batches are labelled, see _preflight)
-                size = y.shape[0]
-                real = loader.unpadded(i, size)
-                if real < size:  # the padding that evens out the ranks' shards repeats samples: not counted
-                    loss, output, y = self._unpadded_part(output, y, real)
-                weight = step.weight if step.weight is not None and real == size else weigh(y)
-                metrics.update(loss, weight, task.outputs(output.detach(), y), real)
-            self.state.batch_in_epoch = i + 1
-            for cb in batch_callbacks:
-                cb.on_train_batch_end(self, i)
-            if not boundary:
-                continue
-            self.guard.after_step(epoch, step.last)  # rate-limited host reads; a signal stops here
-            if step.last:
-                continue  # the epoch's end (in _run_epoch) writes its row and last.pt
-            if plan.row_due(self.global_step, self.epoch, at_epoch_end=False):  # val_every_steps or max_steps
-                self._end_interval(epoch, callbacks, None, epoch_end=False)
-                if plan.steps_done(self.global_step) or self.should_stop:
-                    return False
-            elif plan.checkpoint_due(self.global_step):
-                self.checkpoints.save_mid_epoch(epoch)
-        self.guard.raise_if_nonfinite(epoch)
-        self.guard.raise_if_weights_nonfinite(epoch)  # the last step's update, which no loss has seen yet
+    def _forward_backward(self, step: Step, check: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The step's forward and backward: ``(loss, output)``; ``None`` for a stand-in (this rank's stream
+        share ran out before the others': a zero loss joins their gradient collectives)."""
+        if step.x is None or step.y is None:
+            self._stand_in_batch = self._stand_in_batch or self._stand_in(self.train_loader)
+            self._stand_in_step(*self._stand_in_batch)
+            return None
+        loss, output = self.train_step(step.x, step.y)
+        if check:  # the first batch's loss (free: no host sync), after on_epoch_start's freezing
+            check_loss_value(loss, True, self.model, self.optimizer)
+        if isinstance(
+            step.scale, torch.Tensor
+        ):  # summed loss / the group's weight, times the ranks averaged over
+            self.amp.backward(loss * step.scale.to(loss.dtype))
+        elif step.scale is not None:
+            self.amp.backward(loss * step.scale)
+        else:
+            loader = self.train_loader
+            group = self.plan.group_size(
+                self.batch_in_epoch, None if loader.is_stream else loader.num_batches
+            )
+            self.amp.backward(loss / group if group > 1 else loss)  # the mean of the group's batch means
+        return loss, output
+
+    def _optimizer_step(self, i: int, callbacks: list[Callback]) -> None:
+        """At an accumulation boundary: the optimizer step (clipping, the scaler), the per-step scheduler,
+        ``global_step``, and the callbacks that follow every step (EMA's update: device work only)."""
+        if self._exact is None:  # the mean of batch means: a stream's last steps may hold fewer batches
+            loader, world = self.train_loader, self.dist.world_size
+            group = self.plan.group_size(i, None if loader.is_stream else loader.num_batches)
+            if self._group_batches != world * group:
+                self._scale_gradients(world * group / self._group_batches)
+        self._group_batches = 0
+        self.amp.step(self.optimizer, self.options.grad_clip, self.strategy.clip_grad_norm, self.model)
+        if self.scheduler is not None and self.scheduler_interval == "step":
+            self._step_scheduler(self.scheduler)
+        self.state.global_step += 1
+        for cb in callbacks:
+            if type(cb).on_optimizer_step is not Callback.on_optimizer_step:
+                cb.on_optimizer_step(self)
+
+    def _record(self, step: Step, i: int, loss: torch.Tensor, output: torch.Tensor) -> None:
+        """The batch's loss and metric sums, on the device; padding (repeated samples that even out the
+        ranks' shards) is not counted."""
+        y = step.y
+        assert y is not None  # (a step with a loss had a batch)
+        size = y.shape[0]
+        real = self.train_loader.unpadded(i, size)
+        if real < size:
+            loss, output, y = self._unpadded_part(output, y, real)
+        weight = step.weight if step.weight is not None and real == size else self._weigh(y)
+        self.train_metrics.update(loss, weight, self.task.outputs(output.detach(), y), real)
+
+    def _after_optimizer_step(self, epoch: int, step: Step, callbacks: list[Callback]) -> bool:
+        """The guard's polls (a signal stops here), then a row (val_every_steps, max_steps) or a mid-epoch
+        last.pt when due. False: the run ends inside this epoch."""
+        self.guard.after_step(epoch, step.last)  # rate-limited host reads
+        if step.last:
+            return True  # the epoch's end (in _run_epoch) writes its row and last.pt
+        if self.plan.row_due(self.global_step, self.epoch, at_epoch_end=False):
+            self._end_interval(epoch, callbacks, None, epoch_end=False)
+            return not (self.plan.steps_done(self.global_step) or self.should_stop)
+        if self.plan.checkpoint_due(self.global_step):
+            self.checkpoints.save_mid_epoch(epoch)
         return True
 
     def _step_scheduler(self, scheduler: Any) -> None:
