@@ -262,6 +262,23 @@ def plot_curves(
     atomic_write(path, lambda f: f.write(data), "plot")
 
 
+class Curves(Callback):
+    """``curves.png`` at the end of ``fit``: each metric per epoch (per step with ``val_every_steps``), the
+    best row marked. The Trainer adds it last, on rank 0, when ``plot`` is on."""
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        if not trainer.history:
+            return
+        by_step = trainer.options.val_every_steps is not None  # x: the step of each row, else its epoch
+        plot_curves(
+            os.path.join(trainer.out_dir, "curves.png"),
+            trainer.history,
+            trainer.monitor,
+            trainer.best_step if by_step else trainer.best_epoch,
+            x="step" if by_step else "epoch",
+        )
+
+
 class TensorBoardLogger(Callback):
     """Epoch scalars to TensorBoard (needs the ``tensorboard`` extra); rank 0 only.
 

@@ -46,7 +46,7 @@ from trainval.data import (
 )
 from trainval.errors import ConfigError, DataError, TrainvalError
 from trainval.fsio import atomic_write
-from trainval.loop.callbacks import Callback, ProgressBar, plot_curves, write_metrics_csv
+from trainval.loop.callbacks import Callback, Curves, ProgressBar, write_metrics_csv
 from trainval.loop.checkpointing import Checkpoints
 from trainval.loop.checks import (
     BATCHNORM,
@@ -291,6 +291,36 @@ class Trainer:
             resume: continue from ``out_dir/last.pt`` exactly where it stopped (mid-epoch too).
         """
         self._setup()
+        self._settle_fit(train_data, val_data)  # loaders, pre-flight, monitor, metric sets: before any step
+        self._start_run(resume)  # the run folder claimed; last.pt restored, or the seeds set
+        callbacks = self._fit_callbacks()
+        modes = _module_modes(self.model)
+        try:
+            with self.guard.handlers():
+                for cb in callbacks:
+                    cb.on_fit_start(self)
+                self.row_started = time.perf_counter() - self.state.row_seconds
+                while (
+                    self.epoch < self.max_epochs
+                    and not self.should_stop
+                    and not self.plan.steps_done(self.global_step)
+                ):
+                    self._run_epoch(callbacks)
+                self.checkpoints.wait()  # the last save is on disk before the run ends (its error raises here)
+                for cb in callbacks:
+                    cb.on_fit_end(self)
+        except BaseException:
+            self.checkpoints.wait_quietly()  # no write left running behind the error; the first error wins
+            raise
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+            self._bar = None
+            _restore_module_modes(self.model, modes)
+        distributed.barrier()
+        return self.history
+
+    def _settle_fit(self, train_data: Any, val_data: Any) -> None:
         if val_data is None and (self.options.monitor or "").startswith("val_"):
             raise ConfigError(
                 f"monitor={self.options.monitor!r} needs validation data: pass val_data, "
@@ -308,10 +338,10 @@ class Trainer:
             self.train_loader.num_batches or 64
         )  # a stream's may be unknown
         self._weigh = loss_weight_fn(self.loss_fn, self.task)  # what each batch's mean loss was divided by
-        self._val_metrics = self._metric_set(
-            (self.val_loader.num_batches or 64) if self.val_loader is not None else 1
-        )
+        val_batches = (self.val_loader.num_batches or 64) if self.val_loader is not None else 1
+        self._val_metrics = self._metric_set(val_batches)
 
+    def _start_run(self, resume: bool) -> None:
         if not resume and distributed.elastic_restart_count() > 0:
             # torchrun restarted the workers after a failure: continue from last.pt (rank 0's view decides)
             resume = distributed.broadcast_object(os.path.exists(self.last_path))
@@ -328,49 +358,17 @@ class Trainer:
             self.generator.manual_seed(self.options.seed)  # the shuffling permutation: shared by every rank
         self.checkpoints.tidy_top_k()
 
-        modes = _module_modes(self.model)
-        try:
-            with self.guard.handlers():
-                self._bar = ProgressBar() if (self.options.progress and self.dist.is_main) else None
-                # summary.json last: it records the columns the user's callbacks add to a row
-                callbacks = (
-                    ([self._bar] if self._bar else [])
-                    + self.callbacks
-                    + ([RunSummary()] if self.dist.is_main else [])
-                )
-                for cb in callbacks:
-                    cb.on_fit_start(self)
-                self.row_started = time.perf_counter() - self.state.row_seconds
-                while (
-                    self.epoch < self.max_epochs
-                    and not self.should_stop
-                    and not self.plan.steps_done(self.global_step)
-                ):
-                    self._run_epoch(callbacks)
-                self.checkpoints.wait()  # the last save is on disk before the run ends (its error raises here)
-                for cb in callbacks:
-                    cb.on_fit_end(self)
-                if self.options.plot and self.dist.is_main and self.history:
-                    by_step = (
-                        self.options.val_every_steps is not None
-                    )  # x: the step of each row, else its epoch
-                    plot_curves(
-                        os.path.join(self.out_dir, "curves.png"),
-                        self.history,
-                        self.monitor,
-                        self.best_step if by_step else self.best_epoch,
-                        x="step" if by_step else "epoch",
-                    )
-        except BaseException:
-            self.checkpoints.wait_quietly()  # no write left running behind the error; the first error wins
-            raise
-        finally:
-            if self._bar is not None:
-                self._bar.close()
-            self._bar = None
-            _restore_module_modes(self.model, modes)
-        distributed.barrier()
-        return self.history
+    def _fit_callbacks(self) -> list[Callback]:
+        """The progress bar first; the user's; on rank 0 the summary (it records the columns the user's
+        callbacks add to a row) and the curves plot last."""
+        main = self.dist.is_main
+        self._bar = ProgressBar() if (self.options.progress and main) else None
+        return [
+            *([self._bar] if self._bar else []),
+            *self.callbacks,
+            *([RunSummary()] if main else []),
+            *([Curves()] if self.options.plot and main else []),
+        ]
 
     def validate(self, val_data: Any, ckpt: str | None = None) -> dict:
         """``{"val_loss", "val_<metric>", ...}`` on ``val_data`` with the current weights (or ``ckpt``)."""
