@@ -61,6 +61,16 @@ def main() -> None:
     layers = _layers(edges) if not cycles else None
     trainer = next(p for p in files if re.search(r"^class Trainer\b", p.read_text(), re.M))
     print(f"module holding Trainer: {trainer.relative_to(ROOT.parent)}, {len(trainer.read_text().splitlines())} lines")
+    cls = next(n for n in ast.parse(trainer.read_text()).body if isinstance(n, ast.ClassDef) and n.name == "Trainer")
+    methods = [n for n in cls.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    stored = {t.attr for n in ast.walk(cls) for t in ([n] if isinstance(n, ast.Attribute) else [])
+              if isinstance(t.value, ast.Name) and t.value.id == "self" and isinstance(t.ctx, ast.Store)}
+    init = next(m for m in methods if m.name == "__init__")
+    params = len(init.args.args) - 1 + len(init.args.kwonlyargs)
+    longest = max(methods, key=lambda m: m.end_lineno - m.lineno)
+    print(f"Trainer: {len(methods)} methods, {len(stored)} attributes set on self, {params} named constructor "
+          f"parameters{' + **options' if init.args.kwarg else ''}, longest method {longest.name} "
+          f"({longest.end_lineno - longest.lineno + 1} lines)")
     print("longest functions:", ", ".join(f"{n} ({k} lines)" for k, n in sorted(functions, reverse=True)[:5]))
     print(f"core modules: {len(modules)}, import edges: {sum(len(v) for v in edges.values())}, "
           f"imports inside functions: {inner_imports}")

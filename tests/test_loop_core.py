@@ -116,6 +116,38 @@ def test_the_core_has_no_import_cycle_even_through_imports_inside_functions():
 
 
 def test_config_errors_answer_without_importing_torch():
-    code = "import sys, trainval.app.config, trainval.options; print('torch' in sys.modules)"
+    code = ("import sys, trainval.app.config as c, trainval.options; c.load(None, ['train.epochs=2']); "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# The folders' order: each imports only from the folders below it (and the base modules at the top).
+FOLDER_RANK = {"distributed": 1, "data": 2, "run": 2, "checkpoint": 3, "loop": 4, "app": 5}
+
+
+def _rank(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) > 2 or (len(parts) == 2 and parts[1] in FOLDER_RANK):
+        return FOLDER_RANK.get(parts[1], 0)
+    if module == "trainval.__main__":
+        return FOLDER_RANK["app"]  # `python -m trainval` runs the command line
+    return 0  # the package root and the base modules (errors, untrusted, fsio, options, launch, state, ...)
+
+
+def test_each_folder_imports_only_from_the_folders_below_it():
+    wrong = []
+    for path in SRC.rglob("*.py"):
+        parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+        if "lint" in parts:
+            continue
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for target in _imports(path, package):
+            if not target.startswith("trainval.") or target.startswith("trainval.lint"):
+                continue
+            mine, theirs = _rank(name), _rank(target)
+            base_to_distributed = mine == 0 and name == "trainval.metrics" and theirs == 1  # gathers over ranks
+            if theirs > mine and not base_to_distributed:
+                wrong.append(f"{name} -> {target}")
+    assert not wrong, "imports that point up a layer: " + ", ".join(sorted(wrong))

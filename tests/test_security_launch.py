@@ -1,5 +1,5 @@
 """Issue 18: the launcher's environment variables and the run-folder lock. Each variable torchrun sets is
-read and checked in one place (trainval.distributed.launch); a bad one is one line, never a traceback; a stray RANK
+read and checked in one place (trainval.launch); a bad one is one line, never a traceback; a stray RANK
 neither bypasses the folder lock nor breaks a single process; the rank outcome files are written and read
 only where the launcher made them; a file system without locks is one clear error."""
 
@@ -78,7 +78,7 @@ def test_a_stray_restart_count_outside_torchrun_is_ignored(tmp_path):
 
 
 def test_the_reader_itself():
-    from trainval.distributed import launch
+    from trainval import launch
 
     assert launch.read({}) == launch.Launch()
     assert launch.read({"RANK": "1", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}).is_main  # one process

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from trainval import distributed
 from trainval.errors import ConfigError
 from trainval.tasks import BatchOutputs, Task
 
@@ -619,8 +620,6 @@ class MetricSet:
         rows = self._rows[name]
         local = torch.cat(rows) if rows else torch.zeros((0, 2), dtype=torch.float64, device=self.device)
         if all_reduce and _distributed():
-            from trainval import distributed
-
             return distributed.gather_rows(local)
         return local.cpu()
 

@@ -9,16 +9,25 @@ from __future__ import annotations
 import math
 import numbers
 import random
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import torch
 
-from trainval.checkpoint import top_k_name
 from trainval.errors import CheckpointError
 from trainval.options import SEED_MAX, SEED_MIN, check_seed  # noqa: F401 - re-exported: the seed's range
 from trainval.untrusted import shown_repr
+
+# ``epoch003-step120-val_acc_0.9312.pt``: no '=' or ':' (awkward in shells, config overrides and on Windows),
+# sorted by epoch in a listing. Only names of this form are ever removed by trainval.
+TOP_K_FILE = re.compile(r"epoch\d{3,}-step\d+-(?:train|val)_\w+_[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?)\.pt")
+
+
+def top_k_name(epoch: int, step: int, monitor: str, value: float) -> str:
+    """The file name of a top-k checkpoint: epoch, optimizer step, and the monitored value (6 significant digits)."""
+    return f"epoch{epoch:03d}-step{step}-{monitor}_{value:.6g}.pt"
 
 
 @dataclass
@@ -39,7 +48,7 @@ class LoopState:
     should_stop: bool = False
     epoch_start: dict | None = None  # RNG states at the start of the epoch in progress (mid-epoch resume)
     # save_top_k: the kept files, best first: {"file", "epoch", "step", "value"} (the file name follows from
-    # the other three, see checkpoint.top_k_name). Ties: the earlier evaluation stays ahead.
+    # the other three, see top_k_name below). Ties: the earlier evaluation stays ahead.
     top_k: list[dict] = field(default_factory=list)
     row_seconds: float = 0.0  # seconds since the previous row at the save (val_every_steps rows' time)
 

@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
 
     in_torchrun = False
     try:
-        from trainval.distributed import launch
+        from trainval import launch
 
         in_torchrun = launch.read().distributed  # the launcher's variables checked: a bad one is one line
         if args.command == "fit" and (args.nproc is not None or args.nnodes != 1):
@@ -654,9 +654,9 @@ def _error(message: str, code: int) -> int:
 
 
 def _launch():
-    """The launcher's variables (:func:`trainval.distributed.launch.read`); one process when they are not valid (that
+    """The launcher's variables (:func:`trainval.launch.read`); one process when they are not valid (that
     error is the one being reported)."""
-    from trainval.distributed import launch
+    from trainval import launch
     from trainval.errors import ConfigError
 
     try:

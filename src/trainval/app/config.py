@@ -20,6 +20,7 @@ import yaml
 from trainval import options
 from trainval.errors import ConfigError
 from trainval.options import Key
+from trainval.run.runfolder import check_run_name
 from trainval.untrusted import load_yaml, read_yaml, shown, shown_repr
 
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -339,8 +340,6 @@ def apply_overrides(cfg: dict, overrides: Sequence[str] = ()) -> dict:
 
 def validate(cfg: dict, source: str) -> dict:
     """Checks that involve several keys."""
-    from trainval.run.runfolder import check_run_name
-
     check_run_name(cfg["run"]["name"], source)
     d = cfg["data"]
     for section, key in (("run", "out_dir"), ("data", "train"), ("data", "val"), ("data", "test")):

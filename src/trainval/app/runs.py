@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from trainval.app import config
 from trainval.errors import ConfigError, RunFolderError, TrainvalError
 from trainval.fsio import atomic_write
 from trainval.run import runfolder
@@ -427,8 +428,6 @@ def run_config(folder: str, overrides: Sequence[str] = ()) -> dict:
     What the run recorded beyond the schema (``resolved``, ``versions``) is left out; the data it was
     trained on need not exist any more for ``test``/``predict`` with ``data.test=...``.
     """
-    from trainval.app import config
-
     recorded = recorded_config(folder)
     if recorded is None:
         raise ConfigError(

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainval import options
+from trainval import launch, options
 from trainval.app import config, preprocess, runs
 from trainval.app.config import require_trusted_code
 from trainval.app.models import CNN, MLP
@@ -39,15 +39,16 @@ from trainval.data import (
     load_npz,
     stratified_split,
 )
-from trainval.distributed import launch
 from trainval.errors import CheckpointError, ConfigError, DataError, RunFolderError
 from trainval.fsio import atomic_write
 from trainval.loop import trackers
 from trainval.loop.callbacks import EarlyStopping, TensorBoardLogger
 from trainval.loop.ema import EMA
 from trainval.loop.trainer import Trainer, seed_everything
+from trainval.metrics import resolve_metrics
 from trainval.run import runfolder
 from trainval.state import check_last
+from trainval.tasks import make_task
 from trainval.untrusted import check_replaceable, shown_repr
 
 
@@ -282,9 +283,6 @@ def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, n_train: int, s
 def monitor_direction(cfg: dict) -> Literal["min", "max"]:
     """``max``/``min`` for the metric the Trainer will monitor (``train.monitor``, or its default: the
     first metric), as the Trainer decides it, for a ReduceLROnPlateau built before the Trainer."""
-    from trainval.metrics import resolve_metrics
-    from trainval.tasks import make_task
-
     task = make_task(task_name(cfg), None)
     assert task is not None  # a task name always gives a Task (None only for a task a BCE loss leaves open)
     metrics = resolve_metrics(cfg["task"]["metrics"], task)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-import re
 import threading
 import zipfile
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from torch import nn
 from trainval import __version__
 from trainval.errors import CheckpointError
 from trainval.fsio import atomic_write
+from trainval.state import TOP_K_FILE, top_k_name  # noqa: F401 - the names of the files below
 from trainval.untrusted import open_regular, shown_names, shown_repr
 
 # A test hook: called with the temp path after part of the bytes are written, before the file is
@@ -78,15 +78,6 @@ def save_checkpoint(state: dict, path: str, what: str = "checkpoint") -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Top-k checkpoints (save_top_k): their file names, and the files of a run that no last.pt keeps
-
-# ``epoch003-step120-val_acc_0.9312.pt``: no '=' or ':' (awkward in shells, config overrides and on Windows),
-# sorted by epoch in a listing. Only names of this form are ever removed by trainval.
-TOP_K_FILE = re.compile(r"epoch\d{3,}-step\d+-(?:train|val)_\w+_[-+]?(?:\d+\.?\d*(?:e[-+]?\d+)?)\.pt")
-
-
-def top_k_name(epoch: int, step: int, monitor: str, value: float) -> str:
-    """The file name of a top-k checkpoint: epoch, optimizer step, and the monitored value (6 significant digits)."""
-    return f"epoch{epoch:03d}-step{step}-{monitor}_{value:.6g}.pt"
 
 
 def remove_top_k_files(folder: str, names: list[str] | set[str]) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from trainval.distributed import launch
+from trainval import launch
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class DistInfo:
 
 
 def launched_by_torchrun() -> bool:
-    """``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` are set (checked by :func:`trainval.distributed.launch.read`)."""
+    """``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` are set (checked by :func:`trainval.launch.read`)."""
     return launch.read().by_torchrun
 
 
@@ -57,7 +57,7 @@ def setup(device: torch.device | None = None, timeout_s: float | None = None) ->
     """Join the process group if torchrun launched us (idempotent); return rank information.
 
     ``timeout_s``: how long a collective waits for its peers (default: :func:`timeout_seconds`).
-    The launcher's variables are checked first (:func:`trainval.distributed.launch.read`): a bad one is one
+    The launcher's variables are checked first (:func:`trainval.launch.read`): a bad one is one
     ``ConfigError``.
     """
     if dist.is_available() and dist.is_initialized():

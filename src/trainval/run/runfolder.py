@@ -24,8 +24,9 @@ import time
 import zipfile
 from collections.abc import Callable, Iterator
 
-from trainval.distributed import launch
+from trainval import launch
 from trainval.errors import ConfigError, RunFolderError, TrainvalError
+from trainval.fsio import atomic_write
 from trainval.untrusted import check_replaceable, open_regular, read_bytes, shown
 
 MARKER = ".trainval-run"
@@ -75,8 +76,6 @@ def _holder_pid(folder: str) -> int | None:
 
 
 def _write_marker(folder: str) -> None:
-    from trainval.checkpoint import atomic_write
-
     data = (json.dumps({"made_by": "trainval", "pid": os.getpid()}) + "\n").encode()
     atomic_write(os.path.join(folder, MARKER), lambda f: f.write(data), "run-folder marker")
 
