@@ -28,6 +28,11 @@ _PUBLIC = {
     "find_runs": "trainval.app.runs",
     "RunSummary": "trainval.loop.summary",
     "tune": "trainval.app.tuning",
+    "PruningCallback": "trainval.app.tuning",
+    "MLflowLogger": "trainval.loop.trackers",
+    "WandbLogger": "trainval.loop.trackers",
+    "FSDPStrategy": "trainval.loop.strategies",
+    "DDPStrategy": "trainval.loop.strategies",
 }
 
 __all__ = [
@@ -47,6 +52,11 @@ __all__ = [
     "find_runs",
     "RunSummary",
     "tune",
+    "PruningCallback",
+    "MLflowLogger",
+    "WandbLogger",
+    "FSDPStrategy",
+    "DDPStrategy",
     "__version__",
 ]
 
@@ -61,12 +71,14 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from trainval.app.runs import find_runs
-    from trainval.app.tuning import tune
+    from trainval.app.tuning import PruningCallback, tune
     from trainval.app.workflow import load_model
     from trainval.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
     from trainval.data import TensorLoader
     from trainval.errors import TrainvalError
     from trainval.loop.callbacks import Callback, EarlyStopping, ProgressBar, TensorBoardLogger
     from trainval.loop.ema import EMA
+    from trainval.loop.strategies import DDPStrategy, FSDPStrategy
     from trainval.loop.summary import RunSummary
+    from trainval.loop.trackers import MLflowLogger, WandbLogger
     from trainval.loop.trainer import Trainer, seed_everything
