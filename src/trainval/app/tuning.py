@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from trainval.app import config
+from trainval.app import config, runs
 from trainval.errors import ConfigError
 from trainval.fsio import atomic_write
 from trainval.loop.callbacks import Callback
+from trainval.run import runfolder
 from trainval.untrusted import load_yaml, shown
 
 if TYPE_CHECKING:
@@ -185,8 +186,6 @@ class PruningCallback(Callback):
 
 def _study_folder(folder: str) -> None:
     """Make or adopt the tuning folder: refuse a folder trainval did not make that holds other files."""
-    from trainval.run import runfolder
-
     runfolder.make_folder(folder)
     marker = os.path.join(folder, MARKER)
     if not os.path.exists(marker):
@@ -285,8 +284,6 @@ def fail_abandoned_trials(study) -> list[int]:
     and whose worker's pid is no running process has no worker. (The pid alone covers the moment after
     the fit, when the lock is released and Optuna has not yet recorded the result.) Trials of other machines are left to Optuna's heartbeat (see :func:`_storage`).
     """
-    from trainval.run import runfolder
-
     optuna = _optuna()
     failed = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -381,8 +378,7 @@ def tune(
             )
 
     optuna = _optuna()
-    from trainval.app import runs, workflow
-    from trainval.run import runfolder
+    from trainval.app import workflow  # torch and the models load when a search runs, not for --help
 
     folder = workflow.run_folder(base)
     shared = _storage(storage, folder) if storage is not None else None  # a bad URL before any folder is made
