@@ -34,9 +34,10 @@ class StepPlan:
 
     # Accumulation
 
-    def boundary(self, batch_index: int, last: bool) -> bool:
-        """Does an optimizer step follow this batch? Every ``accumulate_steps`` batches, and the epoch's last."""
-        return self.accumulate == 1 or (batch_index + 1) % self.accumulate == 0 or last
+    def boundary(self, batch_index: int, step: Step) -> bool:
+        """Does an optimizer step follow this batch? Every ``accumulate_steps`` batches, and the epoch's last
+        (asked last: a stream's ``step.last`` waits for the ranks' count, which runs while the step computes)."""
+        return self.accumulate == 1 or (batch_index + 1) % self.accumulate == 0 or step.last
 
     def group_size(self, batch_index: int, batches: int | None) -> int:
         """Batches in this batch's accumulation group: the last group of an epoch may be short (a stream's

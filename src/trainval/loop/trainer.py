@@ -173,7 +173,6 @@ class Trainer:
             None  # (weigh, across_ranks), or None
         )
         self._group_batches = 0  # real batches (every rank's) in this accumulation group so far
-        self._stand_in_batch: tuple[Any, torch.Tensor | None] | None = None
         self._weigh: Any = None
         self._bar: ProgressBar | None = None
 
@@ -566,22 +565,42 @@ class Trainer:
         True once the epoch is done. No host sync per batch: the loss and metrics stay on the device.
         """
         steps = self._epoch_steps(epoch)  # resume position, sampler state, each batch's weight (plan)
+        loader, metrics, task, plan = self.train_loader, self.train_metrics, self.task, self.plan
+        batches = (
+            None if loader.is_stream else loader.num_batches
+        )  # a stream's length is learnt by reading it
         on_batch = [cb for cb in callbacks if type(cb).on_train_batch_end is not Callback.on_train_batch_end]
         self.guard.start_epoch()
-        self._group_batches, self._stand_in_batch, first = 0, None, True
+        self._group_batches, stand_in, first = 0, None, True
         for step in steps:
-            i = self.batch_in_epoch
-            boundary = self.plan.boundary(i, step.last)
+            i, x, y = self.state.batch_in_epoch, step.x, step.y
+            boundary = plan.boundary(i, step)  # (a stream's last step is known once the next batch is read)
+            group = plan.group_size(i, batches)
             with self.strategy.no_sync(
                 self._train_model, sync=boundary
             ):  # DDP: all-reduce on the boundary only
-                done = self._forward_backward(step, check=first)  # (loss, output), or None for a stand-in
-            first = first and done is None
+                if x is None or y is None:  # this rank's stream share ran out before the others'
+                    stand_in = stand_in or self._stand_in(loader)
+                    self._stand_in_step(*stand_in)
+                else:
+                    loss, output = self.train_step(x, y)
+                    if first:  # the first batch's loss (free: no host sync), after on_epoch_start's freezing
+                        check_loss_value(loss, True, self.model, self.optimizer)
+                        first = False
+                    self.amp.backward(_share(loss, step.scale, group))  # of the accumulation group's step
             self._group_batches += step.batches  # real batches (every rank's) in this accumulation group
             if boundary:
-                self._optimizer_step(i, callbacks)
-            if done is not None:
-                self._record(step, i, *done)
+                self._optimizer_step(group, callbacks)
+            if (
+                x is not None and y is not None
+            ):  # padding (repeats that even out the ranks' shards) not counted
+                real = loader.unpadded(i, len(y))
+                weight = step.weight if step.weight is not None and real == len(y) else None
+                if real < len(y):
+                    loss, output, y = self._unpadded_part(output, y, real)
+                metrics.update(
+                    loss, self._weigh(y) if weight is None else weight, task.outputs(output.detach(), y), real
+                )
             self.state.batch_in_epoch = i + 1
             for cb in on_batch:
                 cb.on_train_batch_end(self, i)
@@ -628,38 +647,13 @@ class Trainer:
             )
         return steps
 
-    def _forward_backward(self, step: Step, check: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The step's forward and backward: ``(loss, output)``; ``None`` for a stand-in (this rank's stream
-        share ran out before the others': a zero loss joins their gradient collectives)."""
-        if step.x is None or step.y is None:
-            self._stand_in_batch = self._stand_in_batch or self._stand_in(self.train_loader)
-            self._stand_in_step(*self._stand_in_batch)
-            return None
-        loss, output = self.train_step(step.x, step.y)
-        if check:  # the first batch's loss (free: no host sync), after on_epoch_start's freezing
-            check_loss_value(loss, True, self.model, self.optimizer)
-        if isinstance(
-            step.scale, torch.Tensor
-        ):  # summed loss / the group's weight, times the ranks averaged over
-            self.amp.backward(loss * step.scale.to(loss.dtype))
-        elif step.scale is not None:
-            self.amp.backward(loss * step.scale)
-        else:
-            loader = self.train_loader
-            group = self.plan.group_size(
-                self.batch_in_epoch, None if loader.is_stream else loader.num_batches
-            )
-            self.amp.backward(loss / group if group > 1 else loss)  # the mean of the group's batch means
-        return loss, output
-
-    def _optimizer_step(self, i: int, callbacks: list[Callback]) -> None:
+    def _optimizer_step(self, group: int, callbacks: list[Callback]) -> None:
         """At an accumulation boundary: the optimizer step (clipping, the scaler), the per-step scheduler,
         ``global_step``, and the callbacks that follow every step (EMA's update: device work only)."""
-        if self._exact is None:  # the mean of batch means: a stream's last steps may hold fewer batches
-            loader, world = self.train_loader, self.dist.world_size
-            group = self.plan.group_size(i, None if loader.is_stream else loader.num_batches)
-            if self._group_batches != world * group:
-                self._scale_gradients(world * group / self._group_batches)
+        world = self.dist.world_size
+        if self._exact is None and self._group_batches != world * group:
+            # the mean of batch means: a stream's last steps held fewer batches than a full step
+            self._scale_gradients(world * group / self._group_batches)
         self._group_batches = 0
         self.amp.step(self.optimizer, self.options.grad_clip, self.strategy.clip_grad_norm, self.model)
         if self.scheduler is not None and self.scheduler_interval == "step":
@@ -668,18 +662,6 @@ class Trainer:
         for cb in callbacks:
             if type(cb).on_optimizer_step is not Callback.on_optimizer_step:
                 cb.on_optimizer_step(self)
-
-    def _record(self, step: Step, i: int, loss: torch.Tensor, output: torch.Tensor) -> None:
-        """The batch's loss and metric sums, on the device; padding (repeated samples that even out the
-        ranks' shards) is not counted."""
-        y = step.y
-        assert y is not None  # (a step with a loss had a batch)
-        size = y.shape[0]
-        real = self.train_loader.unpadded(i, size)
-        if real < size:
-            loss, output, y = self._unpadded_part(output, y, real)
-        weight = step.weight if step.weight is not None and real == size else self._weigh(y)
-        self.train_metrics.update(loss, weight, self.task.outputs(output.detach(), y), real)
 
     def _after_optimizer_step(self, epoch: int, step: Step, callbacks: list[Callback]) -> bool:
         """The guard's polls (a signal stops here), then a row (val_every_steps, max_steps) or a mid-epoch
@@ -1013,6 +995,17 @@ Trainer.__doc__ = (Trainer.__doc__ or "").replace("{options}", option_docs())
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _share(loss: torch.Tensor, scale: torch.Tensor | float | None, group: int) -> torch.Tensor:
+    """What one micro-batch's mean loss contributes to its accumulation group's step: ``loss * scale`` (exact:
+    its summed loss over the group's weight, times the ranks DDP/FSDP average over), else the mean of the
+    group's batch means (``loss / group``; ``loss`` itself without accumulation)."""
+    if isinstance(scale, torch.Tensor):
+        return loss * scale.to(loss.dtype)
+    if scale is not None:
+        return loss * scale
+    return loss / group if group > 1 else loss
 
 
 def _compiled(model: nn.Module) -> nn.Module:
