@@ -151,3 +151,45 @@ def test_each_folder_imports_only_from_the_folders_below_it():
             if theirs > mine and not base_to_distributed:
                 wrong.append(f"{name} -> {target}")
     assert not wrong, "imports that point up a layer: " + ", ".join(sorted(wrong))
+
+
+def test_a_signal_at_an_epochs_last_step_saves_that_epoch_before_stopping(tmp_path):
+    """SIGINT during the last optimizer step of an epoch: the epoch's row and last.pt are written before the
+    stop (it used to stop first, claiming a last.pt that did not exist), and the resumed run ends bitwise equal
+    to an uninterrupted one."""
+    import os
+    import signal
+
+    from trainval import Callback, Trainer
+    from trainval.errors import Interrupted
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(40, 5, generator=g), torch.arange(40) % 3
+
+    class SigintAt(Callback):
+        def __init__(self, step):
+            self.step = step
+
+        def on_train_batch_end(self, trainer, batch_index):
+            if trainer.global_step == self.step:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    def trainer(folder, callbacks=()):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+        return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), max_epochs=3, batch_size=10,
+                       out_dir=str(folder), progress=False, plot=False, callbacks=list(callbacks))
+
+    whole = trainer(tmp_path / "whole")
+    whole.fit((X, y), (X, y))
+    for stop_at in (4, 8):  # the last step of epoch 1, of epoch 2 (4 steps per epoch)
+        cut = trainer(tmp_path / f"cut{stop_at}", [SigintAt(stop_at)])
+        with pytest.raises(Interrupted, match=f"at the end of epoch {stop_at // 4}"):
+            cut.fit((X, y), (X, y))
+        saved = torch.load(tmp_path / f"cut{stop_at}" / "last.pt", weights_only=True)
+        assert saved["epoch"] == stop_at // 4 and len(saved["loop"]["history"]) == stop_at // 4
+        resumed = trainer(tmp_path / f"cut{stop_at}")
+        resumed.fit((X, y), (X, y), resume=True)
+        assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(),
+                                                     resumed.model.state_dict().values()))
+        assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]

@@ -72,7 +72,8 @@ class Guard:
         self._next_poll = time.monotonic() + self.trainer.poll_interval_s
 
     def after_step(self, epoch: int, last: bool) -> None:
-        """After an optimizer step: the rate-limited non-finite check and a signal's stop."""
+        """After an optimizer step: the rate-limited non-finite check and a signal's stop (mid-epoch: last.pt of
+        this step, then Interrupted; at the epoch's last step the stop waits for the epoch's row and last.pt)."""
         t = self.trainer
         if t.dist.enabled:
             if t.global_step % POLL_EVERY_STEPS == 0:
@@ -81,8 +82,8 @@ class Guard:
         if time.monotonic() >= self._next_poll:
             self.raise_if_nonfinite(epoch)  # a sync point, rate-limited by time
             self._next_poll = time.monotonic() + t.poll_interval_s
-        if self.stop_signal is not None:
-            self.interrupt(epoch, mid_epoch=not last)
+        if self.stop_signal is not None and not last:  # at the epoch's last step: its end saves, then stops
+            self.interrupt(epoch, mid_epoch=True)
 
     def end_of_epoch(self, epoch: int) -> None:
         """After the row is saved: a signal any rank received stops every rank together."""
@@ -137,7 +138,8 @@ class Guard:
             raise NonFiniteLossError(f"training loss became non-finite on another rank at epoch {epoch}.")
         if signum:
             self.stop_signal = int(signum)
-            self.interrupt(epoch, mid_epoch=not last)
+            if not last:  # at the epoch's last step: its end writes the row and last.pt, then stops (end_of_epoch)
+                self.interrupt(epoch, mid_epoch=True)
 
     def interrupt(self, epoch: int, mid_epoch: bool) -> None:
         t = self.trainer

@@ -990,7 +990,7 @@ class Trainer:
 
 # help(Trainer) and IDEs list every option with its default and meaning
 Trainer.__init__.__signature__ = signature_with_options(Trainer.__init__)  # type: ignore[attr-defined]
-Trainer.__doc__ = (Trainer.__doc__ or "").replace("{options}", option_docs())
+Trainer.__doc__ = (Trainer.__doc__ or "").replace("    {options}", option_docs())
 
 
 # ----------------------------------------------------------------------------------------------
