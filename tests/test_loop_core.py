@@ -193,3 +193,18 @@ def test_a_signal_at_an_epochs_last_step_saves_that_epoch_before_stopping(tmp_pa
         assert all(torch.equal(a, b) for a, b in zip(whole.model.state_dict().values(),
                                                      resumed.model.state_dict().values()))
         assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
+
+
+def test_a_run_that_max_epochs_ends_before_max_steps_says_so_and_the_summary_counts_epochs(tmp_path, capsys):
+    import json
+
+    from trainval import Trainer
+
+    X, y = torch.randn(100, 4), torch.arange(100) % 2
+    model = torch.nn.Linear(4, 2)
+    trainer = Trainer(model, max_epochs=2, max_steps=50, val_every_steps=3, batch_size=10, out_dir=str(tmp_path),
+                      progress=False, plot=False)
+    trainer.fit((X, y), (X, y))
+    assert "max_epochs=2 ended the run at step 20, before max_steps=50" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(trainer.history) == 7 and summary["epochs"] == 2 and summary["steps"] == 20  # rows are not epochs

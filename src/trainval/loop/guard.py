@@ -138,7 +138,9 @@ class Guard:
             raise NonFiniteLossError(f"training loss became non-finite on another rank at epoch {epoch}.")
         if signum:
             self.stop_signal = int(signum)
-            if not last:  # at the epoch's last step: its end writes the row and last.pt, then stops (end_of_epoch)
+            if (
+                not last
+            ):  # at the epoch's last step: its end writes the row and last.pt, then stops (end_of_epoch)
                 self.interrupt(epoch, mid_epoch=True)
 
     def interrupt(self, epoch: int, mid_epoch: bool) -> None:

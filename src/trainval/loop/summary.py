@@ -87,7 +87,7 @@ class RunSummary(Callback):
             "status": status,
             "started": self.started,
             "updated": now(),
-            "epochs": len(history),
+            "epochs": trainer.epoch,  # epochs done (with val_every_steps, rows are not epochs)
             "max_epochs": trainer.max_epochs,
             "monitor": trainer.monitor,
             "mode": trainer.mode,

@@ -306,6 +306,12 @@ class Trainer:
                 ):
                     self._run_epoch(callbacks)
                 self.checkpoints.wait()  # the last save is on disk before the run ends (its error raises here)
+                max_steps = self.options.max_steps
+                if max_steps is not None and not self.should_stop and self.global_step < max_steps:
+                    self.log(
+                        f"max_epochs={self.max_epochs} ended the run at step {self.global_step}, before "
+                        f"max_steps={max_steps}: raise max_epochs (CLI train.epochs) to train for more steps."
+                    )
                 for cb in callbacks:
                     cb.on_fit_end(self)
         except BaseException:
