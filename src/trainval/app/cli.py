@@ -411,6 +411,8 @@ def remove_stale_outcome_folders(temp: str) -> list[str]:
     import re
     import stat
 
+    from trainval.run import runfolder
+
     removed: list[str] = []
     try:
         names = os.listdir(temp)
@@ -426,7 +428,7 @@ def remove_stale_outcome_folders(temp: str) -> list[str]:
             if (
                 not stat.S_ISDIR(info.st_mode)
                 or info.st_uid != os.getuid()
-                or _process_exists(int(match.group(1)))
+                or runfolder.process_alive(int(match.group(1)))
             ):
                 continue
             entries = os.listdir(path)
@@ -441,18 +443,6 @@ def remove_stale_outcome_folders(temp: str) -> list[str]:
         except OSError:  # another launcher removed it first, or it changed meanwhile: leave it
             continue
     return removed
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    except (OverflowError, ValueError):  # not a pid at all
-        return False
-    return True
 
 
 _OUTCOME_LIMIT = 64 * 1024  # one exit code and one error line

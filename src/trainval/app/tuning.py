@@ -290,26 +290,15 @@ def fail_abandoned_trials(study) -> list[int]:
         folder = t.user_attrs.get("run_folder")
         if t.user_attrs.get("host") != socket.gethostname() or not isinstance(folder, str):
             continue
-        if _alive(t.user_attrs.get("pid")):  # between the fit's end (lock released) and Optuna's tell
+        if runfolder.process_alive(
+            t.user_attrs.get("pid")
+        ):  # between the fit's end (lock released) and Optuna's tell
             continue
         if os.path.isdir(folder) and not runfolder.is_locked(folder):
             study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
             _say(f"trial {t.number}: its worker is gone (nothing holds {shown(folder)}); marked failed")
             failed.append(t.number)
     return failed
-
-
-def _alive(pid: object) -> bool:
-    """Whether ``pid`` (a worker's, recorded on this machine) is a running process."""
-    if not isinstance(pid, int) or isinstance(pid, bool) or not 0 < pid < 2**31:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def tune(

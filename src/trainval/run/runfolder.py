@@ -75,6 +75,21 @@ def _holder_pid(folder: str) -> int | None:
     return pid
 
 
+def process_alive(pid: object) -> bool:
+    """Whether ``pid`` names a running process on this machine (another user's counts). Anything but a
+    positive 32-bit int names none: never 0 or -1, which ``os.kill`` would read as a process group or as every
+    process."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or not 0 < pid < 2**31:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _write_marker(folder: str) -> None:
     data = (json.dumps({"made_by": "trainval", "pid": os.getpid()}) + "\n").encode()
     atomic_write(os.path.join(folder, MARKER), lambda f: f.write(data), "run-folder marker")
@@ -231,13 +246,8 @@ def is_locked(folder: str) -> bool:
     pid = _holder_pid(folder)
     if pid is None:
         return False
-    if pid != os.getpid():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass  # alive, another user's
+    if pid != os.getpid() and not process_alive(pid):
+        return False
     import fcntl
 
     try:  # a folder swapped for a FIFO since it was listed: refused at once, not waited on
