@@ -70,6 +70,7 @@ class EMA(Callback):
         self._params: list[torch.Tensor] = []
         self._loaded: dict | None = None  # from last.pt, applied once the model's parameters are known
         self._backup: list[torch.Tensor] | None = None
+        self._all_floating: bool = True  # every parameter lerp-able (set at fit start)
 
     # -- the hooks ---------------------------------------------------------------------------------
 
@@ -78,6 +79,9 @@ class EMA(Callback):
         self._names, self._params = [n for n, _ in named], [p for _, p in named]
         with torch.no_grad():
             self.averaged = [p.detach().clone() for p in self._params]
+        self._all_floating = all(
+            p.is_floating_point() or p.is_complex() for p in self._params
+        )  # (lerp's dtypes)
         loaded, self._loaded = self._loaded, None
         if loaded:
             self._load(loaded, trainer.last_path)
@@ -97,8 +101,7 @@ class EMA(Callback):
         if self.updates == 0:
             torch._foreach_copy_(averaged, params)
         else:
-            floats = [i for i, t in enumerate(averaged) if t.is_floating_point() or t.is_complex()]
-            if len(floats) == len(averaged):
+            if self._all_floating:
                 torch._foreach_lerp_(averaged, params, 1.0 - self.decay)
             else:  # get_ema_multi_avg_fn's rule for other dtypes
                 for a, p in zip(averaged, params):
