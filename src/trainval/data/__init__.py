@@ -38,7 +38,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Tens
 from torch.utils.data.dataloader import default_collate
 
 from trainval import distributed
+from trainval.data.splits import stratified_split
 from trainval.errors import ConfigError, DataError
+from trainval.extras import require
 from trainval.state import rng_state, seed_everything, set_rng_state
 from trainval.untrusted import open_regular, shown, shown_names, shown_repr
 
@@ -1238,7 +1240,7 @@ def check_finite(X: torch.Tensor, what: str = "data") -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Data sources for the CLI: digits, npz, csv, Python factories; and seeded stratified splits
+# Data sources for the CLI: digits, npz, csv, Python factories (seeded stratified splits: splits.py)
 
 
 @dataclass
@@ -1251,9 +1253,8 @@ class Split:
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled 8x8 digits (1,797 images, no download), as ``[N, 1, 8, 8]`` in [0, 1]."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
+    sklearn_datasets = require("sklearn.datasets", "data.source=digits (the default data set)")
+    d = sklearn_datasets.load_digits()
     X = (d.images / 16.0).astype(np.float32)[:, None, :, :]
     return X, d.target.astype(np.int64)
 
@@ -1565,38 +1566,6 @@ def import_object(spec: str, what: str) -> Any:
             f"{f' (it was imported from {where})' if where else ''}."
         ) from None
     return obj
-
-
-def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
-    """Index arrays: the first part gets what the fractions leave; each later part gets ``fraction``.
-
-    Stratified by label and seeded, so the same data and seed always give the same split.
-    """
-    from sklearn.model_selection import train_test_split
-
-    idx = np.arange(len(y))
-    parts: list[np.ndarray] = []
-    remaining, remaining_frac = idx, 1.0
-    for frac in fractions:
-        if frac <= 0:
-            parts.append(np.array([], dtype=np.int64))
-            continue
-        share = frac / remaining_frac
-        try:
-            remaining, taken = train_test_split(
-                remaining, test_size=share, random_state=seed, stratify=y[remaining]
-            )
-        except ValueError:  # too few samples of some class to stratify
-            try:
-                remaining, taken = train_test_split(remaining, test_size=share, random_state=seed)
-            except ValueError:
-                raise DataError(
-                    f"cannot hold out a {frac:g} split of {len(remaining)} samples and keep some to "
-                    "train on; use more data or set data.val_split/data.test_split to 0."
-                ) from None
-        parts.append(np.sort(taken))
-        remaining_frac -= frac
-    return [np.sort(remaining), *parts]
 
 
 __all__ = [
