@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_PIN)"
-	$(PY) -m pip install --quiet -c constraints.txt "$(TORCH_PIN)" -e ".[test,tensorboard]"
+	$(PY) -m pip install --quiet -c constraints.txt "$(TORCH_PIN)" -e ".[test]"
 	touch $(STAMP)
 
 ## make run: the main job - trainval fit on the embedded digits data (runs/digits/)

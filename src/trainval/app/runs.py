@@ -21,6 +21,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from trainval import extras
 from trainval.app import config
 from trainval.errors import ConfigError, RunFolderError, TrainvalError
 from trainval.fsio import atomic_write
@@ -351,8 +352,7 @@ def plot_runs(records: list[dict], path: str) -> str:
         for column in (r.get("monitor"), "val_loss"):
             if column and column not in panels and any(row.get(column) is not None for row in rows):
                 panels.append(column)
-    import matplotlib
-
+    matplotlib = extras.require("matplotlib", "trainval runs --plot")
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     import matplotlib.ticker

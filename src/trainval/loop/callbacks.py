@@ -32,6 +32,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from trainval import extras, notebook
 from trainval.errors import ConfigError
 from trainval.fsio import atomic_write
 from trainval.run import runfolder
@@ -39,7 +40,7 @@ from trainval.untrusted import shown
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
-    from tqdm import tqdm
+    from tqdm.std import tqdm
 
     from trainval.loop.trainer import Trainer
 
@@ -101,7 +102,7 @@ class EarlyStopping(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm bar on a terminal; elsewhere (CI, nohup, a log file) plain lines at a bounded rate.
+    """A tqdm bar on a terminal or in a notebook; elsewhere (CI, nohup, a log file) plain lines at a bounded rate.
 
     It reads the running loss at most ``refresh_s`` apart (a terminal) or ``line_s`` apart (plain lines):
     each read is one host sync, never one per batch.
@@ -117,7 +118,8 @@ class ProgressBar(Callback):
 
     @property
     def is_terminal(self) -> bool:
-        return hasattr(self.stream, "isatty") and self.stream.isatty()
+        """A bar, not lines: the stream is a terminal, or a Jupyter kernel shows the output (a widget)."""
+        return (hasattr(self.stream, "isatty") and self.stream.isatty()) or notebook.in_kernel()
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         self.close()  # (with val_every_steps an epoch may end without a row)
@@ -125,7 +127,7 @@ class ProgressBar(Callback):
         self._total, self._epoch = trainer.train_loader.num_batches, epoch  # None: a stream without len
         self._next = time.monotonic() + (self.refresh_s if self.is_terminal else self.line_s)
         if self.is_terminal:
-            from tqdm import tqdm
+            from tqdm.auto import tqdm  # a widget in a notebook (with ipywidgets), the text bar elsewhere
 
             self.bar = tqdm(
                 total=self._total,
@@ -264,10 +266,22 @@ def plot_curves(
 
 class Curves(Callback):
     """``curves.png`` at the end of ``fit``: each metric per epoch (per step with ``val_every_steps``), the
-    best row marked. The Trainer adds it last, on rank 0, when ``plot`` is on."""
+    best row marked. The Trainer adds it last, on rank 0, when ``plot`` is on. Without matplotlib (the
+    ``plot`` extra) it says so in one line at fit start, and the fit goes on without the picture."""
+
+    def __init__(self) -> None:
+        self.drawing = True
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.drawing = extras.available("matplotlib")
+        if not self.drawing:
+            trainer.log(
+                extras.missing_line("matplotlib", "curves.png")
+                + " (or set log.plot=false); training without it"
+            )
 
     def on_fit_end(self, trainer: Trainer) -> None:
-        if not trainer.history:
+        if not trainer.history or not self.drawing:
             return
         by_step = trainer.options.val_every_steps is not None  # x: the step of each row, else its epoch
         plot_curves(

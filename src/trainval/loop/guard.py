@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from trainval import distributed
+from trainval import distributed, notebook
 from trainval.errors import Interrupted, NonFiniteLossError
 
 if TYPE_CHECKING:
@@ -39,7 +39,8 @@ class Guard:
 
     @contextlib.contextmanager
     def handlers(self) -> Iterator[None]:
-        """First SIGINT/SIGTERM: finish the step, save last.pt, stop. A second SIGINT: exit at once.
+        """First SIGINT/SIGTERM: finish the step, save last.pt, stop. A second SIGINT: exit at once (inside
+        IPython, a Jupyter kernel or Colab: raise ``KeyboardInterrupt``, so that the kernel lives on).
 
         A repeated SIGTERM changes nothing: schedulers send it to every process of a job (SLURM's
         ``scancel`` reaches the workers besides torchrun's forwarded one), and the stop is under way.
@@ -52,6 +53,8 @@ class Guard:
         def handler(signum: int, frame: Any) -> None:
             if received:
                 if signum == signal.SIGINT:  # a user's second Ctrl-C
+                    if notebook.in_ipython():  # the process is the user's kernel: leave fit, not the kernel
+                        raise KeyboardInterrupt
                     distributed.exit_process(128 + signum)  # checkpoints are atomic: nothing is corrupted
                 return
             received.append(signum)

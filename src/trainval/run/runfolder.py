@@ -23,11 +23,14 @@ import stat
 import time
 import zipfile
 from collections.abc import Callable, Iterator
+from typing import Any, TypeVar, cast
 
 from trainval import launch
 from trainval.errors import ConfigError, RunFolderError, TrainvalError
 from trainval.fsio import atomic_write
 from trainval.untrusted import check_replaceable, open_regular, read_bytes, shown
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
 
 MARKER = ".trainval-run"
 STDOUT = "-"  # `predict --out -`: the predictions CSV goes to standard output (a file named '-' is ./-)
@@ -271,17 +274,18 @@ def is_main_process() -> bool:
     return launch.read().is_main
 
 
-def holds_run_folder(method: Callable) -> Callable:
-    """Decorates ``Trainer.fit``: rank 0 holds ``self.out_dir``'s writer lock for the whole call."""
+def holds_run_folder(method: _Method) -> _Method:
+    """Decorates ``Trainer.fit``: rank 0 holds ``self.out_dir``'s writer lock for the whole call. The
+    decorated method keeps its signature, for users' type checkers too."""
 
     @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         if not is_main_process():
             return method(self, *args, **kwargs)
         with locked(self.out_dir, "fit"):
             return method(self, *args, **kwargs)
 
-    return wrapper
+    return cast(_Method, wrapper)
 
 
 def claim(folder: str, resume: bool) -> None:
