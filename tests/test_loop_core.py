@@ -31,6 +31,17 @@ def test_every_option_is_a_keyword_of_trainer_with_its_default():
         assert f"{f.name}:" in trainval.Trainer.__doc__  # its meaning in help(Trainer)
 
 
+def test_the_typed_keyword_arguments_are_the_options():
+    """``Trainer(**options: Unpack[TrainerOptionsArgs])``: the TypedDict that type checkers read names each option
+    with the type TrainerOptions declares (out_dir also takes a path object, which the options make a str)."""
+    declared = {f.name: f.type for f in options.fields()}
+    typed = {k: getattr(v, "__forward_arg__", v) for k, v in options.TrainerOptionsArgs.__annotations__.items()}
+    assert list(typed) == list(declared)
+    assert typed.pop("out_dir") == "str | os.PathLike[str]"
+    assert all(typed[k] == declared[k] for k in typed), {k: (typed[k], declared[k]) for k in typed if typed[k] != declared[k]}
+    assert trainval.Trainer.__init__.__annotations__["options"] == "Unpack[TrainerOptionsArgs]"
+
+
 def test_an_unknown_option_is_one_clear_error_with_the_closest_name():
     with pytest.raises(ConfigError, match=r"unknown option 'accumulate_step' \(did you mean 'accumulate_steps'\?\)"):
         trainval.Trainer(torch.nn.Linear(2, 2), accumulate_step=2)

@@ -277,6 +277,19 @@ def test_a_users_script_passes_mypy_strict(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Success: no issues found in 1 source file" in out.stdout
+    # the control: the hints are real, so a misspelt option and a wrongly typed one are reported
+    (tmp_path / "bad.py").write_text(
+        "import torch\nfrom trainval import Trainer\nm = torch.nn.Linear(2, 2)\n"
+        "Trainer(m, max_epoch=3)\nTrainer(m, max_epochs='3')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", "mypy.ini", "--cache-dir", str(tmp_path / "cache"),
+         "--python-executable", sys.executable, "bad.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 1
+    assert 'bad.py:4: error: Unexpected keyword argument "max_epoch"' in out.stdout, out.stdout
+    assert 'bad.py:5: error: Argument "max_epochs" to "Trainer" has incompatible type "str"; expected "int"' in out.stdout, out.stdout
 
 
 # --------------------------------------------------------------------------------------------------

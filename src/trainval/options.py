@@ -20,9 +20,11 @@ import difflib
 import inspect
 import math
 import numbers
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from trainval.errors import ConfigError
 from trainval.untrusted import shown_repr
@@ -406,6 +408,45 @@ class TrainerOptions:
             )
 
 
+class TrainerOptionsArgs(TypedDict, total=False):
+    """The options as ``Trainer``'s keyword arguments, for type checkers: ``**options: Unpack[TrainerOptionsArgs]``
+    lets mypy and pyright check a user's option names and value types. The same names and types as
+    :class:`TrainerOptions` (``tests/test_loop_core.py`` holds the two together)."""
+
+    max_epochs: int
+    max_steps: int | None
+    val_every_steps: int | None
+    out_dir: str | os.PathLike[str]  # made a str by TrainerOptions
+    seed: int
+    monitor: str | None
+    mode: str | None
+    batch_size: int
+    eval_batch_size: int | None
+    ignore_index: int | None
+    threshold: float
+    target_key: str
+    output_key: str
+    eval_frozen_batchnorm: bool
+    progress: bool
+    device: Any
+    scheduler_interval: str | None
+    grad_clip: float | None
+    accumulate_steps: int
+    precision: str
+    compile: bool
+    checkpoint_every_steps: int | None
+    async_save: bool
+    save_top_k: int | None
+    check_inputs: bool
+    on_device: bool | None
+    num_workers: int
+    overwrite: bool
+    plot: bool
+    strategy: Any
+    sync_batchnorm: bool
+    dist_timeout: float | None
+
+
 def _check(name: str, value: Any, f: dataclasses.Field) -> None:
     """The Trainer's check of one option: its type, its sign, its choices (one clear sentence)."""
     meta = f.metadata
@@ -440,7 +481,7 @@ def _check(name: str, value: Any, f: dataclasses.Field) -> None:
         )
 
 
-def make_options(given: dict[str, Any]) -> TrainerOptions:
+def make_options(given: Mapping[str, Any]) -> TrainerOptions:
     """``TrainerOptions(**given)``; an unknown name is one clear sentence with the closest option."""
     names = [f.name for f in fields()]
     unknown = [k for k in given if k not in names]

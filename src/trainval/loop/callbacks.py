@@ -30,7 +30,7 @@ import math
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from trainval import extras, notebook
 from trainval.errors import ConfigError
@@ -108,7 +108,7 @@ class ProgressBar(Callback):
     each read is one host sync, never one per batch.
     """
 
-    def __init__(self, refresh_s: float = 0.25, line_s: float = 10.0, stream=None):
+    def __init__(self, refresh_s: float = 0.25, line_s: float = 10.0, stream: TextIO | None = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.refresh_s, self.line_s = refresh_s, line_s
         self.bar: tqdm | None = None

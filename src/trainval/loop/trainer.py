@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -60,13 +60,16 @@ from trainval.loop.precision import Precision
 from trainval.loop.strategies import SingleProcess, make_strategy
 from trainval.loop.summary import RunSummary
 from trainval.metrics import MetricSet, confusion_metric, metric_direction, resolve_metrics
+from trainval.options import TrainerOptionsArgs, make_options, signature_with_options
 from trainval.options import docs as option_docs
-from trainval.options import make_options, signature_with_options
 from trainval.run.runfolder import holds_run_folder, is_main_process
 from trainval.run.summary import record_test
 from trainval.state import LoopState, rng_state, seed_everything, set_rng_state
 from trainval.tasks import Task, check_loss, loss_weight_fn, make_task, task_for_output
 from trainval.untrusted import shown_line
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack from Python 3.11
 
 __all__ = ["Trainer", "seed_everything"]
 
@@ -108,7 +111,7 @@ class Trainer:
         callbacks: Iterable[Callback] = (),
         scheduler: Any = None,
         config: dict | None = None,
-        **options: Any,
+        **options: Unpack[TrainerOptionsArgs],
     ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
