@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Tens
 from torch.utils.data.dataloader import default_collate
 
 from trainval import distributed
+from trainval.data.hf import as_torch_data, is_hf_dataset
 from trainval.errors import ConfigError, DataError
 from trainval.state import rng_state, seed_everything, set_rng_state
 from trainval.untrusted import open_regular, shown, shown_names, shown_repr
@@ -966,6 +967,7 @@ def make_loader(
     place: Callable[[torch.Tensor], torch.Tensor] | None = None,
     name: str = "data",
     positions: bool = False,
+    model: torch.nn.Module | None = None,
 ) -> TensorLoader | DataLoaderAdapter | StreamLoader:
     """The loader for what the user passed: in-memory data -> :class:`TensorLoader`; a ``Dataset`` or a
     ``DataLoader`` -> a ``DataLoader`` drawing from our sharded, seeded order (:class:`ShardSampler`);
@@ -980,7 +982,11 @@ def make_loader(
     length; evaluation and prediction visit each sample once, in dataset order. A stream is read in its
     own order (shuffling it is the dataset's business) and never padded. ``positions``: record each
     stream sample's position (prediction, to restore the stream's order across ranks and workers).
+    A Hugging Face ``datasets.Dataset``/``IterableDataset`` is read as :mod:`trainval.data.hf` says, with
+    the columns ``model``'s forward takes.
     """
+    if is_hf_dataset(data):
+        data = as_torch_data(data, model, target_key, name)
     if is_stream(data):
         return _stream_loader(
             data,
