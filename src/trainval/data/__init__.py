@@ -1249,10 +1249,12 @@ def check_finite(X: torch.Tensor, what: str = "data") -> None:
 
 @dataclass
 class Split:
-    """One split of a data set in memory; ``y`` is ``None`` for an unlabelled test file."""
+    """One split of a data set in memory; ``y`` is ``None`` for an unlabelled test file; ``ids``: each
+    sample's name for the predictions file's ``Id`` column (an image's file name), else its row number."""
 
     X: np.ndarray
     y: np.ndarray | None
+    ids: list[str] | None = None
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
