@@ -18,7 +18,6 @@ from conftest import run_cli
 from PIL import Image
 
 from trainval.app.workflow import load_model
-from trainval.data import images as image_data
 from trainval.errors import ConfigError, DataError
 
 COLOURS = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]], dtype=np.float64)  # one per class
@@ -67,6 +66,7 @@ def trained(tmp_path_factory):
         "train.batch_size=16",
         "train.progress=false",
         "log.plot=false",
+        "model.channels=[8,16]",
         "optim.lr=0.01",
         f"run.out_dir={root / 'runs'}",
         "run.name=colours",
@@ -76,6 +76,7 @@ def trained(tmp_path_factory):
     return root, root / "runs" / "colours", train, fit
 
 
+@pytest.mark.slow  # one CLI fit (about 10 s of CPU), shared by the three tests that use it
 def test_fit_records_size_mode_and_training_statistics(trained):
     root, run, train, fit = trained
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -95,6 +96,7 @@ def test_fit_records_size_mode_and_training_statistics(trained):
     assert [int(r[1]) for r in rows[1:]] == [c for c in range(3) for _ in range(5)]
 
 
+@pytest.mark.slow  # one CLI fit (about 10 s of CPU), shared by the three tests that use it
 def test_predict_flat_folder_writes_file_names_and_reapplies_recorded_format(trained, tmp_path):
     root, run, train, _ = trained
     flat = tmp_path / "new"
@@ -135,6 +137,7 @@ def test_predict_flat_folder_writes_file_names_and_reapplies_recorded_format(tra
     assert [r[:2] for r in csv.reader(open(tmp_path / "again.csv"))] == [r[:2] for r in rows]
 
 
+@pytest.mark.slow  # one CLI fit (about 10 s of CPU), shared by the three tests that use it
 def test_test_on_a_labelled_folder_and_unknown_class(trained, tmp_path):
     root, run, _, _ = trained
     labelled = tmp_path / "more"
@@ -181,6 +184,8 @@ def test_corrupt_or_non_image_file_is_one_line_naming_it(tmp_path, name, content
 
 
 def test_untrusted_files_refused(tmp_path, monkeypatch):
+    from trainval.data import images as image_data
+
     root = tmp_path / "train"
     write_class_folder(root, 2)
     outside = tmp_path / "secret.png"
@@ -208,6 +213,8 @@ def test_untrusted_files_refused(tmp_path, monkeypatch):
 
 def test_grayscale_auto_and_image_size(tmp_path):
     """Grayscale images stay one channel; data.image_size resizes; mixed folders are RGB."""
+    from trainval.data import images as image_data
+
     root = tmp_path / "gray"
     rng = np.random.default_rng(0)
     for c, name in enumerate(["a", "b"]):
