@@ -30,6 +30,7 @@ PREDICT_EXAMPLES = """examples:
   trainval predict examples/phoneme_mlp.yaml
   trainval predict examples/phoneme_mlp.yaml --out preds.csv --proba
   trainval predict runs/phoneme data.test=new.csv --out new_preds.csv   # no training file needed
+  trainval predict runs/pets --data new_photos/   # data.source=images: one row per image file
 """
 RUNS_EXAMPLES = """examples:
   trainval runs                         # every run below runs/
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="the run's YAML config, or its run folder (its config.yaml), and overrides",
         )
         p.add_argument("--ckpt", default="best", help="best (default), last, or a checkpoint path")
+        p.add_argument(
+            "--data",
+            default=None,
+            metavar="PATH",
+            help="the data to score or predict (sets data.test): a file, or a folder of images",
+        )
         p.add_argument(
             "--trust-code",
             action="store_true",
@@ -613,6 +620,8 @@ def _dispatch(args) -> int:
         cfg_path = None
     else:
         cfg = config.load(cfg_path, overrides)  # config errors come before torch is imported
+    if getattr(args, "data", None):  # test/predict --data PATH: data.test, taken as a path (never as YAML)
+        cfg["data"]["test"] = os.path.expanduser(args.data)
     from trainval.app import workflow
 
     if args.command == "fit":

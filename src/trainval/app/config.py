@@ -26,9 +26,14 @@ from trainval.untrusted import load_yaml, read_yaml, shown, shown_repr
 SCHEMA: dict[str, dict[str, Key]] = {
     "data": {
         "source": Key(
-            "str", "digits", "where the data comes from", choices=("digits", "npz", "csv", "factory")
+            "str",
+            "digits",
+            "where the data comes from",
+            choices=("digits", "npz", "csv", "factory", "images"),
         ),
-        "train": Key("str", None, "training file (npz or csv)", nullable=True),
+        "train": Key(
+            "str", None, "training file (npz or csv), or folder of class subfolders (images)", nullable=True
+        ),
         "val": Key(
             "str", None, "validation file; without it, `val_split` of the training file", nullable=True
         ),
@@ -65,6 +70,21 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "split_seed": Key(
             "int", 0, "seed of the stratified splits", minimum=0, maximum=2**32 - 1
         ),  # scikit-learn's range
+        "image_size": Key(
+            "int",
+            None,
+            "images: the side of the square every image is resized to (default: the training images' "
+            "most common size); recorded in the run",
+            nullable=True,
+            minimum=1,
+            maximum=4096,
+        ),
+        "image_mode": Key(
+            "str",
+            "auto",
+            "images: `grayscale` (1 channel), `rgb` (3) or `auto` (grayscale when every training image is)",
+            choices=("auto", "rgb", "grayscale"),
+        ),
         "standardize": Key(
             "bool",
             False,
@@ -377,7 +397,7 @@ def validate(cfg: dict, source: str) -> dict:
         raise ConfigError(
             f"{source}: optim.betas must be two numbers in [0, 1), like [0.9, 0.999], got {betas}."
         )
-    if d["source"] in ("npz", "csv") and not d["train"]:
+    if d["source"] in ("npz", "csv", "images") and not d["train"]:
         raise ConfigError(
             f"{source}: data.source is {d['source']} but data.train (the training file) is not set."
         )

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
 import numpy as np
@@ -39,6 +39,7 @@ from trainval.data import (
     load_npz,
     stratified_split,
 )
+from trainval.data import images as image_data
 from trainval.errors import CheckpointError, ConfigError, DataError, RunFolderError
 from trainval.fsio import atomic_write
 from trainval.loop import trackers
@@ -57,6 +58,7 @@ class Splits:
     train: Any
     val: Any
     test: Any  # may be unlabelled (a Split with y None), or None
+    resolved: dict = field(default_factory=dict)  # what reading the data settled, recorded in the run (images)
 
 
 def run_folder(cfg: dict) -> str:
@@ -82,7 +84,8 @@ def _load_file(cfg: dict, path: str, require_labels: bool) -> Split:
 
 
 def _take(split: Split, idx: np.ndarray) -> Split:
-    return Split(split.X[idx], None if split.y is None else split.y[idx])
+    ids = None if split.ids is None else [split.ids[i] for i in idx]
+    return Split(split.X[idx], None if split.y is None else split.y[idx], ids)
 
 
 def load_splits(cfg: dict) -> Splits:
@@ -102,6 +105,8 @@ def load_splits(cfg: dict) -> Splits:
             f"data.factory '{d['factory']}' must return a dict with 'train', 'val' (and 'test') "
             f"or a tuple (train, val[, test]); got {type(out).__name__}."
         )
+    if d["source"] == "images":
+        return _image_splits(cfg, None)
     if d["source"] == "digits":
         X, y = load_digits_arrays()
         full = Split(X, y)
@@ -126,6 +131,14 @@ def load_splits(cfg: dict) -> Splits:
     else:
         test = _take(full, test_idx) if len(test_idx) else None
     return Splits(train, val, test)
+
+
+def _image_splits(cfg: dict, fmt: image_data.ImageFormat | None) -> Splits:
+    """An image folder's splits (see :mod:`trainval.data.images`), read as ``fmt`` (None: settled now)."""
+    d = cfg["data"]
+    fractions = (0.0 if d["val"] else d["val_split"], 0.0 if d["test"] else d["test_split"])
+    train, val, test, fmt = image_data.load_image_splits(d, fractions, fmt)
+    return Splits(train, val, test, fmt.record())
 
 
 def _pair(split: Any) -> Any:
@@ -421,7 +434,10 @@ def _fit(cfg: dict, resume: bool, callbacks: list | tuple, test_if: Callable[[],
         splits, saver = _standardize_for_fit(splits)
         callbacks = [*callbacks, saver]
     in_shape, num_outputs = _shape_and_outputs(splits, task_name(cfg), cfg["model"]["name"])
+    if "classes" in splits.resolved and task_name(cfg) == "multiclass":  # every class folder, even if unseen
+        num_outputs = len(splits.resolved["classes"])
     resolved: dict[str, Any] = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
+    resolved.update(splits.resolved)
     if cfg["data"]["source"] == "csv":  # test/predict then take these columns by name, in this order
         resolved["features"] = csv_feature_columns(
             cfg["data"]["train"], cfg["data"]["label"], cfg["data"]["features"]
@@ -501,6 +517,12 @@ def _test_data(cfg: dict) -> tuple[Splits, dict | None]:
     after its training data is gone. The recorded sizes are plain numbers, never code.
     """
     d = cfg["data"]
+    if d["source"] == "images":  # always read as fit recorded, whether from data.test or data.train
+        sizes = runs.recorded_sizes(run_folder(cfg))
+        fmt = image_data.ImageFormat.from_record(sizes, os.path.join(run_folder(cfg), "config.yaml"))
+        if d["test"]:
+            return Splits(None, None, image_data.load_folder(d["test"], "data.test", fmt)), sizes
+        return _image_splits(cfg, fmt), sizes
     recorded = runs.recorded_sizes(run_folder(cfg)) if d["source"] in ("csv", "npz") else None
     features = (recorded or {}).get("features")
     if d["source"] == "csv" and d["features"] is None and isinstance(features, list):
@@ -543,8 +565,9 @@ def _test_and_predict(trainer: Trainer, test: Any, folder: str) -> dict:
         out["test"] = metrics
         trainer.log(f"{test_line(metrics)} (best.pt from epoch {trainer.best_epoch})")
     inputs = test.X if isinstance(test, Split) else test
+    ids = test.ids if isinstance(test, Split) else None
     path = os.path.join(folder, "predictions.csv")
-    written = _write_predictions_for(trainer, inputs, "best", path, proba=False, cfg=trainer.config)
+    written = _write_predictions_for(trainer, inputs, "best", path, proba=False, cfg=trainer.config, ids=ids)
     trainer.log(f"wrote {written} predictions -> {path}")
     out["predictions"] = path
     return out
@@ -575,6 +598,7 @@ def _write_predictions_for(
     proba: bool,
     cfg: dict | None,
     force: bool = False,
+    ids: list[str] | None = None,
 ) -> int:
     """Predict ``inputs`` and write the task's predictions file (rank 0); returns the number of rows."""
     predictions = trainer.predict(inputs, ckpt=ckpt)
@@ -582,7 +606,13 @@ def _write_predictions_for(
     probs = trainer.predict_proba(inputs, ckpt=None) if (proba and trainer.task.is_classification) else None
     if trainer.dist.is_main:
         write_predictions(
-            path, trainer.task.name, predictions, probs, _target_names(cfg, _width(predictions)), force=force
+            path,
+            trainer.task.name,
+            predictions,
+            probs,
+            _target_names(cfg, _width(predictions)),
+            force=force,
+            ids=ids,
         )
     return len(predictions)
 
@@ -728,7 +758,8 @@ def _predict(cfg: dict, ckpt: str | None, out: str | IO[str], proba: bool, force
         raise ConfigError("there is no test data to predict: set data.test or data.test_split.")
     trainer, path = _trainer_from_run(cfg, ckpt, splits, sizes)
     inputs = splits.test.X if isinstance(splits.test, Split) else splits.test
-    written = _write_predictions_for(trainer, inputs, path, out, proba=proba, cfg=cfg, force=force)
+    ids = splits.test.ids if isinstance(splits.test, Split) else None
+    written = _write_predictions_for(trainer, inputs, path, out, proba=proba, cfg=cfg, force=force, ids=ids)
     trainer.log(
         f"wrote {written} predictions ({path}) -> {out if isinstance(out, str) else 'standard output'}"
     )
@@ -745,6 +776,7 @@ def write_predictions(
     probs: torch.Tensor | None = None,
     target_names: list[str] | None = None,
     force: bool = False,
+    ids: list[str] | None = None,
 ) -> None:
     """The predictions file, written atomically (or the CSV written to ``path``, a text stream such as
     ``sys.stdout``). Columns per task:
@@ -753,7 +785,8 @@ def write_predictions(
     ``Id,label_<k>...`` (+ ``prob_<k>``); regression ``Id,<target names>``. Dense outputs (a class per
     position, or multi-dimensional values) go to a ``.npy`` file beside the CSV, whose rows then say
     where each sample's array is; an existing ``.npy`` there is replaced only when the CSV it replaces
-    is such a file (or with ``force``). A stream has no "beside": dense outputs need a file.
+    is such a file (or with ``force``). A stream has no "beside": dense outputs need a file. ``ids``: each
+    row's ``Id`` (an image's file name, quoted as CSV needs), else the row number.
     """
     n = len(predictions)
     if predictions.dim() > 2 or (task == "multiclass" and predictions.dim() > 1):
@@ -790,14 +823,24 @@ def write_predictions(
         rows = [r + [f"{v:.6g}" for v in pr] for r, pr in zip(rows, p.tolist())]
     buf_text = io.StringIO()
     buf_text.write(",".join(["Id", *columns]) + "\n")
-    for i, row in enumerate(rows):
-        buf_text.write(",".join([str(i), *map(str, row)]) + "\n")
+    if ids is not None and len(ids) != n:  # a bug, never a file whose rows name the wrong samples
+        raise RuntimeError(f"{n} predictions but {len(ids)} ids")
+    names = [_csv_cell(i) for i in ids] if ids is not None else [str(i) for i in range(n)]
+    for name, row in zip(names, rows):
+        buf_text.write(",".join([name, *map(str, row)]) + "\n")
     if not isinstance(path, str):
         path.write(buf_text.getvalue())
         path.flush()
         return
     text = buf_text.getvalue().encode()
     atomic_write(path, lambda f: f.write(text), "predictions file")
+
+
+def _csv_cell(text: str) -> str:
+    """``text`` as one CSV cell: quoted when it holds a comma, a quote or a line break (a file name may)."""
+    if any(c in text for c in ',"\r\n'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
 
 
 def write_json(path: str, obj: dict, what: str = "summary") -> None:

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Tens
 from torch.utils.data.dataloader import default_collate
 
 from trainval import distributed
+from trainval.data.hf import as_torch_data, is_hf_dataset
 from trainval.data.splits import stratified_split
 from trainval.errors import ConfigError, DataError
 from trainval.extras import require
@@ -968,6 +969,7 @@ def make_loader(
     place: Callable[[torch.Tensor], torch.Tensor] | None = None,
     name: str = "data",
     positions: bool = False,
+    model: torch.nn.Module | None = None,
 ) -> TensorLoader | DataLoaderAdapter | StreamLoader:
     """The loader for what the user passed: in-memory data -> :class:`TensorLoader`; a ``Dataset`` or a
     ``DataLoader`` -> a ``DataLoader`` drawing from our sharded, seeded order (:class:`ShardSampler`);
@@ -982,7 +984,11 @@ def make_loader(
     length; evaluation and prediction visit each sample once, in dataset order. A stream is read in its
     own order (shuffling it is the dataset's business) and never padded. ``positions``: record each
     stream sample's position (prediction, to restore the stream's order across ranks and workers).
+    A Hugging Face ``datasets.Dataset``/``IterableDataset`` is read as :mod:`trainval.data.hf` says, with
+    the columns ``model``'s forward takes.
     """
+    if is_hf_dataset(data):
+        data = as_torch_data(data, model, target_key, name)
     if is_stream(data):
         return _stream_loader(
             data,
@@ -1245,10 +1251,12 @@ def check_finite(X: torch.Tensor, what: str = "data") -> None:
 
 @dataclass
 class Split:
-    """One split of a data set in memory; ``y`` is ``None`` for an unlabelled test file."""
+    """One split of a data set in memory; ``y`` is ``None`` for an unlabelled test file; ``ids``: each
+    sample's name for the predictions file's ``Id`` column (an image's file name), else its row number."""
 
     X: np.ndarray
     y: np.ndarray | None
+    ids: list[str] | None = None
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:

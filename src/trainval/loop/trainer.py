@@ -902,6 +902,7 @@ class Trainer:
             place=self._place,
             name=name,
             positions=positions,
+            model=self.model,
         )
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:
