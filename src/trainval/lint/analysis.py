@@ -309,6 +309,9 @@ class FileInfo:
         r"\b\w*(?:BatchNorm|InstanceNorm|Dropout|DropPath|drop_path|RReLU)\w*|\bF\.dropout\w*|"
         r"\bself\.training\b"
     )
+    # InstanceNorm normalises with each sample's own statistics in both modes unless it keeps running ones
+    INSTANCE_NORM = re.compile(r"InstanceNorm\w*$")
+    LOSS_CLASS = re.compile(r"(Loss|Criterion)$")  # SplitCrossEntropyLoss, AdaptiveSoftmaxLoss: not models
     LOSS_LIKE = re.compile(r"loss|criterion", re.I)
     UNSEEN = "likely", "most models hold Dropout or BatchNorm (its layers are not visible in this file)"
 
@@ -373,13 +376,26 @@ class FileInfo:
                 out.append(n.value)
         return [v for v in out if isinstance(v, ast.Call)]
 
-    def _layer_verdict(self, callee: str, seen: set[str]) -> tuple[str, str]:
+    @staticmethod
+    def tracks_running_stats(call: ast.AST | None) -> bool:
+        """``nn.InstanceNorm2d(c, track_running_stats=True)``: the only InstanceNorm whose eval mode differs
+        (without a call to read, as in a ``safe_globals`` list, it may: counted)."""
+        if not isinstance(call, ast.Call):
+            return True
+        value = next((k.value for k in call.keywords if k.arg == "track_running_stats"), None)
+        if value is None:
+            return len(call.args) >= 5 and not (isinstance(call.args[4], ast.Constant) and not call.args[4].value)
+        return not (isinstance(value, ast.Constant) and not value.value)
+
+    def _layer_verdict(self, callee: str, seen: set[str], call: ast.AST | None = None) -> tuple[str, str]:
         if callee in self.classes:
             return self._class_verdict(callee, seen)
         if (
             self.MODE_FREE_LAYERS.match(callee)
             or callee in PLAIN_HELPERS
             or re.match(r"^torch\.(zeros|ones|randn|rand|empty|tensor|arange|full|eye)$", callee)
+            or self.LOSS_CLASS.search(callee.split(".")[-1])
+            or (self.INSTANCE_NORM.search(callee) and not self.tracks_running_stats(call))
         ):
             return "free", ""
         m = self.MODE_LAYER.search(callee)
@@ -421,13 +437,17 @@ class FileInfo:
         if self.MODE_FREE_LAYERS.match(callee):
             # nn.Sequential(...) and friends: the layers passed in decide
             verdicts = [
-                self._layer_verdict(text(c.func), set())
+                self._layer_verdict(text(c.func), set(), c)
                 for c in _walk_outside_lambdas(inner)
                 if isinstance(c, ast.Call) and c is not inner
             ]
             return _combine(verdicts)
         if callee in self.classes:
             return self._class_verdict(callee, set())
+        if self.LOSS_CLASS.search(callee.split(".")[-1]):
+            return "free", ""  # crit = SplitCrossEntropyLoss(...): a loss object, whatever its name
+        if self.INSTANCE_NORM.search(callee) and not self.tracks_running_stats(inner):
+            return "free", ""
         if self.MODE_LAYER.search(callee):
             return "known", callee.split(".")[-1]
         drop = [k.arg for k in inner.keywords if k.arg and re.search(r"drop|batch_?norm|\bbn\b", k.arg, re.I)]
@@ -441,21 +461,44 @@ class FileInfo:
 
     def _pickled(self) -> tuple[str, str]:
         """A whole model unpickled by torch.load: its classes are those the file allows with safe_globals."""
-        allowed = []
+        allowed: list[str] = []
+        unseen = False  # a list this cannot read: its classes may hold anything
         for n in self.nodes:
             if (
                 isinstance(n, ast.Call)
                 and call_name(n).split(".")[-1] in ("add_safe_globals", "safe_globals")
                 and n.args
-                and isinstance(n.args[0], (ast.List, ast.Tuple, ast.Set))
             ):
-                allowed += [text(e) for e in n.args[0].elts]
-        if not allowed:
+                elts = self._literal_list(n.args[0])
+                if elts is None:
+                    unseen = True
+                else:
+                    allowed += [text(e) for e in elts]
+        if not allowed or unseen:
             return (
                 "likely",
                 "most models hold Dropout or BatchNorm (a pickled model: its layers are not visible here)",
             )
         return _combine([self._layer_verdict(a, set()) for a in allowed])
+
+    def _literal_list(self, node: ast.AST) -> list[ast.expr] | None:
+        """The items of ``[A, B]``, or of a name bound only to such literals and never added to
+        (``allowed = [nn.Linear, nn.ReLU]; add_safe_globals(allowed)``); None when not known here."""
+        if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+            return list(node.elts)
+        if not isinstance(node, ast.Name):
+            return None
+        out: list[ast.expr] = []
+        for n in self.nodes:
+            if isinstance(n, ast.Assign) and any(text(t) == node.id for t in n.targets):
+                if not isinstance(n.value, (ast.List, ast.Tuple, ast.Set)):
+                    return None
+                out += n.value.elts
+            elif isinstance(n, ast.AugAssign) and text(n.target) == node.id:
+                return None
+            elif isinstance(n, ast.Call) and (m := method(n)) and m[0] == node.id:
+                return None  # allowed.append(Net): added to where this does not follow
+        return out or None
 
     def _class_verdict(self, cls_name: str, seen: set[str]) -> tuple[str, str]:
         if cls_name in seen:
@@ -467,6 +510,14 @@ class FileInfo:
             {
                 m.group(0).split(".")[-1].replace("training", "self.training")
                 for m in self.MODE_LAYER.finditer(source)
+                if not self.INSTANCE_NORM.search(m.group(0))
+            }
+            | {
+                call_name(c).split(".")[-1]
+                for c in ast.walk(cls)
+                if isinstance(c, ast.Call)
+                and self.INSTANCE_NORM.search(call_name(c))
+                and self.tracks_running_stats(c)
             }
         )
         found += [] if found or not re.search(r"dropout", source) else ["dropout"]
@@ -504,7 +555,7 @@ class FileInfo:
                 continue  # torch.zeros(...).uniform_(): a method of a value built by an inner call
             if callee.startswith("self.") or re.search(r"(^|\.)optim\.|Optimizer$|lr_scheduler", callee):
                 continue  # self.parameters(), optim.Adam(...): the module's own methods and its optimizer
-            verdicts.append(self._layer_verdict(callee, seen))
+            verdicts.append(self._layer_verdict(callee, seen, call))
         return _combine(verdicts)
 
     def is_module(self, name: str) -> bool:

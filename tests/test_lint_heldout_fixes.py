@@ -1,0 +1,104 @@
+"""Issue 22, at depth: each cause of a held-out round's false alarms and misses, from a minimal file, with the
+same code carrying the mistake (or the mode-dependent layer) as a control reported at its line."""
+
+from __future__ import annotations
+
+import textwrap
+
+from trainval.lint.cli import lint_source
+from trainval.lint.rules import RULES
+
+DEFAULT = {c for c, r in RULES.items() if r.default}
+
+
+def lint(source: str):
+    return lint_source(textwrap.dedent(source), "case.py", DEFAULT)
+
+
+def found(source: str) -> set[tuple[int, str]]:
+    return {(f.line, f.code) for f in lint(source)}
+
+
+def line_of(source: str, needle: str) -> int:
+    lines = textwrap.dedent(source).splitlines()
+    return next(i for i, line in enumerate(lines, 1) if needle in line)
+
+
+# -- TVL004 needs a mode-dependent layer, known or likely
+
+
+LOSS_CLASS = """
+import torch
+from splitcross import SplitCrossEntropyLoss
+model = RNNModel(ntokens, dropout=0.5)
+crit = {built}
+params = list(model.parameters()) + list(crit.parameters())
+def evaluate(data):
+    model.eval()
+    total = 0
+    with torch.no_grad():
+        for x, y in data:
+            out = model(x)
+            total += crit(model.decoder.weight, out, y).item()
+    return total
+"""
+
+
+def test_a_loss_class_with_parameters_is_mode_free_whatever_its_variable_is_called():
+    # awd-lstm-lm: the loss object is told by its class (SplitCrossEntropyLoss), not by a variable named "loss"
+    assert found(LOSS_CLASS.format(built="SplitCrossEntropyLoss(400, splits=[])")) == set()
+    control = LOSS_CLASS.format(built="SplitScorer(400, splits=[])")  # not a loss class: its layers unseen
+    got = lint(control)
+    assert {(f.line, f.code) for f in got} == {(line_of(control, "total += crit("), "TVL004")}
+    assert "SplitScorer" in got[0].message
+
+
+INSTANCE_NORM = """
+import torch
+import torch.nn as nn
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)
+        self.norm = nn.InstanceNorm2d(3{stats})
+    def forward(self, x):
+        return self.norm(self.conv(x))
+net = Net()
+seq = nn.Sequential(nn.Conv2d(3, 3, 3), nn.InstanceNorm2d(3{stats}))
+with torch.no_grad():
+    print(net(x), seq(x))
+"""
+
+
+def test_instance_norm_matters_only_with_running_statistics():
+    # InstanceNorm normalises each sample by its own statistics in both modes unless track_running_stats=True
+    assert found(INSTANCE_NORM.format(stats="")) == set()
+    assert found(INSTANCE_NORM.format(stats=", track_running_stats=False")) == set()
+    control = INSTANCE_NORM.format(stats=", track_running_stats=True")
+    got = lint(control)
+    assert {(f.line, f.code) for f in got} == {(line_of(control, "print(net(x)"), "TVL004")}
+    assert all("InstanceNorm2d" in f.message for f in got)
+
+
+SAFE_GLOBALS = """
+import torch
+import torch.nn as nn
+allowed = [nn.Sequential, nn.Linear, nn.ReLU{extra}]
+torch.serialization.add_safe_globals(allowed)
+model = torch.load(path, weights_only=True)
+with torch.no_grad():
+    print(model(x))
+"""
+
+
+def test_safe_globals_given_through_a_variable():
+    assert found(SAFE_GLOBALS.format(extra="")) == set()
+    control = SAFE_GLOBALS.format(extra=", nn.Dropout")
+    got = lint(control)
+    assert {(f.line, f.code) for f in got} == {(line_of(control, "print(model(x))"), "TVL004")}
+    assert "Dropout" in got[0].message
+    # a list added to where this does not follow may hold anything: still reported
+    grown = SAFE_GLOBALS.format(extra="").replace(
+        "torch.serialization", "allowed.append(Net)\ntorch.serialization"
+    )
+    assert found(grown) == {(line_of(grown, "print(model(x))"), "TVL004")}
