@@ -102,3 +102,42 @@ def test_safe_globals_given_through_a_variable():
         "torch.serialization", "allowed.append(Net)\ntorch.serialization"
     )
     assert found(grown) == {(line_of(grown, "print(model(x))"), "TVL004")}
+
+
+# -- an imported name's binding, followed through rebinding and scopes
+
+
+def test_an_imported_module_name_is_the_module_until_rebound_and_a_value_where_a_function_binds_it():
+    # awd-lstm-lm: `import model` ... `model = model.RNNModel(...)`: the module before the rebinding
+    before = """
+    import torch
+    import model
+    with torch.no_grad():
+        print(model.net(x))
+    model = model.RNNModel(ntokens, dropout=0.5)
+    with torch.no_grad():
+        print(model(x))
+    """
+    assert found(before) == {(line_of(before, "print(model(x))"), "TVL004")}
+    # a function that rebinds the name locally leaves the module-level name a module elsewhere
+    local = """
+    import torch
+    import model
+    def build():
+        model = zoo.Net()
+        return model
+    def viz(x):
+        with torch.no_grad():
+            print(model.net(x))
+    """
+    assert found(local) == set()
+    # a parameter named like the imported module is the caller's model, not the module
+    param = """
+    import torch
+    import model
+    def evaluate(model, data):
+        with torch.no_grad():
+            for x, y in data:
+                print(model(x))
+    """
+    assert found(param) == {(line_of(param, "print(model(x))"), "TVL004")}

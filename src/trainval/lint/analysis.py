@@ -11,7 +11,7 @@ import ast
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 if TYPE_CHECKING:
     from trainval.lint.flow import Frame
@@ -558,8 +558,9 @@ class FileInfo:
             verdicts.append(self._layer_verdict(callee, seen, call))
         return _combine(verdicts)
 
-    def is_module(self, name: str) -> bool:
-        """A model that is an ``nn.Module``: named or used like one, and not a plain function of this file."""
+    def is_module(self, name: str, at: ast.AST | None = None) -> bool:
+        """A model that is an ``nn.Module``: named or used like one, and not a plain function of this file
+        (nor, at ``at``, a module the file imported under that name)."""
         base = name.split("(")[0]
         if base in self.classes:
             return False  # discriminator(): a class of this file, whatever its case, is built here, not run
@@ -567,11 +568,56 @@ class FileInfo:
         if (
             not self.is_model(base)
             or base in self.plain_callables
-            or (head in self.imported and head not in self.rebound)
+            or (head in self.imported and self.names_import(head, at))
         ):
             return False
         # Generator(...) builds a module, it does not run one; self.G(x) runs the G it calls .eval() on
         return base in self.models or not base.split(".")[-1][:1].isupper()
+
+    def names_import(self, name: str, at: ast.AST | None) -> bool:
+        """``name`` (imported) still stands for what the import bound where ``at`` reads it: ``import model``
+        then ``model = model.RNNModel(...)`` is the module in that assignment's value and before it at module
+        level, a model after it and in functions (which run later); a function that binds ``name`` itself
+        (a parameter, an assignment) reads its own value."""
+        kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+        scope = None if at is None else cast("Function | ast.Lambda | None", self.enclosing(at, kinds))
+        while scope is not None:
+            declared_global = any(isinstance(n, ast.Global) and name in n.names for n in ast.walk(scope))
+            if name in self.locals_of(scope) and not declared_global:
+                return False
+            scope = cast("Function | ast.Lambda | None", self.enclosing(scope, kinds))
+        if name not in self.rebound:
+            return True
+        if at is None:
+            return False
+        stores = self._module_stores(name)
+        if not stores:
+            return True  # rebound only inside functions, as their own locals
+        if self.enclosing(at, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) is not None:
+            return False
+        return (getattr(at, "lineno", 0), getattr(at, "col_offset", 0)) < min(stores)
+
+    def _module_stores(self, name: str) -> list[tuple[int, int]]:
+        """Where the module body (or a function declaring it global) binds ``name``: the end of the binding
+        statement, after its value has been read."""
+        cache = self.__dict__.setdefault("_module_stores_cache", {})
+        if name not in cache:
+            out = []
+            for n in self.nodes:
+                if not (isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Store)):
+                    continue
+                fn = self.enclosing(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+                if fn is not None and not any(
+                    isinstance(g, ast.Global) and name in g.names for g in ast.walk(fn)
+                ):
+                    continue
+                stmt = self.enclosing(n, (ast.stmt,))
+                if isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+                    out.append((stmt.end_lineno or stmt.lineno, stmt.end_col_offset or 0))
+                else:
+                    out.append((n.lineno, n.col_offset))
+            cache[name] = out
+        return cache[name]
 
     def enclosing(self, node: ast.AST, kinds: type[_Node] | tuple[type[_Node], ...]) -> _Node | None:
         parent = self.parents.get(node)

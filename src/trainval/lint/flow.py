@@ -660,9 +660,9 @@ class Walker:
     def _is_forward(self, call: ast.Call, name: str, m) -> bool:
         info = self.info
         if m and m[1] == "forward":
-            return "(" not in m[0] and info.is_module(m[0])
+            return "(" not in m[0] and info.is_module(m[0], call)
         # model(x), self.model(x), model.encoder(x); not model(x).sum(), which is a tensor method
-        return bool(name) and "(" not in name and info.is_module(name)
+        return bool(name) and "(" not in name and info.is_module(name, call)
 
     def _enter(self, call: ast.Call, fns: list, state: State, frame: Frame, at_yield: bool = False) -> State:
         if len(self.stack) > MAX_DEPTH or self.budget <= 0:
