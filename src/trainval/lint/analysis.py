@@ -311,6 +311,8 @@ class FileInfo:
     )
     # InstanceNorm normalises with each sample's own statistics in both modes unless it keeps running ones
     INSTANCE_NORM = re.compile(r"InstanceNorm\w*$")
+    # config.network_fn(), net_factory(), model_cls(): a callable that builds a module, not a module run
+    FACTORY = re.compile(r"_(fn|func|factory|builder|cls|class|ctor|constructor)$", re.I)
     LOSS_CLASS = re.compile(r"(Loss|Criterion)$")  # SplitCrossEntropyLoss, AdaptiveSoftmaxLoss: not models
     LOSS_LIKE = re.compile(r"loss|criterion", re.I)
     UNSEEN = "likely", "most models hold Dropout or BatchNorm (its layers are not visible in this file)"
@@ -569,6 +571,7 @@ class FileInfo:
             not self.is_model(base)
             or base in self.plain_callables
             or (head in self.imported and self.names_import(head, at))
+            or self.FACTORY.search(base.split(".")[-1])
         ):
             return False
         # Generator(...) builds a module, it does not run one; self.G(x) runs the G it calls .eval() on

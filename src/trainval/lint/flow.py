@@ -55,6 +55,10 @@ COLLECTORS = {
     "add_scalar",
     "add_scalars",
     "log",
+    "feed",  # storage.feed({'q': q}) ... storage.extract(...): a rollout buffer holds the outputs
+    "push",
+    "store",
+    "remember",
 }
 
 
@@ -597,14 +601,15 @@ class Walker:
                 else:
                     state.modes[key] = "mixed" if value is UNKNOWN else ("train" if value else "eval")
                 continue
-            if m and m[1] == "load_state_dict" and info.is_model(m[0]):
+            if m and m[1] == "load_state_dict" and info.is_model(m[0]) and not _copies_a_model(call, info):
                 state = state.copy()
                 state.loaded[model_key(m[0])] = call.lineno
                 continue
             args = list(call.args) + [k.value for k in call.keywords]
             if m and m[1] in ("backward", "manual_backward") and isinstance(call.func, ast.Attribute):
-                # loss.backward(): the receiver; accelerator.backward(loss), self.manual_backward(loss): the argument
-                frame.sink(list(call.args) if call.args else [call.func.value])
+                # loss.backward(): the receiver; accelerator.backward(loss), self.manual_backward(loss): the argument;
+                # d_loss.backward(mone) (WGAN): the receiver, with its gradient as argument
+                frame.sink(list(call.args) + [call.func.value])
                 continue
             if name.endswith(("autograd.grad", "autograd.backward")) or name in ("grad", "backward"):
                 frame.sink(args)
@@ -811,6 +816,18 @@ COMMON_METHODS = {
     "__exit__",
 }
 ROUTES = {"route", "get", "post", "put", "delete", "patch", "websocket", "api_route"}
+
+
+def _copies_a_model(call: ast.Call, info: FileInfo) -> bool:
+    """``target.load_state_dict(online.state_dict())``: a target network synced from a model of the file, not
+    weights loaded from a checkpoint for inference."""
+    arg = call.args[0] if call.args else None
+    return (
+        isinstance(arg, ast.Call)
+        and (m := method(arg)) is not None
+        and m[1] == "state_dict"
+        and info.is_model(m[0])
+    )
 
 
 def _is_method(fn: Function) -> bool:
