@@ -241,3 +241,30 @@ def test_a_target_synced_from_a_model_is_not_loaded_for_inference():
     at = line_of(SYNC, "print(target(x))")
     assert found(SYNC.format(weights="net.state_dict()")) == {(at, "TVL004")}
     assert found(SYNC.format(weights="torch.load(path, weights_only=True)")) == {(at, "TVL009")}
+
+
+# -- caller context: wrappers of no_grad/inference_mode recognised by what they wrap
+
+
+WRAPPED = """
+import torch
+{wrapper}
+def run(model, x):
+    model.eval()
+    {use}
+        preds = model(x)
+    print(preds)
+"""
+
+
+def test_a_wrapper_bound_to_a_variable_or_returned_by_a_helper_turns_autograd_off():
+    variable = WRAPPED.format(wrapper="infer = torch.inference_mode()", use="with infer:")
+    assert found(variable) == set()
+    helper = WRAPPED.format(wrapper="def quiet():\n    return torch.no_grad()", use="with quiet():")
+    assert found(helper) == set()
+    # controls: a variable or helper bound to something else
+    for control in (
+        WRAPPED.format(wrapper="infer = torch.enable_grad()", use="with infer:"),
+        WRAPPED.format(wrapper="def quiet():\n    return open('log.txt')", use="with quiet():"),
+    ):
+        assert found(control) == {(line_of(control, "preds = model(x)"), "TVL006")}, control

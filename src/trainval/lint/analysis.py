@@ -114,6 +114,13 @@ def wraps_no_grad(decorator: ast.AST, info: FileInfo | None = None) -> bool:
     if WRAPS_NO_GRAD.search(name.split(".")[-1]):
         return True
     if info is not None and isinstance(target, ast.Name):
+        for n in info.nodes:  # infer = torch.inference_mode(); @infer / with infer:
+            if (
+                isinstance(n, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == target.id for t in n.targets)
+                and is_no_grad_ctx(n.value)
+            ):
+                return True
         for fn in info.functions.get(target.id, []):
             body = ast.get_source_segment(info.source, fn) or ""
             if re.search(r"\b(no_grad|inference_mode)\b", body) and "enable_grad" not in body:

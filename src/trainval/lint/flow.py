@@ -453,6 +453,8 @@ class Walker:
                         _target_names(item.optional_vars), item.context_expr, stmt, _plain(item.optional_vars)
                     )
                 g = grad_context(item.context_expr, env)
+                if g is NOT_GRAD and wraps_no_grad(item.context_expr, self.info):
+                    g = False  # with maybe_no_grad(): a helper of the file returning torch.no_grad()
                 if g is not NOT_GRAD:
                     inner = inner.copy()
                     inner.grad = g
