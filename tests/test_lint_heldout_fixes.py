@@ -268,3 +268,26 @@ def test_a_wrapper_bound_to_a_variable_or_returned_by_a_helper_turns_autograd_of
         WRAPPED.format(wrapper="def quiet():\n    return open('log.txt')", use="with quiet():"),
     ):
         assert found(control) == {(line_of(control, "preds = model(x)"), "TVL006")}, control
+
+
+# -- caller context: a function passed to the caller that runs it
+
+
+PASSED_STEP = """
+import torch
+def validation_step(batch):
+    out = model(batch[0])
+    return (out.argmax(1) == batch[1]).sum().item()
+def run_epoch(loader, step):
+    model.eval()
+    {grad}
+        for b in loader:
+            print(step(b))
+run_epoch(val_loader, validation_step)
+"""
+
+
+def test_a_step_function_passed_to_its_only_caller_runs_in_the_callers_state():
+    assert found(PASSED_STEP.format(grad="with torch.no_grad():")) == set()
+    control = PASSED_STEP.format(grad="if True:")  # the caller leaves autograd on
+    assert found(control) == {(line_of(control, "out = model(batch[0])"), "TVL006")}

@@ -307,6 +307,10 @@ class Walker:
                 for fn in info.local_functions(node):
                     if info.enclosing(node, (ast.FunctionDef, ast.AsyncFunctionDef)) is not fn:
                         called.add(fn)
+                if info.local_functions(node):  # run_epoch(loader, validation_step): run by its caller
+                    for arg in list(node.args) + [k.value for k in node.keywords]:
+                        if isinstance(arg, ast.Name):
+                            called.update(info.functions.get(arg.id, []))
         module = self.walk_scope(info.tree, {}, State(), None, None, {})
         everything = [fn for fns in info.functions.values() for fn in fns]
         # methods called on some object (`self.model.validation_step(batch)`): walked after every other scope,
@@ -632,7 +636,7 @@ class Walker:
                 optimizers
             ):  # loss_scaler(loss, optimizer), amp.scale_loss(loss, optimizer): the other arguments
                 frame.sink([a for a in args if a not in optimizers])
-            local = info.local_functions(call)
+            local = info.local_functions(call) or self._passed_function(call, frame)
             if local:
                 if info.reaches(call, "backward"):
                     frame.sink(args)
@@ -663,6 +667,14 @@ class Walker:
                     )
                 )
         return state
+
+    def _passed_function(self, call: ast.Call, frame: Frame) -> list[Function]:
+        """``step(batch)`` where the caller passed a function of the file as ``step``
+        (``run_epoch(loader, validation_step)``): that function, run in this frame's state."""
+        func = call.func
+        if not isinstance(func, ast.Name) or func.id not in frame.aliases:
+            return []
+        return self.info.functions.get(frame.aliases[func.id], [])
 
     def _is_forward(self, call: ast.Call, name: str, m) -> bool:
         info = self.info
