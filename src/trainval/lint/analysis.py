@@ -11,7 +11,7 @@ import ast
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 if TYPE_CHECKING:
     from trainval.lint.flow import Frame
@@ -114,6 +114,13 @@ def wraps_no_grad(decorator: ast.AST, info: FileInfo | None = None) -> bool:
     if WRAPS_NO_GRAD.search(name.split(".")[-1]):
         return True
     if info is not None and isinstance(target, ast.Name):
+        for n in info.nodes:  # infer = torch.inference_mode(); @infer / with infer:
+            if (
+                isinstance(n, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == target.id for t in n.targets)
+                and is_no_grad_ctx(n.value)
+            ):
+                return True
         for fn in info.functions.get(target.id, []):
             body = ast.get_source_segment(info.source, fn) or ""
             if re.search(r"\b(no_grad|inference_mode)\b", body) and "enable_grad" not in body:
@@ -309,6 +316,11 @@ class FileInfo:
         r"\b\w*(?:BatchNorm|InstanceNorm|Dropout|DropPath|drop_path|RReLU)\w*|\bF\.dropout\w*|"
         r"\bself\.training\b"
     )
+    # InstanceNorm normalises with each sample's own statistics in both modes unless it keeps running ones
+    INSTANCE_NORM = re.compile(r"InstanceNorm\w*$")
+    # config.network_fn(), net_factory(), model_cls(): a callable that builds a module, not a module run
+    FACTORY = re.compile(r"_(fn|func|factory|builder|cls|class|ctor|constructor)$", re.I)
+    LOSS_CLASS = re.compile(r"(Loss|Criterion)$")  # SplitCrossEntropyLoss, AdaptiveSoftmaxLoss: not models
     LOSS_LIKE = re.compile(r"loss|criterion", re.I)
     UNSEEN = "likely", "most models hold Dropout or BatchNorm (its layers are not visible in this file)"
 
@@ -373,13 +385,26 @@ class FileInfo:
                 out.append(n.value)
         return [v for v in out if isinstance(v, ast.Call)]
 
-    def _layer_verdict(self, callee: str, seen: set[str]) -> tuple[str, str]:
+    @staticmethod
+    def tracks_running_stats(call: ast.AST | None) -> bool:
+        """``nn.InstanceNorm2d(c, track_running_stats=True)``: the only InstanceNorm whose eval mode differs
+        (without a call to read, as in a ``safe_globals`` list, it may: counted)."""
+        if not isinstance(call, ast.Call):
+            return True
+        value = next((k.value for k in call.keywords if k.arg == "track_running_stats"), None)
+        if value is None:
+            return len(call.args) >= 5 and not (isinstance(call.args[4], ast.Constant) and not call.args[4].value)
+        return not (isinstance(value, ast.Constant) and not value.value)
+
+    def _layer_verdict(self, callee: str, seen: set[str], call: ast.AST | None = None) -> tuple[str, str]:
         if callee in self.classes:
             return self._class_verdict(callee, seen)
         if (
             self.MODE_FREE_LAYERS.match(callee)
             or callee in PLAIN_HELPERS
             or re.match(r"^torch\.(zeros|ones|randn|rand|empty|tensor|arange|full|eye)$", callee)
+            or self.LOSS_CLASS.search(callee.split(".")[-1])
+            or (self.INSTANCE_NORM.search(callee) and not self.tracks_running_stats(call))
         ):
             return "free", ""
         m = self.MODE_LAYER.search(callee)
@@ -421,13 +446,17 @@ class FileInfo:
         if self.MODE_FREE_LAYERS.match(callee):
             # nn.Sequential(...) and friends: the layers passed in decide
             verdicts = [
-                self._layer_verdict(text(c.func), set())
+                self._layer_verdict(text(c.func), set(), c)
                 for c in _walk_outside_lambdas(inner)
                 if isinstance(c, ast.Call) and c is not inner
             ]
             return _combine(verdicts)
         if callee in self.classes:
             return self._class_verdict(callee, set())
+        if self.LOSS_CLASS.search(callee.split(".")[-1]):
+            return "free", ""  # crit = SplitCrossEntropyLoss(...): a loss object, whatever its name
+        if self.INSTANCE_NORM.search(callee) and not self.tracks_running_stats(inner):
+            return "free", ""
         if self.MODE_LAYER.search(callee):
             return "known", callee.split(".")[-1]
         drop = [k.arg for k in inner.keywords if k.arg and re.search(r"drop|batch_?norm|\bbn\b", k.arg, re.I)]
@@ -441,21 +470,44 @@ class FileInfo:
 
     def _pickled(self) -> tuple[str, str]:
         """A whole model unpickled by torch.load: its classes are those the file allows with safe_globals."""
-        allowed = []
+        allowed: list[str] = []
+        unseen = False  # a list this cannot read: its classes may hold anything
         for n in self.nodes:
             if (
                 isinstance(n, ast.Call)
                 and call_name(n).split(".")[-1] in ("add_safe_globals", "safe_globals")
                 and n.args
-                and isinstance(n.args[0], (ast.List, ast.Tuple, ast.Set))
             ):
-                allowed += [text(e) for e in n.args[0].elts]
-        if not allowed:
+                elts = self._literal_list(n.args[0])
+                if elts is None:
+                    unseen = True
+                else:
+                    allowed += [text(e) for e in elts]
+        if not allowed or unseen:
             return (
                 "likely",
                 "most models hold Dropout or BatchNorm (a pickled model: its layers are not visible here)",
             )
         return _combine([self._layer_verdict(a, set()) for a in allowed])
+
+    def _literal_list(self, node: ast.AST) -> list[ast.expr] | None:
+        """The items of ``[A, B]``, or of a name bound only to such literals and never added to
+        (``allowed = [nn.Linear, nn.ReLU]; add_safe_globals(allowed)``); None when not known here."""
+        if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+            return list(node.elts)
+        if not isinstance(node, ast.Name):
+            return None
+        out: list[ast.expr] = []
+        for n in self.nodes:
+            if isinstance(n, ast.Assign) and any(text(t) == node.id for t in n.targets):
+                if not isinstance(n.value, (ast.List, ast.Tuple, ast.Set)):
+                    return None
+                out += n.value.elts
+            elif isinstance(n, ast.AugAssign) and text(n.target) == node.id:
+                return None
+            elif isinstance(n, ast.Call) and (m := method(n)) and m[0] == node.id:
+                return None  # allowed.append(Net): added to where this does not follow
+        return out or None
 
     def _class_verdict(self, cls_name: str, seen: set[str]) -> tuple[str, str]:
         if cls_name in seen:
@@ -467,6 +519,14 @@ class FileInfo:
             {
                 m.group(0).split(".")[-1].replace("training", "self.training")
                 for m in self.MODE_LAYER.finditer(source)
+                if not self.INSTANCE_NORM.search(m.group(0))
+            }
+            | {
+                call_name(c).split(".")[-1]
+                for c in ast.walk(cls)
+                if isinstance(c, ast.Call)
+                and self.INSTANCE_NORM.search(call_name(c))
+                and self.tracks_running_stats(c)
             }
         )
         found += [] if found or not re.search(r"dropout", source) else ["dropout"]
@@ -504,11 +564,12 @@ class FileInfo:
                 continue  # torch.zeros(...).uniform_(): a method of a value built by an inner call
             if callee.startswith("self.") or re.search(r"(^|\.)optim\.|Optimizer$|lr_scheduler", callee):
                 continue  # self.parameters(), optim.Adam(...): the module's own methods and its optimizer
-            verdicts.append(self._layer_verdict(callee, seen))
+            verdicts.append(self._layer_verdict(callee, seen, call))
         return _combine(verdicts)
 
-    def is_module(self, name: str) -> bool:
-        """A model that is an ``nn.Module``: named or used like one, and not a plain function of this file."""
+    def is_module(self, name: str, at: ast.AST | None = None) -> bool:
+        """A model that is an ``nn.Module``: named or used like one, and not a plain function of this file
+        (nor, at ``at``, a module the file imported under that name)."""
         base = name.split("(")[0]
         if base in self.classes:
             return False  # discriminator(): a class of this file, whatever its case, is built here, not run
@@ -516,11 +577,57 @@ class FileInfo:
         if (
             not self.is_model(base)
             or base in self.plain_callables
-            or (head in self.imported and head not in self.rebound)
+            or (head in self.imported and self.names_import(head, at))
+            or self.FACTORY.search(base.split(".")[-1])
         ):
             return False
         # Generator(...) builds a module, it does not run one; self.G(x) runs the G it calls .eval() on
         return base in self.models or not base.split(".")[-1][:1].isupper()
+
+    def names_import(self, name: str, at: ast.AST | None) -> bool:
+        """``name`` (imported) still stands for what the import bound where ``at`` reads it: ``import model``
+        then ``model = model.RNNModel(...)`` is the module in that assignment's value and before it at module
+        level, a model after it and in functions (which run later); a function that binds ``name`` itself
+        (a parameter, an assignment) reads its own value."""
+        kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
+        scope = None if at is None else cast("Function | ast.Lambda | None", self.enclosing(at, kinds))
+        while scope is not None:
+            declared_global = any(isinstance(n, ast.Global) and name in n.names for n in ast.walk(scope))
+            if name in self.locals_of(scope) and not declared_global:
+                return False
+            scope = cast("Function | ast.Lambda | None", self.enclosing(scope, kinds))
+        if name not in self.rebound:
+            return True
+        if at is None:
+            return False
+        stores = self._module_stores(name)
+        if not stores:
+            return True  # rebound only inside functions, as their own locals
+        if self.enclosing(at, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) is not None:
+            return False
+        return (getattr(at, "lineno", 0), getattr(at, "col_offset", 0)) < min(stores)
+
+    def _module_stores(self, name: str) -> list[tuple[int, int]]:
+        """Where the module body (or a function declaring it global) binds ``name``: the end of the binding
+        statement, after its value has been read."""
+        cache = self.__dict__.setdefault("_module_stores_cache", {})
+        if name not in cache:
+            out = []
+            for n in self.nodes:
+                if not (isinstance(n, ast.Name) and n.id == name and isinstance(n.ctx, ast.Store)):
+                    continue
+                fn = self.enclosing(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+                if fn is not None and not any(
+                    isinstance(g, ast.Global) and name in g.names for g in ast.walk(fn)
+                ):
+                    continue
+                stmt = self.enclosing(n, (ast.stmt,))
+                if isinstance(stmt, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+                    out.append((stmt.end_lineno or stmt.lineno, stmt.end_col_offset or 0))
+                else:
+                    out.append((n.lineno, n.col_offset))
+            cache[name] = out
+        return cache[name]
 
     def enclosing(self, node: ast.AST, kinds: type[_Node] | tuple[type[_Node], ...]) -> _Node | None:
         parent = self.parents.get(node)

@@ -55,6 +55,10 @@ COLLECTORS = {
     "add_scalar",
     "add_scalars",
     "log",
+    "feed",  # storage.feed({'q': q}) ... storage.extract(...): a rollout buffer holds the outputs
+    "push",
+    "store",
+    "remember",
 }
 
 
@@ -303,6 +307,10 @@ class Walker:
                 for fn in info.local_functions(node):
                     if info.enclosing(node, (ast.FunctionDef, ast.AsyncFunctionDef)) is not fn:
                         called.add(fn)
+                if info.local_functions(node):  # run_epoch(loader, validation_step): run by its caller
+                    for arg in list(node.args) + [k.value for k in node.keywords]:
+                        if isinstance(arg, ast.Name):
+                            called.update(info.functions.get(arg.id, []))
         module = self.walk_scope(info.tree, {}, State(), None, None, {})
         everything = [fn for fns in info.functions.values() for fn in fns]
         # methods called on some object (`self.model.validation_step(batch)`): walked after every other scope,
@@ -449,6 +457,8 @@ class Walker:
                         _target_names(item.optional_vars), item.context_expr, stmt, _plain(item.optional_vars)
                     )
                 g = grad_context(item.context_expr, env)
+                if g is NOT_GRAD and wraps_no_grad(item.context_expr, self.info):
+                    g = False  # with maybe_no_grad(): a helper of the file returning torch.no_grad()
                 if g is not NOT_GRAD:
                     inner = inner.copy()
                     inner.grad = g
@@ -597,14 +607,15 @@ class Walker:
                 else:
                     state.modes[key] = "mixed" if value is UNKNOWN else ("train" if value else "eval")
                 continue
-            if m and m[1] == "load_state_dict" and info.is_model(m[0]):
+            if m and m[1] == "load_state_dict" and info.is_model(m[0]) and not _copies_a_model(call, info):
                 state = state.copy()
                 state.loaded[model_key(m[0])] = call.lineno
                 continue
             args = list(call.args) + [k.value for k in call.keywords]
             if m and m[1] in ("backward", "manual_backward") and isinstance(call.func, ast.Attribute):
-                # loss.backward(): the receiver; accelerator.backward(loss), self.manual_backward(loss): the argument
-                frame.sink(list(call.args) if call.args else [call.func.value])
+                # loss.backward(): the receiver; accelerator.backward(loss), self.manual_backward(loss): the argument;
+                # d_loss.backward(mone) (WGAN): the receiver, with its gradient as argument
+                frame.sink(list(call.args) + [call.func.value])
                 continue
             if name.endswith(("autograd.grad", "autograd.backward")) or name in ("grad", "backward"):
                 frame.sink(args)
@@ -625,7 +636,7 @@ class Walker:
                 optimizers
             ):  # loss_scaler(loss, optimizer), amp.scale_loss(loss, optimizer): the other arguments
                 frame.sink([a for a in args if a not in optimizers])
-            local = info.local_functions(call)
+            local = info.local_functions(call) or self._passed_function(call, frame)
             if local:
                 if info.reaches(call, "backward"):
                     frame.sink(args)
@@ -657,12 +668,20 @@ class Walker:
                 )
         return state
 
+    def _passed_function(self, call: ast.Call, frame: Frame) -> list[Function]:
+        """``step(batch)`` where the caller passed a function of the file as ``step``
+        (``run_epoch(loader, validation_step)``): that function, run in this frame's state."""
+        func = call.func
+        if not isinstance(func, ast.Name) or func.id not in frame.aliases:
+            return []
+        return self.info.functions.get(frame.aliases[func.id], [])
+
     def _is_forward(self, call: ast.Call, name: str, m) -> bool:
         info = self.info
         if m and m[1] == "forward":
-            return "(" not in m[0] and info.is_module(m[0])
+            return "(" not in m[0] and info.is_module(m[0], call)
         # model(x), self.model(x), model.encoder(x); not model(x).sum(), which is a tensor method
-        return bool(name) and "(" not in name and info.is_module(name)
+        return bool(name) and "(" not in name and info.is_module(name, call)
 
     def _enter(self, call: ast.Call, fns: list, state: State, frame: Frame, at_yield: bool = False) -> State:
         if len(self.stack) > MAX_DEPTH or self.budget <= 0:
@@ -811,6 +830,18 @@ COMMON_METHODS = {
     "__exit__",
 }
 ROUTES = {"route", "get", "post", "put", "delete", "patch", "websocket", "api_route"}
+
+
+def _copies_a_model(call: ast.Call, info: FileInfo) -> bool:
+    """``target.load_state_dict(online.state_dict())``: a target network synced from a model of the file, not
+    weights loaded from a checkpoint for inference."""
+    arg = call.args[0] if call.args else None
+    return (
+        isinstance(arg, ast.Call)
+        and (m := method(arg)) is not None
+        and m[1] == "state_dict"
+        and info.is_model(m[0])
+    )
 
 
 def _is_method(fn: Function) -> bool:
