@@ -782,7 +782,7 @@ def _predict(cfg: dict, ckpt: str | None, out: str | IO[str], proba: bool, force
     inputs = splits.test.X if isinstance(splits.test, Split) else splits.test
     encoding = _recorded_encoding(cfg)
     written = _write_predictions_for(
-        trainer, inputs, path, out, proba=proba, cfg=cfg, force=force, classes=encoding and encoding.classes
+        trainer, inputs, path, out, proba=proba, cfg=cfg, force=force, classes=encoding.classes if encoding else None
     )
     trainer.log(
         f"wrote {written} predictions ({path}) -> {out if isinstance(out, str) else 'standard output'}"
@@ -840,8 +840,8 @@ def write_predictions(
         columns = target_names or [f"target_{k}" for k in range(values.shape[1])]
         rows = [[f"{v:.8g}" for v in row] for row in values.tolist()]
     else:
-        values = predictions.tolist()
-        columns, rows = ["Class"], [[classes[int(c)] if classes else c] for c in values]
+        ids = predictions.tolist()
+        columns, rows = ["Class"], [[classes[int(c)] if classes else c] for c in ids]
     if probs is not None and probs.dim() <= 2 and not (task == "multiclass" and predictions.dim() > 1):
         p = probs.reshape(n, -1)
         if task == "binary":  # the positive class's probability

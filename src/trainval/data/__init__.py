@@ -1556,6 +1556,16 @@ def load_csv(
     return Split(X, y, encoding)
 
 
+def _lines(text: str) -> Iterator[str]:
+    """The lines of ``text``, each with its line ending, made one at a time."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
+
+
 def _csv_fast(
     raw: bytes,
     text: str,
@@ -1570,11 +1580,11 @@ def _csv_fast(
     something in the file needs the Python reader (which then names the row and the column at fault,
     or accepts what pyarrow would not, such as a line of spaces). Never a different result."""
     try:
-        import pyarrow as pa
-        import pyarrow.csv as pacsv
+        import pyarrow as pa  # type: ignore[import-untyped]
+        import pyarrow.csv as pacsv  # type: ignore[import-untyped]
     except ImportError:
         return None
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(_lines(text))  # (io.StringIO would copy the whole text, four bytes a character)
     header = None
     try:
         for row in reader:
@@ -1586,15 +1596,16 @@ def _csv_fast(
     labels = [] if label is None else ([label] if isinstance(label, str) else list(label))
     if header is None or len(set(header)) != len(header) or any("\n" in h or "\r" in h for h in header):
         return None
-    present = set(header)
+    present = {h: i for i, h in enumerate(header)}
     if features == [] or (features is not None and set(features) & set(labels)):
         return None
     if not all(c in present for c in labels):
         if require_labels:
             return None
         labels, label = [], None  # an unlabelled file (test/predict)
-    feat_cols = [h for h in header if h not in set(labels)] if features is None else list(features)
-    if not feat_cols or not all(c in present for c in feat_cols) or set(feat_cols) & set(labels):
+    label_set = set(labels)
+    feat_cols = [h for h in header if h not in label_set] if features is None else list(features)
+    if not feat_cols or not all(c in present for c in feat_cols) or set(feat_cols) & label_set:
         return None
     try:
         table = pacsv.read_csv(
@@ -1604,7 +1615,7 @@ def _csv_fast(
             ),
             parse_options=pacsv.ParseOptions(newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(
-                include_columns=[f"c{header.index(c)}" for c in [*feat_cols, *labels]],
+                include_columns=[f"c{present[c]}" for c in [*feat_cols, *labels]],
                 strings_can_be_null=False,
                 quoted_strings_can_be_null=False,
                 null_values=[],
@@ -1617,7 +1628,7 @@ def _csv_fast(
         return None
 
     def column(name: str) -> np.ndarray:
-        return table.column(f"c{header.index(name)}").to_numpy()
+        return table.column(f"c{present[name]}").to_numpy()
 
     def names_of(values: np.ndarray) -> np.ndarray | None:
         """Text cells, stripped, if none is blank or a number; else None."""

@@ -157,7 +157,9 @@ def _is_text(column: Any) -> bool:
     pd = _pandas()
     dtype = column.dtype
     return bool(
-        isinstance(dtype, pd.CategoricalDtype) or pd.api.types.is_string_dtype(dtype) or dtype == object
+        isinstance(dtype, pd.CategoricalDtype)
+        or pd.api.types.is_string_dtype(dtype)
+        or getattr(dtype, "kind", "") == "O"
     )
 
 
@@ -182,10 +184,10 @@ def learn_frame(X: Any, y: Any, classify: bool, what: str) -> TableEncoding:
     class names when ``y`` (a Series) holds text and the task is a classification."""
     names = [str(c) for c in X.columns]
     if len(set(names)) != len(names):
-        raise DataError(f"{what}: the DataFrame names some columns more than once; give every column its own name.")
-    categories = {
-        str(c): _learn_categories(X[c], str(c), what) for c in X.columns if _is_text(X[c])
-    }
+        raise DataError(
+            f"{what}: the DataFrame names some columns more than once; give every column its own name."
+        )
+    categories = {str(c): _learn_categories(X[c], str(c), what) for c in X.columns if _is_text(X[c])}
     classes = None
     if y is not None and classify and _is_text(y):
         classes = _learn_categories(y, str(y.name), what)
@@ -208,7 +210,9 @@ def frame_features(X: Any, enc: TableEncoding, what: str) -> np.ndarray:
             if column.isna().any():
                 raise _missing(column, name, what)
             columns[name] = codes_of(
-                strip_all(column.to_numpy()), enc.categories[name], f"{what}: column {shown_repr(name)}: value",
+                strip_all(column.to_numpy()),
+                enc.categories[name],
+                f"{what}: column {shown_repr(name)}: value",
                 "a category seen in training",
             )
         elif _is_text(column):

@@ -42,9 +42,9 @@ from trainval.data import (
     TensorLoader,
     describe,
     make_loader,
+    tabular,
     tree_map,
 )
-from trainval.data import tabular
 from trainval.errors import ConfigError, DataError, TrainvalError
 from trainval.fsio import atomic_write
 from trainval.loop.callbacks import Callback, Curves, ProgressBar, write_metrics_csv
