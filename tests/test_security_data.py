@@ -108,7 +108,8 @@ def test_wide_csv_header_gets_an_answer_from_the_cli(tmp_path):
 
 def test_column_names_with_escapes_are_shown_escaped_and_bounded(tmp_path):
     name = ESCAPES + "A" * 100_000  # (the csv module refuses a cell over 128 KiB)
-    data = write_rows(tmp_path / "esc.csv", ["f1", name, "label"], [[r, "abc", r % 2] for r in range(20)])
+    # (a column of numbers with one text cell: a column of text only is categorical, one-hot encoded)
+    data = write_rows(tmp_path / "esc.csv", ["f1", name, "label"], [[r, "abc" if r == 0 else r, r % 2] for r in range(20)])
     with pytest.raises(DataError) as caught:
         load_csv(data)
     message = str(caught.value)

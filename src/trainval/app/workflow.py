@@ -8,6 +8,7 @@ cannot drift apart.
 from __future__ import annotations
 
 import contextlib
+import csv
 import inspect
 import io
 import json
@@ -40,6 +41,7 @@ from trainval.data import (
     stratified_split,
 )
 from trainval.data import images as image_data
+from trainval.data.tabular import TableEncoding
 from trainval.errors import CheckpointError, ConfigError, DataError, RunFolderError
 from trainval.fsio import atomic_write
 from trainval.loop import trackers
@@ -69,7 +71,10 @@ def run_folder(cfg: dict) -> str:
 # Data
 
 
-def _load_file(cfg: dict, path: str, require_labels: bool) -> Split:
+def _load_file(
+    cfg: dict, path: str, require_labels: bool, encoding: TableEncoding | None = None
+) -> Split:
+    """A data file; a CSV read with ``encoding`` (its categories and class names), or learning it (None)."""
     d = cfg["data"]
     if d["source"] == "npz":
         return load_npz(path, d["x_key"], d["y_key"], require_labels=require_labels)
@@ -80,16 +85,21 @@ def _load_file(cfg: dict, path: str, require_labels: bool) -> Split:
         require_labels=require_labels,
         allow_nonfinite=not d["check_inputs"],
         integer_labels=task_name(cfg) != "regression",
+        encoding=encoding,
     )
 
 
 def _take(split: Split, idx: np.ndarray) -> Split:
     ids = None if split.ids is None else [split.ids[i] for i in idx]
-    return Split(split.X[idx], None if split.y is None else split.y[idx], ids)
+    return Split(split.X[idx], None if split.y is None else split.y[idx], ids, split.encoding)
 
 
-def load_splits(cfg: dict) -> Splits:
-    """Train/val/test data for a config: separate files, or seeded stratified splits of one."""
+def load_splits(cfg: dict, encoding: TableEncoding | None = None) -> Splits:
+    """Train/val/test data for a config: separate files, or seeded stratified splits of one.
+
+    ``encoding``: the CSV categories and class names a run recorded (test/predict); None: learnt from
+    the training file and applied to the validation and test files.
+    """
     d = cfg["data"]
     if d["source"] == "factory":
         made = import_object(d["factory"], "data.factory")
@@ -111,7 +121,8 @@ def load_splits(cfg: dict) -> Splits:
         X, y = load_digits_arrays()
         full = Split(X, y)
     else:
-        full = _load_file(cfg, d["train"], require_labels=True)
+        full = _load_file(cfg, d["train"], require_labels=True, encoding=encoding)
+        encoding = full.encoding
         column = (
             f"array {shown_repr(d['y_key'])}"
             if d["source"] == "npz"
@@ -124,10 +135,14 @@ def load_splits(cfg: dict) -> Splits:
     assert full.y is not None
     train_idx, val_idx, test_idx = stratified_split(full.y, [val_frac, test_frac], d["split_seed"])
     train = _take(full, train_idx)
-    val = _load_file(cfg, d["val"], True) if d["val"] else (_take(full, val_idx) if len(val_idx) else None)
+    val = (
+        _load_file(cfg, d["val"], True, encoding)
+        if d["val"]
+        else (_take(full, val_idx) if len(val_idx) else None)
+    )
     test: Split | None
     if d["test"]:
-        test = _load_file(cfg, d["test"], require_labels=False)
+        test = _load_file(cfg, d["test"], require_labels=False, encoding=encoding)
     else:
         test = _take(full, test_idx) if len(test_idx) else None
     return Splits(train, val, test)
@@ -157,7 +172,9 @@ def _arrays(s: Any) -> tuple[Any, Any]:
     return None, None
 
 
-def _shape_and_outputs(splits: Splits, task: str, model_name: str) -> tuple[list[int] | None, int | None]:
+def _shape_and_outputs(
+    splits: Splits, task: str, model_name: str, classes: list[str] | None = None
+) -> tuple[list[int] | None, int | None]:
     """The input shape and the number of outputs a built-in model needs, from the task and the targets.
 
     multiclass: the largest class id + 1 (train and val); binary: 1; multilabel: the targets' width;
@@ -180,6 +197,8 @@ def _shape_and_outputs(splits: Splits, task: str, model_name: str) -> tuple[list
         return in_shape, 1
     if task in ("multilabel", "regression"):
         return in_shape, int(np.prod(y.shape[1:])) if y.ndim > 1 else 1
+    if classes is not None:  # class names learnt from the training file: one output each
+        return in_shape, len(classes)
     labels = [y]
     _, vy = _arrays(splits.val)
     if vy is not None:
@@ -430,10 +449,12 @@ def _fit(cfg: dict, resume: bool, callbacks: list | tuple, test_if: Callable[[],
     splits = load_splits(cfg)
     if splits.train is None:
         raise ConfigError("there is no training data (data.factory returned no 'train').")
+    table = splits.train.encoding if isinstance(splits.train, Split) else None
     if cfg["data"]["standardize"]:
         splits, saver = _standardize_for_fit(splits)
         callbacks = [*callbacks, saver]
-    in_shape, num_outputs = _shape_and_outputs(splits, task_name(cfg), cfg["model"]["name"])
+    classes = table.classes if table is not None else splits.resolved.get("classes")  # a CSV's or class folders'
+    in_shape, num_outputs = _shape_and_outputs(splits, task_name(cfg), cfg["model"]["name"], classes)
     if "classes" in splits.resolved and task_name(cfg) == "multiclass":  # every class folder, even if unseen
         num_outputs = len(splits.resolved["classes"])
     resolved: dict[str, Any] = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
@@ -442,6 +463,10 @@ def _fit(cfg: dict, resume: bool, callbacks: list | tuple, test_if: Callable[[],
         resolved["features"] = csv_feature_columns(
             cfg["data"]["train"], cfg["data"]["label"], cfg["data"]["features"]
         )
+        if table is not None and table.categories:  # one-hot order of each text column
+            resolved["categories"] = table.categories
+        if classes is not None:  # class id k is classes[k]: predictions.csv writes the names
+            resolved["classes"] = classes
     # torchrun restarting its workers (--max-restarts) makes Trainer.fit resume from last.pt: the same check
     restarted = launch.read().restart_count > 0
     notes = (
@@ -470,7 +495,7 @@ def _fit(cfg: dict, resume: bool, callbacks: list | tuple, test_if: Callable[[],
         "train_samples": trainer.train_loader.dataset_size or _num_samples(splits.train),
     }
     if splits.test is not None and test_if():
-        summary.update(_test_and_predict(trainer, splits.test, folder))
+        summary.update(_test_and_predict(trainer, splits.test, folder, classes))
     epoch_seconds = sum(r.get("seconds", 0.0) for r in history)
     summary["wall_seconds"] = round(time.perf_counter() - started, 3)
     summary["fit_seconds"] = round(fit_seconds, 3)
@@ -506,7 +531,7 @@ def _standardized(split: Any, stats: dict, what: str) -> Any:
         return None
     if not isinstance(split, Split):
         raise ConfigError("data.standardize needs in-memory features (data.source csv, npz or digits).")
-    return Split(preprocess.apply(stats, split.X, what), split.y)
+    return Split(preprocess.apply(stats, split.X, what), split.y, split.ids, split.encoding)
 
 
 def _test_data(cfg: dict) -> tuple[Splits, dict | None]:
@@ -524,6 +549,7 @@ def _test_data(cfg: dict) -> tuple[Splits, dict | None]:
             return Splits(None, None, image_data.load_folder(d["test"], "data.test", fmt)), sizes
         return _image_splits(cfg, fmt), sizes
     recorded = runs.recorded_sizes(run_folder(cfg)) if d["source"] in ("csv", "npz") else None
+    encoding = _recorded_encoding(cfg)
     features = (recorded or {}).get("features")
     if d["source"] == "csv" and d["features"] is None and isinstance(features, list):
         # the columns the model was trained on, by name: a test file with its columns in another
@@ -536,13 +562,34 @@ def _test_data(cfg: dict) -> tuple[Splits, dict | None]:
         and cfg["task"]["class_weights"] != "balanced"
         and sizes.get("task") == task_name(cfg)
     ):
-        splits = Splits(None, None, _load_file(cfg, d["test"], require_labels=False))
+        splits = Splits(None, None, _load_file(cfg, d["test"], require_labels=False, encoding=encoding))
     else:
-        splits, sizes = load_splits(cfg), None
+        splits, sizes = load_splits(cfg, encoding), None
     if cfg["data"]["standardize"] and splits.test is not None:
         stats = preprocess.load(run_folder(cfg))
         splits = Splits(splits.train, splits.val, _standardized(splits.test, stats, "test data"))
     return splits, sizes
+
+
+def _recorded_image_classes(cfg: dict, sizes: dict | None) -> list[str] | None:
+    """The class folders' names fit recorded for an image run (checked by ImageFormat.from_record)."""
+    if cfg["data"]["source"] != "images" or not sizes or task_name(cfg) != "multiclass":
+        return None
+    classes = sizes.get("classes")
+    return [str(c) for c in classes] if isinstance(classes, list) else None
+
+
+def _recorded_encoding(cfg: dict) -> TableEncoding | None:
+    """The categories and class names fit learnt from a training CSV (config.yaml, resolved), or None."""
+    recorded = runs.recorded_sizes(run_folder(cfg)) if cfg["data"]["source"] == "csv" else None
+    if recorded is None:
+        return None
+    state = {
+        "features": recorded.get("features") or [],
+        "categories": recorded.get("categories") or {},
+        "classes": recorded.get("classes"),
+    }
+    return TableEncoding.from_state(state, os.path.join(run_folder(cfg), "config.yaml"))
 
 
 def _resume_changes(cfg: dict, resolved: dict) -> list[str]:
@@ -557,7 +604,7 @@ def _resume_changes(cfg: dict, resolved: dict) -> list[str]:
     return config.resume_changes(saved, cfg, resolved, state["epoch"] or 0, path)
 
 
-def _test_and_predict(trainer: Trainer, test: Any, folder: str) -> dict:
+def _test_and_predict(trainer: Trainer, test: Any, folder: str, classes: list[str] | None = None) -> dict:
     out: dict[str, Any] = {}
     labelled = not (isinstance(test, Split) and test.y is None)
     if labelled:
@@ -567,7 +614,9 @@ def _test_and_predict(trainer: Trainer, test: Any, folder: str) -> dict:
     inputs = test.X if isinstance(test, Split) else test
     ids = test.ids if isinstance(test, Split) else None
     path = os.path.join(folder, "predictions.csv")
-    written = _write_predictions_for(trainer, inputs, "best", path, proba=False, cfg=trainer.config, ids=ids)
+    written = _write_predictions_for(
+        trainer, inputs, "best", path, proba=False, cfg=trainer.config, ids=ids, classes=classes
+    )
     trainer.log(f"wrote {written} predictions -> {path}")
     out["predictions"] = path
     return out
@@ -599,8 +648,10 @@ def _write_predictions_for(
     cfg: dict | None,
     force: bool = False,
     ids: list[str] | None = None,
+    classes: list[str] | None = None,
 ) -> int:
-    """Predict ``inputs`` and write the task's predictions file (rank 0); returns the number of rows."""
+    """Predict ``inputs`` and write the task's predictions file (rank 0); returns the number of rows.
+    ``classes``: the class names a CSV's labels had (the file then holds names)."""
     predictions = trainer.predict(inputs, ckpt=ckpt)
     assert trainer.task is not None  # predict resolved it
     probs = trainer.predict_proba(inputs, ckpt=None) if (proba and trainer.task.is_classification) else None
@@ -613,6 +664,7 @@ def _write_predictions_for(
             _target_names(cfg, _width(predictions)),
             force=force,
             ids=ids,
+            classes=classes,
         )
     return len(predictions)
 
@@ -645,7 +697,10 @@ def _trainer_from_run(
                 "resolved.in_shape); give data shaped like the training data."
             )
     else:
-        in_shape, num_outputs = _shape_and_outputs(splits, task_name(cfg), cfg["model"]["name"])
+        encoding = _recorded_encoding(cfg)
+        in_shape, num_outputs = _shape_and_outputs(
+            splits, task_name(cfg), cfg["model"]["name"], encoding.classes if encoding else None
+        )
     resolved = {"in_shape": in_shape, "num_outputs": num_outputs, "task": task_name(cfg)}
     check_recorded_model(state, cfg["model"], resolved, path)  # before anything is built
     model = build_model(cfg["model"], in_shape, num_outputs)
@@ -759,7 +814,11 @@ def _predict(cfg: dict, ckpt: str | None, out: str | IO[str], proba: bool, force
     trainer, path = _trainer_from_run(cfg, ckpt, splits, sizes)
     inputs = splits.test.X if isinstance(splits.test, Split) else splits.test
     ids = splits.test.ids if isinstance(splits.test, Split) else None
-    written = _write_predictions_for(trainer, inputs, path, out, proba=proba, cfg=cfg, force=force, ids=ids)
+    encoding = _recorded_encoding(cfg)
+    classes = encoding.classes if encoding else _recorded_image_classes(cfg, sizes)
+    written = _write_predictions_for(
+        trainer, inputs, path, out, proba=proba, cfg=cfg, force=force, ids=ids, classes=classes
+    )
     trainer.log(
         f"wrote {written} predictions ({path}) -> {out if isinstance(out, str) else 'standard output'}"
     )
@@ -777,11 +836,13 @@ def write_predictions(
     target_names: list[str] | None = None,
     force: bool = False,
     ids: list[str] | None = None,
+    classes: list[str] | None = None,
 ) -> None:
     """The predictions file, written atomically (or the CSV written to ``path``, a text stream such as
     ``sys.stdout``). Columns per task:
 
-    multiclass/binary ``Id,Class`` (+ ``prob_<c>`` with probabilities; binary: ``prob_1``); multilabel
+    multiclass/binary ``Id,Class`` (+ ``prob_<c>`` with probabilities; binary: ``prob_1``), with
+    ``classes`` (a CSV's class names) the names in ``Class`` and ``prob_<name>`` columns; multilabel
     ``Id,label_<k>...`` (+ ``prob_<k>``); regression ``Id,<target names>``. Dense outputs (a class per
     position, or multi-dimensional values) go to a ``.npy`` file beside the CSV, whose rows then say
     where each sample's array is; an existing ``.npy`` there is replaced only when the CSV it replaces
@@ -816,31 +877,28 @@ def write_predictions(
         columns = target_names or [f"target_{k}" for k in range(values.shape[1])]
         rows = [[f"{v:.8g}" for v in row] for row in values.tolist()]
     else:
-        columns, rows = ["Class"], [[c] for c in predictions.tolist()]
+        ids = predictions.tolist()
+        columns, rows = ["Class"], [[classes[int(c)] if classes else c] for c in ids]
     if probs is not None and probs.dim() <= 2 and not (task == "multiclass" and predictions.dim() > 1):
         p = probs.reshape(n, -1)
-        columns = columns + ([f"prob_{k}" for k in range(p.shape[1])] if task != "binary" else ["prob_1"])
+        if task == "binary":  # the positive class's probability
+            columns = [*columns, f"prob_{classes[1] if classes else 1}"]
+        else:
+            columns = columns + [f"prob_{k}" for k in (classes or range(p.shape[1]))]
         rows = [r + [f"{v:.6g}" for v in pr] for r, pr in zip(rows, p.tolist())]
     buf_text = io.StringIO()
-    buf_text.write(",".join(["Id", *columns]) + "\n")
+    out = csv.writer(buf_text, lineterminator="\n")  # a class name with a comma or a quote is quoted
+    out.writerow(["Id", *columns])
     if ids is not None and len(ids) != n:  # a bug, never a file whose rows name the wrong samples
         raise RuntimeError(f"{n} predictions but {len(ids)} ids")
-    names = [_csv_cell(i) for i in ids] if ids is not None else [str(i) for i in range(n)]
-    for name, row in zip(names, rows):
-        buf_text.write(",".join([name, *map(str, row)]) + "\n")
+    for name, row in zip(ids if ids is not None else [str(i) for i in range(n)], rows):
+        out.writerow([name, *map(str, row)])
     if not isinstance(path, str):
         path.write(buf_text.getvalue())
         path.flush()
         return
     text = buf_text.getvalue().encode()
     atomic_write(path, lambda f: f.write(text), "predictions file")
-
-
-def _csv_cell(text: str) -> str:
-    """``text`` as one CSV cell: quoted when it holds a comma, a quote or a line break (a file name may)."""
-    if any(c in text for c in ',"\r\n'):
-        return '"' + text.replace('"', '""') + '"'
-    return text
 
 
 def write_json(path: str, obj: dict, what: str = "summary") -> None:

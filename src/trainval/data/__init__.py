@@ -40,6 +40,7 @@ from torch.utils.data.dataloader import default_collate
 from trainval import distributed
 from trainval.data.hf import as_torch_data, is_hf_dataset
 from trainval.data.splits import stratified_split
+from trainval.data.tabular import TableEncoding, strip_all
 from trainval.errors import ConfigError, DataError
 from trainval.extras import require
 from trainval.state import rng_state, seed_everything, set_rng_state
@@ -1256,7 +1257,9 @@ class Split:
 
     X: np.ndarray
     y: np.ndarray | None
-    ids: list[str] | None = None
+    ids: list[str] | None = None  # an image folder's file names (the Id column of predictions)
+    # a CSV's columns, categories and class names (see trainval.data.tabular); None for other sources
+    encoding: TableEncoding | None = None
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -1363,8 +1366,20 @@ def load_csv(
     require_labels: bool = True,
     allow_nonfinite: bool = False,
     integer_labels: bool = True,
+    encoding: TableEncoding | None = None,
 ) -> Split:
     """A CSV with a header row: the target column(s) by name, features all other columns (or a list).
+
+    Text columns: with ``encoding`` None (a training file), a feature column in which no cell is a number
+    (``red``, ``blue``) is categorical: one-hot encoded, its sorted categories learnt here; a single
+    class-label column in which no cell is a number holds class names (class id = position among the
+    sorted names). The learnt :class:`~trainval.data.tabular.TableEncoding` comes back as
+    ``split.encoding``; another file of the run is read with it (``encoding=``), and a category or class
+    it does not hold is refused naming the row. A column mixing numbers and text is refused at its
+    first non-number, as a typo in a numeric column.
+
+    Read with pyarrow when it is installed (a fast path that accepts only a clean file); any doubt,
+    and every error, goes through the Python reader below, which names the row and column.
 
     ``label`` may be a list of columns (multilabel, multi-output regression): ``y`` is then ``[N, K]``.
     ``integer_labels`` (classification) refuses targets that are not integers, naming the file row.
@@ -1384,6 +1399,9 @@ def load_csv(
             f"{where}: row {row} is not UTF-8 text (byte {raw[e.start]:#x}); save the file as UTF-8 "
             "(for example from a spreadsheet: CSV UTF-8)."
         ) from None
+    fast = _csv_fast(raw, text, label, features, require_labels, allow_nonfinite, integer_labels, encoding)
+    if fast is not None:
+        return fast
     reader = csv.reader(io.StringIO(text, newline=""))
     header: list[str] | None = None
     rows, data_rows = [], []  # the cells of each data row, and the file row where it starts
@@ -1449,14 +1467,51 @@ def load_csv(
                 f"{where}: feature columns not found: {shown_names(missing)} (columns: {shown_names(header)})."
             )
         feat_cols = list(features)
-    X = np.empty((len(rows), len(feat_cols)), dtype=np.float32)
+    whole = [row for row in rows if len(row) == len(header)]  # (a short or long row is refused below)
+    if encoding is None:
+        encoding = TableEncoding(
+            list(feat_cols),
+            {
+                c: sorted({cell.strip() for cell in cells} - {""})
+                for c in feat_cols
+                if (cells := [row[col[c]] for row in whole]) and not any(map(_is_float, cells))
+            },
+        )
+        if isinstance(label, str) and has_label and integer_labels:
+            cells = [row[col[label]] for row in whole]
+            if cells and not any(map(_is_float, cells)):
+                encoding.classes = sorted({cell.strip() for cell in cells} - {""})
+    categorical = {c: {name: k for k, name in enumerate(encoding.categories[c])} for c in feat_cols if c in encoding.categories}
+    classes = None if encoding.classes is None or not has_label else {n: k for k, n in enumerate(encoding.classes)}
+    numeric_cols = [c for c in feat_cols if c not in categorical]
+    X = np.empty((len(rows), len(numeric_cols)), dtype=np.float32)
+    codes = {c: np.empty(len(rows), dtype=np.int64) for c in categorical}
     y = np.empty((len(rows), len(labels)), dtype=np.float64) if has_label else None
-    feat_at = [col[c] for c in feat_cols]
+    feat_at = [col[c] for c in numeric_cols]
     label_at = [col[c] for c in labels] if has_label else []
     for r, row in enumerate(rows):
         at = data_rows[r]
         if len(row) != len(header):
             raise DataError(f"{where}: row {at} has {len(row)} cells, the header has {len(header)}.")
+        for c, index in categorical.items():
+            cell = row[col[c]].strip()
+            if cell not in index:
+                raise DataError(
+                    f"{where}: row {at}, column {shown_repr(c)}: {shown_repr(cell)} is not one of the column's "
+                    f"categories ({shown_names(index, most=10, quoted=True)}) the run was trained on; an "
+                    "unseen category is refused, never guessed: map it to one of them or drop the row."
+                )
+            codes[c][r] = index[cell]
+        if classes is not None:
+            cell = row[label_at[0]].strip()
+            if cell not in classes:
+                raise DataError(
+                    f"{where}: row {at}, label column {shown_repr(labels[0])}: {shown_repr(cell)} is not a class "
+                    f"the run was trained on ({shown_names(classes, most=10, quoted=True)})."
+                )
+            assert y is not None
+            y[r, 0] = classes[cell]
+            continue
         try:
             with np.errstate(over="ignore"):  # 1e39 is inf as float32: refused below, as not finite
                 X[r] = [float(row[i]) for i in feat_at]
@@ -1472,7 +1527,7 @@ def load_csv(
                 "not a finite number; clean the data (or set data.check_inputs=false to train on it "
                 "anyway)."
             )
-        if y is not None:
+        if y is not None and classes is None:
             for k, i in enumerate(label_at):
                 try:
                     y[r, k] = float(row[i])
@@ -1504,7 +1559,148 @@ def load_csv(
             y = y.astype(np.int64)
         if isinstance(label, str):
             y = y[:, 0]
-    return Split(X, y)
+    if categorical:
+        columns = {c: X[:, k] for k, c in enumerate(numeric_cols)} | codes
+        X = encoding.assemble(columns, len(rows))
+    return Split(X, y, encoding=encoding)
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of ``text``, each with its line ending, made one at a time."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
+
+
+def _csv_fast(
+    raw: bytes,
+    text: str,
+    label: str | list[str] | None,
+    features: list[str] | None,
+    require_labels: bool,
+    allow_nonfinite: bool,
+    integer_labels: bool,
+    encoding: TableEncoding | None,
+) -> Split | None:
+    """``load_csv`` through pyarrow's CSV reader for a clean file, or None: pyarrow is missing, or
+    something in the file needs the Python reader (which then names the row and the column at fault,
+    or accepts what pyarrow would not, such as a line of spaces). Never a different result."""
+    try:
+        import pyarrow as pa  # type: ignore[import-untyped]
+        import pyarrow.csv as pacsv  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    reader = csv.reader(_lines(text))  # (io.StringIO would copy the whole text, four bytes a character)
+    header = None
+    try:
+        for row in reader:
+            if any(cell.strip() for cell in row):
+                header = [h.strip() for h in row]
+                break
+    except csv.Error:
+        return None
+    labels = [] if label is None else ([label] if isinstance(label, str) else list(label))
+    if header is None or len(set(header)) != len(header) or any("\n" in h or "\r" in h for h in header):
+        return None
+    present = {h: i for i, h in enumerate(header)}
+    if features == [] or (features is not None and set(features) & set(labels)):
+        return None
+    if not all(c in present for c in labels):
+        if require_labels:
+            return None
+        labels, label = [], None  # an unlabelled file (test/predict)
+    label_set = set(labels)
+    feat_cols = [h for h in header if h not in label_set] if features is None else list(features)
+    if not feat_cols or not all(c in present for c in feat_cols) or set(feat_cols) & label_set:
+        return None
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(raw),
+            read_options=pacsv.ReadOptions(
+                skip_rows=reader.line_num, column_names=[f"c{i}" for i in range(len(header))]
+            ),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(
+                include_columns=[f"c{present[c]}" for c in [*feat_cols, *labels]],
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+                null_values=[],
+            ),
+        )
+    except (pa.ArrowException, ValueError, OSError):
+        return None
+    n = table.num_rows
+    if n == 0:
+        return None
+
+    def column(name: str) -> np.ndarray:
+        return table.column(f"c{present[name]}").to_numpy()
+
+    def names_of(values: np.ndarray) -> np.ndarray | None:
+        """Text cells, stripped, if none is blank or a number; else None."""
+        if values.dtype != object:
+            return None
+        cells = strip_all(values)
+        uniques = set(cells.tolist())
+        return None if "" in uniques or any(map(_is_float, uniques)) else cells
+
+    def number_kind(values: np.ndarray) -> bool:
+        return values.dtype.kind in "iuf"
+
+    learn = encoding is None
+    enc = encoding or TableEncoding(list(feat_cols))
+    columns: dict[str, np.ndarray] = {}
+    for c in feat_cols:
+        values = column(c)
+        if (learn and not number_kind(values)) or c in enc.categories:
+            cells = names_of(values) if not number_kind(values) else None
+            if cells is None:
+                return None
+            if learn:
+                enc.categories[c] = sorted(set(cells.tolist()))
+            index = {v: k for k, v in enumerate(enc.categories[c])}
+            if not set(cells.tolist()) <= index.keys():
+                return None  # an unseen category: the Python reader names its row
+            columns[c] = np.array([index[v] for v in cells.tolist()], dtype=np.int64)
+        elif not number_kind(values):
+            return None
+        else:
+            values = values.astype(np.float64)
+            with np.errstate(over="ignore"):
+                if not allow_nonfinite and not np.isfinite(values.astype(np.float32)).all():
+                    return None
+            columns[c] = values
+    y = None
+    if labels:
+        ys = [column(c) for c in labels]
+        if isinstance(label, str) and integer_labels and (
+            (learn and not number_kind(ys[0])) or enc.classes is not None
+        ):
+            cells = names_of(ys[0])
+            if cells is None:
+                return None
+            if learn:
+                enc.classes = sorted(set(cells.tolist()))
+            assert enc.classes is not None
+            index = {v: k for k, v in enumerate(enc.classes)}
+            if not set(cells.tolist()) <= index.keys():
+                return None
+            y = np.array([index[v] for v in cells.tolist()], dtype=np.int64)
+        else:
+            if not all(number_kind(v) for v in ys):
+                return None
+            y = np.column_stack([v.astype(np.float64) for v in ys])
+            bad = ~np.isfinite(y) | (((y != np.round(y)) | (np.abs(y) > 2**53)) if integer_labels else False)
+            if bad.any():
+                return None
+            if integer_labels:
+                y = y.astype(np.int64)
+            if isinstance(label, str):
+                y = y[:, 0]
+    return Split(enc.assemble(columns, n), y, encoding=enc)
 
 
 def _is_float(text: str) -> bool:

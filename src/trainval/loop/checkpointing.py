@@ -32,6 +32,7 @@ from trainval.checkpoint import (
     stray_top_k_files,
     versions,
 )
+from trainval.data.tabular import TableEncoding
 from trainval.errors import CheckpointError, ConfigError, RunFolderError
 from trainval.fsio import atomic_write
 from trainval.loop.callbacks import write_metrics_csv
@@ -182,6 +183,7 @@ class Checkpoints:
             "monitor": t.monitor,
             "value": t.best_value,
             "config": t.config,
+            "table": None if t.table is None else t.table.state_dict(),  # a DataFrame's columns
             "versions": versions(),
         }
 
@@ -214,6 +216,7 @@ class Checkpoints:
             "ranks": distributed.gather_objects(own),
             "callbacks": [cb.state_dict() for cb in t.callbacks],
             "config": t.config,
+            "table": None if t.table is None else t.table.state_dict(),  # a DataFrame's columns
             "versions": versions(),
         }
 
@@ -320,6 +323,14 @@ class Checkpoints:
             }
         start = (state["loop"].get("epoch_start") or {}).get("rng")
         return {"rng": state["rng"], "epoch_start_rng": start, "train_metrics": state.get("train_metrics")}
+
+    def table(self, ckpt: str) -> TableEncoding | None:
+        """The DataFrame columns, categories and classes recorded in ``ckpt`` (None: it records none)."""
+        path = {"best": self.t.best_path, "last": self.t.last_path}.get(ckpt, ckpt)
+        if not os.path.exists(path):
+            return None  # load_weights says what is missing
+        state = load_checkpoint(path, map_location="cpu").get("table")
+        return None if state is None else TableEncoding.from_state(state, path)
 
     def load_weights(self, ckpt: str | None) -> None:
         t = self.t

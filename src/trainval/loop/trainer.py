@@ -42,6 +42,7 @@ from trainval.data import (
     TensorLoader,
     describe,
     make_loader,
+    tabular,
     tree_map,
 )
 from trainval.errors import ConfigError, DataError, TrainvalError
@@ -178,6 +179,9 @@ class Trainer:
         self._group_batches = 0  # real batches (every rank's) in this accumulation group so far
         self._weigh: Any = None
         self._bar: ProgressBar | None = None
+        # DataFrames: the columns, categories and class names learnt from fit's training frame (or read
+        # from the checkpoint that test/predict load); saved in every checkpoint. None: no frame seen.
+        self.table: tabular.TableEncoding | None = None
 
     # ------------------------------------------------------------------------------------------
     # The loop state, as attributes (callbacks read these, and may set should_stop)
@@ -282,17 +286,26 @@ class Trainer:
     # Public entry points
 
     @holds_run_folder  # one writer per run folder, released on any exit
-    def fit(self, train_data: Any, val_data: Any = None, *, resume: bool = False) -> list[dict]:
+    def fit(
+        self, train_data: Any, val_data: Any = None, *, resume: bool = False, target: str | None = None
+    ) -> list[dict]:
         """Train for ``max_epochs``, validating after each epoch; return the per-epoch history.
 
         Args:
             train_data: a ``DataLoader``, a map-style ``Dataset``, an ``IterableDataset`` (a stream: an epoch
                 is one pass over it, each rank reading its own share; see :class:`~trainval.data.StreamLoader`),
-                or in-memory ``(X, y)`` (``X`` a tensor/array, a tuple or a dict of them).
+                or in-memory ``(X, y)`` (``X`` a tensor/array, a tuple or a dict of them). A pandas
+                ``DataFrame`` of features with a ``Series`` target, ``(df[features], df["label"])``, or a whole
+                ``DataFrame`` with ``target="label"``: its column names, the categories of its text columns
+                (one-hot encoded) and the class names of a text target are learnt here (``trainer.table``),
+                saved in every checkpoint and applied by validate/test/predict, which take columns by name.
             val_data: the same kinds, or ``None`` (then ``monitor`` must be a train metric).
             resume: continue from ``out_dir/last.pt`` exactly where it stopped (mid-epoch too).
+            target: the target column of DataFrame data (``train_data`` and ``val_data``).
         """
         self._setup()
+        train_data = self._from_frame(train_data, target, "train", learn=True)
+        val_data = self._from_frame(val_data, target, "val") if val_data is not None else None
         self._settle_fit(train_data, val_data)  # loaders, pre-flight, monitor, metric sets: before any step
         self._start_run(resume)  # the run folder claimed; last.pt restored, or the seeds set
         callbacks = self._fit_callbacks()
@@ -378,18 +391,20 @@ class Trainer:
             *([Curves()] if self.options.plot and main else []),
         ]
 
-    def validate(self, val_data: Any, ckpt: str | None = None) -> dict:
-        """``{"val_loss", "val_<metric>", ...}`` on ``val_data`` with the current weights (or ``ckpt``)."""
-        return self._score(val_data, ckpt, "val")
+    def validate(self, val_data: Any, ckpt: str | None = None, *, target: str | None = None) -> dict:
+        """``{"val_loss", "val_<metric>", ...}`` on ``val_data`` with the current weights (or ``ckpt``);
+        ``target``: the target column of a DataFrame."""
+        return self._score(self._from_frame(val_data, target, "val", ckpt=ckpt), ckpt, "val")
 
-    def test(self, test_data: Any, ckpt: str | None = "best") -> dict:
+    def test(self, test_data: Any, ckpt: str | None = "best", *, target: str | None = None) -> dict:
         """Reload ``best.pt`` (or ``ckpt``), then ``{"test_loss", "test_<metric>", ...}`` on ``test_data``.
 
         For a multiclass task the confusion matrix (rows: true class, columns: predicted) is also
         written to ``out_dir/confusion_matrix.csv`` when the run folder exists. The metrics of the run's
-        own ``best``/``last`` checkpoint also go into its ``summary.json``.
+        own ``best``/``last`` checkpoint also go into its ``summary.json``. ``target``: the target column
+        of a DataFrame (an unknown class name there is refused, naming it).
         """
-        metrics = self._score(test_data, ckpt, "test")
+        metrics = self._score(self._from_frame(test_data, target, "test", ckpt=ckpt), ckpt, "test")
         if self.dist.is_main and ckpt in ("best", "last"):
             record_test(self.out_dir, metrics)
         return metrics
@@ -398,15 +413,16 @@ class Trainer:
         """Predictions from ``best.pt`` (or ``ckpt``), input order, on the CPU; targets are ignored.
 
         Class ids (multiclass: one per sample, or per position for dense outputs), 0/1 (binary),
-        multi-hot rows (multilabel, ``threshold``), or the outputs (regression).
+        multi-hot rows (multilabel, ``threshold``), or the outputs (regression). A DataFrame's columns
+        are taken by name (others are ignored); ``trainer.table.decode_classes(ids)`` gives class names.
         """
-        raw = self._predict_outputs(inputs, ckpt)
+        raw = self._predict_outputs(self._from_frame(inputs, None, "predict", ckpt=ckpt, labelled=False), ckpt)
         return self.task.predict(raw)
 
     def predict_proba(self, inputs: Any, ckpt: str | None = "best") -> torch.Tensor:
         """Class probabilities: ``[N, C, *]`` (multiclass, softmax), ``[N]`` (binary, the positive class),
         ``[N, K]`` (multilabel, sigmoid); input order, on the CPU."""
-        raw = self._predict_outputs(inputs, ckpt)
+        raw = self._predict_outputs(self._from_frame(inputs, None, "predict", ckpt=ckpt, labelled=False), ckpt)
         return self.task.proba(raw)  # the regression task refuses, in one clear sentence
 
     # ------------------------------------------------------------------------------------------
@@ -904,6 +920,34 @@ class Trainer:
             positions=positions,
             model=self.model,
         )
+
+    def _from_frame(
+        self,
+        data: Any,
+        target: str | None,
+        name: str,
+        *,
+        learn: bool = False,
+        ckpt: str | None = None,
+        labelled: bool = True,
+    ) -> Any:
+        """DataFrame data as ``(X, y)`` arrays through ``self.table`` (learnt here by fit's training data,
+        else read from ``ckpt`` when this Trainer has not seen a frame); other data passes through."""
+        tabular.check_not_frame(data, target)
+        if not tabular.holds_frame(data):
+            return data
+        if learn:
+            self.table = None
+        elif self.table is None and ckpt is not None:
+            self.table = self.checkpoints.table(ckpt)
+        if not learn and self.table is None:
+            raise DataError(
+                f"{name} data is a DataFrame, but this model was not trained on one (no columns recorded "
+                "in the Trainer or its checkpoint); pass arrays, or fit on a DataFrame."
+            )
+        classify = self._task is None or self._task.is_classification
+        arrays, self.table = tabular.frame_arrays(data, target, self.table, classify, name, labelled)
+        return arrays
 
     def _place(self, t: torch.Tensor) -> torch.Tensor:
         """In-memory data on the GPU when it fits (or in pinned memory for non_blocking copies)."""
