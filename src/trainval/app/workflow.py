@@ -216,9 +216,18 @@ def _shape_and_outputs(
 # Model, optimizer, scheduler
 
 
-def build_model(model_cfg: dict, in_shape: list[int] | None, num_outputs: int | None) -> nn.Module:
-    """A built-in model sized for the data (``num_outputs``: classes, labels or values), or ``module:Class``."""
+def build_model(
+    model_cfg: dict, in_shape: list[int] | None, num_outputs: int | None, *, on_meta: bool = False
+) -> nn.Module:
+    """A built-in model sized for the data (``num_outputs``: classes, labels or values), or ``module:Class``.
+
+    ``on_meta``: a built-in model is built on the meta device (no memory, no random draws), for FSDP to
+    shard before each rank materialises its part (:mod:`trainval.loop.materialize`: the same weights).
+    """
     name = model_cfg["name"]
+    if name in ("mlp", "cnn") and on_meta:
+        with torch.device("meta"):
+            return build_model(model_cfg, in_shape, num_outputs)
     if name in ("mlp", "cnn"):
         if in_shape is None or num_outputs is None:  # e.g. a config.yaml edited by hand
             raise ConfigError(
@@ -259,6 +268,12 @@ def build_model(model_cfg: dict, in_shape: list[int] | None, num_outputs: int | 
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.name '{name}' built a {type(model).__name__}, not a torch.nn.Module.")
     return model
+
+
+def _shards_on_meta(cfg: dict) -> bool:
+    """FSDP's run: the built-in models start on the meta device, so no rank ever holds the whole model
+    (a ``module:Class`` model is built as it is: its own init may not survive the meta device)."""
+    return cfg["train"]["strategy"] == "fsdp" and cfg["model"]["name"] in ("mlp", "cnn")
 
 
 def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
@@ -472,7 +487,7 @@ def _fit(cfg: dict, resume: bool, callbacks: list | tuple, test_if: Callable[[],
     notes = (
         _resume_changes(cfg, resolved) if resume or restarted else []
     )  # a refusal comes before anything is built
-    model = build_model(cfg["model"], in_shape, num_outputs)
+    model = build_model(cfg["model"], in_shape, num_outputs, on_meta=_shards_on_meta(cfg))
     loss = build_loss(cfg, splits, num_outputs)
     trainer = build_trainer(
         cfg, model, _num_samples(splits.train), resolved, loss, callbacks, stream=is_stream(splits.train)

@@ -14,7 +14,13 @@ The loop in :mod:`trainval.loop.trainer` never asks which strategy runs; it call
 eval forwards          local                    local (the plain module)      collectives (``forward_is_collective``):
                                                                              equally many on every rank
 ``sharded_checkpoint`` False: last.pt whole      False: last.pt whole         True: each rank writes its shards
+a model on ``meta``    materialised whole       materialised whole, then     sharded on meta, then only this
+                                                wrapped                      rank's shards materialised
 =====================  =======================  ===========================  ==================================
+
+A model built under ``torch.device("meta")`` is given real tensors by ``wrap`` (see
+:mod:`trainval.loop.materialize`): the same values as a plain build after the same seed, and under FSDP no rank
+ever holds more than its shards plus one module's full tensors.
 
 ``model_state_dict`` is always a plain, full ``state_dict`` of the unwrapped model (FQNs without
 ``module.``/``_orig_mod.``), so ``best.pt`` loads into a plain model with ``torch.load(weights_only=True)``.
@@ -39,6 +45,7 @@ from torch import nn
 from trainval import distributed
 from trainval.checkpoint import _strip_prefixes, check_fits, load_model_weights, unwrap_model
 from trainval.errors import ConfigError
+from trainval.loop import materialize
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
@@ -53,13 +60,26 @@ class SingleProcess:
 
     name = "single"
     sharded_checkpoint = False  # last.pt: one whole file from rank 0 (True: every rank writes its shards)
+    param_init: materialize.ParamInit | None = None  # a meta model's initialiser (None: reset_parameters)
 
     def wrap(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, compile: Compile
     ) -> tuple[nn.Module, nn.Module]:
-        """``(train_model, eval_model)``: the modules the steps call."""
+        """``(train_model, eval_model)``: the modules the steps call (a model on meta materialised first)."""
+        self._materialize_whole(model, optimizer, device)
         net = compile(model)
         return net, net
+
+    def _materialize_whole(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        """A model on the meta device, given every tensor on ``device`` (the optimizer pointed at them)."""
+        if not materialize.on_meta(model):
+            return
+        materialize.check_initialisers(model, self.param_init)
+        names = {id(p): n for n, p in model.named_parameters()}
+        rng_state = materialize.shared_rng_state()
+        model.to_empty(device=device)  # new Parameter objects
+        materialize.initialise(model, self.param_init, rng_state)
+        _repoint_optimizer(optimizer, names, model)
 
     def no_sync(self, model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
         """Skip the gradient all-reduce of a non-final accumulation step (``sync=False``)."""
@@ -134,6 +154,7 @@ class DDPStrategy(SingleProcess):
                     "turn it off on the CPU."
                 )
             _convert_sync_batchnorm(model)
+        self._materialize_whole(model, optimizer, device)
         net = compile(model)
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(net, device_ids=ids), net
@@ -155,6 +176,13 @@ class FSDPStrategy(SingleProcess):
             (``CPUOffloadPolicy``; the optimizer steps on the CPU).
         reshard_after_forward: free gathered parameters after forward (ZeRO-3, default) or keep them
             until backward (ZeRO-2-like: more memory, less communication).
+        param_init: for a model built on the meta device, ``param_init(module)`` initialises each module's
+            own parameters and buffers (given as full-size CPU tensors, one module at a time, in
+            ``model.modules()`` order); default: the module's ``reset_parameters()``.
+
+    A model built under ``torch.device("meta")`` is sharded while it holds no memory; then each rank
+    allocates and initialises only its shards (see :mod:`trainval.loop.materialize`): no rank ever holds
+    the whole model, and the model equals a plain build after the same seed.
     """
 
     name = "fsdp"
@@ -168,8 +196,10 @@ class FSDPStrategy(SingleProcess):
         reduce_dtype: torch.dtype | None = None,
         cpu_offload: bool = False,
         reshard_after_forward: bool = True,
+        param_init: materialize.ParamInit | None = None,
     ):
         self.wrap_modules, self.cpu_offload = wrap_modules, cpu_offload
+        self.param_init = param_init
         self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
         self.reshard_after_forward = reshard_after_forward
 
@@ -191,8 +221,11 @@ class FSDPStrategy(SingleProcess):
             )
         _ensure_process_group(device)
         world = dist.get_world_size()
+        meta = materialize.on_meta(model)
+        if meta:  # nothing to broadcast: every rank draws the same numbers when its shards are materialised
+            materialize.check_initialisers(model, self.param_init)
         # Every rank shards its own copy: start them all from rank 0's weights, as DDP does.
-        if world > 1:
+        elif world > 1:
             for t in model.state_dict().values():
                 dist.broadcast(t, src=0)
         names = {id(p): n for n, p in model.named_parameters()}
@@ -209,11 +242,13 @@ class FSDPStrategy(SingleProcess):
         for unit in reversed(units):  # innermost first
             fully_shard(unit, **kwargs)
         fully_shard(model, **kwargs)
+        if meta:  # only now memory: this rank's shards (and the buffers), then their values
+            rng_state = materialize.shared_rng_state()
+            model.to_empty(device="cpu" if self.cpu_offload else device)
+            materialize.initialise(model, self.param_init, rng_state)
         # fully_shard replaced every parameter by a sharded one (a DTensor): point the optimizer at them,
         # by name. Its state is empty now (resume loads it after wrapping).
-        new = dict(model.named_parameters())
-        for group in optimizer.param_groups:
-            group["params"] = [new[names[id(p)]] if id(p) in names else p for p in group["params"]]
+        _repoint_optimizer(optimizer, names, model)
         net = compile(model)
         return net, net
 
@@ -258,6 +293,14 @@ class FSDPStrategy(SingleProcess):
     # Every forward gathers parameters with a collective: a rank with fewer evaluation batches
     # runs extra forwards (outputs discarded) so that no peer waits forever.
     forward_is_collective = True
+
+
+def _repoint_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], model: nn.Module) -> None:
+    """The optimizer's parameters replaced by the model's new ones of the same name (``names``: the old
+    parameters' ids and names)."""
+    new = dict(model.named_parameters())
+    for group in optimizer.param_groups:
+        group["params"] = [new[names[id(p)]] if id(p) in names else p for p in group["params"]]
 
 
 def _full_shapes(module: nn.Module) -> dict[str, torch.Size]:

@@ -47,6 +47,7 @@ from trainval.data import (
 )
 from trainval.errors import ConfigError, DataError, TrainvalError
 from trainval.fsio import atomic_write
+from trainval.loop import materialize
 from trainval.loop.callbacks import Callback, Curves, ProgressBar, write_metrics_csv
 from trainval.loop.checkpointing import Checkpoints
 from trainval.loop.checks import (
@@ -885,7 +886,8 @@ class Trainer:
                 f"device {str(self.device)!r} was asked for but CUDA is not available; use 'cpu'."
             )
         self.amp = Precision(self.options.precision, self.device)
-        self.model.to(self.device)
+        if not materialize.on_meta(self.model):  # a model on meta: the strategy materialises it (FSDP: shards)
+            self.model.to(self.device)
         if isinstance(self._loss_fn, nn.Module):
             self._loss_fn.to(self.device)  # class weights, pos_weight
         self.strategy = make_strategy(
