@@ -93,7 +93,7 @@ def test_fit_records_size_mode_and_training_statistics(trained):
     rows = list(csv.reader(open(run / "predictions.csv")))
     assert rows[0] == ["Id", "Class"]
     assert [r[0] for r in rows[1:]] == [f"{c}/{i:02d}.png" for c in CLASSES for i in range(5)]
-    assert [int(r[1]) for r in rows[1:]] == [c for c in range(3) for _ in range(5)]
+    assert [r[1] for r in rows[1:]] == [c for c in CLASSES for _ in range(5)]  # the class folders' names
 
 
 @pytest.mark.slow  # one CLI fit (about 10 s of CPU), shared by the three tests that use it
@@ -112,10 +112,10 @@ def test_predict_flat_folder_writes_file_names_and_reapplies_recorded_format(tra
     p = run_cli("predict", str(run), "--data", str(flat), "--out", str(out), "--proba", cwd=str(root))
     assert p.returncode == 0, p.stdout + p.stderr
     rows = list(csv.reader(open(out)))
-    assert rows[0] == ["Id", "Class", "prob_0", "prob_1", "prob_2"]
+    assert rows[0] == ["Id", "Class", *(f"prob_{c}" for c in CLASSES)]  # classes by their folders' names
     ordered = sorted([*names, "gray.png"])
     assert [r[0] for r in rows[1:]] == ordered
-    assert [int(r[1]) for r in rows[1:] if r[0] != "gray.png"] == [
+    assert [CLASSES.index(r[1]) for r in rows[1:] if r[0] != "gray.png"] == [
         names[n] for n in ordered if n != "gray.png"
     ]
     # the same probabilities by hand: Pillow's bilinear resize to 8x8, RGB, the training split's mean/std

@@ -892,8 +892,8 @@ def write_predictions(
         columns = target_names or [f"target_{k}" for k in range(values.shape[1])]
         rows = [[f"{v:.8g}" for v in row] for row in values.tolist()]
     else:
-        ids = predictions.tolist()
-        columns, rows = ["Class"], [[classes[int(c)] if classes else c] for c in ids]
+        predicted = predictions.tolist()
+        columns, rows = ["Class"], [[classes[int(c)] if classes else c] for c in predicted]
     if probs is not None and probs.dim() <= 2 and not (task == "multiclass" and predictions.dim() > 1):
         p = probs.reshape(n, -1)
         if task == "binary":  # the positive class's probability
