@@ -22,7 +22,9 @@ Under FSDP it and ``optimizer_state_dict`` are collectives: every rank calls the
 
 ``sharded_state_dict`` is this rank's part of the model and optimizer (DTensor shards under FSDP, full
 tensors otherwise) for :mod:`trainval.checkpoint.sharded`; every strategy can load one (``load_sharded_state_dict``),
-so a sharded last.pt resumes under any strategy and any number of processes.
+so a sharded last.pt resumes under any strategy and any number of processes. A whole last.pt (one
+process, DDP) holds ``optimizer.state_dict()``, keyed by parameter index; FSDP renames it by parameter name
+(:func:`optimizer_state_by_name`) before it takes its shards, so a whole last.pt resumes under FSDP too.
 """
 
 from __future__ import annotations
