@@ -170,7 +170,7 @@ def test_another_process_count_is_told_and_a_onecycle_schedule_is_replanned(tmp_
     )
     assert proc.returncode != 0 and not (short / "done.0").exists()
     assert (
-        "the OneCycleLR scheduler plans 12 steps, but the 1 epochs done and the 12 steps left take 24 at this "
+        "the OneCycleLR scheduler plans 12 steps, but the 1 epoch done and the 12 steps left take 24 at this "
         "size"
     ) in proc.stderr
     assert (short / "last.pt").read_bytes() == before

@@ -258,7 +258,12 @@ class Checkpoints:
         # At an epoch's end any number of processes may resume; the optimizer state is converted (see
         # strategies.optimizer_state_by_name), and a scheduler that plans optimizer steps is re-planned.
         resized = written_by is not None and written_by != t.dist.world_size
-        replan = resized and t.scheduler is not None and t.scheduler_interval == "step"
+        replan = (
+            resized
+            and t.scheduler is not None
+            and t.scheduler_interval == "step"
+            and state.get("scheduler") is not None
+        )
         if "shards" in state:  # each rank reads the pieces of its own shards (a collective)
             shards = t.strategy.sharded_state_dict(t.model, t.optimizer)
             sharded.load(shards, state["shards"], t.last_path)
@@ -368,8 +373,8 @@ class Checkpoints:
             raise ConfigError(
                 f"{t.last_path} was written by {written_by} processes, this run has {t.dist.world_size} "
                 f"({per_epoch} optimizer steps per epoch): the {name} scheduler plans {total} steps, but the "
-                f"{t.epoch} epochs done and the {remaining} steps left take {position + remaining} at this "
-                f"size. Build it for this run's steps (total_steps = steps per epoch on {t.dist.world_size} "
+                f"{t.epoch} epoch{'s' if t.epoch != 1 else ''} done and the {remaining} steps left take "
+                f"{position + remaining} at this size. Build it for this run's steps (total_steps = steps per epoch on {t.dist.world_size} "
                 f"processes x epochs; the CLI does), or resume with {written_by} (--nproc {written_by})."
             )
         with warnings.catch_warnings():  # no optimizer step is taken here: torch's order warning does not apply
