@@ -11,13 +11,15 @@ pointed to; the shard folder's name goes to OUT_DIR/stray.txt), block_shards (fr
 DCP's shard file writes fail with ENOSPC), term_rank + term_epoch
 (that rank alone sends itself SIGTERM at the end of that epoch), ema (an EMA decay: every rank writes
 OUT_DIR/ema.<rank>.pt with its average, a hand AveragedModel's and, on rank 0, the last epoch's val_loss and the
-hand average's), top_k (save_top_k).
+hand average's), top_k (save_top_k), adam (Adam instead of SGD with momentum), onecycle (a OneCycleLR
+stepped per optimizer step, planned for onecycle["epochs"] epochs on onecycle.get("world", this run's) processes).
 Rank 0 writes OUT_DIR/predictions.pt; every rank writes OUT_DIR/done.<rank> when its work is done.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -158,7 +160,17 @@ def main():
         die_before_commit(out_dir, opts["die_before_commit"])
 
     def make_trainer(model, epochs, strategy=opts.get("strategy", "auto")):
-        return Trainer(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), loss_fn,
+        if opts.get("adam"):
+            optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        else:
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        scheduler = None
+        if "onecycle" in opts:  # its steps: the planned epochs' batches per process
+            world = opts["onecycle"].get("world", int(os.environ.get("WORLD_SIZE", "1")))
+            per_epoch = math.ceil(math.ceil(opts.get("n_train", 96) / world) / opts["batch"])
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=0.05, total_steps=per_epoch * opts["onecycle"]["epochs"])
+        return Trainer(model, optimizer, loss_fn, scheduler=scheduler,
                        metrics=opts.get("metrics"), max_epochs=epochs, strategy=strategy,
                        sync_batchnorm=opts.get("sync_batchnorm", False),
                        accumulate_steps=opts.get("accumulate", 1), async_save=opts.get("async", False),

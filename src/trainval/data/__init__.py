@@ -548,6 +548,11 @@ class DataLoaderAdapter:
 
     is_stream = False
 
+    @property
+    def batch_size(self) -> int | None:
+        """Samples per batch on this rank (``None``: a user's batch sampler decides each batch)."""
+        return self.loader.batch_size
+
     def __len__(self) -> int:
         return len(self.loader)
 

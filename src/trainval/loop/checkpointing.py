@@ -15,8 +15,10 @@ The file formats and their safe reading live in :mod:`trainval.checkpoint` and :
 
 from __future__ import annotations
 
+import math
 import os
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -212,6 +214,7 @@ class Checkpoints:
             "rng": own["rng"],
             "generator": t.generator.get_state(),
             "loader": t.train_loader.state_dict(),  # a user sampler's own generators
+            "global_batch": self.global_batch(t.dist.world_size),  # told at a resume on another count
             "train_metrics": own["train_metrics"],
             "ranks": distributed.gather_objects(own),
             "callbacks": [cb.state_dict() for cb in t.callbacks],
@@ -255,6 +258,15 @@ class Checkpoints:
                 f"trained since are known only for {written_by}: resume with {written_by} "
                 f"(--nproc {written_by}), then change the number of processes at an epoch's end."
             )
+        # At an epoch's end any number of processes may resume; the optimizer state is converted (see
+        # strategies.optimizer_state_by_name), and a scheduler that plans optimizer steps is re-planned.
+        resized = written_by is not None and written_by != t.dist.world_size
+        replan = (
+            resized
+            and t.scheduler is not None
+            and t.scheduler_interval == "step"
+            and state.get("scheduler") is not None
+        )
         if "shards" in state:  # each rank reads the pieces of its own shards (a collective)
             shards = t.strategy.sharded_state_dict(t.model, t.optimizer)
             sharded.load(shards, state["shards"], t.last_path)
@@ -268,7 +280,7 @@ class Checkpoints:
                 raise ValueError(f"it has settings this optimizer lacks: {', '.join(foreign)}")
             if "shards" not in state:
                 t.strategy.load_optimizer_state_dict(t.model, t.optimizer, state["optimizer"])
-            if t.scheduler is not None and state.get("scheduler") is not None:
+            if t.scheduler is not None and state.get("scheduler") is not None and not replan:
                 t.scheduler.load_state_dict(state["scheduler"])
         except (KeyError, ValueError, TypeError) as e:  # another optimizer or scheduler than last.pt's
             raise CheckpointError(
@@ -278,6 +290,12 @@ class Checkpoints:
             ) from None
         t.amp.load_state_dict(state.get("scaler"))
         t.state.load_state_dict(saved, t.last_path)
+        if resized:
+            assert written_by is not None
+            notice = self.process_count_notice(state, written_by)
+            if replan:
+                notice += self.replan_scheduler(state.get("scheduler"), written_by)
+            t.log(notice + ".")
         for cb, cb_state in zip(t.callbacks, state.get("callbacks", [])):
             cb.load_state_dict(cb_state)
         try:
@@ -305,6 +323,74 @@ class Checkpoints:
             own.get("train_metrics") is not None
         ):  # the batches since the last row (mid-epoch, val_every_steps)
             t.train_metrics.load_state_dict(own["train_metrics"], t.train_loader.num_batches)
+
+    def global_batch(self, world: int) -> int | None:
+        """Samples per optimizer step over every process: the per-process batch x ``world`` x accumulate_steps
+        (``None``: a loader whose batches are not of one size, e.g. a user's batch sampler)."""
+        t = self.t
+        batch = getattr(t.train_loader, "batch_size", None)
+        return batch * world * t.options.accumulate_steps if isinstance(batch, int) else None
+
+    def process_count_notice(self, state: dict, written_by: int) -> str:
+        """The line that says a resume runs on another number of processes than last.pt's, and what changed."""
+        t = self.t
+        world = t.dist.world_size
+        saved = state.get("global_batch")  # (absent from a last.pt of an older trainval)
+        was = saved if isinstance(saved, int) and not isinstance(saved, bool) else None
+        now = self.global_batch(world)
+        if was is None and now is not None:  # the same per-process batch, on written_by processes
+            was = now // world * written_by
+        head = (
+            f"resuming on {world} process{'es' if world > 1 else ''} where {t.last_path} was written by "
+            f"{written_by}"
+        )
+        if now is None or was is None:
+            return f"{head}: the global batch (samples per optimizer step) is now {world}/{written_by} of what it was"
+        if now == was:
+            return f"{head}: the global batch stays {now}"
+        return f"{head}: the global batch is now {now}, was {was}"
+
+    def replan_scheduler(self, saved: Any, written_by: int) -> str:
+        """A scheduler stepped per optimizer step, at a resume on another number of processes (at an epoch's
+        end): its plan in steps was laid out for the old number of steps per epoch, so the one this run built
+        is kept (its steps laid out for this run's loader) and moved to where a run of this size stands after
+        the epochs done. Refused where that cannot be known (a stream) or the plan is too short. Returns the
+        notice's clause."""
+        t = self.t
+        name = type(t.scheduler).__name__
+        batches = t.train_loader.num_batches
+        if t.train_loader.is_stream or not batches:
+            raise ConfigError(
+                f"{t.last_path} was written by {written_by} processes, this run has {t.dist.world_size}: the "
+                f"{name} scheduler plans optimizer steps, and a stream's steps per epoch on "
+                f"{t.dist.world_size} are not known to re-plan it; resume with {written_by} (--nproc "
+                f"{written_by}), or use a scheduler stepped per epoch."
+            )
+        per_epoch = math.ceil(batches / t.options.accumulate_steps)
+        position = t.epoch * per_epoch  # an uninterrupted run of this size, after the epochs done
+        remaining = per_epoch * max(0, t.max_epochs - t.epoch)
+        if t.options.max_steps is not None:
+            remaining = min(remaining, max(0, t.options.max_steps - t.global_step))
+        total = getattr(t.scheduler, "total_steps", None)  # OneCycleLR's plan (others do not say theirs)
+        if isinstance(total, int) and position + remaining > total:
+            raise ConfigError(
+                f"{t.last_path} was written by {written_by} processes, this run has {t.dist.world_size} "
+                f"({per_epoch} optimizer steps per epoch): the {name} scheduler plans {total} steps, but the "
+                f"{t.epoch} epoch{'s' if t.epoch != 1 else ''} done and the {remaining} steps left take "
+                f"{position + remaining} at this size. Build it for this run's steps (total_steps = steps per epoch on {t.dist.world_size} "
+                f"processes x epochs; the CLI does), or resume with {written_by} (--nproc {written_by})."
+            )
+        with warnings.catch_warnings():  # no optimizer step is taken here: torch's order warning does not apply
+            warnings.simplefilter("ignore")
+            for _ in range(position):
+                t.scheduler.step()
+        old = saved.get("last_epoch") if isinstance(saved, dict) else None
+        was = f", was step {old}" if isinstance(old, int) and not isinstance(old, bool) else ""
+        of = f" of {total}" if isinstance(total, int) else ""
+        return (
+            f"; the {name} schedule is re-planned for {per_epoch} steps per epoch and continues "
+            f"at step {position}{of}{was}"
+        )
 
     def own_state(self, state: dict) -> dict:
         """This rank's random streams and running sums from last.pt (``ranks``, one entry per rank)."""

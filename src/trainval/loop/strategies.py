@@ -28,7 +28,9 @@ Under FSDP it and ``optimizer_state_dict`` are collectives: every rank calls the
 
 ``sharded_state_dict`` is this rank's part of the model and optimizer (DTensor shards under FSDP, full
 tensors otherwise) for :mod:`trainval.checkpoint.sharded`; every strategy can load one (``load_sharded_state_dict``),
-so a sharded last.pt resumes under any strategy and any number of processes.
+so a sharded last.pt resumes under any strategy and any number of processes. A whole last.pt (one
+process, DDP) holds ``optimizer.state_dict()``, keyed by parameter index; FSDP renames it by parameter name
+(:func:`optimizer_state_by_name`) before it takes its shards, so a whole last.pt resumes under FSDP too.
 """
 
 from __future__ import annotations
@@ -279,11 +281,13 @@ class FSDPStrategy(SingleProcess):
         return get_optimizer_state_dict(unwrap_model(model), optimizer, options=options)
 
     def load_optimizer_state_dict(self, model, optimizer, state):
+        """A full optimizer state: a whole last.pt's (one process or DDP: keyed by parameter index) is
+        renamed by parameter name first, then every rank keeps its shard of each tensor."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(
-            unwrap_model(model), optimizer, state, options=StateDictOptions(full_state_dict=True)
-        )
+        module = unwrap_model(model)
+        by_name = optimizer_state_by_name(module, optimizer, state)
+        set_optimizer_state_dict(module, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
 
     def all_finite(self, model):
         local = [p.to_local().detach() if hasattr(p, "to_local") else p.detach() for p in model.parameters()]
@@ -301,6 +305,42 @@ def _repoint_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], 
     new = dict(model.named_parameters())
     for group in optimizer.param_groups:
         group["params"] = [new[names[id(p)]] if id(p) in names else p for p in group["params"]]
+
+
+def optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """A full optimizer ``state_dict`` keyed by parameter name (FQN), from either keying.
+
+    ``optimizer.state_dict()`` (what a whole last.pt holds, written by one process or DDP) keys each
+    parameter's state by its index in the optimizer's groups; DCP's ``get/set_optimizer_state_dict`` with
+    ``full_state_dict`` (FSDP) key it by the parameter's name in ``model`` (the unwrapped module). Indices map
+    to names by position, group by group, as ``Optimizer.load_state_dict`` maps them to parameters; a state
+    keyed by name already is returned as it is. Raises ``ValueError`` when the groups do not match.
+    """
+    groups = state.get("param_groups")
+    if not isinstance(groups, list) or not isinstance(state.get("state"), dict):
+        raise ValueError("it is not an optimizer state_dict (no state and param_groups)")
+    if all(isinstance(p, str) for g in groups for p in g.get("params", [])):
+        return state  # by name already (DCP's)
+    names = {id(p): n for n, p in model.named_parameters()}
+    if len(groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"it has {len(groups)} parameter groups, this optimizer {len(optimizer.param_groups)}"
+        )
+    name_of: dict[Any, str] = {}
+    for saved, group in zip(groups, optimizer.param_groups):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"a parameter group holds {len(saved['params'])} parameters, this optimizer's "
+                f"{len(group['params'])}"
+            )
+        for index, param in zip(saved["params"], group["params"]):
+            if id(param) not in names:
+                raise ValueError("the optimizer holds a parameter that is not the model's")
+            name_of[index] = names[id(param)]
+    return {
+        "state": {name_of[index]: value for index, value in state["state"].items()},
+        "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in groups],
+    }
 
 
 def _full_shapes(module: nn.Module) -> dict[str, torch.Size]:
