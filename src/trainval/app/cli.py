@@ -623,8 +623,9 @@ def main(argv: list[str] | None = None) -> int:
         env = launch.read()  # the launcher's variables checked: a bad one is one line
         in_torchrun = env.distributed
         if args.command == "fit" and (args.nproc is not None or args.nnodes != 1):
-            if env.source == launch.SLURM:  # srun started one launcher per node: its tasks are the nodes
-                problem = _slurm_nodes(args, env)
+            if env.distributed and env.source in (launch.SLURM, launch.ENV):
+                # srun (or a PyTorchJob's pods) started one launcher per node: its tasks are the nodes
+                problem = _cluster_nodes(args, env)
                 in_torchrun = False
             else:
                 problem = _launch_problem(args)
@@ -699,11 +700,12 @@ def _endpoint(text: str | None) -> tuple[str, int] | None:
     return host, int(port)
 
 
-def _slurm_nodes(args, env) -> str | None:
-    """``trainval fit --nproc N`` in each of several ``srun`` tasks (one per node): the tasks are the nodes.
-    ``--nnodes``, ``--node-rank`` and ``--rdzv-endpoint`` default to SLURM_NTASKS, SLURM_PROCID and the
-    address and port the tasks would meet at (:mod:`trainval.launch`); a launcher flag that contradicts
-    them is one line. Returns the problem, or None."""
+def _cluster_nodes(args, env) -> str | None:
+    """``trainval fit --nproc N`` in each of several ``srun`` tasks or PyTorchJob pods (one per node): the
+    tasks are the nodes. ``--nnodes``, ``--node-rank`` and ``--rdzv-endpoint`` default to the task count,
+    this task's rank and the address and port the tasks meet at (:mod:`trainval.launch`), and the nodes
+    meet in a static rendezvous; a launcher flag that contradicts them is one line. Returns the problem,
+    or None."""
     if args.nnodes == 1:
         args.nnodes = env.world_size
     if args.node_rank is None:
@@ -712,10 +714,11 @@ def _slurm_nodes(args, env) -> str | None:
         host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr
         args.rdzv_endpoint = f"{host}:{env.master_port}"
     if args.nnodes != env.world_size or args.node_rank != env.rank:
+        rank, world = ("SLURM_PROCID", "SLURM_NTASKS") if env.source == "slurm" else ("RANK", "WORLD_SIZE")
         return (
-            f"--nnodes {args.nnodes} --node-rank {args.node_rank} contradict the srun task this launcher runs in "
-            f"(SLURM_PROCID={env.rank} of SLURM_NTASKS={env.world_size}); with one srun task per node, leave "
-            "--nnodes and --node-rank out (they are taken from SLURM), or run one task in all."
+            f"--nnodes {args.nnodes} --node-rank {args.node_rank} contradict the environment this launcher runs "
+            f"in ({rank}={env.rank} of {world}={env.world_size}: one launcher per node); leave --nnodes and "
+            "--node-rank out, they are taken from there."
         )
     return _launch_problem(args)
 
