@@ -361,7 +361,7 @@ from torch import nn
 
 
 class Net(nn.Module):  # an MLP that notes which node's launcher started which global rank
-    def __init__(self, in_shape, num_outputs):
+    def __init__(self, num_outputs=10):
         super().__init__()
         folder = os.environ["RANK_RECORDS"]
         open(os.path.join(folder, f"rank{os.environ['RANK']}-node{os.environ['TEST_NODE']}"), "w").close()
@@ -372,7 +372,9 @@ class Net(nn.Module):  # an MLP that notes which node's launcher started which g
 """
 
 
-def node_launcher(tmp_path, node_rank: int, port: int, **env: str) -> subprocess.Popen:
+def node_launcher(
+    tmp_path, node_rank: int, port: int, stderr=subprocess.PIPE, **env: str
+) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
@@ -396,7 +398,7 @@ def node_launcher(tmp_path, node_rank: int, port: int, **env: str) -> subprocess
     full = clean_env(
         PYTHONPATH=str(tmp_path), RANK_RECORDS=str(tmp_path / "records"), TEST_NODE=str(node_rank), **env
     )
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=full)
 
 
 @pytest.mark.slow
@@ -425,23 +427,17 @@ def test_a_launcher_waiting_for_its_peer_node_says_what_it_waits_for(tmp_path):
     """Before: nothing printed for 600 s. (TRAINVAL_WAIT_NOTICE_S shortens the default 30 s.)"""
     (tmp_path / "recorder.py").write_text(RANK_RECORDER)
     port = free_port()
-    node1 = node_launcher(tmp_path, 1, port, TRAINVAL_WAIT_NOTICE_S="1")
-    err_lines: list[str] = []
+    log = tmp_path / "node1.err"
+    with open(log, "w") as err:
+        node1 = node_launcher(tmp_path, 1, port, stderr=err, TRAINVAL_WAIT_NOTICE_S="1")
     deadline = time.monotonic() + 120
     try:
-        assert node1.stderr is not None
-        os.set_blocking(node1.stderr.fileno(), False)
-        buffer = ""
-        while time.monotonic() < deadline and sum("waited" in line for line in err_lines) < 2:
-            chunk = node1.stderr.read()
-            if chunk:
-                buffer += chunk
-                *done, buffer = buffer.split("\n")
-                err_lines += done
+        while time.monotonic() < deadline and log.read_text().count("trainval: waited") < 2:
             time.sleep(0.2)
     finally:
         node1.send_signal(signal.SIGTERM)
         node1.communicate(timeout=120)
+    err_lines = log.read_text().splitlines()
     said = [line for line in err_lines if line.startswith("trainval: waited")]
     assert len(said) >= 2, err_lines
     assert f"for 2 nodes to meet at 127.0.0.1:{port} as node rank 1 (static rendezvous)" in said[0], said[0]
@@ -470,7 +466,7 @@ from torch import nn
 
 
 class Net(nn.Module):  # a bug in rank 1 alone
-    def __init__(self, in_shape, num_outputs):
+    def __init__(self, num_outputs=10):
         super().__init__()
         if os.environ.get("RANK") == "1":
             raise RuntimeError("the model of rank one broke")
