@@ -166,7 +166,15 @@ def test_a_fifo_in_an_outcome_folder_never_blocks(tmp_path):
     proc = run_cli(
         "test",
         str(tmp_path / "nosuch.yaml"),
-        env={"TRAINVAL_RANK_ERRORS": str(tmp_path / "o"), "RANK": "3"},
+        # issue 21: a RANK alone is refused as a partial environment; rank 3 of a whole one instead
+        env={
+            "TRAINVAL_RANK_ERRORS": str(tmp_path / "o"),
+            **TWO,
+            **TORCHRUN,
+            "RANK": "3",
+            "LOCAL_RANK": "3",
+            "WORLD_SIZE": "4",
+        },
         timeout=30,
     )
     assert "nosuch.yaml" in one_error_line(proc, 2)
