@@ -43,8 +43,11 @@ FIT = [
 ]
 
 
-def clean_env(**extra: str) -> dict[str, str]:
+def clean_env(path: str = "", **extra: str) -> dict[str, str]:
+    """This environment less any launcher's variables; ``path`` goes in front of PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH")) if p)
     return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
@@ -396,7 +399,7 @@ def node_launcher(
         f"127.0.0.1:{port}",
     ]
     full = clean_env(
-        PYTHONPATH=str(tmp_path), RANK_RECORDS=str(tmp_path / "records"), TEST_NODE=str(node_rank), **env
+        path=str(tmp_path), RANK_RECORDS=str(tmp_path / "records"), TEST_NODE=str(node_rank), **env
     )
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env=full)
 
@@ -487,7 +490,7 @@ def test_a_crashed_ranks_error_is_the_last_line_once_with_its_rank(tmp_path):
         f"run.out_dir={tmp_path}",
         "--nproc",
         "2",
-        env=clean_env(PYTHONPATH=str(tmp_path)),
+        env=clean_env(path=str(tmp_path)),
         timeout=300,
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
