@@ -81,8 +81,8 @@ def test_the_reader_itself():
     from trainval import launch
 
     assert launch.read({}) == launch.Launch()
-    assert launch.read({"RANK": "1", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}).is_main  # one process
-    assert launch.read({"RANK": "1"}).is_main  # no WORLD_SIZE: one process
+    # issue 21: a stray RANK (alone, or not below WORLD_SIZE=1) is a partial environment: refused below
+    assert launch.read({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}).is_main  # one process
     two = launch.read({**TWO, "RANK": "1", "LOCAL_RANK": "1"})
     assert (two.distributed, two.is_main, two.rank, two.local_rank, two.world_size) == (True, False, 1, 1, 2)
     assert two.restart_count == 0 and two.timeout_s == 300
@@ -90,6 +90,8 @@ def test_the_reader_itself():
     assert launch.read({**TWO, "TORCHELASTIC_RESTART_COUNT": "2"}).restart_count == 0  # not torchrun's worker
     assert launch.read({"TRAINVAL_DIST_TIMEOUT": "30.5"}).timeout_s == 30.5
     for bad in (
+        {"RANK": "1", "WORLD_SIZE": "1", "LOCAL_RANK": "0"},
+        {"RANK": "1"},
         {"WORLD_SIZE": "0"},
         {"RANK": "99999999999999999999"},
         {"RANK": "+1"},
@@ -118,6 +120,13 @@ def test_a_stray_rank_is_refused_by_the_folder_lock(tmp_path):
             timeout=120,
         )
     err = one_error_line(proc, 2)
+    # issue 21: RANK=1 with WORLD_SIZE=1 is an inconsistent environment, refused before the folder is touched
+    assert "RANK=1 is not below WORLD_SIZE=1" in err
+    assert sorted(os.listdir(folder)) == [runfolder.MARKER]
+    # the lock itself still holds a real second process out
+    with runfolder.locked(folder, "fit"):
+        proc = run_cli("fit", *args, "run.overwrite=true", timeout=120)
+    err = one_error_line(proc, 2)
     assert "is in use by another trainval process" in err and f"pid {os.getpid()}" in err
     assert sorted(os.listdir(folder)) == [runfolder.MARKER]
 
@@ -128,10 +137,11 @@ def test_a_stray_rank_is_refused_by_the_folder_lock(tmp_path):
     ids=["world_size_1", "no_world_size"],
 )
 def test_a_stray_rank_alone_is_a_single_process(tmp_path, env):
+    # issue 21: a stray RANK is a partial launcher environment: one line, never a process under a rank's name
     proc = run_cli("fit", *csv_args(tmp_path), env=env, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "epoch" in proc.stdout.lower() and (tmp_path / "runs" / "r" / "last.pt").exists()
-    assert runfolder.is_run_folder(str(tmp_path / "runs" / "r"))
+    err = one_error_line(proc, 2)
+    assert "RANK=1" in err and "WORLD_SIZE" in err
+    assert not (tmp_path / "runs" / "r").exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,7 +166,15 @@ def test_a_fifo_in_an_outcome_folder_never_blocks(tmp_path):
     proc = run_cli(
         "test",
         str(tmp_path / "nosuch.yaml"),
-        env={"TRAINVAL_RANK_ERRORS": str(tmp_path / "o"), "RANK": "3"},
+        # issue 21: a RANK alone is refused as a partial environment; rank 3 of a whole one instead
+        env={
+            "TRAINVAL_RANK_ERRORS": str(tmp_path / "o"),
+            **TWO,
+            **TORCHRUN,
+            "RANK": "3",
+            "LOCAL_RANK": "3",
+            "WORLD_SIZE": "4",
+        },
         timeout=30,
     )
     assert "nosuch.yaml" in one_error_line(proc, 2)

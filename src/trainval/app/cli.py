@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from typing import NamedTuple
 
 from trainval import __version__
 
@@ -216,15 +217,23 @@ def _run_torchrun(args, argv: list[str]) -> int:
             skip = True
         elif not a.startswith(tuple(f"{flag}=" for flag in _LAUNCHER_FLAGS)):
             rest.append(a)
-    if args.nnodes > 1:  # every node meets at the endpoint (c10d rendezvous)
+    endpoint = _endpoint(args.rdzv_endpoint)
+    if args.nnodes > 1 and args.node_rank is not None and endpoint is not None:
+        # static rendezvous: node R's workers are global ranks R*N to R*N+N-1 (c10d would ignore --node-rank
+        # and number the nodes in the order they arrive)
+        launch = [
+            f"--nnodes={args.nnodes}",
+            f"--node-rank={args.node_rank}",
+            f"--master-addr={endpoint[0]}",
+            f"--master-port={endpoint[1]}",
+        ]
+    elif args.nnodes > 1:  # every node meets at the endpoint (c10d rendezvous), ranked as they arrive
         launch = [
             f"--nnodes={args.nnodes}",
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={args.rdzv_endpoint}",
             "--rdzv-id=trainval",
         ]
-        if args.node_rank is not None:
-            launch.append(f"--node-rank={args.node_rank}")
     else:
         launch = ["--standalone"]
     if args.max_restarts is not None:
@@ -267,17 +276,60 @@ def _run_torchrun(args, argv: list[str]) -> int:
                         cmd, env=env, stderr=launcher_log, preexec_fn=_torchrun_preexec(os.getpid())
                     )
                 )
-                code = forward.wait()
-                return _exit_code(code, _rank_outcomes(outcomes), nproc, forward.signals, launcher_log)
+                code = forward.wait(_waiting_notice(args) if args.nnodes > 1 else None, _notice_period())
+                return _exit_code(code, _rank_reports(outcomes), nproc, forward.signals, launcher_log)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
+_NOTICE_S = 30.0  # how often a launcher waiting for the other nodes says so (TRAINVAL_WAIT_NOTICE_S)
+
+
+def _notice_period() -> float:
+    value = os.environ.get("TRAINVAL_WAIT_NOTICE_S", "")
+    if not value:
+        return _NOTICE_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not 0.1 <= seconds <= 3600:
+        from trainval.errors import ConfigError
+        from trainval.untrusted import shown_repr
+
+        raise ConfigError(
+            f"the environment variable TRAINVAL_WAIT_NOTICE_S={shown_repr(value)} is not a number of seconds "
+            "between 0.1 and 3600; set it to how often a launcher waiting for the other nodes says so, or unset it."
+        )
+    return seconds
+
+
+def _waiting_notice(args):
+    """What a launcher says while its node waits for the others: where, how many, and since when."""
+    endpoint = args.rdzv_endpoint
+    how = (
+        f"as node rank {args.node_rank} (static rendezvous)"
+        if args.node_rank is not None and _endpoint(endpoint) is not None
+        else "(c10d rendezvous; node ranks in order of arrival)"
+    )
+
+    def notice(waited: float) -> None:
+        print(
+            f"trainval: waited {waited:.0f} s for {args.nnodes} nodes to meet at {endpoint} {how}; start the same "
+            f"command with --nnodes {args.nnodes} on every node (the rendezvous gives up after 600 s).",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    return notice
+
+
 def _exit_code(
-    code: int, ranks: dict[int, tuple[int, str]], nproc: int, signals: list[int], launcher_log
+    code: int, reports: dict[int, _Outcome], nproc: int, signals: list[int], launcher_log
 ) -> int:
     """The launcher's exit code from torchrun's and the workers' outcomes, each said once, on stderr."""
+    ranks = {rank: (r.code, r.message) for rank, r in reports.items()}
     if signals and len(ranks) == nproc and all(c == 0 for c, _ in ranks.values()):
         # every worker had finished its work; the signal only cut torchrun's own shutdown short
         print(
@@ -289,7 +341,7 @@ def _exit_code(
         return 0
     failures = _failures(ranks)
     if failures or signals:
-        return _report_failures(failures, signals)
+        return _report_failures(failures, signals, reports)
     launcher_log.seek(0)  # success, or a crash without a user error: show everything
     sys.stderr.write(launcher_log.read())
     return code
@@ -317,9 +369,21 @@ class _SignalForwarder:
         for signum in self.signals:  # any that came while torchrun was being started
             self._forward(signum)
 
-    def wait(self) -> int:
-        """torchrun's exit code (the handler runs meanwhile; waitpid resumes after it)."""
+    def wait(self, notice=None, every: float = _NOTICE_S) -> int:
+        """torchrun's exit code (the handler runs meanwhile; waitpid resumes after it). Until torchrun has
+        started its workers (the nodes have met), ``notice(seconds waited)`` every ``every`` seconds."""
         assert self._torchrun is not None, "start() first"
+        import time
+
+        started = time.monotonic()
+        while notice is not None:
+            try:
+                return self._torchrun.wait(timeout=every)
+            except subprocess.TimeoutExpired:
+                if _child_pids(self._torchrun.pid):
+                    notice = None  # the workers run: every node is there
+                elif not self.signals:
+                    notice(time.monotonic() - started)
         return self._torchrun.wait()
 
     def _forward(self, signum: int) -> None:
@@ -375,20 +439,29 @@ def _child_pids(pid: int) -> list[int]:
     return children
 
 
-def _report_failures(failures: list[tuple[int, tuple[int, str]]], signals: list[int]) -> int:
-    """The workers' own errors, once each, instead of torchrun's report of a failed child; after a
-    stop signal that no worker reported on (it came before training, or a second one), one line."""
+def _report_failures(
+    failures: list[tuple[int, tuple[int, str]]], signals: list[int], reports: dict[int, _Outcome] | None = None
+) -> int:
+    """The workers' own errors, once each, instead of torchrun's report of a failed child, the first to
+    fail last (the others often fail because of it: a peer gone from a collective); a crash's traceback
+    comes just before its line. After a stop signal that no worker reported on (it came before training,
+    or a second one), one line."""
+    reports = reports or {}
+    order = {rank: i for i, (rank, _) in enumerate(failures)}  # lowest rank first, as read
+    when = {rank: reports[rank].when if rank in reports else 0.0 for rank, _ in failures}
+    # the first to fail is printed last; ranks that did not say when are taken as the first
+    ordered = sorted(failures, key=lambda f: (when[f[0]] or 0.0, order[f[0]]), reverse=True)
     shown: set[str] = set()
-    for rank, (_, message) in failures:
-        if message not in shown:
-            shown.add(message)
-            print(
-                f"trainval: error: {'' if rank == 0 else f'[rank {rank}] '}{message}",
-                file=sys.stderr,
-                flush=True,
-            )
+    for rank, (_, message) in ordered:
+        if message in shown:
+            continue
+        shown.add(message)
+        prefix = "" if rank == 0 else f"[rank {rank}] "
+        for line in reports[rank].traceback if rank in reports else []:
+            print(f"{prefix}{line}", file=sys.stderr)
+        print(f"trainval: error: {prefix}{message}", file=sys.stderr, flush=True)
     if failures:
-        return failures[0][1][0]
+        return ordered[-1][1][0]
     name = signal.Signals(signals[-1]).name
     if len(signals) > 1:
         message = (
@@ -455,10 +528,26 @@ def remove_stale_outcome_folders(temp: str) -> list[str]:
 _OUTCOME_LIMIT = 64 * 1024  # one exit code and one error line
 
 
+class _Outcome(NamedTuple):
+    """What a worker left for the launcher: its exit code and error line, when it failed (``time.time()``;
+    0 when not said) and, for a crash, its traceback's lines less the last (the error line says it)."""
+
+    code: int
+    message: str
+    when: float = 0.0
+    traceback: tuple[str, ...] = ()
+
+
 def _rank_outcomes(folder: str) -> dict[int, tuple[int, str]]:
     """rank -> (exit code, message) of each worker of this node that ended through ``main``: 0 when
     its work was done, else the error it printed. Only regular files named by a rank number, of the
     form a worker writes, are read (never through a link, never a FIFO); anything else is ignored."""
+    return {rank: (r.code, r.message) for rank, r in _rank_reports(folder).items()}
+
+
+def _rank_reports(folder: str) -> dict[int, _Outcome]:
+    """:func:`_rank_outcomes` with when each worker failed and a crash's traceback (file: the exit code,
+    the message, then optionally ``at <time>`` and the traceback's lines)."""
     import re
 
     from trainval.errors import TrainvalError
@@ -472,10 +561,16 @@ def _rank_outcomes(folder: str) -> dict[int, tuple[int, str]]:
             raw = read_bytes(os.path.join(folder, name), "rank outcome", limit=_OUTCOME_LIMIT, follow=False)
         except (TrainvalError, OSError):
             continue
-        code, _, message = raw.decode("utf-8", errors="replace").partition("\n")
+        code, _, rest = raw.decode("utf-8", errors="replace").partition("\n")
         if not re.fullmatch(r"-?[0-9]{1,3}", code.strip()):
             continue
-        found[int(name)] = (int(code), shown_line(message.strip()))
+        message, _, rest = rest.partition("\n")
+        when, lines = 0.0, rest.splitlines()
+        if lines and re.fullmatch(r"at [0-9]{1,12}(\.[0-9]{1,9})?", lines[0]):
+            when, lines = float(lines[0][3:]), lines[1:]
+        found[int(name)] = _Outcome(
+            int(code), shown_line(message.strip()), when, tuple(shown_line(line) for line in lines[:200])
+        )
     return found
 
 
@@ -532,9 +627,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from trainval import launch
 
-        in_torchrun = launch.read().distributed  # the launcher's variables checked: a bad one is one line
+        env = launch.read()  # the launcher's variables checked: a bad one is one line
+        in_torchrun = env.distributed
         if args.command == "fit" and (args.nproc is not None or args.nnodes != 1):
-            problem = _launch_problem(args)
+            if env.distributed and env.source in (launch.SLURM, launch.ENV):
+                # srun (or a PyTorchJob's pods) started one launcher per node: its tasks are the nodes
+                problem = _cluster_nodes(args, env)
+                in_torchrun = False
+            else:
+                problem = _launch_problem(args)
             if problem:
                 return _error(problem, 2)
             if ((args.nproc or 1) > 1 or args.nnodes > 1) and not in_torchrun:
@@ -549,6 +650,10 @@ def main(argv: list[str] | None = None) -> int:
 
             distributed.ignore_stop_signals()
         code = _error(str(e), e.exit_code) if isinstance(e, TrainvalError) else _error("interrupted.", 130)
+    except Exception as e:  # a bug: its traceback; a worker of --nproc leaves it for the launcher to print last
+        if not (in_torchrun and _record_crash(e)):
+            raise
+        code = 1
     if in_torchrun:
         from trainval import distributed
 
@@ -583,9 +688,46 @@ def _launch_problem(args) -> str | None:
         return f"--nnodes {args.nnodes} needs --rdzv-endpoint HOST:PORT (node 0's address, a free port) on every node."
     if args.node_rank is not None and not 0 <= args.node_rank < args.nnodes:
         return f"--node-rank must be between 0 and {args.nnodes - 1}, got {args.node_rank}."
+    if args.node_rank is not None and args.nnodes > 1 and _endpoint(args.rdzv_endpoint) is None:
+        return (
+            f"--rdzv-endpoint {args.rdzv_endpoint} is not HOST:PORT; with --node-rank the nodes meet at node 0's "
+            "address and a port number (1 to 65535), e.g. node0.example:29500."
+        )
     if args.max_restarts is not None and args.max_restarts < 0:
         return f"--max-restarts must be 0 or more, got {args.max_restarts}."
     return None
+
+
+def _endpoint(text: str | None) -> tuple[str, int] | None:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as the host and a port number; None when it is not one."""
+    host, _, port = (text or "").rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not (port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
+        return None
+    return host, int(port)
+
+
+def _cluster_nodes(args, env) -> str | None:
+    """``trainval fit --nproc N`` in each of several ``srun`` tasks or PyTorchJob pods (one per node): the
+    tasks are the nodes. ``--nnodes``, ``--node-rank`` and ``--rdzv-endpoint`` default to the task count,
+    this task's rank and the address and port the tasks meet at (:mod:`trainval.launch`), and the nodes
+    meet in a static rendezvous; a launcher flag that contradicts them is one line. Returns the problem,
+    or None."""
+    if args.nnodes == 1:
+        args.nnodes = env.world_size
+    if args.node_rank is None:
+        args.node_rank = env.rank
+    if args.rdzv_endpoint is None:
+        host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr
+        args.rdzv_endpoint = f"{host}:{env.master_port}"
+    if args.nnodes != env.world_size or args.node_rank != env.rank:
+        rank, world = ("SLURM_PROCID", "SLURM_NTASKS") if env.source == "slurm" else ("RANK", "WORLD_SIZE")
+        return (
+            f"--nnodes {args.nnodes} --node-rank {args.node_rank} contradict the environment this launcher runs "
+            f"in ({rank}={env.rank} of {world}={env.world_size}: one launcher per node); leave --nnodes and "
+            "--node-rank out, they are taken from there."
+        )
+    return _launch_problem(args)
 
 
 def _dispatch(args) -> int:
@@ -664,7 +806,22 @@ def _launch():
         return launch.Launch()
 
 
-def _record_outcome(code: int, message: str) -> bool:
+def _record_crash(error: BaseException) -> bool:
+    """A worker of --nproc that crashed (a bug, not a user error) leaves its traceback with its outcome,
+    for the launcher to print last; False where it cannot (the caller lets Python print it)."""
+    import traceback
+
+    from trainval import distributed
+
+    distributed.ignore_stop_signals()  # torchrun SIGTERMs the others: this report must not be cut short
+    last = traceback.format_exception_only(type(error), error)
+    lines = "".join(traceback.format_exception(type(error), error, error.__traceback__)).splitlines()
+    body = lines[: len(lines) - len("".join(last).splitlines())]
+    message = " ".join(part.strip() for part in "".join(last).splitlines())[:4000]
+    return _record_outcome(1, message, body)
+
+
+def _record_outcome(code: int, message: str, traceback_lines: list[str] | None = None) -> bool:
     """A worker of --nproc leaves its exit code and message for the launcher, which prints them; False
     elsewhere, and whenever the file cannot be written safely (the caller prints the message then).
 
@@ -708,7 +865,13 @@ def _record_outcome(code: int, message: str) -> bool:
         return False
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            import time
+
             f.write(f"{code}\n{message}\n")
+            if code != 0:
+                f.write(f"at {time.time():.6f}\n")
+                # a traceback of ~200 lines at most: the file's limit is 64 KiB
+                f.write("".join(f"{line[:300]}\n" for line in (traceback_lines or [])[-200:]))
     except OSError:
         return False
     return True

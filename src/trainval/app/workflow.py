@@ -316,7 +316,7 @@ def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, n_train: int, s
             "is a stream without a length: set scheduler.steps_per_epoch, or give the dataset a __len__."
         )
     else:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = launch.read().world_size  # torchrun, srun tasks or RANK/WORLD_SIZE alike
         batches = math.ceil(math.ceil(n_train / world) / t["batch_size"])
         if stream and cfg["data"]["num_workers"] > 1:  # a stream's workers each end on a partial batch
             batches += cfg["data"]["num_workers"] - 1

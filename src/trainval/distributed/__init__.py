@@ -1,8 +1,9 @@
-"""torch.distributed glue: torchrun detection, process-group set-up/teardown, rank-aware helpers.
+"""torch.distributed glue: launcher detection, process-group set-up/teardown, rank-aware helpers.
 
-Launch with ``torchrun --nproc_per_node=N ...``; torchrun sets ``RANK``, ``LOCAL_RANK``,
-``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``, and :func:`setup` joins the group: NCCL on CUDA,
-gloo on CPU, the device taken from ``LOCAL_RANK``. Collectives time out after
+Launch with ``torchrun --nproc_per_node=N ...``, ``srun`` tasks, or anything that sets ``RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (:mod:`trainval.launch` reads and checks them all);
+:func:`setup` joins the group: NCCL on CUDA, gloo on CPU, the device taken from the local rank
+(:func:`cuda_index`). Collectives time out after
 ``TRAINVAL_DIST_TIMEOUT`` seconds (default 300), so that ranks whose peer died exit with an error
 instead of hanging forever.
 """
@@ -38,8 +39,24 @@ class DistInfo:
 
 
 def launched_by_torchrun() -> bool:
-    """``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` are set (checked by :func:`trainval.launch.read`)."""
+    """A launcher's variables are set: torchrun's, torch's ``RANK``/``WORLD_SIZE``, or an ``srun`` task's
+    (checked by :func:`trainval.launch.read`)."""
     return launch.read().by_torchrun
+
+
+def cuda_index(env: launch.Launch) -> int:
+    """The CUDA device of this process: its local rank, modulo the devices it sees.
+
+    Without a local rank from the launcher (``RANK``/``WORLD_SIZE`` alone), the ranks of a node are taken
+    as consecutive and spread over its devices (``RANK % device_count``). With fewer devices than local
+    ranks, SLURM has bound a GPU per task (``--gpus-per-task``): ``SLURM_LOCALID % device_count``.
+    """
+    count = torch.cuda.device_count()
+    if count < 1:
+        return env.local_rank
+    if not env.local_rank_known or env.source == launch.SLURM:
+        return env.local_rank % count
+    return env.local_rank
 
 
 def elastic_restart_count() -> int:
@@ -66,17 +83,32 @@ def setup(device: torch.device | None = None, timeout_s: float | None = None) ->
     if not env.distributed:
         return DistInfo()
     use_cuda = (device.type == "cuda") if device is not None else torch.cuda.is_available()
+    if use_cuda and not torch.cuda.is_available():
+        from trainval.errors import ConfigError
+
+        raise ConfigError(
+            f"device {str(device)!r} was asked for but CUDA is not available; use 'cpu'."
+        )
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
-        torch.cuda.set_device(env.local_rank)
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s or env.timeout_s))
+        torch.cuda.set_device(cuda_index(env))
+    # torch's env:// rendezvous, told the rank and size: the same for torchrun, srun tasks (whose address
+    # and port trainval.launch derived) and a bare RANK/WORLD_SIZE environment
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = env.master_addr, str(env.master_port)
+    dist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s or env.timeout_s),
+    )
     return info()
 
 
 def info() -> DistInfo:
     if dist.is_available() and dist.is_initialized():
         env = launch.read()
-        local_rank = env.local_rank if env.distributed else dist.get_rank()
+        local_rank = cuda_index(env) if env.distributed else dist.get_rank()  # (the local rank on the CPU)
         return DistInfo(dist.get_rank(), local_rank, dist.get_world_size())
     return DistInfo()
 
