@@ -603,8 +603,16 @@ class Walker:
                 continue
             args = list(call.args) + [k.value for k in call.keywords]
             if m and m[1] in ("backward", "manual_backward") and isinstance(call.func, ast.Attribute):
-                # loss.backward(): the receiver; accelerator.backward(loss), self.manual_backward(loss): the argument
-                frame.sink(list(call.args) if call.args else [call.func.value])
+                # loss.backward() and loss.backward(gradient) (WGAN's `backward(one)`): the receiver, and the
+                # gradient it is given; accelerator.backward(loss), self.manual_backward(loss),
+                # torch.autograd.backward(loss): the argument
+                wrapper = (
+                    m[1] == "manual_backward"
+                    or m[0] in ("self", "cls")
+                    or m[0].split(".")[0] in info.imported
+                    and m[0].split(".")[0] not in info.rebound
+                )
+                frame.sink(list(call.args) if wrapper and call.args else [call.func.value, *call.args])
                 continue
             if name.endswith(("autograd.grad", "autograd.backward")) or name in ("grad", "backward"):
                 frame.sink(args)

@@ -1,0 +1,80 @@
+"""Causes of wrong findings on the held-out round 7 of the real corpus (issue 22), each from a minimal file:
+the wrong finding stays quiet, and a control (the same code with the mistake) is still reported at its line."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from trainval.lint.cli import lint_source
+from trainval.lint.rules import RULES
+
+DEFAULT = {c for c, r in RULES.items() if r.default}
+
+
+def found(source: str) -> set[tuple[int, str]]:
+    return {(f.line, f.code) for f in lint_source(textwrap.dedent(source), "case.py", DEFAULT)}
+
+
+def line_of(source: str, needle: str) -> int:
+    lines = textwrap.dedent(source).splitlines()
+    return next(i for i, line in enumerate(lines, 1) if needle in line)
+
+
+# -- 1: backward with a gradient argument is a backward of its receiver (pytorch-wgan, 18 wrong findings)
+
+WGAN = """
+import torch
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    def forward(self, x):
+        return self.l(x)
+class W(object):
+    def __init__(self):
+        self.D = Net()
+        self.opt = torch.optim.RMSprop(self.D.parameters())
+        self.scaler = torch.cuda.amp.GradScaler()
+    def fit(self, loader):
+        one = torch.FloatTensor([1])
+        mone = one * -1
+        for it in range(10):
+            self.opt.zero_grad()
+            d = self.D(next(loader))
+            d = d.mean(0).view(1)
+            {backward}
+            self.opt.step()
+"""
+
+
+@pytest.mark.parametrize(
+    "backward",
+    [
+        "d.backward(one)",
+        "d.backward(mone)",
+        "d.backward(gradient=one, retain_graph=True)",
+        "torch.autograd.backward(d, one)",
+        "torch.autograd.backward([d], grad_tensors=[one])",
+        "self.scaler.scale(d).backward(retain_graph=True)",
+    ],
+)
+def test_backward_with_arguments_trains_its_receiver(backward):
+    src = WGAN.replace("{backward}", backward)
+    assert found(src) == set()
+
+
+def test_backward_with_a_gradient_control_an_evaluation_is_still_reported():
+    # the critic's value on held-out data never reaches backward(one): an evaluation, in training mode
+    src = WGAN.replace("{backward}", "d.backward(one)") + (
+        "    def score(self, x_val):\n        print(self.D(x_val).mean())\n"
+    )
+    line = line_of(src, "print(self.D(x_val)")
+    assert {(line, "TVL004"), (line, "TVL006")} <= found(src)
+
+
+def test_wrapper_backward_still_trains_its_argument():
+    # accelerator.backward(loss): the argument is the loss, the receiver is no tensor
+    src = WGAN.replace("{backward}", "accelerator.backward(d)")
+    assert found(src) == set()
