@@ -78,3 +78,40 @@ def test_wrapper_backward_still_trains_its_argument():
     # accelerator.backward(loss): the argument is the loss, the receiver is no tensor
     src = WGAN.replace("{backward}", "accelerator.backward(d)")
     assert found(src) == set()
+
+
+# -- 2: a factory whose result is used as a module builds it; it is no forward (DeepRL, 14 wrong findings)
+
+FACTORY = """
+import torch
+class Agent:
+    def __init__(self, config):
+        self.config = config
+        self.network = {make}
+        self.target_network = config.network_fn()
+        self.target_network.load_state_dict(self.network.state_dict())
+        self.optimizer = torch.optim.Adam(self.network.parameters())
+    def step(self, states, targets):
+        q = self.network(states)
+        loss = (q - targets).pow(2).mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+"""
+
+
+@pytest.mark.parametrize(
+    "make",
+    ["config.network_fn()", "config.network_fn().to(config.device)", "config.network_fn(config.state_dim)"],
+)
+def test_factory_call_whose_result_is_a_module_is_no_forward(make):
+    src = FACTORY.replace("{make}", make)
+    assert found(src) == set()
+
+
+def test_factory_control_a_forward_of_the_built_network_still_evaluates():
+    src = FACTORY.replace("{make}", "config.network_fn()") + (
+        "    def act(self, states):\n        print(self.network(states).argmax(-1))\n"
+    )
+    line = line_of(src, "print(self.network(states)")
+    assert {(line, "TVL004"), (line, "TVL006")} <= found(src)

@@ -733,3 +733,44 @@ class FileInfo:
     def in_lightning_module(self, fn: ast.AST) -> bool:
         cls = self.enclosing(fn, ast.ClassDef)
         return cls is not None and any("Lightning" in text(b) for b in cls.bases)
+
+    MODULE_ONLY_METHODS = (
+        "parameters",
+        "named_parameters",
+        "state_dict",
+        "load_state_dict",
+        "train",
+        "eval",
+        "modules",
+        "named_modules",
+        "children",
+        "share_memory",
+    )
+
+    def builds_module(self, call: ast.Call) -> bool:
+        """``self.network = config.network_fn()`` (possibly ``.to(device)``): a call whose result is bound to a
+        name the file uses as a module (``.parameters()``, ``.state_dict()``, ``.train()``..., methods no tensor
+        has) returns a module: construction, not a forward, whatever the callee is called."""
+        users = self.__dict__.get("_module_users")
+        if users is None:
+            users = self._module_users = {
+                m[0]
+                for n in self.nodes
+                if isinstance(n, ast.Call)
+                and (m := method(n)) is not None
+                and m[1] in self.MODULE_ONLY_METHODS
+                and not (m[1] == "train" and n.args and not isinstance(n.args[0], ast.Constant))
+            }
+        node: ast.AST = call
+        parent = self.parents.get(node)
+        while (  # config.network_fn().to(device): the module moved, still the module
+            isinstance(parent, ast.Attribute)
+            and parent.attr in ("to", "cuda", "cpu", "half", "float", "double", "bfloat16")
+            and isinstance(self.parents.get(parent), ast.Call)
+        ):
+            node = self.parents[parent]
+            parent = self.parents.get(node)
+        if isinstance(parent, (ast.Assign, ast.AnnAssign)) and parent.value is node:
+            targets = parent.targets if isinstance(parent, ast.Assign) else [parent.target]
+            return any(isinstance(t, (ast.Name, ast.Attribute)) and text(t) in users for t in targets)
+        return False

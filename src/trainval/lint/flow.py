@@ -645,7 +645,7 @@ class Walker:
                 if mode is not None:
                     site.modes["self"] = mode
                 self.sites.setdefault(m[1], []).append(site)
-            if self._is_forward(call, name, m):
+            if self._is_forward(call, name, m) and not info.builds_module(call):
                 recv = name if not (m and m[1] == "forward") else m[0]
                 key = model_key(recv)
                 mode = state.modes.get(key)
