@@ -115,3 +115,79 @@ def test_factory_control_a_forward_of_the_built_network_still_evaluates():
     )
     line = line_of(src, "print(self.network(states)")
     assert {(line, "TVL004"), (line, "TVL006")} <= found(src)
+
+
+# -- 3: a value kept through a method of an object whose values the loss reads back is possibly training
+# (DeepRL's storage.feed({'q': q}) ... storage.extract(...) -> loss.backward(), 4 wrong findings)
+
+STORAGE = """
+import torch
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.1))
+    def forward(self, x):
+        return self.l(x)
+class Agent:
+    def __init__(self):
+        self.network = Net()
+        self.optimizer = torch.optim.Adam(self.network.parameters())
+    def step(self, states, rewards):
+        storage = Storage(8)
+        for _ in range(8):
+            q = self.network(states)
+            storage.feed({{'q': q, 'reward': rewards}})
+        entries = storage.extract(['q', 'reward'])
+        {use}
+"""
+TRAINS = """loss = (entries.q - entries.reward).pow(2).mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()"""
+
+
+def test_value_kept_in_a_storage_the_loss_reads_back_is_not_an_evaluation():
+    src = STORAGE.format(use=TRAINS)
+    assert found(src) == set()
+
+
+def test_value_kept_in_a_storage_control_read_back_only_for_printing_is_an_evaluation():
+    src = STORAGE.format(use="print(entries.q.mean())")
+    line = line_of(src, "q = self.network(states)")
+    assert {(line, "TVL004"), (line, "TVL006")} <= found(src)
+
+
+def test_value_given_to_a_logger_is_still_an_evaluation():
+    # logger.info(...) keeps nothing the loss reads back: the acting forward is an evaluation
+    src = STORAGE.format(use=TRAINS).replace("storage.feed(", "logger.info(")
+    line = line_of(src, "q = self.network(states)")
+    assert {(line, "TVL004"), (line, "TVL006")} <= found(src)
+
+
+ACROSS_METHODS = """
+import torch
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.1))
+    def forward(self, x):
+        return self.l(x)
+class Agent:
+    def __init__(self):
+        self.network = Net()
+        self.storage = Storage()
+        self.optimizer = torch.optim.Adam(self.network.parameters())
+    def act(self, states):
+        q = self.network(states)
+        self.storage.feed(q)
+    def learn(self):
+        q = self.storage.{read}()
+        loss = q.pow(2).mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+"""
+
+
+def test_value_kept_on_an_attribute_storage_read_back_by_another_method_is_not_an_evaluation():
+    assert found(ACROSS_METHODS.format(read="extract")) == set()

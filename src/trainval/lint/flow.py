@@ -113,6 +113,7 @@ class Frame:
     yielded: State | None = None  # a context manager's state at its ``yield``
     truncated: bool = False  # the statement budget ran out inside this walk: its forwards are not judged
     _reach: list[bool] | None = None
+    _unsure: list[bool] | None = None
     _escape: set[str] | None = None
     _opaque: set[str] | None = None
 
@@ -124,9 +125,12 @@ class Frame:
             frame = frame.caller
         return k
 
-    def assign(self, targets: set[str], value: ast.AST, stmt: ast.AST, kills: bool) -> None:
+    def assign(
+        self, targets: set[str], value: ast.AST, stmt: ast.AST, kills: bool, held: bool = False
+    ) -> None:
+        """``held``: the targets may keep the value (``storage.feed(q)``, a method this cannot see into)."""
         self.assigns.append((targets, value))
-        self.seq.append(("assign", targets, value, stmt, kills, tuple(self.path)))
+        self.seq.append(("assign", targets, value, stmt, kills, tuple(self.path), held))
 
     def sink(self, exprs: Sequence[ast.AST]) -> None:
         self.sinks += exprs
@@ -138,30 +142,43 @@ class Frame:
         One backward liveness pass over the walked order: a value reaches when a later sink reads it, or a
         later assignment that reaches reads it, before a plain ``name = ...`` rebinds the name. So the
         ``outputs`` of an evaluation loop do not inherit the ``outputs.loss`` of the training loop above.
+        A value given to a method that may keep it (``storage.feed({'q': q})``, later ``storage.extract()``
+        into the loss) reaches only *possibly*: see :meth:`unsure`.
         """
         if self._reach is None:
             # name -> the if-arm paths of the later reads that reach backward(); a rebinding kills the reads
             # it always precedes (those inside its own arm), not those on a path that may skip it
             live: dict[str, set[tuple]] = {}
+            maybe: dict[str, set[tuple]] = {}  # the same, for reads that possibly reach
             out = [False] * len(self.seq)
+            unsure = [False] * len(self.seq)
             for i in range(len(self.seq) - 1, -1, -1):
                 entry = self.seq[i]
                 if entry[0] == "sink":
                     for name in _names(entry[1]):
                         live.setdefault(name, set()).add(entry[2])
                     continue
-                _, targets, value, _, kills, path = entry
+                _, targets, value, _, kills, path, held = entry
                 reached = any(live.get(t) for t in targets)
-                out[i] = reached
+                possibly = (held and reached) or (not reached and any(maybe.get(t) for t in targets))
+                reached = reached and not held
+                out[i], unsure[i] = reached, possibly
                 if kills:
-                    for t in targets:
-                        if t in live:
-                            live[t] = {p for p in live[t] if p[: len(path)] != path}
-                if reached:
+                    for table in (live, maybe):
+                        for t in targets:
+                            if t in table:
+                                table[t] = {p for p in table[t] if p[: len(path)] != path}
+                if reached or possibly:
                     for name in _names(value):
-                        live.setdefault(name, set()).add(path)
-            self._reach = out
+                        (live if reached else maybe).setdefault(name, set()).add(path)
+            self._reach, self._unsure = out, unsure
         return self._reach
+
+    def unsure(self) -> list[bool]:
+        """For each entry of ``seq``: does the value possibly reach backward(), through a method that may keep it?"""
+        self.reaching()
+        assert self._unsure is not None
+        return self._unsure
 
     def stored(self, used_for_training: set[str]) -> set[str]:
         """Names whose values are kept on an object or in a global that some backward() of the file reads
@@ -515,6 +532,10 @@ class Walker:
                 frame.assign(names, v, stmt, False)
                 if any("." in n for n in names) or not _all_local(frame, names, self.info):
                     frame.opaque.append((names, v))
+            elif (kept := _holder(v, self.info)) is not None:
+                frame.assign(kept, v, stmt, False, held=True)  # storage.feed({'q': q}): storage may keep q
+                if any("." in n for n in kept) or not _all_local(frame, kept, self.info):
+                    frame.opaque.append((kept, v))
             return state
         for child in ast.iter_child_nodes(stmt):
             if isinstance(child, ast.expr):
@@ -850,6 +871,50 @@ def _not_module_arm(test: ast.AST) -> tuple[str, int] | None:
     return None
 
 
+KEEPS_NOTHING = {"step", "zero_grad", "backward", "load_state_dict", "to", "cuda", "cpu", "train", "eval"}
+
+
+def _holder(v: ast.AST, info: FileInfo) -> set[str] | None:
+    """The object a method call may keep its arguments in: ``storage.feed({'q': q})``, ``buffer.push(s, a)``
+    (a method this cannot see into, on an object of the code, not a module's function such as ``np.save`` or
+    ``plt.plot``, not a model or an optimizer); None when the call is not one."""
+    if not (isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute) and (v.args or v.keywords)):
+        return None
+    if v.func.attr in KEEPS_NOTHING or v.func.attr in COLLECTORS:
+        return None
+    receiver = v.func.value
+    chain = receiver
+    while isinstance(chain, (ast.Attribute, ast.Subscript)):
+        chain = chain.value
+    if not isinstance(chain, ast.Name) or (isinstance(receiver, ast.Name) and receiver.id in ("self", "cls")):
+        return None
+    if chain.id in info.imported and chain.id not in info.rebound:
+        return None  # np.save(path, x), plt.plot(x), wandb.log(...): a module's function
+    recv = text(receiver)
+    if info.is_model(recv) or info.is_optimizer(recv) or recv not in _value_sources(info):
+        return None  # logger.info(loss): an object nothing reads values back from keeps nothing for a loss
+    return _target_names(receiver) or None
+
+
+def _value_sources(info: FileInfo) -> set[str]:
+    """Objects the file reads values back from: a method whose result is used (``storage.extract(...)``,
+    ``buffer.sample()``), an attribute or item read (``storage.q[i]``), memoised."""
+    cached = info.__dict__.get("_value_sources")
+    if cached is None:
+        cached = set()
+        parents = info.parents
+        for n in info.nodes:
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute):
+                if not isinstance(parents.get(n), ast.Expr):
+                    cached.add(text(n.func.value))
+            elif isinstance(n, (ast.Attribute, ast.Subscript)) and isinstance(n.ctx, ast.Load):
+                parent = parents.get(n)
+                if not (isinstance(parent, ast.Call) and parent.func is n):
+                    cached.add(text(n.value))
+        info.__dict__["_value_sources"] = cached
+    return cached
+
+
 DETACHING_CALLS = {"str", "float", "int", "bool", "round", "repr", "len", "jsonify", "json.dumps"}
 DETACHING_METHODS = {"item", "tolist", "numpy", "format", "detach", "argmax", "argmin", "size"}
 
@@ -951,6 +1016,8 @@ def status(frame: Frame, node: ast.AST, info: FileInfo, pos: int = 0, depth: int
             and m[1] in COLLECTORS
         ):
             targets = _target_names(v.func.value)
+        elif (held := _holder(v, info)) is not None:
+            targets = held
         else:
             return "eval"  # print(model(x)), plot(...): an output
     else:
@@ -965,6 +1032,8 @@ def status(frame: Frame, node: ast.AST, info: FileInfo, pos: int = 0, depth: int
     )
     if entry is None or reaching[entry]:
         return "train" if entry is not None else "unknown"
+    if frame.unsure()[entry]:
+        return "unknown"  # kept by storage.feed(...) that a loss may read back: possibly training
     if targets & frame.stored(used):
         return "unknown"
     if targets & frame.escape():
