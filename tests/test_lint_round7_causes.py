@@ -191,3 +191,37 @@ class Agent:
 
 def test_value_kept_on_an_attribute_storage_read_back_by_another_method_is_not_an_evaluation():
     assert found(ACROSS_METHODS.format(read="extract")) == set()
+
+
+# -- 4: target.load_state_dict(online.state_dict()) syncs a target network; it is no checkpoint load (TVL009)
+
+SYNC = """
+import copy
+import torch
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.1))
+    def forward(self, x):
+        return self.l(x)
+online = Net()
+target_net = Net()
+target_net.load_state_dict({state})
+with torch.no_grad():
+    print(target_net(torch.ones(2, 3)).max())
+"""
+
+
+@pytest.mark.parametrize(
+    "state", ["online.state_dict()", "copy.deepcopy(online.state_dict())", "state_dict=online.state_dict()"]
+)
+def test_target_network_sync_is_not_a_checkpoint_load(state):
+    src = SYNC.format(state=state)
+    line = line_of(src, "print(target_net(")
+    # still an evaluation in training mode (its Dropout is on), but not "after load_state_dict()"
+    assert found(src) == {(line, "TVL004")}
+
+
+def test_target_network_sync_control_a_checkpoint_load_is_still_reported():
+    src = SYNC.format(state="torch.load('target.pt', weights_only=True)")
+    assert (line_of(src, "print(target_net("), "TVL009") in found(src)

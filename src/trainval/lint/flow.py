@@ -619,8 +619,9 @@ class Walker:
                     state.modes[key] = "mixed" if value is UNKNOWN else ("train" if value else "eval")
                 continue
             if m and m[1] == "load_state_dict" and info.is_model(m[0]):
-                state = state.copy()
-                state.loaded[model_key(m[0])] = call.lineno
+                if not _copies_a_model(call, info):  # target.load_state_dict(online.state_dict()): a sync
+                    state = state.copy()
+                    state.loaded[model_key(m[0])] = call.lineno
                 continue
             args = list(call.args) + [k.value for k in call.keywords]
             if m and m[1] in ("backward", "manual_backward") and isinstance(call.func, ast.Attribute):
@@ -869,6 +870,21 @@ def _not_module_arm(test: ast.AST) -> tuple[str, int] | None:
     ):
         return model_key(text(t.args[0])), 0 if negated else 1
     return None
+
+
+def _copies_a_model(call: ast.Call, info: FileInfo) -> bool:
+    """``target.load_state_dict(online.state_dict())`` (also through ``copy.deepcopy``): the weights of a model
+    in memory, as a target network's sync; not a checkpoint loaded to predict with."""
+    arg = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "state_dict"), None)
+    while isinstance(arg, ast.Call) and call_name(arg) in ("copy.deepcopy", "deepcopy", "dict") and arg.args:
+        arg = arg.args[0]
+    return (
+        isinstance(arg, ast.Call)
+        and (m := method(arg)) is not None
+        and m[1] == "state_dict"
+        and not arg.args
+        and info.is_model(m[0])
+    )
 
 
 KEEPS_NOTHING = {"step", "zero_grad", "backward", "load_state_dict", "to", "cuda", "cpu", "train", "eval"}
