@@ -225,3 +225,49 @@ def test_target_network_sync_is_not_a_checkpoint_load(state):
 def test_target_network_sync_control_a_checkpoint_load_is_still_reported():
     src = SYNC.format(state="torch.load('target.pt', weights_only=True)")
     assert (line_of(src, "print(target_net("), "TVL009") in found(src)
+
+
+# -- 5: a value written in place into a tensor the loss reads (Rainbow's m.view(-1).index_add_(0, idx, pns_a))
+# is the loss's target, not an evaluation (2 wrong findings). An explicit target_net.train() alone is not taken
+# for a deliberate mode: it is also the state of the classic mistake (evaluating after model.train()).
+
+IN_PLACE = """
+import torch
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Dropout(0.1))
+    def forward(self, x):
+        return self.l(x)
+class Agent:
+    def __init__(self):
+        self.online_net = Net()
+        self.target_net = Net()
+        for param in self.target_net.parameters():
+            param.requires_grad = False
+        self.optimiser = torch.optim.Adam(self.online_net.parameters())
+    def learn(self, states, next_states, idx):
+        log_ps = self.online_net(states)
+        with torch.no_grad():
+            pns = self.target_net(next_states)
+            m = states.new_zeros(4, 3)
+            {write}
+        loss = -torch.sum({target} * log_ps, 1).mean()
+        self.optimiser.zero_grad()
+        loss.backward()
+        self.optimiser.step()
+"""
+
+
+@pytest.mark.parametrize(
+    "write", ["m.view(-1).index_add_(0, idx, pns.view(-1))", "m[idx].copy_(pns[idx])", "m.add_(pns)"]
+)
+def test_value_written_in_place_into_the_loss_target_is_not_an_evaluation(write):
+    src = IN_PLACE.format(write=write, target="m")
+    assert found(src) == set()
+
+
+def test_value_written_in_place_control_into_a_tensor_the_loss_never_reads():
+    src = IN_PLACE.format(write="m.add_(pns)", target="states")
+    line = line_of(src, "pns = self.target_net(next_states)")
+    assert (line, "TVL004") in found(src)

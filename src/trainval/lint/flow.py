@@ -532,6 +532,8 @@ class Walker:
                 frame.assign(names, v, stmt, False)
                 if any("." in n for n in names) or not _all_local(frame, names, self.info):
                     frame.opaque.append((names, v))
+            elif (written := _written_in_place(v, self.info)) is not None:
+                frame.assign(written, v, stmt, False)  # m.view(-1).index_add_(0, idx, p): m now holds p
             elif (kept := _holder(v, self.info)) is not None:
                 frame.assign(kept, v, stmt, False, held=True)  # storage.feed({'q': q}): storage may keep q
                 if any("." in n for n in kept) or not _all_local(frame, kept, self.info):
@@ -890,6 +892,32 @@ def _copies_a_model(call: ast.Call, info: FileInfo) -> bool:
 KEEPS_NOTHING = {"step", "zero_grad", "backward", "load_state_dict", "to", "cuda", "cpu", "train", "eval"}
 
 
+def _written_in_place(v: ast.AST, info: FileInfo) -> set[str] | None:
+    """The tensor an in-place method writes its arguments into: ``m.view(-1).index_add_(0, idx, p)`` -> ``m``,
+    ``target[i].copy_(q)`` -> ``target`` (torch's trailing-underscore methods); not a module's function such as
+    ``nn.init.xavier_uniform_(w)``."""
+    if not (isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute) and v.args):
+        return None
+    if not v.func.attr.endswith("_") or v.func.attr.startswith("_"):
+        return None
+    node: ast.AST = v.func.value
+    while True:  # m.view(-1) -> m, target[i] -> target: views of the same storage
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            node = node.func.value
+        elif isinstance(node, ast.Subscript):
+            node = node.value
+        else:
+            break
+    head = node
+    while isinstance(head, ast.Attribute):
+        head = head.value
+    if not isinstance(head, ast.Name) or head.id in ("self", "cls") and node is head:
+        return None
+    if head.id in info.imported and head.id not in info.rebound:
+        return None
+    return _target_names(node) or None
+
+
 def _holder(v: ast.AST, info: FileInfo) -> set[str] | None:
     """The object a method call may keep its arguments in: ``storage.feed({'q': q})``, ``buffer.push(s, a)``
     (a method this cannot see into, on an object of the code, not a module's function such as ``np.save`` or
@@ -1032,6 +1060,8 @@ def status(frame: Frame, node: ast.AST, info: FileInfo, pos: int = 0, depth: int
             and m[1] in COLLECTORS
         ):
             targets = _target_names(v.func.value)
+        elif (written := _written_in_place(v, info)) is not None:
+            targets = written
         elif (held := _holder(v, info)) is not None:
             targets = held
         else:
