@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
+from trainval.lint import analysis
 from trainval.lint.analysis import (
     SCOPES,
     FileInfo,
@@ -201,9 +202,14 @@ def _names(node: ast.AST) -> set[str]:
 
     A called function's own name is not a value read (``model(x)`` reads ``x`` and the model's weights,
     not the variable ``model``; following it would tie everything that configures the model to the loss);
-    a method's receiver is (``loss.mean()`` reads ``loss``).
+    a method's receiver is (``loss.mean()`` reads ``loss``). Memoised per file: callers must not change it.
     """
-    out = set()
+    if _CACHE_FILE[0] is not analysis._CHILDREN:
+        _reset_caches()
+    hit = _NAMES.get(node)
+    if hit is not None:
+        return hit
+    out = _NAMES[node] = set()
     todo = [node]
     while todo:
         n = todo.pop()
@@ -220,8 +226,21 @@ def _names(node: ast.AST) -> set[str]:
             chain = text(n)
             if chain and "(" not in chain and "[" not in chain:
                 out.add(chain)
-        todo.extend(ast.iter_child_nodes(n))
+        kids = analysis._CHILDREN.get(n)
+        todo.extend(kids if kids is not None else ast.iter_child_nodes(n))
     return out
+
+
+# per-file memos of _names and _calls_in_order (the walks revisit the same statements once per call site)
+_NAMES: dict[ast.AST, set[str]] = {}
+_CALLS: dict[ast.AST, list[ast.Call]] = {}
+_CACHE_FILE: list[object] = [None]  # the children table of the file the memos are for
+
+
+def _reset_caches() -> None:
+    _NAMES.clear()
+    _CALLS.clear()
+    _CACHE_FILE[0] = analysis._CHILDREN
 
 
 def _closure(seeds: list[ast.AST], assigns: list[tuple[set[str], ast.AST]]) -> set[str]:
@@ -786,17 +805,27 @@ def _decorated_grad(fn: ast.AST, grad: bool | None, info: FileInfo | None = None
 
 
 def _calls_in_order(node: ast.AST) -> list[ast.Call]:
+    """Memoised per file: callers must not change the list."""
+    if _CACHE_FILE[0] is not analysis._CHILDREN:
+        _reset_caches()
+    hit = _CALLS.get(node)
+    if hit is not None:
+        return hit
     calls = []
     todo = [node]
+    table = analysis._CHILDREN
     while todo:
         n = todo.pop()
         if isinstance(n, (ast.Lambda, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             continue
         if isinstance(n, ast.Call):
             calls.append(n)
-        todo.extend(ast.iter_child_nodes(n))
+        kids = table.get(n)
+        todo.extend(kids if kids is not None else ast.iter_child_nodes(n))
     # inner calls (receivers, arguments) run before the call that contains them
-    return sorted(calls, key=lambda c: (c.end_lineno or c.lineno, c.end_col_offset or c.col_offset))
+    calls.sort(key=lambda c: (c.end_lineno or c.lineno, c.end_col_offset or c.col_offset))
+    _CALLS[node] = calls
+    return calls
 
 
 def _defaults(fn: Function, env: dict) -> dict:
