@@ -70,9 +70,17 @@ _TEXT: dict[int, tuple[ast.AST, str]] = {}  # per file (cleared by FileInfo): un
 
 
 def text(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):  # what ast.unparse gives, without its visitor: most texts are these
+        return node.id
     hit = _TEXT.get(id(node))
     if hit is not None and hit[0] is node:
         return hit[1]
+    if isinstance(node, ast.Attribute) and isinstance(node.value, (ast.Name, ast.Attribute)):
+        base = text(node.value)  # a.b.c: an atom, never parenthesised by unparse
+        if base:
+            out = f"{base}.{node.attr}"
+            _TEXT[id(node)] = (node, out)
+            return out
     try:
         out = ast.unparse(node)
     except Exception:  # noqa: BLE001 - RecursionError on huge expressions, odd nodes: no text
@@ -122,7 +130,7 @@ def wraps_no_grad(decorator: ast.AST, info: FileInfo | None = None) -> bool:
             ):
                 return True
         for fn in info.functions.get(target.id, []):
-            body = ast.get_source_segment(info.source, fn) or ""
+            body = info.segment(fn) or ""
             if re.search(r"\b(no_grad|inference_mode)\b", body) and "enable_grad" not in body:
                 return True
     return False
@@ -140,6 +148,40 @@ def is_no_grad_ctx(expr: ast.AST, info: FileInfo | None = None) -> bool:
     return False
 
 
+_CHILDREN: dict[ast.AST, list[ast.AST]] = {}  # per file (set by FileInfo): each node's children, found once
+
+
+def _children_of(tree: ast.AST) -> tuple[list[ast.AST], dict[ast.AST, list[ast.AST]]]:
+    """Every node of ``tree`` in :func:`ast.walk`'s order, and each node's children (one pass, no generators)."""
+    nodes = [tree]
+    children: dict[ast.AST, list[ast.AST]] = {}
+    AST, i = ast.AST, 0
+    while i < len(nodes):
+        n = nodes[i]
+        i += 1
+        kids = []
+        for name in n._fields:
+            v = getattr(n, name, None)
+            if isinstance(v, AST):
+                kids.append(v)
+            elif isinstance(v, list):
+                kids += [x for x in v if isinstance(x, AST)]
+        children[n] = kids
+        nodes += kids
+    return nodes, children
+
+
+def walk(node: ast.AST) -> list[ast.AST]:
+    """:func:`ast.walk` (same nodes, same order) over the current file's children table: the hot walks are cheap."""
+    table = _CHILDREN
+    out, i = [node], 0
+    while i < len(out):
+        kids = table.get(out[i])
+        out += kids if kids is not None else list(ast.iter_child_nodes(out[i]))
+        i += 1
+    return out
+
+
 def _walk_outside_lambdas(node: ast.AST) -> Iterator[ast.AST]:
     todo = [node]
     while todo:
@@ -147,7 +189,8 @@ def _walk_outside_lambdas(node: ast.AST) -> Iterator[ast.AST]:
         if isinstance(n, ast.Lambda):
             continue
         yield n
-        todo.extend(ast.iter_child_nodes(n))
+        kids = _CHILDREN.get(n)
+        todo.extend(kids if kids is not None else ast.iter_child_nodes(n))
 
 
 def _combine(verdicts: list[tuple[str, str]]) -> tuple[str, str]:
@@ -158,7 +201,7 @@ def _combine(verdicts: list[tuple[str, str]]) -> tuple[str, str]:
 
 
 def _ordered_calls(node: ast.AST) -> list[ast.Call]:
-    calls = [n for n in ast.walk(node) if isinstance(n, ast.Call)]
+    calls = [n for n in walk(node) if isinstance(n, ast.Call)]
     # inner calls (receivers, arguments) run before the call that contains them
     return sorted(calls, key=lambda c: (c.end_lineno or c.lineno, c.end_col_offset or c.col_offset))
 
@@ -174,15 +217,18 @@ class FileInfo:
     _backwarded: set[str]
 
     def __init__(self, tree: ast.Module, source: str):
+        global _CHILDREN
         _TEXT.clear()
         self.tree, self.source = tree, source
         self._fn_events: dict[ast.AST, list[Event]] = {}
         self._reaches: dict[tuple[ast.AST, str], bool] = {}
-        self.nodes: list[ast.AST] = list(ast.walk(tree))  # every node once; the rules scan this list
-        self.parents: dict[ast.AST, ast.AST] = {}
-        for parent in self.nodes:
-            for child in ast.iter_child_nodes(parent):
-                self.parents[child] = parent
+        self._expr_cache: dict[tuple[ast.AST, bool], list[Event]] = {}
+        # every node once, in ast.walk's order; the rules scan this list
+        self.nodes, self.children = _children_of(tree)
+        _CHILDREN = self.children
+        self.parents: dict[ast.AST, ast.AST] = {
+            child: parent for parent, kids in self.children.items() for child in kids
+        }
         self.functions: dict[str, list[Function]] = {}
         for node in self.nodes:
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -270,7 +316,8 @@ class FileInfo:
                     continue
                 if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store):
                     names.add(n.id)
-                todo.extend(ast.iter_child_nodes(n))
+                kids = _CHILDREN.get(n)
+                todo.extend(kids if kids is not None else ast.iter_child_nodes(n))
             cache[fn] = names
         return cache[fn]
 
@@ -286,6 +333,8 @@ class FileInfo:
     def evaluates_in_init(self, call: ast.Call) -> bool:
         """``Cls(...)`` where ``Cls`` is a class of this file whose ``__init__`` calls ``.eval()``."""
         name = text(call.func)
+        if name not in self.classes:
+            return False  # (a class of this file by that name: self.classes has the last of them)
         for cls in (n for n in self.nodes if isinstance(n, ast.ClassDef) and n.name == name):
             for fn in cls.body:
                 if (
@@ -514,7 +563,7 @@ class FileInfo:
             return "free", ""
         seen.add(cls_name)
         cls = self.classes[cls_name]
-        source = ast.get_source_segment(self.source, cls) or "Dropout"
+        source = self.segment(cls) or "Dropout"
         found = sorted(
             {
                 m.group(0).split(".")[-1].replace("training", "self.training")
@@ -578,7 +627,14 @@ class FileInfo:
             not self.is_model(base)
             or base in self.plain_callables
             or (head in self.imported and self.names_import(head, at))
-            or self.FACTORY.search(base.split(".")[-1])
+            # config.network_fn(): a callable named as a builder, called with no input, builds a module; a
+            # forward takes a batch (value_fn(obs) stays a forward)
+            or (
+                self.FACTORY.search(base.split(".")[-1])
+                and isinstance(at, ast.Call)
+                and not at.args
+                and not at.keywords
+            )
         ):
             return False
         # Generator(...) builds a module, it does not run one; self.G(x) runs the G it calls .eval() on
@@ -693,6 +749,14 @@ class FileInfo:
             yield Event("zero", "", stmt, (stmt.lineno, stmt.col_offset), in_if)
 
     def _expr_events(self, node: ast.AST, in_if: bool) -> Iterator[Event]:
+        """Memoised per node (a nested loop's statements are visited once per enclosing loop and function)."""
+        key = (node, in_if)
+        hit = self._expr_cache.get(key)
+        if hit is None:
+            hit = self._expr_cache[key] = list(self._expr_events_of(node, in_if))
+        return iter(hit)
+
+    def _expr_events_of(self, node: ast.AST, in_if: bool) -> Iterator[Event]:
         for call in _ordered_calls(node):
             if any(isinstance(p, SCOPES) for p in self._parents_until(call, node)):
                 continue
@@ -840,3 +904,59 @@ class FileInfo:
     def in_lightning_module(self, fn: ast.AST) -> bool:
         cls = self.enclosing(fn, ast.ClassDef)
         return cls is not None and any("Lightning" in text(b) for b in cls.bases)
+
+    MODULE_ONLY_METHODS = (
+        "parameters",
+        "named_parameters",
+        "state_dict",
+        "load_state_dict",
+        "train",
+        "eval",
+        "modules",
+        "named_modules",
+        "children",
+        "share_memory",
+    )
+
+    def builds_module(self, call: ast.Call) -> bool:
+        """``self.network = config.network_fn()`` (possibly ``.to(device)``): a call whose result is bound to a
+        name the file uses as a module (``.parameters()``, ``.state_dict()``, ``.train()``..., methods no tensor
+        has) returns a module: construction, not a forward, whatever the callee is called."""
+        users = self.__dict__.get("_module_users")
+        if users is None:
+            users = self._module_users = {
+                m[0]
+                for n in self.nodes
+                if isinstance(n, ast.Call)
+                and (m := method(n)) is not None
+                and m[1] in self.MODULE_ONLY_METHODS
+                and not (m[1] == "train" and n.args and not isinstance(n.args[0], ast.Constant))
+            }
+        node: ast.AST = call
+        parent = self.parents.get(node)
+        while (  # config.network_fn().to(device): the module moved, still the module
+            isinstance(parent, ast.Attribute)
+            and parent.attr in ("to", "cuda", "cpu", "half", "float", "double", "bfloat16")
+            and isinstance(self.parents.get(parent), ast.Call)
+        ):
+            node = self.parents[parent]
+            parent = self.parents.get(node)
+        if isinstance(parent, (ast.Assign, ast.AnnAssign)) and parent.value is node:
+            targets = parent.targets if isinstance(parent, ast.Assign) else [parent.target]
+            return any(isinstance(t, (ast.Name, ast.Attribute)) and text(t) in users for t in targets)
+        return False
+
+    def segment(self, node: ast.AST) -> str | None:
+        """:func:`ast.get_source_segment` over the file's lines, split once (it splits the whole file per call)."""
+        lines = self.__dict__.get("_lines")
+        if lines is None:  # the line ends ast uses: \r\n, \r, \n (not \f or \v)
+            lines = self._lines = re.findall(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z", self.source)
+        start, end = getattr(node, "lineno", None), getattr(node, "end_lineno", None)
+        col, end_col = getattr(node, "col_offset", None), getattr(node, "end_col_offset", None)
+        if start is None or end is None or col is None or end_col is None:
+            return None
+        if start == end:
+            return lines[start - 1].encode()[col:end_col].decode()
+        first = lines[start - 1].encode()[col:].decode()
+        last = lines[end - 1].encode()[:end_col].decode()
+        return "".join([first, *lines[start : end - 1], last])

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
+from trainval.lint import analysis
 from trainval.lint.analysis import (
     SCOPES,
     FileInfo,
@@ -55,10 +56,6 @@ COLLECTORS = {
     "add_scalar",
     "add_scalars",
     "log",
-    "feed",  # storage.feed({'q': q}) ... storage.extract(...): a rollout buffer holds the outputs
-    "push",
-    "store",
-    "remember",
 }
 
 
@@ -117,6 +114,7 @@ class Frame:
     yielded: State | None = None  # a context manager's state at its ``yield``
     truncated: bool = False  # the statement budget ran out inside this walk: its forwards are not judged
     _reach: list[bool] | None = None
+    _unsure: list[bool] | None = None
     _escape: set[str] | None = None
     _opaque: set[str] | None = None
 
@@ -128,9 +126,12 @@ class Frame:
             frame = frame.caller
         return k
 
-    def assign(self, targets: set[str], value: ast.AST, stmt: ast.AST, kills: bool) -> None:
+    def assign(
+        self, targets: set[str], value: ast.AST, stmt: ast.AST, kills: bool, held: bool = False
+    ) -> None:
+        """``held``: the targets may keep the value (``storage.feed(q)``, a method this cannot see into)."""
         self.assigns.append((targets, value))
-        self.seq.append(("assign", targets, value, stmt, kills, tuple(self.path)))
+        self.seq.append(("assign", targets, value, stmt, kills, tuple(self.path), held))
 
     def sink(self, exprs: Sequence[ast.AST]) -> None:
         self.sinks += exprs
@@ -142,30 +143,43 @@ class Frame:
         One backward liveness pass over the walked order: a value reaches when a later sink reads it, or a
         later assignment that reaches reads it, before a plain ``name = ...`` rebinds the name. So the
         ``outputs`` of an evaluation loop do not inherit the ``outputs.loss`` of the training loop above.
+        A value given to a method that may keep it (``storage.feed({'q': q})``, later ``storage.extract()``
+        into the loss) reaches only *possibly*: see :meth:`unsure`.
         """
         if self._reach is None:
             # name -> the if-arm paths of the later reads that reach backward(); a rebinding kills the reads
             # it always precedes (those inside its own arm), not those on a path that may skip it
             live: dict[str, set[tuple]] = {}
+            maybe: dict[str, set[tuple]] = {}  # the same, for reads that possibly reach
             out = [False] * len(self.seq)
+            unsure = [False] * len(self.seq)
             for i in range(len(self.seq) - 1, -1, -1):
                 entry = self.seq[i]
                 if entry[0] == "sink":
                     for name in _names(entry[1]):
                         live.setdefault(name, set()).add(entry[2])
                     continue
-                _, targets, value, _, kills, path = entry
+                _, targets, value, _, kills, path, held = entry
                 reached = any(live.get(t) for t in targets)
-                out[i] = reached
+                possibly = (held and reached) or (not reached and any(maybe.get(t) for t in targets))
+                reached = reached and not held
+                out[i], unsure[i] = reached, possibly
                 if kills:
-                    for t in targets:
-                        if t in live:
-                            live[t] = {p for p in live[t] if p[: len(path)] != path}
-                if reached:
+                    for table in (live, maybe):
+                        for t in targets:
+                            if t in table:
+                                table[t] = {p for p in table[t] if p[: len(path)] != path}
+                if reached or possibly:
                     for name in _names(value):
-                        live.setdefault(name, set()).add(path)
-            self._reach = out
+                        (live if reached else maybe).setdefault(name, set()).add(path)
+            self._reach, self._unsure = out, unsure
         return self._reach
+
+    def unsure(self) -> list[bool]:
+        """For each entry of ``seq``: does the value possibly reach backward(), through a method that may keep it?"""
+        self.reaching()
+        assert self._unsure is not None
+        return self._unsure
 
     def stored(self, used_for_training: set[str]) -> set[str]:
         """Names whose values are kept on an object or in a global that some backward() of the file reads
@@ -188,9 +202,14 @@ def _names(node: ast.AST) -> set[str]:
 
     A called function's own name is not a value read (``model(x)`` reads ``x`` and the model's weights,
     not the variable ``model``; following it would tie everything that configures the model to the loss);
-    a method's receiver is (``loss.mean()`` reads ``loss``).
+    a method's receiver is (``loss.mean()`` reads ``loss``). Memoised per file: callers must not change it.
     """
-    out = set()
+    if _CACHE_FILE[0] is not analysis._CHILDREN:
+        _reset_caches()
+    hit = _NAMES.get(node)
+    if hit is not None:
+        return hit
+    out = _NAMES[node] = set()
     todo = [node]
     while todo:
         n = todo.pop()
@@ -207,8 +226,21 @@ def _names(node: ast.AST) -> set[str]:
             chain = text(n)
             if chain and "(" not in chain and "[" not in chain:
                 out.add(chain)
-        todo.extend(ast.iter_child_nodes(n))
+        kids = analysis._CHILDREN.get(n)
+        todo.extend(kids if kids is not None else ast.iter_child_nodes(n))
     return out
+
+
+# per-file memos of _names and _calls_in_order (the walks revisit the same statements once per call site)
+_NAMES: dict[ast.AST, set[str]] = {}
+_CALLS: dict[ast.AST, list[ast.Call]] = {}
+_CACHE_FILE: list[object] = [None]  # the children table of the file the memos are for
+
+
+def _reset_caches() -> None:
+    _NAMES.clear()
+    _CALLS.clear()
+    _CACHE_FILE[0] = analysis._CHILDREN
 
 
 def _closure(seeds: list[ast.AST], assigns: list[tuple[set[str], ast.AST]]) -> set[str]:
@@ -525,6 +557,12 @@ class Walker:
                 frame.assign(names, v, stmt, False)
                 if any("." in n for n in names) or not _all_local(frame, names, self.info):
                     frame.opaque.append((names, v))
+            elif (written := _written_in_place(v, self.info)) is not None:
+                frame.assign(written, v, stmt, False)  # m.view(-1).index_add_(0, idx, p): m now holds p
+            elif (kept := _holder(v, self.info)) is not None:
+                frame.assign(kept, v, stmt, False, held=True)  # storage.feed({'q': q}): storage may keep q
+                if any("." in n for n in kept) or not _all_local(frame, kept, self.info):
+                    frame.opaque.append((kept, v))
             return state
         for child in ast.iter_child_nodes(stmt):
             if isinstance(child, ast.expr):
@@ -607,15 +645,23 @@ class Walker:
                 else:
                     state.modes[key] = "mixed" if value is UNKNOWN else ("train" if value else "eval")
                 continue
-            if m and m[1] == "load_state_dict" and info.is_model(m[0]) and not _copies_a_model(call, info):
-                state = state.copy()
-                state.loaded[model_key(m[0])] = call.lineno
+            if m and m[1] == "load_state_dict" and info.is_model(m[0]):
+                if not _copies_a_model(call, info):  # target.load_state_dict(online.state_dict()): a sync
+                    state = state.copy()
+                    state.loaded[model_key(m[0])] = call.lineno
                 continue
             args = list(call.args) + [k.value for k in call.keywords]
             if m and m[1] in ("backward", "manual_backward") and isinstance(call.func, ast.Attribute):
-                # loss.backward(): the receiver; accelerator.backward(loss), self.manual_backward(loss): the argument;
-                # d_loss.backward(mone) (WGAN): the receiver, with its gradient as argument
-                frame.sink(list(call.args) + [call.func.value])
+                # loss.backward() and loss.backward(gradient) (WGAN's `backward(one)`): the receiver, and the
+                # gradient it is given; accelerator.backward(loss), self.manual_backward(loss),
+                # torch.autograd.backward(loss): the argument
+                wrapper = (
+                    m[1] == "manual_backward"
+                    or m[0] in ("self", "cls")
+                    or m[0].split(".")[0] in info.imported
+                    and m[0].split(".")[0] not in info.rebound
+                )
+                frame.sink(list(call.args) if wrapper and call.args else [call.func.value, *call.args])
                 continue
             if name.endswith(("autograd.grad", "autograd.backward")) or name in ("grad", "backward"):
                 frame.sink(args)
@@ -648,7 +694,7 @@ class Walker:
                 if mode is not None:
                     site.modes["self"] = mode
                 self.sites.setdefault(m[1], []).append(site)
-            if self._is_forward(call, name, m):
+            if self._is_forward(call, name, m) and not info.builds_module(call):
                 recv = name if not (m and m[1] == "forward") else m[0]
                 key = model_key(recv)
                 mode = state.modes.get(key)
@@ -773,17 +819,27 @@ def _decorated_grad(fn: ast.AST, grad: bool | None, info: FileInfo | None = None
 
 
 def _calls_in_order(node: ast.AST) -> list[ast.Call]:
+    """Memoised per file: callers must not change the list."""
+    if _CACHE_FILE[0] is not analysis._CHILDREN:
+        _reset_caches()
+    hit = _CALLS.get(node)
+    if hit is not None:
+        return hit
     calls = []
     todo = [node]
+    table = analysis._CHILDREN
     while todo:
         n = todo.pop()
         if isinstance(n, (ast.Lambda, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             continue
         if isinstance(n, ast.Call):
             calls.append(n)
-        todo.extend(ast.iter_child_nodes(n))
+        kids = table.get(n)
+        todo.extend(kids if kids is not None else ast.iter_child_nodes(n))
     # inner calls (receivers, arguments) run before the call that contains them
-    return sorted(calls, key=lambda c: (c.end_lineno or c.lineno, c.end_col_offset or c.col_offset))
+    calls.sort(key=lambda c: (c.end_lineno or c.lineno, c.end_col_offset or c.col_offset))
+    _CALLS[node] = calls
+    return calls
 
 
 def _defaults(fn: Function, env: dict) -> dict:
@@ -832,18 +888,6 @@ COMMON_METHODS = {
 ROUTES = {"route", "get", "post", "put", "delete", "patch", "websocket", "api_route"}
 
 
-def _copies_a_model(call: ast.Call, info: FileInfo) -> bool:
-    """``target.load_state_dict(online.state_dict())``: a target network synced from a model of the file, not
-    weights loaded from a checkpoint for inference."""
-    arg = call.args[0] if call.args else None
-    return (
-        isinstance(arg, ast.Call)
-        and (m := method(arg)) is not None
-        and m[1] == "state_dict"
-        and info.is_model(m[0])
-    )
-
-
 def _is_method(fn: Function) -> bool:
     args = fn.args.posonlyargs + fn.args.args
     return bool(args) and args[0].arg == "self"
@@ -871,6 +915,91 @@ def _not_module_arm(test: ast.AST) -> tuple[str, int] | None:
     ):
         return model_key(text(t.args[0])), 0 if negated else 1
     return None
+
+
+def _copies_a_model(call: ast.Call, info: FileInfo) -> bool:
+    """``target.load_state_dict(online.state_dict())`` (also through ``copy.deepcopy``): the weights of a model
+    in memory, as a target network's sync; not a checkpoint loaded to predict with."""
+    arg = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "state_dict"), None)
+    while isinstance(arg, ast.Call) and call_name(arg) in ("copy.deepcopy", "deepcopy", "dict") and arg.args:
+        arg = arg.args[0]
+    return (
+        isinstance(arg, ast.Call)
+        and (m := method(arg)) is not None
+        and m[1] == "state_dict"
+        and not arg.args
+        and info.is_model(m[0])
+    )
+
+
+KEEPS_NOTHING = {"step", "zero_grad", "backward", "load_state_dict", "to", "cuda", "cpu", "train", "eval"}
+
+
+def _written_in_place(v: ast.AST, info: FileInfo) -> set[str] | None:
+    """The tensor an in-place method writes its arguments into: ``m.view(-1).index_add_(0, idx, p)`` -> ``m``,
+    ``target[i].copy_(q)`` -> ``target`` (torch's trailing-underscore methods); not a module's function such as
+    ``nn.init.xavier_uniform_(w)``."""
+    if not (isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute) and v.args):
+        return None
+    if not v.func.attr.endswith("_") or v.func.attr.startswith("_"):
+        return None
+    node: ast.AST = v.func.value
+    while True:  # m.view(-1) -> m, target[i] -> target: views of the same storage
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            node = node.func.value
+        elif isinstance(node, ast.Subscript):
+            node = node.value
+        else:
+            break
+    head = node
+    while isinstance(head, ast.Attribute):
+        head = head.value
+    if not isinstance(head, ast.Name) or head.id in ("self", "cls") and node is head:
+        return None
+    if head.id in info.imported and head.id not in info.rebound:
+        return None
+    return _target_names(node) or None
+
+
+def _holder(v: ast.AST, info: FileInfo) -> set[str] | None:
+    """The object a method call may keep its arguments in: ``storage.feed({'q': q})``, ``buffer.push(s, a)``
+    (a method this cannot see into, on an object of the code, not a module's function such as ``np.save`` or
+    ``plt.plot``, not a model or an optimizer); None when the call is not one."""
+    if not (isinstance(v, ast.Call) and isinstance(v.func, ast.Attribute) and (v.args or v.keywords)):
+        return None
+    if v.func.attr in KEEPS_NOTHING or v.func.attr in COLLECTORS:
+        return None
+    receiver = v.func.value
+    chain = receiver
+    while isinstance(chain, (ast.Attribute, ast.Subscript)):
+        chain = chain.value
+    if not isinstance(chain, ast.Name) or (isinstance(receiver, ast.Name) and receiver.id in ("self", "cls")):
+        return None
+    if chain.id in info.imported and chain.id not in info.rebound:
+        return None  # np.save(path, x), plt.plot(x), wandb.log(...): a module's function
+    recv = text(receiver)
+    if info.is_model(recv) or info.is_optimizer(recv) or recv not in _value_sources(info):
+        return None  # logger.info(loss): an object nothing reads values back from keeps nothing for a loss
+    return _target_names(receiver) or None
+
+
+def _value_sources(info: FileInfo) -> set[str]:
+    """Objects the file reads values back from: a method whose result is used (``storage.extract(...)``,
+    ``buffer.sample()``), an attribute or item read (``storage.q[i]``), memoised."""
+    cached = info.__dict__.get("_value_sources")
+    if cached is None:
+        cached = set()
+        parents = info.parents
+        for n in info.nodes:
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute):
+                if not isinstance(parents.get(n), ast.Expr):
+                    cached.add(text(n.func.value))
+            elif isinstance(n, (ast.Attribute, ast.Subscript)) and isinstance(n.ctx, ast.Load):
+                parent = parents.get(n)
+                if not (isinstance(parent, ast.Call) and parent.func is n):
+                    cached.add(text(n.value))
+        info.__dict__["_value_sources"] = cached
+    return cached
 
 
 DETACHING_CALLS = {"str", "float", "int", "bool", "round", "repr", "len", "jsonify", "json.dumps"}
@@ -974,6 +1103,10 @@ def status(frame: Frame, node: ast.AST, info: FileInfo, pos: int = 0, depth: int
             and m[1] in COLLECTORS
         ):
             targets = _target_names(v.func.value)
+        elif (written := _written_in_place(v, info)) is not None:
+            targets = written
+        elif (held := _holder(v, info)) is not None:
+            targets = held
         else:
             return "eval"  # print(model(x)), plot(...): an output
     else:
@@ -988,6 +1121,8 @@ def status(frame: Frame, node: ast.AST, info: FileInfo, pos: int = 0, depth: int
     )
     if entry is None or reaching[entry]:
         return "train" if entry is not None else "unknown"
+    if frame.unsure()[entry]:
+        return "unknown"  # kept by storage.feed(...) that a loss may read back: possibly training
     if targets & frame.stored(used):
         return "unknown"
     if targets & frame.escape():

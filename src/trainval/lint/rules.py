@@ -11,7 +11,18 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from trainval.lint.analysis import LOOPS, Event, FileInfo, Function, Loop, call_name, method, model_key, text
+from trainval.lint.analysis import (
+    LOOPS,
+    Event,
+    FileInfo,
+    Function,
+    Loop,
+    call_name,
+    method,
+    model_key,
+    text,
+    walk,
+)
 from trainval.lint.flow import evaluation_forwards, frames, status, training_forward, training_keys
 
 
@@ -427,7 +438,7 @@ def _optimized_models(info: FileInfo) -> set[str] | None:
             return None
         for arg in given:
             covered, lambda_args = set(), set()
-            for n in ast.walk(arg):
+            for n in walk(arg):
                 if (
                     isinstance(n, ast.Call)
                     and isinstance(n.func, ast.Attribute)
@@ -435,14 +446,12 @@ def _optimized_models(info: FileInfo) -> set[str] | None:
                     and m[1] in PARAMETER_METHODS
                 ):
                     held.add(m[0])
-                    covered |= {id(x) for x in ast.walk(n.func.value)}
+                    covered |= {id(x) for x in walk(n.func.value)}
                 elif isinstance(n, ast.Call):
-                    covered |= {
-                        id(x) for x in ast.walk(n.func)
-                    }  # list(...), itertools.chain(...), filter(...)
+                    covered |= {id(x) for x in walk(n.func)}  # list(...), itertools.chain(...), filter(...)
                 elif isinstance(n, ast.Lambda):
                     lambda_args |= {a.arg for a in n.args.args}
-            for n in ast.walk(arg):
+            for n in walk(arg):
                 if isinstance(n, ast.Name) and id(n) not in covered and n.id not in lambda_args:
                     return None  # Adam(params) or a comprehension over a list built elsewhere
     return held
@@ -491,7 +500,7 @@ def _shares_with(info: FileInfo, model: str, held: set[str]) -> bool:
         if isinstance(value, ast.Name):
             read.add(value.id)
         for t in node.targets:
-            for key in {model_key(text(n)) for n in ast.walk(t) if isinstance(n, (ast.Name, ast.Attribute))}:
+            for key in {model_key(text(n)) for n in walk(t) if isinstance(n, (ast.Name, ast.Attribute))}:
                 for r in read:
                     edges.setdefault(key, set()).add(r)
                     edges.setdefault(r, set()).add(key)
@@ -513,13 +522,13 @@ def _built_once(info: FileInfo, model: str) -> bool:
     key, built = model_key(model), False
     for node in info.nodes:
         if isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)) and key in {
-            model_key(text(n)) for n in ast.walk(node.target)
+            model_key(text(n)) for n in walk(node.target)
         }:
             return False
         if isinstance(node, ast.Assign) and any(model_key(text(t)) == key for t in node.targets):
             built = built or isinstance(node.value, ast.Call)
         elif isinstance(node, ast.Assign) and any(
-            key in {model_key(text(e)) for e in ast.walk(t)} for t in node.targets
+            key in {model_key(text(e)) for e in walk(t)} for t in node.targets
         ):
             return False
     return built
@@ -591,7 +600,7 @@ def _inputs_untrained(info: FileInfo, frame, call: ast.Call, held: set[str]) -> 
     assignments show (a call of the file's own functions or methods is not followed: not proven)."""
     reads: set[str] = set()
     for arg in list(call.args) + [k.value for k in call.keywords]:
-        reads |= {text(n) for n in ast.walk(arg) if isinstance(n, (ast.Name, ast.Attribute))}
+        reads |= {text(n) for n in walk(arg) if isinstance(n, (ast.Name, ast.Attribute))}
     changed = True
     values = []
     while changed:
@@ -599,10 +608,10 @@ def _inputs_untrained(info: FileInfo, frame, call: ast.Call, held: set[str]) -> 
         for targets, value in frame.assigns:
             if targets & reads and value not in values:
                 values.append(value)
-                reads |= {text(n) for n in ast.walk(value) if isinstance(n, (ast.Name, ast.Attribute))}
+                reads |= {text(n) for n in walk(value) if isinstance(n, (ast.Name, ast.Attribute))}
                 changed = True
     for value in values + [call]:
-        for n in ast.walk(value):
+        for n in walk(value):
             if not isinstance(n, ast.Call) or n is call:
                 continue
             callee = call_name(n)
@@ -623,7 +632,7 @@ def _inputs_untrained(info: FileInfo, frame, call: ast.Call, held: set[str]) -> 
 
 def _loss_names(info: FileInfo, loop: ast.AST) -> set[str]:
     names = set()
-    for node in ast.walk(loop):
+    for node in walk(loop):
         if isinstance(node, ast.Call) and (m := method(node)) and m[1] == "backward":
             names.add(m[0])
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
@@ -644,7 +653,7 @@ def _detached(expr: ast.AST) -> bool:
 
     ``.cpu()`` alone keeps the graph (``loss.cpu()`` requires grad); ``loss.detach().cpu()`` does not.
     """
-    for n in ast.walk(expr):
+    for n in walk(expr):
         if isinstance(n, ast.Attribute) and n.attr == "data":
             return True
         if isinstance(n, ast.Call):
@@ -663,7 +672,7 @@ def _loss_accumulation(info: FileInfo, loop: ast.AST) -> Iterator:
         backwarded = info._backwarded = {
             m[0] for n in info.nodes if isinstance(n, ast.Call) and (m := method(n)) and m[1] == "backward"
         }
-    for node in ast.walk(loop):
+    for node in walk(loop):
         target = value = None
         if isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Add):
             target, value = text(node.target), node.value
@@ -680,7 +689,7 @@ def _loss_accumulation(info: FileInfo, loop: ast.AST) -> Iterator:
         assert isinstance(node, ast.stmt)  # the AugAssign or Assign matched above
         if _assigned_before_in_body(info, loop, target, node):
             continue  # reset every iteration: a per-iteration sum, not an accumulation
-        used = {text(n) for n in ast.walk(value) if isinstance(n, (ast.Name, ast.Attribute))}
+        used = {text(n) for n in walk(value) if isinstance(n, (ast.Name, ast.Attribute))}
         if info.under_no_grad(node) or _computed_without_grad(info, loop, used & losses):
             continue  # a validation loss computed under no_grad has no graph to keep alive
         if used & losses and not _detached(value):
@@ -696,7 +705,7 @@ def _computed_without_grad(info: FileInfo, loop: ast.AST, names: set[str]) -> bo
     """Every assignment of these names inside the loop happens under no_grad/inference_mode."""
     sites = [
         n
-        for n in ast.walk(loop)
+        for n in walk(loop)
         if isinstance(n, ast.Assign) and names & {t for target in n.targets for t in _flat_targets(target)}
     ]
     return bool(sites) and all(info.under_no_grad(n) for n in sites)
@@ -709,7 +718,7 @@ def _flat_targets(target: ast.AST) -> set[str]:
 
 
 def _assigned_before_in_body(info: FileInfo, loop: ast.AST, name: str, node: ast.stmt) -> bool:
-    for stmt in ast.walk(loop):
+    for stmt in walk(loop):
         if (
             isinstance(stmt, ast.Assign)
             and stmt is not node
@@ -745,7 +754,15 @@ def _torch_load(info: FileInfo) -> Iterator:
         elif isinstance(n, ast.ImportFrom) and n.module == "torch":
             names |= {a.asname or a.name for a in n.names if a.name == "load"}
     for node in info.nodes:
-        if isinstance(node, ast.Call) and call_name(node) in names:
+        if (
+            isinstance(node, ast.Call)
+            and (
+                isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                or isinstance(node.func, ast.Name)
+            )
+            and call_name(node) in names
+        ):
             kw = {k.arg: k.value for k in node.keywords}
             value = kw.get("weights_only")
             if value is None:
@@ -762,7 +779,7 @@ def _host_syncs(info: FileInfo, loop: Loop) -> Iterator:
     events = _own_events(info, loop)
     if not any(e.kind == "backward" and _innermost_loop(info, e.node) is loop for e in events):
         return
-    for node in ast.walk(loop):
+    for node in walk(loop):
         if (
             isinstance(node, ast.Call)
             and (m := method(node))
@@ -781,7 +798,7 @@ def _every_n_steps(info: FileInfo, node: ast.AST, loop: ast.AST) -> bool:
     while p is not None and p is not loop:
         if isinstance(p, ast.If):
             test = p.test
-            if any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Mod) for n in ast.walk(test)):
+            if any(isinstance(n, ast.BinOp) and isinstance(n.op, ast.Mod) for n in walk(test)):
                 return True
             if re.search(r"log|print|interval|every|freq|verbose|display|report", text(test), re.I):
                 return True
