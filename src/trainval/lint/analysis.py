@@ -387,8 +387,28 @@ class FileInfo:
         key = (receiver, alias)
         if key not in cache:
             cache[key] = self.UNSEEN  # in progress (a model built from itself)
-            cache[key] = self._mode_layers(receiver, alias)
+            verdict = self._mode_layers(receiver, alias)
+            if verdict[0] == "likely" and self.reinforcement_learning:
+                verdict = "free", ""  # policy and value networks conventionally hold neither (see below)
+            cache[key] = verdict
         return cache[key]
+
+    @property
+    def reinforcement_learning(self) -> bool:
+        """The file is a reinforcement-learning agent: it binds a reward (``obs, reward, done, _ = env.step(a)``,
+        ``reward_batch``, a ``rewards`` parameter). Policy and value networks (DQN, actor-critic, PPO, SAC, as in
+        Stable-Baselines3, Spinning Up and the textbooks) conventionally hold no BatchNorm and no Dropout, so a
+        network whose layers are not visible here is not taken to hold them; one built here with them still is."""
+        cache = self.__dict__
+        if "_rl" not in cache:
+            bound = (
+                n.id if isinstance(n, ast.Name) else n.attr if isinstance(n, ast.Attribute) else n.arg
+                for n in self.nodes
+                if (isinstance(n, (ast.Name, ast.Attribute)) and isinstance(n.ctx, ast.Store))
+                or isinstance(n, ast.arg)
+            )
+            cache["_rl"] = any("reward" in name.lower() for name in bound)
+        return cache["_rl"]
 
     def _mode_layers(self, receiver: str, alias: str | None) -> tuple[str, str]:
         name = receiver.split("(")[0]
@@ -442,7 +462,9 @@ class FileInfo:
             return True
         value = next((k.value for k in call.keywords if k.arg == "track_running_stats"), None)
         if value is None:
-            return len(call.args) >= 5 and not (isinstance(call.args[4], ast.Constant) and not call.args[4].value)
+            return len(call.args) >= 5 and not (
+                isinstance(call.args[4], ast.Constant) and not call.args[4].value
+            )
         return not (isinstance(value, ast.Constant) and not value.value)
 
     def _layer_verdict(self, callee: str, seen: set[str], call: ast.AST | None = None) -> tuple[str, str]:

@@ -385,6 +385,9 @@ class Walker:
         (a web handler runs after `model.eval()` at module level), or the join of its call sites' states."""
         local = self.info.locals_of(fn)
         state = State(modes={k: v for k, v in module.modes.items() if k not in local})
+        if _is_method(fn) and not _trains(fn):  # a model the object holds keeps the mode another method left
+            for key in _modes_set_by_other_methods(fn, self.info):
+                state.modes[key] = "mixed"
         if sites:
             joined = sites[0]
             for other in sites[1:]:
@@ -633,7 +636,7 @@ class Walker:
                 and call.keywords
             ):
                 recv = m[0]
-                if not recv or not (info.is_model(recv) or recv in info.models):
+                if not recv or not (info.is_model(recv) or recv in info.models or _own_mode(call, info)):
                     continue
                 key = model_key(recv)
                 arg = call.args[0] if call.args else (call.keywords[0].value if call.keywords else None)
@@ -886,6 +889,50 @@ COMMON_METHODS = {
     "__exit__",
 }
 ROUTES = {"route", "get", "post", "put", "delete", "patch", "websocket", "api_route"}
+
+
+def _own_mode(call: ast.Call, info: FileInfo) -> bool:
+    """``self.eval()`` / ``self.train()`` inside a class of the file that has no method of that name: the
+    module's own mode, and so its sub-modules' (an ensemble's ``self.estimators_``)."""
+    m = method(call)
+    if m is None or m[0] != "self":
+        return False
+    cls = info.enclosing(call, ast.ClassDef)
+    return cls is not None and not any(
+        isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == m[1] for n in cls.body
+    )
+
+
+def _trains(fn: Function) -> bool:
+    """``fn`` calls ``backward()`` or an optimizer's ``step()``: a training method, whose models are in training
+    mode when it starts (sampling inside it runs in that mode, whatever another method does)."""
+    return any(
+        isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in ("backward", "step")
+        for n in ast.walk(fn)
+    )
+
+
+def _modes_set_by_other_methods(fn: Function, info: FileInfo) -> set[str]:
+    """The model keys (``self.G``, or ``self`` itself) that another method of ``fn``'s class switches with
+    ``.eval()``/``.train(False)``: their mode is object state, so at ``fn``'s entry (called from outside the
+    file) it is whatever the last of those methods left; nothing is known of it."""
+    cls = info.enclosing(fn, ast.ClassDef)
+    if cls is None:
+        return set()
+    keys: set[str] = set()
+    for other in cls.body:
+        if other is fn or not isinstance(other, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(other):
+            if not isinstance(node, ast.Call) or (m := method(node)) is None or m[1] not in ("eval", "train"):
+                continue
+            if m[1] == "train" and not (node.args and _static(node.args[0], {}) is False):
+                continue
+            if m[0] == "self" and _own_mode(node, info):
+                keys.add("self")
+            elif m[0].startswith("self.") and info.is_model(m[0]):
+                keys.add(model_key(m[0]))
+    return keys
 
 
 def _is_method(fn: Function) -> bool:
