@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from trainval import distributed
 from trainval.errors import ConfigError
-from trainval.tasks import BatchOutputs, Task
+from trainval.tasks import BatchOutputs, HeadOutputs, MultiTask, Task
 
 
 @runtime_checkable
@@ -90,7 +90,7 @@ class _Correct(_Stat):
         return (2,)
 
     def update(self, state, out):
-        _count_hits(state, out.pred == out.target, out.mask)
+        _count_hits(state, out.pred == out.target, out.given_mask)
 
 
 class _TopK(_Stat):
@@ -108,7 +108,7 @@ class _TopK(_Stat):
 
     def update(self, state, out):
         top = out.scores.topk(self.k, dim=1).indices
-        _count_hits(state, (top == out.target.unsqueeze(1)).any(dim=1), out.mask)
+        _count_hits(state, (top == out.target.unsqueeze(1)).any(dim=1), out.given_mask)
 
 
 class _Confusion(_Stat):
@@ -132,11 +132,12 @@ class _Confusion(_Stat):
     def update(self, state, out):
         C = state.shape[0]
         idx = out.target * C + out.pred
-        if out.mask is None:
+        mask = out.given_mask
+        if mask is None:
             weights = self._ones(len(idx), state)
         else:
-            idx = idx * out.mask  # ignored targets add 0 at cell 0
-            weights = out.mask.to(state.dtype)
+            idx = idx * mask  # ignored targets add 0 at cell 0
+            weights = mask.to(state.dtype)
         state.view(-1).index_add_(0, idx, weights)  # no sync (bincount would read the max on the host)
 
 
@@ -399,7 +400,7 @@ class TorchmetricsMetric:
 
     def update(self, out: BatchOutputs) -> None:
         scores, target = out.scores, out.target
-        if out.mask is not None:  # boolean indexing: a sync, as torchmetrics' own ignore_index handling
+        if out.masked:  # boolean indexing: a sync, as torchmetrics' own ignore_index handling
             scores, target = scores[out.mask], target[out.mask]
         self.metric.to(scores.device)
         self.metric.update(scores, target)
@@ -412,8 +413,80 @@ def _is_torchmetrics(obj: Any) -> bool:
     return any(c.__module__.startswith("torchmetrics") for c in type(obj).__mro__)
 
 
+class HeadMetric:
+    """One head's metric in a multi-head model: the metric, fed that head's outputs (:class:`HeadOutputs`).
+
+    Its column is ``<split>_<head>_<name>``; its state is its own (built-ins share one state per head).
+    """
+
+    def __init__(self, head: str, name: str, metric: Any):
+        self.head, self.name, self.metric = head, f"{head}_{name}", metric
+        self.higher_is_better = bool(metric.higher_is_better)
+        self.reduction = getattr(metric, "reduction", "sum")
+        inner_key = getattr(metric, "state_key", None) or f"metric:{name}"
+        self.state_key = f"{head}:{inner_key}"
+        self.count_slot = getattr(metric, "count_slot", None)
+        self._update = getattr(metric, "_stat", metric).update  # a built-in's shared statistic
+        self.num_outputs: int | None = None  # the head's width: set by resolve_metrics
+
+    def state_shape(self, num_outputs: int) -> tuple[int, ...]:
+        assert self.num_outputs is not None  # the head's task is settled before any metric set is made
+        return tuple(self.metric.state_shape(self.num_outputs))
+
+    def update(self, state: Any, out: HeadOutputs | None = None) -> None:
+        if self.reduction == "own":  # torchmetrics: update(out)
+            self.metric.update(cast_heads(state).heads[self.head])
+        else:
+            self._update(state, cast_heads(out).heads[self.head])
+
+    def rows(self, out: HeadOutputs) -> torch.Tensor:
+        return self.metric.rows(cast_heads(out).heads[self.head])
+
+    def reset(self) -> None:
+        self.metric.reset()
+
+    def compute(self, state: Any = None) -> float:
+        return self.metric.compute() if self.reduction == "own" else self.metric.compute(state)
+
+    def __repr__(self) -> str:
+        return f"<metric {self.name}>"
+
+
+def cast_heads(out: Any) -> HeadOutputs:
+    return out  # (a multi-head task's outputs() gives HeadOutputs: the type BatchOutputs takes in Task's API)
+
+
+def _resolve_heads(spec: Iterable | dict | None, task: MultiTask) -> dict[str, Any]:
+    """Per-head metrics: ``{"cls": ["acc", ...], "reg": ["mae"]}`` -> ``{"cls_acc": HeadMetric, ...}``."""
+    if spec is None:
+        spec = task.default_metrics
+    if not isinstance(spec, dict) or not all(isinstance(v, (list, tuple, dict)) for v in spec.values()):
+        raise ConfigError(
+            f"metrics of a multi-head model go per head, like {{'cls': ['acc'], 'reg': ['mae']}} (heads: "
+            f"{', '.join(task.tasks)}); got {spec!r}."
+        )
+    out: dict[str, Any] = {}
+    for head, head_spec in spec.items():
+        if head not in task.tasks:
+            raise ConfigError(
+                f"metrics name head {head!r}, which has no scored output; heads the model outputs and the "
+                f"targets hold: {', '.join(task.tasks) or 'none'}."
+            )
+        head_task = task.tasks[head]
+        for name, metric in resolve_metrics(head_spec, head_task).items():
+            wrapped = HeadMetric(head, name, metric)
+            wrapped.num_outputs = head_task.num_outputs
+            if wrapped.name in out:
+                raise ConfigError(f"metric {wrapped.name!r} is given twice.")
+            out[wrapped.name] = wrapped
+    return out
+
+
 def resolve_metrics(spec: Iterable | dict | None, task: Task) -> dict[str, Any]:
-    """``metrics=`` (names, metric objects, or ``{name: metric}``) -> ``{name: metric}`` for ``task``."""
+    """``metrics=`` (names, metric objects, or ``{name: metric}``) -> ``{name: metric}`` for ``task``; per head
+    (``{head: [names...]}``) for a multi-head task."""
+    if isinstance(task, MultiTask):
+        return _resolve_heads(spec, task)
     if spec is None:
         spec = task.default_metrics
     items: list[tuple[str | None, Any]]
@@ -540,7 +613,7 @@ class MetricSet:
             self.weights[k] = weight
             self._host_weights.append(None)
         self.sizes.append(size)
-        self._masked = self._masked or out.mask is not None
+        self._masked = self._masked or out.masked
         for update, state in self._states:
             update(state, out)
         if self._gathered:
