@@ -17,7 +17,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, run_cli
-from sklearn.metrics import accuracy_score, f1_score, mean_absolute_error, mean_squared_error
+from sklearn.metrics import (
+    accuracy_score,
+    f1_score,
+    matthews_corrcoef,
+    mean_absolute_error,
+    mean_squared_error,
+)
 from test_distributed import torchrun, torchrun_ok
 from torch import nn
 from torch.utils.data import DataLoader
@@ -139,13 +145,15 @@ def test_tasks_given_per_head_and_a_binary_head_inferred_from_one_logit(tmp_path
         Heads(),
         loss_fn=loss,
         task={"cls": "multiclass", "flag": "binary"},
-        metrics={"flag": ["acc", "f1"]},
+        metrics={"flag": ["acc", "f1", "auroc"]},
         max_epochs=1,
         out_dir=str(tmp_path / "b"),
         progress=False,
     )
     history = given.fit((X, y))
-    assert {"train_flag_acc", "train_flag_f1"} <= set(history[-1]) and "train_cls_acc" not in history[-1]
+    assert {"train_flag_acc", "train_flag_f1", "train_flag_auroc"} <= set(
+        history[-1]
+    ) and "train_cls_acc" not in history[-1]
     predictions = given.predict(X, ckpt="last")
     assert set(predictions["flag"].unique().tolist()) <= {0, 1} and predictions["flag"].shape == (80,)
 
@@ -328,5 +336,8 @@ def test_per_head_metrics_equal_sklearn_under_one_and_two_processes(tmp_path, np
     assert_matches_sklearn(result["metrics"], result["predictions"], y, "test")
     assert result["metrics"]["test_reg_mse"] == pytest.approx(
         mean_squared_error(y["reg"].double().numpy(), result["predictions"]["reg"].double().numpy()), rel=1e-6
+    )
+    assert result["metrics"]["test_cls_mcc"] == pytest.approx(
+        matthews_corrcoef(y["cls"].numpy(), result["predictions"]["cls"].numpy()), abs=1e-12
     )
     assert result["mode"] == "min"

@@ -34,6 +34,13 @@ class TupleTwoHead(TwoHead):
         return out["cls"], out["reg"]
 
 
+def mcc(pred, target):
+    """A plain-function metric: called once per epoch on every sample (gathered across ranks)."""
+    from sklearn.metrics import matthews_corrcoef
+
+    return matthews_corrcoef(target.numpy(), pred.numpy())
+
+
 def combined_loss(outputs, targets):
     LOSS_CALLS.append((type(outputs).__name__, type(targets).__name__))
     return F.cross_entropy(outputs["cls"], targets["cls"]) + F.mse_loss(outputs["reg"], targets["reg"])
@@ -86,7 +93,7 @@ if __name__ == "__main__":  # torchrun child: fit, test and predict; rank 0 writ
     trainer = Trainer(
         TwoHead(),
         loss_fn=combined_loss,
-        metrics={"cls": ["acc", "f1_macro"], "reg": ["mae", "mse"]},
+        metrics={"cls": ["acc", "f1_macro", mcc], "reg": ["mae", "mse"]},
         max_epochs=3,
         batch_size=16,
         out_dir=os.path.join(out_dir, "run"),

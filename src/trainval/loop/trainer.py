@@ -405,30 +405,38 @@ class Trainer:
             *([Curves()] if self.options.plot and main else []),
         ]
 
-    def validate(self, val_data: Any, ckpt: str | None = None) -> dict:
-        """``{"val_loss", "val_<metric>", ...}`` on ``val_data`` with the current weights (or ``ckpt``)."""
-        return self._score(val_data, ckpt, "val")
+    def validate(self, val_data: Any, ckpt: str | None = None, *, threshold: float | None = None) -> dict:
+        """``{"val_loss", "val_<metric>", ...}`` on ``val_data`` with the current weights (or ``ckpt``);
+        ``threshold``: binary/multilabel, for this call only (as :meth:`test`)."""
+        return self._score(val_data, ckpt, "val", threshold)
 
-    def test(self, test_data: Any, ckpt: str | None = "best") -> dict:
+    def test(self, test_data: Any, ckpt: str | None = "best", *, threshold: float | None = None) -> dict:
         """Reload ``best.pt`` (or ``ckpt``), then ``{"test_loss", "test_<metric>", ...}`` on ``test_data``.
 
         For a multiclass task the confusion matrix (rows: true class, columns: predicted) is also
         written to ``out_dir/confusion_matrix.csv`` when the run folder exists. The metrics of the run's
         own ``best``/``last`` checkpoint also go into its ``summary.json``.
+
+        Args:
+            threshold: binary/multilabel (every such head of a multi-head model): the probability above which
+                a prediction is 1, for this call only (default: the Trainer's ``threshold``); recorded in the
+                result as ``test_threshold`` (and so in summary.json and the CLI's test.json).
         """
-        metrics = self._score(test_data, ckpt, "test")
+        metrics = self._score(test_data, ckpt, "test", threshold)
         if self.dist.is_main and ckpt in ("best", "last"):
             record_test(self.out_dir, metrics)
         return metrics
 
-    def predict(self, inputs: Any, ckpt: str | None = "best") -> torch.Tensor:
+    def predict(self, inputs: Any, ckpt: str | None = "best", *, threshold: float | None = None) -> Any:
         """Predictions from ``best.pt`` (or ``ckpt``), input order, on the CPU; targets are ignored.
 
         Class ids (multiclass: one per sample, or per position for dense outputs), 0/1 (binary),
-        multi-hot rows (multilabel, ``threshold``), or the outputs (regression).
+        multi-hot rows (multilabel, ``threshold``), or the outputs (regression); a multi-head model's as a
+        dict by head. ``threshold``: binary/multilabel, for this call only (default: the Trainer's).
         """
         raw = self._predict_outputs(inputs, ckpt)
-        return self.task.predict(raw)
+        with self._threshold(threshold):
+            return self.task.predict(raw)
 
     def predict_proba(self, inputs: Any, ckpt: str | None = "best") -> torch.Tensor:
         """Class probabilities: ``[N, C, *]`` (multiclass, softmax), ``[N]`` (binary, the positive class),
@@ -822,8 +830,24 @@ class Trainer:
                 metrics.update(loss, weigh(step.y), task.outputs(output, step.y), first_len(step.y))
         return metrics.compute()  # all-reduced over ranks: each sample counted once
 
-    def _score(self, data: Any, ckpt: str | None, prefix: str) -> dict:
-        """validate/test: reload ``ckpt``, then the loss and every metric on ``data``."""
+    @contextlib.contextmanager
+    def _threshold(self, threshold: float | None) -> Iterator[None]:
+        """The task's (each head's) ``threshold`` set for one call, and restored after."""
+        if threshold is None:
+            yield
+            return
+        check_threshold(threshold)
+        tasks = [self.task, *getattr(self.task, "tasks", {}).values()]
+        saved = [t.threshold for t in tasks]
+        self.task.set_threshold(threshold)
+        try:
+            yield
+        finally:
+            for t, value in zip(tasks, saved):
+                t.threshold = value
+
+    def _score(self, data: Any, ckpt: str | None, prefix: str, threshold: float | None = None) -> dict:
+        """validate/test: reload ``ckpt``, then the loss and every metric on ``data`` (at ``threshold``)."""
         self._setup()
         loader = self._make_loader(data, train=False, name=prefix)
         self._preflight(loader, prefix, labelled=True)
@@ -834,13 +858,17 @@ class Trainer:
         metric_set = MetricSet(
             {**self.metrics, **extra}, self._num_outputs(), self.device, loader.num_batches or 64
         )
-        values, count = self._evaluate(loader, metric_set)
+        with self._threshold(threshold):
+            values, count = self._evaluate(loader, metric_set)
         self._check_count(count, loader, prefix)
         if confusion:
             cm = metric_set.state_of("confusion")  # summed over ranks: every rank takes part
             if cm is not None and self.dist.is_main and os.path.isdir(self.out_dir):
                 _write_confusion(os.path.join(self.out_dir, "confusion_matrix.csv"), cm)
-        return {f"{prefix}_{k}": v for k, v in values.items() if not k.startswith("__")}
+        result = {f"{prefix}_{k}": v for k, v in values.items() if not k.startswith("__")}
+        if threshold is not None:  # what gave these metrics, recorded with them
+            result[f"{prefix}_threshold"] = float(threshold)
+        return result
 
     def _predict_outputs(self, inputs: Any, ckpt: str | None) -> Any:
         """The model's outputs for every input, in input order, gathered on the CPU of every rank (a multi-head
@@ -1044,6 +1072,11 @@ class Trainer:
         self._resolve_metrics()
         split = "val" if has_val else "train"
         monitor = self.options.monitor or f"{split}_{next(iter(self.metrics), 'loss')}"
+        if not has_val and not self.options.monitor:
+            self.log(
+                f"no validation data: monitoring {monitor}, so best.pt is the best epoch on the training data "
+                "(pass val_data, or set monitor=)."
+            )
         names = ["loss", *self.metrics]
         short = monitor.split("_", 1)[1]
         if short not in names:
