@@ -22,6 +22,9 @@ Writing your own sync-free metric (the protocol the built-ins follow)::
 
     Trainer(..., metrics=["acc", MeanAbsLogit()])
 
+A plain function ``fn(pred, target) -> float`` is a metric too (:class:`FunctionMetric`): its predictions and
+targets are kept on the device and gathered once per epoch, and it is called once per epoch on all of them.
+
 Metrics with the same ``state_key`` share one state (the built-in F1/precision/recall/balanced accuracy/
 mIoU share one confusion matrix). A ``torchmetrics.Metric`` object is accepted too; it keeps its own state
 and synchronises where torchmetrics does.
@@ -40,7 +43,7 @@ import torch.distributed as dist
 
 from trainval import distributed
 from trainval.errors import ConfigError
-from trainval.tasks import BatchOutputs, Task
+from trainval.tasks import BatchOutputs, HeadOutputs, MultiTask, Task
 
 
 @runtime_checkable
@@ -90,7 +93,7 @@ class _Correct(_Stat):
         return (2,)
 
     def update(self, state, out):
-        _count_hits(state, out.pred == out.target, out.mask)
+        _count_hits(state, out.pred == out.target, out.given_mask)
 
 
 class _TopK(_Stat):
@@ -108,7 +111,7 @@ class _TopK(_Stat):
 
     def update(self, state, out):
         top = out.scores.topk(self.k, dim=1).indices
-        _count_hits(state, (top == out.target.unsqueeze(1)).any(dim=1), out.mask)
+        _count_hits(state, (top == out.target.unsqueeze(1)).any(dim=1), out.given_mask)
 
 
 class _Confusion(_Stat):
@@ -132,11 +135,12 @@ class _Confusion(_Stat):
     def update(self, state, out):
         C = state.shape[0]
         idx = out.target * C + out.pred
-        if out.mask is None:
+        mask = out.given_mask
+        if mask is None:
             weights = self._ones(len(idx), state)
         else:
-            idx = idx * out.mask  # ignored targets add 0 at cell 0
-            weights = out.mask.to(state.dtype)
+            idx = idx * mask  # ignored targets add 0 at cell 0
+            weights = mask.to(state.dtype)
         state.view(-1).index_add_(0, idx, weights)  # no sync (bincount would read the max on the host)
 
 
@@ -309,6 +313,60 @@ class AUROC:
         return _auroc(rows.numpy())
 
 
+class FunctionMetric:
+    """A plain function ``fn(pred, target) -> float``, called once per epoch on every sample of the split.
+
+    Each batch's predictions, targets and mask are kept on the device as float64 rows (``8 * (2 * D + 1)``
+    bytes per sample, ``D`` the prediction's width: 1 for class ids and 0/1), no host sync per batch; at the
+    epoch's end the rows are gathered once across processes (each sample once) and ``fn`` gets CPU tensors in
+    the task's form, ignored targets left out: class ids or 0/1 ``[N]`` (long), multi-hot rows ``[N, K]``
+    (long), values ``[N]`` or ``[N, D]`` (float64). Its cost is the rows' memory and one call of ``fn`` per
+    split and epoch. Higher is better unless the function has ``higher_is_better = False``.
+    """
+
+    reduction = "cat"
+
+    def __init__(self, name: str, fn: Callable[..., Any], task: str):
+        self.name, self.fn, self.task = name, fn, task
+        self.higher_is_better = bool(getattr(fn, "higher_is_better", True))
+
+    def _width(self, num_outputs: int) -> int:
+        return num_outputs if self.task in ("multilabel", "regression") else 1
+
+    def empty_rows(self, num_outputs: int, device: torch.device) -> torch.Tensor:
+        return torch.zeros((0, 2 * self._width(num_outputs) + 1), dtype=torch.float64, device=device)
+
+    def rows(self, out: BatchOutputs) -> torch.Tensor:
+        n = out.target.shape[0]
+        return torch.cat(
+            [
+                out.pred.reshape(n, -1).to(torch.float64),
+                out.target.reshape(n, -1).to(torch.float64),
+                out.mask.reshape(n, 1).to(torch.float64),
+            ],
+            dim=1,
+        )
+
+    def compute(self, rows: torch.Tensor) -> float:
+        width = (rows.shape[1] - 1) // 2
+        rows = rows[rows[:, -1] > 0.5]  # ignored targets left out
+        pred, target = rows[:, :width], rows[:, width : 2 * width]
+        if self.task != "regression":
+            pred, target = pred.round().long(), target.round().long()
+        if width == 1:
+            pred, target = pred[:, 0], target[:, 0]
+        try:
+            return float(self.fn(pred, target))
+        except Exception as e:  # noqa: BLE001 - the user's function; say which, in one line
+            raise ConfigError(
+                f"metric {self.name!r} ({getattr(self.fn, '__name__', 'a function')}(pred, target)) raised "
+                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"<metric {self.name}>"
+
+
 def _builtin(task: str, name: str) -> Any:
     correct, confusion = _Correct(), _Confusion()
     cm_metrics = {
@@ -399,7 +457,7 @@ class TorchmetricsMetric:
 
     def update(self, out: BatchOutputs) -> None:
         scores, target = out.scores, out.target
-        if out.mask is not None:  # boolean indexing: a sync, as torchmetrics' own ignore_index handling
+        if out.masked:  # boolean indexing: a sync, as torchmetrics' own ignore_index handling
             scores, target = scores[out.mask], target[out.mask]
         self.metric.to(scores.device)
         self.metric.update(scores, target)
@@ -412,8 +470,86 @@ def _is_torchmetrics(obj: Any) -> bool:
     return any(c.__module__.startswith("torchmetrics") for c in type(obj).__mro__)
 
 
+class HeadMetric:
+    """One head's metric in a multi-head model: the metric, fed that head's outputs (:class:`HeadOutputs`).
+
+    Its column is ``<split>_<head>_<name>``; its state is its own (built-ins share one state per head).
+    """
+
+    def __init__(self, head: str, name: str, metric: Any):
+        self.head, self.name, self.metric = head, f"{head}_{name}", metric
+        self.higher_is_better = bool(metric.higher_is_better)
+        self.reduction = getattr(metric, "reduction", "sum")
+        inner_key = getattr(metric, "state_key", None) or f"metric:{name}"
+        self.state_key = f"{head}:{inner_key}"
+        self.count_slot = getattr(metric, "count_slot", None)
+        # a summed metric's update (a built-in's: its shared statistic's)
+        self._update = getattr(metric, "_stat", metric).update if self.reduction == "sum" else None
+        self.num_outputs: int | None = None  # the head's width: set by resolve_metrics
+
+    def state_shape(self, num_outputs: int) -> tuple[int, ...]:
+        assert self.num_outputs is not None  # the head's task is settled before any metric set is made
+        return tuple(self.metric.state_shape(self.num_outputs))
+
+    def update(self, state: Any, out: HeadOutputs | None = None) -> None:
+        if self.reduction == "own":  # torchmetrics: update(out)
+            self.metric.update(cast_heads(state).heads[self.head])
+        else:
+            assert self._update is not None  # (a gathered metric has rows, not update)
+            self._update(state, cast_heads(out).heads[self.head])
+
+    def rows(self, out: HeadOutputs) -> torch.Tensor:
+        return self.metric.rows(cast_heads(out).heads[self.head])
+
+    def empty_rows(self, num_outputs: int, device: torch.device) -> torch.Tensor:
+        assert self.num_outputs is not None  # set by resolve_metrics
+        return _empty_rows(self.metric, self.num_outputs, device)
+
+    def reset(self) -> None:
+        self.metric.reset()
+
+    def compute(self, state: Any = None) -> float:
+        return self.metric.compute() if self.reduction == "own" else self.metric.compute(state)
+
+    def __repr__(self) -> str:
+        return f"<metric {self.name}>"
+
+
+def cast_heads(out: Any) -> HeadOutputs:
+    return out  # (a multi-head task's outputs() gives HeadOutputs: the type BatchOutputs takes in Task's API)
+
+
+def _resolve_heads(spec: Iterable | dict | None, task: MultiTask) -> dict[str, Any]:
+    """Per-head metrics: ``{"cls": ["acc", ...], "reg": ["mae"]}`` -> ``{"cls_acc": HeadMetric, ...}``."""
+    if spec is None:
+        spec = task.default_metrics
+    if not isinstance(spec, dict) or not all(isinstance(v, (list, tuple, dict)) for v in spec.values()):
+        raise ConfigError(
+            f"metrics of a multi-head model go per head, like {{'cls': ['acc'], 'reg': ['mae']}} (heads: "
+            f"{', '.join(task.tasks)}); got {spec!r}."
+        )
+    out: dict[str, Any] = {}
+    for head, head_spec in spec.items():
+        if head not in task.tasks:
+            raise ConfigError(
+                f"metrics name head {head!r}, which has no scored output; heads the model outputs and the "
+                f"targets hold: {', '.join(task.tasks) or 'none'}."
+            )
+        head_task = task.tasks[head]
+        for name, metric in resolve_metrics(head_spec, head_task).items():
+            wrapped = HeadMetric(head, name, metric)
+            wrapped.num_outputs = head_task.num_outputs
+            if wrapped.name in out:
+                raise ConfigError(f"metric {wrapped.name!r} is given twice.")
+            out[wrapped.name] = wrapped
+    return out
+
+
 def resolve_metrics(spec: Iterable | dict | None, task: Task) -> dict[str, Any]:
-    """``metrics=`` (names, metric objects, or ``{name: metric}``) -> ``{name: metric}`` for ``task``."""
+    """``metrics=`` (names, metric objects, or ``{name: metric}``) -> ``{name: metric}`` for ``task``; per head
+    (``{head: [names...]}``) for a multi-head task."""
+    if isinstance(task, MultiTask):
+        return _resolve_heads(spec, task)
     if spec is None:
         spec = task.default_metrics
     items: list[tuple[str | None, Any]]
@@ -440,10 +576,13 @@ def resolve_metrics(spec: Iterable | dict | None, task: Task) -> dict[str, Any]:
             metric = TorchmetricsMetric(name, m)
         elif isinstance(m, Metric) or (hasattr(m, "rows") and getattr(m, "reduction", "") == "cat"):
             metric, name = m, name or m.name
+        elif callable(m) and not isinstance(m, type):  # a plain function fn(pred, target) -> float
+            name = str(name or getattr(m, "__name__", type(m).__name__))
+            metric = FunctionMetric(name, m, task.name)
         else:
             raise ConfigError(
-                f"metric {m!r} is neither a built-in name nor an object with name, higher_is_better, "
-                "state_shape, update and compute (see trainval.metrics)."
+                f"metric {m!r} is neither a built-in name, a function (pred, target) -> float, nor an object "
+                "with name, higher_is_better, state_shape, update and compute (see trainval.metrics)."
             )
         if not re.fullmatch(r"[A-Za-z0-9_]+", str(name)) or name == "loss":
             raise ConfigError(f"metric name {name!r} must be letters, digits and _ (and not 'loss').")
@@ -540,7 +679,7 @@ class MetricSet:
             self.weights[k] = weight
             self._host_weights.append(None)
         self.sizes.append(size)
-        self._masked = self._masked or out.mask is not None
+        self._masked = self._masked or out.masked
         for update, state in self._states:
             update(state, out)
         if self._gathered:
@@ -618,7 +757,7 @@ class MetricSet:
 
     def _gather_rows(self, name: str, all_reduce: bool) -> torch.Tensor:
         rows = self._rows[name]
-        local = torch.cat(rows) if rows else torch.zeros((0, 2), dtype=torch.float64, device=self.device)
+        local = torch.cat(rows) if rows else _empty_rows(self._gathered[name], self.num_outputs, self.device)
         if all_reduce and _distributed():
             return distributed.gather_rows(local)
         return local.cpu()
@@ -652,6 +791,13 @@ class MetricSet:
         for name, rows in state.get("rows", {}).items():
             if name in self._rows and rows is not None:
                 self._rows[name] = [rows.to(self.device)]
+
+
+def _empty_rows(metric: Any, num_outputs: int, device: torch.device) -> torch.Tensor:
+    """A rank's rows where it saw no batch: the shape its peers' rows have (the gather needs it)."""
+    if hasattr(metric, "empty_rows"):
+        return metric.empty_rows(num_outputs, device)
+    return torch.zeros((0, 2), dtype=torch.float64, device=device)
 
 
 def _distributed() -> bool:

@@ -22,8 +22,8 @@ that read values (label ranges, integer-ness) run once, before the first step.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -54,16 +54,30 @@ class BatchOutputs:
     ``target``: multiclass/binary ``[N]`` long, multilabel ``[N, K]`` long, regression ``[N, D]`` float.
     ``pred``: the same shape as ``target``. ``scores``: multiclass ``[N, C]`` logits, binary ``[N]``
     positive-class probabilities, multilabel ``[N, K]`` probabilities, regression ``[N, D]``.
-    ``mask``: ``[N]`` bool, False where the target equals ``ignore_index``; ``None`` when nothing is ignored.
-    ``pred`` and ``scores`` are computed on first use, so a metric that needs neither costs nothing.
+    ``mask``: ``[N]`` bool, False where the target equals ``ignore_index`` (always a tensor: all True when
+    nothing is ignored, made on first use). ``given_mask``: the same, or ``None`` when nothing is ignored (the
+    built-in metrics' fast path). ``pred`` and ``scores`` are computed on first use, so a metric that needs
+    neither costs nothing.
     """
 
-    __slots__ = ("task", "output", "target", "mask", "_pred", "_scores")
+    __slots__ = ("task", "output", "target", "given_mask", "_mask", "_pred", "_scores")
 
     def __init__(self, task: Task, output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None):
-        self.task, self.output, self.target, self.mask = task, output, target, mask
+        self.task, self.output, self.target, self.given_mask = task, output, target, mask
+        self._mask: torch.Tensor | None = mask
         self._pred: torch.Tensor | None = None
         self._scores: torch.Tensor | None = None
+
+    @property
+    def masked(self) -> bool:
+        """Did the batch carry a mask (some targets may be ignored)?"""
+        return self.given_mask is not None
+
+    @property
+    def mask(self) -> torch.Tensor:
+        if self._mask is None:  # nothing ignored: every sample counts (a device op, on first use only)
+            self._mask = torch.ones(self.target.shape[0], dtype=torch.bool, device=self.target.device)
+        return self._mask
 
     @property
     def pred(self) -> torch.Tensor:  # (a plain lazy property: functools.cached_property takes a lock)
@@ -104,6 +118,15 @@ class Task:
     def cast_target(self, y: torch.Tensor) -> torch.Tensor:
         """The dtype the loss wants; per batch for Dataset inputs (a cast, no sync)."""
         return y
+
+    def expect_ignored(self) -> None:
+        """Later batches may hold ``ignore_index`` targets (a Dataset's, not read ahead): mask them."""
+        if self.ignore_index is not None:
+            self.masking = True
+
+    def set_threshold(self, threshold: float) -> None:
+        """The probability above which a binary/multilabel prediction is 1 (for one test or predict call)."""
+        self.threshold = threshold
 
     # -- per step (device work only) ------------------------------------------------------------
     def loss_inputs(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -442,8 +465,7 @@ def make_task(
 ) -> Task | None:
     """The Task for ``task`` (a name or an object), or the one the loss implies; ``None`` if that waits
     for the model's output width (a BCE loss: binary or multilabel)."""
-    if not 0.0 < threshold < 1.0:
-        raise ConfigError(f"threshold must lie strictly between 0 and 1, got {threshold!r}.")
+    check_threshold(threshold)
     if isinstance(task, Task):
         return task
     if task is None:
@@ -458,6 +480,18 @@ def make_task(
     if ignore_index is None and task == "multiclass":
         ignore_index = -100  # CrossEntropyLoss's default
     return _CLASSES[task](ignore_index=ignore_index if task == "multiclass" else None, threshold=threshold)
+
+
+def check_threshold(threshold: float) -> None:
+    if not 0.0 < threshold < 1.0:
+        raise ConfigError(f"threshold must lie strictly between 0 and 1, got {threshold!r}.")
+
+
+def is_builtin_loss(loss_fn: object) -> bool:
+    """One of torch's own losses (a module of ``torch.nn`` or a ``torch.nn.functional`` function), which takes
+    one output and one target; anything else is the user's own."""
+    module = type(loss_fn).__module__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__module__", "")
+    return str(module or "").startswith("torch.")
 
 
 _FITS = {
@@ -544,7 +578,7 @@ def loss_weight_fn(loss_fn: nn.Module, task: Task) -> Callable[[torch.Tensor], t
         return weigh_classes
     if isinstance(loss_fn, _ELEMENTWISE_LOSSES):
         return torch.Tensor.numel
-    return lambda target: target.shape[0]
+    return first_len  # a mean over samples; a dict/tuple target's batch size is its first tensor's length
 
 
 def exact_weight_fn(
@@ -564,3 +598,232 @@ def exact_weight_fn(
     if isinstance(loss_fn, _ELEMENTWISE_LOSSES):
         return loss_weight_fn(loss_fn, task), False
     return None, False
+
+
+# --------------------------------------------------------------------------------------------------
+# Several heads: dict or tuple targets
+
+
+def is_structured(x: object) -> bool:
+    """A tuple/list or dict target (several heads), as opposed to one tensor."""
+    return isinstance(x, (tuple, list, Mapping))
+
+
+def first_len(x: object) -> int:
+    """The batch size of a tensor, or of a tuple/dict of them (its first tensor's length)."""
+    if isinstance(x, torch.Tensor):
+        return x.shape[0]
+    if isinstance(x, Mapping):
+        return first_len(next(iter(x.values())))
+    if isinstance(x, (tuple, list)):
+        return first_len(x[0])
+    raise TypeError(f"not a tensor, tuple or dict: {type(x).__name__}")
+
+
+class HeadOutputs:
+    """One batch of a multi-head model as metrics see it: ``heads[name]`` is that head's :class:`BatchOutputs`."""
+
+    __slots__ = ("heads", "masked")
+
+    def __init__(self, heads: dict[str, BatchOutputs]):
+        self.heads = heads
+        self.masked = any(out.masked for out in heads.values())
+
+
+def infer_head_task(output: torch.Tensor, target: torch.Tensor) -> str | None:
+    """A head's task from its output and target: float targets are regression; integer targets are class ids
+    (multiclass) for ``[B, C, *]`` logits with ``C >= 2``, 0/1 (binary) for one logit per sample, multi-hot
+    rows (multilabel) for a ``[B, K]`` target of the output's shape. ``None``: it cannot tell."""
+    if target.is_floating_point():
+        return "regression"
+    if target.is_complex() or output.dim() == 0:
+        return None
+    B = output.shape[0]
+    if output.dim() == 1 or (output.dim() == 2 and output.shape[1] == 1):
+        return "binary" if target.numel() == B else None
+    if output.dim() == 2 and target.dim() == 2 and list(target.shape) == list(output.shape):
+        return "multilabel"
+    if output.shape[1] >= 2 and (
+        list(target.shape) == [B, *output.shape[2:]] or (output.dim() == 2 and list(target.shape) == [B, 1])
+    ):
+        return "multiclass"
+    return None
+
+
+@dataclass
+class MultiTask(Task):
+    """A model with several heads, trained on dict (or tuple) targets with the user's own combined loss.
+
+    The loss gets the model's whole output and the whole target: ``loss_fn(outputs, targets)``. Each target
+    head (a dict key, or a tuple position named ``"0"``, ``"1"``...) is scored against the model's output of
+    the same key (position) by its own task, given per head (``task={"cls": "multiclass", ...}``) or inferred
+    from the first batch (:func:`infer_head_task`); a head the model has no output for is not scored.
+    ``spec``: the given per-head tasks (names, Task objects or ``None``); ``tasks``: the settled ones.
+    """
+
+    name: ClassVar[str] = "multitask"
+    spec: dict[str, str | Task | None] = field(default_factory=dict)
+    tasks: dict[str, Task] = field(default_factory=dict)
+    keyed: bool = True  # dict targets (else tuple positions)
+
+    def __post_init__(self) -> None:
+        for head, kind in self.spec.items():
+            if isinstance(kind, str) and kind not in _CLASSES:
+                raise ConfigError(f"task for head {head!r} must be one of {', '.join(TASKS)}, got {kind!r}.")
+
+    @property
+    def default_metrics(self) -> dict[str, tuple[str, ...]]:  # type: ignore[override]
+        return {head: task.default_metrics for head, task in self.tasks.items()}
+
+    def _key(self, head: str) -> str | int:
+        return head if self.keyed else int(head)
+
+    def _part(self, x: object, head: str) -> torch.Tensor | None:
+        """The head's tensor in a dict/tuple output or target (None where it has none)."""
+        key = self._key(head)
+        if isinstance(x, Mapping):
+            value = x.get(key)
+        elif isinstance(x, (tuple, list)) and isinstance(key, int) and key < len(x):
+            value = x[key]
+        else:
+            value = None
+        return value if isinstance(value, torch.Tensor) else None
+
+    def heads_of(self, target: object, what: str) -> list[str]:
+        """The heads of a dict/tuple target (checked: names usable in column names)."""
+        if isinstance(target, Mapping):
+            self.keyed, heads = True, [str(k) for k in target]
+        elif isinstance(target, (tuple, list)):
+            self.keyed, heads = False, [str(i) for i in range(len(target))]
+        else:
+            raise DataError(
+                f"{what} targets are {_shape(target)}, but task or metrics are given per head "
+                f"({', '.join(map(repr, self.spec))}): give targets as a dict of the heads' tensors."
+            )
+        for head in heads:
+            if not head.replace("_", "a").isalnum() or not head.isascii():
+                raise DataError(
+                    f"{what} target head {head!r} must be named with letters, digits and _ (it names "
+                    "metric columns, like val_<head>_acc)."
+                )
+        unknown = [h for h in self.spec if h not in heads]
+        if unknown:
+            raise DataError(
+                f"task names head {unknown[0]!r}, but the {what} targets' heads are {heads}; name the heads "
+                "as the targets do."
+            )
+        return heads
+
+    def check_output(self, output, target, what):
+        """Settles each head's task from the first batch; checks every head's output against its target."""
+        if target is None:  # predict: the heads settled by fit (or given per head)
+            for head, given in self.spec.items():
+                if head not in self.tasks and given is not None:
+                    made = given if isinstance(given, Task) else make_task(given, None, threshold=self.threshold)
+                    assert made is not None  # a named task is never deferred
+                    self.tasks[head] = made
+            for head, settled in self.tasks.items():
+                out = self._part(output, head)
+                if out is None:
+                    raise DataError(f"the model's output for a {what} batch has no head {head!r}.")
+                settled.check_output(out, None, f"{what} '{head}'")
+            self.num_outputs = 1
+            return
+        for head in self.heads_of(target, what):
+            out, y = self._part(output, head), self._part(target, head)
+            if y is None:
+                raise DataError(f"{what} target head {head!r} is not a tensor ({_shape(target)}).")
+            given = self.spec.get(head)
+            if out is None:
+                if given is not None:
+                    keys = list(output) if isinstance(output, Mapping) else _shape(output)
+                    raise DataError(
+                        f"task names head {head!r}, but the model's output has no {head!r} ({keys}); the "
+                        "model's dict (tuple) output must hold each scored head under the target's key "
+                        "(position)."
+                    )
+                continue  # the loss may use it; no metric can
+            task = self.tasks.get(head)
+            if task is None:
+                if isinstance(given, Task):
+                    task = given
+                else:
+                    kind = given if isinstance(given, str) else infer_head_task(out, y)
+                    if kind is None:
+                        raise DataError(
+                            f"cannot tell the task of head {head!r} (output {_shape(out)}, target "
+                            f"{_shape(y)} {y.dtype}); pass task={{{head!r}: 'multiclass'}} (or 'binary', "
+                            "'multilabel', 'regression')."
+                        )
+                    made = make_task(kind, None, ignore_index=self.ignore_index, threshold=self.threshold)
+                    assert made is not None  # a named task is never deferred
+                    task = made
+                self.tasks[head] = task
+            task.check_output(out, y, f"{what} '{head}'")
+        self.num_outputs = 1  # (each head's metrics size themselves by its own task)
+
+    def _map(self, target, fn):
+        parts = {head: fn(task, self._part(target, head)) for head, task in self.tasks.items()}
+        if isinstance(target, Mapping):
+            return {k: parts.get(str(k), v) for k, v in target.items()}
+        return type(target)(parts.get(str(i), v) for i, v in enumerate(target))
+
+    def prepare_targets(self, y, what):
+        return self._map(y, lambda task, t: task.prepare_targets(t, f"{what} '{task_head(self, task)}'"))
+
+    def cast_target(self, y):
+        return self._map(y, lambda task, t: task.cast_target(t))
+
+    def expect_ignored(self) -> None:
+        for task in self.tasks.values():
+            task.expect_ignored()
+
+    def loss_inputs(self, output, target):
+        return output, target  # the whole output and the whole target: the user's loss combines the heads
+
+    def outputs(self, output, target):
+        heads = {
+            head: task.outputs(self._part(output, head), self._part(target, head))  # type: ignore[arg-type]
+            for head, task in self.tasks.items()
+        }
+        if any(out.masked for out in heads.values()):
+            for out in heads.values():  # counts come from the device for every head then
+                if not out.masked:
+                    out.given_mask = out.mask
+        return HeadOutputs(heads)
+
+    def set_threshold(self, threshold: float) -> None:
+        self.threshold = threshold
+        for task in self.tasks.values():
+            task.set_threshold(threshold)
+
+    def predict(self, output):
+        """Each scored head's predictions (a dict by head name); other heads' outputs as they are."""
+        return {
+            head: (self.tasks[head].predict(out) if head in self.tasks else out)
+            for head, out in _named_parts(output).items()
+        }
+
+    def proba(self, output):
+        """Each classification head's probabilities (a dict by head name)."""
+        return {
+            head: self.tasks[head].proba(out)
+            for head, out in _named_parts(output).items()
+            if head in self.tasks and self.tasks[head].is_classification
+        }
+
+    @property
+    def is_classification(self) -> bool:
+        return False
+
+
+def task_head(multi: MultiTask, task: Task) -> str:
+    return next(head for head, t in multi.tasks.items() if t is task)
+
+
+def _named_parts(output: object) -> dict[str, torch.Tensor]:
+    if isinstance(output, Mapping):
+        return {str(k): v for k, v in output.items()}
+    if isinstance(output, (tuple, list)):
+        return {str(i): v for i, v in enumerate(output)}
+    raise DataError(f"a multi-head model's output must be a dict or a tuple, got {_shape(output)}.")

@@ -115,17 +115,20 @@ SCHEMA: dict[str, dict[str, Key]] = {
             choices=("multiclass", "binary", "multilabel", "regression"),
         ),
         "metrics": Key(
-            "list[str]",
+            "list[str]|heads",
             None,
-            "metrics per split (default per task: acc; f1_micro for multilabel; mse, mae for regression)",
+            "metrics per split (default per task: acc; f1_micro for multilabel; mse, mae for regression); "
+            "a multi-head model's per head: `{cls: [acc], reg: [mae]}`",
             nullable=True,
         ),
         "loss": Key(
             "str",
             None,
-            "loss (default per task: cross_entropy; bce_with_logits for binary/multilabel; mse)",
+            "loss (default per task: cross_entropy; bce_with_logits for binary/multilabel; mse), or a "
+            "`module:function` loss(outputs, targets) of your own (a multi-head model's: dict targets)",
             nullable=True,
             choices=("cross_entropy", "bce_with_logits", "mse", "l1", "smooth_l1", "huber"),
+            open_choices=True,
         ),
         "class_weights": Key(
             "list[float]|balanced",
@@ -272,6 +275,12 @@ def _check(path: str, key: Key, value: Any, source: str) -> Any:
         ):
             raise bad("a list of non-negative numbers (one per class) or 'balanced'")
         value = [float(v) for v in value]
+    elif kind == "list[str]|heads":
+        heads = value if isinstance(value, dict) else {"": value}
+        if not heads or not all(
+            isinstance(v, list) and all(isinstance(m, str) for m in v) for v in heads.values()
+        ):
+            raise bad("a list of metric names, or a mapping of heads to lists of names ({cls: [acc]})")
     elif kind.startswith("list["):
         inner = kind[5:-1]
         ok = {
@@ -436,6 +445,8 @@ def code_imports(cfg: dict) -> list[str]:
         found.append(f"model.name={cfg['model']['name']}")
     if cfg["data"]["source"] == "factory" and cfg["data"]["factory"]:
         found.append(f"data.factory={cfg['data']['factory']}")
+    if ":" in (cfg["task"]["loss"] or ""):
+        found.append(f"task.loss={cfg['task']['loss']}")
     return found
 
 

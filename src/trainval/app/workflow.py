@@ -182,6 +182,13 @@ def _shape_and_outputs(
     ``module:Class`` model then knows its own sizes).
     """
     X, y = _arrays(splits.train)
+    if isinstance(y, (dict, tuple, list)):  # several heads: the module:Class model knows its own sizes
+        if model_name in ("mlp", "cnn"):
+            raise ConfigError(
+                f"model.name {model_name} has one output, and the training targets hold several heads; "
+                "use a 'module:Class' model with an output per head (and a task.loss of your own)."
+            )
+        return list(np.asarray(X).shape[1:]) if not isinstance(X, dict) else None, None
     if X is None or y is None:
         if model_name in ("mlp", "cnn"):
             raise ConfigError(
@@ -330,6 +337,13 @@ def build_scheduler(cfg: dict, optimizer: torch.optim.Optimizer, n_train: int, s
 def monitor_direction(cfg: dict) -> Literal["min", "max"]:
     """``max``/``min`` for the metric the Trainer will monitor (``train.monitor``, or its default: the
     first metric), as the Trainer decides it, for a ReduceLROnPlateau built before the Trainer."""
+    if isinstance(cfg["task"]["metrics"], dict) or own_loss(cfg):  # heads the first batch settles
+        if (cfg["train"]["monitor"] or "").endswith("_loss"):
+            return "min"
+        raise ConfigError(
+            "scheduler.name plateau with a task.loss of your own (or metrics per head) needs train.mode "
+            "(min or max) for its monitored metric, or train.monitor=val_loss."
+        )
     task = make_task(task_name(cfg), None)
     assert task is not None  # a task name always gives a Task (None only for a task a BCE loss leaves open)
     metrics = resolve_metrics(cfg["task"]["metrics"], task)
@@ -370,10 +384,22 @@ def task_name(cfg: dict) -> str:
     return cfg["task"]["name"] or "multiclass"
 
 
+def own_loss(cfg: dict) -> bool:
+    """``task.loss`` names the user's own ``module:function`` (the Trainer infers the task, per head)."""
+    return ":" in (cfg["task"]["loss"] or "")
+
+
 def build_loss(cfg: dict, splits: Splits | None, num_outputs: int | None) -> nn.Module:
     """The loss named by ``task.loss`` (default per task), with ``task.class_weights``/``ignore_index``."""
     tk, task = cfg["task"], task_name(cfg)
     name = tk["loss"] or DEFAULT_LOSS[task]
+    if ":" in name:  # the user's own loss(outputs, targets): a function, or an nn.Module class
+        loss = import_object(name, "task.loss")
+        if isinstance(loss, type):
+            loss = loss()
+        if not callable(loss):
+            raise ConfigError(f"task.loss '{name}' is a {type(loss).__name__}, not a function or a loss class.")
+        return loss
     kwargs: dict[str, Any] = {}
     if tk["class_weights"] is not None:
         if name != "cross_entropy":
@@ -430,7 +456,7 @@ def build_trainer(
         model,
         optimizer,
         loss if loss is not None else build_loss(cfg, None, resolved.get("num_outputs")),
-        task=task_name(cfg),
+        task=cfg["task"]["name"] if own_loss(cfg) else task_name(cfg),  # own loss: inferred (per head)
         metrics=cfg["task"]["metrics"],
         callbacks=callbacks,
         scheduler=scheduler,
@@ -681,10 +707,16 @@ def _write_predictions_for(
             ids=ids,
             classes=classes,
         )
-    return len(predictions)
+    return _rows(predictions)
 
 
-def _width(t: torch.Tensor) -> int:
+def _rows(t: Any) -> int:
+    return len(next(iter(t.values()))) if isinstance(t, dict) else len(t)
+
+
+def _width(t: Any) -> int:
+    if isinstance(t, dict):  # a multi-head model's (its columns are named by head)
+        return 0
     return int(np.prod(t.shape[1:])) if t.dim() > 1 else 1
 
 
@@ -846,7 +878,7 @@ def _predict(cfg: dict, ckpt: str | None, out: str | IO[str], proba: bool, force
 def write_predictions(
     path: str | IO[str],
     task: str,
-    predictions: torch.Tensor,
+    predictions: torch.Tensor | dict[str, torch.Tensor],
     probs: torch.Tensor | None = None,
     target_names: list[str] | None = None,
     force: bool = False,
@@ -864,6 +896,15 @@ def write_predictions(
     is such a file (or with ``force``). A stream has no "beside": dense outputs need a file. ``ids``: each
     row's ``Id`` (an image's file name, quoted as CSV needs), else the row number.
     """
+    if isinstance(predictions, dict):  # a multi-head model: each head's columns, <head> or <head>_<k>
+        n = len(next(iter(predictions.values())))
+        columns, cells = [], []
+        for head, values in predictions.items():
+            flat = values.reshape(n, -1)
+            columns += [str(head)] if flat.shape[1] == 1 else [f"{head}_{k}" for k in range(flat.shape[1])]
+            cells.append([[f"{v:.8g}" if isinstance(v, float) else v for v in r] for r in flat.tolist()])
+        rows = [sum((c[i] for c in cells), []) for i in range(n)]
+        return _write_rows(path, columns, rows, ids)
     n = len(predictions)
     if predictions.dim() > 2 or (task == "multiclass" and predictions.dim() > 1):
         if not isinstance(path, str):
@@ -901,6 +942,12 @@ def write_predictions(
         else:
             columns = columns + [f"prob_{k}" for k in (classes or range(p.shape[1]))]
         rows = [r + [f"{v:.6g}" for v in pr] for r, pr in zip(rows, p.tolist())]
+    _write_rows(path, columns, rows, ids)
+
+
+def _write_rows(path: str | IO[str], columns: list[str], rows: list[list[Any]], ids: list[str] | None) -> None:
+    """``Id`` (``ids``, else the row number) and ``columns``, as CSV, atomically (or to a text stream)."""
+    n = len(rows)
     buf_text = io.StringIO()
     out = csv.writer(buf_text, lineterminator="\n")  # a class name with a comma or a quote is quoted
     out.writerow(["Id", *columns])

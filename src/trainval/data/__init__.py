@@ -47,14 +47,15 @@ from trainval.state import rng_state, seed_everything, set_rng_state
 from trainval.untrusted import open_regular, shown, shown_names, shown_repr
 
 Inputs = Any  # a tensor, a tuple/list of tensors, or a dict of tensors
-Batch = tuple[Inputs, "torch.Tensor | None"]
+Target = Any  # a tensor, or (several heads) a tuple/list or dict of tensors
+Batch = tuple[Inputs, Target]
 
 
 # --------------------------------------------------------------------------------------------------
 # Nested inputs: a tensor, a tuple/list or a dict of them
 
 
-def tree_map(fn: Callable[[torch.Tensor], torch.Tensor], x: Inputs) -> Inputs:
+def tree_map(fn: Callable[[torch.Tensor], Any], x: Inputs) -> Inputs:
     """``fn`` applied to every tensor of a tensor / tuple / list / dict (other leaves pass through)."""
     if isinstance(x, torch.Tensor):
         return fn(x)
@@ -99,6 +100,23 @@ def tree_len(x: Inputs, what: str) -> int:
             f"{what}: its tensors differ in length ({describe(x)}); every input needs one row per sample."
         )
     return lengths.pop()
+
+
+def as_target(y: Any) -> Target:
+    """A collated target as tensors: a tensor, or a tuple/dict of them (several heads) as the batch holds them."""
+    if isinstance(y, torch.Tensor):
+        return y
+    if isinstance(y, Mapping):
+        return {k: as_target(v) for k, v in y.items()}
+    if isinstance(y, (tuple, list)) and any(isinstance(v, (torch.Tensor, np.ndarray, Mapping)) for v in y):
+        return tuple(as_target(v) for v in y)
+    try:
+        return torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise DataError(
+            f"a batch's target is {type(y).__name__}, which is not a tensor ({e}); targets must be tensors, "
+            "numbers, or a tuple or dict of them (one per head)."
+        ) from None
 
 
 def split_batch(batch: Any, target_key: str, labelled: bool) -> Batch:
@@ -164,7 +182,7 @@ class Step:
     __slots__ = ("x", "y", "batches", "_last", "scale", "weight")
 
     def __init__(
-        self, x: Inputs | None, y: torch.Tensor | None, batches: int, last: bool | Callable[[], bool]
+        self, x: Inputs | None, y: Target, batches: int, last: bool | Callable[[], bool]
     ):
         self.x, self.y, self.batches, self._last = x, y, batches, last
         self.scale: torch.Tensor | float | None = None
@@ -247,7 +265,7 @@ class TensorLoader:
     def __init__(
         self,
         X: Inputs,
-        y: torch.Tensor | None = None,
+        y: Target = None,
         batch_size: int = 64,
         shuffle: bool = False,
         drop_last: bool = False,
@@ -259,8 +277,10 @@ class TensorLoader:
         device: torch.device | str | None = None,
     ):
         n = tree_len(X, "the inputs")
-        if y is not None and n != len(y):
-            raise DataError(f"features and labels differ in length: {n} rows of X but {len(y)} labels.")
+        if y is not None and n != tree_len(y, "the targets"):
+            raise DataError(
+                f"features and labels differ in length: {n} rows of X but {tree_len(y, 'the targets')} labels."
+            )
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}.")
         self.X, self.y, self.n = X, y, n
@@ -322,7 +342,7 @@ class TensorLoader:
     def sample_batch(self) -> Batch:
         k = min(2, self.n)
         xb = self.X[:k] if self._single else tree_map(lambda t: t[:k], self.X)
-        return xb, (None if self.y is None else self.y[:k])
+        return xb, (None if self.y is None else tree_map(lambda t: t[:k], self.y))
 
     def unpadded(self, batch_index: int, size: int) -> int:
         return unpadded_in_batch(
@@ -348,17 +368,18 @@ class TensorLoader:
         n = self.num_samples
         stop = (n // self.batch_size) * self.batch_size if self.drop_last else n
         X, y, B, single = self.X, self.y, self.batch_size, self._single
+        ysingle = isinstance(y, torch.Tensor)  # one target tensor (else a tuple/dict: several heads)
         for i in range(start, stop, B):
             if order is None:  # contiguous views, no copy
                 xb = X[i : i + B] if single else tree_map(operator.itemgetter(slice(i, i + B)), X)
-                yb = None if y is None else y[i : i + B]
+                yb = None if y is None else (y[i : i + B] if ysingle else tree_map(operator.itemgetter(slice(i, i + B)), y))
             else:
                 idx = order[i : i + B]
                 xb = self._gather(X, idx) if single else tree_map(functools.partial(self._gather, idx=idx), X)
-                yb = None if y is None else self._gather(y, idx)
+                yb = None if y is None else tree_map(functools.partial(self._gather, idx=idx), y)
             if self._copy:
                 xb = self._move(xb) if single else tree_map(self._move, xb)
-                yb = None if yb is None else self._move(yb)
+                yb = None if yb is None else tree_map(self._move, yb)
             yield xb, yb
 
     def _gather(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -597,7 +618,7 @@ class DataLoaderAdapter:
         collate = self.loader.collate_fn or default_collate
         batch = collate([dataset[i] for i in range(min(2, _map_size(dataset)))])
         x, y = split_batch(batch, self.target_key, self.labelled)
-        return x, (None if y is None else torch.as_tensor(y))
+        return x, (None if y is None else as_target(y))
 
     def unpadded(self, batch_index: int, size: int) -> int:
         share = self._share()
@@ -625,7 +646,7 @@ class DataLoaderAdapter:
             x, y = split_batch(batch, self.target_key, self.labelled)
             x = tree_map(self._move, x)
             if y is not None:
-                y = self._move(y)
+                y = self._move(y) if isinstance(y, torch.Tensor) else tree_map(self._move, as_target(y))
                 if transform is not None:
                     y = transform(y)
             yield x, y
@@ -817,7 +838,7 @@ class StreamLoader(DataLoaderAdapter):
             collate = collate.collate
         batch = collate(items[0]) if self.loader.batch_size is None else collate(items)
         x, y = split_batch(batch, self.target_key, self.labelled)
-        return x, (None if y is None else torch.as_tensor(y))
+        return x, (None if y is None else as_target(y))
 
     def unpadded(self, batch_index: int, size: int) -> int:
         return size  # a stream is never padded
@@ -1018,7 +1039,7 @@ def make_loader(
             for t in tree_tensors(X):
                 check_finite(t, name)
         if place is not None:
-            X, y = tree_map(place, X), (None if y is None else place(y))
+            X, y = tree_map(place, X), (None if y is None else tree_map(place, y))
         return TensorLoader(
             X,
             y,
@@ -1189,14 +1210,14 @@ def _inputs(x: Any, what: str) -> Inputs:
 
 def as_tensors(
     data: Any, *, labelled: bool = True, what: str = "data", target_key: str = "labels"
-) -> tuple[Inputs, torch.Tensor | None] | None:
+) -> tuple[Inputs, Target] | None:
     """``(inputs, y)`` for in-memory data, else ``None`` (Datasets and DataLoaders).
 
     In-memory data is ``(X, y)`` with ``X`` a tensor/array, a tuple of them or a dict of them; ``X``
     alone (unlabelled); a ``TensorDataset``; or a dict of tensors with the target under ``target_key``.
     """
     X: torch.Tensor | np.ndarray | Mapping | tuple | list  # as given; then as tensors (Inputs)
-    y: torch.Tensor | np.ndarray | None
+    y: Any  # a tensor/array, a tuple/dict of them (several heads), or None
     if isinstance(data, TensorDataset):
         tensors = data.tensors
         if len(tensors) not in (1, 2):
@@ -1212,7 +1233,7 @@ def as_tensors(
     elif (
         isinstance(data, (tuple, list))
         and len(data) == 2
-        and isinstance(data[1], (torch.Tensor, np.ndarray))
+        and (isinstance(data[1], (torch.Tensor, np.ndarray)) or _arrays_only(data[1]))
         and isinstance(data[0], (torch.Tensor, np.ndarray, tuple, list, Mapping))
     ):
         X, y = data
@@ -1223,11 +1244,29 @@ def as_tensors(
     else:
         return None
     X = _inputs(X, f"{what} features")
-    y = _as_tensor(y, f"{what} labels") if (y is not None and labelled) else None
+    target = _targets(y, f"{what} labels") if (y is not None and labelled) else None
     n = tree_len(X, f"{what} features")
-    if y is not None and n != len(y):
-        raise DataError(f"{what}: features and labels differ in length: {n} rows of X but {len(y)} labels.")
-    return X, y
+    if target is not None and n != tree_len(target, f"{what} labels"):
+        raise DataError(
+            f"{what}: features and labels differ in length: {n} rows of X but "
+            f"{tree_len(target, f'{what} labels')} labels."
+        )
+    return X, target
+
+
+def _arrays_only(y: Any) -> bool:
+    """A non-empty tuple/list or dict of tensors/arrays (a target per head)."""
+    values = list(y.values()) if isinstance(y, Mapping) else (list(y) if isinstance(y, (tuple, list)) else [])
+    return bool(values) and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in values)
+
+
+def _targets(y: Any, what: str) -> Target:
+    """In-memory targets as tensors: one, or a tuple/dict of them (one per head)."""
+    if isinstance(y, Mapping):
+        return {k: _as_tensor(v, f"{what} '{k}'") for k, v in y.items()}
+    if isinstance(y, (tuple, list)):
+        return tuple(_as_tensor(v, f"{what} {i}") for i, v in enumerate(y))
+    return _as_tensor(y, what)
 
 
 def check_finite(X: torch.Tensor, what: str = "data") -> None:

@@ -67,7 +67,18 @@ from trainval.options import docs as option_docs
 from trainval.run.runfolder import holds_run_folder, is_main_process
 from trainval.run.summary import record_test
 from trainval.state import LoopState, rng_state, seed_everything, set_rng_state
-from trainval.tasks import Task, check_loss, loss_weight_fn, make_task, task_for_output
+from trainval.tasks import (
+    MultiTask,
+    Task,
+    check_loss,
+    check_threshold,
+    first_len,
+    is_builtin_loss,
+    is_structured,
+    loss_weight_fn,
+    make_task,
+    task_for_output,
+)
 from trainval.untrusted import shown_line
 
 if TYPE_CHECKING:
@@ -139,15 +150,34 @@ class Trainer:
         check_optimizer_and_scheduler(
             self.model, self.optimizer, loss_fn, scheduler, default_optimizer=optimizer is None
         )
-        # The task may wait for the model's output width (a BCE loss: binary or multilabel), and the
-        # default loss for the task: both are settled in the first pre-flight check.
-        self._task: Task | None = make_task(task, loss_fn, ignore_index=o.ignore_index, threshold=o.threshold)
+        # The task may wait for the model's output width (a BCE loss: binary or multilabel), or for the first
+        # batch's targets (the user's own loss: dict/tuple targets make a multi-head task), and the default
+        # loss for the task: they are settled in the first pre-flight check.
+        self._task_error: ConfigError | None = None  # why the user's own loss names no task (raised then)
+        self._task: Task | None
+        if isinstance(task, dict) or _per_head(metrics):  # a multi-head model: a task (and metrics) per head
+            check_threshold(o.threshold)
+            self._task = MultiTask(
+                spec=dict(cast(dict, task) or {}), ignore_index=o.ignore_index, threshold=o.threshold
+            )
+        elif task is None and loss_fn is not None and not is_builtin_loss(loss_fn):
+            try:
+                self._task = make_task(None, loss_fn, ignore_index=o.ignore_index, threshold=o.threshold)
+            except ConfigError as e:  # dict/tuple targets will make it a multi-head task (see _preflight)
+                self._task, self._task_error = None, e
+        else:
+            self._task = make_task(task, loss_fn, ignore_index=o.ignore_index, threshold=o.threshold)
         self._loss_fn: nn.Module | None = (
             loss_fn  # None: the task's default, chosen once the output's width is known
         )
         self._metrics_spec = metrics
         # {name: metric}; settled with the task (now, or in the first pre-flight check for a BCE loss)
-        self.metrics: dict[str, Any] = resolve_metrics(metrics, self._task) if self._task is not None else {}
+        # (a multi-head task's once its heads are settled by the first batch)
+        self.metrics: dict[str, Any] = (
+            resolve_metrics(metrics, self._task)
+            if self._task is not None and not isinstance(self._task, MultiTask)
+            else {}
+        )
         self.callbacks = list(callbacks)
         self.scheduler = scheduler
         self.scheduler_interval = o.scheduler_interval or _default_interval(scheduler)
@@ -392,33 +422,56 @@ class Trainer:
             *([Curves()] if self.options.plot and main else []),
         ]
 
-    def validate(self, val_data: Any, ckpt: str | None = None, *, target: str | None = None) -> dict:
+    def validate(
+        self,
+        val_data: Any,
+        ckpt: str | None = None,
+        *,
+        target: str | None = None,
+        threshold: float | None = None,
+    ) -> dict:
         """``{"val_loss", "val_<metric>", ...}`` on ``val_data`` with the current weights (or ``ckpt``);
-        ``target``: the target column of a DataFrame."""
-        return self._score(self._from_frame(val_data, target, "val", ckpt=ckpt), ckpt, "val")
+        ``target``: the target column of a DataFrame; ``threshold``: binary/multilabel, for this call only (as
+        :meth:`test`)."""
+        return self._score(self._from_frame(val_data, target, "val", ckpt=ckpt), ckpt, "val", threshold)
 
-    def test(self, test_data: Any, ckpt: str | None = "best", *, target: str | None = None) -> dict:
+    def test(
+        self,
+        test_data: Any,
+        ckpt: str | None = "best",
+        *,
+        target: str | None = None,
+        threshold: float | None = None,
+    ) -> dict:
         """Reload ``best.pt`` (or ``ckpt``), then ``{"test_loss", "test_<metric>", ...}`` on ``test_data``.
 
         For a multiclass task the confusion matrix (rows: true class, columns: predicted) is also
         written to ``out_dir/confusion_matrix.csv`` when the run folder exists. The metrics of the run's
-        own ``best``/``last`` checkpoint also go into its ``summary.json``. ``target``: the target column
-        of a DataFrame (an unknown class name there is refused, naming it).
+        own ``best``/``last`` checkpoint also go into its ``summary.json``.
+
+        Args:
+            target: the target column of a DataFrame (an unknown class name there is refused, naming it).
+            threshold: binary/multilabel (every such head of a multi-head model): the probability above which
+                a prediction is 1, for this call only (default: the Trainer's ``threshold``); recorded in the
+                result as ``test_threshold`` (and so in summary.json and the CLI's test.json).
         """
-        metrics = self._score(self._from_frame(test_data, target, "test", ckpt=ckpt), ckpt, "test")
+        metrics = self._score(self._from_frame(test_data, target, "test", ckpt=ckpt), ckpt, "test", threshold)
         if self.dist.is_main and ckpt in ("best", "last"):
             record_test(self.out_dir, metrics)
         return metrics
 
-    def predict(self, inputs: Any, ckpt: str | None = "best") -> torch.Tensor:
+    def predict(self, inputs: Any, ckpt: str | None = "best", *, threshold: float | None = None) -> Any:
         """Predictions from ``best.pt`` (or ``ckpt``), input order, on the CPU; targets are ignored.
 
         Class ids (multiclass: one per sample, or per position for dense outputs), 0/1 (binary),
-        multi-hot rows (multilabel, ``threshold``), or the outputs (regression). A DataFrame's columns
-        are taken by name (others are ignored); ``trainer.table.decode_classes(ids)`` gives class names.
+        multi-hot rows (multilabel, ``threshold``), or the outputs (regression); a multi-head model's as a
+        dict by head. A DataFrame's columns are taken by name (others are ignored);
+        ``trainer.table.decode_classes(ids)`` gives class names. ``threshold``: binary/multilabel, for this call
+        only (default: the Trainer's).
         """
         raw = self._predict_outputs(self._from_frame(inputs, None, "predict", ckpt=ckpt, labelled=False), ckpt)
-        return self.task.predict(raw)
+        with self._threshold(threshold):
+            return self.task.predict(raw)
 
     def predict_proba(self, inputs: Any, ckpt: str | None = "best") -> torch.Tensor:
         """Class probabilities: ``[N, C, *]`` (multiclass, softmax), ``[N]`` (binary, the positive class),
@@ -429,8 +482,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # Per-batch steps: override these in a subclass to change what one batch does
 
-    def forward(self, model: nn.Module, inputs: Any) -> torch.Tensor:
-        """``model(x)``, ``model(*x)`` or ``model(**x)``; the prediction out of a tuple or dict output."""
+    def forward(self, model: nn.Module, inputs: Any) -> Any:
+        """``model(x)``, ``model(*x)`` or ``model(**x)``; the prediction out of a tuple or dict output.
+
+        A multi-head model (dict or tuple targets) keeps its whole output: the loss and the heads' metrics
+        take their parts of it.
+        """
         if isinstance(inputs, torch.Tensor):
             out = model(inputs)
         elif isinstance(inputs, Mapping):
@@ -439,7 +496,7 @@ class Trainer:
             out = model(*inputs)
         else:
             out = model(inputs)
-        if isinstance(out, torch.Tensor):
+        if isinstance(out, torch.Tensor) or isinstance(self._task, MultiTask):
             return out
         if isinstance(out, Mapping):
             if self.options.output_key in out:
@@ -455,21 +512,24 @@ class Trainer:
             f"element is the prediction, or a dict with it under '{self.options.output_key}'."
         )
 
-    def train_step(self, x: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and loss for one training batch (training mode, autograd on): ``(loss, output)``."""
+    def train_step(self, x: Any, y: Any) -> tuple[torch.Tensor, Any]:
+        """Forward and loss for one training batch (training mode, autograd on): ``(loss, output)``.
+
+        ``loss_fn(output, y)``; for dict/tuple targets (a multi-head model) ``output`` and ``y`` are whole.
+        """
         with self.amp.autocast():
             output = self.forward(self._train_model, x)
             loss = self.loss_fn(*self.task.loss_inputs(output, y))
         return loss, output
 
-    def eval_step(self, x: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def eval_step(self, x: Any, y: Any) -> tuple[torch.Tensor, Any]:
         """Forward and loss for one evaluation batch (eval mode, no autograd): ``(loss, output)``."""
         with self.amp.autocast():
             output = self.forward(self._eval_model, x)
             loss = self.loss_fn(*self.task.loss_inputs(output, y))
         return loss, output
 
-    def predict_step(self, x: Any) -> torch.Tensor:
+    def predict_step(self, x: Any) -> Any:
         """The model's output for one batch of inputs (eval mode, no autograd)."""
         with self.amp.autocast():
             return self.forward(self._eval_model, x)
@@ -620,12 +680,13 @@ class Trainer:
             if (
                 x is not None and y is not None
             ):  # padding (repeats that even out the ranks' shards) not counted
-                real = loader.unpadded(i, len(y))
-                weight = step.weight if step.weight is not None and real == len(y) else None
-                if real < len(y):
+                size = first_len(y)
+                real = loader.unpadded(i, size)
+                weight = step.weight if step.weight is not None and real == size else None
+                if real < size:
                     loss, output, y = self._unpadded_part(output, y, real)
                 metrics.update(
-                    loss, self._weigh(y) if weight is None else weight, task.outputs(output.detach(), y), real
+                    loss, self._weigh(y) if weight is None else weight, task.outputs(_detached(output), y), real
                 )
             self.state.batch_in_epoch = i + 1
             for cb in on_batch:
@@ -715,13 +776,13 @@ class Trainer:
                 f"its batches per epoch (CLI: scheduler.steps_per_epoch). ({e})"
             ) from None
 
-    def _stand_in(self, loader: Loader) -> tuple[Any, torch.Tensor | None]:
+    def _stand_in(self, loader: Loader) -> tuple[Any, Any]:
         """The stream's first samples on the device: what a rank whose share ran out computes on."""
         x, y = loader.sample_batch()
         x = tree_map(lambda t: t.to(self.device), x)
-        return x, (None if y is None else self.task.cast_target(y.to(self.device)))
+        return x, (None if y is None else self.task.cast_target(tree_map(lambda t: t.to(self.device), y)))
 
-    def _stand_in_step(self, x: Any, y: torch.Tensor | None) -> None:
+    def _stand_in_step(self, x: Any, y: Any) -> None:
         """A training step without a batch of this rank's own: the forward and backward of a zero loss.
 
         The other ranks' gradient collectives (DDP's all-reduce, FSDP's gathers and reduce-scatters) need
@@ -741,15 +802,15 @@ class Trainer:
             if p.grad is not None:
                 p.grad.mul_(factor)
 
-    def _unpadded_part(self, output: torch.Tensor, y: torch.Tensor, real: int) -> tuple[torch.Tensor, ...]:
+    def _unpadded_part(self, output: Any, y: Any, real: int) -> tuple[torch.Tensor, Any, Any]:
         """The loss, output and target of a padded batch's first ``real`` samples (the rest are repeats).
 
         Only the last batch or two of an epoch on some ranks; the loss is recomputed for the metrics
         alone (no autograd), with weight 0 when the whole batch is padding. No host sync.
         """
-        output, y = output.detach()[:real], y[:real]
+        output, y = tree_map(lambda t: t.detach()[:real], output), tree_map(lambda t: t[:real], y)
         if real == 0:
-            return torch.zeros((), device=output.device), output, y
+            return torch.zeros((), device=self.device), output, y
         with torch.no_grad():
             return self.loss_fn(*self.task.loss_inputs(output, y)), output, y
 
@@ -801,11 +862,27 @@ class Trainer:
                 if first:
                     check_loss_value(loss, False, self.model, self.optimizer)
                     first = False
-                metrics.update(loss, weigh(step.y), task.outputs(output, step.y), step.y.shape[0])
+                metrics.update(loss, weigh(step.y), task.outputs(output, step.y), first_len(step.y))
         return metrics.compute()  # all-reduced over ranks: each sample counted once
 
-    def _score(self, data: Any, ckpt: str | None, prefix: str) -> dict:
-        """validate/test: reload ``ckpt``, then the loss and every metric on ``data``."""
+    @contextlib.contextmanager
+    def _threshold(self, threshold: float | None) -> Iterator[None]:
+        """The task's (each head's) ``threshold`` set for one call, and restored after."""
+        if threshold is None:
+            yield
+            return
+        check_threshold(threshold)
+        tasks = [self.task, *getattr(self.task, "tasks", {}).values()]
+        saved = [t.threshold for t in tasks]
+        self.task.set_threshold(threshold)
+        try:
+            yield
+        finally:
+            for t, value in zip(tasks, saved):
+                t.threshold = value
+
+    def _score(self, data: Any, ckpt: str | None, prefix: str, threshold: float | None = None) -> dict:
+        """validate/test: reload ``ckpt``, then the loss and every metric on ``data`` (at ``threshold``)."""
         self._setup()
         loader = self._make_loader(data, train=False, name=prefix)
         self._preflight(loader, prefix, labelled=True)
@@ -816,16 +893,21 @@ class Trainer:
         metric_set = MetricSet(
             {**self.metrics, **extra}, self._num_outputs(), self.device, loader.num_batches or 64
         )
-        values, count = self._evaluate(loader, metric_set)
+        with self._threshold(threshold):
+            values, count = self._evaluate(loader, metric_set)
         self._check_count(count, loader, prefix)
         if confusion:
             cm = metric_set.state_of("confusion")  # summed over ranks: every rank takes part
             if cm is not None and self.dist.is_main and os.path.isdir(self.out_dir):
                 _write_confusion(os.path.join(self.out_dir, "confusion_matrix.csv"), cm)
-        return {f"{prefix}_{k}": v for k, v in values.items() if not k.startswith("__")}
+        result = {f"{prefix}_{k}": v for k, v in values.items() if not k.startswith("__")}
+        if threshold is not None:  # what gave these metrics, recorded with them
+            result[f"{prefix}_threshold"] = float(threshold)
+        return result
 
-    def _predict_outputs(self, inputs: Any, ckpt: str | None) -> torch.Tensor:
-        """The model's outputs for every input, in input order, gathered on the CPU of every rank."""
+    def _predict_outputs(self, inputs: Any, ckpt: str | None) -> Any:
+        """The model's outputs for every input, in input order, gathered on the CPU of every rank (a multi-head
+        model's: each head's, in its dict or tuple)."""
         self._setup()
         loader = self._make_loader(inputs, train=False, name="predict", labelled=False, positions=True)
         self._preflight(loader, "predict", labelled=False)
@@ -835,27 +917,26 @@ class Trainer:
             for step in loader.steps(0, lockstep=self.strategy.forward_is_collective):
                 if step.x is None:  # this rank's shard ran out: a forward for the others' gathers (FSDP)
                     stand_in = stand_in or self._stand_in(loader)
-                    none = self.predict_step(stand_in[0]).float()[:0]
+                    none = tree_map(_no_rows, self.predict_step(stand_in[0]))
                     continue
-                outputs.append(self.predict_step(step.x).float())
+                outputs.append(tree_map(_as_float, self.predict_step(step.x)))
             if not outputs and none is None and not self.strategy.forward_is_collective:
-                none = self.predict_step(self._stand_in(loader)[0]).float()[
-                    :0
-                ]  # a rank with no rows: their shape
+                # a rank with no rows: their shape
+                none = tree_map(_no_rows, self.predict_step(self._stand_in(loader)[0]))
         if not outputs:
             assert none is not None  # a stand-in forward gave the outputs' shape (above)
             outputs = [none]
-        local = torch.cat(outputs).cpu()  # one device-to-host copy
+        local = _concatenated(outputs)  # one device-to-host copy (per head)
         if isinstance(
             loader, StreamLoader
         ):  # rows back in stream order (see StreamLoader.positions), on every rank
-            return distributed.gather_by_position(local, loader.positions())
+            positions = loader.positions()
+            return tree_map(lambda t: distributed.gather_by_position(t, positions), local)
         if not self.dist.enabled:
             return local
-        assert (
-            loader.dataset_size is not None
-        )  # sharded over ranks by position: a map-style data set's length
-        result = distributed.broadcast_object(distributed.gather_in_order(local, loader.dataset_size))
+        size = loader.dataset_size
+        assert size is not None  # sharded over ranks by position: a map-style data set's length
+        result = distributed.broadcast_object(tree_map(lambda t: distributed.gather_in_order(t, size), local))
         assert result is not None  # every rank holds rank 0's rows now
         return result
 
@@ -969,6 +1050,8 @@ class Trainer:
         """
         x, y = loader.sample_batch()
         x = tree_map(lambda t: t.to(self.device), x)
+        if y is not None and is_structured(y) or isinstance(self._task, MultiTask):
+            self._settle_heads(y, name)
         with self._evaluating():
             try:
                 out = self.forward(self.model, x)
@@ -979,10 +1062,12 @@ class Trainer:
                     f"the model failed on a {name} batch of inputs {describe(x)}: "
                     f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
                 ) from None
-        if not isinstance(out, torch.Tensor):
+        if not isinstance(out, torch.Tensor) and not isinstance(self._task, MultiTask):
             raise DataError(
                 f"the model's output for a {name} batch is {describe(out)}; trainval needs a tensor."
             )
+        if self._task is None and self._task_error is not None:  # the user's own loss, one target: no task
+            raise self._task_error
         if self._task is None:  # a BCE loss: one logit per sample is binary, several are multilabel
             assert self._loss_fn is not None  # (make_task leaves the task open only for a given BCE loss)
             self._task = task_for_output(
@@ -1003,10 +1088,29 @@ class Trainer:
             if name == "train":
                 check_training_data(loader, self.task, self.model, self.options.batch_size)
         elif isinstance(loader, DataLoaderAdapter):
-            self.task.prepare_targets(torch.as_tensor(y), name)
+            self.task.prepare_targets(y, name)
             loader.target_transform = self.task.cast_target
-            if self.task.ignore_index is not None:  # later batches may hold ignored targets: mask them
-                self.task.masking = True
+            self.task.expect_ignored()  # later batches may hold ignored targets: mask them
+
+    def _settle_heads(self, y: Any, name: str) -> None:
+        """Dict/tuple targets: a multi-head task, whose loss is the user's own ``loss_fn(outputs, targets)``."""
+        loss = self._loss_fn
+        if loss is None or is_builtin_loss(loss):
+            what = "no loss_fn" if loss is None else f"loss_fn {getattr(loss, '__name__', type(loss).__name__)}"
+            raise ConfigError(
+                f"the {name} targets are {describe(y)} (several heads) and the Trainer has {what}; pass a "
+                "loss_fn(outputs, targets) of your own that combines the heads (it gets the model's whole "
+                "output and the whole target)."
+            )
+        if self._task is not None and not isinstance(self._task, MultiTask):
+            raise ConfigError(
+                f"the {name} targets are {describe(y)} (several heads) but task={self._task.name!r} names one; "
+                "give a task per head (task={'head': 'multiclass', ...}) or leave task out to infer each head's."
+            )
+        if self._task is None:
+            self._task = MultiTask(
+                spec={}, ignore_index=self.options.ignore_index, threshold=self.options.threshold
+            )
 
     def _resolve_metrics(self) -> None:
         if not self.metrics:
@@ -1033,6 +1137,11 @@ class Trainer:
         self._resolve_metrics()
         split = "val" if has_val else "train"
         monitor = self.options.monitor or f"{split}_{next(iter(self.metrics), 'loss')}"
+        if not has_val and not self.options.monitor:
+            self.log(
+                f"no validation data: monitoring {monitor}, so best.pt is the best epoch on the training data "
+                "(pass val_data, or set monitor=)."
+            )
         names = ["loss", *self.metrics]
         short = monitor.split("_", 1)[1]
         if short not in names:
@@ -1062,6 +1171,37 @@ def _share(loss: torch.Tensor, scale: torch.Tensor | float | None, group: int) -
     if scale is not None:
         return loss * scale
     return loss / group if group > 1 else loss
+
+
+def _per_head(metrics: Any) -> bool:
+    """``metrics={"cls": [...], "reg": [...]}``: a list of metrics per head (a multi-head model)."""
+    return isinstance(metrics, dict) and bool(metrics) and all(
+        isinstance(v, (list, tuple, dict)) for v in metrics.values()
+    )
+
+
+def _detached(output: Any) -> Any:
+    return output.detach() if isinstance(output, torch.Tensor) else tree_map(torch.Tensor.detach, output)
+
+
+def _as_float(t: torch.Tensor) -> torch.Tensor:
+    return t.float()
+
+
+def _no_rows(t: torch.Tensor) -> torch.Tensor:
+    return t.float()[:0]
+
+
+def _concatenated(outputs: list[Any]) -> Any:
+    """The batches' outputs, concatenated on the CPU: a tensor, or a dict/tuple of them (each head's)."""
+    first = outputs[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(outputs).cpu()
+    if isinstance(first, Mapping):
+        return {k: _concatenated([o[k] for o in outputs]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return tuple(_concatenated([o[i] for o in outputs]) for i in range(len(first)))
+    return first
 
 
 def _compiled(model: nn.Module) -> nn.Module:
