@@ -64,7 +64,6 @@ class Metric(Protocol):
 
 class _Stat:
     key = ""
-    count_slot: int | None = None  # flat index of a sample count the host fills in for unmasked epochs
 
     def shape(self, num_outputs: int) -> tuple[int, ...]:
         raise NotImplementedError
@@ -74,11 +73,11 @@ class _Stat:
 
 
 def _count_hits(state: torch.Tensor, hit: torch.Tensor, mask: torch.Tensor | None) -> None:
-    """``state += [hits, count]`` over the samples the mask keeps. Without a mask the count is every
-    sample, which the host knows: :class:`MetricSet` writes it into ``count_slot`` at the epoch's end
-    (one device op per step saved on the hot path)."""
+    """``state += [hits, count]`` over the predictions the mask keeps: one per sample, or one per position of a
+    dense target (segmentation), whose number the host knows from the shape (no sync)."""
     if mask is None:
         state[0].add_(hit.sum())
+        state[1].add_(hit.numel())
     else:
         state[0].add_((hit & mask).sum())
         state[1].add_(mask.sum())
@@ -87,7 +86,7 @@ def _count_hits(state: torch.Tensor, hit: torch.Tensor, mask: torch.Tensor | Non
 class _Correct(_Stat):
     """``[correct, count]`` of exact predictions (class ids, or 0/1)."""
 
-    key, count_slot = "correct", 1
+    key = "correct"
 
     def shape(self, num_outputs):
         return (2,)
@@ -97,7 +96,6 @@ class _Correct(_Stat):
 
 
 class _TopK(_Stat):
-    count_slot = 1
 
     def __init__(self, k: int):
         self.k, self.key = k, f"top{k}"
@@ -200,7 +198,7 @@ class BuiltinMetric:
 
     def __init__(self, name: str, higher_is_better: bool, stat: _Stat, fn: Callable[[np.ndarray], float]):
         self.name, self.higher_is_better, self._stat, self._fn = name, higher_is_better, stat, fn
-        self.state_key, self.count_slot = stat.key, stat.count_slot
+        self.state_key = stat.key
 
     def state_shape(self, num_outputs: int) -> tuple[int, ...]:
         return self._stat.shape(num_outputs)
@@ -482,7 +480,6 @@ class HeadMetric:
         self.reduction = getattr(metric, "reduction", "sum")
         inner_key = getattr(metric, "state_key", None) or f"metric:{name}"
         self.state_key = f"{head}:{inner_key}"
-        self.count_slot = getattr(metric, "count_slot", None)
         # a summed metric's update (a built-in's: its shared statistic's)
         self._update = getattr(metric, "_stat", metric).update if self.reduction == "sum" else None
         self.num_outputs: int | None = None  # the head's width: set by resolve_metrics
@@ -727,10 +724,6 @@ class MetricSet:
         totals = self.state_tensor(all_reduce).cpu()
         loss_sum, loss_weight, count = totals[:3].tolist()
         flat = totals[3:]
-        if not self._masked:  # unmasked sample counts are every sample: the host's count
-            for _, metric, off, _ in self._layout:
-                if getattr(metric, "count_slot", None) is not None:
-                    flat[off + metric.count_slot] = count
         states = {
             key: flat[off : off + (int(np.prod(shape)) if shape else 1)].view(shape)
             for key, _, off, shape in self._layout
