@@ -239,7 +239,9 @@ def _read_slurm(env: Mapping[str, str], timeout_s: float) -> Launch:
             )
         port = slurm_port(_whole("SLURM_JOB_ID", job))
     else:
-        _, port = _rendezvous({**env, "MASTER_ADDR": address}, world, what="SLURM_NTASKS", unset="SLURM_STEP_ID")
+        _, port = _rendezvous(
+            {**env, "MASTER_ADDR": address}, world, what="SLURM_NTASKS", unset="SLURM_STEP_ID"
+        )
     return Launch(
         rank=rank,
         local_rank=local_rank,

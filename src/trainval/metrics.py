@@ -96,7 +96,6 @@ class _Correct(_Stat):
 
 
 class _TopK(_Stat):
-
     def __init__(self, k: int):
         self.k, self.key = k, f"top{k}"
 

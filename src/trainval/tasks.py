@@ -490,7 +490,9 @@ def check_threshold(threshold: float) -> None:
 def is_builtin_loss(loss_fn: object) -> bool:
     """One of torch's own losses (a module of ``torch.nn`` or a ``torch.nn.functional`` function), which takes
     one output and one target; anything else is the user's own."""
-    module = type(loss_fn).__module__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__module__", "")
+    module = (
+        type(loss_fn).__module__ if isinstance(loss_fn, nn.Module) else getattr(loss_fn, "__module__", "")
+    )
     return str(module or "").startswith("torch.")
 
 
@@ -719,7 +721,9 @@ class MultiTask(Task):
         if target is None:  # predict: the heads settled by fit (or given per head)
             for head, given in self.spec.items():
                 if head not in self.tasks and given is not None:
-                    made = given if isinstance(given, Task) else make_task(given, None, threshold=self.threshold)
+                    made = (
+                        given if isinstance(given, Task) else make_task(given, None, threshold=self.threshold)
+                    )
                     assert made is not None  # a named task is never deferred
                     self.tasks[head] = made
             for head, settled in self.tasks.items():

@@ -325,9 +325,7 @@ def _waiting_notice(args):
     return notice
 
 
-def _exit_code(
-    code: int, reports: dict[int, _Outcome], nproc: int, signals: list[int], launcher_log
-) -> int:
+def _exit_code(code: int, reports: dict[int, _Outcome], nproc: int, signals: list[int], launcher_log) -> int:
     """The launcher's exit code from torchrun's and the workers' outcomes, each said once, on stderr."""
     ranks = {rank: (r.code, r.message) for rank, r in reports.items()}
     if signals and len(ranks) == nproc and all(c == 0 for c, _ in ranks.values()):
@@ -440,7 +438,9 @@ def _child_pids(pid: int) -> list[int]:
 
 
 def _report_failures(
-    failures: list[tuple[int, tuple[int, str]]], signals: list[int], reports: dict[int, _Outcome] | None = None
+    failures: list[tuple[int, tuple[int, str]]],
+    signals: list[int],
+    reports: dict[int, _Outcome] | None = None,
 ) -> int:
     """The workers' own errors, once each, instead of torchrun's report of a failed child, the first to
     fail last (the others often fail because of it: a peer gone from a collective); a crash's traceback

@@ -60,7 +60,9 @@ class Splits:
     train: Any
     val: Any
     test: Any  # may be unlabelled (a Split with y None), or None
-    resolved: dict = field(default_factory=dict)  # what reading the data settled, recorded in the run (images)
+    resolved: dict = field(
+        default_factory=dict
+    )  # what reading the data settled, recorded in the run (images)
 
 
 def run_folder(cfg: dict) -> str:
@@ -71,9 +73,7 @@ def run_folder(cfg: dict) -> str:
 # Data
 
 
-def _load_file(
-    cfg: dict, path: str, require_labels: bool, encoding: TableEncoding | None = None
-) -> Split:
+def _load_file(cfg: dict, path: str, require_labels: bool, encoding: TableEncoding | None = None) -> Split:
     """A data file; a CSV read with ``encoding`` (its categories and class names), or learning it (None)."""
     d = cfg["data"]
     if d["source"] == "npz":
@@ -398,7 +398,9 @@ def build_loss(cfg: dict, splits: Splits | None, num_outputs: int | None) -> nn.
         if isinstance(loss, type):
             loss = loss()
         if not callable(loss):
-            raise ConfigError(f"task.loss '{name}' is a {type(loss).__name__}, not a function or a loss class.")
+            raise ConfigError(
+                f"task.loss '{name}' is a {type(loss).__name__}, not a function or a loss class."
+            )
         return loss
     kwargs: dict[str, Any] = {}
     if tk["class_weights"] is not None:
@@ -494,7 +496,9 @@ def _fit(cfg: dict, resume: bool, callbacks: list | tuple, test_if: Callable[[],
     if cfg["data"]["standardize"]:
         splits, saver = _standardize_for_fit(splits)
         callbacks = [*callbacks, saver]
-    classes = table.classes if table is not None else splits.resolved.get("classes")  # a CSV's or class folders'
+    classes = (
+        table.classes if table is not None else splits.resolved.get("classes")
+    )  # a CSV's or class folders'
     in_shape, num_outputs = _shape_and_outputs(splits, task_name(cfg), cfg["model"]["name"], classes)
     if "classes" in splits.resolved and task_name(cfg) == "multiclass":  # every class folder, even if unseen
         num_outputs = len(splits.resolved["classes"])
@@ -945,7 +949,9 @@ def write_predictions(
     _write_rows(path, columns, rows, ids)
 
 
-def _write_rows(path: str | IO[str], columns: list[str], rows: list[list[Any]], ids: list[str] | None) -> None:
+def _write_rows(
+    path: str | IO[str], columns: list[str], rows: list[list[Any]], ids: list[str] | None
+) -> None:
     """``Id`` (``ids``, else the row number) and ``columns``, as CSV, atomically (or to a text stream)."""
     n = len(rows)
     buf_text = io.StringIO()

@@ -181,9 +181,7 @@ class Step:
 
     __slots__ = ("x", "y", "batches", "_last", "scale", "weight")
 
-    def __init__(
-        self, x: Inputs | None, y: Target, batches: int, last: bool | Callable[[], bool]
-    ):
+    def __init__(self, x: Inputs | None, y: Target, batches: int, last: bool | Callable[[], bool]):
         self.x, self.y, self.batches, self._last = x, y, batches, last
         self.scale: torch.Tensor | float | None = None
         self.weight: torch.Tensor | int | None = None
@@ -372,7 +370,11 @@ class TensorLoader:
         for i in range(start, stop, B):
             if order is None:  # contiguous views, no copy
                 xb = X[i : i + B] if single else tree_map(operator.itemgetter(slice(i, i + B)), X)
-                yb = None if y is None else (y[i : i + B] if ysingle else tree_map(operator.itemgetter(slice(i, i + B)), y))
+                yb = (
+                    None
+                    if y is None
+                    else (y[i : i + B] if ysingle else tree_map(operator.itemgetter(slice(i, i + B)), y))
+                )
             else:
                 idx = order[i : i + B]
                 xb = self._gather(X, idx) if single else tree_map(functools.partial(self._gather, idx=idx), X)
@@ -1525,8 +1527,14 @@ def load_csv(
             cells = [row[col[label]] for row in whole]
             if cells and not any(map(_is_float, cells)):
                 encoding.classes = sorted({cell.strip() for cell in cells} - {""})
-    categorical = {c: {name: k for k, name in enumerate(encoding.categories[c])} for c in feat_cols if c in encoding.categories}
-    classes = None if encoding.classes is None or not has_label else {n: k for k, n in enumerate(encoding.classes)}
+    categorical = {
+        c: {name: k for k, name in enumerate(encoding.categories[c])}
+        for c in feat_cols
+        if c in encoding.categories
+    }
+    classes = (
+        None if encoding.classes is None or not has_label else {n: k for k, n in enumerate(encoding.classes)}
+    )
     numeric_cols = [c for c in feat_cols if c not in categorical]
     X = np.empty((len(rows), len(numeric_cols)), dtype=np.float32)
     codes = {c: np.empty(len(rows), dtype=np.int64) for c in categorical}
@@ -1720,8 +1728,10 @@ def _csv_fast(
     y = None
     if labels:
         ys = [column(c) for c in labels]
-        if isinstance(label, str) and integer_labels and (
-            (learn and not number_kind(ys[0])) or enc.classes is not None
+        if (
+            isinstance(label, str)
+            and integer_labels
+            and ((learn and not number_kind(ys[0])) or enc.classes is not None)
         ):
             cells = names_of(ys[0])
             if cells is None:

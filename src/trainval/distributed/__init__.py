@@ -86,9 +86,7 @@ def setup(device: torch.device | None = None, timeout_s: float | None = None) ->
     if use_cuda and not torch.cuda.is_available():
         from trainval.errors import ConfigError
 
-        raise ConfigError(
-            f"device {str(device)!r} was asked for but CUDA is not available; use 'cpu'."
-        )
+        raise ConfigError(f"device {str(device)!r} was asked for but CUDA is not available; use 'cpu'.")
     backend = "nccl" if use_cuda else "gloo"
     if use_cuda:
         torch.cuda.set_device(cuda_index(env))

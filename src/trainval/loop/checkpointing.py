@@ -380,7 +380,9 @@ class Checkpoints:
                 f"{position + remaining} at this size. Build it for this run's steps (total_steps = steps per epoch on {t.dist.world_size} "
                 f"processes x epochs; the CLI does), or resume with {written_by} (--nproc {written_by})."
             )
-        with warnings.catch_warnings():  # no optimizer step is taken here: torch's order warning does not apply
+        with (
+            warnings.catch_warnings()
+        ):  # no optimizer step is taken here: torch's order warning does not apply
             warnings.simplefilter("ignore")
             for _ in range(position):
                 t.scheduler.step()

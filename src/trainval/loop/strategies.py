@@ -72,7 +72,9 @@ class SingleProcess:
         net = compile(model)
         return net, net
 
-    def _materialize_whole(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    def _materialize_whole(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+    ) -> None:
         """A model on the meta device, given every tensor on ``device`` (the optimizer pointed at them)."""
         if not materialize.on_meta(model):
             return

@@ -469,14 +469,18 @@ class Trainer:
         ``trainer.table.decode_classes(ids)`` gives class names. ``threshold``: binary/multilabel, for this call
         only (default: the Trainer's).
         """
-        raw = self._predict_outputs(self._from_frame(inputs, None, "predict", ckpt=ckpt, labelled=False), ckpt)
+        raw = self._predict_outputs(
+            self._from_frame(inputs, None, "predict", ckpt=ckpt, labelled=False), ckpt
+        )
         with self._threshold(threshold):
             return self.task.predict(raw)
 
     def predict_proba(self, inputs: Any, ckpt: str | None = "best") -> torch.Tensor:
         """Class probabilities: ``[N, C, *]`` (multiclass, softmax), ``[N]`` (binary, the positive class),
         ``[N, K]`` (multilabel, sigmoid); input order, on the CPU."""
-        raw = self._predict_outputs(self._from_frame(inputs, None, "predict", ckpt=ckpt, labelled=False), ckpt)
+        raw = self._predict_outputs(
+            self._from_frame(inputs, None, "predict", ckpt=ckpt, labelled=False), ckpt
+        )
         return self.task.proba(raw)  # the regression task refuses, in one clear sentence
 
     # ------------------------------------------------------------------------------------------
@@ -686,7 +690,10 @@ class Trainer:
                 if real < size:
                     loss, output, y = self._unpadded_part(output, y, real)
                 metrics.update(
-                    loss, self._weigh(y) if weight is None else weight, task.outputs(_detached(output), y), real
+                    loss,
+                    self._weigh(y) if weight is None else weight,
+                    task.outputs(_detached(output), y),
+                    real,
                 )
             self.state.batch_in_epoch = i + 1
             for cb in on_batch:
@@ -967,7 +974,9 @@ class Trainer:
                 f"device {str(self.device)!r} was asked for but CUDA is not available; use 'cpu'."
             )
         self.amp = Precision(self.options.precision, self.device)
-        if not materialize.on_meta(self.model):  # a model on meta: the strategy materialises it (FSDP: shards)
+        if not materialize.on_meta(
+            self.model
+        ):  # a model on meta: the strategy materialises it (FSDP: shards)
             self.model.to(self.device)
         if isinstance(self._loss_fn, nn.Module):
             self._loss_fn.to(self.device)  # class weights, pos_weight
@@ -1096,7 +1105,9 @@ class Trainer:
         """Dict/tuple targets: a multi-head task, whose loss is the user's own ``loss_fn(outputs, targets)``."""
         loss = self._loss_fn
         if loss is None or is_builtin_loss(loss):
-            what = "no loss_fn" if loss is None else f"loss_fn {getattr(loss, '__name__', type(loss).__name__)}"
+            what = (
+                "no loss_fn" if loss is None else f"loss_fn {getattr(loss, '__name__', type(loss).__name__)}"
+            )
             raise ConfigError(
                 f"the {name} targets are {describe(y)} (several heads) and the Trainer has {what}; pass a "
                 "loss_fn(outputs, targets) of your own that combines the heads (it gets the model's whole "
@@ -1175,8 +1186,10 @@ def _share(loss: torch.Tensor, scale: torch.Tensor | float | None, group: int) -
 
 def _per_head(metrics: Any) -> bool:
     """``metrics={"cls": [...], "reg": [...]}``: a list of metrics per head (a multi-head model)."""
-    return isinstance(metrics, dict) and bool(metrics) and all(
-        isinstance(v, (list, tuple, dict)) for v in metrics.values()
+    return (
+        isinstance(metrics, dict)
+        and bool(metrics)
+        and all(isinstance(v, (list, tuple, dict)) for v in metrics.values())
     )
 
 
