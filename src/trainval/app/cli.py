@@ -650,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
 
             distributed.ignore_stop_signals()
         code = _error(str(e), e.exit_code) if isinstance(e, TrainvalError) else _error("interrupted.", 130)
-    except Exception as e:  # a bug: its traceback; a worker of --nproc leaves it for the launcher to print last
+    except Exception as e:  # a bug: its traceback (a --nproc worker's is printed last by the launcher)
         if not (in_torchrun and _record_crash(e)):
             raise
         code = 1
