@@ -231,6 +231,7 @@ def check(info: FileInfo) -> Iterator[tuple[int, int, str, str]]:
     loops = [n for n in info.nodes if isinstance(n, LOOPS)]
     for loop in loops:
         yield from _optimizer_order(info, loop)
+        yield from _callee_steps(info, loop)
         yield from _epoch_modes(info, loop)
         yield from _loss_accumulation(info, loop)
         yield from _host_syncs(info, loop)
@@ -299,6 +300,39 @@ def _optimizer_order(info: FileInfo, loop: Loop | Function, only_order: bool = F
                 f"{step.receiver}.step() in a loop with backward() but no zero_grad(): "
                 "gradients pile up across iterations",
             )
+
+
+def _callee_steps(info: FileInfo, loop: Loop) -> Iterator:
+    """TVL002 for a function of the file called once per iteration of a loop (``for it in ...:
+    self.train_one_iter()``) whose own body, outside any loop of its own, runs backward() then step(): when
+    neither that function (nor its helpers) zeroes the stepped optimizer nor does anything else the loop runs,
+    gradients pile up across the loop's iterations as if the body were written in the loop."""
+    events = _own_events(info, loop)
+    for call in events:
+        if not (call.kind == "call" and isinstance(call.node, ast.Call)):
+            continue
+        if _innermost_loop(info, call.node) is not loop:
+            continue  # a nested loop is checked on its own
+        for fn in info.local_functions(call.node):
+            fn_events = info.fn_events(fn)
+            steps = [
+                e
+                for e in fn_events
+                if e.kind == "step" and not e.has_args and _innermost_loop(info, e.node) is fn
+            ]
+            if not steps or not _trains(info, fn_events):
+                continue
+            others = [e for e in events if e is not call]
+            for step in steps:
+                if _zeroes(info, fn_events, step.receiver) or _zeroes(info, others, step.receiver):
+                    continue
+                yield _at(
+                    step.node,
+                    "TVL002",
+                    f"{step.receiver}.step() in {fn.name}(), called once per iteration of the loop at line "
+                    f"{loop.lineno}, after backward() but with no zero_grad() in it or the loop: "
+                    "gradients pile up across iterations",
+                )
 
 
 def _top_level_calls(loop: Loop | Function) -> set[ast.AST]:

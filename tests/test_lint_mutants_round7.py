@@ -1,0 +1,98 @@
+"""Round 7 mutants of real scripts that the linter used to miss (issue 22, tests/lint_corpus/real/MUTANTS.tsv),
+each cause from a minimal file: the mistake is reported at its line, and a control (the same code without the
+mistake) stays quiet."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from trainval.lint.cli import lint_source
+from trainval.lint.rules import RULES
+
+DEFAULT = {c for c, r in RULES.items() if r.default}
+
+
+def found(source: str) -> set[tuple[int, str]]:
+    return {(f.line, f.code) for f in lint_source(textwrap.dedent(source), "case.py", DEFAULT)}
+
+
+def line_of(source: str, needle: str) -> int:
+    lines = textwrap.dedent(source).splitlines()
+    return next(i for i, line in enumerate(lines, 1) if needle in line)
+
+
+# -- 1: a function called once per iteration of a loop, with backward() and step() but no zero_grad()
+# (YOLOX's Trainer.train_one_iter through GradScaler, spinningup DDPG's update() with two optimizers)
+
+PER_ITER_METHOD = """
+import torch
+class Trainer:
+    def __init__(self, model):
+        self.model = model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        self.scaler = torch.cuda.amp.GradScaler()
+    def train_in_iter(self, loader):
+        for self.iter in range(100):
+            {caller_zero}
+            self.train_one_iter(next(loader))
+    def train_one_iter(self, batch):
+        loss = self.model(batch).sum()
+        {zero}
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+"""
+
+
+@pytest.mark.parametrize(
+    ("zero", "caller_zero", "reported"),
+    [
+        ("pass", "pass", True),
+        ("self.optimizer.zero_grad()", "pass", False),
+        ("pass", "self.optimizer.zero_grad()", False),
+        ("self.model.zero_grad()", "pass", False),
+    ],
+)
+def test_a_step_in_a_function_called_per_iteration_needs_zeroing(zero, caller_zero, reported):
+    source = PER_ITER_METHOD.format(zero=zero, caller_zero=caller_zero)
+    assert ((line_of(source, "self.scaler.step("), "TVL002") in found(source)) is reported
+
+
+DDPG = """
+import torch
+from torch.optim import Adam
+def ddpg(ac, buffer, steps):
+    pi_optimizer = Adam(ac.pi.parameters())
+    q_optimizer = Adam(ac.q.parameters())
+    def update(data):
+        {zero_q}
+        loss_q = ((ac.q(data) - data) ** 2).mean()
+        loss_q.backward()
+        q_optimizer.step()
+        pi_optimizer.zero_grad()
+        loss_pi = -ac.q(ac.pi(data)).mean()
+        loss_pi.backward()
+        pi_optimizer.step()
+    for t in range(steps):
+        if t % 50 == 0:
+            for _ in range(50):
+                update(data=buffer.sample())
+"""
+
+
+@pytest.mark.parametrize(("zero_q", "reported"), [("pass", True), ("q_optimizer.zero_grad()", False)])
+def test_zeroing_one_optimizer_does_not_zero_another(zero_q, reported):
+    source = DDPG.format(zero_q=zero_q)
+    got = found(source)
+    assert ((line_of(source, "q_optimizer.step()"), "TVL002") in got) is reported
+    assert (line_of(source, "pi_optimizer.step()"), "TVL002") not in got
+
+
+def test_a_function_called_once_outside_any_loop_is_not_judged_by_its_caller():
+    # control: backward(); step() in a function nobody calls from a loop -- whoever calls it decides
+    source = PER_ITER_METHOD.format(zero="pass", caller_zero="pass").replace(
+        "for self.iter in range(100):", "if True:"
+    )
+    assert (line_of(source, "self.scaler.step("), "TVL002") not in found(source)
