@@ -96,3 +96,32 @@ def test_a_function_called_once_outside_any_loop_is_not_judged_by_its_caller():
         "for self.iter in range(100):", "if True:"
     )
     assert (line_of(source, "self.scaler.step("), "TVL002") not in found(source)
+
+
+# -- 2: stepping a list of optimizers (CSAIL semantic-segmentation's train(): for optimizer in optimizers: step)
+
+OPTIMIZER_LIST = """
+import torch
+def train(segmentation_module, iterator, optimizers, iters):
+    segmentation_module.train()
+    for i in range(iters):
+        batch = next(iterator)
+        {zero}
+        loss = segmentation_module(batch).mean()
+        loss.backward()
+        for optimizer in optimizers:
+            optimizer.step()
+"""
+
+
+@pytest.mark.parametrize(
+    ("zero", "reported"),
+    [
+        ("pass", True),
+        ("segmentation_module.zero_grad()", False),
+        ("for optimizer in optimizers: optimizer.zero_grad()", False),
+    ],
+)
+def test_a_loop_over_optimizers_steps_once_per_iteration_of_the_loop_around_it(zero, reported):
+    source = OPTIMIZER_LIST.format(zero=zero)
+    assert ((line_of(source, "optimizer.step()"), "TVL002") in found(source)) is reported

@@ -261,9 +261,23 @@ def _innermost_loop(info: FileInfo, node: ast.AST) -> ast.AST | None:
     return info.enclosing(node, LOOPS + (ast.FunctionDef, ast.AsyncFunctionDef))
 
 
+def _step_loop(info: FileInfo, step: Event) -> ast.AST | None:
+    """The loop (or function) a step belongs to: its innermost one, except a loop over the optimizers it steps
+    (``for optimizer in optimizers: optimizer.step()``), which steps each of them once per iteration of the loop
+    around it."""
+    scope = _innermost_loop(info, step.node)
+    while (
+        isinstance(scope, (ast.For, ast.AsyncFor))
+        and isinstance(scope.target, ast.Name)
+        and scope.target.id == step.receiver
+    ):
+        scope = _innermost_loop(info, scope)
+    return scope
+
+
 def _optimizer_order(info: FileInfo, loop: Loop | Function, only_order: bool = False) -> Iterator:
     events = _own_events(info, loop)
-    steps = [e for e in events if e.kind == "step" and _innermost_loop(info, e.node) is loop]
+    steps = [e for e in events if e.kind == "step" and _step_loop(info, e) is loop]
     if not steps:
         return
     backwards = [e for e in events if e.kind == "backward"]
@@ -318,7 +332,7 @@ def _callee_steps(info: FileInfo, loop: Loop) -> Iterator:
             steps = [
                 e
                 for e in fn_events
-                if e.kind == "step" and not e.has_args and _innermost_loop(info, e.node) is fn
+                if e.kind == "step" and not e.has_args and _step_loop(info, e) is fn
             ]
             if not steps or not _trains(info, fn_events):
                 continue
