@@ -125,3 +125,50 @@ def train(segmentation_module, iterator, optimizers, iters):
 def test_a_loop_over_optimizers_steps_once_per_iteration_of_the_loop_around_it(zero, reported):
     source = OPTIMIZER_LIST.format(zero=zero)
     assert ((line_of(source, "optimizer.step()"), "TVL002") in found(source)) is reported
+
+
+# -- 3: the epoch loop puts back in training mode another model than the one it evaluates (pycls: train_epoch()
+# restores the EMA copy only; its arguments given as *params, a tuple built just before)
+
+PYCLS = """
+import torch
+def train_epoch(loader, model, ema, optimizer, epoch):
+    {restore}
+    ema.train()
+    for x, y in loader:
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+def test_epoch(loader, model, epoch):
+    model.eval()
+    with torch.no_grad():
+        for x, y in loader:
+            model(x)
+def train_model(model, ema, train_loader, test_loader, epochs):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for cur_epoch in range(epochs):
+        {call}
+        test_epoch(test_loader, model, cur_epoch)
+        test_epoch(test_loader, ema, cur_epoch)
+"""
+STARRED = "params = (train_loader, model, ema, optimizer); train_epoch(*params, cur_epoch)"
+PLAIN = "train_epoch(train_loader, model, ema, optimizer, cur_epoch)"
+
+
+@pytest.mark.parametrize(
+    ("restore", "call", "reported"),
+    [
+        ("pass", STARRED, True),
+        ("pass", PLAIN, True),
+        ("model.train()", STARRED, False),
+        ("model.train()", PLAIN, False),
+        # control: arguments it cannot name -- the restore may be of any model, so nothing is said
+        ("pass", "train_epoch(*make_params(), cur_epoch)", False),
+    ],
+)
+def test_every_model_the_epoch_loop_evaluates_must_be_put_back_in_training_mode(restore, call, reported):
+    source = PYCLS.format(restore=restore, call=call)
+    assert (
+        (line_of(source, "test_epoch(test_loader, model, cur_epoch)"), "TVL005") in found(source)
+    ) is reported

@@ -388,27 +388,57 @@ def _epoch_modes(info: FileInfo, loop: Loop) -> Iterator:
     if not _trains(info, events):
         return
     trained = training_keys(info)  # a frozen backbone kept in eval mode on purpose is not one of them
-    evals = []
+    evals: list[tuple[Event, set[str]]] = []  # each with the trained model keys it puts in eval mode
     for e in events:
         if e.kind == "eval" and info.is_model(e.receiver) and model_key(e.receiver) in trained:
-            evals.append(e)
-        elif (
-            e.kind == "call"
-            and isinstance(e.node, ast.Call)
-            and any(mode == "eval" and key in trained for key, mode in info.call_effects(e.node).items())
-        ):
-            evals.append(e)
+            evals.append((e, {model_key(e.receiver)}))
+        elif e.kind == "call" and isinstance(e.node, ast.Call):
+            keys = {key for key, mode in info.call_effects(e.node).items() if mode == "eval" and key in trained}
+            if keys:
+                evals.append((e, keys))
     if not evals:
         return
-    restores = [
+    restored = _restored_keys(info, events)
+    if restored is None:
+        return  # a restore that may be of any model
+    for e, keys in evals:
+        if not keys <= restored:  # pycls: train_epoch() puts the EMA copy back in training mode, not the model
+            yield _at(e.node, "TVL005")
+            return
+
+
+def _restores(info: FileInfo, events: list[Event]) -> list[Event]:
+    return [
         e
         for e in events
         if e.kind == "train"
         or (e.kind == "call" and isinstance(e.node, ast.Call) and info.reaches(e.node, "train"))
     ]
-    if not restores:
-        e = evals[0]
-        yield _at(e.node, "TVL005")
+
+
+def _restored_keys(info: FileInfo, events: list[Event]) -> set[str] | None:
+    """The model keys a loop's events put back in training mode (directly or through a helper, its parameters
+    renamed to the arguments), or None when some restore cannot be tied to a model (``self.train()`` on the
+    whole module, a helper's parameter given no nameable argument, a helper that trains then evaluates)."""
+    keys: set[str] = set()
+    for e in _restores(info, events):
+        if e.kind == "train":
+            key = model_key(e.receiver)
+            if not key or key in ("self", "cls"):
+                return None
+            keys.add(key)
+            continue
+        assert isinstance(e.node, ast.Call)
+        effects = info.call_effects(e.node)
+        trains = {key for key, mode in effects.items() if mode == "train"}
+        if not trains or trains & {"self", "cls", ""}:
+            return None
+        for fn in info.local_functions(e.node):
+            rename, params = info.call_renames(e.node, fn)
+            if any(p in info.mode_effects(fn) and p not in rename for p in params):
+                return None  # a parameter's mode is set, but which argument it stands for is not known
+        keys |= trains
+    return keys
 
 
 # ------------------------------------------------------------------------------------------------
