@@ -172,3 +172,39 @@ def test_every_model_the_epoch_loop_evaluates_must_be_put_back_in_training_mode(
     assert (
         (line_of(source, "test_epoch(test_loader, model, cur_epoch)"), "TVL005") in found(source)
     ) is reported
+
+
+# -- 4: a model known only by its constructor, a network class from another file (CSAIL's evaluate() given
+# segmentation_module = SegmentationModule(encoder, decoder, crit), a name no model word starts)
+
+CONSTRUCTED = """
+import torch
+from mit_semseg.models import {cls}
+def evaluate(segmentation_module, loader):
+    {mode}
+    preds = []
+    with torch.no_grad():
+        for x in loader:
+            preds.append(segmentation_module(x).argmax(1))
+    return torch.cat(preds).float().mean().item()
+def main(loader):
+    segmentation_module = {cls}(torch.nn.Linear(3, 3))
+    segmentation_module.cuda()
+    print(evaluate(segmentation_module, loader))
+"""
+
+
+@pytest.mark.parametrize(
+    ("cls", "mode", "reported"),
+    [
+        ("SegmentationModule", "pass", True),
+        ("SegmentationModule", "segmentation_module.eval()", False),
+        ("ResNet", "pass", True),
+        # control: a constructor not named like a network class says nothing of what it builds
+        ("Segmenter", "pass", False),
+        ("SegmentationDataModule", "pass", False),
+    ],
+)
+def test_a_model_built_by_a_network_class_from_another_file_is_a_model(cls, mode, reported):
+    source = CONSTRUCTED.format(cls=cls, mode=mode)
+    assert ((line_of(source, "segmentation_module(x)"), "TVL004") in found(source)) is reported

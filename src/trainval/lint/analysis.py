@@ -31,6 +31,8 @@ NO_GRAD = {
     "torch.autograd.no_grad",
     "torch.autograd.grad_mode.no_grad",
 }
+# a constructor named like a network class (``SegmentationModule``, ``ResNet``, ``GPTModel``), not a data or loss one
+MODULE_CLASS = re.compile(r"(^|\.)(?![A-Za-z]*(Data|Loss|Loader|Criterion|Dataset))[A-Z]\w*(Module|Model|Net|Network)$")
 LOOPS = (ast.For, ast.While, ast.AsyncFor)
 Loop = ast.For | ast.While | ast.AsyncFor
 PLAIN_HELPERS = {
@@ -265,6 +267,12 @@ class FileInfo:
                         r"(^|\.)optim\.|Optimizer$|^(SGD|Adam|AdamW|RMSprop|Adagrad|LBFGS)$", made
                     ):
                         self.optimizers.add(name)
+                    elif (
+                        MODULE_CLASS.search(made)
+                        and made.split(".")[-1] not in self.classes
+                        and isinstance(target, (ast.Name, ast.Attribute))
+                    ):  # segmentation_module = SegmentationModule(encoder, decoder), a class from elsewhere
+                        self.models.add(name)
             if isinstance(node, ast.Call) and (m := method(node)):
                 recv, name = m
                 if name == "zero_grad":
