@@ -31,6 +31,8 @@ NO_GRAD = {
     "torch.autograd.no_grad",
     "torch.autograd.grad_mode.no_grad",
 }
+# a constructor named like a network class (``SegmentationModule``, ``ResNet``, ``GPTModel``), not a data or loss one
+MODULE_CLASS = re.compile(r"(^|\.)(?![A-Za-z]*(Data|Loss|Loader|Criterion|Dataset))[A-Z]\w*(Module|Model|Net|Network)$")
 LOOPS = (ast.For, ast.While, ast.AsyncFor)
 Loop = ast.For | ast.While | ast.AsyncFor
 PLAIN_HELPERS = {
@@ -265,6 +267,12 @@ class FileInfo:
                         r"(^|\.)optim\.|Optimizer$|^(SGD|Adam|AdamW|RMSprop|Adagrad|LBFGS)$", made
                     ):
                         self.optimizers.add(name)
+                    elif (
+                        MODULE_CLASS.search(made)
+                        and made.split(".")[-1] not in self.classes
+                        and isinstance(target, (ast.Name, ast.Attribute))
+                    ):  # segmentation_module = SegmentationModule(encoder, decoder), a class from elsewhere
+                        self.models.add(name)
             if isinstance(node, ast.Call) and (m := method(node)):
                 recv, name = m
                 if name == "zero_grad":
@@ -892,24 +900,64 @@ class FileInfo:
         """:meth:`mode_effects` of the functions a call reaches, with parameters renamed to the arguments."""
         out: dict[str, str] = {}
         for fn in self.local_functions(call):
-            params = [a.arg for a in fn.args.posonlyargs + fn.args.args]
-            if params and params[0] in ("self", "cls") and isinstance(call.func, ast.Attribute):
-                params = params[1:]
-            rename = {
-                p: model_key(text(a))
-                for p, a in zip(params, call.args)
-                if isinstance(a, (ast.Name, ast.Attribute))
-            }
-            rename.update(
-                {
-                    k.arg: model_key(text(k.value))
-                    for k in call.keywords
-                    if k.arg and isinstance(k.value, (ast.Name, ast.Attribute))
-                }
-            )
+            rename, _ = self.call_renames(call, fn)
             for key, mode in self.mode_effects(fn).items():
                 out[rename.get(key, key)] = mode
         return out
+
+    def call_renames(self, call: ast.Call, fn: Function) -> tuple[dict[str, str], list[str]]:
+        """``{parameter: model key of its argument}`` for the named arguments of a call to ``fn``, and fn's
+        parameters in order (``self`` dropped for a method call)."""
+        params = [a.arg for a in fn.args.posonlyargs + fn.args.args]
+        if params and params[0] in ("self", "cls") and isinstance(call.func, ast.Attribute):
+            params = params[1:]
+        rename = {
+            p: model_key(text(a))
+            for p, a in zip(params, self.positional_arguments(call))
+            if isinstance(a, (ast.Name, ast.Attribute))
+        }
+        rename.update(
+            {
+                k.arg: model_key(text(k.value))
+                for k in call.keywords
+                if k.arg and isinstance(k.value, (ast.Name, ast.Attribute))
+            }
+        )
+        return rename, params
+
+    def positional_arguments(self, call: ast.Call) -> list[ast.expr]:
+        """A call's positional arguments, ``*params`` expanded where ``params`` is bound to a tuple or list
+        display earlier in the same function (pycls: ``params = (loader, model, ema, ...)``;
+        ``train_epoch(*params, epoch)``); an argument it cannot expand ends the list."""
+        out: list[ast.expr] = []
+        for a in call.args:
+            if not isinstance(a, ast.Starred):
+                out.append(a)
+                continue
+            shown = self._display_bound(a.value, call) if isinstance(a.value, ast.Name) else None
+            if shown is None:
+                break
+            out.extend(shown)
+        return out
+
+    def _display_bound(self, name: ast.Name, at: ast.AST) -> list[ast.expr] | None:
+        scope = self.enclosing(at, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) or self.tree
+        best: ast.Assign | None = None
+        for node in walk(scope):
+            if (
+                isinstance(node, ast.Assign)
+                and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id == name.id
+                and (node.lineno, node.col_offset) < (name.lineno, name.col_offset)
+                and (best is None or node.lineno > best.lineno)
+            ):
+                best = node
+        if best is None or not isinstance(best.value, (ast.Tuple, ast.List)):
+            return None
+        if any(isinstance(e, ast.Starred) for e in best.value.elts):
+            return None
+        return list(best.value.elts)
 
     def under_no_grad(self, node: ast.AST) -> bool:
         p = self.parents.get(node)

@@ -231,6 +231,7 @@ def check(info: FileInfo) -> Iterator[tuple[int, int, str, str]]:
     loops = [n for n in info.nodes if isinstance(n, LOOPS)]
     for loop in loops:
         yield from _optimizer_order(info, loop)
+        yield from _callee_steps(info, loop)
         yield from _epoch_modes(info, loop)
         yield from _loss_accumulation(info, loop)
         yield from _host_syncs(info, loop)
@@ -260,9 +261,23 @@ def _innermost_loop(info: FileInfo, node: ast.AST) -> ast.AST | None:
     return info.enclosing(node, LOOPS + (ast.FunctionDef, ast.AsyncFunctionDef))
 
 
+def _step_loop(info: FileInfo, step: Event) -> ast.AST | None:
+    """The loop (or function) a step belongs to: its innermost one, except a loop over the optimizers it steps
+    (``for optimizer in optimizers: optimizer.step()``), which steps each of them once per iteration of the loop
+    around it."""
+    scope = _innermost_loop(info, step.node)
+    while (
+        isinstance(scope, (ast.For, ast.AsyncFor))
+        and isinstance(scope.target, ast.Name)
+        and scope.target.id == step.receiver
+    ):
+        scope = _innermost_loop(info, scope)
+    return scope
+
+
 def _optimizer_order(info: FileInfo, loop: Loop | Function, only_order: bool = False) -> Iterator:
     events = _own_events(info, loop)
-    steps = [e for e in events if e.kind == "step" and _innermost_loop(info, e.node) is loop]
+    steps = [e for e in events if e.kind == "step" and _step_loop(info, e) is loop]
     if not steps:
         return
     backwards = [e for e in events if e.kind == "backward"]
@@ -299,6 +314,39 @@ def _optimizer_order(info: FileInfo, loop: Loop | Function, only_order: bool = F
                 f"{step.receiver}.step() in a loop with backward() but no zero_grad(): "
                 "gradients pile up across iterations",
             )
+
+
+def _callee_steps(info: FileInfo, loop: Loop) -> Iterator:
+    """TVL002 for a function of the file called once per iteration of a loop (``for it in ...:
+    self.train_one_iter()``) whose own body, outside any loop of its own, runs backward() then step(): when
+    neither that function (nor its helpers) zeroes the stepped optimizer nor does anything else the loop runs,
+    gradients pile up across the loop's iterations as if the body were written in the loop."""
+    events = _own_events(info, loop)
+    for call in events:
+        if not (call.kind == "call" and isinstance(call.node, ast.Call)):
+            continue
+        if _innermost_loop(info, call.node) is not loop:
+            continue  # a nested loop is checked on its own
+        for fn in info.local_functions(call.node):
+            fn_events = info.fn_events(fn)
+            steps = [
+                e
+                for e in fn_events
+                if e.kind == "step" and not e.has_args and _step_loop(info, e) is fn
+            ]
+            if not steps or not _trains(info, fn_events):
+                continue
+            others = [e for e in events if e is not call]
+            for step in steps:
+                if _zeroes(info, fn_events, step.receiver) or _zeroes(info, others, step.receiver):
+                    continue
+                yield _at(
+                    step.node,
+                    "TVL002",
+                    f"{step.receiver}.step() in {fn.name}(), called once per iteration of the loop at line "
+                    f"{loop.lineno}, after backward() but with no zero_grad() in it or the loop: "
+                    "gradients pile up across iterations",
+                )
 
 
 def _top_level_calls(loop: Loop | Function) -> set[ast.AST]:
@@ -340,27 +388,57 @@ def _epoch_modes(info: FileInfo, loop: Loop) -> Iterator:
     if not _trains(info, events):
         return
     trained = training_keys(info)  # a frozen backbone kept in eval mode on purpose is not one of them
-    evals = []
+    evals: list[tuple[Event, set[str]]] = []  # each with the trained model keys it puts in eval mode
     for e in events:
         if e.kind == "eval" and info.is_model(e.receiver) and model_key(e.receiver) in trained:
-            evals.append(e)
-        elif (
-            e.kind == "call"
-            and isinstance(e.node, ast.Call)
-            and any(mode == "eval" and key in trained for key, mode in info.call_effects(e.node).items())
-        ):
-            evals.append(e)
+            evals.append((e, {model_key(e.receiver)}))
+        elif e.kind == "call" and isinstance(e.node, ast.Call):
+            keys = {key for key, mode in info.call_effects(e.node).items() if mode == "eval" and key in trained}
+            if keys:
+                evals.append((e, keys))
     if not evals:
         return
-    restores = [
+    restored = _restored_keys(info, events)
+    if restored is None:
+        return  # a restore that may be of any model
+    for e, keys in evals:
+        if not keys <= restored:  # pycls: train_epoch() puts the EMA copy back in training mode, not the model
+            yield _at(e.node, "TVL005")
+            return
+
+
+def _restores(info: FileInfo, events: list[Event]) -> list[Event]:
+    return [
         e
         for e in events
         if e.kind == "train"
         or (e.kind == "call" and isinstance(e.node, ast.Call) and info.reaches(e.node, "train"))
     ]
-    if not restores:
-        e = evals[0]
-        yield _at(e.node, "TVL005")
+
+
+def _restored_keys(info: FileInfo, events: list[Event]) -> set[str] | None:
+    """The model keys a loop's events put back in training mode (directly or through a helper, its parameters
+    renamed to the arguments), or None when some restore cannot be tied to a model (``self.train()`` on the
+    whole module, a helper's parameter given no nameable argument, a helper that trains then evaluates)."""
+    keys: set[str] = set()
+    for e in _restores(info, events):
+        if e.kind == "train":
+            key = model_key(e.receiver)
+            if not key or key in ("self", "cls"):
+                return None
+            keys.add(key)
+            continue
+        assert isinstance(e.node, ast.Call)
+        effects = info.call_effects(e.node)
+        trains = {key for key, mode in effects.items() if mode == "train"}
+        if not trains or trains & {"self", "cls", ""}:
+            return None
+        for fn in info.local_functions(e.node):
+            rename, params = info.call_renames(e.node, fn)
+            if any(p in info.mode_effects(fn) and p not in rename for p in params):
+                return None  # a parameter's mode is set, but which argument it stands for is not known
+        keys |= trains
+    return keys
 
 
 # ------------------------------------------------------------------------------------------------
