@@ -32,7 +32,9 @@ NO_GRAD = {
     "torch.autograd.grad_mode.no_grad",
 }
 # a constructor named like a network class (``SegmentationModule``, ``ResNet``, ``GPTModel``), not a data or loss one
-MODULE_CLASS = re.compile(r"(^|\.)(?![A-Za-z]*(Data|Loss|Loader|Criterion|Dataset))[A-Z]\w*(Module|Model|Net|Network)$")
+MODULE_CLASS = re.compile(
+    r"(^|\.)(?![A-Za-z]*(Data|Loss|Loader|Criterion|Dataset))[A-Z]\w*(Module|Model|Net|Network)$"
+)
 LOOPS = (ast.For, ast.While, ast.AsyncFor)
 Loop = ast.For | ast.While | ast.AsyncFor
 PLAIN_HELPERS = {

@@ -330,9 +330,7 @@ def _callee_steps(info: FileInfo, loop: Loop) -> Iterator:
         for fn in info.local_functions(call.node):
             fn_events = info.fn_events(fn)
             steps = [
-                e
-                for e in fn_events
-                if e.kind == "step" and not e.has_args and _step_loop(info, e) is fn
+                e for e in fn_events if e.kind == "step" and not e.has_args and _step_loop(info, e) is fn
             ]
             if not steps or not _trains(info, fn_events):
                 continue
@@ -393,7 +391,9 @@ def _epoch_modes(info: FileInfo, loop: Loop) -> Iterator:
         if e.kind == "eval" and info.is_model(e.receiver) and model_key(e.receiver) in trained:
             evals.append((e, {model_key(e.receiver)}))
         elif e.kind == "call" and isinstance(e.node, ast.Call):
-            keys = {key for key, mode in info.call_effects(e.node).items() if mode == "eval" and key in trained}
+            keys = {
+                key for key, mode in info.call_effects(e.node).items() if mode == "eval" and key in trained
+            }
             if keys:
                 evals.append((e, keys))
     if not evals:
@@ -402,7 +402,9 @@ def _epoch_modes(info: FileInfo, loop: Loop) -> Iterator:
     if restored is None:
         return  # a restore that may be of any model
     for e, keys in evals:
-        if not keys <= restored:  # pycls: train_epoch() puts the EMA copy back in training mode, not the model
+        if (
+            not keys <= restored
+        ):  # pycls: train_epoch() puts the EMA copy back in training mode, not the model
             yield _at(e.node, "TVL005")
             return
 
