@@ -19,11 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(VENV)/bin/trainval fit run.overwrite=true
 
-## make test: format and type checks, then the whole test suite on 2 worker processes (about 8 minutes on 2 cores)
+## make test: format and type checks, then the whole test suite on 2 worker processes (about 10 minutes on 2 cores)
 test: $(STAMP)
 	$(PY) -m ruff format --check src
 	$(PY) -m mypy
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow"
