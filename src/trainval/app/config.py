@@ -408,7 +408,8 @@ def validate(cfg: dict, source: str) -> dict:
         )
     if d["source"] in ("npz", "csv", "images") and not d["train"]:
         raise ConfigError(
-            f"{source}: data.source is {d['source']} but data.train (the training file) is not set."
+            f"{source}: data.source is {d['source']} but data.train (the training "
+            f"{'folder of class subfolders' if d['source'] == 'images' else 'file'}) is not set."
         )
     if d["source"] == "factory" and not d["factory"]:
         raise ConfigError(
