@@ -451,12 +451,16 @@ def _report_failures(
     when = {rank: reports[rank].when if rank in reports else 0.0 for rank, _ in failures}
     # the first to fail is printed last; ranks that did not say when are taken as the first
     ordered = sorted(failures, key=lambda f: (when[f[0]] or 0.0, order[f[0]]), reverse=True)
+    ranks_saying: dict[str, int] = {}
+    for _, (_, message) in failures:
+        ranks_saying[message] = ranks_saying.get(message, 0) + 1
     shown: set[str] = set()
     for rank, (_, message) in ordered:
         if message in shown:
             continue
         shown.add(message)
-        prefix = "" if rank == 0 else f"[rank {rank}] "
+        # an error every rank gave (a config mistake) belongs to none of them; rank 0's needs no name
+        prefix = "" if rank == 0 or ranks_saying[message] > 1 else f"[rank {rank}] "
         for line in reports[rank].traceback if rank in reports else []:
             print(f"{prefix}{line}", file=sys.stderr)
         print(f"trainval: error: {prefix}{message}", file=sys.stderr, flush=True)
