@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
 from torch import nn
+
+from trainval.lint.cli import lint_source
+from trainval.lint.rules import RULES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The device the loop-semantics tests train on and compute their references on: CUDA where there is
@@ -110,3 +114,18 @@ def task_problem(task: str, n: int = 120, d: int = 8, seed: int = 0):
         y = X @ W + 0.1 * torch.randn(n, 2, generator=g)
         return nn.Sequential(nn.Linear(d, 16), nn.ReLU(), nn.Linear(16, 2)), nn.MSELoss(), X, y
     raise ValueError(task)
+
+
+LINT_DEFAULT = {c for c, r in RULES.items() if r.default}
+
+
+def lint_found(source: str) -> set[tuple[int, str]]:
+    """``(line, code)`` of each finding the default lint rules report on ``source`` (dedented), read as case.py."""
+    return {(f.line, f.code) for f in lint_source(textwrap.dedent(source), "case.py", LINT_DEFAULT)}
+
+
+def line_of(source: str, needle: str) -> int:
+    """The line number of the first line of ``source`` (dedented) that holds ``needle``."""
+    lines = textwrap.dedent(source).splitlines()
+    return next(i for i, line in enumerate(lines, 1) if needle in line)
+

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import textwrap
 
+from conftest import line_of
+from conftest import lint_found as found
+
 from trainval.lint.cli import lint_source
 from trainval.lint.rules import RULES
 
@@ -13,15 +16,6 @@ DEFAULT = {c for c, r in RULES.items() if r.default}
 
 def lint(source: str):
     return lint_source(textwrap.dedent(source), "case.py", DEFAULT)
-
-
-def found(source: str) -> set[tuple[int, str]]:
-    return {(f.line, f.code) for f in lint(source)}
-
-
-def line_of(source: str, needle: str) -> int:
-    lines = textwrap.dedent(source).splitlines()
-    return next(i for i, line in enumerate(lines, 1) if needle in line)
 
 
 # -- TVL004 needs a mode-dependent layer, known or likely

@@ -12,20 +12,8 @@ from __future__ import annotations
 
 import textwrap
 
-from trainval.lint.cli import lint_source
-from trainval.lint.rules import RULES
-
-DEFAULT = {c for c, r in RULES.items() if r.default}
-
-
-def found(source: str) -> set[tuple[int, str]]:
-    return {(f.line, f.code) for f in lint_source(textwrap.dedent(source), "case.py", DEFAULT)}
-
-
-def line_of(source: str, needle: str) -> int:
-    lines = textwrap.dedent(source).splitlines()
-    return next(i for i, line in enumerate(lines, 1) if needle in line)
-
+from conftest import line_of
+from conftest import lint_found as found
 
 GAN = """
 import torch
